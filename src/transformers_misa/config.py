@@ -1,0 +1,112 @@
+"""Patch settings: the modes, their options, defaults and validation (all checked before a model is touched)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+MODES: tuple[str, ...] = ("dsa", "misa", "misa_hierarchical", "hisa")
+
+# Which options each mode reads. Passing an option a mode ignores is an error, not a silent no-op.
+MODE_OPTIONS: dict[str, frozenset[str]] = {
+    "dsa": frozenset({"query_chunk_size"}),
+    "misa": frozenset({"active_heads", "block_size", "query_chunk_size"}),
+    "misa_hierarchical": frozenset({"active_heads", "block_size", "candidate_factor", "query_chunk_size"}),
+    "hisa": frozenset({"block_size", "keep_blocks", "query_chunk_size"}),
+}
+
+DEFAULT_ACTIVE_HEADS = 8
+DEFAULT_BLOCK_SIZE = 128
+DEFAULT_CANDIDATE_FACTOR = 4
+# HISA keeps this many top-k's worth of tokens by default (64 blocks of 128 for topk 2048, as in the paper).
+DEFAULT_HISA_TOKEN_FACTOR = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class MisaConfig:
+    """What `patch_model` did to a model: the mode and every option in force (defaults filled in).
+
+    Attributes:
+        mode: "dsa" (reference re-implementation of the stock indexer), "misa", "misa_hierarchical" or "hisa".
+        active_heads: heads each query is routed to (misa modes); None otherwise.
+        block_size: tokens per pooled key block (router and HISA's coarse filter); None for "dsa".
+        candidate_factor: misa_hierarchical keeps candidate_factor·topk candidates for the full re-rank.
+        keep_blocks: blocks HISA keeps per query (sink and local block included).
+        query_chunk_size: queries scored at once; None picks it from a 256 MiB scratch budget.
+    """
+
+    mode: str = "misa"
+    active_heads: int | None = None
+    block_size: int | None = None
+    candidate_factor: int | None = None
+    keep_blocks: int | None = None
+    query_chunk_size: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (JSON-safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MisaConfig:
+        """Inverse of `to_dict`; unknown keys are rejected by name."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown MISA settings {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**values)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def resolve_config(mode: str, num_heads: int, topk: int, options: dict[str, Any]) -> MisaConfig:
+    """Checks a mode and its options against one indexer shape and fills in the defaults.
+
+    Args:
+        mode: one of `MODES`.
+        num_heads: the model's `index_n_heads`.
+        topk: the model's `index_topk`.
+        options: what the user passed (`active_heads` included); None values count as not given.
+
+    Raises:
+        ValueError: with what to pass instead, for an unknown mode, an unknown or inapplicable option, or a bad value.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+    given = {name: value for name, value in options.items() if value is not None}
+    known = set().union(*MODE_OPTIONS.values())
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; known options: {sorted(known)}")
+    inapplicable = sorted(set(given) - MODE_OPTIONS[mode])
+    if inapplicable:
+        raise ValueError(
+            f"option(s) {inapplicable} have no effect in mode {mode!r}; it takes {sorted(MODE_OPTIONS[mode])}"
+        )
+    for name, value in given.items():
+        _positive_int(name, value)
+
+    settings: dict[str, Any] = {"mode": mode, "query_chunk_size": given.get("query_chunk_size")}
+    if mode in ("misa", "misa_hierarchical"):
+        active = given.get("active_heads", DEFAULT_ACTIVE_HEADS)
+        if active > num_heads:
+            raise ValueError(f"active_heads={active} exceeds the model's index_n_heads={num_heads}; use 1..{num_heads}")
+        settings["active_heads"] = active
+    if mode != "dsa":
+        settings["block_size"] = given.get("block_size", DEFAULT_BLOCK_SIZE)
+    if mode == "misa_hierarchical":
+        settings["candidate_factor"] = given.get("candidate_factor", DEFAULT_CANDIDATE_FACTOR)
+    if mode == "hisa":
+        block_size = settings["block_size"]
+        keep = given.get("keep_blocks", max(2, math.ceil(DEFAULT_HISA_TOKEN_FACTOR * topk / block_size)))
+        if keep < 2 or keep * block_size < topk:
+            raise ValueError(
+                f"keep_blocks={keep} with block_size={block_size} keeps {keep * block_size} tokens, fewer than "
+                f"index_topk={topk} (or fewer than the 2 forced sink/local blocks); use keep_blocks >= "
+                f"{max(2, math.ceil(topk / block_size))}"
+            )
+        settings["keep_blocks"] = keep
+    return MisaConfig(**settings)

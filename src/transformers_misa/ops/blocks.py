@@ -1,0 +1,124 @@
+"""Shared building blocks of the reference indexers: masks, head scores, block pooling, chunking.
+
+Every tensor here follows one layout:
+  q        [B, S, H, D]  indexer queries (RoPE applied), model dtype
+  keys     [B, T, D]     indexer key cache, model dtype
+  weights  [B, S, H]     fp32 head weights, already scaled by H^-0.5 as transformers does
+  mask     [B, S, T]     bool (True = visible) or additive float (0 = visible), or None for plain causal
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+# Score of a key a query may not see. Finite scores always rank above it.
+MASKED = float("-inf")
+
+# Extra memory one query chunk may take by default (the [B, c, H, T] fp32 head scores dominate).
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def query_chunks(num_queries: int, bytes_per_query: int, chunk_size: int | None) -> Iterator[slice]:
+    """Yields slices over the queries so that each chunk's scratch memory stays under a budget."""
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_BYTES // max(1, bytes_per_query))
+    for start in range(0, num_queries, chunk_size):
+        yield slice(start, min(start + chunk_size, num_queries))
+
+
+def mask_bias(mask: torch.Tensor | None, rows: slice, batch: int, num_queries: int, num_keys: int,
+              device: torch.device) -> torch.Tensor:
+    """The additive fp32 bias [B, c, T] of one query chunk: 0 where visible, -inf (or the additive mask) elsewhere.
+
+    A bool mask becomes 0 / -inf, exactly as transformers' `masked_fill(~mask, -inf)`; an additive mask is added
+    as is, exactly as transformers' `scores + mask`. `None` means causal with the queries at the last positions.
+    """
+    if mask is None:
+        query_pos = torch.arange(rows.start, rows.stop, device=device) + (num_keys - num_queries)
+        visible = torch.arange(num_keys, device=device)[None, :] <= query_pos[:, None]
+        bias = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(~visible, MASKED)
+        return bias.unsqueeze(0).expand(batch, -1, -1)
+    chunk = mask[:, rows].expand(batch, -1, -1)
+    if chunk.dtype == torch.bool:
+        return torch.zeros(chunk.shape, dtype=torch.float32, device=device).masked_fill_(~chunk, MASKED)
+    return chunk.float()
+
+
+def visible_from_bias(bias: torch.Tensor, mask_dtype: torch.dtype | None) -> torch.Tensor:
+    """Which keys a query may see, from its bias: transformers masks with the dtype's minimum (or -inf)."""
+    if mask_dtype is None or mask_dtype == torch.bool or not mask_dtype.is_floating_point:
+        return bias > MASKED
+    return bias > torch.finfo(mask_dtype).min / 2
+
+
+def key_validity(mask: torch.Tensor | None, batch: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """[B, T] bool: keys that hold a real token (not padding, not an unfilled static-cache slot).
+
+    The last query of the call sees every real key written so far, so its mask row is the answer.
+    """
+    if mask is None:
+        return torch.ones(batch, num_keys, dtype=torch.bool, device=device)
+    last_row = mask[:, -1].expand(batch, -1)
+    if last_row.dtype == torch.bool:
+        return last_row
+    return last_row > torch.finfo(last_row.dtype).min / 2
+
+
+def head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """ReLU(q·k)·scale per head, fp32: q [B, c, h, D] with keys [B, 1 or c, T, D] -> [B, c, h, T].
+
+    Same op order as transformers' indexer (fp32 matmul, scale, ReLU), so the dense path is bit-identical.
+    """
+    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2))
+    return scores.mul_(softmax_scale).relu_()
+
+
+def weighted_head_sum(weights: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Σ_j w[t, j]·scores[t, j, s]: weights [B, c, h], scores [B, c, h, T] -> [B, c, T]."""
+    return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)
+
+
+def block_visibility(visible: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, c, T] key visibility -> [B, c, M] block visibility (a block is visible if any of its keys is)."""
+    num_keys = visible.shape[-1]
+    num_blocks = math.ceil(num_keys / block_size)
+    padded = torch.nn.functional.pad(visible, (0, num_blocks * block_size - num_keys), value=False)
+    return padded.view(*visible.shape[:-1], num_blocks, block_size).any(-1)
+
+
+def pool_blocks(keys: torch.Tensor, valid: torch.Tensor, block_size: int,
+                first_block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block key sums and counts over the real keys, from block `first_block` on.
+
+    Returns (sums [B, M', D] fp32, counts [B, M'] fp32) with M' = ceil(T / block_size) - first_block.
+    """
+    batch, num_keys, dim = keys.shape
+    start = first_block * block_size
+    num_blocks = math.ceil(num_keys / block_size) - first_block
+    pad = start + num_blocks * block_size - num_keys
+    tail_keys = torch.nn.functional.pad(keys[:, start:].float(), (0, 0, 0, pad))
+    tail_valid = torch.nn.functional.pad(valid[:, start:], (0, pad), value=False).float()
+    tail_keys = tail_keys * tail_valid.unsqueeze(-1)
+    sums = tail_keys.view(batch, num_blocks, block_size, dim).sum(2)
+    counts = tail_valid.view(batch, num_blocks, block_size).sum(2)
+    return sums, counts
+
+
+def mean_pool(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Block means from sums and counts; an empty block pools to zero (it is never visible anyway)."""
+    return sums / counts.clamp(min=1.0).unsqueeze(-1)
+
+
+def gather_keys(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """keys [B, T, D] at per-query positions [B, c, C] -> [B, c, C, D]."""
+    batch, num_keys, dim = keys.shape
+    flat = positions.reshape(batch, -1, 1).expand(-1, -1, dim)
+    return keys.gather(1, flat).view(*positions.shape, dim)
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores along the last axis."""
+    return scores.topk(k, dim=-1).indices

@@ -1,0 +1,184 @@
+"""The math: pure-PyTorch reference indexers, one function per mode.
+
+Each takes the indexer's projected tensors (see `blocks` for the layout) and returns the int32 top-k key
+indices [B, S, min(topk, T)], the contract of transformers' `DeepseekV32Indexer` / `GlmMoeDsaIndexer`.
+All of them walk the queries in chunks, so the extra memory is O(chunk·H·T + S·topk): never [B, S, H, T].
+
+Scores of keys a query may not see are -inf; where a query sees fewer than `topk` keys, the indices past
+its visible ones point at masked keys (as transformers' own `topk` over -inf does) and carry no meaning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .blocks import (
+    MASKED,
+    block_visibility,
+    gather_keys,
+    head_scores,
+    key_validity,
+    mask_bias,
+    mean_pool,
+    pool_blocks,
+    query_chunks,
+    top_indices,
+    visible_from_bias,
+    weighted_head_sum,
+)
+
+_FP32 = 4
+
+# (query chunk, its weights, its mask bias [B, c, T], k) -> int indices [B, c, k]
+ChunkSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int,
+                      mask: torch.Tensor | None, chunk_size: int | None, bytes_per_query: int,
+                      select: ChunkSelector) -> torch.Tensor:
+    batch, num_queries = q.shape[:2]
+    num_keys = keys.shape[1]
+    k = min(topk, num_keys)
+    out = torch.empty(batch, num_queries, k, dtype=torch.int32, device=q.device)
+    for rows in query_chunks(num_queries, batch * bytes_per_query, chunk_size):
+        bias = mask_bias(mask, rows, batch, num_queries, num_keys, q.device)
+        out[:, rows] = select(q[:, rows], weights[:, rows], bias, k).to(torch.int32)
+    return out
+
+
+def pooled_keys(keys: torch.Tensor, mask: torch.Tensor | None, block_size: int) -> torch.Tensor:
+    """Mean of the real keys of each block of `block_size` positions: [B, ceil(T / block_size), D] fp32."""
+    valid = key_validity(mask, keys.shape[0], keys.shape[1], keys.device)
+    return mean_pool(*pool_blocks(keys, valid, block_size))
+
+
+def route_heads(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, block_visible: torch.Tensor,
+                active_heads: int, softmax_scale: float) -> torch.Tensor:
+    """MISA's router: the `active_heads` heads of each query with the largest block-level importance.
+
+    importance[t, j] = |w[t, j]| · Σ_{visible blocks m} ReLU(q[t, j]·k̄_m)·scale, with k̄_m the mean key of block m.
+    Returns head ids [B, c, active_heads], ascending (so all heads reproduce DSA's summation order exactly).
+    """
+    per_block = head_scores(q, pooled.unsqueeze(1), softmax_scale)  # [B, c, H, M]
+    per_block.masked_fill_(~block_visible.unsqueeze(2), 0.0)
+    importance = per_block.sum(-1) * weights.abs()
+    return importance.topk(active_heads, dim=-1).indices.sort(dim=-1).values
+
+
+def routed_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
+                  pooled: torch.Tensor, block_size: int, active_heads: int, softmax_scale: float,
+                  mask_dtype: torch.dtype | None) -> torch.Tensor:
+    """Token scores [B, c, T] from each query's routed heads only.
+
+    The selected heads keep their DSA weights w[t, j] unchanged and the others contribute nothing; no
+    renormalisation, since a positive per-query factor would not change any top-k.
+    """
+    block_visible = block_visibility(visible_from_bias(bias, mask_dtype), block_size)
+    heads = route_heads(q, weights, pooled, block_visible, active_heads, softmax_scale)
+    q_routed = q.gather(2, heads.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1]))
+    w_routed = weights.gather(2, heads)
+    return weighted_head_sum(w_routed, head_scores(q_routed, keys.unsqueeze(1), softmax_scale)) + bias
+
+
+def rerank(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
+           positions: torch.Tensor, k: int, softmax_scale: float,
+           in_range: torch.Tensor | None = None) -> torch.Tensor:
+    """Full-head DSA scores over per-query candidate key positions [B, c, C]; returns the top-k positions."""
+    scores = weighted_head_sum(weights, head_scores(q, gather_keys(keys, positions), softmax_scale))
+    scores = scores + bias.gather(-1, positions)
+    if in_range is not None:
+        scores.masked_fill_(~in_range, MASKED)
+    return positions.gather(-1, top_indices(scores, k))
+
+
+def _pooled_or_compute(pooled: torch.Tensor | None, keys: torch.Tensor, mask: torch.Tensor | None,
+                       block_size: int) -> torch.Tensor:
+    expected_blocks = math.ceil(keys.shape[1] / block_size)
+    if pooled is None:
+        return pooled_keys(keys, mask, block_size)
+    if pooled.shape[1] != expected_blocks:
+        raise ValueError(f"pooled keys have {pooled.shape[1]} blocks, the key cache needs {expected_blocks}")
+    return pooled
+
+
+def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
+             mask: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """The original lightning indexer: top-k of Σ_j w[t, j]·ReLU(q[t, j]·k[s])·scale over every key."""
+    num_heads = q.shape[2]
+
+    def select(q_c: torch.Tensor, w_c: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
+        scores = weighted_head_sum(w_c, head_scores(q_c, keys.unsqueeze(1), softmax_scale)) + bias
+        return top_indices(scores, k)
+
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, 2 * num_heads * keys.shape[1] * _FP32, select)
+
+
+def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
+              active_heads: int, block_size: int, mask: torch.Tensor | None = None,
+              pooled: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """MISA: route each query to its `active_heads` heads over block-pooled keys, score tokens with those only."""
+    pooled = _pooled_or_compute(pooled, keys, mask, block_size)
+    mask_dtype = None if mask is None else mask.dtype
+    per_query = 2 * (active_heads * keys.shape[1] + q.shape[2] * pooled.shape[1]) * _FP32
+
+    def select(q_c: torch.Tensor, w_c: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
+        scores = routed_scores(q_c, w_c, keys, bias, pooled, block_size, active_heads, softmax_scale, mask_dtype)
+        return top_indices(scores, k)
+
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select)
+
+
+def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *,
+                           softmax_scale: float, active_heads: int, block_size: int, candidate_factor: int,
+                           mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                           chunk_size: int | None = None) -> torch.Tensor:
+    """MISA†: the routed pass keeps `candidate_factor`·topk candidates, re-ranked by the full DSA score."""
+    pooled = _pooled_or_compute(pooled, keys, mask, block_size)
+    mask_dtype = None if mask is None else mask.dtype
+    num_candidates = min(candidate_factor * topk, keys.shape[1])
+    num_heads, dim = q.shape[2], q.shape[3]
+    per_query = 2 * (active_heads * keys.shape[1] + num_heads * pooled.shape[1]
+                     + num_candidates * (dim + num_heads)) * _FP32
+
+    def select(q_c: torch.Tensor, w_c: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
+        scores = routed_scores(q_c, w_c, keys, bias, pooled, block_size, active_heads, softmax_scale, mask_dtype)
+        candidates = top_indices(scores, num_candidates)
+        return rerank(q_c, w_c, keys, bias, candidates, k, softmax_scale)
+
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select)
+
+
+def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
+              block_size: int, keep_blocks: int, mask: torch.Tensor | None = None,
+              pooled: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """HISA: keep the `keep_blocks` best blocks by the DSA score of their pooled key, then DSA on their tokens.
+
+    The first and the last visible block of each query (attention sink and local window) are always kept.
+    """
+    pooled = _pooled_or_compute(pooled, keys, mask, block_size)
+    mask_dtype = None if mask is None else mask.dtype
+    num_keys = keys.shape[1]
+    num_blocks = pooled.shape[1]
+    kept = min(keep_blocks, num_blocks)
+    num_heads, dim = q.shape[2], q.shape[3]
+    per_query = 2 * (num_heads * num_blocks + kept * block_size * (dim + num_heads)) * _FP32
+    offsets = torch.arange(block_size, device=q.device)
+
+    def select(q_c: torch.Tensor, w_c: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
+        block_visible = block_visibility(visible_from_bias(bias, mask_dtype), block_size)
+        block_scores = weighted_head_sum(w_c, head_scores(q_c, pooled.unsqueeze(1), softmax_scale))
+        block_scores.masked_fill_(~block_visible, MASKED)
+        # Force the sink (first visible) and local (last visible) blocks in; rows with none stay -inf.
+        force = torch.where(block_visible.any(-1, keepdim=True), float("inf"), MASKED)
+        first = block_visible.int().argmax(-1, keepdim=True)
+        last = num_blocks - 1 - block_visible.flip(-1).int().argmax(-1, keepdim=True)
+        block_scores.scatter_(-1, first, force).scatter_(-1, last, force)
+        blocks = top_indices(block_scores, kept)  # [B, c, kept]
+        positions = (blocks.unsqueeze(-1) * block_size + offsets).flatten(-2)
+        in_range = positions < num_keys
+        return rerank(q_c, w_c, keys, bias, positions.clamp_max(num_keys - 1), k, softmax_scale, in_range)
+
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select)

@@ -1,0 +1,99 @@
+"""Recall of DSA's top-k: how many of the keys the original indexer picks the patched one picks too."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from .indexer import MisaIndexer
+from .ops.blocks import mask_bias, query_chunks, visible_from_bias
+
+
+@dataclasses.dataclass
+class RecallReport:
+    """Per-layer recall of DSA's top-k (the MISA paper's metric).
+
+    recall[layer] = mean over queries of |ours ∩ DSA| / k, counted over the queries that see more than k
+    keys (where the selection is really sparse; a query seeing ≤ k keys trivially keeps all of them).
+    A layer with no such query has recall NaN.
+    """
+
+    mode: str
+    per_layer: dict[int, float]
+    sparse_queries: dict[int, int]
+
+    @property
+    def mean(self) -> float:
+        """Mean recall over the layers that have sparse queries."""
+        values = [v for v in self.per_layer.values() if not math.isnan(v)]
+        return sum(values) / len(values) if values else float("nan")
+
+    @property
+    def worst(self) -> float:
+        """Lowest per-layer recall."""
+        values = [v for v in self.per_layer.values() if not math.isnan(v)]
+        return min(values) if values else float("nan")
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict: mode, per-layer recall and query counts, mean and worst."""
+        return {"mode": self.mode, "per_layer": self.per_layer, "sparse_queries": self.sparse_queries,
+                "mean": self.mean, "worst": self.worst}
+
+    def table(self) -> str:
+        """A plain-text table, one row per layer, then the mean and worst."""
+        lines = [f"recall of DSA top-k, mode={self.mode}", f"{'layer':>5} {'queries':>8} {'recall':>8}"]
+        for layer, value in sorted(self.per_layer.items()):
+            lines.append(f"{layer:>5} {self.sparse_queries[layer]:>8} {value:>8.4f}")
+        lines.append(f"{'mean':>5} {'':>8} {self.mean:>8.4f}")
+        lines.append(f"{'worst':>5} {'':>8} {self.worst:>8.4f}")
+        return "\n".join(lines)
+
+
+def recall_counts(dsa: torch.Tensor, ours: torch.Tensor, mask: torch.Tensor | None, num_keys: int,
+                  chunk_size: int = 256) -> tuple[float, int]:
+    """Sum of per-query recall and the number of sparse queries, for indices [B, S, k] over `num_keys` keys."""
+    batch, num_queries, k = dsa.shape
+    total, count = 0.0, 0
+    for rows in query_chunks(num_queries, 0, chunk_size):
+        bias = mask_bias(mask, rows, batch, num_queries, num_keys, dsa.device)
+        sparse = visible_from_bias(bias, None if mask is None else mask.dtype).sum(-1) > k  # [B, c]
+        picked = torch.zeros(bias.shape, dtype=torch.bool, device=dsa.device)
+        picked.scatter_(-1, dsa[:, rows].long(), True)
+        hits = picked.gather(-1, ours[:, rows].long()).sum(-1).float() / k  # distinct: topk never repeats
+        total += float(hits[sparse].sum())
+        count += int(sparse.sum())
+    return total, count
+
+
+@torch.no_grad()
+def measure_recall(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RecallReport:
+    """Runs `input_ids` once through a patched model and measures each layer's recall of DSA's top-k.
+
+    In every layer the original DSA selection and the patched one are computed on the same inputs; the DSA
+    selection drives the model, so every layer sees the hidden states of the unpatched model.
+
+    Raises:
+        ValueError: if the model is not patched (call `patch_model` first).
+    """
+    indexers = [m for m in model.modules() if isinstance(m, MisaIndexer)]
+    if not indexers:
+        raise ValueError("measure_recall needs a patched model: call patch_model(model, mode=...) first")
+    for module in indexers:
+        module.recall_probe = []
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        per_layer, sparse_queries = {}, {}
+        for module in indexers:
+            total, count = 0.0, 0
+            for dsa, ours, mask, num_keys in module.recall_probe:
+                call_total, call_count = recall_counts(dsa, ours, mask, num_keys)
+                total, count = total + call_total, count + call_count
+            per_layer[module.layer_idx] = total / count if count else float("nan")
+            sparse_queries[module.layer_idx] = count
+    finally:
+        for module in indexers:
+            module.recall_probe = None
+    return RecallReport(model.misa_config.mode, per_layer, sparse_queries)
