@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .indexer import MisaIndexer
-from .ops.blocks import mask_bias, query_chunks, visible_from_bias
+from .ops.blocks import ChunkMask, query_chunks
 
 
 @dataclasses.dataclass
@@ -58,9 +58,9 @@ def recall_counts(dsa: torch.Tensor, ours: torch.Tensor, mask: torch.Tensor | No
     batch, num_queries, k = dsa.shape
     total, count = 0.0, 0
     for rows in query_chunks(num_queries, 0, chunk_size):
-        bias = mask_bias(mask, rows, batch, num_queries, num_keys, dsa.device)
-        sparse = visible_from_bias(bias, None if mask is None else mask.dtype).sum(-1) > k  # [B, c]
-        picked = torch.zeros(bias.shape, dtype=torch.bool, device=dsa.device)
+        visible = ChunkMask(mask, rows, batch, num_queries, num_keys, dsa.device).visible
+        sparse = visible.sum(-1) > k  # [B, c]
+        picked = torch.zeros(visible.shape, dtype=torch.bool, device=dsa.device)
         picked.scatter_(-1, dsa[:, rows].long(), True)
         hits = picked.gather(-1, ours[:, rows].long()).sum(-1).float() / k  # distinct: topk never repeats
         total += float(hits[sparse].sum())

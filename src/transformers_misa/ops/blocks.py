@@ -47,11 +47,77 @@ def mask_bias(mask: torch.Tensor | None, rows: slice, batch: int, num_queries: i
     return chunk.float()
 
 
-def visible_from_bias(bias: torch.Tensor, mask_dtype: torch.dtype | None) -> torch.Tensor:
-    """Which keys a query may see, from its bias: transformers masks with the dtype's minimum (or -inf)."""
-    if mask_dtype is None or mask_dtype == torch.bool or not mask_dtype.is_floating_point:
-        return bias > MASKED
-    return bias > torch.finfo(mask_dtype).min / 2
+class ChunkMask:
+    """The mask of one query chunk, with each view (bias, visibility, key ranges) built only when asked for.
+
+    `mask` is the whole [B, S, T] mask (bool: True = visible; additive float: 0 = visible) or None for causal with
+    the queries at the last S positions. The kernels only need each query's visible key range [ks, ke) and never
+    materialise the fp32 bias; the reference uses the bias, exactly as transformers applies the mask.
+    """
+
+    def __init__(self, mask: torch.Tensor | None, rows: slice, batch: int, num_queries: int, num_keys: int,
+                 device: torch.device) -> None:
+        self.mask, self.rows, self.batch = mask, rows, batch
+        self.num_queries, self.num_keys, self.device = num_queries, num_keys, device
+        self._cache: dict[str, object] = {}
+
+    def _memo(self, name: str, build):
+        if name not in self._cache:
+            self._cache[name] = build()
+        return self._cache[name]
+
+    def _query_positions(self) -> torch.Tensor:
+        return torch.arange(self.rows.start, self.rows.stop, device=self.device) + (self.num_keys - self.num_queries)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """Additive fp32 bias [B, c, T]: 0 / -inf for bool masks (as `masked_fill(~mask, -inf)`), additive as is."""
+        return self._memo("bias", lambda: mask_bias(self.mask, self.rows, self.batch, self.num_queries,
+                                                    self.num_keys, self.device))
+
+    @property
+    def visible(self) -> torch.Tensor:
+        """[B, c, T] bool: keys each query may see."""
+        def build() -> torch.Tensor:
+            if self.mask is None:
+                keys = torch.arange(self.num_keys, device=self.device)
+                return (keys[None, :] <= self._query_positions()[:, None]).unsqueeze(0).expand(self.batch, -1, -1)
+            chunk = self.mask[:, self.rows].expand(self.batch, -1, -1)
+            if chunk.dtype == torch.bool:
+                return chunk
+            return chunk > torch.finfo(chunk.dtype).min / 2
+        return self._memo("visible", build)
+
+    @property
+    def key_range(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(ks, ke, contiguous): int32 [B, c] bounds of each query's visible keys, and whether they are exactly
+        [ks, ke) for every query (true for causal and left/right padding masks)."""
+        def build():
+            if self.mask is None:
+                ke = (self._query_positions() + 1).to(torch.int32).unsqueeze(0).expand(self.batch, -1)
+                return torch.zeros_like(ke), ke.contiguous(), True
+            visible = self.visible
+            any_visible = visible.any(-1)
+            ks = visible.int().argmax(-1)
+            ke = self.num_keys - visible.flip(-1).int().argmax(-1)
+            ks, ke = torch.where(any_visible, ks, 0), torch.where(any_visible, ke, 0)
+            contiguous = bool(torch.equal(visible.sum(-1), ke - ks))
+            return ks.to(torch.int32), ke.to(torch.int32), contiguous
+        return self._memo("key_range", build)
+
+    def bias_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The bias at per-query key positions [B, c, C], without building the whole [B, c, T] bias."""
+        if self.mask is None:
+            visible = positions <= self._query_positions()[None, :, None]
+            return torch.zeros(positions.shape, dtype=torch.float32, device=self.device).masked_fill_(~visible, MASKED)
+        picked = self.mask[:, self.rows].expand(self.batch, -1, -1).gather(-1, positions)
+        if picked.dtype == torch.bool:
+            return torch.zeros(picked.shape, dtype=torch.float32, device=self.device).masked_fill_(~picked, MASKED)
+        return picked.float()
+
+    def block_visible(self, block_size: int) -> torch.Tensor:
+        """[B, c, M] bool: blocks of `block_size` keys holding at least one key the query may see."""
+        return self._memo(f"blocks{block_size}", lambda: block_visibility(self.visible, block_size))
 
 
 def key_validity(mask: torch.Tensor | None, batch: int, num_keys: int, device: torch.device) -> torch.Tensor:

@@ -10,6 +10,7 @@ its visible ones point at masked keys (as transformers' own `topk` over -inf doe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -17,23 +18,48 @@ import torch
 
 from .blocks import (
     MASKED,
-    block_visibility,
+    ChunkMask,
     gather_keys,
     head_scores,
     key_validity,
-    mask_bias,
     mean_pool,
     pool_blocks,
     query_chunks,
     top_indices,
-    visible_from_bias,
     weighted_head_sum,
 )
 
 _FP32 = 4
 
-# (query chunk, its weights, its mask bias [B, c, T], k) -> int indices [B, c, k]
-ChunkSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+def reference_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
+                           softmax_scale: float) -> torch.Tensor:
+    """Σ_j w[t, j]·ReLU(q[t, j]·k[s])·scale over every key, plus the mask bias: [B, c, T] fp32.
+
+    q [B, c, h, D] holds any h heads per query (all of them for DSA, the routed ones for MISA).
+    """
+    return weighted_head_sum(weights, head_scores(q, keys.unsqueeze(1), softmax_scale)) + chunk.bias
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+    """The two heavy stages of every mode, swappable so that GPU kernels plug into the same algorithms.
+
+    token_logits(q [B, c, h, D], weights [B, c, h], keys [B, T, D], chunk mask, softmax_scale) -> [B, c, T] fp32,
+        -inf (or the additive mask) where a query may not see a key.
+    topk(scores [B, c, N], k) -> indices [B, c, k] of the k largest.
+    """
+
+    name: str
+    token_logits: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ChunkMask, float], torch.Tensor]
+    topk: Callable[[torch.Tensor, int], torch.Tensor]
+    bytes_per_logit: int = 2 * _FP32
+
+
+REFERENCE = Scorer("reference", reference_token_logits, top_indices)
+
+# (query chunk, its weights, its chunk mask, k) -> int indices [B, c, k]
+ChunkSelector = Callable[[torch.Tensor, torch.Tensor, ChunkMask, int], torch.Tensor]
 
 
 def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int,
@@ -44,8 +70,8 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
     k = min(topk, num_keys)
     out = torch.empty(batch, num_queries, k, dtype=torch.int32, device=q.device)
     for rows in query_chunks(num_queries, batch * bytes_per_query, chunk_size):
-        bias = mask_bias(mask, rows, batch, num_queries, num_keys, q.device)
-        out[:, rows] = select(q[:, rows], weights[:, rows], bias, k).to(torch.int32)
+        chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device)
+        out[:, rows] = select(q[:, rows], weights[:, rows], chunk, k).to(torch.int32)
     return out
 
 
@@ -68,30 +94,29 @@ def route_heads(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, bl
     return importance.topk(active_heads, dim=-1).indices.sort(dim=-1).values
 
 
-def routed_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
+def routed_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                   pooled: torch.Tensor, block_size: int, active_heads: int, softmax_scale: float,
-                  mask_dtype: torch.dtype | None) -> torch.Tensor:
+                  scorer: Scorer = REFERENCE) -> torch.Tensor:
     """Token scores [B, c, T] from each query's routed heads only.
 
     The selected heads keep their DSA weights w[t, j] unchanged and the others contribute nothing; no
     renormalisation, since a positive per-query factor would not change any top-k.
     """
-    block_visible = block_visibility(visible_from_bias(bias, mask_dtype), block_size)
-    heads = route_heads(q, weights, pooled, block_visible, active_heads, softmax_scale)
+    heads = route_heads(q, weights, pooled, chunk.block_visible(block_size), active_heads, softmax_scale)
     q_routed = q.gather(2, heads.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1]))
     w_routed = weights.gather(2, heads)
-    return weighted_head_sum(w_routed, head_scores(q_routed, keys.unsqueeze(1), softmax_scale)) + bias
+    return scorer.token_logits(q_routed, w_routed, keys, chunk, softmax_scale)
 
 
-def rerank(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
-           positions: torch.Tensor, k: int, softmax_scale: float,
-           in_range: torch.Tensor | None = None) -> torch.Tensor:
+def rerank(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
+           positions: torch.Tensor, k: int, softmax_scale: float, in_range: torch.Tensor | None = None,
+           scorer: Scorer = REFERENCE) -> torch.Tensor:
     """Full-head DSA scores over per-query candidate key positions [B, c, C]; returns the top-k positions."""
     scores = weighted_head_sum(weights, head_scores(q, gather_keys(keys, positions), softmax_scale))
-    scores = scores + bias.gather(-1, positions)
+    scores = scores + chunk.bias_at(positions)
     if in_range is not None:
         scores.masked_fill_(~in_range, MASKED)
-    return positions.gather(-1, top_indices(scores, k))
+    return positions.gather(-1, scorer.topk(scores, k))
 
 
 def _pooled_or_compute(pooled: torch.Tensor | None, keys: torch.Tensor, mask: torch.Tensor | None,
@@ -105,28 +130,29 @@ def _pooled_or_compute(pooled: torch.Tensor | None, keys: torch.Tensor, mask: to
 
 
 def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
-             mask: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
+             mask: torch.Tensor | None = None, chunk_size: int | None = None,
+             scorer: Scorer = REFERENCE) -> torch.Tensor:
     """The original lightning indexer: top-k of Σ_j w[t, j]·ReLU(q[t, j]·k[s])·scale over every key."""
     num_heads = q.shape[2]
 
-    def select(q_c: torch.Tensor, w_c: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
-        scores = weighted_head_sum(w_c, head_scores(q_c, keys.unsqueeze(1), softmax_scale)) + bias
-        return top_indices(scores, k)
+    def select(q_c: torch.Tensor, w_c: torch.Tensor, chunk: ChunkMask, k: int) -> torch.Tensor:
+        return scorer.topk(scorer.token_logits(q_c, w_c, keys, chunk, softmax_scale), k)
 
-    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, 2 * num_heads * keys.shape[1] * _FP32, select)
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size,
+                             num_heads * keys.shape[1] * scorer.bytes_per_logit, select)
 
 
 def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
               active_heads: int, block_size: int, mask: torch.Tensor | None = None,
-              pooled: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
+              pooled: torch.Tensor | None = None, chunk_size: int | None = None,
+              scorer: Scorer = REFERENCE) -> torch.Tensor:
     """MISA: route each query to its `active_heads` heads over block-pooled keys, score tokens with those only."""
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
-    mask_dtype = None if mask is None else mask.dtype
-    per_query = 2 * (active_heads * keys.shape[1] + q.shape[2] * pooled.shape[1]) * _FP32
+    per_query = active_heads * keys.shape[1] * scorer.bytes_per_logit + 2 * q.shape[2] * pooled.shape[1] * _FP32
 
-    def select(q_c: torch.Tensor, w_c: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
-        scores = routed_scores(q_c, w_c, keys, bias, pooled, block_size, active_heads, softmax_scale, mask_dtype)
-        return top_indices(scores, k)
+    def select(q_c: torch.Tensor, w_c: torch.Tensor, chunk: ChunkMask, k: int) -> torch.Tensor:
+        scores = routed_scores(q_c, w_c, keys, chunk, pooled, block_size, active_heads, softmax_scale, scorer)
+        return scorer.topk(scores, k)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select)
 
@@ -134,32 +160,31 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
 def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *,
                            softmax_scale: float, active_heads: int, block_size: int, candidate_factor: int,
                            mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
-                           chunk_size: int | None = None) -> torch.Tensor:
+                           chunk_size: int | None = None, scorer: Scorer = REFERENCE) -> torch.Tensor:
     """MISA†: the routed pass keeps `candidate_factor`·topk candidates, re-ranked by the full DSA score."""
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
-    mask_dtype = None if mask is None else mask.dtype
     num_candidates = min(candidate_factor * topk, keys.shape[1])
     num_heads, dim = q.shape[2], q.shape[3]
-    per_query = 2 * (active_heads * keys.shape[1] + num_heads * pooled.shape[1]
-                     + num_candidates * (dim + num_heads)) * _FP32
+    per_query = (active_heads * keys.shape[1] * scorer.bytes_per_logit
+                 + 2 * (num_heads * pooled.shape[1] + num_candidates * (dim + num_heads)) * _FP32)
 
-    def select(q_c: torch.Tensor, w_c: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
-        scores = routed_scores(q_c, w_c, keys, bias, pooled, block_size, active_heads, softmax_scale, mask_dtype)
-        candidates = top_indices(scores, num_candidates)
-        return rerank(q_c, w_c, keys, bias, candidates, k, softmax_scale)
+    def select(q_c: torch.Tensor, w_c: torch.Tensor, chunk: ChunkMask, k: int) -> torch.Tensor:
+        scores = routed_scores(q_c, w_c, keys, chunk, pooled, block_size, active_heads, softmax_scale, scorer)
+        candidates = scorer.topk(scores, num_candidates)
+        return rerank(q_c, w_c, keys, chunk, candidates, k, softmax_scale, scorer=scorer)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select)
 
 
 def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
               block_size: int, keep_blocks: int, mask: torch.Tensor | None = None,
-              pooled: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
+              pooled: torch.Tensor | None = None, chunk_size: int | None = None,
+              scorer: Scorer = REFERENCE) -> torch.Tensor:
     """HISA: keep the `keep_blocks` best blocks by the DSA score of their pooled key, then DSA on their tokens.
 
     The first and the last visible block of each query (attention sink and local window) are always kept.
     """
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
-    mask_dtype = None if mask is None else mask.dtype
     num_keys = keys.shape[1]
     num_blocks = pooled.shape[1]
     kept = min(keep_blocks, num_blocks)
@@ -167,8 +192,8 @@ def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
     per_query = 2 * (num_heads * num_blocks + kept * block_size * (dim + num_heads)) * _FP32
     offsets = torch.arange(block_size, device=q.device)
 
-    def select(q_c: torch.Tensor, w_c: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
-        block_visible = block_visibility(visible_from_bias(bias, mask_dtype), block_size)
+    def select(q_c: torch.Tensor, w_c: torch.Tensor, chunk: ChunkMask, k: int) -> torch.Tensor:
+        block_visible = chunk.block_visible(block_size)
         block_scores = weighted_head_sum(w_c, head_scores(q_c, pooled.unsqueeze(1), softmax_scale))
         block_scores.masked_fill_(~block_visible, MASKED)
         # Force the sink (first visible) and local (last visible) blocks in; rows with none stay -inf.
@@ -176,9 +201,9 @@ def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
         first = block_visible.int().argmax(-1, keepdim=True)
         last = num_blocks - 1 - block_visible.flip(-1).int().argmax(-1, keepdim=True)
         block_scores.scatter_(-1, first, force).scatter_(-1, last, force)
-        blocks = top_indices(block_scores, kept)  # [B, c, kept]
+        blocks = scorer.topk(block_scores, kept)  # [B, c, kept]
         positions = (blocks.unsqueeze(-1) * block_size + offsets).flatten(-2)
         in_range = positions < num_keys
-        return rerank(q_c, w_c, keys, bias, positions.clamp_max(num_keys - 1), k, softmax_scale, in_range)
+        return rerank(q_c, w_c, keys, chunk, positions.clamp_max(num_keys - 1), k, softmax_scale, in_range, scorer)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select)

@@ -1,0 +1,93 @@
+"""Weighted-ReLU indexer logits, the heavy stage of DSA and MISA, in TileLang.
+
+    logits[b, t, s] = Σ_j w[b, t, j] · ReLU(q[b, t, j] · k[b, s])     for ks[b, t] <= s < ke[b, t], else -inf
+
+`q` holds `heads` query vectors per token: all H heads for DSA (the DSA-64 baseline kernel), or each token's
+own routed heads (gathered beforehand) for MISA; one program serves both, so the comparison is like for like.
+A CTA takes `block_q` tokens (block_q · heads query rows, 128 by default, one wgmma N), streams the key
+cache in `block_n`-token tiles through a software pipeline, multiplies on the tensor cores (bf16 in, fp32
+accumulate), and fuses ReLU, the head weights and the head sum before writing one fp32 logit per (t, s).
+Key tiles past the block's last visible key are not computed at all (causal skip); they are written as -inf.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tilelang
+import tilelang.language as T
+
+
+@functools.lru_cache(maxsize=None)
+def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_stages: int = 2,
+                               threads: int = 256, arch: str | None = None):
+    """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
+
+    `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
+    """
+    target = "auto" if arch is None else {"kind": "cuda", "arch": arch}
+    block_q = max(1, 128 // heads)
+    rows = block_q * heads
+
+    @tilelang.jit(target=target, out_idx=[-1], pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False})
+    def program():
+        # Symbolic sizes: one compiled kernel serves every batch, chunk and cache length.
+        batch, num_queries, num_keys = T.dynamic("batch"), T.dynamic("num_queries"), T.dynamic("num_keys")
+
+        @T.prim_func
+        def kernel(
+            Q: T.Tensor((batch, num_queries * heads, dim), T.bfloat16),
+            K: T.Tensor((batch, num_keys, dim), T.bfloat16),
+            W: T.Tensor((batch, num_queries, heads), T.float32),
+            KS: T.Tensor((batch, num_queries), T.int32),
+            KE: T.Tensor((batch, num_queries), T.int32),
+            Logits: T.Tensor((batch, num_queries, num_keys), T.float32),
+        ):
+            with T.Kernel(T.ceildiv(num_queries, block_q), batch, threads=threads) as (bq, bb):
+                q_shared = T.alloc_shared((rows, dim), T.bfloat16)
+                k_shared = T.alloc_shared((block_n, dim), T.bfloat16)
+                scores = T.alloc_fragment((block_n, rows), T.float32)
+                scores_by_head = T.reshape(scores, (block_n, block_q, heads))
+                logits = T.alloc_fragment((block_n, block_q), T.float32)
+                weights = T.alloc_fragment((rows,), T.float32)
+                ks_local = T.alloc_fragment((block_q,), T.int32)
+                ke_local = T.alloc_fragment((block_q,), T.int32)
+                ke_max = T.alloc_var(T.int32)
+                q0 = bq * block_q
+
+                T.copy(Q[bb, q0 * heads : q0 * heads + rows, :], q_shared)
+                for r in T.Parallel(rows):
+                    weights[r] = T.if_then_else(q0 + r // heads < num_queries,
+                                                W[bb, T.min(q0 + r // heads, num_queries - 1), r % heads], 0.0)
+                for i in T.Parallel(block_q):
+                    ks_local[i] = T.if_then_else(q0 + i < num_queries, KS[bb, T.min(q0 + i, num_queries - 1)], 0)
+                    ke_local[i] = T.if_then_else(q0 + i < num_queries, KE[bb, T.min(q0 + i, num_queries - 1)], 0)
+                ke_max = 0
+                for i in T.serial(block_q):
+                    ke_max = T.max(ke_max, T.if_then_else(q0 + i < num_queries,
+                                                          KE[bb, T.min(q0 + i, num_queries - 1)], 0))
+                live_tiles = T.ceildiv(ke_max, block_n)
+
+                for tile in T.Pipelined(live_tiles, num_stages=num_stages):
+                    T.copy(K[bb, tile * block_n : (tile + 1) * block_n, :], k_shared)
+                    T.gemm(k_shared, q_shared, scores, transpose_B=True, clear_accum=True,
+                           policy=T.GemmWarpPolicy.FullCol)
+                    for n, r in T.Parallel(block_n, rows):
+                        scores[n, r] = T.max(scores[n, r], 0.0) * weights[r]
+                    T.reduce_sum(scores_by_head, logits, dim=-1, clear=True)
+                    for i, n in T.Parallel(block_q, block_n):
+                        key = tile * block_n + n
+                        if q0 + i < num_queries and key < num_keys:
+                            Logits[bb, q0 + i, key] = T.if_then_else(
+                                key >= ks_local[i] and key < ke_local[i], logits[n, i], -T.infinity(T.float32))
+
+                # Tiles past the block's last visible key: masked without computing anything.
+                for tile in T.serial(live_tiles, T.ceildiv(num_keys, block_n)):
+                    for i, n in T.Parallel(block_q, block_n):
+                        key = tile * block_n + n
+                        if q0 + i < num_queries and key < num_keys:
+                            Logits[bb, q0 + i, key] = -T.infinity(T.float32)
+
+        return kernel
+
+    return program

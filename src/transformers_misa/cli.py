@@ -1,0 +1,60 @@
+"""Command line: `transformers-misa demo` (also `python -m transformers_misa demo`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEFAULT_BLOCK_SIZE, DEFAULT_CONTEXT, DEFAULT_NEW_TOKENS, DEFAULT_TOPK, QUICK_CONTEXT, \
+        QUICK_NEW_TOKENS
+
+    parser = argparse.ArgumentParser(prog="transformers-misa",
+                                     description="MISA / HISA indexers for DSA models in HuggingFace Transformers.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo", help="run every mode on small random DeepSeek-V3.2 / GLM-5 models (CPU) and print a table",
+        description="Builds small seeded DeepSeek-V3.2 and GLM-5 models, patches each with every mode, generates "
+                    "greedily and prints recall vs DSA, speed, peak memory and token agreement. Weights are random: "
+                    "recall is not a quality claim.")
+    demo.add_argument("--quick", action="store_true",
+                      help=f"short run for tests ({QUICK_CONTEXT} prompt tokens, {QUICK_NEW_TOKENS} new tokens)")
+    demo.add_argument("--context", type=_positive, default=None,
+                      help=f"prompt tokens (default {DEFAULT_CONTEXT}, or {QUICK_CONTEXT} with --quick)")
+    demo.add_argument("--new-tokens", type=_positive, default=None,
+                      help=f"new tokens per generate (default {DEFAULT_NEW_TOKENS}, or {QUICK_NEW_TOKENS} with --quick)")
+    demo.add_argument("--topk", type=_positive, default=DEFAULT_TOPK, help=f"index_topk (default {DEFAULT_TOPK})")
+    demo.add_argument("--block-size", type=_positive, default=DEFAULT_BLOCK_SIZE,
+                      help=f"key block size of misa / hisa (default {DEFAULT_BLOCK_SIZE})")
+    demo.add_argument("--family", dest="families", action="append", choices=["deepseek_v32", "glm_moe_dsa"],
+                      help="run only this family (repeatable; default both)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt (default 0)")
+    demo.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "demo":
+        from .demo import run_demo
+
+        try:
+            run_demo(args.context, args.new_tokens, quick=args.quick, topk=args.topk, block_size=args.block_size,
+                     seed=args.seed, families=tuple(args.families or ("deepseek_v32", "glm_moe_dsa")),
+                     progress=not args.no_progress, json_path=args.json)
+        except ValueError as error:
+            parser.error(str(error))
+    return 0
