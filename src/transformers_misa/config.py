@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from typing import Any
 
 MODES: tuple[str, ...] = ("dsa", "misa", "misa_hierarchical", "hisa")
 
 # Which options each mode reads. Passing an option a mode ignores is an error, not a silent no-op.
+_COMMON_OPTIONS = frozenset({"query_chunk_size", "backend"})
 MODE_OPTIONS: dict[str, frozenset[str]] = {
-    "dsa": frozenset({"query_chunk_size"}),
-    "misa": frozenset({"active_heads", "block_size", "query_chunk_size"}),
-    "misa_hierarchical": frozenset({"active_heads", "block_size", "candidate_factor", "query_chunk_size"}),
-    "hisa": frozenset({"block_size", "keep_blocks", "query_chunk_size"}),
+    "dsa": _COMMON_OPTIONS,
+    "misa": _COMMON_OPTIONS | {"active_heads", "block_size"},
+    "misa_hierarchical": _COMMON_OPTIONS | {"active_heads", "block_size", "candidate_factor"},
+    "hisa": _COMMON_OPTIONS | {"block_size", "keep_blocks"},
 }
+BACKENDS: tuple[str, ...] = ("auto", "reference", "tilelang")
 
 DEFAULT_ACTIVE_HEADS = 8
 DEFAULT_BLOCK_SIZE = 128
@@ -34,6 +37,7 @@ class MisaConfig:
         candidate_factor: misa_hierarchical keeps candidate_factor·topk candidates for the full re-rank.
         keep_blocks: blocks HISA keeps per query (sink and local block included).
         query_chunk_size: queries scored at once; None picks it from a 256 MiB scratch budget.
+        backend: "auto" (TileLang kernels on Hopper GPUs, else the PyTorch reference), "reference" or "tilelang".
     """
 
     mode: str = "misa"
@@ -42,6 +46,7 @@ class MisaConfig:
     candidate_factor: int | None = None
     keep_blocks: int | None = None
     query_chunk_size: int | None = None
+    backend: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (JSON-safe)."""
@@ -86,10 +91,15 @@ def resolve_config(mode: str, num_heads: int, topk: int, options: dict[str, Any]
         raise ValueError(
             f"option(s) {inapplicable} have no effect in mode {mode!r}; it takes {sorted(MODE_OPTIONS[mode])}"
         )
+    backend = given.pop("backend", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "tilelang" and importlib.util.find_spec("tilelang") is None:
+        raise ValueError("backend='tilelang' needs TileLang: pip install tilelang==0.1.15 (or use backend='auto')")
     for name, value in given.items():
         _positive_int(name, value)
 
-    settings: dict[str, Any] = {"mode": mode, "query_chunk_size": given.get("query_chunk_size")}
+    settings: dict[str, Any] = {"mode": mode, "query_chunk_size": given.get("query_chunk_size"), "backend": backend}
     if mode in ("misa", "misa_hierarchical"):
         active = given.get("active_heads", DEFAULT_ACTIVE_HEADS)
         if active > num_heads:

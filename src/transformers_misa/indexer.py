@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backend import select_scorer
 from .config import MisaConfig
 from .ops import reference
 from .ops.blocks import key_validity
@@ -86,7 +87,8 @@ class MisaIndexer(nn.Module):
                pooled: torch.Tensor | None, config: MisaConfig | None = None) -> torch.Tensor:
         """Top-k indices with the method of `config` (this module's own by default)."""
         config = config or self.misa_config
-        common = dict(softmax_scale=self.softmax_scale, mask=mask, chunk_size=config.query_chunk_size)
+        common = dict(softmax_scale=self.softmax_scale, mask=mask, chunk_size=config.query_chunk_size,
+                      scorer=select_scorer(q.device, config.backend))
         if config.mode == "dsa":
             return reference.dsa_topk(q, keys, weights, self.index_topk, **common)
         if config.mode == "misa":
@@ -112,6 +114,7 @@ class MisaIndexer(nn.Module):
         if self.recall_probe is None:
             return indices
         # Recall measurement: DSA's selection drives the model, ours is recorded beside it.
-        dsa = self.select(q, keys, weights, attention_mask, None, MisaConfig(mode="dsa"))
+        dsa = self.select(q, keys, weights, attention_mask, None,
+                          MisaConfig(mode="dsa", backend=self.misa_config.backend))
         self.recall_probe.append((dsa, indices, attention_mask, keys.shape[1]))
         return dsa

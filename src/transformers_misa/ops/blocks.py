@@ -21,10 +21,11 @@ MASKED = float("-inf")
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
-def query_chunks(num_queries: int, bytes_per_query: int, chunk_size: int | None) -> Iterator[slice]:
-    """Yields slices over the queries so that each chunk's scratch memory stays under a budget."""
+def query_chunks(num_queries: int, bytes_per_query: int, chunk_size: int | None,
+                 budget: int = DEFAULT_CHUNK_BYTES) -> Iterator[slice]:
+    """Yields slices over the queries so that each chunk's scratch memory stays under `budget` bytes."""
     if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_BYTES // max(1, bytes_per_query))
+        chunk_size = max(1, budget // max(1, bytes_per_query))
     for start in range(0, num_queries, chunk_size):
         yield slice(start, min(start + chunk_size, num_queries))
 
@@ -117,7 +118,15 @@ class ChunkMask:
 
     def block_visible(self, block_size: int) -> torch.Tensor:
         """[B, c, M] bool: blocks of `block_size` keys holding at least one key the query may see."""
-        return self._memo(f"blocks{block_size}", lambda: block_visibility(self.visible, block_size))
+        def build() -> torch.Tensor:
+            ks, ke, contiguous = self.key_range
+            if not contiguous:
+                return block_visibility(self.visible, block_size)
+            # From the ranges: O(c·M), never a [c, T] tensor for causal masks.
+            starts = torch.arange(0, self.num_keys, block_size, device=self.device)
+            ends = (starts + block_size).clamp_max(self.num_keys)
+            return (starts < ke.unsqueeze(-1)) & (ends > ks.unsqueeze(-1)) & (ke > ks).unsqueeze(-1)
+        return self._memo(f"blocks{block_size}", build)
 
 
 def key_validity(mask: torch.Tensor | None, batch: int, num_keys: int, device: torch.device) -> torch.Tensor:

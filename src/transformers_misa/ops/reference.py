@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from .blocks import (
+    DEFAULT_CHUNK_BYTES,
     MASKED,
     ChunkMask,
     gather_keys,
@@ -48,15 +49,22 @@ class Scorer:
     token_logits(q [B, c, h, D], weights [B, c, h], keys [B, T, D], chunk mask, softmax_scale) -> [B, c, T] fp32,
         -inf (or the additive mask) where a query may not see a key.
     topk(scores [B, c, N], k) -> indices [B, c, k] of the k largest.
+    head_scores(q [B, c, h, D], keys [B, 1 or c, N, D], scale) -> ReLU(q·k)·scale [B, c, h, N] fp32, for the small
+        scoring steps (router over pooled keys, candidate re-rank, HISA's block filter).
+    scratch_bytes(heads, num_keys) -> the token stage's scratch memory per query, to size the query chunks.
+    chunk_budget: scratch memory one query chunk may use.
     """
 
     name: str
     token_logits: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ChunkMask, float], torch.Tensor]
     topk: Callable[[torch.Tensor, int], torch.Tensor]
-    bytes_per_logit: int = 2 * _FP32
+    scratch_bytes: Callable[[int, int], int]
+    chunk_budget: int = DEFAULT_CHUNK_BYTES
+    head_scores: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = head_scores
 
 
-REFERENCE = Scorer("reference", reference_token_logits, top_indices)
+# The reference holds fp32 [c, h, T] head scores (plus their product) per chunk.
+REFERENCE = Scorer("reference", reference_token_logits, top_indices, lambda heads, keys: 2 * heads * keys * _FP32)
 
 # (query chunk, its weights, its chunk mask, k) -> int indices [B, c, k]
 ChunkSelector = Callable[[torch.Tensor, torch.Tensor, ChunkMask, int], torch.Tensor]
@@ -64,12 +72,12 @@ ChunkSelector = Callable[[torch.Tensor, torch.Tensor, ChunkMask, int], torch.Ten
 
 def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int,
                       mask: torch.Tensor | None, chunk_size: int | None, bytes_per_query: int,
-                      select: ChunkSelector) -> torch.Tensor:
+                      select: ChunkSelector, budget: int) -> torch.Tensor:
     batch, num_queries = q.shape[:2]
     num_keys = keys.shape[1]
     k = min(topk, num_keys)
     out = torch.empty(batch, num_queries, k, dtype=torch.int32, device=q.device)
-    for rows in query_chunks(num_queries, batch * bytes_per_query, chunk_size):
+    for rows in query_chunks(num_queries, batch * bytes_per_query, chunk_size, budget):
         chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device)
         out[:, rows] = select(q[:, rows], weights[:, rows], chunk, k).to(torch.int32)
     return out
@@ -82,13 +90,13 @@ def pooled_keys(keys: torch.Tensor, mask: torch.Tensor | None, block_size: int) 
 
 
 def route_heads(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, block_visible: torch.Tensor,
-                active_heads: int, softmax_scale: float) -> torch.Tensor:
+                active_heads: int, softmax_scale: float, scores_fn=head_scores) -> torch.Tensor:
     """MISA's router: the `active_heads` heads of each query with the largest block-level importance.
 
     importance[t, j] = |w[t, j]| · Σ_{visible blocks m} ReLU(q[t, j]·k̄_m)·scale, with k̄_m the mean key of block m.
     Returns head ids [B, c, active_heads], ascending (so all heads reproduce DSA's summation order exactly).
     """
-    per_block = head_scores(q, pooled.unsqueeze(1), softmax_scale)  # [B, c, H, M]
+    per_block = scores_fn(q, pooled.unsqueeze(1), softmax_scale)  # [B, c, H, M]
     per_block.masked_fill_(~block_visible.unsqueeze(2), 0.0)
     importance = per_block.sum(-1) * weights.abs()
     return importance.topk(active_heads, dim=-1).indices.sort(dim=-1).values
@@ -102,7 +110,8 @@ def routed_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ch
     The selected heads keep their DSA weights w[t, j] unchanged and the others contribute nothing; no
     renormalisation, since a positive per-query factor would not change any top-k.
     """
-    heads = route_heads(q, weights, pooled, chunk.block_visible(block_size), active_heads, softmax_scale)
+    heads = route_heads(q, weights, pooled, chunk.block_visible(block_size), active_heads, softmax_scale,
+                        scorer.head_scores)
     q_routed = q.gather(2, heads.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1]))
     w_routed = weights.gather(2, heads)
     return scorer.token_logits(q_routed, w_routed, keys, chunk, softmax_scale)
@@ -112,7 +121,7 @@ def rerank(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: Ch
            positions: torch.Tensor, k: int, softmax_scale: float, in_range: torch.Tensor | None = None,
            scorer: Scorer = REFERENCE) -> torch.Tensor:
     """Full-head DSA scores over per-query candidate key positions [B, c, C]; returns the top-k positions."""
-    scores = weighted_head_sum(weights, head_scores(q, gather_keys(keys, positions), softmax_scale))
+    scores = weighted_head_sum(weights, scorer.head_scores(q, gather_keys(keys, positions), softmax_scale))
     scores = scores + chunk.bias_at(positions)
     if in_range is not None:
         scores.masked_fill_(~in_range, MASKED)
@@ -138,8 +147,8 @@ def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: i
     def select(q_c: torch.Tensor, w_c: torch.Tensor, chunk: ChunkMask, k: int) -> torch.Tensor:
         return scorer.topk(scorer.token_logits(q_c, w_c, keys, chunk, softmax_scale), k)
 
-    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size,
-                             num_heads * keys.shape[1] * scorer.bytes_per_logit, select)
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, scorer.scratch_bytes(num_heads, keys.shape[1]),
+                             select, scorer.chunk_budget)
 
 
 def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
@@ -148,13 +157,13 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
               scorer: Scorer = REFERENCE) -> torch.Tensor:
     """MISA: route each query to its `active_heads` heads over block-pooled keys, score tokens with those only."""
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
-    per_query = active_heads * keys.shape[1] * scorer.bytes_per_logit + 2 * q.shape[2] * pooled.shape[1] * _FP32
+    per_query = scorer.scratch_bytes(active_heads, keys.shape[1]) + 2 * q.shape[2] * pooled.shape[1] * _FP32
 
     def select(q_c: torch.Tensor, w_c: torch.Tensor, chunk: ChunkMask, k: int) -> torch.Tensor:
         scores = routed_scores(q_c, w_c, keys, chunk, pooled, block_size, active_heads, softmax_scale, scorer)
         return scorer.topk(scores, k)
 
-    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select)
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer.chunk_budget)
 
 
 def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *,
@@ -165,7 +174,7 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
     num_candidates = min(candidate_factor * topk, keys.shape[1])
     num_heads, dim = q.shape[2], q.shape[3]
-    per_query = (active_heads * keys.shape[1] * scorer.bytes_per_logit
+    per_query = (scorer.scratch_bytes(active_heads, keys.shape[1])
                  + 2 * (num_heads * pooled.shape[1] + num_candidates * (dim + num_heads)) * _FP32)
 
     def select(q_c: torch.Tensor, w_c: torch.Tensor, chunk: ChunkMask, k: int) -> torch.Tensor:
@@ -173,7 +182,7 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
         candidates = scorer.topk(scores, num_candidates)
         return rerank(q_c, w_c, keys, chunk, candidates, k, softmax_scale, scorer=scorer)
 
-    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select)
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer.chunk_budget)
 
 
 def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
@@ -194,7 +203,7 @@ def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
 
     def select(q_c: torch.Tensor, w_c: torch.Tensor, chunk: ChunkMask, k: int) -> torch.Tensor:
         block_visible = chunk.block_visible(block_size)
-        block_scores = weighted_head_sum(w_c, head_scores(q_c, pooled.unsqueeze(1), softmax_scale))
+        block_scores = weighted_head_sum(w_c, scorer.head_scores(q_c, pooled.unsqueeze(1), softmax_scale))
         block_scores.masked_fill_(~block_visible, MASKED)
         # Force the sink (first visible) and local (last visible) blocks in; rows with none stay -inf.
         force = torch.where(block_visible.any(-1, keepdim=True), float("inf"), MASKED)
@@ -206,4 +215,4 @@ def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
         in_range = positions < num_keys
         return rerank(q_c, w_c, keys, chunk, positions.clamp_max(num_keys - 1), k, softmax_scale, in_range, scorer)
 
-    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select)
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer.chunk_budget)

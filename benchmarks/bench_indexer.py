@@ -1,0 +1,244 @@
+"""Indexer speed on one Hopper GPU: stock transformers math, PyTorch reference, DSA-64 kernel, MISA, MISA†, HISA.
+
+Every ratio comes from one run, side by side. Prints a table and writes JSON (GPU, versions, date) and a PNG
+under benchmarks/results/.
+
+    python benchmarks/bench_indexer.py                       # prefill 4K..128K + decode, H=64 and GLM-5's H=32
+    python benchmarks/bench_indexer.py --quick               # a few small shapes (smoke test)
+    python benchmarks/bench_indexer.py --deepseek-ref PATH   # also time DeepSeek-V3.2-Exp's own fp8_index
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib
+import json
+import pathlib
+import platform
+import sys
+
+import torch
+
+from transformers_misa.kernels.scorer import TILELANG_SCORER
+from transformers_misa.kernels.scoring import build_weighted_relu_logits
+from transformers_misa.ops import reference
+from transformers_misa.ops.blocks import ChunkMask
+
+DIM, TOPK, BLOCK = 128, 2048, 128
+SCALE = DIM**-0.5
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def cuda_time_ms(fn, reps: int) -> float:
+    """Median wall time of `fn` on the GPU (events), after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def peak_extra_gib(fn) -> float:
+    """Peak GPU memory `fn` allocates beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def inputs(batch: int, num_queries: int, num_keys: int, heads: int, seed: int = 0):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, num_queries, heads, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
+    keys = torch.randn(batch, num_keys, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
+    weights = torch.randn(batch, num_queries, heads, device="cuda", generator=generator)
+    return q, keys, weights
+
+
+def stock_transformers(q, keys, weights):
+    """transformers' indexer math verbatim: a [B, S, H, T] fp32 tensor, then torch.topk."""
+    scores = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1)) * SCALE
+    index = torch.matmul(weights.unsqueeze(-2), torch.relu(scores)).squeeze(-2)
+    chunk = ChunkMask(None, slice(0, q.shape[1]), q.shape[0], q.shape[1], keys.shape[1], q.device)
+    return (index + chunk.bias).topk(min(TOPK, keys.shape[1]), dim=-1).indices
+
+
+def methods(heads: int, deepseek_kernel):
+    common = dict(softmax_scale=SCALE, scorer=TILELANG_SCORER)
+    table = {
+        "stock": stock_transformers,
+        "reference": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, softmax_scale=SCALE),
+        f"dsa{heads}_kernel": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, **common),
+        "misa8": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK, **common),
+        "misa8_hier": lambda q, k, w: reference.misa_hierarchical_topk(
+            q, k, w, TOPK, active_heads=8, block_size=BLOCK, candidate_factor=4, **common),
+        "hisa": lambda q, k, w: reference.hisa_topk(q, k, w, TOPK, block_size=BLOCK, keep_blocks=64, **common),
+    }
+    if deepseek_kernel is not None:
+        table["deepseek_fp8_index"] = functools.partial(deepseek_fp8_index, deepseek_kernel)
+    return table
+
+
+def deepseek_fp8_index(kernel_module, q, keys, weights):
+    """DeepSeek-V3.2-Exp's own fp8_index (full [S, T] logits, no causal skip) + torch.topk, timed as they ship it."""
+    q8, k8 = q.to(torch.float8_e4m3fn), keys.to(torch.float8_e4m3fn)
+    k_scale = torch.ones(keys.shape[:2], device="cuda")
+    logits = kernel_module.fp8_index(q8.contiguous(), (weights * SCALE).contiguous(), k8.contiguous(), k_scale)
+    chunk = ChunkMask(None, slice(0, q.shape[1]), q.shape[0], q.shape[1], keys.shape[1], q.device)
+    return (logits + chunk.bias).topk(min(TOPK, keys.shape[1]), dim=-1).indices
+
+
+def fits(method: str, batch: int, num_queries: int, num_keys: int, heads: int) -> bool:
+    free = torch.cuda.mem_get_info()[0]
+    if method == "stock":
+        return batch * num_queries * heads * num_keys * 4 * 2.2 < free
+    if method == "reference":
+        return num_queries * num_keys <= 16384 * 16384  # correct everywhere, but minutes per call beyond
+    if method == "deepseek_fp8_index":
+        return batch * num_queries * num_keys * 4 * 2.5 < free
+    return True
+
+
+def scoring_tflops(heads: int, num_queries: int, num_keys: int, reps: int) -> dict:
+    """The DSA kernel's logits stage alone (causal prefill), as achieved tensor-core throughput."""
+    q, keys, weights = inputs(1, num_queries, num_keys, heads)
+    kernel = build_weighted_relu_logits(heads, DIM)()
+    chunk = ChunkMask(None, slice(0, num_queries), 1, num_queries, num_keys, q.device)
+    ks, ke, _ = chunk.key_range
+    flat_q = q.reshape(1, num_queries * heads, DIM)
+    ms = cuda_time_ms(lambda: kernel(flat_q, keys, weights, ks, ke), reps)
+    visible_pairs = float(ke.sum() - ks.sum())
+    flops = 2.0 * heads * DIM * visible_pairs
+    return {"ms": ms, "tflops": flops / ms / 1e9}
+
+
+def run_prefill(contexts, heads, deepseek_kernel, reps, results):
+    for context in contexts:
+        q, keys, weights = inputs(1, context, context, heads)
+        row = {"phase": "prefill", "heads": heads, "batch": 1, "context": context}
+        for name, fn in methods(heads, deepseek_kernel).items():
+            if not fits(name, 1, context, context, heads):
+                continue
+            call = functools.partial(fn, q, keys, weights)
+            row[f"{name}_ms"] = cuda_time_ms(call, reps if context <= 32768 else max(1, reps // 2))
+            row[f"{name}_peak_gib"] = peak_extra_gib(call)
+        row["scoring"] = scoring_tflops(heads, context, context, reps)
+        results.append(row)
+        print_row(row, heads)
+        del q, keys, weights
+        torch.cuda.empty_cache()
+
+
+def run_decode(caches, batches, heads, reps, results, new_tokens=1):
+    common = dict(softmax_scale=SCALE, scorer=TILELANG_SCORER)
+    for cache in caches:
+        for batch in batches:
+            q, keys, weights = inputs(batch, new_tokens, cache, heads)
+            pooled = reference.pooled_keys(keys, None, BLOCK)  # kept incrementally in the cache in real decode
+            row = {"phase": "decode", "heads": heads, "batch": batch, "context": cache, "new_tokens": new_tokens}
+            row[f"dsa{heads}_kernel_ms"] = cuda_time_ms(
+                lambda: reference.dsa_topk(q, keys, weights, TOPK, **common), reps)
+            row["misa8_ms"] = cuda_time_ms(lambda: reference.misa_topk(
+                q, keys, weights, TOPK, active_heads=8, block_size=BLOCK, pooled=pooled, **common), reps)
+            results.append(row)
+            print_row(row, heads)
+            del q, keys, weights, pooled
+            torch.cuda.empty_cache()
+
+
+def print_row(row: dict, heads: int) -> None:
+    base = row.get(f"dsa{heads}_kernel_ms")
+    timings = {k[:-3]: v for k, v in row.items() if k.endswith("_ms")}
+    cells = " ".join(f"{k}={v:.2f}ms" + (f"({base / v:.1f}x)" if base and k.startswith(("misa", "hisa")) else "")
+                     for k, v in timings.items())
+    extra = f" scoring={row['scoring']['tflops']:.0f}TFLOP/s" if "scoring" in row else ""
+    print(f"{row['phase']:>7} H={heads} B={row['batch']:>2} T={row['context']:>6}: {cells}{extra}", flush=True)
+
+
+def profile_misa(context: int) -> None:
+    """Where MISA-8's time goes at one context (torch.profiler, CUDA time per op)."""
+    q, keys, weights = inputs(1, context, context, 64)
+    call = methods(64, None)["misa8"]
+    call(q, keys, weights)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call(q, keys, weights)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+def environment() -> dict:
+    import tilelang
+    import transformers
+
+    return {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "tilelang": tilelang.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+
+
+def plot(results: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prefill = [r for r in results if r["phase"] == "prefill" and r["heads"] == 64]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({k for r in prefill for k in r if k.endswith("_ms")}):
+        points = [(r["context"], r[key]) for r in prefill if key in r]
+        ax.plot(*zip(*points), marker="o", label=key[:-3])
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens, causal prefill)", ylabel="ms per layer",
+           title=f"Indexer prefill, H=64, topk={TOPK} ({torch.cuda.get_device_name()})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
+    parser.add_argument("--decode-caches", default="8192,32768,131072")
+    parser.add_argument("--decode-batches", default="1,8,32")
+    parser.add_argument("--glm-contexts", default="32768,65536", help="contexts for GLM-5's H=32 shape")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="small shapes only")
+    parser.add_argument("--deepseek-ref", type=pathlib.Path, help="checkout of deepseek-ai/DeepSeek-V3.2-Exp")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--profile", type=int, default=0, help="print a kernel-time profile of misa8 at this context")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_indexer needs a CUDA GPU (H100/H200)")
+    if args.quick:
+        args.contexts, args.decode_caches, args.decode_batches, args.glm_contexts = "4096", "8192", "1,8", "4096"
+    parse = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    deepseek_kernel = None
+    if args.deepseek_ref:
+        sys.path.insert(0, str(args.deepseek_ref / "inference"))
+        deepseek_kernel = importlib.import_module("kernel")
+
+    if args.profile:
+        profile_misa(args.profile)
+    results: list[dict] = []
+    run_prefill(parse(args.contexts), 64, deepseek_kernel, args.reps, results)
+    run_prefill(parse(args.glm_contexts), 32, None, args.reps, results)
+    run_decode(parse(args.decode_caches), parse(args.decode_batches), 64, args.reps, results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    payload = {"environment": environment(), "topk": TOPK, "block_size": BLOCK, "results": results}
+    (args.out / f"bench_indexer-{stamp}.json").write_text(json.dumps(payload, indent=1))
+    plot(results, args.out / f"bench_indexer-{stamp}.png")
+    print(f"wrote {args.out}/bench_indexer-{stamp}.json and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The TileLang `Scorer`: plugs the GPU programs into the reference algorithms of `transformers_misa.ops`.
+
+Every mode keeps its algorithm from `ops.reference` (routing, candidate re-rank, block filter); the heavy
+token-level stage runs in `scoring.build_weighted_relu_logits`. Imported only when tensors sit on a CUDA
+device of compute capability >= 9.0, so a CPU-only machine never touches TileLang.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from transformers_misa.ops.blocks import ChunkMask, top_indices
+from transformers_misa.ops.reference import Scorer
+
+from .scoring import build_weighted_relu_logits
+
+
+def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
+                          softmax_scale: float) -> torch.Tensor:
+    """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out)."""
+    batch, num_queries, heads, dim = q.shape
+    kernel = build_weighted_relu_logits(heads, dim)()
+    ks, ke, contiguous = chunk.key_range
+    # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale folds into the head weights.
+    logits = kernel(
+        q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16).contiguous(),
+        keys.to(torch.bfloat16).contiguous(),
+        (weights.float() * softmax_scale).contiguous(),
+        ks.contiguous(),
+        ke.contiguous(),
+    )
+    if not contiguous:  # a mask with holes inside [ks, ke): apply it exactly as the reference does
+        logits = logits + chunk.bias
+    return logits
+
+
+# The kernel writes one fp32 logit per (query, key) whatever the head count; top-k then needs about as much.
+# Large chunks keep every SM busy (a CTA takes 128 / heads queries).
+def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Per-head ReLU scores for the small steps (router, re-rank, block filter) on the tensor cores in bf16."""
+    scores = torch.matmul(q.to(torch.bfloat16), keys.to(torch.bfloat16).transpose(-1, -2))
+    return scores.float().mul_(softmax_scale).relu_()
+
+
+TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, top_indices, lambda heads, keys: 3 * keys * 4,
+                         chunk_budget=8 * 2**30, head_scores=bf16_head_scores)

@@ -1,0 +1,84 @@
+"""Which implementation runs: the TileLang kernels on Hopper GPUs, the PyTorch reference everywhere else.
+
+The choice is made per device, logged once with its reason, and a kernel that fails to compile or launch
+falls back to the reference with one warning: it never breaks `generate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+
+import torch
+
+from .ops.blocks import ChunkMask
+from .ops.reference import REFERENCE, Scorer, reference_token_logits
+
+logger = logging.getLogger("transformers_misa")
+
+MIN_CAPABILITY = (9, 0)
+
+_announced: set[tuple[str, str]] = set()
+_broken_kernels: set[str] = set()
+
+
+def _announce(device: torch.device, message: str, level: int = logging.INFO) -> None:
+    key = (str(device), message)
+    if key not in _announced:
+        _announced.add(key)
+        logger.log(level, "transformers_misa: %s", message)
+
+
+def kernel_unavailable_reason(device: torch.device) -> str | None:
+    """Why the TileLang kernels cannot run on `device`, or None if they can."""
+    if device.type != "cuda":
+        return f"tensors are on {device.type}, the kernels need a CUDA GPU"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return f"GPU compute capability {capability[0]}.{capability[1]} < 9.0 (the kernels need Hopper: H100/H200)"
+    try:
+        import tilelang  # noqa: F401
+    except ImportError as error:
+        return f"TileLang is not importable ({error}); pip install tilelang==0.1.15"
+    return None
+
+
+def _guarded(scorer: Scorer) -> Scorer:
+    """The kernel scorer, falling back to the reference (with one warning) if a kernel fails to build or run."""
+
+    def token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
+                     softmax_scale: float) -> torch.Tensor:
+        if scorer.name not in _broken_kernels:
+            try:
+                return scorer.token_logits(q, weights, keys, chunk, softmax_scale)
+            except Exception as error:  # compile or launch failure: degrade, never crash generate
+                _broken_kernels.add(scorer.name)
+                warnings.warn(f"transformers_misa: the {scorer.name} kernel failed ({type(error).__name__}: "
+                              f"{error}); using the PyTorch reference from now on", RuntimeWarning, stacklevel=2)
+        return reference_token_logits(q, weights, keys, chunk, softmax_scale)
+
+    return dataclasses.replace(scorer, token_logits=token_logits)
+
+
+def select_scorer(device: torch.device, backend: str = "auto") -> Scorer:
+    """The `Scorer` for tensors on `device` under the `backend` setting ("auto", "reference" or "tilelang").
+
+    Raises:
+        RuntimeError: if "tilelang" is forced where the kernels cannot run (the message says why).
+    """
+    if backend == "reference":
+        _announce(device, f"reference (PyTorch) indexer on {device}: backend='reference' was requested")
+        return REFERENCE
+    reason = kernel_unavailable_reason(device)
+    if reason is not None:
+        if backend == "tilelang":
+            raise RuntimeError(f"backend='tilelang' cannot run here: {reason}; use backend='auto' to fall back")
+        # On a GPU the user likely expected the kernels: say so louder than on a CPU.
+        _announce(device, f"reference (PyTorch) indexer on {device}: {reason}",
+                  logging.WARNING if device.type == "cuda" else logging.INFO)
+        return REFERENCE
+    from transformers_misa.kernels.scorer import TILELANG_SCORER
+
+    _announce(device, f"TileLang indexer kernels on {device} ({torch.cuda.get_device_name(device)})")
+    return _guarded(TILELANG_SCORER)

@@ -1,0 +1,389 @@
+"""The reference indexers against transformers' stock indexers, brute-force references and a memory bound."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import DynamicCache, StaticCache
+
+from conftest import (
+    FAMILIES,
+    assert_same_topk,
+    assert_valid_topk,
+    capture_calls,
+    dense_scores,
+    exact_fraction,
+    exact_mode_options,
+    indexer_inputs,
+    indexers_of,
+    left_padded_batch,
+    make_patched_indexer,
+    visible_keys,
+)
+from transformers_misa.ops import blocks, reference
+from transformers_misa.ops.reference import dsa_topk, hisa_topk, misa_hierarchical_topk, misa_topk, pooled_keys
+
+# (sequence length, index_topk, mask kind): odd lengths, T not a multiple of any block size, T < topk; bool masks
+# (sdpa), the model's additive finfo.min masks (eager) and additive masks with a true -inf.
+CASES = [
+    (37, 64, "bool"), (37, 64, "float"),
+    (130, 16, "bool"), (130, 16, "float_inf"),
+    (257, 32, "bool"), (257, 32, "float"),
+]
+HISA_DUPLICATES = (
+    "hisa_topk clamps out-of-range block positions to T-1 (ops/reference.py, hisa_topk: positions.clamp_max); "
+    "a query seeing fewer than k candidates then gets the visible key T-1 several times"
+)
+
+
+def _model_inputs(make_model, family: str, seq_len: int, topk: int, mask_kind: str, layer: int = 0):
+    """A stock indexer and the inputs it gets from its model, batch 2 with left padding."""
+    impl = "eager" if mask_kind == "float" else "sdpa"
+    model = make_model(family, index_topk=topk, attn_implementation=impl)
+    ids, attn = left_padded_batch(2, seq_len, [0, 12])
+    hidden, q_resid, pos_emb, mask = indexer_inputs(model, ids, attn, layer)
+    if mask_kind == "float":
+        assert mask.dtype == torch.float32 and float(mask.min()) == torch.finfo(torch.float32).min
+    else:
+        assert mask.dtype == torch.bool
+    if mask_kind == "float_inf":  # an additive mask with true -inf
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    return indexers_of(model)[layer], (hidden, q_resid, pos_emb, mask)
+
+
+# ---------------------------------------------------------------------------------- against the stock indexer
+
+
+@pytest.mark.parametrize("seq_len,topk,mask_kind", CASES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_modes_equal_stock_indexer(make_model, family, seq_len, topk, mask_kind):
+    """dsa, misa with all heads and misa_hierarchical with every key a candidate select DSA's top-k."""
+    stock, (hidden, q_resid, pos_emb, mask) = _model_inputs(make_model, family, seq_len, topk, mask_kind)
+    expected = stock(hidden, q_resid, pos_emb, mask, None)
+    assert expected.dtype == torch.int32 and expected.shape == (2, seq_len, min(topk, seq_len))
+
+    patched = make_patched_indexer(stock, "dsa")
+    q, keys, weights = patched.project(hidden, q_resid, pos_emb)
+    scores = dense_scores(q, keys, weights, patched.softmax_scale, mask)
+    assert_valid_topk(expected, scores)  # the checker agrees with transformers itself
+
+    assert torch.equal(patched(hidden, q_resid, pos_emb, mask), expected)  # documented bit-identical
+    direct = dsa_topk(q, keys, weights, topk, softmax_scale=patched.softmax_scale, mask=mask, chunk_size=7)
+    assert_same_topk(direct, expected, scores, min_exact=0.99)
+
+    options = dict(exact_mode_options(stock.n_heads, topk, seq_len, block_size=16))
+    misa = make_patched_indexer(stock, "misa", **options["misa"])(hidden, q_resid, pos_emb, mask)
+    assert torch.equal(misa, expected)  # all heads, summed in DSA's order: bit-identical
+    hierarchical = make_patched_indexer(stock, "misa_hierarchical", **options["misa_hierarchical"])
+    assert_same_topk(hierarchical(hidden, q_resid, pos_emb, mask), expected, scores, min_exact=0.98)
+
+
+@pytest.mark.parametrize("seq_len,topk,mask_kind", CASES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hisa_all_blocks_equals_stock_indexer(request, make_model, family, seq_len, topk, mask_kind):
+    if seq_len < topk and mask_kind != "float":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=HISA_DUPLICATES))
+    stock, (hidden, q_resid, pos_emb, mask) = _model_inputs(make_model, family, seq_len, topk, mask_kind)
+    expected = stock(hidden, q_resid, pos_emb, mask, None)
+    patched = make_patched_indexer(stock, "hisa", **dict(exact_mode_options(stock.n_heads, topk, seq_len))["hisa"])
+    scores = dense_scores(*patched.project(hidden, q_resid, pos_emb), patched.softmax_scale, mask)
+    assert_same_topk(patched(hidden, q_resid, pos_emb, mask), expected, scores, min_exact=0.98)
+
+
+def test_hisa_never_repeats_a_visible_key():
+    """Minimal repro of the duplicate-index bug: T=20, one block of 16 plus a partial one, topk 20 > visible."""
+    gen = torch.Generator().manual_seed(0)
+    q, keys, weights = torch.randn(1, 1, 2, 8, generator=gen), torch.randn(1, 20, 8, generator=gen), torch.ones(1, 1, 2)
+    mask = torch.ones(1, 1, 20, dtype=torch.bool)
+    mask[..., :4] = False  # 4 left-padding keys: the query sees 16 < topk = 20 keys, key 19 among them
+    got = hisa_topk(q, keys, weights, 20, softmax_scale=1.0, block_size=16, keep_blocks=2, mask=mask)
+    visible_picks = got[0, 0][mask[0, 0][got[0, 0].long()]].tolist()
+    if len(visible_picks) != len(set(visible_picks)):
+        pytest.xfail(HISA_DUPLICATES + f": picks {got[0, 0].tolist()}")
+    assert sorted(visible_picks) == list(range(4, 20))
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_with_cache_equals_stock_indexer(make_model, family, cache_kind):
+    """Prefill, 1-token steps and a 3-token step: the patched indexer on its own cache vs the stock one on its."""
+    topk, block = 16, 8
+    model = make_model(family, index_topk=topk)
+    stock = indexers_of(model)[-1]  # the last indexer: contextual hidden states
+    ids, attn = left_padded_batch(2, 45, [0, 6])
+    steps = [ids] + [torch.randint(2, 512, (2, n)) for n in (1, 1, 3, 1, 1)]
+
+    def new_cache():
+        if cache_kind == "dynamic":
+            return DynamicCache(config=model.config)
+        return StaticCache(config=model.config, max_cache_len=64)
+
+    driving = new_cache()
+    full_mask = attn
+    with capture_calls(stock) as calls, torch.no_grad():
+        for i, step in enumerate(steps):
+            if i:
+                full_mask = torch.cat([full_mask, torch.ones_like(step)], 1)
+            model(input_ids=step, attention_mask=full_mask, past_key_values=driving, use_cache=True)
+    assert [c[0][0].shape[1] for c in calls] == [45, 1, 1, 3, 1, 1]
+
+    modes = exact_mode_options(stock.n_heads, topk, 64, block_size=block)
+    patched = {mode: make_patched_indexer(stock, mode, **opts) for mode, opts in modes}
+    caches = {mode: new_cache() for mode in ["stock", *patched]}
+    for args, _ in calls:
+        hidden, q_resid, pos_emb, mask = args[:4]
+        expected = stock(hidden, q_resid, pos_emb, mask, None, past_key_values=caches["stock"])
+        keys = caches["stock"].layers[stock.layer_idx].indexer_keys
+        q, _, weights = patched["dsa"].project(hidden, q_resid, pos_emb)
+        scores = dense_scores(q, keys, weights, stock.softmax_scale, mask)
+        assert_valid_topk(expected, scores)
+        for mode, indexer in patched.items():
+            got = indexer(hidden, q_resid, pos_emb, mask, None, past_key_values=caches[mode])
+            assert torch.equal(caches[mode].layers[stock.layer_idx].indexer_keys, keys)
+            if mode in ("dsa", "misa"):
+                assert torch.equal(got, expected), mode
+            else:
+                assert_same_topk(got, expected, scores, min_exact=0.9)
+
+
+# ---------------------------------------------------------------------------------- random tensors, brute force
+
+
+def _random_problem(batch=2, num_queries=40, num_keys=40, heads=8, dim=16, pads=(0, 9), seed=0):
+    """Random q / keys / weights and a bool causal mask with left padding (queries at the last positions)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, num_queries, heads, dim, generator=gen)
+    keys = torch.randn(batch, num_keys, dim, generator=gen)
+    weights = torch.randn(batch, num_queries, heads, generator=gen)
+    mask = visible_keys(None, batch, num_queries, num_keys).clone()
+    for b, pad in enumerate(pads):
+        mask[b, :, :pad] = False
+    return q, keys, weights, mask, dim**-0.5
+
+
+def _routed_dense(q, keys, weights, mask, scale, active, block_size):
+    """Brute-force MISA routed token scores [B, S, T] (-inf masked) and the routed heads per query."""
+    batch, num_queries, heads, _ = q.shape
+    num_keys = keys.shape[1]
+    visible = visible_keys(mask, batch, num_queries, num_keys)
+    valid = visible[:, -1]
+    num_blocks = math.ceil(num_keys / block_size)
+    out = torch.full((batch, num_queries, num_keys), float("-inf"))
+    routed = torch.empty(batch, num_queries, active, dtype=torch.long)
+    for b in range(batch):
+        pooled, block_vis_any = [], []
+        for m in range(num_blocks):
+            sl = slice(m * block_size, (m + 1) * block_size)
+            real = keys[b, sl][valid[b, sl]]
+            pooled.append(real.mean(0) if len(real) else torch.zeros(keys.shape[-1]))
+        pooled = torch.stack(pooled)
+        for s in range(num_queries):
+            blocks_vis = torch.tensor([bool(visible[b, s, m * block_size:(m + 1) * block_size].any())
+                                       for m in range(num_blocks)])
+            per_block = torch.relu(q[b, s] @ pooled.T * scale) * blocks_vis
+            importance = per_block.sum(-1) * weights[b, s].abs()
+            heads_ = importance.topk(active).indices.sort().values
+            routed[b, s] = heads_
+            token = (weights[b, s, heads_, None] * torch.relu(q[b, s, heads_] @ keys[b].T * scale)).sum(0)
+            out[b, s] = token.masked_fill(~visible[b, s], float("-inf"))
+    return out, routed
+
+
+def test_misa_matches_brute_force():
+    q, keys, weights, mask, scale = _random_problem()
+    got = misa_topk(q, keys, weights, 10, softmax_scale=scale, active_heads=3, block_size=8, mask=mask)
+    routed, _ = _routed_dense(q, keys, weights, mask, scale, 3, 8)
+    assert_valid_topk(got, routed)
+    # ...and it really differs from DSA somewhere (3 of 8 heads).
+    full = dense_scores(q, keys, weights, scale, mask)
+    assert exact_fraction(got, dsa_topk(q, keys, weights, 10, softmax_scale=scale, mask=mask), full) < 1.0
+
+
+def test_route_heads_picks_the_most_important_heads():
+    q, keys, weights, mask, scale = _random_problem()
+    _, expected = _routed_dense(q, keys, weights, mask, scale, 3, 8)
+    pooled = pooled_keys(keys, mask, 8)
+    block_vis = blocks.block_visibility(mask, 8)
+    heads = reference.route_heads(q, weights, pooled, block_vis, 3, scale)
+    assert torch.equal(heads, expected)
+    all_heads = reference.route_heads(q, weights, pooled, block_vis, 8, scale)
+    assert torch.equal(all_heads, torch.arange(8).expand_as(all_heads))
+
+
+def test_misa_hierarchical_matches_brute_force():
+    q, keys, weights, mask, scale = _random_problem()
+    topk, factor = 6, 2
+    got = misa_hierarchical_topk(q, keys, weights, topk, softmax_scale=scale, active_heads=2, block_size=8,
+                                 candidate_factor=factor, mask=mask)
+    routed, _ = _routed_dense(q, keys, weights, mask, scale, 2, 8)
+    candidates = routed.topk(topk * factor, dim=-1).indices
+    in_candidates = torch.zeros(routed.shape, dtype=torch.bool).scatter_(-1, candidates, True)
+    full = dense_scores(q, keys, weights, scale, mask)
+    assert_valid_topk(got, full.masked_fill(~in_candidates, float("-inf")))
+
+
+def _hisa_dense(q, keys, weights, mask, scale, block_size, keep):
+    """Brute-force HISA: DSA scores restricted to each query's kept blocks."""
+    batch, num_queries, _, _ = q.shape
+    num_keys = keys.shape[1]
+    num_blocks = math.ceil(num_keys / block_size)
+    pooled = pooled_keys(keys, mask, block_size)
+    full = dense_scores(q, keys, weights, scale, mask)
+    visible = visible_keys(mask, batch, num_queries, num_keys)
+    out = torch.full_like(full, float("-inf"))
+    for b in range(batch):
+        for s in range(num_queries):
+            vis_blocks = [m for m in range(num_blocks) if visible[b, s, m * block_size:(m + 1) * block_size].any()]
+            if not vis_blocks:
+                continue
+            block_score = (weights[b, s, :, None] * torch.relu(q[b, s] @ pooled[b].T * scale)).sum(0)
+            ranked = sorted(vis_blocks, key=lambda m: -float(block_score[m]))
+            kept = {vis_blocks[0], vis_blocks[-1]}
+            for m in ranked:
+                if len(kept) >= keep:
+                    break
+                kept.add(m)
+            for m in kept:
+                sl = slice(m * block_size, (m + 1) * block_size)
+                out[b, s, sl] = full[b, s, sl]
+    return out
+
+
+@pytest.mark.parametrize("keep", [2, 3])
+def test_hisa_matches_brute_force(keep):
+    q, keys, weights, mask, scale = _random_problem(num_queries=44, num_keys=44)
+    got = hisa_topk(q, keys, weights, 8, softmax_scale=scale, block_size=8, keep_blocks=keep, mask=mask)
+    assert_valid_topk(got, _hisa_dense(q, keys, weights, mask, scale, 8, keep))
+
+
+def test_hisa_always_keeps_sink_and_local_block():
+    q, keys, weights, _, scale = _random_problem(batch=1, num_queries=1, num_keys=64, pads=(0,))
+    weights = weights.abs()
+    keys[0, 16:48] = q[0, 0].mean(0) * 10  # the middle blocks win the coarse filter by far
+    got = hisa_topk(q, keys, weights, 8, softmax_scale=scale, block_size=16, keep_blocks=2)
+    dsa = dsa_topk(q, keys, weights, 8, softmax_scale=scale)
+    assert ((dsa >= 16) & (dsa < 48)).all()  # DSA itself would take only middle keys
+    blocks_hit = set((got // 16).flatten().tolist())
+    assert blocks_hit == {0, 3}
+
+
+@pytest.mark.parametrize("num_queries,num_keys", [(1, 50), (3, 50), (50, 50), (5, 5)])
+def test_default_causal_mask(num_queries, num_keys):
+    """mask=None means causal with the queries at the last positions (decode)."""
+    q, keys, weights, _, scale = _random_problem(batch=2, num_queries=num_queries, num_keys=num_keys)
+    full = dense_scores(q, keys, weights, scale, None)
+    topk = 8
+    assert_valid_topk(dsa_topk(q, keys, weights, topk, softmax_scale=scale), full)
+    kw = dict(softmax_scale=scale, block_size=8)
+    for got in (misa_topk(q, keys, weights, topk, active_heads=8, **kw),
+                misa_hierarchical_topk(q, keys, weights, topk, active_heads=1, candidate_factor=7, **kw),
+                hisa_topk(q, keys, weights, topk, keep_blocks=7, **kw)):
+        assert got.shape == (2, num_queries, min(topk, num_keys))
+        assert_valid_topk(got, full)
+
+
+@pytest.mark.parametrize("mode", ["dsa", "misa", "misa_hierarchical", "hisa"])
+def test_query_chunking_does_not_change_results(mode):
+    q, keys, weights, mask, scale = _random_problem(num_queries=37, num_keys=37)
+    fn, kw = {
+        "dsa": (dsa_topk, {}),
+        "misa": (misa_topk, dict(active_heads=2, block_size=8)),
+        "misa_hierarchical": (misa_hierarchical_topk, dict(active_heads=2, block_size=8, candidate_factor=2)),
+        "hisa": (hisa_topk, dict(block_size=8, keep_blocks=3)),
+    }[mode]
+    outs = [fn(q, keys, weights, 6, softmax_scale=scale, mask=mask, chunk_size=c, **kw) for c in (None, 1, 5, 64)]
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
+def test_pooled_keys_mean_of_real_keys_only():
+    keys = torch.randn(2, 21, 4)
+    mask = visible_keys(None, 2, 21, 21).clone()
+    mask[1, :, :10] = False  # left padding of row 1
+    pooled = pooled_keys(keys, mask, 8)
+    assert pooled.shape == (2, 3, 4) and pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled[0, 2], keys[0, 16:21].mean(0))
+    torch.testing.assert_close(pooled[1, 0], torch.zeros(4))  # all padding
+    torch.testing.assert_close(pooled[1, 1], keys[1, 10:16].mean(0))
+    # An additive mask gives the same result.
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(pooled_keys(keys, additive, 8), pooled)
+
+
+def test_wrong_pooled_block_count_is_rejected():
+    q, keys, weights, mask, scale = _random_problem()
+    with pytest.raises(ValueError, match="pooled keys have 4 blocks, the key cache needs 5"):
+        misa_topk(q, keys, weights, 6, softmax_scale=scale, active_heads=2, block_size=8, mask=mask,
+                  pooled=torch.zeros(2, 4, 16))
+
+
+# ---------------------------------------------------------------------------------- memory
+
+
+class _MaxNumel(TorchDispatchMode):
+    """Largest tensor any aten op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("mode,num_queries", [("dsa", 2048), ("misa", 512), ("misa_hierarchical", 512),
+                                              ("hisa", 512)])
+def test_never_builds_a_query_head_key_tensor(monkeypatch, mode, num_queries):
+    num_keys, heads, dim, chunk, topk = 2048, 64, 16, 64, 64
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, num_queries, heads, dim, generator=gen)
+    keys = torch.randn(1, num_keys, dim, generator=gen)
+    weights = torch.randn(1, num_queries, heads, generator=gen)
+
+    seen = []
+    original = blocks.head_scores
+
+    def spy(q_, keys_, scale):
+        out = original(q_, keys_, scale)
+        seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(blocks, "head_scores", spy)
+    monkeypatch.setattr(reference, "head_scores", spy)
+    fn, kw = {
+        "dsa": (dsa_topk, {}),
+        "misa": (misa_topk, dict(active_heads=8, block_size=64)),
+        "misa_hierarchical": (misa_hierarchical_topk, dict(active_heads=8, block_size=64, candidate_factor=4)),
+        "hisa": (hisa_topk, dict(block_size=64, keep_blocks=8)),
+    }[mode]
+    tracker = _MaxNumel()
+    with tracker:
+        out = fn(q, keys, weights, topk, softmax_scale=dim**-0.5, chunk_size=chunk, **kw)
+    assert out.shape == (1, num_queries, topk)
+    assert seen and all(shape[1] <= chunk for shape in seen)
+    bound = chunk * heads * num_keys
+    assert max(math.prod(s) for s in seen) <= bound
+    assert tracker.max_numel <= bound  # no op at all, not only head_scores
+    assert tracker.max_numel * 8 <= num_queries * heads * num_keys
+
+
+def test_default_chunk_respects_the_scratch_budget():
+    """No chunk size given: chunks are sized from the default scratch budget (256 MiB), not the whole input."""
+    num_queries, heads, num_keys = 512, 64, 2048  # [S, H, T] fp32 would be 256 MiB, above the budget
+    q = torch.randn(1, num_queries, heads, 8)
+    keys = torch.randn(1, num_keys, 8)
+    weights = torch.randn(1, num_queries, heads)
+    tracker = _MaxNumel()
+    with tracker:
+        out = dsa_topk(q, keys, weights, 16, softmax_scale=8**-0.5)
+    assert out.shape == (1, num_queries, 16)
+    assert tracker.max_numel * 4 <= blocks.DEFAULT_CHUNK_BYTES
+    assert tracker.max_numel * 2 <= num_queries * heads * num_keys
