@@ -166,6 +166,18 @@ def assert_same_topk(idx_a: torch.Tensor, idx_b: torch.Tensor, scores: torch.Ten
     return fraction
 
 
+def assert_equal_visible_picks(idx_a: torch.Tensor, idx_b: torch.Tensor, scores: torch.Tensor) -> None:
+    """Bit-identical selections: the same visible keys in the same (descending score) order.
+
+    Picks of masked keys (a query seeing fewer than k keys) carry no meaning and may differ.
+    """
+    assert idx_a.shape == idx_b.shape, (idx_a.shape, idx_b.shape)
+    finite_a = torch.isfinite(scores.gather(-1, idx_a.long()))
+    finite_b = torch.isfinite(scores.gather(-1, idx_b.long()))
+    assert torch.equal(finite_a, finite_b)
+    assert torch.equal(idx_a[finite_a], idx_b[finite_b])
+
+
 def exact_fraction(idx_a: torch.Tensor, idx_b: torch.Tensor, scores: torch.Tensor) -> float:
     """Fraction of queries whose picks of visible keys are the same set."""
 

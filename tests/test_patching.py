@@ -42,7 +42,10 @@ def test_exact_settings_generate_like_unpatched(make_model, family, cache, impl)
     ids, attn = left_padded_batch(2, PROMPT, [0, 13])
     reference = _generate(model, ids, attn, cache)
     num_heads = model.config.index_n_heads
-    for mode, options in exact_mode_options(num_heads, TOPK, PROMPT + NEW_TOKENS, block_size=BLOCK):
+    modes = exact_mode_options(num_heads, TOPK, PROMPT + NEW_TOKENS, block_size=BLOCK)
+    if impl == "eager":  # additive float masks: the two bit-identical settings are enough
+        modes = modes[:2]
+    for mode, options in modes:
         patch_model(model, mode=mode, **options)
         calls = _count_patched_calls(model)
         out = _generate(model, ids, attn, cache)
@@ -97,7 +100,7 @@ APPROX = [
 def test_approximate_modes_generate(make_model, family, cache):
     model = make_model(family, index_topk=TOPK)
     ids, attn = left_padded_batch(2, PROMPT, [0, 13])
-    for mode, options in APPROX:
+    for mode, options in APPROX if cache is None else APPROX[::3]:
         patch_model(model, mode=mode, **options)
         calls = _count_patched_calls(model)
         out = _generate(model, ids, attn, cache)
@@ -212,7 +215,7 @@ def test_misa_config_values(make_model, mode, options, expected):
     assert isinstance(config, MisaConfig) and config.mode == mode
     for name, value in expected.items():
         assert getattr(config, name) == value, name
-    assert all(m.misa_config is config for m in _patched_indexers(model))
+    assert all(m.misa_config == config for m in _patched_indexers(model))
     assert MisaConfig.from_dict(config.to_dict()) == config
     if mode == "hisa":
         assert config.keep_blocks * config.block_size >= model.config.index_topk

@@ -13,12 +13,6 @@ from transformers_misa.ops import pooling
 from transformers_misa.ops.blocks import mean_pool
 from transformers_misa.ops.reference import pooled_keys
 
-STALE_POOL = (
-    "IncrementalBlockPool._still_valid (ops/pooling.py) fingerprints each final block by its last key only: "
-    "after a reorder / crop+refill that changes keys inside a block but not its last key, the stale sums are reused"
-)
-
-
 def _scratch(keys: torch.Tensor, valid: torch.Tensor, block_size: int) -> torch.Tensor:
     """Pooled keys recomputed from nothing (valid [B, T]: real, written keys)."""
     return pooled_keys(keys, valid[:, None, :], block_size)
@@ -107,29 +101,44 @@ def test_new_batch_size_is_repooled():
     torch.testing.assert_close(pool.update(more, valid, 31), _scratch(more, valid, 8))
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_POOL)
+
+def _indexed_layer_with_pool(keys: torch.Tensor, block_size: int):
+    """A real transformers indexer cache layer holding `keys`, with a pool attached as MisaIndexer does."""
+    from transformers.cache_utils import DynamicIndexedLayer
+
+    layer = DynamicIndexedLayer()
+    layer.update_indexer(keys)
+    pool = pooling.IncrementalBlockPool(block_size)
+    pool.attach(layer)
+    return layer, pool
+
+
 def test_reorder_with_equal_block_ends_is_repooled():
-    """Beam search: two hypotheses differ inside block 0 but share its last token, then swap."""
+    """Beam search: two hypotheses differ inside block 0 but share its last key, then swap (the fingerprint alone
+    cannot see this; the reorder reaches the pool through the cache layer's reorder_cache)."""
     keys = torch.randn(2, 40, 16)
     keys[1] = keys[0]
     keys[1, 5] += 1.0
     valid = torch.ones(2, 41, dtype=torch.bool)
-    pool = pooling.IncrementalBlockPool(16)
-    pool.update(keys, valid[:, :40], 40)
-    swapped = torch.cat([keys[[1, 0]], torch.randn(2, 1, 16)], 1)
-    torch.testing.assert_close(pool.update(swapped, valid, 41), _scratch(swapped, valid, 16))
+    layer, pool = _indexed_layer_with_pool(keys, 16)
+    pool.update(layer.indexer_keys, valid[:, :40], 40)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    grown = layer.update_indexer(torch.randn(2, 1, 16))
+    torch.testing.assert_close(pool.update(grown, valid, 41), _scratch(grown, valid, 16))
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_POOL)
-def test_crop_and_refill_with_equal_block_end_is_repooled():
+def test_crop_and_refill_with_equal_block_end_is_repooled(pool_calls):
     """Speculative decoding: rejected tokens cropped, new ones written; only the block's last key is unchanged."""
     keys = torch.randn(1, 40, 16)
     valid = torch.ones(1, 40, dtype=torch.bool)
-    pool = pooling.IncrementalBlockPool(16)
-    pool.update(keys, valid, 40)  # blocks 0 and 1 (keys 0..31) are final
-    refilled = keys.clone()
-    refilled[:, 28:31] = torch.randn(1, 3, 16)  # crop(12) then 12 new keys; key 31 happens to be the same
-    torch.testing.assert_close(pool.update(refilled, valid, 40), _scratch(refilled, valid, 16))
+    layer, pool = _indexed_layer_with_pool(keys, 16)
+    pool.update(layer.indexer_keys, valid, 40)  # blocks 0 and 1 (keys 0..31) are final
+    refill = keys[:, 28:].clone()
+    refill[:, :3] = torch.randn(1, 3, 16)  # key 31 (closing block 1) happens to come back the same
+    layer.crop(-12)  # remove the last 12 tokens
+    grown = layer.update_indexer(refill)
+    torch.testing.assert_close(pool.update(grown, valid, 40), _scratch(grown, valid, 16))
+    assert pool_calls[-1][0] == 0  # the crop dropped the pool: re-pooled from scratch
 
 
 # ---------------------------------------------------------------------------------- inside a model
@@ -201,7 +210,7 @@ def test_pool_after_crop_and_reorder_in_model(make_model, family):
         _pools_match_cache(model, cache, mask, 16)
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_POOL)
+
 def test_beam_reorder_with_shared_block_end_token_in_model(make_model):
     """Layer 0's indexer keys depend on token and position only: two beams that differ inside block 0 but share
     the token closing it have the same fingerprint, so swapping them leaves layer 0's pool stale."""

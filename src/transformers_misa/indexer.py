@@ -78,6 +78,7 @@ class MisaIndexer(nn.Module):
         pool = getattr(layer, _POOL_ATTR, None)
         if pool is None or pool.block_size != block_size:
             pool = IncrementalBlockPool(block_size)
+            pool.attach(layer)
             setattr(layer, _POOL_ATTR, pool)
         written = getattr(layer, "indexer_cumulative_length", None)  # static caches: the write offset
         filled = keys.shape[1] if written is None else int(written)

@@ -62,7 +62,8 @@ def recall_counts(dsa: torch.Tensor, ours: torch.Tensor, mask: torch.Tensor | No
         sparse = visible.sum(-1) > k  # [B, c]
         picked = torch.zeros(visible.shape, dtype=torch.bool, device=dsa.device)
         picked.scatter_(-1, dsa[:, rows].long(), True)
-        hits = picked.gather(-1, ours[:, rows].long()).sum(-1).float() / k  # distinct: topk never repeats
+        ours_picked = torch.zeros_like(picked).scatter_(-1, ours[:, rows].long(), True)  # a repeat counts once
+        hits = (picked & ours_picked).sum(-1).float() / k
         total += float(hits[sparse].sum())
         count += int(sparse.sum())
     return total, count

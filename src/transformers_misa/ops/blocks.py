@@ -31,18 +31,19 @@ def query_chunks(num_queries: int, bytes_per_query: int, chunk_size: int | None,
 
 
 def mask_bias(mask: torch.Tensor | None, rows: slice, batch: int, num_queries: int, num_keys: int,
-              device: torch.device) -> torch.Tensor:
-    """The additive fp32 bias [B, c, T] of one query chunk: 0 where visible, -inf (or the additive mask) elsewhere.
+              device: torch.device, width: int | None = None) -> torch.Tensor:
+    """The additive fp32 bias [B, c, width] of one query chunk over keys [0, width) (all T by default).
 
     A bool mask becomes 0 / -inf, exactly as transformers' `masked_fill(~mask, -inf)`; an additive mask is added
     as is, exactly as transformers' `scores + mask`. `None` means causal with the queries at the last positions.
     """
+    width = num_keys if width is None else width
     if mask is None:
         query_pos = torch.arange(rows.start, rows.stop, device=device) + (num_keys - num_queries)
-        visible = torch.arange(num_keys, device=device)[None, :] <= query_pos[:, None]
+        visible = torch.arange(width, device=device)[None, :] <= query_pos[:, None]
         bias = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(~visible, MASKED)
         return bias.unsqueeze(0).expand(batch, -1, -1)
-    chunk = mask[:, rows].expand(batch, -1, -1)
+    chunk = mask[:, rows, :width].expand(batch, -1, -1)
     if chunk.dtype == torch.bool:
         return torch.zeros(chunk.shape, dtype=torch.float32, device=device).masked_fill_(~chunk, MASKED)
     return chunk.float()
@@ -57,10 +58,20 @@ class ChunkMask:
     """
 
     def __init__(self, mask: torch.Tensor | None, rows: slice, batch: int, num_queries: int, num_keys: int,
-                 device: torch.device) -> None:
+                 device: torch.device, width: int | None = None) -> None:
         self.mask, self.rows, self.batch = mask, rows, batch
         self.num_queries, self.num_keys, self.device = num_queries, num_keys, device
+        self.width = num_keys if width is None else width  # keys [0, width) are scored; the rest is unseen
         self._cache: dict[str, object] = {}
+
+    def narrowed(self, width: int) -> ChunkMask:
+        """The same chunk seeing only keys [0, width); valid when no query sees a key past `width`."""
+        narrow = ChunkMask(self.mask, self.rows, self.batch, self.num_queries, self.num_keys, self.device, width)
+        if "key_range" in self._cache:
+            narrow._cache["key_range"] = self._cache["key_range"]
+        if "visible" in self._cache:
+            narrow._cache["visible"] = self._cache["visible"][..., :width]
+        return narrow
 
     def _memo(self, name: str, build):
         if name not in self._cache:
@@ -74,16 +85,16 @@ class ChunkMask:
     def bias(self) -> torch.Tensor:
         """Additive fp32 bias [B, c, T]: 0 / -inf for bool masks (as `masked_fill(~mask, -inf)`), additive as is."""
         return self._memo("bias", lambda: mask_bias(self.mask, self.rows, self.batch, self.num_queries,
-                                                    self.num_keys, self.device))
+                                                    self.num_keys, self.device, self.width))
 
     @property
     def visible(self) -> torch.Tensor:
         """[B, c, T] bool: keys each query may see."""
         def build() -> torch.Tensor:
             if self.mask is None:
-                keys = torch.arange(self.num_keys, device=self.device)
+                keys = torch.arange(self.width, device=self.device)
                 return (keys[None, :] <= self._query_positions()[:, None]).unsqueeze(0).expand(self.batch, -1, -1)
-            chunk = self.mask[:, self.rows].expand(self.batch, -1, -1)
+            chunk = self.mask[:, self.rows, : self.width].expand(self.batch, -1, -1)
             if chunk.dtype == torch.bool:
                 return chunk
             return chunk > torch.finfo(chunk.dtype).min / 2
@@ -100,7 +111,7 @@ class ChunkMask:
             visible = self.visible
             any_visible = visible.any(-1)
             ks = visible.int().argmax(-1)
-            ke = self.num_keys - visible.flip(-1).int().argmax(-1)
+            ke = visible.shape[-1] - visible.flip(-1).int().argmax(-1)
             ks, ke = torch.where(any_visible, ks, 0), torch.where(any_visible, ke, 0)
             contiguous = bool(torch.equal(visible.sum(-1), ke - ks))
             return ks.to(torch.int32), ke.to(torch.int32), contiguous
@@ -123,8 +134,8 @@ class ChunkMask:
             if not contiguous:
                 return block_visibility(self.visible, block_size)
             # From the ranges: O(c·M), never a [c, T] tensor for causal masks.
-            starts = torch.arange(0, self.num_keys, block_size, device=self.device)
-            ends = (starts + block_size).clamp_max(self.num_keys)
+            starts = torch.arange(0, self.width, block_size, device=self.device)
+            ends = (starts + block_size).clamp_max(self.width)
             return (starts < ke.unsqueeze(-1)) & (ends > ks.unsqueeze(-1)) & (ke > ks).unsqueeze(-1)
         return self._memo(f"blocks{block_size}", build)
 

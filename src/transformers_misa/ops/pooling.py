@@ -11,9 +11,10 @@ class IncrementalBlockPool:
     """Running per-block key sums of one layer's indexer key cache.
 
     Blocks that were complete before the previous call are final and reused; each call re-pools only the
-    blocks its new keys touch, O((new tokens + block_size)·D). The last key of every final block is kept as a
-    fingerprint: if the cache was cropped, reordered (beam search) or reset, a fingerprint no longer matches
-    and everything is re-pooled from scratch, so the pool can never silently go stale.
+    blocks its new keys touch, O((new tokens + block_size)·D). Cache edits reach the pool through `attach`:
+    a beam reorder / batch selection reorders the pooled rows (O(M·D)), anything else (crop, reset, repeat)
+    drops them for one full re-pool. As a second guard the last key of every final block is kept as a
+    fingerprint, so an edit made behind the cache's back is caught too.
     """
 
     def __init__(self, block_size: int) -> None:
@@ -22,6 +23,38 @@ class IncrementalBlockPool:
         self.counts: torch.Tensor | None = None  # [B, M] fp32
         self.final_blocks = 0  # blocks complete as of the previous call
         self.fingerprints: torch.Tensor | None = None  # [B, final_blocks, D]
+
+    # Cache-layer methods that change which keys sit where; their effect on the pool (see `attach`).
+    _ROW_SELECTING = ("reorder_cache", "batch_select_indices")
+    _INVALIDATING = ("crop", "reset", "batch_repeat_interleave")
+
+    def attach(self, layer: object) -> None:
+        """Hooks this pool to a transformers cache layer, so that edits of the layer's keys reach it."""
+        for name in self._ROW_SELECTING + self._INVALIDATING:
+            method = getattr(layer, name, None)
+            if method is None:
+                continue
+
+            def hooked(*args, _method=method, _name=name, **kwargs):
+                result = _method(*args, **kwargs)
+                if _name in self._ROW_SELECTING and self.sums is not None:
+                    self.select_rows(args[0] if args else next(iter(kwargs.values())))
+                elif _name in self._INVALIDATING:
+                    self.invalidate()
+                return result
+
+            setattr(layer, name, hooked)
+
+    def invalidate(self) -> None:
+        """Forgets every pooled block: the next update re-pools the whole cache."""
+        self.sums = self.counts = self.fingerprints = None
+        self.final_blocks = 0
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Follows a beam reorder / batch selection of the cache rows."""
+        rows = rows.to(self.sums.device)
+        self.sums, self.counts = self.sums[rows], self.counts[rows]
+        self.fingerprints = self.fingerprints[rows]
 
     def _still_valid(self, keys: torch.Tensor, filled: int) -> bool:
         if self.sums is None or self.sums.shape[0] != keys.shape[0] or self.sums.shape[-1] != keys.shape[-1]:

@@ -66,20 +66,31 @@ class Scorer:
 # The reference holds fp32 [c, h, T] head scores (plus their product) per chunk.
 REFERENCE = Scorer("reference", reference_token_logits, top_indices, lambda heads, keys: 2 * heads * keys * _FP32)
 
-# (query chunk, its weights, its chunk mask, k) -> int indices [B, c, k]
-ChunkSelector = Callable[[torch.Tensor, torch.Tensor, ChunkMask, int], torch.Tensor]
+# (query chunk, its weights, the live keys, their pooled blocks or None, chunk mask, k) -> indices [B, c, k]
+ChunkSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", ChunkMask, int],
+                         torch.Tensor]
 
 
 def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int,
                       mask: torch.Tensor | None, chunk_size: int | None, bytes_per_query: int,
-                      select: ChunkSelector, budget: int) -> torch.Tensor:
+                      select: ChunkSelector, budget: int, pooled: torch.Tensor | None = None,
+                      block_size: int = 1, min_width: int = 0) -> torch.Tensor:
+    """Runs `select` over query chunks. Keys past a chunk's last visible key (the causal future) are cut off
+    before scoring, keeping at least `min_width` (and k) of them so every top-k still has enough entries."""
     batch, num_queries = q.shape[:2]
     num_keys = keys.shape[1]
     k = min(topk, num_keys)
     out = torch.empty(batch, num_queries, k, dtype=torch.int32, device=q.device)
     for rows in query_chunks(num_queries, batch * bytes_per_query, chunk_size, budget):
         chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device)
-        out[:, rows] = select(q[:, rows], weights[:, rows], chunk, k).to(torch.int32)
+        width = min(num_keys, max(int(chunk.key_range[1].max()), k, min_width))
+        width = min(num_keys, math.ceil(width / block_size) * block_size)  # whole pooled blocks
+        live_keys, live_pooled = keys, pooled
+        if width < num_keys:
+            chunk = chunk.narrowed(width)
+            live_keys = keys[:, :width]
+            live_pooled = None if pooled is None else pooled[:, : math.ceil(width / block_size)]
+        out[:, rows] = select(q[:, rows], weights[:, rows], live_keys, live_pooled, chunk, k).to(torch.int32)
     return out
 
 
@@ -124,7 +135,10 @@ def rerank(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: Ch
     scores = weighted_head_sum(weights, scorer.head_scores(q, gather_keys(keys, positions), softmax_scale))
     scores = scores + chunk.bias_at(positions)
     if in_range is not None:
-        scores.masked_fill_(~in_range, MASKED)
+        # Slots past the cache end rank below every real position, masked ones included (finite minimum vs
+        # -inf), so they are never picked while enough real positions exist: no repeated indices.
+        lowest = torch.finfo(scores.dtype).min
+        scores = torch.where(in_range, scores.clamp_min(lowest), MASKED)
     return positions.gather(-1, scorer.topk(scores, k))
 
 
@@ -144,8 +158,8 @@ def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: i
     """The original lightning indexer: top-k of Σ_j w[t, j]·ReLU(q[t, j]·k[s])·scale over every key."""
     num_heads = q.shape[2]
 
-    def select(q_c: torch.Tensor, w_c: torch.Tensor, chunk: ChunkMask, k: int) -> torch.Tensor:
-        return scorer.topk(scorer.token_logits(q_c, w_c, keys, chunk, softmax_scale), k)
+    def select(q_c, w_c, keys_c, _, chunk, k):
+        return scorer.topk(scorer.token_logits(q_c, w_c, keys_c, chunk, softmax_scale), k)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, scorer.scratch_bytes(num_heads, keys.shape[1]),
                              select, scorer.chunk_budget)
@@ -159,11 +173,12 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
     per_query = scorer.scratch_bytes(active_heads, keys.shape[1]) + 2 * q.shape[2] * pooled.shape[1] * _FP32
 
-    def select(q_c: torch.Tensor, w_c: torch.Tensor, chunk: ChunkMask, k: int) -> torch.Tensor:
-        scores = routed_scores(q_c, w_c, keys, chunk, pooled, block_size, active_heads, softmax_scale, scorer)
+    def select(q_c, w_c, keys_c, pooled_c, chunk, k):
+        scores = routed_scores(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale, scorer)
         return scorer.topk(scores, k)
 
-    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer.chunk_budget)
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer.chunk_budget,
+                             pooled, block_size)
 
 
 def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *,
@@ -177,12 +192,13 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
     per_query = (scorer.scratch_bytes(active_heads, keys.shape[1])
                  + 2 * (num_heads * pooled.shape[1] + num_candidates * (dim + num_heads)) * _FP32)
 
-    def select(q_c: torch.Tensor, w_c: torch.Tensor, chunk: ChunkMask, k: int) -> torch.Tensor:
-        scores = routed_scores(q_c, w_c, keys, chunk, pooled, block_size, active_heads, softmax_scale, scorer)
+    def select(q_c, w_c, keys_c, pooled_c, chunk, k):
+        scores = routed_scores(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale, scorer)
         candidates = scorer.topk(scores, num_candidates)
-        return rerank(q_c, w_c, keys, chunk, candidates, k, softmax_scale, scorer=scorer)
+        return rerank(q_c, w_c, keys_c, chunk, candidates, k, softmax_scale, scorer=scorer)
 
-    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer.chunk_budget)
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer.chunk_budget,
+                             pooled, block_size, min_width=num_candidates)
 
 
 def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
@@ -192,18 +208,20 @@ def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
     """HISA: keep the `keep_blocks` best blocks by the DSA score of their pooled key, then DSA on their tokens.
 
     The first and the last visible block of each query (attention sink and local window) are always kept.
+    When the last block of the cache is partial, one more block is kept, so the kept blocks always hold at least
+    keep_blocks·block_size >= topk real positions and the k indices returned are distinct.
     """
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
-    num_keys = keys.shape[1]
-    num_blocks = pooled.shape[1]
-    kept = min(keep_blocks, num_blocks)
     num_heads, dim = q.shape[2], q.shape[3]
-    per_query = 2 * (num_heads * num_blocks + kept * block_size * (dim + num_heads)) * _FP32
+    per_query = 2 * (num_heads * pooled.shape[1] + keep_blocks * block_size * (dim + num_heads)) * _FP32
     offsets = torch.arange(block_size, device=q.device)
 
-    def select(q_c: torch.Tensor, w_c: torch.Tensor, chunk: ChunkMask, k: int) -> torch.Tensor:
+    def select(q_c, w_c, keys_c, pooled_c, chunk, k):
+        num_keys, num_blocks = keys_c.shape[1], pooled_c.shape[1]
+        # From the whole cache's length, not the chunk's: the result must not depend on the chunking.
+        kept = min(keep_blocks + (chunk.num_keys % block_size != 0), num_blocks)
         block_visible = chunk.block_visible(block_size)
-        block_scores = weighted_head_sum(w_c, scorer.head_scores(q_c, pooled.unsqueeze(1), softmax_scale))
+        block_scores = weighted_head_sum(w_c, scorer.head_scores(q_c, pooled_c.unsqueeze(1), softmax_scale))
         block_scores.masked_fill_(~block_visible, MASKED)
         # Force the sink (first visible) and local (last visible) blocks in; rows with none stay -inf.
         force = torch.where(block_visible.any(-1, keepdim=True), float("inf"), MASKED)
@@ -212,7 +230,8 @@ def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
         block_scores.scatter_(-1, first, force).scatter_(-1, last, force)
         blocks = scorer.topk(block_scores, kept)  # [B, c, kept]
         positions = (blocks.unsqueeze(-1) * block_size + offsets).flatten(-2)
-        in_range = positions < num_keys
-        return rerank(q_c, w_c, keys, chunk, positions.clamp_max(num_keys - 1), k, softmax_scale, in_range, scorer)
+        in_range = positions < num_keys  # the partial last block's slots past the cache end
+        return rerank(q_c, w_c, keys_c, chunk, positions.clamp_max(num_keys - 1), k, softmax_scale, in_range, scorer)
 
-    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer.chunk_budget)
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer.chunk_budget,
+                             pooled, block_size)
