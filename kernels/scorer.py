@@ -43,4 +43,4 @@ def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) 
 
 
 TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, top_indices, lambda heads, keys: 3 * keys * 4,
-                         chunk_budget=8 * 2**30, head_scores=bf16_head_scores)
+                         chunk_budget=8 * 2**30, head_scores=bf16_head_scores, narrow_keys=True)

@@ -53,6 +53,8 @@ class Scorer:
         scoring steps (router over pooled keys, candidate re-rank, HISA's block filter).
     scratch_bytes(heads, num_keys) -> the token stage's scratch memory per query, to size the query chunks.
     chunk_budget: scratch memory one query chunk may use.
+    narrow_keys: skip the keys past a chunk's last visible key (causal future, static-cache slack). The reference
+        keeps every key, so that its matmuls have transformers' exact shapes and DSA stays bit-identical.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Scorer:
     scratch_bytes: Callable[[int, int], int]
     chunk_budget: int = DEFAULT_CHUNK_BYTES
     head_scores: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = head_scores
+    narrow_keys: bool = False
 
 
 # The reference holds fp32 [c, h, T] head scores (plus their product) per chunk.
@@ -73,17 +76,17 @@ ChunkSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tenso
 
 def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int,
                       mask: torch.Tensor | None, chunk_size: int | None, bytes_per_query: int,
-                      select: ChunkSelector, budget: int, pooled: torch.Tensor | None = None,
+                      select: ChunkSelector, scorer: Scorer, pooled: torch.Tensor | None = None,
                       block_size: int = 1, min_width: int = 0) -> torch.Tensor:
-    """Runs `select` over query chunks. Keys past a chunk's last visible key (the causal future) are cut off
-    before scoring, keeping at least `min_width` (and k) of them so every top-k still has enough entries."""
+    """Runs `select` over query chunks. With `scorer.narrow_keys`, keys past a chunk's last visible key (the causal
+    future) are cut off before scoring, keeping at least `min_width` (and k) so every top-k has enough entries."""
     batch, num_queries = q.shape[:2]
     num_keys = keys.shape[1]
     k = min(topk, num_keys)
     out = torch.empty(batch, num_queries, k, dtype=torch.int32, device=q.device)
-    for rows in query_chunks(num_queries, batch * bytes_per_query, chunk_size, budget):
+    for rows in query_chunks(num_queries, batch * bytes_per_query, chunk_size, scorer.chunk_budget):
         chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device)
-        width = min(num_keys, max(int(chunk.key_range[1].max()), k, min_width))
+        width = num_keys if not scorer.narrow_keys else max(int(chunk.key_range[1].max()), k, min_width)
         width = min(num_keys, math.ceil(width / block_size) * block_size)  # whole pooled blocks
         live_keys, live_pooled = keys, pooled
         if width < num_keys:
@@ -162,7 +165,7 @@ def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: i
         return scorer.topk(scorer.token_logits(q_c, w_c, keys_c, chunk, softmax_scale), k)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, scorer.scratch_bytes(num_heads, keys.shape[1]),
-                             select, scorer.chunk_budget)
+                             select, scorer)
 
 
 def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
@@ -177,7 +180,7 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
         scores = routed_scores(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale, scorer)
         return scorer.topk(scores, k)
 
-    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer.chunk_budget,
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer,
                              pooled, block_size)
 
 
@@ -197,7 +200,7 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
         candidates = scorer.topk(scores, num_candidates)
         return rerank(q_c, w_c, keys_c, chunk, candidates, k, softmax_scale, scorer=scorer)
 
-    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer.chunk_budget,
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer,
                              pooled, block_size, min_width=num_candidates)
 
 
@@ -233,5 +236,5 @@ def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
         in_range = positions < num_keys  # the partial last block's slots past the cache end
         return rerank(q_c, w_c, keys_c, chunk, positions.clamp_max(num_keys - 1), k, softmax_scale, in_range, scorer)
 
-    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer.chunk_budget,
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer,
                              pooled, block_size)
