@@ -13,6 +13,10 @@ from transformers_misa.ops.blocks import ChunkMask, top_indices
 from transformers_misa.ops.reference import Scorer
 
 from .scoring import build_weighted_relu_logits
+from .topk import build_radix_topk
+
+# Below this row width torch.topk is as fast and the radix program is not worth a compile.
+RADIX_MIN_WIDTH = 4096
 
 
 def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
@@ -36,11 +40,20 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 
 # The kernel writes one fp32 logit per (query, key) whatever the head count; top-k then needs about as much.
 # Large chunks keep every SM busy (a CTA takes 128 / heads queries).
+def radix_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the k largest of each row (unordered), by the radix-select kernel on wide rows."""
+    width = scores.shape[-1]
+    if width < RADIX_MIN_WIDTH or k > width:
+        return top_indices(scores, k)
+    rows = scores.reshape(-1, width).float().contiguous()
+    return build_radix_topk(k)()(rows).view(*scores.shape[:-1], k)
+
+
 def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     """Per-head ReLU scores for the small steps (router, re-rank, block filter) on the tensor cores in bf16."""
     scores = torch.matmul(q.to(torch.bfloat16), keys.to(torch.bfloat16).transpose(-1, -2))
     return scores.float().mul_(softmax_scale).relu_()
 
 
-TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, top_indices, lambda heads, keys: 3 * keys * 4,
+TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda heads, keys: 3 * keys * 4,
                          chunk_budget=8 * 2**30, head_scores=bf16_head_scores, narrow_keys=True)

@@ -35,6 +35,15 @@ def test_logits_kernel_compiles_for_sm90a(heads):
     assert "tma_load" in source, "key tiles should stream through TMA"
 
 
+@pytest.mark.parametrize("k", [2048, 8192])
+def test_radix_topk_compiles_for_sm90a(k):
+    _tilelang_or_skip()
+    from transformers_misa.kernels.topk import build_radix_topk
+
+    source = build_radix_topk(k, arch="sm_90a")().get_kernel_source()
+    assert "AtomicAdd" in source and "__syncthreads" in source
+
+
 def test_dispatch_uses_reference_on_cpu():
     assert backend.select_scorer(torch.device("cpu")) is reference.REFERENCE
     assert "CUDA" in backend.kernel_unavailable_reason(torch.device("cpu"))
@@ -101,6 +110,27 @@ def test_logits_kernel_matches_reference(batch, num_queries, num_keys, heads, pa
         assert torch.equal(torch.isinf(ours), torch.isinf(ref)), "masked positions differ"
         finite = torch.isfinite(ref)
         torch.testing.assert_close(ours[finite], ref[finite], rtol=2e-2, atol=2e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,width,k", [(3, 4096, 2048), (17, 70001, 2048), (5, 33000, 8192), (2, 9000, 64)])
+def test_radix_topk_selects_exactly_the_top_k(rows, width, k):
+    from transformers_misa.kernels.scorer import radix_topk
+
+    generator = torch.Generator(device="cuda").manual_seed(width)
+    scores = torch.randn(rows, width, device="cuda", generator=generator)
+    scores[0] = scores[0].round()  # heavy ties
+    scores[-1, width // 3 :] = float("-inf")  # a causal row: the tail is masked
+    scores[1 % rows, : width // 2] = 0.0  # a run of equal values straddling the k-th
+    got = radix_topk(scores, k)
+    assert got.shape == (rows, k) and got.dtype == torch.int32
+    assert all(len(set(row.tolist())) == k for row in got), "repeated index"
+    kth = scores.topk(k, dim=-1).values[:, -1:]
+    picked = scores.gather(-1, got.long())
+    assert bool((picked >= kth).all()), "picked a key below the k-th largest"
+    above = (scores > kth).sum(-1)
+    assert bool(((picked > kth).sum(-1) == above).all()), "missed a key above the k-th largest"
 
 
 def _assert_same_selection(ours, ref_idx, scores, tolerance):

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .ops.blocks import ChunkMask
+from .ops.blocks import top_indices
 from .ops.reference import REFERENCE, Scorer, reference_token_logits
 
 logger = logging.getLogger("transformers_misa")
@@ -44,21 +44,29 @@ def kernel_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _guarded(scorer: Scorer) -> Scorer:
-    """The kernel scorer, falling back to the reference (with one warning) if a kernel fails to build or run."""
+def _fall_back_on_failure(name: str, kernel_fn, reference_fn):
+    """`kernel_fn`, or `reference_fn` from the first failure on (announced by one warning)."""
 
-    def token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
-                     softmax_scale: float) -> torch.Tensor:
-        if scorer.name not in _broken_kernels:
+    def run(*args):
+        if name not in _broken_kernels:
             try:
-                return scorer.token_logits(q, weights, keys, chunk, softmax_scale)
+                return kernel_fn(*args)
             except Exception as error:  # compile or launch failure: degrade, never crash generate
-                _broken_kernels.add(scorer.name)
-                warnings.warn(f"transformers_misa: the {scorer.name} kernel failed ({type(error).__name__}: "
-                              f"{error}); using the PyTorch reference from now on", RuntimeWarning, stacklevel=2)
-        return reference_token_logits(q, weights, keys, chunk, softmax_scale)
+                _broken_kernels.add(name)
+                warnings.warn(f"transformers_misa: the {name} kernel failed ({type(error).__name__}: {error}); "
+                              "using the PyTorch reference from now on", RuntimeWarning, stacklevel=3)
+        return reference_fn(*args)
 
-    return dataclasses.replace(scorer, token_logits=token_logits)
+    return run
+
+
+def _guarded(scorer: Scorer) -> Scorer:
+    """The kernel scorer, each kernel falling back to the reference (with one warning) if it fails to build or run."""
+    return dataclasses.replace(
+        scorer,
+        token_logits=_fall_back_on_failure(scorer.name, scorer.token_logits, reference_token_logits),
+        topk=_fall_back_on_failure(f"{scorer.name} top-k", scorer.topk, top_indices),
+    )
 
 
 def select_scorer(device: torch.device, backend: str = "auto") -> Scorer:
