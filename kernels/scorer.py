@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from transformers_misa.ops.blocks import ChunkMask, top_indices
-from transformers_misa.ops.reference import Scorer
+from transformers_misa.ops.reference import Scorer, reference_head_importance
 
+from .router import build_head_importance
 from .scoring import build_weighted_relu_logits
 from .topk import build_radix_topk
 
@@ -49,6 +50,24 @@ def radix_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return build_radix_topk(k)()(rows).view(*scores.shape[:-1], k)
 
 
+def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
+                             block_size: int, softmax_scale: float) -> torch.Tensor:
+    """MISA's router score [B, c, H], fused in one kernel (see `router.py`); masks with holes use the reference."""
+    ks, ke, contiguous = chunk.key_range
+    if not contiguous:
+        return reference_head_importance(q, weights, pooled, chunk, block_size, softmax_scale, bf16_head_scores)
+    batch, num_queries, heads, dim = q.shape
+    kernel = build_head_importance(heads, dim, block_size)()
+    importance = kernel(
+        q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16).contiguous(),
+        pooled.to(torch.bfloat16).contiguous(),
+        weights.float().contiguous(),
+        ks.contiguous(),
+        ke.contiguous(),
+    )
+    return importance * softmax_scale  # ReLU(s·x) = s·ReLU(x): the scale is applied once at the end
+
+
 def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     """Per-head ReLU scores for the small steps (router, re-rank, block filter) on the tensor cores in bf16."""
     scores = torch.matmul(q.to(torch.bfloat16), keys.to(torch.bfloat16).transpose(-1, -2))
@@ -56,4 +75,5 @@ def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) 
 
 
 TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda heads, keys: 3 * keys * 4,
-                         chunk_budget=8 * 2**30, head_scores=bf16_head_scores, narrow_keys=True)
+                         chunk_budget=8 * 2**30, head_scores=bf16_head_scores,
+                         head_importance=tilelang_head_importance, narrow_keys=True)

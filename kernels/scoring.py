@@ -10,7 +10,7 @@ accumulate), and fuses ReLU, the head weights and the head sum before writing on
 Key tiles past the block's last visible key are not computed at all (causal skip); they are written as -inf.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations.
 
 import functools
 

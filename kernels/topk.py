@@ -7,7 +7,7 @@ last pass writes every index above it plus just enough of the ties. The row is r
 The k indices come back in no particular order (the consumers, sparse attention and re-ranking, need none).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations.
 
 import functools
 

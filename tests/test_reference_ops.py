@@ -204,10 +204,11 @@ def test_route_heads_picks_the_most_important_heads():
     q, keys, weights, mask, scale = _random_problem()
     _, expected = _routed_dense(q, keys, weights, mask, scale, 3, 8)
     pooled = pooled_keys(keys, mask, 8)
-    block_vis = blocks.block_visibility(mask, 8)
-    heads = reference.route_heads(q, weights, pooled, block_vis, 3, scale)
+    chunk = blocks.ChunkMask(mask, slice(0, q.shape[1]), q.shape[0], q.shape[1], keys.shape[1], q.device)
+    importance = reference.reference_head_importance(q, weights, pooled, chunk, 8, scale)
+    heads = reference.route_heads(importance, 3)
     assert torch.equal(heads, expected)
-    all_heads = reference.route_heads(q, weights, pooled, block_vis, 8, scale)
+    all_heads = reference.route_heads(importance, 8)
     assert torch.equal(all_heads, torch.arange(8).expand_as(all_heads))
 
 

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from .ops.blocks import top_indices
-from .ops.reference import REFERENCE, Scorer, reference_token_logits
+from .ops.reference import REFERENCE, Scorer, reference_head_importance, reference_token_logits
 
 logger = logging.getLogger("transformers_misa")
 
@@ -66,6 +66,8 @@ def _guarded(scorer: Scorer) -> Scorer:
         scorer,
         token_logits=_fall_back_on_failure(scorer.name, scorer.token_logits, reference_token_logits),
         topk=_fall_back_on_failure(f"{scorer.name} top-k", scorer.topk, top_indices),
+        head_importance=_fall_back_on_failure(f"{scorer.name} router", scorer.head_importance,
+                                              reference_head_importance),
     )
 
 

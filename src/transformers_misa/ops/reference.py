@@ -11,6 +11,7 @@ its visible ones point at masked keys (as transformers' own `topk` over -inf doe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -42,6 +43,23 @@ def reference_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     return weighted_head_sum(weights, head_scores(q, keys.unsqueeze(1), softmax_scale)) + chunk.bias
 
 
+def reference_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
+                              block_size: int, softmax_scale: float, scores_fn=head_scores) -> torch.Tensor:
+    """MISA's router score of every head: [B, c, H] fp32.
+
+    importance[t, j] = |w[t, j]| · Σ_{visible blocks m} ReLU(q[t, j]·k̄_m)·scale, with k̄_m the mean key of block m.
+    """
+    per_block = scores_fn(q, pooled.unsqueeze(1), softmax_scale)  # [B, c, H, M]
+    per_block.masked_fill_(~chunk.block_visible(block_size).unsqueeze(2), 0.0)
+    return per_block.sum(-1) * weights.abs()
+
+
+def route_heads(importance: torch.Tensor, active_heads: int) -> torch.Tensor:
+    """The `active_heads` most important heads of each query, ascending (so that routing to all heads reproduces
+    DSA's summation order exactly): [B, c, active_heads]."""
+    return importance.topk(active_heads, dim=-1).indices.sort(dim=-1).values
+
+
 @dataclasses.dataclass(frozen=True)
 class Scorer:
     """The two heavy stages of every mode, swappable so that GPU kernels plug into the same algorithms.
@@ -51,6 +69,7 @@ class Scorer:
     topk(scores [B, c, N], k) -> indices [B, c, k] of the k largest.
     head_scores(q [B, c, h, D], keys [B, 1 or c, N, D], scale) -> ReLU(q·k)·scale [B, c, h, N] fp32, for the small
         scoring steps (router over pooled keys, candidate re-rank, HISA's block filter).
+    head_importance(q, weights, pooled, chunk mask, block_size, scale) -> [B, c, H]: MISA's router score.
     scratch_bytes(heads, num_keys) -> the token stage's scratch memory per query, to size the query chunks.
     chunk_budget: scratch memory one query chunk may use.
     narrow_keys: skip the keys past a chunk's last visible key (causal future, static-cache slack). The reference
@@ -63,7 +82,13 @@ class Scorer:
     scratch_bytes: Callable[[int, int], int]
     chunk_budget: int = DEFAULT_CHUNK_BYTES
     head_scores: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = head_scores
+    head_importance: Callable[..., torch.Tensor] = None  # the router; None: `reference_head_importance`
     narrow_keys: bool = False
+
+    def __post_init__(self) -> None:
+        if self.head_importance is None:
+            object.__setattr__(self, "head_importance", functools.partial(reference_head_importance,
+                                                                          scores_fn=self.head_scores))
 
 
 # The reference holds fp32 [c, h, T] head scores (plus their product) per chunk.
@@ -103,19 +128,6 @@ def pooled_keys(keys: torch.Tensor, mask: torch.Tensor | None, block_size: int) 
     return mean_pool(*pool_blocks(keys, valid, block_size))
 
 
-def route_heads(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, block_visible: torch.Tensor,
-                active_heads: int, softmax_scale: float, scores_fn=head_scores) -> torch.Tensor:
-    """MISA's router: the `active_heads` heads of each query with the largest block-level importance.
-
-    importance[t, j] = |w[t, j]| · Σ_{visible blocks m} ReLU(q[t, j]·k̄_m)·scale, with k̄_m the mean key of block m.
-    Returns head ids [B, c, active_heads], ascending (so all heads reproduce DSA's summation order exactly).
-    """
-    per_block = scores_fn(q, pooled.unsqueeze(1), softmax_scale)  # [B, c, H, M]
-    per_block.masked_fill_(~block_visible.unsqueeze(2), 0.0)
-    importance = per_block.sum(-1) * weights.abs()
-    return importance.topk(active_heads, dim=-1).indices.sort(dim=-1).values
-
-
 def routed_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                   pooled: torch.Tensor, block_size: int, active_heads: int, softmax_scale: float,
                   scorer: Scorer = REFERENCE) -> torch.Tensor:
@@ -124,8 +136,7 @@ def routed_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ch
     The selected heads keep their DSA weights w[t, j] unchanged and the others contribute nothing; no
     renormalisation, since a positive per-query factor would not change any top-k.
     """
-    heads = route_heads(q, weights, pooled, chunk.block_visible(block_size), active_heads, softmax_scale,
-                        scorer.head_scores)
+    heads = route_heads(scorer.head_importance(q, weights, pooled, chunk, block_size, softmax_scale), active_heads)
     q_routed = q.gather(2, heads.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1]))
     w_routed = weights.gather(2, heads)
     return scorer.token_logits(q_routed, w_routed, keys, chunk, softmax_scale)
