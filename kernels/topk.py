@@ -15,6 +15,7 @@ import tilelang
 import tilelang.language as T
 
 RADIX_BITS = (12, 12, 8)  # most significant first; sums to 32
+UNROLL = 4  # row elements each thread handles per loop step
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 
@@ -36,6 +37,13 @@ def build_radix_topk(k: int, threads: int = 512, arch: str | None = None):
     def program():
         rows, width = T.dynamic("rows"), T.dynamic("width")
 
+        @T.macro
+        def load_row_slice(Scores, row, step, tx, values):
+            # All UNROLL loads issued before any is used: several requests in flight per thread.
+            for j in T.unroll(UNROLL):
+                col = (step * UNROLL + j) * threads + tx
+                values[j] = T.if_then_else(col < width, Scores[row, T.min(col, width - 1)], 0.0)
+
         @T.prim_func
         def kernel(Scores: T.Tensor((rows, width), T.float32), Out: T.Tensor((rows, k), T.int32)):
             with T.Kernel(rows, threads=threads) as row:
@@ -49,6 +57,7 @@ def build_radix_topk(k: int, threads: int = 512, arch: str | None = None):
                 local_sum = T.alloc_var(T.int32)
                 running = T.alloc_var(T.int32)
                 slot = T.alloc_var(T.int32)
+                values = T.alloc_local((UNROLL,), T.float32)
                 prefix = T.uint32(0)
                 need = k
 
@@ -57,13 +66,15 @@ def build_radix_topk(k: int, threads: int = 512, arch: str | None = None):
                     for i in T.serial(per_thread):
                         hist[tx * per_thread + i] = 0
                     T.sync_threads()
-                    for step in T.serial(T.ceildiv(width, threads)):
-                        col = step * threads + tx
-                        if col < width:
-                            key = _order_key(Scores[row, col])
-                            matches = high_shift == 32 or (key >> high_shift) == prefix
-                            if matches:
-                                T.atomic_add(hist[T.cast((key >> shift) & ((1 << bits) - 1), T.int32)], 1)
+                    for step in T.serial(T.ceildiv(width, threads * UNROLL)):
+                        load_row_slice(Scores, row, step, tx, values)
+                        for j in T.unroll(UNROLL):
+                            col = (step * UNROLL + j) * threads + tx
+                            if col < width:
+                                key = _order_key(values[j])
+                                matches = high_shift == 32 or (key >> high_shift) == prefix
+                                if matches:
+                                    T.atomic_add(hist[T.cast((key >> shift) & ((1 << bits) - 1), T.int32)], 1)
                     T.sync_threads()
                     # Suffix sums: suffix[t] = number of keys in bins >= t * per_thread.
                     local_sum = 0
@@ -97,17 +108,19 @@ def build_radix_topk(k: int, threads: int = 512, arch: str | None = None):
                     counters[0] = 0
                     counters[1] = 0
                 T.sync_threads()
-                for step in T.serial(T.ceildiv(width, threads)):
-                    col = step * threads + tx
-                    if col < width:
-                        key = _order_key(Scores[row, col])
-                        if key > prefix:
-                            slot = T.atomic_add(counters[0], 1, return_prev=True)
-                            Out[row, slot] = col
-                        elif key == prefix:
-                            slot = T.atomic_add(counters[1], 1, return_prev=True)
-                            if slot < need:
-                                Out[row, k - need + slot] = col
+                for step in T.serial(T.ceildiv(width, threads * UNROLL)):
+                    load_row_slice(Scores, row, step, tx, values)
+                    for j in T.unroll(UNROLL):
+                        col = (step * UNROLL + j) * threads + tx
+                        if col < width:
+                            key = _order_key(values[j])
+                            if key > prefix:
+                                slot = T.atomic_add(counters[0], 1, return_prev=True)
+                                Out[row, slot] = col
+                            elif key == prefix:
+                                slot = T.atomic_add(counters[1], 1, return_prev=True)
+                                if slot < need:
+                                    Out[row, k - need + slot] = col
 
         return kernel
 

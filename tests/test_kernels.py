@@ -44,6 +44,15 @@ def test_radix_topk_compiles_for_sm90a(k):
     assert "AtomicAdd" in source and "__syncthreads" in source
 
 
+@pytest.mark.parametrize("heads", [64, 32])
+def test_router_kernel_compiles_for_sm90a(heads):
+    _tilelang_or_skip()
+    from transformers_misa.kernels.router import build_head_importance
+
+    source = build_head_importance(heads, 128, 128, arch="sm_90a")().get_kernel_source()
+    assert "wgmma" in source
+
+
 def test_dispatch_uses_reference_on_cpu():
     assert backend.select_scorer(torch.device("cpu")) is reference.REFERENCE
     assert "CUDA" in backend.kernel_unavailable_reason(torch.device("cpu"))
@@ -131,6 +140,26 @@ def test_radix_topk_selects_exactly_the_top_k(rows, width, k):
     assert bool((picked >= kth).all()), "picked a key below the k-th largest"
     above = (scores > kth).sum(-1)
     assert bool(((picked > kth).sum(-1) == above).all()), "missed a key above the k-th largest"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,num_queries,num_keys,heads,block_size,pads", [
+    (1, 33, 33, 64, 16, [0]),
+    (2, 200, 1000, 64, 128, [0, 300]),
+    (3, 5, 4099, 32, 64, [0, 1, 4000]),
+])
+def test_router_kernel_matches_reference(batch, num_queries, num_keys, heads, block_size, pads):
+    from transformers_misa.kernels.scorer import tilelang_head_importance
+
+    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=2)
+    mask = _padded_causal_mask(batch, num_queries, num_keys, pads)
+    pooled = reference.pooled_keys(keys, mask, block_size)
+    for chunk_mask in (None, mask):
+        chunk = ChunkMask(chunk_mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
+        ours = tilelang_head_importance(q, weights, pooled, chunk, block_size, 128**-0.5)
+        ref = reference.reference_head_importance(q, weights, pooled, chunk, block_size, 128**-0.5)
+        torch.testing.assert_close(ours, ref, rtol=3e-2, atol=3e-2)
 
 
 def _assert_same_selection(ours, ref_idx, scores, tolerance):
