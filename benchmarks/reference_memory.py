@@ -115,6 +115,18 @@ def cpu_info() -> str:
     return platform.processor() or platform.machine()
 
 
+def git_commit() -> str | None:
+    """The repository's HEAD commit (with "+dirty" if the reference code has uncommitted changes), if known."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/transformers_misa/ops"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def total_ram() -> int | None:
     try:
         import psutil
@@ -127,13 +139,15 @@ def total_ram() -> int | None:
 def run_worker(method: str, args: argparse.Namespace, dtype_name: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", method, "--seq", str(args.seq),
                "--heads", str(args.heads), "--dim", str(args.dim), "--topk", str(args.topk), "--dtype", dtype_name]
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), git_commit()
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         return dict(method=method, dtype=dtype_name, error=proc.stderr.strip()[-2000:] or f"exit {proc.returncode}",
                     wall_s=time.perf_counter() - start)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - start
+    result["git_commit"] = commit
+    result["load_average_1_5_15_at_end"] = os.getloadavg()
     return result
 
 
@@ -176,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods if m != "stock" or run_stock]
     import torch
 
+    commit_at_start, load_at_start = git_commit(), os.getloadavg()
+
     print(f"reference indexer memory, CPU: S = T = {seq}, H = {heads}, D = {dim}, topk {topk}, batch 1, causal; "
           f"torch {torch.__version__}, {cpu_info()}, {os.cpu_count()} cores")
     print(f"stock transformers indexer: one [B,S,H,T] fp32 tensor = {one_tensor / GIB:.2f} GiB, peak >= 2 of them "
@@ -212,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     record = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=commit_at_start, git_commit_at_end=git_commit(),
+        load_average_1_5_15=dict(start=load_at_start, end=os.getloadavg()),
         torch=torch.__version__, python=platform.python_version(), cpu=cpu_info(), cpu_count=os.cpu_count(),
         ram_bytes=ram, platform=platform.platform(),
         shape=dict(batch=1, seq=seq, keys=seq, heads=heads, dim=dim, topk=topk, mask="None (causal)"),

@@ -12,6 +12,7 @@ import torch
 from transformers_misa.ops.blocks import ChunkMask, top_indices
 from transformers_misa.ops.reference import Scorer, reference_head_importance
 
+from .gathered import build_gathered_logits
 from .router import build_head_importance
 from .scoring import build_weighted_relu_logits
 from .topk import build_radix_topk
@@ -68,6 +69,21 @@ def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: tor
     return importance * softmax_scale  # ReLU(s·x) = s·ReLU(x): the scale is applied once at the end
 
 
+def tilelang_candidate_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                              softmax_scale: float) -> torch.Tensor:
+    """Full-head scores of each query's candidate keys [B, c, C], gathered on chip (see `gathered.py`)."""
+    batch, num_queries, heads, dim = q.shape
+    rows = torch.arange(batch, device=q.device, dtype=torch.int32).repeat_interleave(num_queries)
+    logits = build_gathered_logits(heads, dim)()(
+        q.reshape(batch * num_queries, heads, dim).to(torch.bfloat16).contiguous(),
+        keys.to(torch.bfloat16).contiguous(),
+        (weights.float() * softmax_scale).reshape(batch * num_queries, heads).contiguous(),
+        positions.reshape(batch * num_queries, -1).to(torch.int32).contiguous(),
+        rows,
+    )
+    return logits.view(batch, num_queries, -1)
+
+
 def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     """Per-head ReLU scores for the small steps (router, re-rank, block filter) on the tensor cores in bf16."""
     scores = torch.matmul(q.to(torch.bfloat16), keys.to(torch.bfloat16).transpose(-1, -2))
@@ -76,4 +92,5 @@ def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) 
 
 TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda heads, keys: 3 * keys * 4,
                          chunk_budget=8 * 2**30, head_scores=bf16_head_scores,
-                         head_importance=tilelang_head_importance, narrow_keys=True)
+                         head_importance=tilelang_head_importance, candidate_logits=tilelang_candidate_logits,
+                         narrow_keys=True)

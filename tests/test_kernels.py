@@ -53,6 +53,14 @@ def test_router_kernel_compiles_for_sm90a(heads):
     assert "wgmma" in source
 
 
+@pytest.mark.parametrize("heads", [64, 32])
+def test_gathered_kernel_compiles_for_sm90a(heads):
+    _tilelang_or_skip()
+    from transformers_misa.kernels.gathered import build_gathered_logits
+
+    assert "wgmma" in build_gathered_logits(heads, 128, arch="sm_90a")().get_kernel_source()
+
+
 def test_dispatch_uses_reference_on_cpu():
     assert backend.select_scorer(torch.device("cpu")) is reference.REFERENCE
     assert "CUDA" in backend.kernel_unavailable_reason(torch.device("cpu"))
@@ -160,6 +168,21 @@ def test_router_kernel_matches_reference(batch, num_queries, num_keys, heads, bl
         ours = tilelang_head_importance(q, weights, pooled, chunk, block_size, 128**-0.5)
         ref = reference.reference_head_importance(q, weights, pooled, chunk, block_size, 128**-0.5)
         torch.testing.assert_close(ours, ref, rtol=3e-2, atol=3e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,num_queries,num_keys,heads,candidates", [
+    (1, 3, 100, 64, 37), (2, 50, 5000, 64, 512), (3, 7, 3000, 32, 130)])
+def test_gathered_kernel_matches_reference(batch, num_queries, num_keys, heads, candidates):
+    from transformers_misa.kernels.scorer import tilelang_candidate_logits
+
+    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=4)
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    positions = torch.randint(0, num_keys, (batch, num_queries, candidates), device="cuda", generator=generator)
+    ours = tilelang_candidate_logits(q, weights, keys, positions, 128**-0.5)
+    ref = reference.reference_candidate_logits(q, weights, keys, positions, 128**-0.5)
+    torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-2)
 
 
 def _assert_same_selection(ours, ref_idx, scores, tolerance):

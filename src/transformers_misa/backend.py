@@ -13,7 +13,13 @@ import warnings
 import torch
 
 from .ops.blocks import top_indices
-from .ops.reference import REFERENCE, Scorer, reference_head_importance, reference_token_logits
+from .ops.reference import (
+    REFERENCE,
+    Scorer,
+    reference_candidate_logits,
+    reference_head_importance,
+    reference_token_logits,
+)
 
 logger = logging.getLogger("transformers_misa")
 
@@ -68,6 +74,8 @@ def _guarded(scorer: Scorer) -> Scorer:
         topk=_fall_back_on_failure(f"{scorer.name} top-k", scorer.topk, top_indices),
         head_importance=_fall_back_on_failure(f"{scorer.name} router", scorer.head_importance,
                                               reference_head_importance),
+        candidate_logits=_fall_back_on_failure(f"{scorer.name} re-rank", scorer.candidate_logits,
+                                               reference_candidate_logits),
     )
 
 

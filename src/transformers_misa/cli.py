@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt (default 0)")
     demo.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(subparser=demo)
     return parser
 
 
@@ -56,5 +57,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                      seed=args.seed, families=tuple(args.families or ("deepseek_v32", "glm_moe_dsa")),
                      progress=not args.no_progress, json_path=args.json)
         except ValueError as error:
-            parser.error(str(error))
+            args.subparser.error(str(error))
     return 0

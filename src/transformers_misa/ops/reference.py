@@ -60,6 +60,12 @@ def route_heads(importance: torch.Tensor, active_heads: int) -> torch.Tensor:
     return importance.topk(active_heads, dim=-1).indices.sort(dim=-1).values
 
 
+def reference_candidate_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                               softmax_scale: float, scores_fn=head_scores) -> torch.Tensor:
+    """Full-head DSA scores of per-query candidate keys: positions [B, c, C] -> [B, c, C] fp32 (no mask)."""
+    return weighted_head_sum(weights, scores_fn(q, gather_keys(keys, positions), softmax_scale))
+
+
 @dataclasses.dataclass(frozen=True)
 class Scorer:
     """The two heavy stages of every mode, swappable so that GPU kernels plug into the same algorithms.
@@ -70,6 +76,7 @@ class Scorer:
     head_scores(q [B, c, h, D], keys [B, 1 or c, N, D], scale) -> ReLU(q·k)·scale [B, c, h, N] fp32, for the small
         scoring steps (router over pooled keys, candidate re-rank, HISA's block filter).
     head_importance(q, weights, pooled, chunk mask, block_size, scale) -> [B, c, H]: MISA's router score.
+    candidate_logits(q, weights, keys, positions [B, c, C], scale) -> [B, c, C]: full-head scores of candidates.
     scratch_bytes(heads, num_keys) -> the token stage's scratch memory per query, to size the query chunks.
     chunk_budget: scratch memory one query chunk may use.
     narrow_keys: skip the keys past a chunk's last visible key (causal future, static-cache slack). The reference
@@ -83,12 +90,14 @@ class Scorer:
     chunk_budget: int = DEFAULT_CHUNK_BYTES
     head_scores: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = head_scores
     head_importance: Callable[..., torch.Tensor] = None  # the router; None: `reference_head_importance`
+    candidate_logits: Callable[..., torch.Tensor] = None  # None: `reference_candidate_logits`
     narrow_keys: bool = False
 
     def __post_init__(self) -> None:
-        if self.head_importance is None:
-            object.__setattr__(self, "head_importance", functools.partial(reference_head_importance,
-                                                                          scores_fn=self.head_scores))
+        for name, default in (("head_importance", reference_head_importance),
+                              ("candidate_logits", reference_candidate_logits)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, functools.partial(default, scores_fn=self.head_scores))
 
 
 # The reference holds fp32 [c, h, T] head scores (plus their product) per chunk.
@@ -146,8 +155,7 @@ def rerank(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: Ch
            positions: torch.Tensor, k: int, softmax_scale: float, in_range: torch.Tensor | None = None,
            scorer: Scorer = REFERENCE) -> torch.Tensor:
     """Full-head DSA scores over per-query candidate key positions [B, c, C]; returns the top-k positions."""
-    scores = weighted_head_sum(weights, scorer.head_scores(q, gather_keys(keys, positions), softmax_scale))
-    scores = scores + chunk.bias_at(positions)
+    scores = scorer.candidate_logits(q, weights, keys, positions, softmax_scale) + chunk.bias_at(positions)
     if in_range is not None:
         # Slots past the cache end rank below every real position, masked ones included (finite minimum vs
         # -inf), so they are never picked while enough real positions exist: no repeated indices.
