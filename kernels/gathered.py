@@ -27,7 +27,7 @@ def build_gathered_logits(heads: int, dim: int, tile: int = 64, threads: int = 1
                                                 T.dynamic("candidates"))
 
         @T.prim_func
-        def kernel(
+        def gathered_logits(
             Q: T.Tensor((queries, heads, dim), T.bfloat16),
             K: T.Tensor((batch, num_keys, dim), T.bfloat16),
             W: T.Tensor((queries, heads), T.float32),
@@ -60,6 +60,6 @@ def build_gathered_logits(heads: int, dim: int, tile: int = 64, threads: int = 1
                         if step * tile + i < candidates:
                             Out[n, step * tile + i] = logits[i]
 
-        return kernel
+        return gathered_logits
 
     return program

@@ -29,7 +29,7 @@ def build_head_importance(heads: int, dim: int, block_size: int, block_m: int = 
         batch, num_queries, num_blocks = T.dynamic("batch"), T.dynamic("num_queries"), T.dynamic("num_blocks")
 
         @T.prim_func
-        def kernel(
+        def head_importance(
             Q: T.Tensor((batch, num_queries * heads, dim), T.bfloat16),
             Pooled: T.Tensor((batch, num_blocks, dim), T.bfloat16),
             W: T.Tensor((batch, num_queries, heads), T.float32),
@@ -76,6 +76,6 @@ def build_head_importance(heads: int, dim: int, block_size: int, block_m: int = 
                         Importance[bb, q0 + r // heads, r % heads] = total[r] * T.abs(
                             W[bb, q0 + r // heads, r % heads])
 
-        return kernel
+        return head_importance
 
     return program

@@ -35,7 +35,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
         batch, num_queries, num_keys = T.dynamic("batch"), T.dynamic("num_queries"), T.dynamic("num_keys")
 
         @T.prim_func
-        def kernel(
+        def weighted_relu_logits(
             Q: T.Tensor((batch, num_queries * heads, dim), T.bfloat16),
             K: T.Tensor((batch, num_keys, dim), T.bfloat16),
             W: T.Tensor((batch, num_queries, heads), T.float32),
@@ -88,6 +88,6 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                         if q0 + i < num_queries and key < num_keys:
                             Logits[bb, q0 + i, key] = -T.infinity(T.float32)
 
-        return kernel
+        return weighted_relu_logits
 
     return program

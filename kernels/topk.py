@@ -45,7 +45,7 @@ def build_radix_topk(k: int, threads: int = 512, arch: str | None = None):
                 values[j] = T.if_then_else(col < width, Scores[row, T.min(col, width - 1)], 0.0)
 
         @T.prim_func
-        def kernel(Scores: T.Tensor((rows, width), T.float32), Out: T.Tensor((rows, k), T.int32)):
+        def radix_topk(Scores: T.Tensor((rows, width), T.float32), Out: T.Tensor((rows, k), T.int32)):
             with T.Kernel(rows, threads=threads) as row:
                 tx = T.get_thread_binding()
                 hist = T.alloc_shared((bins,), T.int32)
@@ -122,6 +122,6 @@ def build_radix_topk(k: int, threads: int = 512, arch: str | None = None):
                                 if slot < need:
                                     Out[row, k - need + slot] = col
 
-        return kernel
+        return radix_topk
 
     return program
