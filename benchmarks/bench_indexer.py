@@ -108,10 +108,10 @@ def fits(method: str, batch: int, num_queries: int, num_keys: int, heads: int) -
     return True
 
 
-def scoring_tflops(heads: int, num_queries: int, num_keys: int, reps: int, staged: bool = False) -> dict:
-    """A logits stage alone (causal prefill), as achieved tensor-core throughput."""
+def scoring_tflops(heads: int, num_queries: int, num_keys: int, reps: int) -> dict:
+    """The DSA kernel's logits stage alone (causal prefill), as achieved tensor-core throughput."""
     q, keys, weights = inputs(1, num_queries, num_keys, heads)
-    kernel = build_weighted_relu_logits(heads, DIM, staged_stores=staged)()
+    kernel = build_weighted_relu_logits(heads, DIM)()
     chunk = ChunkMask(None, slice(0, num_queries), 1, num_queries, num_keys, q.device)
     ks, ke, _ = chunk.key_range
     flat_q = q.reshape(1, num_queries * heads, DIM)
@@ -132,10 +132,6 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results):
             row[f"{name}_ms"] = cuda_time_ms(call, reps if context <= 32768 else max(1, reps // 2))
             row[f"{name}_peak_gib"] = peak_extra_gib(call)
         row["scoring"] = scoring_tflops(heads, context, context, reps)
-        # MISA's token stage: 8 routed heads per query (stage only, both store variants; 32K queries at most).
-        routed_queries = min(context, 32768)
-        row["misa8_scoring"] = {f"staged={staged}": scoring_tflops(8, routed_queries, context, reps, staged)
-                                for staged in (False, True)}
         results.append(row)
         print_row(row, heads)
         del q, keys, weights
@@ -165,8 +161,6 @@ def print_row(row: dict, heads: int) -> None:
     cells = " ".join(f"{k}={v:.2f}ms" + (f"({base / v:.1f}x)" if base and k.startswith(("misa", "hisa")) else "")
                      for k, v in timings.items())
     extra = f" scoring={row['scoring']['tflops']:.0f}TFLOP/s" if "scoring" in row else ""
-    for variant, stage in row.get("misa8_scoring", {}).items():
-        extra += f" misa8-logits[{variant}]={stage['ms']:.2f}ms/{stage['tflops']:.0f}TFLOP/s"
     print(f"{row['phase']:>7} H={heads} B={row['batch']:>2} T={row['context']:>6}: {cells}{extra}", flush=True)
 
 

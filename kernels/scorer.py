@@ -17,7 +17,6 @@ from .router import build_head_importance
 from .scoring import build_weighted_relu_logits
 from .topk import build_radix_topk
 
-STAGED_MAX_HEADS = 16
 # Below this row width torch.topk is as fast and the radix program is not worth a compile.
 RADIX_MIN_WIDTH = 4096
 
@@ -26,8 +25,7 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
                           softmax_scale: float) -> torch.Tensor:
     """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out)."""
     batch, num_queries, heads, dim = q.shape
-    # Few heads means many queries per CTA: stage the logit tiles through shared memory for whole-row stores.
-    kernel = build_weighted_relu_logits(heads, dim, staged_stores=heads <= STAGED_MAX_HEADS)()
+    kernel = build_weighted_relu_logits(heads, dim)()
     ks, ke, contiguous = chunk.key_range
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale folds into the head weights.
     logits = kernel(

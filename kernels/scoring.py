@@ -20,12 +20,10 @@ import tilelang.language as T
 
 @functools.lru_cache(maxsize=None)
 def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_stages: int = 2,
-                               threads: int = 256, arch: str | None = None, staged_stores: bool = False):
+                               threads: int = 256, arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
-    `staged_stores` writes each [block_q, block_n] logit tile through shared memory as whole rows instead of
-    scattering it from the tensor-core fragment layout (matters when block_q is large, i.e. few heads).
     """
     target = "auto" if arch is None else {"kind": "cuda", "arch": arch}
     block_q = max(1, 128 // heads)
@@ -55,7 +53,6 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 ks_local = T.alloc_fragment((block_q,), T.int32)
                 ke_local = T.alloc_fragment((block_q,), T.int32)
                 ke_max = T.alloc_var(T.int32)
-                out_tile = T.alloc_shared((block_q, block_n), T.float32)
                 q0 = bq * block_q
 
                 T.copy(Q[bb, q0 * heads : q0 * heads + rows, :], q_shared)
@@ -78,18 +75,11 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                     for n, r in T.Parallel(block_n, rows):
                         scores[n, r] = T.max(scores[n, r], 0.0) * weights[r]
                     T.reduce_sum(scores_by_head, logits, dim=-1, clear=True)
-                    if staged_stores:
-                        for i, n in T.Parallel(block_q, block_n):
-                            key = tile * block_n + n
-                            out_tile[i, n] = T.if_then_else(key >= ks_local[i] and key < ke_local[i], logits[n, i],
-                                                            -T.infinity(T.float32))
-                        T.copy(out_tile, Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n])
-                    else:
-                        for i, n in T.Parallel(block_q, block_n):
-                            key = tile * block_n + n
-                            if q0 + i < num_queries and key < num_keys:
-                                Logits[bb, q0 + i, key] = T.if_then_else(
-                                    key >= ks_local[i] and key < ke_local[i], logits[n, i], -T.infinity(T.float32))
+                    for i, n in T.Parallel(block_q, block_n):
+                        key = tile * block_n + n
+                        if q0 + i < num_queries and key < num_keys:
+                            Logits[bb, q0 + i, key] = T.if_then_else(
+                                key >= ks_local[i] and key < ke_local[i], logits[n, i], -T.infinity(T.float32))
 
                 # Tiles past the block's last visible key: masked without computing anything.
                 for tile in T.serial(live_tiles, T.ceildiv(num_keys, block_n)):
