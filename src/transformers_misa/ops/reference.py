@@ -68,7 +68,7 @@ def reference_candidate_logits(q: torch.Tensor, weights: torch.Tensor, keys: tor
 
 @dataclasses.dataclass(frozen=True)
 class Scorer:
-    """The two heavy stages of every mode, swappable so that GPU kernels plug into the same algorithms.
+    """The heavy stages of every mode, swappable so that GPU kernels plug into the same algorithms.
 
     token_logits(q [B, c, h, D], weights [B, c, h], keys [B, T, D], chunk mask, softmax_scale) -> [B, c, T] fp32,
         -inf (or the additive mask) where a query may not see a key.
