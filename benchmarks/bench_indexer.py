@@ -224,7 +224,11 @@ def main(argv: list[str] | None = None) -> None:
     deepseek_kernel = None
     if args.deepseek_ref:
         sys.path.insert(0, str(args.deepseek_ref / "inference"))
-        deepseek_kernel = importlib.import_module("kernel")
+        try:
+            deepseek_kernel = importlib.import_module("kernel")
+        except Exception as error:  # e.g. its pass configs are not in this TileLang release
+            print(f"cannot import DeepSeek's inference/kernel.py from {args.deepseek_ref} ({type(error).__name__}: "
+                  f"{error}); timing without it", file=sys.stderr)
 
     if args.profile:
         profile_misa(args.profile)
