@@ -1,0 +1,129 @@
+"""End to end: prefill a long prompt, then generate, patched vs unpatched, on a small DSA model.
+
+The model has DeepSeek-V3.2's real attention and indexer dimensions (hidden 7168, 128 heads, q/kv LoRA ranks
+1536/512, 64 indexer heads x 128, topk 2048) but only a few layers and a small dense MLP, random bf16 weights.
+Prints a table and writes JSON under benchmarks/results/.
+
+    python benchmarks/bench_e2e.py                          # GPU: 4 layers, 32K prompt, 256 new tokens
+    python benchmarks/bench_e2e.py --tiny --context 256     # CPU smoke test with the tiny test model
+"""
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import time
+
+import torch
+from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+
+from transformers_misa import patch_model
+from transformers_misa.tiny import tiny_model
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+MODES = {
+    "unpatched": None,
+    "dsa": {},
+    "misa8": {"active_heads": 8},
+    "misa8_hier": {"active_heads": 8},
+    "hisa": {},
+}
+
+
+def real_dims_model(layers: int, device: str) -> DeepseekV32ForCausalLM:
+    config = DeepseekV32Config(
+        vocab_size=129280, hidden_size=7168, intermediate_size=2048, num_hidden_layers=layers,
+        num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+        qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, index_n_heads=64, index_head_dim=128,
+        index_topk=2048, first_k_dense_replace=layers, max_position_embeddings=163840, eos_token_id=None,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        return DeepseekV32ForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def greedy(model, prompt, new_tokens: int, device: str) -> tuple[float, float, list[int]]:
+    """Prefill time, decode time of the remaining new_tokens - 1 steps, and the greedy tokens."""
+    sync(device)
+    start = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    sync(device)
+    prefill_s = time.perf_counter() - start
+    tokens, past = [int(token)], out.past_key_values
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        token, past = out.logits[:, -1:].argmax(-1), out.past_key_values
+        tokens.append(int(token))
+    sync(device)
+    return prefill_s, time.perf_counter() - start, tokens
+
+
+def run_mode(name: str, args, device: str) -> dict:
+    model = tiny_model("deepseek_v32") if args.tiny else real_dims_model(args.layers, device)
+    model = model.to(device)
+    if MODES[name] is not None:
+        mode = {"misa8": "misa", "misa8_hier": "misa_hierarchical"}.get(name, name)
+        patch_model(model, mode=mode, **MODES[name])
+    prompt = torch.randint(2, model.config.vocab_size, (1, args.context), device=device,
+                           generator=torch.Generator(device=device).manual_seed(1))
+    row = {"mode": name, "context": args.context, "new_tokens": args.new_tokens}
+    try:
+        prefill_s, decode_s, tokens = greedy(model, prompt, args.new_tokens, device)
+    except torch.OutOfMemoryError as error:
+        row["error"] = f"out of memory: {str(error).splitlines()[0]}"
+        return row
+    row.update(prefill_s=prefill_s, decode_s=decode_s, tokens=tokens,
+               decode_tokens_per_s=(args.new_tokens - 1) / decode_s if args.new_tokens > 1 else None)
+    if device == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--new-tokens", type=int, default=256, help="greedy tokens after the prompt (>= 2)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model on the CPU (smoke test)")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be >= 2 (one prefill token, then decode steps)")
+    unknown = sorted(set(args.modes.split(",")) - set(MODES))
+    if unknown:
+        parser.error(f"unknown modes {unknown}; choose from {list(MODES)}")
+    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+
+    rows = []
+    for name in args.modes.split(","):
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        row = run_mode(name, args, device)
+        rows.append(row)
+        speed = (f"prefill {row['prefill_s']:.2f} s, decode {row['decode_tokens_per_s'] or 0:.1f} tok/s"
+                 if "error" not in row else row["error"])
+        print(f"{name:>11}: {speed}", flush=True)
+    environment = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+                   "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"bench_e2e-{'tiny-' if args.tiny else ''}{stamp}.json"
+    path.write_text(json.dumps({"environment": environment, "results": rows}, indent=1))
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""The benchmark scripts run (their CPU smoke paths); the speed numbers themselves come from GPU runs."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_e2e_benchmark_smoke(tmp_path):
+    rows = _load("bench_e2e").main(["--tiny", "--context", "160", "--new-tokens", "3", "--modes",
+                                    "unpatched,dsa,misa8", "--out", str(tmp_path)])
+    by_mode = {row["mode"]: row for row in rows}
+    assert by_mode["dsa"]["tokens"] == by_mode["unpatched"]["tokens"]  # the exact mode changes nothing
+    assert all(row["prefill_s"] > 0 and row["decode_tokens_per_s"] > 0 for row in rows)
+    assert len(list(tmp_path.glob("bench_e2e-tiny-*.json"))) == 1
+
+
+def test_e2e_benchmark_rejects_unknown_modes(tmp_path):
+    with pytest.raises(SystemExit):
+        _load("bench_e2e").main(["--tiny", "--modes", "misa9", "--out", str(tmp_path)])
