@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"unknown modes {unknown}; choose from {list(MODES)}")
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
 
+    environment = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+                   "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"bench_e2e-{'tiny-' if args.tiny else ''}{stamp}.json"
     rows = []
     for name in args.modes.split(","):
         if device == "cuda":
@@ -115,12 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         speed = (f"prefill {row['prefill_s']:.2f} s, decode {row['decode_tokens_per_s'] or 0:.1f} tok/s"
                  if "error" not in row else row["error"])
         print(f"{name:>11}: {speed}", flush=True)
-    environment = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-                   "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"bench_e2e-{'tiny-' if args.tiny else ''}{stamp}.json"
-    path.write_text(json.dumps({"environment": environment, "results": rows}, indent=1))
+        path.write_text(json.dumps({"environment": environment, "results": rows}, indent=1))  # after every mode
     print(f"wrote {path}")
     return rows
 
