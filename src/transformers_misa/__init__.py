@@ -5,6 +5,7 @@
 """
 
 from .config import MODES, MisaConfig
+from .hub import push_to_hub, save_patched
 from .indexer import MisaIndexer
 from .patching import PatchedLayer, is_patched, misa_summary, patch_model, unpatch_model
 from .recall import RecallReport, measure_recall
@@ -15,4 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "MODES", "MisaConfig", "MisaIndexer", "PatchedLayer", "is_patched", "misa_summary", "patch_model",
     "unpatch_model", "RecallReport", "measure_recall", "FAMILIES", "ModelFamily", "__version__",
+    "save_patched", "push_to_hub",
 ]

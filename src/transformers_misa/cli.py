@@ -1,4 +1,4 @@
-"""Command line: `transformers-misa demo` (also `python -m transformers_misa demo`)."""
+"""Command line: `transformers-misa demo` / `push` (also `python -m transformers_misa ...`)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(subparser=demo)
+
+    push = commands.add_parser(
+        "push", help="upload a save_patched folder (weights, custom code, model card) to the Hugging Face Hub",
+        description="Loads a folder written by transformers_misa.save_patched (offline, with its custom code), "
+                    "writes a model card and uploads it with huggingface_hub. Needs a token: HF_TOKEN or "
+                    "`hf auth login`.")
+    push.add_argument("--model-dir", required=True, metavar="DIR", help="a folder written by save_patched")
+    push.add_argument("--repo-id", required=True, metavar="ID", help="target repository, e.g. me/DeepSeek-V3.2-MISA")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--revision", default=None, metavar="R", help="branch to push to (created if missing)")
+    push.add_argument("--message", default=None, metavar="M", help="commit message")
+    push.add_argument("--results-json", default=None, metavar="PATH",
+                      help="a measure_recall(...).to_dict() or benchmark JSON whose numbers go into the card")
+    push.set_defaults(subparser=push)
     return parser
 
 
@@ -58,4 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                      progress=not args.no_progress, json_path=args.json)
         except ValueError as error:
             args.subparser.error(str(error))
+    if args.command == "push":
+        from .hub import push_from_dir
+
+        try:
+            push_from_dir(args.model_dir, args.repo_id, private=args.private, revision=args.revision,
+                          commit_message=args.message, results_json=args.results_json)
+        except (ValueError, OSError) as error:
+            args.subparser.error(str(error))
+        print(f"pushed {args.model_dir} to {args.repo_id}")
     return 0
