@@ -172,9 +172,10 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("edit,fragment", [
-    ({"mode": "misa_v2"}, "unknown MISA mode 'misa_v2'"),
-    ({"router_temperature": 0.5}, r"unknown MISA option\(s\) \['router_temperature'\]"),
-    ({"candidate_factor": 4}, r"\['candidate_factor'\] are not options of mode 'misa'"),
+    ({"mode": "misa_v2"}, "MISA settings in config.json: unknown mode 'misa_v2'"),
+    ({"router_temperature": 0.5}, r"MISA settings in config.json: unknown option\(s\) \['router_temperature'\]"),
+    ({"candidate_factor": 4}, r"MISA settings in config.json: option\(s\) \['candidate_factor'\] have no effect in "
+                              r"mode 'misa'"),
 ])
 def test_loading_a_config_this_version_does_not_know(tmp_path, edit, fragment):
     out = save_patched(_patched("deepseek_v32"), tmp_path / "saved")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+from collections.abc import Iterable
 from typing import Any
 
 MODES: tuple[str, ...] = ("dsa", "misa", "misa_hierarchical", "hisa")
@@ -67,6 +68,21 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def mode_option_problem(mode: str, option_names: Iterable[str]) -> str | None:
+    """What is wrong with a mode and the names of the options given with it, or None if nothing is."""
+    if mode not in MODES:
+        return f"unknown mode {mode!r}; choose one of {list(MODES)}"
+    names = set(option_names)
+    known = set().union(*MODE_OPTIONS.values())
+    unknown = sorted(names - known)
+    if unknown:
+        return f"unknown option(s) {unknown}; known options: {sorted(known)}"
+    inapplicable = sorted(names - MODE_OPTIONS[mode])
+    if inapplicable:
+        return f"option(s) {inapplicable} have no effect in mode {mode!r}; it takes {sorted(MODE_OPTIONS[mode])}"
+    return None
+
+
 def resolve_config(mode: str, num_heads: int, topk: int, options: dict[str, Any]) -> MisaConfig:
     """Checks a mode and its options against one indexer shape and fills in the defaults.
 
@@ -79,18 +95,10 @@ def resolve_config(mode: str, num_heads: int, topk: int, options: dict[str, Any]
     Raises:
         ValueError: with what to pass instead, for an unknown mode, an unknown or inapplicable option, or a bad value.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
     given = {name: value for name, value in options.items() if value is not None}
-    known = set().union(*MODE_OPTIONS.values())
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; known options: {sorted(known)}")
-    inapplicable = sorted(set(given) - MODE_OPTIONS[mode])
-    if inapplicable:
-        raise ValueError(
-            f"option(s) {inapplicable} have no effect in mode {mode!r}; it takes {sorted(MODE_OPTIONS[mode])}"
-        )
+    problem = mode_option_problem(mode, given)
+    if problem:
+        raise ValueError(problem)
     backend = given.pop("backend", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import MODE_OPTIONS, MODES, MisaConfig
+from .config import MisaConfig, mode_option_problem
 from .indexer import MisaIndexer
 from .patching import is_patched, patch_model
 from .registry import ModelFamily
@@ -71,17 +71,10 @@ def check_misa_settings(settings: dict[str, Any] | None) -> dict[str, Any] | Non
         raise ValueError(f"config.json's {MISA_KEY!r} entry must be a dict, got {type(settings).__name__}")
     saved, this = settings.get("version", "unknown"), _version()
     where = f"saved with transformers_misa {saved}; this is {this}; upgrade transformers_misa to load it"
-    known = {field.name for field in dataclasses.fields(MisaConfig)} | set(_META_KEYS)
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"unknown MISA option(s) {unknown} in config.json ({where})")
-    mode = settings.get("mode")
-    if mode not in MODES:
-        raise ValueError(f"unknown MISA mode {mode!r} in config.json ({where}); this version knows {list(MODES)}")
     given = {name for name, value in settings.items() if value is not None and name not in _META_KEYS}
-    inapplicable = sorted(given - MODE_OPTIONS[mode] - {"mode"})
-    if inapplicable:
-        raise ValueError(f"MISA option(s) {inapplicable} are not options of mode {mode!r} in config.json ({where})")
+    problem = mode_option_problem(settings.get("mode"), given - {"mode"})
+    if problem:
+        raise ValueError(f"MISA settings in config.json: {problem} ({where})")
     return dict(settings)
 
 
