@@ -1,0 +1,1 @@
+"""Evaluation harnesses: recall, perplexity, Needle-in-a-Haystack, LongBench."""
