@@ -258,7 +258,7 @@ def test_model_card_with_benchmark_json():
     path = ROOT / "benchmarks" / "results" / "bench_indexer-20261123-142345.json"
     content = model_card(model, results_json=path).content
     assert "base_model: deepseek-ai/DeepSeek-V3.2" in content and "# DeepSeek-V3.2-MISA" in content
-    assert "Benchmark `bench_indexer-20261123-142345.json`" in content
+    assert "Benchmark `bench_indexer-20261123-142345.json` (gpu NVIDIA H100 80GB HBM3, torch 2.11.0+cu130" in content
     assert "| prefill | 64 | 1 | 4096 | 15.54 |" in content  # numbers from the JSON's first row
 
 

@@ -248,7 +248,11 @@ def _results_section(path: str | os.PathLike) -> str:
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(column)) for column in columns) + " |" for row in rows]
-    return f"Benchmark `{name}`:\n\n" + "\n".join(lines)
+    environment = data.get("environment") if isinstance(data, dict) else None
+    where = ""
+    if isinstance(environment, dict):  # say on what and when the numbers were measured
+        where = " (" + ", ".join(f"{key} {value}" for key, value in environment.items() if value is not None) + ")"
+    return f"Benchmark `{name}`{where}:\n\n" + "\n".join(lines)
 
 
 def model_card(model: nn.Module, *, card_data: dict[str, Any] | None = None,
