@@ -172,7 +172,7 @@ def _routed_dense(q, keys, weights, mask, scale, active, block_size):
     out = torch.full((batch, num_queries, num_keys), float("-inf"))
     routed = torch.empty(batch, num_queries, active, dtype=torch.long)
     for b in range(batch):
-        pooled, block_vis_any = [], []
+        pooled = []
         for m in range(num_blocks):
             sl = slice(m * block_size, (m + 1) * block_size)
             real = keys[b, sl][valid[b, sl]]

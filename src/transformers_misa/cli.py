@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
-from typing import Any
-
-EVAL_FAMILIES = ("deepseek_v32", "glm_moe_dsa")
-EVAL_BLOCK_SIZE = 32  # key block size of misa / misa_hierarchical / hisa on the tiny model (top-k 64)
 
 
 def _positive(text: str) -> int:
@@ -38,90 +33,8 @@ def _depth_list(text: str) -> list[float]:
     return values
 
 
-def eval_modes(block_size: int = EVAL_BLOCK_SIZE) -> list[tuple[str, dict[str, Any]]]:
-    """(name, patch kwargs) of the modes `eval` compares."""
-    return [("dsa", {"mode": "dsa"}),
-            ("misa", {"mode": "misa", "active_heads": 8, "block_size": block_size}),
-            ("misa_hierarchical", {"mode": "misa_hierarchical", "active_heads": 8, "block_size": block_size}),
-            ("hisa", {"mode": "hisa", "block_size": block_size})]
-
-
-def run_eval(haystack_dir: str | os.PathLike, lengths: Sequence[int] = (256, 512),
-             depths: Sequence[float] = (0.0, 0.5, 1.0), out_dir: str | os.PathLike = "eval_out",
-             family: str = "deepseek_v32", new_tokens: int = 16, seed: int = 0, progress: bool = True,
-             print_fn=print) -> dict[str, Any]:
-    """What `transformers-misa eval` does: recall, perplexity and NIAH per mode on the built-in tiny model.
-
-    The tokenizer is a byte-level BPE trained on the haystack text (vocab <= the model's 512). The model's
-    weights are random (seeded), so the numbers check the pipeline, not retrieval quality. Writes
-    results.json, niah.png and niah.json into `out_dir`; returns the results dict.
-    """
-    import json
-    import time
-    from pathlib import Path
-
-    import torch
-    from tqdm.auto import tqdm
-
-    from .evaluation.niah import _haystack_ids, build_niah_prompt, load_haystack, patched, run_niah, \
-        save_niah_heatmap, train_bpe_tokenizer
-    from .evaluation.perplexity import perplexity
-    from .recall import measure_recall
-    from .tiny import tiny_model
-
-    start = time.perf_counter()
-    haystack = load_haystack(haystack_dir)
-    lengths, depths = [int(n) for n in lengths], [float(d) for d in depths]
-    overrides: dict[str, Any] = {}
-    if max(lengths) + new_tokens > 8192:
-        overrides["max_position_embeddings"] = max(lengths) + new_tokens
-    model = tiny_model(family, seed=seed, **overrides)
-    tokenizer = train_bpe_tokenizer(haystack, vocab_size=min(512, model.config.vocab_size))
-    modes = eval_modes()
-    longest = max(lengths)
-    recall_ids = build_niah_prompt(tokenizer, haystack, context_tokens=longest, depth=0.5)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ppl_ids = torch.tensor([(bos + _haystack_ids(tokenizer, haystack, longest))[:longest]])
-
-    recall: dict[str, Any] = {}
-    ppl: dict[str, float] = {}
-    bar = tqdm(modes, desc="recall + perplexity", unit="mode", disable=not progress, leave=False)
-    for name, kwargs in bar:
-        bar.set_description(f"recall + perplexity: {name}")
-        with patched(model, name, kwargs):
-            recall[name] = measure_recall(model, recall_ids).to_dict()
-            ppl[name] = perplexity(model, ppl_ids)
-    bar.close()
-    niah = run_niah(model, tokenizer, haystack, lengths=lengths, depths=depths, max_new_tokens=new_tokens,
-                    modes=modes, progress=progress)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_niah_heatmap(niah, out / "niah.png")
-    config = model.config
-    results = {
-        "note": "built-in tiny model with RANDOM (seeded) weights and a tokenizer trained on the haystack: the "
-                "numbers check the pipeline, not retrieval quality (a trained shipped model comes later)",
-        "settings": dict(haystack=str(haystack_dir), lengths=lengths, depths=depths, family=family,
-                         new_tokens=new_tokens, seed=seed, block_size=EVAL_BLOCK_SIZE, topk=config.index_topk,
-                         index_n_heads=config.index_n_heads, tokenizer_vocab=len(tokenizer)),
-        "modes": {name: kwargs for name, kwargs in modes},
-        "recall": recall,
-        "perplexity": ppl,
-        "perplexity_tokens": int(ppl_ids.shape[1]),
-        "niah": niah,
-    }
-    results["wall_s"] = time.perf_counter() - start
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    if print_fn is not None:
-        print_fn(f"{'mode':<18} {'recall':>7} {'ppl':>9} {'niah':>6}")
-        for name, _ in modes:
-            scores = [s for row in niah["modes"][name]["scores"] for s in row]
-            print_fn(f"{name:<18} {recall[name]['mean']:>7.3f} {ppl[name]:>9.2f} {sum(scores) / len(scores):>6.2f}")
-        print_fn(f"wrote {out / 'results.json'} and {out / 'niah.png'} in {results['wall_s']:.1f} s")
-    return results
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation.suite import EVAL_FAMILIES
     from .demo import DEFAULT_BLOCK_SIZE, DEFAULT_CONTEXT, DEFAULT_NEW_TOKENS, DEFAULT_TOPK, QUICK_CONTEXT, \
         QUICK_NEW_TOKENS
 
@@ -142,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--topk", type=_positive, default=DEFAULT_TOPK, help=f"index_topk (default {DEFAULT_TOPK})")
     demo.add_argument("--block-size", type=_positive, default=DEFAULT_BLOCK_SIZE,
                       help=f"key block size of misa / hisa (default {DEFAULT_BLOCK_SIZE})")
-    demo.add_argument("--family", dest="families", action="append", choices=["deepseek_v32", "glm_moe_dsa"],
+    demo.add_argument("--family", dest="families", action="append", choices=list(EVAL_FAMILIES),
                       help="run only this family (repeatable; default both)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt (default 0)")
     demo.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
@@ -213,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pushed {args.model_dir} to {args.repo_id}")
     if args.command == "eval":
         try:
+            from .evaluation.suite import run_eval
+
             run_eval(args.haystack, args.lengths, args.depths, args.out, family=args.family,
                      new_tokens=args.new_tokens, seed=args.seed, progress=not args.no_progress)
         except (ValueError, OSError) as error:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .patching import patch_model, unpatch_model
+from .patching import temporarily_patched
 from .recall import measure_recall
 from .tiny import FAMILY_DEFAULTS, tiny_model
 
@@ -285,13 +285,10 @@ def run_demo(context: int | None = None, new_tokens: int | None = None, *, quick
 
             for label, mode, options in modes:
                 bar.set_description(f"{family}: {label}")
-                patch_model(model, mode=mode, **options)
-                try:
+                with temporarily_patched(model, mode=mode, **options):
                     out, seconds, memory = _timed_generate(model, prompt, new_tokens)
                     recall = measure_recall(model, prompt)
                     patched = model.misa_config
-                finally:
-                    unpatch_model(model)
                 rows.append(dict(label=label, mode=mode, config=patched.to_dict(),
                                  settings=_settings_text(patched, num_heads), recall_mean=recall.mean,
                                  recall_worst=recall.worst, recall_per_layer=recall.per_layer,

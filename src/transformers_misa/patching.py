@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -106,6 +108,18 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if hasattr(model, "misa_config"):
         del model.misa_config
     return model
+
+
+@contextlib.contextmanager
+def temporarily_patched(model: nn.Module, mode: str = "misa", active_heads: int | None = None,
+                        **options: Any) -> Iterator[nn.Module]:
+    """`patch_model` for the duration of a `with` block; the original indexers are back afterwards, even on error."""
+    patch_model(model, mode, active_heads, **options)
+    try:
+        yield model
+    finally:
+        if is_patched(model):  # the block may have unpatched it itself
+            unpatch_model(model)
 
 
 def misa_summary(model: nn.Module) -> list[PatchedLayer]:

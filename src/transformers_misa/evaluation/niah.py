@@ -13,6 +13,7 @@ if the folder is shorter), the needle inserted at a sentence boundary near the r
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..patching import temporarily_patched
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -165,25 +168,12 @@ def _patch_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"mode": name, **kwargs}
 
 
-class patched:
-    """Context manager: `patch_model(model, **kwargs)` on entry (nothing when kwargs is None), unpatch on exit."""
-
-    def __init__(self, model: nn.Module, name: str, kwargs: dict[str, Any] | None) -> None:
-        self.model, self.name, self.kwargs = model, name, kwargs
-
-    def __enter__(self) -> nn.Module:
-        if self.kwargs is not None:
-            from ..patching import patch_model
-
-            patch_model(self.model, **_patch_kwargs(self.name, self.kwargs))
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        if self.kwargs is not None:
-            from ..patching import is_patched, unpatch_model
-
-            if is_patched(self.model):
-                unpatch_model(self.model)
+def patched(model: nn.Module, name: str, kwargs: dict[str, Any] | None):
+    """Context manager for a mode entry: the model patched with `kwargs` (`mode` defaulting to `name`) inside the
+    block and unpatched after it; kwargs None: the model as given."""
+    if kwargs is None:
+        return contextlib.nullcontext(model)
+    return temporarily_patched(model, **_patch_kwargs(name, kwargs))
 
 
 # ------------------------------------------------------------------------------------------------ run
