@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
 import torch
+from transformers import dynamic_module_utils
 from torch import nn
 
 from transformers_misa import MisaIndexer
@@ -28,6 +30,22 @@ def _seed() -> None:
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def offline_modules_cache(tmp_path_factory):
+    """Offline Hub, and transformers' remote-code copies in a temp folder (its module-level HF_MODULES_CACHE is read
+    at import time, so the attribute is patched, not only the environment)."""
+    cache = str(tmp_path_factory.mktemp("hf_modules"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+        mp.setenv("HF_MODULES_CACHE", cache)
+        mp.setattr(dynamic_module_utils, "HF_MODULES_CACHE", cache)
+        mp.setattr(sys, "path", list(sys.path))
+        yield cache
+    for name in [name for name in sys.modules if name.split(".")[0] == "transformers_modules"]:
+        del sys.modules[name]
 
 
 # --------------------------------------------------------------------------------------------- inputs

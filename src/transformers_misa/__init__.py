@@ -4,6 +4,7 @@
     patch_model(model, mode="misa", active_heads=8)
 """
 
+from .calibration import CALIBRATION_FILE, RouterCalibration, calibrate
 from .config import MODES, MisaConfig
 from .hub import push_to_hub, save_patched
 from .indexer import MisaIndexer
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "MODES", "MisaConfig", "MisaIndexer", "PatchedLayer", "is_patched", "misa_summary", "patch_model",
     "unpatch_model", "RecallReport", "measure_recall", "FAMILIES", "ModelFamily", "__version__",
-    "save_patched", "push_to_hub",
+    "save_patched", "push_to_hub", "calibrate", "RouterCalibration", "CALIBRATION_FILE",
 ]

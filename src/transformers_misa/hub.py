@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from .calibration import CALIBRATION_FILE
 from .config import MisaConfig, mode_option_problem
 from .indexer import MisaIndexer
 from .patching import is_patched, patch_model
@@ -44,6 +45,7 @@ class ModelCardInfo:
     license: str
 
 
+# Licences as the base models' own README front matter states them (both "license: mit", checked 2026-11-23).
 MODEL_CARDS: dict[str, ModelCardInfo] = {
     "deepseek_v32": ModelCardInfo("DeepSeek-V3.2-MISA", "DeepSeek-V3.2-MISA.md", "deepseek-ai/DeepSeek-V3.2", "mit"),
     "glm_moe_dsa": ModelCardInfo("GLM-5-MISA", "GLM-5-MISA.md", "zai-org/GLM-5", "mit"),
@@ -80,7 +82,8 @@ def check_misa_settings(settings: dict[str, Any] | None) -> dict[str, Any] | Non
 
 def _settings_of(model: nn.Module) -> dict[str, Any]:
     config: MisaConfig = model.misa_config
-    return {**config.to_dict(), "version": _version(), "calibration": None}
+    calibration = getattr(model, "misa_calibration", None)
+    return {**config.to_dict(), "version": _version(), "calibration": CALIBRATION_FILE if calibration else None}
 
 
 def register_weight_conversion(config_class: type) -> None:
@@ -103,7 +106,21 @@ def apply_saved_settings(model: nn.Module) -> nn.Module:
     if settings is None:
         raise ValueError(f"{type(model).__name__}'s config has no {MISA_KEY!r} settings; save it with save_patched")
     options = {name: value for name, value in settings.items() if name not in _META_KEYS}
-    return patch_model(model, **options)
+    return patch_model(model, calibration=_saved_calibration(model.config, settings.get("calibration")), **options)
+
+
+def _saved_calibration(config: Any, file_name: str | None) -> Any:
+    """The calibration file a save_patched checkpoint names, fetched like its other files (a local folder, or
+    the Hub / its cache under HF_HUB_OFFLINE): a path, or None when the checkpoint has none."""
+    if not file_name:
+        return None
+    from transformers.utils import cached_file
+
+    source = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    if not source:
+        raise ValueError(f"config.json names the router calibration {file_name!r} but the checkpoint's location "
+                         "is unknown; load the model with from_pretrained(path_or_repo_id, trust_remote_code=True)")
+    return cached_file(source, file_name)
 
 
 # --------------------------------------------------------------------------------------------- remote code
@@ -196,6 +213,9 @@ def _save_into(model: nn.Module, folder: Path, save_kwargs: dict[str, Any]) -> N
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     for name, source in sources.items():
         (folder / name).write_text(source, encoding="utf-8")
+    calibration = getattr(model, "misa_calibration", None)
+    if calibration is not None:
+        calibration.save(folder / CALIBRATION_FILE)
 
 
 def save_patched(model: nn.Module, save_directory: str | os.PathLike, **save_pretrained_kwargs: Any) -> Path:
@@ -278,6 +298,8 @@ def model_card(model: nn.Module, *, card_data: dict[str, Any] | None = None,
                             "pipeline_tag": "text-generation", "tags": tags, "license": info.license, **extra})
     config: MisaConfig = model.misa_config
     settings = ", ".join(f"`{k}={v}`" for k, v in config.to_dict().items() if v is not None and k != "mode")
+    if getattr(model, "misa_calibration", None) is not None:
+        settings += f", router calibration `{CALIBRATION_FILE}`"
     template = resources.files("transformers_misa") / "model_cards" / info.template
     with resources.as_file(template) as template_path:
         return ModelCard.from_template(

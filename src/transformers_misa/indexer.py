@@ -47,6 +47,10 @@ class MisaIndexer(nn.Module):
         # Set by `measure_recall` while it runs: a list collecting
         # (DSA indices, own indices, mask, number of keys) per call.
         self.recall_probe: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] | None = None
+        # [H] router calibration factors of this layer (misa modes), or None; set by patch_model.
+        self.head_scale: torch.Tensor | None = None
+        # Set by `calibrate` while it runs: called as observer(self, q, keys, weights, mask) on every forward.
+        self.observer: Any = None
 
     def extra_repr(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.misa_config.to_dict().items() if v is not None)
@@ -94,11 +98,12 @@ class MisaIndexer(nn.Module):
             return reference.dsa_topk(q, keys, weights, self.index_topk, **common)
         if config.mode == "misa":
             return reference.misa_topk(q, keys, weights, self.index_topk, active_heads=config.active_heads,
-                                       block_size=config.block_size, pooled=pooled, **common)
+                                       block_size=config.block_size, pooled=pooled, head_scale=self.head_scale,
+                                       **common)
         if config.mode == "misa_hierarchical":
             return reference.misa_hierarchical_topk(
                 q, keys, weights, self.index_topk, active_heads=config.active_heads, block_size=config.block_size,
-                candidate_factor=config.candidate_factor, pooled=pooled, **common)
+                candidate_factor=config.candidate_factor, pooled=pooled, head_scale=self.head_scale, **common)
         return reference.hisa_topk(q, keys, weights, self.index_topk, block_size=config.block_size,
                                    keep_blocks=config.keep_blocks, pooled=pooled, **common)
 
@@ -110,6 +115,8 @@ class MisaIndexer(nn.Module):
         q, keys, weights = self.project(hidden_states, q_resid, position_embeddings)
         if past_key_values is not None:
             keys = past_key_values.update_indexer(keys, self.layer_idx)
+        if self.observer is not None:
+            self.observer(self, q, keys, weights, attention_mask)
         pooled = self._pooled(keys, attention_mask, past_key_values)
         indices = self.select(q, keys, weights, attention_mask, pooled)
         if self.recall_probe is None:

@@ -46,7 +46,7 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch_model(model: nn.Module, mode: str = "misa", active_heads: int | None = None,
-                **options: Any) -> nn.Module:
+                calibration: Any = "auto", **options: Any) -> nn.Module:
     """Replaces every DSA indexer of `model` with a `MisaIndexer` running `mode`, in place.
 
     Args:
@@ -57,6 +57,10 @@ def patch_model(model: nn.Module, mode: str = "misa", active_heads: int | None =
         active_heads: heads each query is routed to (misa modes; default 8, at most `index_n_heads`).
         **options: `block_size` (default 128), `candidate_factor` (misa_hierarchical, default 4),
             `keep_blocks` (hisa, default 4·topk/block_size), `query_chunk_size` (default: from a 256 MiB budget).
+        calibration: router calibration of the misa modes (`transformers_misa.calibrate`): a path to its
+            safetensors file (or the folder holding misa_calibration.safetensors), a `RouterCalibration`, None
+            (route uncalibrated) or "auto" (default: misa_calibration.safetensors in the model's local checkpoint
+            folder, if there is one fitted with the same block size).
 
     Returns:
         The same model, with `model.misa_config` set to the settings in force.
@@ -82,6 +86,12 @@ def patch_model(model: nn.Module, mode: str = "misa", active_heads: int | None =
             raise ValueError(f"indexers of {type(model).__name__} differ in shape; cannot apply one setting to all")
         config = layer_config
         replacements.append((name, MisaIndexer(original, family_of(original), config)))
+    from .calibration import resolve_calibration
+
+    router_calibration = resolve_calibration(model, calibration, config.mode, config.block_size)
+    for _, replacement in replacements:
+        if router_calibration is not None:
+            replacement.head_scale = router_calibration.scale_for(replacement.layer_idx)
 
     for name, replacement in replacements:
         parent, attr = _parent_and_attr(model, name)
@@ -93,7 +103,9 @@ def patch_model(model: nn.Module, mode: str = "misa", active_heads: int | None =
             add_hook_to_module(replacement, hook)
         setattr(parent, attr, replacement)
     model.misa_config = config
-    logger.info("transformers_misa: patched %d indexers with %s", len(replacements), config)
+    model.misa_calibration = router_calibration
+    logger.info("transformers_misa: patched %d indexers with %s%s", len(replacements), config,
+                ", calibrated router" if router_calibration is not None else "")
     return model
 
 
@@ -105,9 +117,28 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     for name, module in patched:
         parent, attr = _parent_and_attr(model, name)
         setattr(parent, attr, module.original_indexer)
-    if hasattr(model, "misa_config"):
-        del model.misa_config
+    for attr in ("misa_config", "misa_calibration"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
+
+
+@contextlib.contextmanager
+def temporarily_unpatched(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with its original indexers inside the block; a patched model is patched again afterwards with
+    the same settings and calibration (an unpatched one is left as is)."""
+    config = getattr(model, "misa_config", None)
+    calibration = getattr(model, "misa_calibration", None)
+    if is_patched(model):
+        unpatch_model(model)
+    try:
+        yield model
+    finally:
+        if config is not None:
+            if is_patched(model):
+                unpatch_model(model)
+            options = {k: v for k, v in config.to_dict().items() if k != "mode"}
+            patch_model(model, config.mode, calibration=calibration, **options)
 
 
 @contextlib.contextmanager

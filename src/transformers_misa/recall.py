@@ -98,3 +98,29 @@ def measure_recall(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         for module in indexers:
             module.recall_probe = None
     return RecallReport(model.misa_config.mode, per_layer, sparse_queries)
+
+
+@torch.no_grad()
+def recall_by_layer(model: nn.Module, sequences: list[torch.Tensor]) -> dict[int, float]:
+    """Per-layer recall of DSA's top-k over several unpadded token-id sequences ([T] each) of a patched model,
+    weighted by each sequence's number of sparse queries (one forward per sequence, DSA driving the model)."""
+    indexers = [m for m in model.modules() if isinstance(m, MisaIndexer)]
+    if not indexers:
+        raise ValueError("recall_by_layer needs a patched model: call patch_model(model, mode=...) first")
+    device = next(model.parameters()).device
+    totals = {m.layer_idx: [0.0, 0] for m in indexers}
+    for module in indexers:
+        module.recall_probe = []
+    try:
+        for ids in sequences:
+            model(input_ids=torch.as_tensor(ids).reshape(1, -1).to(device), use_cache=False)
+            for module in indexers:
+                for dsa, ours, mask, num_keys in module.recall_probe:
+                    total, count = recall_counts(dsa, ours, mask, num_keys)
+                    totals[module.layer_idx][0] += total
+                    totals[module.layer_idx][1] += count
+                module.recall_probe.clear()
+    finally:
+        for module in indexers:
+            module.recall_probe = None
+    return {layer: total / count if count else math.nan for layer, (total, count) in totals.items()}

@@ -139,13 +139,17 @@ def pooled_keys(keys: torch.Tensor, mask: torch.Tensor | None, block_size: int) 
 
 def routed_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                   pooled: torch.Tensor, block_size: int, active_heads: int, softmax_scale: float,
-                  scorer: Scorer = REFERENCE) -> torch.Tensor:
+                  scorer: Scorer = REFERENCE, head_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Token scores [B, c, T] from each query's routed heads only.
 
     The selected heads keep their DSA weights w[t, j] unchanged and the others contribute nothing; no
-    renormalisation, since a positive per-query factor would not change any top-k.
+    renormalisation, since a positive per-query factor would not change any top-k. `head_scale` [H] (a router
+    calibration) multiplies each head's router score before the heads are picked.
     """
-    heads = route_heads(scorer.head_importance(q, weights, pooled, chunk, block_size, softmax_scale), active_heads)
+    importance = scorer.head_importance(q, weights, pooled, chunk, block_size, softmax_scale)
+    if head_scale is not None:
+        importance = importance * head_scale.to(importance.device, importance.dtype)
+    heads = route_heads(importance, active_heads)
     q_routed = q.gather(2, heads.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1]))
     w_routed = weights.gather(2, heads)
     return scorer.token_logits(q_routed, w_routed, keys, chunk, softmax_scale)
@@ -190,13 +194,16 @@ def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: i
 def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
               active_heads: int, block_size: int, mask: torch.Tensor | None = None,
               pooled: torch.Tensor | None = None, chunk_size: int | None = None,
-              scorer: Scorer = REFERENCE) -> torch.Tensor:
-    """MISA: route each query to its `active_heads` heads over block-pooled keys, score tokens with those only."""
+              scorer: Scorer = REFERENCE, head_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """MISA: route each query to its `active_heads` heads over block-pooled keys, score tokens with those only.
+
+    head_scale: optional [H] router calibration (see `transformers_misa.calibration`)."""
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
     per_query = scorer.scratch_bytes(active_heads, keys.shape[1]) + 2 * q.shape[2] * pooled.shape[1] * _FP32
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
-        scores = routed_scores(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale, scorer)
+        scores = routed_scores(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale, scorer,
+                               head_scale)
         return scorer.topk(scores, k)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer,
@@ -206,7 +213,8 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
 def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *,
                            softmax_scale: float, active_heads: int, block_size: int, candidate_factor: int,
                            mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
-                           chunk_size: int | None = None, scorer: Scorer = REFERENCE) -> torch.Tensor:
+                           chunk_size: int | None = None, scorer: Scorer = REFERENCE,
+                           head_scale: torch.Tensor | None = None) -> torch.Tensor:
     """MISA†: the routed pass keeps `candidate_factor`·topk candidates, re-ranked by the full DSA score."""
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
     num_candidates = min(candidate_factor * topk, keys.shape[1])
@@ -215,7 +223,8 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
                  + 2 * (num_heads * pooled.shape[1] + num_candidates * (dim + num_heads)) * _FP32)
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
-        scores = routed_scores(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale, scorer)
+        scores = routed_scores(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale, scorer,
+                               head_scale)
         candidates = scorer.topk(scores, num_candidates)
         return rerank(q_c, w_c, keys_c, chunk, candidates, k, softmax_scale, scorer=scorer)
 
