@@ -1,0 +1,417 @@
+"""Train a small DSA model from scratch on offline text: the project's built-in *trained* model.
+
+    python examples/train_small_dsa.py --family deepseek_v32 \
+        --haystack ../shared/data/haystack/paul_graham_essays --out trained/deepseek_v32
+
+What it trains (seeded, one GPU, a few minutes; `--steps` fixes the work, `--max-minutes` is only a safety stop):
+- a `deepseek_v32` (64 indexer heads) or `glm_moe_dsa` (32 indexer heads, one "shared" layer) model with the real
+  indexer shape (head dim 128), a small main model (hidden 256, 4 layers, MLA with 4 heads, dense MLPs);
+- on the Python standard library's source found on this machine (`--stdlib`, default: the running Python's) and
+  the essays of `--haystack` (all but the last `--heldout-essays` essays, kept for held-out perplexity and
+  calibration checks), tokenised by a byte-level BPE trained here with `tokenizers` on the same text;
+- with retrieval tasks mixed in: needles in the NIAH format ("The best thing to do in <Place> is <span>." plus
+  distractors; pass keys), answered after "Question: ...\\nAnswer:" by repeating the needle;
+- indexer as DeepSeek trained it: a dense warm-up (main attention over every causal key) where the indexer learns,
+  from inputs detached from the main model, the KL divergence to the main attention's distribution (summed over
+  heads, L1-normalised), then sparse training where the main attention sees only the indexer's top-k and the KL
+  is taken over the selected keys. The LM loss trains the rest of the model.
+Writes model.safetensors (bf16), config.json, the tokenizer and training.json (settings, losses, data, machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from transformers_misa import patch_model, unpatch_model
+from transformers_misa.evaluation.niah import QUESTION_TEMPLATE, train_bpe_tokenizer
+from transformers_misa.tiny import tiny_model
+
+ATTN_IMPLEMENTATION = "misa_kl_training"
+MODEL_CONFIG: dict[str, Any] = dict(
+    vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32,
+    head_dim=32, index_head_dim=128, index_topk=256, first_k_dense_replace=4, max_position_embeddings=16384,
+    tie_word_embeddings=True, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+)
+FAMILY_CONFIG: dict[str, dict[str, Any]] = {
+    "deepseek_v32": dict(index_n_heads=64),
+    "glm_moe_dsa": dict(index_n_heads=32, indexer_types=["full", "full", "shared", "full"]),
+}
+TEMPLATES = [  # (needle, question); the answer repeats the needle
+    ("The best thing to do in {place} is {span}.", "What is the best thing to do in {place}?"),
+    ("The most important thing about {place} is {span}.", "What is the most important thing about {place}?"),
+    ("The secret of {place} is {span}.", "What is the secret of {place}?"),
+]
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def load_text(stdlib: Path, haystack: Path, heldout_essays: int, code_bytes: int, seed: int) -> dict[str, Any]:
+    """Code (standard-library .py files, seeded order, up to `code_bytes`) and essays (training / held-out split)."""
+    essays = sorted(p for p in haystack.iterdir() if p.suffix == ".txt")
+    if len(essays) <= heldout_essays:
+        raise ValueError(f"{haystack} has {len(essays)} .txt files; need more than --heldout-essays={heldout_essays}")
+    files = sorted(p for p in stdlib.rglob("*.py") if not {"site-packages", "test", "tests"} & set(p.parts))
+    if not files:
+        raise ValueError(f"no .py files under --stdlib {stdlib}")
+    random.Random(seed).shuffle(files)
+    code, size = [], 0
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        code.append(text)
+        size += len(text)
+        if size >= code_bytes:
+            break
+    read = lambda paths: [p.read_text(encoding="utf-8", errors="replace").strip() for p in paths]  # noqa: E731
+    return dict(code=code, essays=read(essays[:-heldout_essays]), code_files=len(code),
+                train_essays=[p.name for p in essays[:-heldout_essays]],
+                heldout_essays=[p.name for p in essays[-heldout_essays:]])
+
+
+class Batches:
+    """Seeded training sequences: plain text windows, or background text with needles and a question."""
+
+    def __init__(self, tokenizer: Any, text: dict[str, Any], seed: int, retrieval_fraction: float,
+                 repeat_fraction: float = 0.0, essay_share: float = 0.5) -> None:
+        self.tokenizer, self.rng = tokenizer, random.Random(seed)
+        self.retrieval_fraction, self.repeat_fraction, self.essay_share = retrieval_fraction, repeat_fraction, essay_share
+        encode = lambda parts: torch.tensor(  # noqa: E731
+            [i for ids in tokenizer(parts, add_special_tokens=False)["input_ids"] for i in ids + [tokenizer.eos_token_id]])
+        self.sources = {"code": encode(text["code"]), "essays": encode(text["essays"])}
+        essay_text = "\n".join(text["essays"])
+        self.places = sorted(set(re.findall(r"\b[A-Z][a-z]{3,11}\b", essay_text)))
+        self.sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", essay_text) if 6 <= len(s.split()) <= 40]
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _window(self, length: int) -> list[int]:
+        ids = self.sources["essays" if self.rng.random() < self.essay_share else "code"]
+        start = self.rng.randrange(0, len(ids) - length - 1)
+        return ids[start: start + length].tolist()
+
+    def _needle(self) -> tuple[str, str, str]:
+        if self.rng.random() < 0.3:
+            key = str(self.rng.randrange(10000, 100000))
+            return (f"The pass key is {key}. Remember it. {key} is the pass key.", "What is the pass key?",
+                    f"The pass key is {key}.")
+        needle, question = self.rng.choice(TEMPLATES)
+        words = self.rng.choice(self.sentences).rstrip(".!?").split()
+        cut = self.rng.randrange(0, max(1, len(words) - 12))
+        span = " ".join(words[cut: cut + self.rng.randrange(5, 13)])
+        span = span[0].lower() + span[1:]
+        place = " ".join(self.rng.sample(self.places, self.rng.choice([1, 1, 2])))
+        sentence = needle.format(place=place, span=span)
+        return sentence, question.format(place=place), sentence
+
+    def sequence(self, length: int) -> tuple[list[int], list[float]]:
+        """`length` token ids starting with bos, and a loss weight per id (answer tokens weigh 10)."""
+        bos = [self.tokenizer.bos_token_id]
+        draw = self.rng.random()
+        if draw < self.repeat_fraction:
+            return self._repeat(length)
+        if draw >= self.repeat_fraction + self.retrieval_fraction:
+            return bos + self._window(length - 1), [1.0] * length
+        needle, question, answer = self._needle()
+        inserts = [self._encode(" " + needle)] + [self._encode(" " + self._needle()[0])
+                                                  for _ in range(self.rng.randrange(0, 3))]
+        tail = self._encode(QUESTION_TEMPLATE.format(question=question))
+        answer_ids = self._encode(" " + answer) + [self.tokenizer.eos_token_id]
+        budget = lambda: length - 1 - sum(map(len, inserts)) - len(tail) - len(answer_ids)  # noqa: E731
+        while budget() < length // 4 and len(inserts) > 1:
+            inserts.pop()  # short sequences: fewer distractors
+        if budget() < length // 4:
+            return bos + self._window(length - 1), [1.0] * length
+        hay = self._window(budget())
+        for ids in inserts:
+            at = self.rng.randrange(0, len(hay) + 1)
+            hay = hay[:at] + ids + hay[at:]
+        ids = bos + hay + tail + answer_ids
+        return ids, [1.0] * (len(ids) - len(answer_ids)) + [10.0] * len(answer_ids)
+
+    def _repeat(self, length: int) -> tuple[list[int], list[float]]:
+        """Background text in which a few earlier spans (16-128 tokens) recur verbatim later: dense copying
+        signal, from which induction (and so retrieval) is learned much sooner than from needles alone."""
+        ids = [self.tokenizer.bos_token_id] + self._window(length - 1)
+        weights = [1.0] * length
+        for _ in range(self.rng.randrange(1, 4)):
+            span = self.rng.randrange(16, min(128, length // 4) + 1)
+            source = self.rng.randrange(1, length - 2 * span)
+            target = self.rng.randrange(source + span, length - span + 1)
+            ids[target: target + span] = ids[source: source + span]
+            weights[target + 1: target + span] = [2.0] * (span - 1)
+        return ids, weights
+
+    def batch(self, size: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.sequence(length) for _ in range(size)]
+        ids = torch.tensor([r[0] for r in rows], device=device)
+        return ids, torch.tensor([r[1] for r in rows], device=device)
+
+
+# ------------------------------------------------------------------------------------------------ indexer KL
+
+
+class KLState:
+    """What the training indexers hand to the attention function within one forward."""
+
+    def __init__(self) -> None:
+        self.sparse = False
+        self.rows: torch.Tensor | None = None  # query positions whose KL is taken this step
+        self.stash: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+        self.losses: list[torch.Tensor] = []
+
+
+STATE = KLState()
+
+
+def _index_logits(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
+    """Σ_j w[t, j]·ReLU(q[t, j]·k[s])·scale for a few query rows: [B, Q, T] fp32 (recomputed in backward)."""
+    scores = F.relu(torch.einsum("bqhd,btd->bqht", q.bfloat16(), keys.bfloat16())) * scale
+    return torch.einsum("bqh,bqht->bqt", weights.bfloat16(), scores).float()
+
+
+def training_indexer_forward(self, hidden_states, q_resid, position_embeddings, attention_mask, position_ids=None,
+                             past_key_values=None):
+    """Replaces a patched indexer's forward while training: the projections get gradients (from detached inputs,
+    so the KL loss trains only the indexer), the top-k is taken without them."""
+    q, keys, weights = self.project(hidden_states.detach(), q_resid.detach(), position_embeddings)
+    STATE.stash[self.layer_idx] = (q, keys, weights, self.softmax_scale)
+    if not STATE.sparse:  # dense warm-up: the attention ignores the indices
+        return torch.zeros(q.shape[0], q.shape[1], 1, dtype=torch.int32, device=q.device)
+    with torch.no_grad():  # bf16 scores in query chunks: training needs no bit-exact DSA, just speed
+        out = torch.empty(q.shape[0], q.shape[1], min(self.index_topk, keys.shape[1]), dtype=torch.int32,
+                          device=q.device)
+        for start in range(0, q.shape[1], 512):
+            rows = slice(start, start + 512)
+            logits = _index_logits(q[:, rows], keys, weights[:, rows], self.softmax_scale)
+            logits.masked_fill_(~attention_mask[:, rows], -math.inf)
+            out[:, rows] = logits.topk(out.shape[-1], dim=-1).indices.to(torch.int32)
+        return out
+
+
+def kl_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, indices=None, **kwargs):
+    """SDPA over the causal (dense phase) or causal ∩ top-k (sparse phase) keys, plus the indexer's KL loss."""
+    mask = attention_mask
+    if STATE.sparse and indices is not None:
+        selected = torch.zeros(mask.shape[0], mask.shape[2], mask.shape[3], dtype=torch.bool, device=mask.device)
+        mask = mask & selected.scatter_(-1, indices.long(), True).unsqueeze(1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    stash = STATE.stash.pop(module.layer_idx, None)
+    if stash is not None:
+        q, keys, weights, index_scale = stash
+        rows = STATE.rows
+        visible = mask[:, 0, rows]  # [B, Q, T]
+        with torch.no_grad():  # target: main attention summed over heads, L1-normalised
+            logits = (query[:, :, rows].float() @ key.float().transpose(-1, -2)) * scaling
+            target = logits.masked_fill(~visible.unsqueeze(1), -math.inf).softmax(-1).sum(1)
+            target = target / target.sum(-1, keepdim=True)
+        index = checkpoint(_index_logits, q[:, rows], keys, weights[:, rows], index_scale, use_reentrant=False)
+        log_q = index.masked_fill(~visible, -math.inf).log_softmax(-1)
+        kl = torch.where(target > 0, target * (target.clamp_min(1e-30).log() - log_q), 0.0).sum(-1)
+        STATE.losses.append(kl.mean())
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, kl_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+# (fraction of the run, sequence length as a fraction of --context): short sequences are cheap, and copying is
+# learned there; the end of the run is at the full context.
+CURRICULUM = ((0.6, 0.25), (0.25, 0.5), (0.15, 1.0))
+
+
+def curriculum(step: int, steps: int, context: int) -> int:
+    """Sequence length at `step` (see CURRICULUM)."""
+    done = 0.0
+    for fraction, scale in CURRICULUM:
+        done += fraction
+        if step < done * steps:
+            return int(context * scale)
+    return context
+
+
+def training_step(model, optimizer, ids: torch.Tensor, weights: torch.Tensor, sparse: bool, rows: torch.Tensor,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step: weighted LM loss (main model) + indexer KL (indexer only). Returns (lm, kl, logits)."""
+    STATE.sparse, STATE.rows = sparse, rows.to(device)
+    STATE.losses.clear()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(input_ids=ids, use_cache=False).logits
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    w = weights[:, 1:].flatten()
+    lm = (nll * w).sum() / w.sum()
+    kl = torch.stack(STATE.losses).mean()
+    optimizer.zero_grad(set_to_none=True)
+    (lm + kl).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return lm.detach(), kl.detach(), logits.detach()
+
+
+def fit_steps(model, tokenizer, text: dict[str, Any], args: argparse.Namespace, seconds: float,
+              device: torch.device) -> int:
+    """Steps that fill `seconds` of training, timed with its own data and a zero-learning-rate optimizer (weights
+    restored afterwards), so the run itself stays a function of --seed and the printed --steps."""
+    saved = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    batches = Batches(tokenizer, text, args.seed + 1, args.retrieval_fraction, args.repeat_fraction,
+                      args.essay_share)
+    per_step = []
+    for length, sparse in ((int(args.context * scale), True) for _, scale in CURRICULUM):
+        times = []
+        for _ in range(3):
+            ids, weights = batches.batch(max(1, args.tokens_per_step // length), length, device)
+            rows = torch.arange(length - min(args.kl_queries, length), length)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            tick = time.perf_counter()
+            training_step(model, optimizer, ids, weights, sparse, rows, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - tick)
+        per_step.append(min(times[1:]))  # the first includes warm-up
+    mean = sum(fraction * seconds for (fraction, _), seconds in zip(CURRICULUM, per_step))
+    steps = max(10, int(seconds / mean))
+    print(f"timed s/step {[round(t, 3) for t in per_step]}: --steps {steps} fills {seconds:.0f} s", flush=True)
+    model.load_state_dict(saved)
+    model.zero_grad(set_to_none=True)
+    return steps
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    text = load_text(Path(args.stdlib), Path(args.haystack), args.heldout_essays, args.code_bytes, args.seed)
+    code_text = "\n".join(text["code"])
+    if args.tokenizer_code_bytes is not None:  # less code, so English words get merges of their own
+        code_text = code_text[: args.tokenizer_code_bytes]
+    tokenizer = train_bpe_tokenizer(code_text + "\n" + "\n".join(text["essays"]), vocab_size=args.vocab_size)
+    batches = Batches(tokenizer, text, args.seed, args.retrieval_fraction, args.repeat_fraction, args.essay_share)
+    print(f"data: {text['code_files']} code files, {len(text['train_essays'])} essays; tokens: code "
+          f"{len(batches.sources['code'])}, essays {len(batches.sources['essays'])} "
+          f"({time.perf_counter() - start:.1f} s)", flush=True)
+
+    overrides = {**MODEL_CONFIG, **FAMILY_CONFIG[args.family], "vocab_size": len(tokenizer), "index_topk": args.topk}
+    if args.small:  # CPU smoke runs of the script itself
+        overrides.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, q_lora_rank=32)
+        if args.family == "glm_moe_dsa":
+            overrides["indexer_types"] = ["full", "shared"]
+    overrides["first_k_dense_replace"] = overrides["num_hidden_layers"]
+    model = tiny_model(args.family, seed=args.seed, dtype=torch.float32, attn_implementation="sdpa", **overrides)
+    model.to(device).train()
+    _register_attention()
+    # Reference ops (no TileLang needed); big query chunks on a GPU for the sparse phase's top-k.
+    patch_model(model, mode="dsa", backend="reference", query_chunk_size=512 if device.type == "cuda" else None)
+    indexers = [m for m in model.modules() if hasattr(m, "project") and hasattr(m, "select")]
+    for indexer in indexers:
+        indexer.forward = training_indexer_forward.__get__(indexer)
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+
+    if args.fit_minutes:
+        args.steps = fit_steps(model, tokenizer, text, args, 60 * args.fit_minutes, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, args.steps // 30)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
+    dense_steps = int(args.steps * args.dense_fraction)
+    history, done = [], 0
+    generator = torch.Generator().manual_seed(args.seed)
+    for step in range(args.steps):
+        if time.perf_counter() - start > 60 * args.max_minutes:
+            print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
+            break
+        length = curriculum(step, args.steps, args.context)
+        ids, weights = batches.batch(max(1, args.tokens_per_step // length), length, device)
+        low = min(length - 1, args.topk)
+        rows = low + torch.randperm(length - low, generator=generator)[: args.kl_queries]
+        lm, kl, logits = training_step(model, optimizer, ids, weights, step >= dense_steps, rows.sort().values,
+                                       device)
+        schedule.step()
+        done = step + 1
+        if step % args.log_every == 0 or done == args.steps:
+            hits = logits[:, :-1].argmax(-1).flatten() == ids[:, 1:].flatten()
+            accuracy = lambda where: float(hits[where].float().mean()) if where.any() else None  # noqa: E731
+            w = weights[:, 1:].flatten()
+            row = dict(step=step, length=length, sparse=step >= dense_steps, lm=float(lm), kl=float(kl),
+                       answer_token_acc=accuracy(w > 5), copy_token_acc=accuracy(w == 2),
+                       elapsed_s=round(time.perf_counter() - start, 1))
+            history.append(row)
+            print(json.dumps(row), flush=True)
+
+    STATE.stash.clear()
+    unpatch_model(model)
+    model.config._attn_implementation = "sdpa"
+    model.eval().to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    info = dict(family=args.family, args=vars(args), steps_done=done, dense_steps=dense_steps,
+                wall_s=round(time.perf_counter() - start, 1), history=history,
+                data={k: text[k] for k in ("code_files", "train_essays", "heldout_essays")},
+                tokens={k: len(v) for k, v in batches.sources.items()},
+                parameters=sum(p.numel() for p in model.parameters()),
+                machine=dict(python=platform.python_version(), torch=torch.__version__,
+                             gpu=torch.cuda.get_device_name() if device.type == "cuda" else None))
+    (out / "training.json").write_text(json.dumps(info, indent=2))
+    print(f"wrote {out} ({done} steps, {info['wall_s']} s)", flush=True)
+    return info
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", choices=sorted(FAMILY_CONFIG), default="deepseek_v32")
+    parser.add_argument("--haystack", required=True, help="folder of .txt essays (../shared/data/haystack/...)")
+    parser.add_argument("--stdlib", default=os.path.dirname(os.__file__), help="Python standard library folder")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--fit-minutes", type=float, default=None,
+                        help="time a few steps first and set --steps to fill this many minutes of training")
+    parser.add_argument("--max-minutes", type=float, default=15.0, help="safety stop (wall clock, data included)")
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--tokens-per-step", type=int, default=32768)
+    parser.add_argument("--topk", type=int, default=256)
+    parser.add_argument("--dense-fraction", type=float, default=0.35)
+    parser.add_argument("--retrieval-fraction", type=float, default=0.6)
+    parser.add_argument("--repeat-fraction", type=float, default=0.0,
+                        help="sequences with verbatim repeated spans (copying practice)")
+    parser.add_argument("--essay-share", type=float, default=0.5,
+                        help="share of essays (vs code) in text windows and needle backgrounds")
+    parser.add_argument("--kl-queries", type=int, default=512, help="query rows per sequence in the KL loss")
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--code-bytes", type=int, default=6_000_000)
+    parser.add_argument("--tokenizer-code-bytes", type=int, default=None,
+                        help="code characters the BPE is trained on (default: all the code read)")
+    parser.add_argument("--heldout-essays", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--small", action="store_true", help="a much smaller main model (CPU smoke test)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(parse_args(sys.argv[1:]))

@@ -1,0 +1,128 @@
+"""The built-in trained models (shipped in the package) and the script that trained them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformers_misa import CALIBRATION_FILE, patch_model, unpatch_model
+from transformers_misa.evaluation.niah import load_haystack, run_niah
+from transformers_misa.recall import recall_by_layer
+from transformers_misa.trained import TRAINED_FAMILIES, load_trained, trained_model_dir, training_info
+
+ROOT = Path(__file__).resolve().parents[1]
+ESSAYS = ROOT.parent / "shared" / "data" / "haystack" / "paul_graham_essays"
+HEADS = {"deepseek_v32": 64, "glm_moe_dsa": 32}
+
+
+@pytest.fixture(scope="module", params=TRAINED_FAMILIES)
+def trained(request):
+    model, tokenizer = load_trained(request.param)
+    return request.param, model, tokenizer
+
+
+def _prompt(tokenizer, tokens: int) -> torch.Tensor:
+    """Standard-library source (always on the machine) as [1, tokens] ids."""
+    import argparse
+    import inspect
+
+    ids = [tokenizer.bos_token_id] + tokenizer(inspect.getsource(argparse), add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids[:tokens]])
+
+
+def test_shipped_models_are_small_and_real_shaped(trained):
+    family, model, tokenizer = trained
+    folder = trained_model_dir(family)
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= 25 * 2**20
+    config = model.config
+    assert (config.model_type, config.index_n_heads, config.index_head_dim) == (family, HEADS[family], 128)
+    assert config.index_topk == 256 and len(tokenizer) == config.vocab_size == 4096
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    info = training_info(folder)
+    assert info["family"] == family and info["steps_done"] == info["args"]["steps"]
+    assert info["wall_s"] <= 15 * 60 and "H100" in info["machine"]["gpu"]
+    assert (folder / CALIBRATION_FILE).is_file()
+
+
+def test_dsa_mode_reproduces_the_trained_model(trained):
+    family, model, tokenizer = trained
+    prompt = _prompt(tokenizer, 300)
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    patch_model(model, mode="dsa")
+    try:
+        assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), expected)
+    finally:
+        unpatch_model(model)
+
+
+def test_recall_of_the_trained_indexers(trained):
+    """Real routing on a trained indexer, on CPU: 1024 tokens of source the recall code runs over for real.
+    Thresholds sit below the values measured when the models were shipped (misa-8 0.80-0.97 per layer)."""
+    family, model, tokenizer = trained
+    prompt = _prompt(tokenizer, 1024)[0]
+    recall = {}
+    for name, kwargs in [("misa4", dict(mode="misa", active_heads=4)), ("misa8", dict(mode="misa", active_heads=8)),
+                         ("hier", dict(mode="misa_hierarchical", active_heads=8))]:
+        patch_model(model, block_size=64, calibration=None, **kwargs)
+        try:
+            recall[name] = recall_by_layer(model, [prompt])
+        finally:
+            unpatch_model(model)
+    mean = {name: sum(v.values()) / len(v) for name, v in recall.items()}
+    assert mean["misa4"] <= mean["misa8"] <= mean["hier"]
+    assert mean["misa8"] > 0.75 and min(recall["hier"].values()) > 0.95
+
+
+def test_niah_runs_on_the_trained_model(trained):
+    """The NIAH harness on the trained model, short context: the model answers in the trained format."""
+    if not ESSAYS.is_dir():
+        pytest.skip(f"shared NIAH haystack not found at {ESSAYS} (outside the repository; CI has it)")
+    family, model, tokenizer = trained
+    results = run_niah(model, tokenizer, load_haystack(ESSAYS), lengths=[512], depths=[0.0, 1.0], max_new_tokens=8,
+                       modes=[("dsa", {}), ("misa8", {"mode": "misa", "active_heads": 8, "block_size": 64})],
+                       progress=False)
+    for name in ("dsa", "misa8"):
+        grid = results["modes"][name]
+        assert all(0.0 <= s <= 1.0 for row in grid["scores"] for s in row)
+        assert all(answer.startswith(" The ") for answer in grid["answers"][0])
+    assert all(a.startswith(" The best thing to do in") for a in results["modes"]["dsa"]["answers"][0])
+
+
+def test_load_trained_rejects_an_unknown_family():
+    with pytest.raises(ValueError, match="no built-in trained model for 'llama'"):
+        trained_model_dir("llama")
+
+
+def test_training_script_smoke(tmp_path):
+    """examples/train_small_dsa.py end to end on the CPU with a much smaller main model: it trains, saves a model
+    that loads with from_pretrained and patches."""
+    haystack = tmp_path / "hay"
+    haystack.mkdir()
+    source = (ESSAYS if ESSAYS.is_dir() else None)
+    texts = ([p.read_text() for p in sorted(source.glob("*.txt"))[:4]] if source else
+             [("The quick brown fox jumps over the lazy dog near the River Thames. " * 300) for _ in range(4)])
+    for i, text in enumerate(texts):
+        (haystack / f"{i}.txt").write_text(text)
+    spec = importlib.util.spec_from_file_location("train_small_dsa", ROOT / "examples" / "train_small_dsa.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "model"
+    args = script.parse_args(["--family", "glm_moe_dsa", "--haystack", str(haystack), "--out", str(out),
+                              "--steps", "3", "--context", "256", "--tokens-per-step", "512", "--topk", "32",
+                              "--kl-queries", "32", "--code-bytes", "100000", "--vocab-size", "400",
+                              "--heldout-essays", "1", "--small", "--log-every", "1",
+                              "--stdlib", os.path.dirname(json.__file__)])
+    info = script.train(args)
+    assert info["steps_done"] == 3 and len(info["history"]) == 3
+    assert info["history"][-1]["sparse"] and all(row["kl"] >= 0 for row in info["history"])
+    assert json.loads((out / "training.json").read_text())["data"]["heldout_essays"] == ["3.txt"]
+    model, tokenizer = load_trained(model_dir=out)
+    assert model.config.index_n_heads == 32 and len(tokenizer) <= 400
+    patch_model(model, mode="misa", active_heads=4, block_size=16)
+    ids = tokenizer("def f(x):\n    return x", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
