@@ -219,22 +219,36 @@ def test_perplexity_by_mode_dsa_equals_the_unpatched_model():
 # ------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_eval_end_to_end(tmp_path, capsys):
-    hay = _write_haystack(tmp_path / "hay")
+def _essays() -> Path:
+    essays = SHARED_HAYSTACK / "paul_graham_essays"
+    if not essays.is_dir():
+        pytest.skip(f"shared NIAH haystack not found at {essays} (it lives outside the repository, in "
+                    f"../shared/data/haystack; CI has it)")
+    return essays
+
+
+def test_cli_eval_end_to_end_on_the_trained_model(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["eval", "--haystack", str(hay), "--lengths", "96,128", "--depths", "0,1", "--out", str(out),
-                 "--family", "glm_moe_dsa", "--new-tokens", "2", "--no-progress"]) == 0
+    assert main(["eval", "--haystack", str(_essays()), "--family", "glm_moe_dsa", "--lengths", "512",
+                 "--depths", "0,1", "--window", "1024", "--windows", "1", "--new-tokens", "8", "--out", str(out),
+                 "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    modes = ["dsa", "misa", "misa_hierarchical", "hisa"]
-    assert list(results["perplexity"]) == modes and list(results["recall"]) == modes
-    assert results["recall"]["dsa"]["mean"] == 1.0
-    assert results["perplexity"]["dsa"] > 1.0
-    for name in modes:
-        assert len(results["niah"]["modes"][name]["scores"]) == 2
-        assert len(results["niah"]["modes"][name]["scores"][0]) == 2
-    assert results["settings"]["tokenizer_vocab"] <= 512
+    modes = list(results["modes"])
+    assert modes[:5] == ["dsa", "misa4", "misa8", "misa16", "misa8_hier"] and modes[-1] == "hisa"
+    assert list(results["perplexity"]) == modes and list(results["recall"]) == modes[1:]
+    for name in modes[1:]:
+        recall = results["recall"][name]
+        assert 0.0 < recall["worst"] <= recall["mean"] <= 1.0
+        assert set(recall["per_layer"]) == {"0", "1", "3"}  # layer 2 is GLM's shared layer
+    assert results["recall"]["misa4"]["mean"] <= results["recall"]["misa16"]["mean"]
+    assert 1.0 < results["perplexity"]["dsa"] < 4096 / 4  # well below uniform over the 4096-token vocabulary
+    niah = results["niah"]["modes"]
+    assert {"dsa", "misa8", "misa8_hier", "hisa"} <= set(niah)
+    assert all(answer.startswith(" The best thing to do in") for answer in niah["dsa"]["answers"][0])
+    assert [row["mode"] for row in results["summary"]] == modes
     assert (out / "niah.png").read_bytes()[:4] == b"\x89PNG"
-    assert "misa_hierarchical" in capsys.readouterr().out
+    assert (out / "table.md").read_text().startswith("| mode | recall mean")
+    assert "misa8_hier" in capsys.readouterr().out
 
 
 def test_cli_eval_rejects_bad_input(tmp_path, capsys):
@@ -246,21 +260,17 @@ def test_cli_eval_rejects_bad_input(tmp_path, capsys):
     assert "depths" in capsys.readouterr().err
 
 
-def test_cli_eval_help_says_the_model_is_tiny(capsys):
+def test_cli_eval_help_names_the_built_in_trained_model(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
-    assert "trained shipped model will come later" in capsys.readouterr().out.replace("\n", " ")
+    assert "built-in trained model" in capsys.readouterr().out.replace("\n", " ")
 
 
 # ------------------------------------------------------------------------------------------- real essays
 
 
 def test_paul_graham_haystack_prompt():
-    essays = SHARED_HAYSTACK / "paul_graham_essays"
-    if not essays.is_dir():
-        pytest.skip(f"shared NIAH haystack not found at {essays} (it lives outside the repository, in "
-                    f"../shared/data/haystack; CI has it)")
-    text = load_haystack(essays)
+    text = load_haystack(_essays())
     assert len(text) > 500_000  # 49 essays, about 640 KB
     tok = train_bpe_tokenizer(text[:200_000], vocab_size=512)
     ids, info = build_niah_prompt(tok, text, context_tokens=2048, depth=0.5, return_info=True)

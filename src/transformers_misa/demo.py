@@ -1,12 +1,12 @@
-"""A self-contained CPU demo: every mode on small seeded DeepSeek-V3.2 and GLM-5 models, one table per family.
+"""A self-contained CPU demo: every mode on the built-in trained DeepSeek-V3.2 / GLM-5 shaped models.
 
-    python -m transformers_misa demo            # or: transformers-misa demo [--quick] [--json out.json]
+    python -m transformers_misa demo            # or: transformers-misa demo [--quick] [--random] [--json out.json]
 
 For each family it generates greedily with the stock (unpatched) model, then with each mode patched in, and
 reports per-layer recall of DSA's top-k (`measure_recall`), generate time, tokens/s, the peak extra resident
-memory of the `generate` call, and whether the generated tokens equal the stock model's.
-The weights are random, so recall here shows the methods are wired up and how they differ on this input; it is
-not a quality claim about trained models.
+memory of the `generate` call, and whether the generated tokens equal the stock model's. The models are the
+package's small trained ones (`transformers_misa.trained`, router calibration included); the prompt is Python
+source of the standard library on this machine. `--random` runs seeded random-weight models instead.
 """
 
 from __future__ import annotations
@@ -27,21 +27,28 @@ from tqdm.auto import tqdm
 from .patching import temporarily_patched
 from .recall import measure_recall
 from .tiny import FAMILY_DEFAULTS, tiny_model
+from .trained import load_trained
 
-DEFAULT_CONTEXT = 1536
+DEFAULT_CONTEXT = 2048
 DEFAULT_NEW_TOKENS = 16
 QUICK_CONTEXT = 384
 QUICK_NEW_TOKENS = 4
-DEFAULT_TOPK = 64
+RANDOM_TOPK = 64  # index_topk of the random models (the trained ones have their own, 256)
 DEFAULT_BLOCK_SIZE = 64
+PROMPT_MODULES = ("argparse", "typing", "dataclasses", "inspect")  # standard-library source as the prompt
 FAMILY_NAMES = {"deepseek_v32": "DeepSeek-V3.2", "glm_moe_dsa": "GLM-5"}
 
-HEADER = """\
-transformers-misa demo: small seeded DeepSeek-V3.2 / GLM-5 models, CPU, pure-PyTorch reference indexers.
-The weights are RANDOM: recall below shows how far each mode's top-k is from DSA's on this input, not how a
-trained model would fare (results on a trained checkpoint come later). Generated tokens of a random model are
-gibberish; "same" only says whether they equal the stock model's. Memory is the peak extra resident memory
-(RSS) of the whole generate call, model activations and KV cache included."""
+HEADER = {
+    "trained": """\
+transformers-misa demo: the built-in small TRAINED DeepSeek-V3.2 / GLM-5 shaped models (examples/train_small_dsa.py),
+CPU, pure-PyTorch reference indexers, a prompt of Python standard-library source. misa rows route with the shipped
+router calibration. "same" says whether the generated tokens equal the stock model's. Memory is the peak extra
+resident memory (RSS) of the whole generate call, model activations and KV cache included.""",
+    "random": """\
+transformers-misa demo: small seeded DeepSeek-V3.2 / GLM-5 models with RANDOM weights, CPU, pure-PyTorch
+reference indexers. Recall shows how far each mode's top-k is from DSA's on this input, not how a trained model
+fares (drop --random for the trained ones). Memory is the peak extra resident memory (RSS) of generate.""",
+}
 
 _MIB = 2**20
 
@@ -149,7 +156,7 @@ def demo_modes(num_heads: int, block_size: int) -> list[tuple[str, str, dict[str
     return rows
 
 
-def _settings_text(config: Any, num_heads: int) -> str:
+def _settings_text(config: Any, num_heads: int, calibrated: bool = False) -> str:
     if config is None:
         return f"transformers' indexer, {num_heads} heads"
     if config.mode == "dsa":
@@ -162,6 +169,8 @@ def _settings_text(config: Any, num_heads: int) -> str:
         parts.append(f"{config.candidate_factor}x cand.")
     if config.keep_blocks is not None:
         parts.append(f"keep {config.keep_blocks} blocks")
+    if calibrated:
+        parts.append("cal.")
     return ", ".join(parts)
 
 
@@ -178,12 +187,12 @@ def format_table(family_result: dict[str, Any]) -> str:
         f"{FAMILY_NAMES.get(info['family'], info['family'])} ({info['family']}): {info['indexer_layers']} indexer "
         f"layers{info['shared_note']}, {info['index_n_heads']} indexer heads x {info['index_head_dim']}, "
         f"top-k {info['topk']} of {info['context']} prompt tokens, {info['new_tokens']} new tokens (greedy)",
-        f"{'mode':<18} {'settings':<32} {'recall':>7} {'worst':>7} {'gen s':>7} {'tok/s':>7} {'peak MiB':>9}  same",
+        f"{'mode':<18} {'settings':<38} {'recall':>7} {'worst':>7} {'gen s':>7} {'tok/s':>7} {'peak MiB':>9}  same",
     ]
     for row in family_result["rows"]:
         same = "ref" if row["label"] == "stock" else ("yes" if row["same_as_stock"] else "no")
         lines.append(
-            f"{row['label']:<18} {row['settings']:<32} {_fmt(row['recall_mean'], 7, 3)} "
+            f"{row['label']:<18} {row['settings']:<38} {_fmt(row['recall_mean'], 7, 3)} "
             f"{_fmt(row['recall_worst'], 7, 3)} {row['generate_s']:>7.2f} {row['tokens_per_s']:>7.2f} "
             f"{row['peak_extra_mib']:>9.0f}  {same}"
         )
@@ -199,21 +208,40 @@ def _timed_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) 
     return out, seconds, memory
 
 
+def _model_and_prompt(family: str, context: int, random_weights: bool, seed: int,
+                      overrides: dict[str, Any]) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The demo's model and [1, context] prompt: trained model + standard-library source, or random + random ids."""
+    if random_weights:
+        model = tiny_model(family, seed=seed, **overrides)
+        prompt = torch.randint(2, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(seed + 1))
+        return model, prompt
+    import importlib
+    import inspect
+
+    model, tokenizer = load_trained(family)
+    source = "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in PROMPT_MODULES)
+    ids = [tokenizer.bos_token_id] + tokenizer(source, add_special_tokens=False)["input_ids"]
+    if len(ids) < context:
+        raise ValueError(f"context={context} is longer than the demo's prompt text ({len(ids)} tokens)")
+    return model, torch.tensor([ids[:context]])
+
+
 def run_demo(context: int | None = None, new_tokens: int | None = None, *, quick: bool = False,
-             topk: int = DEFAULT_TOPK, block_size: int = DEFAULT_BLOCK_SIZE, seed: int = 0,
-             families: Sequence[str] = ("deepseek_v32", "glm_moe_dsa"), progress: bool = True,
-             json_path: str | os.PathLike | None = None,
+             topk: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE, seed: int = 0,
+             families: Sequence[str] = ("deepseek_v32", "glm_moe_dsa"), random_weights: bool = False,
+             progress: bool = True, json_path: str | os.PathLike | None = None,
              print_fn: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Runs the demo and returns its results (also printed through `print_fn`, unless None).
 
     Args:
-        context: prompt tokens (default 1536; 384 with `quick`). Must exceed `topk` so top-k is really sparse.
+        context: prompt tokens (default 2048; 384 with `quick`). Must exceed the top-k so it is really sparse.
         new_tokens: greedy new tokens per generate call (default 16; 4 with `quick`).
         quick: the short setting, for tests.
-        topk: the models' `index_topk`.
+        topk: `index_topk` of the random models (default 64); the trained models keep their own (256).
         block_size: key block size of misa / misa_hierarchical / hisa.
-        seed: seeds the model weights and the prompt.
+        seed: seeds the random models' weights and prompt.
         families: model families to run ("deepseek_v32", "glm_moe_dsa").
+        random_weights: seeded random-weight models instead of the built-in trained ones.
         progress: show a tqdm bar over (family, mode).
         json_path: where to write the returned dict as JSON, if given.
         print_fn: where the header and tables go.
@@ -225,13 +253,16 @@ def run_demo(context: int | None = None, new_tokens: int | None = None, *, quick
     """
     context = context if context is not None else (QUICK_CONTEXT if quick else DEFAULT_CONTEXT)
     new_tokens = new_tokens if new_tokens is not None else (QUICK_NEW_TOKENS if quick else DEFAULT_NEW_TOKENS)
-    if context <= topk:
-        raise ValueError(f"context={context} must exceed topk={topk}, or top-k selects every key (nothing sparse)")
+    if topk is not None and not random_weights:
+        raise ValueError("topk applies to the random models (--random); the trained models keep their top-k of 256")
+    topk = topk or RANDOM_TOPK
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     unknown = sorted(set(families) - set(FAMILY_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown families {unknown}; choose from {sorted(FAMILY_DEFAULTS)}")
+    if random_weights and context <= topk:
+        raise ValueError(f"context={context} must exceed topk={topk}, or top-k selects every key (nothing sparse)")
 
     wall_start = time.perf_counter()
     total_runs = sum(1 + len(demo_modes(FAMILY_DEFAULTS[f]["index_n_heads"], block_size)) for f in families)
@@ -245,10 +276,10 @@ def run_demo(context: int | None = None, new_tokens: int | None = None, *, quick
         else:
             print_fn(text)
 
-    emit(HEADER)
+    emit(HEADER["random" if random_weights else "trained"])
     results: dict[str, Any] = {
-        "settings": dict(context=context, new_tokens=new_tokens, topk=topk, block_size=block_size, seed=seed,
-                         quick=quick, families=list(families)),
+        "settings": dict(context=context, new_tokens=new_tokens, block_size=block_size, seed=seed, quick=quick,
+                         families=list(families), weights="random" if random_weights else "trained"),
         "environment": dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
                             processor=platform.processor() or platform.machine(), python=platform.python_version()),
         "families": {},
@@ -258,12 +289,13 @@ def run_demo(context: int | None = None, new_tokens: int | None = None, *, quick
         overrides["max_position_embeddings"] = context + new_tokens
     try:
         for family in families:
-            model = tiny_model(family, seed=seed, **overrides)
+            model, prompt = _model_and_prompt(family, context, random_weights, seed, overrides)
             config = model.config
-            num_heads = config.index_n_heads
+            num_heads, topk = config.index_n_heads, config.index_topk
+            if context <= topk:
+                raise ValueError(f"context={context} must exceed the model's top-k {topk}, or top-k selects every "
+                                 "key (nothing sparse)")
             modes = demo_modes(num_heads, block_size)
-            prompt = torch.randint(2, config.vocab_size, (1, context),
-                                   generator=torch.Generator().manual_seed(seed + 1))
             # Warm-up (first-call overheads stay out of the timings).
             model.generate(prompt[:, : topk + 8], attention_mask=torch.ones_like(prompt[:, : topk + 8]),
                            max_new_tokens=2, do_sample=False)
@@ -289,8 +321,9 @@ def run_demo(context: int | None = None, new_tokens: int | None = None, *, quick
                     out, seconds, memory = _timed_generate(model, prompt, new_tokens)
                     recall = measure_recall(model, prompt)
                     patched = model.misa_config
+                    calibrated = model.misa_calibration is not None
                 rows.append(dict(label=label, mode=mode, config=patched.to_dict(),
-                                 settings=_settings_text(patched, num_heads), recall_mean=recall.mean,
+                                 settings=_settings_text(patched, num_heads, calibrated), recall_mean=recall.mean,
                                  recall_worst=recall.worst, recall_per_layer=recall.per_layer,
                                  generate_s=seconds, tokens_per_s=new_tokens / seconds,
                                  peak_extra_mib=memory.peak_extra / _MIB,

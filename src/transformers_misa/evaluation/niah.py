@@ -168,6 +168,13 @@ def _patch_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"mode": name, **kwargs}
 
 
+def _json_safe(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Patch kwargs for results JSON: objects (a RouterCalibration, a path) by their type name or str."""
+    plain = (str, int, float, bool, type(None))
+    return {k: v if isinstance(v, plain) else str(v) if isinstance(v, os.PathLike) else type(v).__name__
+            for k, v in kwargs.items()}
+
+
 def patched(model: nn.Module, name: str, kwargs: dict[str, Any] | None):
     """Context manager for a mode entry: the model patched with `kwargs` (`mode` defaulting to `name`) inside the
     block and unpatched after it; kwargs None: the model as given."""
@@ -234,7 +241,7 @@ def run_niah(model: nn.Module, tokenizer: Any, haystack: str, *, lengths: Sequen
                     scores.append(score_row)
                     answers.append(answer_row)
             results["modes"][name] = {"lengths": lengths, "depths": depths, "scores": scores, "answers": answers,
-                                      "patch": None if kwargs is None else _patch_kwargs(name, kwargs)}
+                                      "patch": None if kwargs is None else _json_safe(_patch_kwargs(name, kwargs))}
     finally:
         bar.close()
     return results
