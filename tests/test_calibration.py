@@ -123,11 +123,17 @@ def test_saved_folder_with_a_calibration_for_another_model(fitted, tmp_path):
     assert "index_n_heads: calibration 32, model 64" in str(error.value)
 
 
-def test_model_card_names_the_calibration(fitted):
+def test_model_card_names_the_calibration_and_shows_eval_results(fitted):
+    from pathlib import Path
+
     from transformers_misa.hub import model_card
 
     model = patch_model(tiny_model("deepseek_v32", index_topk=16), mode="misa", block_size=BLOCK, calibration=fitted)
     assert f"router calibration `{CALIBRATION_FILE}`" in str(model_card(model))
+    results = Path(__file__).resolve().parents[1] / "benchmarks/results/eval_trained-20261123/deepseek_v32/results.json"
+    card = str(model_card(model, results_json=results))
+    assert "Evaluation (recall of DSA's top-k" in card and "| mode | perplexity | ppl_change |" in card
+    assert "| misa8_hier+cal | 122.5 |" in card
 
 
 # --------------------------------------------------------------------------------------------- bad input

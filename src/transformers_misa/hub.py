@@ -250,6 +250,11 @@ def _results_section(path: str | os.PathLike) -> str:
         return (f"Recall of DSA's top-k (`{name}`, mode `{data.get('mode')}`): mean **{data['mean']:.4f}**, "
                 f"worst layer **{data['worst']:.4f}**.\n\n| layer | sparse queries | recall |\n|---:|---:|---:|\n"
                 f"{rows}")
+    kind = "Benchmark"
+    if isinstance(data, dict) and isinstance(data.get("summary"), list):  # `transformers-misa eval` results.json
+        kind = "Evaluation (recall of DSA's top-k, perplexity, NIAH)"
+        data = {"results": data["summary"], "environment": {"model": data.get("model"), **{
+            k: v for k, v in data.get("settings", {}).items() if k in ("device", "window", "block_size")}}}
     results = data.get("results", data) if isinstance(data, dict) else data
     rows = results if isinstance(results, list) else [results]
     rows = [row for row in rows if isinstance(row, dict)]
@@ -272,7 +277,7 @@ def _results_section(path: str | os.PathLike) -> str:
     where = ""
     if isinstance(environment, dict):  # say on what and when the numbers were measured
         where = " (" + ", ".join(f"{key} {value}" for key, value in environment.items() if value is not None) + ")"
-    return f"Benchmark `{name}`{where}:\n\n" + "\n".join(lines)
+    return f"{kind} `{name}`{where}:\n\n" + "\n".join(lines)
 
 
 def model_card(model: nn.Module, *, card_data: dict[str, Any] | None = None,
