@@ -11,7 +11,7 @@ from typing import Any
 MODES: tuple[str, ...] = ("dsa", "misa", "misa_hierarchical", "hisa")
 
 # Which options each mode reads. Passing an option a mode ignores is an error, not a silent no-op.
-_COMMON_OPTIONS = frozenset({"query_chunk_size", "backend"})
+_COMMON_OPTIONS = frozenset({"query_chunk_size", "backend", "qk_format"})
 MODE_OPTIONS: dict[str, frozenset[str]] = {
     "dsa": _COMMON_OPTIONS,
     "misa": _COMMON_OPTIONS | {"active_heads", "block_size"},
@@ -19,6 +19,9 @@ MODE_OPTIONS: dict[str, frozenset[str]] = {
     "hisa": _COMMON_OPTIONS | {"block_size", "keep_blocks"},
 }
 BACKENDS: tuple[str, ...] = ("auto", "reference", "tilelang")
+# Numerics of the indexer's q and k when scoring tokens: as computed (bf16 models: bf16), or FP8 e4m3 with one
+# power-of-two scale per token (and per head for q), as DeepSeek's reference indexer quantises them.
+QK_FORMATS: tuple[str, ...] = ("bf16", "fp8_e4m3")
 
 DEFAULT_ACTIVE_HEADS = 8
 DEFAULT_BLOCK_SIZE = 128
@@ -39,6 +42,9 @@ class MisaConfig:
         keep_blocks: blocks HISA keeps per query (sink and local block included).
         query_chunk_size: queries scored at once; None picks it from a 256 MiB scratch budget.
         backend: "auto" (TileLang kernels on Hopper GPUs, else the PyTorch reference), "reference" or "tilelang".
+        qk_format: "bf16" (q and k as the model computes them) or "fp8_e4m3" (rounded to FP8 e4m3 with a
+            power-of-two scale per token, as DeepSeek's reference indexer; the scores are then exact sums of those
+            FP8 values, so the selection is what an FP8 scoring kernel returns).
     """
 
     mode: str = "misa"
@@ -48,6 +54,7 @@ class MisaConfig:
     keep_blocks: int | None = None
     query_chunk_size: int | None = None
     backend: str = "auto"
+    qk_format: str = "bf16"
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (JSON-safe)."""
@@ -102,12 +109,16 @@ def resolve_config(mode: str, num_heads: int, topk: int, options: dict[str, Any]
     backend = given.pop("backend", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    qk_format = given.pop("qk_format", "bf16")
+    if qk_format not in QK_FORMATS:
+        raise ValueError(f"unknown qk_format {qk_format!r}; choose one of {list(QK_FORMATS)}")
     if backend == "tilelang" and importlib.util.find_spec("tilelang") is None:
         raise ValueError("backend='tilelang' needs TileLang: pip install tilelang==0.1.15 (or use backend='auto')")
     for name, value in given.items():
         _positive_int(name, value)
 
-    settings: dict[str, Any] = {"mode": mode, "query_chunk_size": given.get("query_chunk_size"), "backend": backend}
+    settings: dict[str, Any] = {"mode": mode, "query_chunk_size": given.get("query_chunk_size"), "backend": backend,
+                                "qk_format": qk_format}
     if mode in ("misa", "misa_hierarchical"):
         active = given.get("active_heads", DEFAULT_ACTIVE_HEADS)
         if active > num_heads:

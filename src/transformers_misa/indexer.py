@@ -10,7 +10,7 @@ from torch import nn
 from .backend import select_scorer
 from .config import MisaConfig
 from .ops import reference
-from .ops.blocks import key_validity
+from .ops.blocks import fp8_e4m3_roundtrip, key_validity
 from .ops.pooling import IncrementalBlockPool
 from .registry import ModelFamily
 
@@ -92,6 +92,8 @@ class MisaIndexer(nn.Module):
                pooled: torch.Tensor | None, config: MisaConfig | None = None) -> torch.Tensor:
         """Top-k indices with the method of `config` (this module's own by default)."""
         config = config or self.misa_config
+        if config.qk_format == "fp8_e4m3":  # FP8 numerics for the token scores; the router's pooled keys stay as is
+            q, keys = fp8_e4m3_roundtrip(q), fp8_e4m3_roundtrip(keys)
         common = dict(softmax_scale=self.softmax_scale, mask=mask, chunk_size=config.query_chunk_size,
                       scorer=select_scorer(q.device, config.backend))
         if config.mode == "dsa":
