@@ -10,7 +10,8 @@ What it trains (seeded, one GPU, a few minutes; `--steps` fixes the work, `--max
   the essays of `--haystack` (all but the last `--heldout-essays` essays, kept for held-out perplexity and
   calibration checks), tokenised by a byte-level BPE trained here with `tokenizers` on the same text;
 - with retrieval tasks mixed in: needles in the NIAH format ("The best thing to do in <Place> is <span>." plus
-  distractors; pass keys), answered after "Question: ...\\nAnswer:" by repeating the needle;
+  distractors; pass keys), answered after "Question: ...\\nAnswer:" by repeating the needle, and (--repeat-fraction)
+  text in which earlier spans recur verbatim, for copying practice;
 - indexer as DeepSeek trained it: a dense warm-up (main attention over every causal key) where the indexer learns,
   from inputs detached from the main model, the KL divergence to the main attention's distribution (summed over
   heads, L1-normalised), then sparse training where the main attention sees only the indexer's top-k and the KL
@@ -238,8 +239,8 @@ def _register_attention() -> None:
 # ------------------------------------------------------------------------------------------------ training
 
 
-# (fraction of the run, sequence length as a fraction of --context): short sequences are cheap, and copying is
-# learned there; the end of the run is at the full context.
+# (fraction of the run, sequence length as a fraction of --context): short sequences are cheap, so most steps are
+# spent there; the end of the run is at the full context.
 CURRICULUM = ((0.6, 0.25), (0.25, 0.5), (0.15, 1.0))
 
 
