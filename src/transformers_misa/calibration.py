@@ -150,11 +150,11 @@ class _LogRatioStats:
 
     @torch.no_grad()
     def __call__(self, indexer: MisaIndexer, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
-                 mask: torch.Tensor | None) -> None:
+                 mask: torch.Tensor | None, selected: torch.Tensor) -> None:
+        """Called by a "dsa"-mode indexer with its inputs and the DSA top-k it selected."""
         batch, num_queries, num_heads, _ = q.shape
         num_keys, scale = keys.shape[1], indexer.softmax_scale
-        k = min(indexer.index_topk, num_keys)
-        selected = reference.dsa_topk(q, keys, weights, k, softmax_scale=scale, mask=mask)
+        k = selected.shape[-1]
         pooled = reference.pooled_keys(keys, mask, self.block_size)
         ones = torch.ones(batch, num_queries, num_heads, device=q.device)
         total = torch.zeros(num_heads, dtype=torch.float64, device=q.device)

@@ -133,13 +133,15 @@ def run_calibrate(args: argparse.Namespace) -> None:
     """`transformers-misa calibrate`: fit on the texts, save beside the model (or --out), print the recall check."""
     from pathlib import Path
 
+    import torch
+
     from .calibration import CALIBRATION_FILE, calibrate
     from .evaluation.niah import load_haystack
     from .trained import load_trained, training_info
 
     load_haystack(args.texts_dir)  # the folder checks: exists, has .txt files
     model, tokenizer = load_trained(args.family, model_dir=args.model,
-                                    device="cuda" if __import__("torch").cuda.is_available() else None)
+                                    device="cuda" if torch.cuda.is_available() else None)
     folder = Path(model.config._name_or_path)
     heldout = set(training_info(folder).get("data", {}).get("heldout_essays", []))
     files = [p for p in sorted(Path(args.texts_dir).glob("*.txt")) if p.name not in heldout][: args.max_texts]

@@ -49,7 +49,8 @@ class MisaIndexer(nn.Module):
         self.recall_probe: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] | None = None
         # [H] router calibration factors of this layer (misa modes), or None; set by patch_model.
         self.head_scale: torch.Tensor | None = None
-        # Set by `calibrate` while it runs: called as observer(self, q, keys, weights, mask) on every forward.
+        # Set by `calibrate` while it runs: called as observer(self, q, keys, weights, mask, indices) on every
+        # forward, with the indices this module returns.
         self.observer: Any = None
 
     def extra_repr(self) -> str:
@@ -117,10 +118,10 @@ class MisaIndexer(nn.Module):
         q, keys, weights = self.project(hidden_states, q_resid, position_embeddings)
         if past_key_values is not None:
             keys = past_key_values.update_indexer(keys, self.layer_idx)
-        if self.observer is not None:
-            self.observer(self, q, keys, weights, attention_mask)
         pooled = self._pooled(keys, attention_mask, past_key_values)
         indices = self.select(q, keys, weights, attention_mask, pooled)
+        if self.observer is not None:
+            self.observer(self, q, keys, weights, attention_mask, indices)
         if self.recall_probe is None:
             return indices
         # Recall measurement: DSA's selection drives the model, ours is recorded beside it.

@@ -69,6 +69,33 @@ def recall_counts(dsa: torch.Tensor, ours: torch.Tensor, mask: torch.Tensor | No
     return total, count
 
 
+def _probe_recall(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]], caller: str
+                  ) -> tuple[dict[int, float], dict[int, int]]:
+    """Per-layer recall and sparse-query counts over forwards of (input_ids, attention_mask), DSA driving."""
+    indexers = [m for m in model.modules() if isinstance(m, MisaIndexer)]
+    if not indexers:
+        raise ValueError(f"{caller} needs a patched model: call patch_model(model, mode=...) first")
+    device = next(model.parameters()).device
+    totals = {m.layer_idx: [0.0, 0] for m in indexers}
+    for module in indexers:
+        module.recall_probe = []
+    try:
+        for input_ids, attention_mask in batches:
+            model(input_ids=input_ids.to(device), use_cache=False,
+                  attention_mask=None if attention_mask is None else attention_mask.to(device))
+            for module in indexers:
+                for dsa, ours, mask, num_keys in module.recall_probe:
+                    total, count = recall_counts(dsa, ours, mask, num_keys)
+                    totals[module.layer_idx][0] += total
+                    totals[module.layer_idx][1] += count
+                module.recall_probe.clear()
+    finally:
+        for module in indexers:
+            module.recall_probe = None
+    per_layer = {layer: total / count if count else math.nan for layer, (total, count) in totals.items()}
+    return per_layer, {layer: count for layer, (_, count) in totals.items()}
+
+
 @torch.no_grad()
 def measure_recall(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> RecallReport:
     """Runs `input_ids` once through a patched model and measures each layer's recall of DSA's top-k.
@@ -79,24 +106,7 @@ def measure_recall(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     Raises:
         ValueError: if the model is not patched (call `patch_model` first).
     """
-    indexers = [m for m in model.modules() if isinstance(m, MisaIndexer)]
-    if not indexers:
-        raise ValueError("measure_recall needs a patched model: call patch_model(model, mode=...) first")
-    for module in indexers:
-        module.recall_probe = []
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        per_layer, sparse_queries = {}, {}
-        for module in indexers:
-            total, count = 0.0, 0
-            for dsa, ours, mask, num_keys in module.recall_probe:
-                call_total, call_count = recall_counts(dsa, ours, mask, num_keys)
-                total, count = total + call_total, count + call_count
-            per_layer[module.layer_idx] = total / count if count else float("nan")
-            sparse_queries[module.layer_idx] = count
-    finally:
-        for module in indexers:
-            module.recall_probe = None
+    per_layer, sparse_queries = _probe_recall(model, [(input_ids, attention_mask)], "measure_recall")
     return RecallReport(model.misa_config.mode, per_layer, sparse_queries)
 
 
@@ -104,23 +114,5 @@ def measure_recall(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 def recall_by_layer(model: nn.Module, sequences: list[torch.Tensor]) -> dict[int, float]:
     """Per-layer recall of DSA's top-k over several unpadded token-id sequences ([T] each) of a patched model,
     weighted by each sequence's number of sparse queries (one forward per sequence, DSA driving the model)."""
-    indexers = [m for m in model.modules() if isinstance(m, MisaIndexer)]
-    if not indexers:
-        raise ValueError("recall_by_layer needs a patched model: call patch_model(model, mode=...) first")
-    device = next(model.parameters()).device
-    totals = {m.layer_idx: [0.0, 0] for m in indexers}
-    for module in indexers:
-        module.recall_probe = []
-    try:
-        for ids in sequences:
-            model(input_ids=torch.as_tensor(ids).reshape(1, -1).to(device), use_cache=False)
-            for module in indexers:
-                for dsa, ours, mask, num_keys in module.recall_probe:
-                    total, count = recall_counts(dsa, ours, mask, num_keys)
-                    totals[module.layer_idx][0] += total
-                    totals[module.layer_idx][1] += count
-                module.recall_probe.clear()
-    finally:
-        for module in indexers:
-            module.recall_probe = None
-    return {layer: total / count if count else math.nan for layer, (total, count) in totals.items()}
+    batches = [(torch.as_tensor(ids).reshape(1, -1), None) for ids in sequences]
+    return _probe_recall(model, batches, "recall_by_layer")[0]
