@@ -5,6 +5,7 @@ under benchmarks/results/.
 
     python benchmarks/bench_indexer.py                       # prefill 4K..128K + decode, H=64 and GLM-5's H=32
     python benchmarks/bench_indexer.py --quick               # a few small shapes (smoke test)
+    python benchmarks/bench_indexer.py --contexts 65536 --glm-contexts "" --decode-caches 131072  # one shape
     python benchmarks/bench_indexer.py --deepseek-ref PATH   # also time DeepSeek-V3.2-Exp's own fp8_index
 """
 
@@ -132,27 +133,37 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results):
             row[f"{name}_ms"] = cuda_time_ms(call, reps if context <= 32768 else max(1, reps // 2))
             row[f"{name}_peak_gib"] = peak_extra_gib(call)
         row["scoring"] = scoring_tflops(heads, context, context, reps)
+        if context >= 32768:
+            table = methods(heads, None)
+            row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
+                                for name in (f"dsa{heads}_kernel", "misa8")}
         results.append(row)
         print_row(row, heads)
         del q, keys, weights
         torch.cuda.empty_cache()
 
 
-def run_decode(caches, batches, heads, reps, results, new_tokens=1):
+def run_decode(caches, batches, new_tokens_options, heads, reps, results):
     common = dict(softmax_scale=SCALE, scorer=TILELANG_SCORER)
     for cache in caches:
         for batch in batches:
-            q, keys, weights = inputs(batch, new_tokens, cache, heads)
-            pooled = reference.pooled_keys(keys, None, BLOCK)  # kept incrementally in the cache in real decode
-            row = {"phase": "decode", "heads": heads, "batch": batch, "context": cache, "new_tokens": new_tokens}
-            row[f"dsa{heads}_kernel_ms"] = cuda_time_ms(
-                lambda: reference.dsa_topk(q, keys, weights, TOPK, **common), reps)
-            row["misa8_ms"] = cuda_time_ms(lambda: reference.misa_topk(
-                q, keys, weights, TOPK, active_heads=8, block_size=BLOCK, pooled=pooled, **common), reps)
-            results.append(row)
-            print_row(row, heads)
-            del q, keys, weights, pooled
-            torch.cuda.empty_cache()
+            for new_tokens in new_tokens_options:
+                q, keys, weights = inputs(batch, new_tokens, cache, heads)
+                pooled = reference.pooled_keys(keys, None, BLOCK)  # kept incrementally in the cache in real decode
+                row = {"phase": "decode", "heads": heads, "batch": batch, "context": cache, "new_tokens": new_tokens}
+                calls = {
+                    f"dsa{heads}_kernel": lambda: reference.dsa_topk(q, keys, weights, TOPK, **common),
+                    "misa8": lambda: reference.misa_topk(q, keys, weights, TOPK, active_heads=8, block_size=BLOCK,
+                                                         pooled=pooled, **common),
+                }
+                for name, call in calls.items():
+                    row[f"{name}_ms"] = cuda_time_ms(call, reps)
+                if cache == max(caches):
+                    row["stages"] = {name: stage_ms(call) for name, call in calls.items()}
+                results.append(row)
+                print_row(row, heads)
+                del q, keys, weights, pooled
+                torch.cuda.empty_cache()
 
 
 def print_row(row: dict, heads: int) -> None:
@@ -161,7 +172,31 @@ def print_row(row: dict, heads: int) -> None:
     cells = " ".join(f"{k}={v:.2f}ms" + (f"({base / v:.1f}x)" if base and k.startswith(("misa", "hisa")) else "")
                      for k, v in timings.items())
     extra = f" scoring={row['scoring']['tflops']:.0f}TFLOP/s" if "scoring" in row else ""
-    print(f"{row['phase']:>7} H={heads} B={row['batch']:>2} T={row['context']:>6}: {cells}{extra}", flush=True)
+    queries = f" q={row['new_tokens']}" if "new_tokens" in row else ""
+    print(f"{row['phase']:>7} H={heads} B={row['batch']:>2} T={row['context']:>6}{queries}: {cells}{extra}", flush=True)
+    for name, stages in row.get("stages", {}).items():
+        print(f"{'':>9}{name} stages: " + " ".join(f"{k}={v:.2f}ms" for k, v in stages.items()), flush=True)
+
+
+STAGES = {"weighted_relu_logits": "logits", "radix_topk": "topk", "head_importance": "router",
+          "gathered_logits": "rerank"}
+
+
+def stage_ms(call) -> dict:
+    """GPU time of one call split by stage (torch.profiler kernel times; every other kernel counts as "other")."""
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if device_us <= 0 or event.key.startswith(("cudaLaunch", "cudaMemcpy", "cudaStream", "cudaDevice")):
+            continue
+        stage = next((name for pattern, name in STAGES.items() if pattern in event.key), "other")
+        totals[stage] = totals.get(stage, 0.0) + device_us / 1e3
+    return {stage: round(ms, 3) for stage, ms in sorted(totals.items())}
 
 
 def profile_misa(context: int) -> None:
@@ -209,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
     parser.add_argument("--decode-caches", default="8192,32768,131072")
     parser.add_argument("--decode-batches", default="1,8,32")
+    parser.add_argument("--decode-new-tokens", default="1,4", help="queries per sequence per decode step (MTP)")
     parser.add_argument("--glm-contexts", default="32768,65536", help="contexts for GLM-5's H=32 shape")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small shapes only")
@@ -235,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     results: list[dict] = []
     run_prefill(parse(args.contexts), 64, deepseek_kernel, args.reps, results)
     run_prefill(parse(args.glm_contexts), 32, None, args.reps, results)
-    run_decode(parse(args.decode_caches), parse(args.decode_batches), 64, args.reps, results)
+    run_decode(parse(args.decode_caches), parse(args.decode_batches), parse(args.decode_new_tokens), 64, args.reps,
+               results)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     payload = {"environment": environment(), "topk": TOPK, "block_size": BLOCK, "results": results}

@@ -7,6 +7,8 @@ device of compute capability >= 9.0, so a CPU-only machine never touches TileLan
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from transformers_misa.ops.blocks import ChunkMask, top_indices
@@ -21,34 +23,83 @@ from .topk import build_radix_topk
 RADIX_MIN_WIDTH = 4096
 
 
-def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
-                          softmax_scale: float) -> torch.Tensor:
-    """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out)."""
+# Decode steps bring too few queries to fill the GPU: their key tiles are split over CTAs (a power of two, so that
+# few program variants get compiled), aiming at two CTAs per SM and at least MIN_TILES_PER_SPLIT tiles each.
+MAX_KEY_SPLITS = 64
+MIN_TILES_PER_SPLIT = 4
+KEY_TILE = 128  # block_n of the logits program
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def key_splits_for(device: torch.device, ctas: int, num_keys: int) -> int:
+    """How many CTAs share one query block's key tiles: 1 for prefill, more for small decode batches."""
+    wanted = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    most = min(MAX_KEY_SPLITS, max(1, num_keys // (KEY_TILE * MIN_TILES_PER_SPLIT)))
+    splits = 1
+    while ctas * splits < wanted and splits * 2 <= most:
+        splits *= 2
+    return splits
+
+
+def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
+            softmax_scale: float, fill_future: bool) -> torch.Tensor:
     batch, num_queries, heads, dim = q.shape
-    kernel = build_weighted_relu_logits(heads, dim)()
-    ks, ke, contiguous = chunk.key_range
+    ctas = -(-num_queries // max(1, 128 // heads)) * batch
+    splits = key_splits_for(q.device, ctas, keys.shape[1])
+    kernel = build_weighted_relu_logits(heads, dim, block_n=KEY_TILE, key_splits=splits, fill_future=fill_future)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale folds into the head weights.
-    logits = kernel(
+    return kernel(
         q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16).contiguous(),
         keys.to(torch.bfloat16).contiguous(),
         (weights.float() * softmax_scale).contiguous(),
         ks.contiguous(),
         ke.contiguous(),
     )
+
+
+def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
+                          softmax_scale: float) -> torch.Tensor:
+    """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out)."""
+    ks, ke, contiguous = chunk.key_range
+    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True)
     if not contiguous:  # a mask with holes inside [ks, ke): apply it exactly as the reference does
         logits = logits + chunk.bias
     return logits
 
 
-# The kernel writes one fp32 logit per (query, key) whatever the head count; top-k then needs about as much.
-# Large chunks keep every SM busy (a CTA takes 128 / heads queries).
-def radix_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [..., k] of the k largest of each row (unordered), by the radix-select kernel on wide rows."""
+def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
+                           softmax_scale: float, k: int) -> torch.Tensor:
+    """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
+    radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill)."""
+    ks, ke, contiguous = chunk.key_range
+    width = keys.shape[1]
+    if not contiguous or width < RADIX_MIN_WIDTH or k > width:
+        return radix_topk(tilelang_token_logits(q, weights, keys, chunk, softmax_scale), k)
+    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False)
+    return radix_topk(logits, k, ends=ke)
+
+
+def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices [..., k] of the k largest of each row (unordered), by the radix-select kernel on wide rows.
+
+    ends [...]: each row's columns from `ends` on count as -inf and are never read (None: every column is read).
+    """
     width = scores.shape[-1]
     if width < RADIX_MIN_WIDTH or k > width:
+        if ends is not None:
+            columns = torch.arange(width, device=scores.device)
+            scores = scores.masked_fill(columns >= ends.unsqueeze(-1), float("-inf"))
         return top_indices(scores, k)
     rows = scores.reshape(-1, width).float().contiguous()
-    return build_radix_topk(k)()(rows).view(*scores.shape[:-1], k)
+    if ends is None:
+        row_ends = torch.full((rows.shape[0],), width, dtype=torch.int32, device=rows.device)
+    else:
+        row_ends = ends.to(torch.int32).reshape(-1).contiguous()
+    return build_radix_topk(k)()(rows, row_ends).view(*scores.shape[:-1], k)
 
 
 def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
@@ -93,4 +144,4 @@ def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) 
 TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda heads, keys: 3 * keys * 4,
                          chunk_budget=8 * 2**30, head_scores=bf16_head_scores,
                          head_importance=tilelang_head_importance, candidate_logits=tilelang_candidate_logits,
-                         narrow_keys=True)
+                         narrow_keys=True, fused_select=tilelang_select_tokens)

@@ -7,7 +7,10 @@ own routed heads (gathered beforehand) for MISA; one program serves both, so the
 A CTA takes `block_q` tokens (block_q · heads query rows, 128 by default, one wgmma N), streams the key
 cache in `block_n`-token tiles through a software pipeline, multiplies on the tensor cores (bf16 in, fp32
 accumulate), and fuses ReLU, the head weights and the head sum before writing one fp32 logit per (t, s).
-Key tiles past the block's last visible key are not computed at all (causal skip); they are written as -inf.
+Key tiles past the block's last visible key are not computed at all (causal skip); they are written as -inf,
+unless `fill_future=False`: then they are left unwritten, for a top-k that reads each row only up to its end.
+`key_splits` > 1 also splits the key tiles over that many CTAs: a decode step has too few queries to fill the
+GPU otherwise (32 sequences x 1 query would stream their caches on 32 of 132 SMs).
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations.
@@ -20,7 +23,8 @@ import tilelang.language as T
 
 @functools.lru_cache(maxsize=None)
 def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_stages: int = 2,
-                               threads: int = 256, arch: str | None = None):
+                               threads: int = 256, key_splits: int = 1, fill_future: bool = True,
+                               arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
@@ -43,7 +47,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             KE: T.Tensor((batch, num_queries), T.int32),
             Logits: T.Tensor((batch, num_queries, num_keys), T.float32),
         ):
-            with T.Kernel(T.ceildiv(num_queries, block_q), batch, threads=threads) as (bq, bb):
+            with T.Kernel(T.ceildiv(num_queries, block_q), batch, key_splits, threads=threads) as (bq, bb, split):
                 q_shared = T.alloc_shared((rows, dim), T.bfloat16)
                 k_shared = T.alloc_shared((block_n, dim), T.bfloat16)
                 scores = T.alloc_fragment((block_n, rows), T.float32)
@@ -67,8 +71,13 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                     ke_max = T.max(ke_max, T.if_then_else(q0 + i < num_queries,
                                                           KE[bb, T.min(q0 + i, num_queries - 1)], 0))
                 live_tiles = T.ceildiv(ke_max, block_n)
+                # This CTA's share of the key tiles: [first_tile, first_tile + tiles_per_split).
+                tiles_per_split = T.ceildiv(T.ceildiv(num_keys, block_n), key_splits)
+                first_tile = split * tiles_per_split
+                last_tile = T.min(first_tile + tiles_per_split, T.ceildiv(num_keys, block_n))
 
-                for tile in T.Pipelined(live_tiles, num_stages=num_stages):
+                for step in T.Pipelined(T.max(T.min(live_tiles, last_tile) - first_tile, 0), num_stages=num_stages):
+                    tile = first_tile + step
                     T.copy(K[bb, tile * block_n : (tile + 1) * block_n, :], k_shared)
                     T.gemm(k_shared, q_shared, scores, transpose_B=True, clear_accum=True,
                            policy=T.GemmWarpPolicy.FullCol)
@@ -81,12 +90,12 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                             Logits[bb, q0 + i, key] = T.if_then_else(
                                 key >= ks_local[i] and key < ke_local[i], logits[n, i], -T.infinity(T.float32))
 
-                # Tiles past the block's last visible key: masked without computing anything.
-                for tile in T.serial(live_tiles, T.ceildiv(num_keys, block_n)):
-                    for i, n in T.Parallel(block_q, block_n):
-                        key = tile * block_n + n
-                        if q0 + i < num_queries and key < num_keys:
-                            Logits[bb, q0 + i, key] = -T.infinity(T.float32)
+                if fill_future:  # tiles past the block's last visible key: masked without computing anything
+                    for tile in T.serial(T.max(live_tiles, first_tile), last_tile):
+                        for i, n in T.Parallel(block_q, block_n):
+                            key = tile * block_n + n
+                            if q0 + i < num_queries and key < num_keys:
+                                Logits[bb, q0 + i, key] = -T.infinity(T.float32)
 
         return weighted_relu_logits
 

@@ -152,6 +152,60 @@ def test_radix_topk_selects_exactly_the_top_k(rows, width, k):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows,width,k", [(6, 4096, 2048), (9, 70001, 2048), (4, 33000, 8192)])
+def test_radix_topk_reads_each_row_only_up_to_its_end(rows, width, k):
+    """Columns past a row's end count as -inf unread (garbage there must not matter); rows with fewer than k
+    columns before their end still get k distinct indices."""
+    from transformers_misa.kernels.scorer import radix_topk
+
+    generator = torch.Generator(device="cuda").manual_seed(k + rows)
+    scores = torch.randn(rows, width, device="cuda", generator=generator)
+    ends = torch.randint(1, width + 1, (rows,), device="cuda", generator=generator, dtype=torch.int32)
+    ends[0], ends[1], ends[2] = width, k // 3, k  # full row, fewer than k, exactly k
+    scores[3, : int(ends[3])] = scores[3, : int(ends[3])].round()  # ties
+    columns = torch.arange(width, device="cuda")
+    beyond = columns >= ends.unsqueeze(-1)
+    truth = scores.masked_fill(beyond, float("-inf"))
+    got = radix_topk(scores.masked_fill(beyond, 1e30), k, ends=ends)  # garbage past the end
+    assert got.shape == (rows, k) and got.dtype == torch.int32
+    assert all(len(set(row.tolist())) == k for row in got), "repeated index"
+    kth = truth.topk(k, dim=-1).values[:, -1:]
+    picked = truth.gather(-1, got.long())
+    assert bool((picked >= kth).all()), "picked a key below the k-th largest"
+    assert bool(((picked > kth).sum(-1) == (truth > kth).sum(-1)).all()), "missed a key above the k-th largest"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,num_queries,num_keys,heads,k,pads", [
+    (2, 300, 5000, 64, 2048, [0, 700]),  # prefill chunk at the end of a longer cache, left padding
+    (2, 700, 9000, 8, 2048, [0, 3]),  # routed-head width
+    (3, 4, 40000, 64, 2048, [0, 1, 39000]),  # decode (4 speculative queries): key tiles split over CTAs
+    (32, 1, 20000, 32, 2048, [0] * 32),  # decode batch, GLM-5's 32 heads
+    (1, 3, 6000, 8, 4096, [2100]),  # k above some rows' visible keys
+])
+def test_fused_select_matches_reference(batch, num_queries, num_keys, heads, k, pads):
+    """tilelang_select_tokens (unwritten future + per-row ends) picks DSA's top-k up to near-ties."""
+    from transformers_misa.kernels.scorer import key_splits_for, tilelang_select_tokens
+
+    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=7)
+    mask = _padded_causal_mask(batch, num_queries, num_keys, pads)
+    chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
+    ours = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k)
+    dense = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
+    ref = reference.top_indices(dense, k)
+    assert ours.shape == (batch, num_queries, k)
+    assert bool((ours.sort(-1).values.diff(dim=-1) > 0).all()), "repeated index"
+    _assert_same_selection(ours, ref, dense, tolerance=5e-2)
+    visible = torch.isfinite(dense).sum(-1)
+    picked_visible = torch.isfinite(dense.gather(-1, ours.long())).sum(-1)
+    assert torch.equal(picked_visible, visible.clamp_max(k)), "a visible key was left out for a masked one"
+    if num_queries <= 4:
+        assert key_splits_for(q.device, batch * num_queries, num_keys) > 1, "decode should split the key tiles"
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("batch,num_queries,num_keys,heads,block_size,pads", [
     (1, 33, 33, 64, 16, [0]),
     (2, 200, 1000, 64, 128, [0, 300]),

@@ -81,6 +81,8 @@ class Scorer:
     chunk_budget: scratch memory one query chunk may use.
     narrow_keys: skip the keys past a chunk's last visible key (causal future, static-cache slack). The reference
         keeps every key, so that its matmuls have transformers' exact shapes and DSA stays bit-identical.
+    fused_select: optional token_logits + topk in one step (same arguments plus k), free to skip what a top-k
+        never needs (the kernels leave each causal query's future unwritten); None: the two steps in turn.
     """
 
     name: str
@@ -92,12 +94,20 @@ class Scorer:
     head_importance: Callable[..., torch.Tensor] = None  # the router; None: `reference_head_importance`
     candidate_logits: Callable[..., torch.Tensor] = None  # None: `reference_candidate_logits`
     narrow_keys: bool = False
+    fused_select: Callable[..., torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         for name, default in (("head_importance", reference_head_importance),
                               ("candidate_logits", reference_candidate_logits)):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, functools.partial(default, scores_fn=self.head_scores))
+
+    def select_tokens(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
+                      softmax_scale: float, k: int) -> torch.Tensor:
+        """Indices [B, c, k] of the k best keys by Σ_j w[t, j]·ReLU(q[t, j]·k[s])·scale (h heads per query)."""
+        if self.fused_select is not None:
+            return self.fused_select(q, weights, keys, chunk, softmax_scale, k)
+        return self.topk(self.token_logits(q, weights, keys, chunk, softmax_scale), k)
 
 
 # The reference holds fp32 [c, h, T] head scores (plus their product) per chunk.
@@ -137,10 +147,10 @@ def pooled_keys(keys: torch.Tensor, mask: torch.Tensor | None, block_size: int) 
     return mean_pool(*pool_blocks(keys, valid, block_size))
 
 
-def routed_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
-                  pooled: torch.Tensor, block_size: int, active_heads: int, softmax_scale: float,
-                  scorer: Scorer = REFERENCE, head_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Token scores [B, c, T] from each query's routed heads only.
+def route_queries(q: torch.Tensor, weights: torch.Tensor, chunk: ChunkMask, pooled: torch.Tensor,
+                  block_size: int, active_heads: int, softmax_scale: float, scorer: Scorer = REFERENCE,
+                  head_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's routed heads: (q [B, c, active_heads, D], w [B, c, active_heads]) for token scoring.
 
     The selected heads keep their DSA weights w[t, j] unchanged and the others contribute nothing; no
     renormalisation, since a positive per-query factor would not change any top-k. `head_scale` [H] (a router
@@ -151,8 +161,7 @@ def routed_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ch
         importance = importance * head_scale.to(importance.device, importance.dtype)
     heads = route_heads(importance, active_heads)
     q_routed = q.gather(2, heads.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1]))
-    w_routed = weights.gather(2, heads)
-    return scorer.token_logits(q_routed, w_routed, keys, chunk, softmax_scale)
+    return q_routed, weights.gather(2, heads)
 
 
 def rerank(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
@@ -185,7 +194,7 @@ def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: i
     num_heads = q.shape[2]
 
     def select(q_c, w_c, keys_c, _, chunk, k):
-        return scorer.topk(scorer.token_logits(q_c, w_c, keys_c, chunk, softmax_scale), k)
+        return scorer.select_tokens(q_c, w_c, keys_c, chunk, softmax_scale, k)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, scorer.scratch_bytes(num_heads, keys.shape[1]),
                              select, scorer)
@@ -202,9 +211,9 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
     per_query = scorer.scratch_bytes(active_heads, keys.shape[1]) + 2 * q.shape[2] * pooled.shape[1] * _FP32
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
-        scores = routed_scores(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale, scorer,
-                               head_scale)
-        return scorer.topk(scores, k)
+        q_routed, w_routed = route_queries(q_c, w_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
+                                           scorer, head_scale)
+        return scorer.select_tokens(q_routed, w_routed, keys_c, chunk, softmax_scale, k)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer,
                              pooled, block_size)
@@ -223,9 +232,9 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
                  + 2 * (num_heads * pooled.shape[1] + num_candidates * (dim + num_heads)) * _FP32)
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
-        scores = routed_scores(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale, scorer,
-                               head_scale)
-        candidates = scorer.topk(scores, num_candidates)
+        q_routed, w_routed = route_queries(q_c, w_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
+                                           scorer, head_scale)
+        candidates = scorer.select_tokens(q_routed, w_routed, keys_c, chunk, softmax_scale, num_candidates)
         return rerank(q_c, w_c, keys_c, chunk, candidates, k, softmax_scale, scorer=scorer)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer,
