@@ -77,8 +77,13 @@ def run_mode(name: str, args, device: str) -> dict:
     prompt = torch.randint(2, model.config.vocab_size, (1, args.context), device=device,
                            generator=torch.Generator(device=device).manual_seed(1))
     row = {"mode": name, "context": args.context, "new_tokens": args.new_tokens}
-    # Warm-up on a short prompt first: kernel JIT compilation and library start-up stay out of the timings.
-    greedy(model, prompt[:, : min(args.context, 4096)], 3, device)
+    # Warm-up on the same prompt first: kernel JIT compilation (each kernel variant the prefill chunks and the decode
+    # steps of this length use) and library start-up stay out of the timings.
+    try:
+        greedy(model, prompt, 6, device)
+    except torch.OutOfMemoryError as error:
+        row["error"] = f"out of memory: {str(error).splitlines()[0]}"
+        return row
     try:
         prefill_s, decode_s, tokens = greedy(model, prompt, args.new_tokens, device)
     except torch.OutOfMemoryError as error:

@@ -109,10 +109,10 @@ def fits(method: str, batch: int, num_queries: int, num_keys: int, heads: int) -
     return True
 
 
-def scoring_tflops(heads: int, num_queries: int, num_keys: int, reps: int) -> dict:
-    """The DSA kernel's logits stage alone (causal prefill), as achieved tensor-core throughput."""
+def scoring_tflops(heads: int, num_queries: int, num_keys: int, reps: int, **variant) -> dict:
+    """The logits stage alone (causal prefill), as achieved tensor-core throughput; `variant` picks program options."""
     q, keys, weights = inputs(1, num_queries, num_keys, heads)
-    kernel = build_weighted_relu_logits(heads, DIM)()
+    kernel = build_weighted_relu_logits(heads, DIM, **variant)()
     chunk = ChunkMask(None, slice(0, num_queries), 1, num_queries, num_keys, q.device)
     ks, ke, _ = chunk.key_range
     flat_q = q.reshape(1, num_queries * heads, DIM)
@@ -133,6 +133,11 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results):
             row[f"{name}_ms"] = cuda_time_ms(call, reps if context <= 32768 else max(1, reps // 2))
             row[f"{name}_peak_gib"] = peak_extra_gib(call)
         row["scoring"] = scoring_tflops(heads, context, context, reps)
+        if context == 32768 and heads == 64:  # why few-head logits go through shared memory (scoring.py)
+            row["routed8_logits"] = {
+                f"staged_stores={staged}": scoring_tflops(8, context, context, reps, staged_stores=staged,
+                                                          fill_future=False)
+                for staged in (False, True)}
         if context >= 32768:
             table = methods(heads, None)
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
@@ -172,6 +177,8 @@ def print_row(row: dict, heads: int) -> None:
     cells = " ".join(f"{k}={v:.2f}ms" + (f"({base / v:.1f}x)" if base and k.startswith(("misa", "hisa")) else "")
                      for k, v in timings.items())
     extra = f" scoring={row['scoring']['tflops']:.0f}TFLOP/s" if "scoring" in row else ""
+    for variant, stats in row.get("routed8_logits", {}).items():
+        extra += f" 8-head logits[{variant}]={stats['ms']:.2f}ms"
     queries = f" q={row['new_tokens']}" if "new_tokens" in row else ""
     print(f"{row['phase']:>7} H={heads} B={row['batch']:>2} T={row['context']:>6}{queries}: {cells}{extra}", flush=True)
     for name, stages in row.get("stages", {}).items():

@@ -3,9 +3,10 @@
     importance[b, t, j] = |w[b, t, j]| · Σ_{m visible to t} ReLU(q[b, t, j] · k̄[b, m])
 
 A block m is visible to query t when it overlaps t's visible keys [ks, ke). A CTA takes `128 / heads` queries
-(all their heads: 128 query rows, one wgmma N), streams the pooled keys in tiles, and keeps the per-row sums in
-registers: the [S, H, M] block-score tensor is never written. The top-`active_heads` heads per query are then
-a tiny [S, H] top-k on the host side.
+(all their heads: 128 query rows, one wgmma N), streams the pooled keys in tiles and adds each tile's masked
+ReLU scores into a register accumulator of the tile's shape, reduced over the blocks once at the end rather than
+with a cross-thread reduction per tile: the [S, H, M] block-score tensor is never written. The top-`active_heads`
+heads per query are then a tiny [S, H] top-k on the host side.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations.
@@ -41,7 +42,7 @@ def build_head_importance(heads: int, dim: int, block_size: int, block_m: int = 
                 q_shared = T.alloc_shared((rows, dim), T.bfloat16)
                 p_shared = T.alloc_shared((block_m, dim), T.bfloat16)
                 scores = T.alloc_fragment((block_m, rows), T.float32)
-                tile_sum = T.alloc_fragment((rows,), T.float32)
+                running = T.alloc_fragment((block_m, rows), T.float32)  # per-slot sums; reduced once at the end
                 total = T.alloc_fragment((rows,), T.float32)
                 first_block = T.alloc_fragment((rows,), T.int32)
                 end_block = T.alloc_fragment((rows,), T.int32)
@@ -54,7 +55,7 @@ def build_head_importance(heads: int, dim: int, block_size: int, block_m: int = 
                     first_block[r] = KS[bb, query] // block_size
                     end_block[r] = T.if_then_else(KE[bb, query] > KS[bb, query],
                                                   T.ceildiv(KE[bb, query], block_size), 0)
-                T.clear(total)
+                T.clear(running)
                 last_end = 0
                 for i in T.serial(block_q):
                     last_end = T.max(last_end, T.ceildiv(KE[bb, T.min(q0 + i, num_queries - 1)], block_size))
@@ -65,11 +66,9 @@ def build_head_importance(heads: int, dim: int, block_size: int, block_m: int = 
                            policy=T.GemmWarpPolicy.FullCol)
                     for m, r in T.Parallel(block_m, rows):
                         block = tile * block_m + m
-                        scores[m, r] = T.if_then_else(block >= first_block[r] and block < end_block[r],
-                                                      T.max(scores[m, r], 0.0), 0.0)
-                    T.reduce_sum(scores, tile_sum, dim=0, clear=True)
-                    for r in T.Parallel(rows):
-                        total[r] += tile_sum[r]
+                        running[m, r] += T.if_then_else(block >= first_block[r] and block < end_block[r],
+                                                        T.max(scores[m, r], 0.0), 0.0)
+                T.reduce_sum(running, total, dim=0, clear=True)
 
                 for r in T.Parallel(rows):
                     if q0 + r // heads < num_queries:

@@ -28,6 +28,7 @@ RADIX_MIN_WIDTH = 4096
 MAX_KEY_SPLITS = 64
 MIN_TILES_PER_SPLIT = 4
 KEY_TILE = 128  # block_n of the logits program
+MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,9 +49,18 @@ def key_splits_for(device: torch.device, ctas: int, num_keys: int) -> int:
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
             softmax_scale: float, fill_future: bool) -> torch.Tensor:
     batch, num_queries, heads, dim = q.shape
+    per_call = (MAX_TMA_ELEMENTS - 1) // max(1, keys.shape[1])
+    if num_queries > per_call:  # the TMA store's descriptor cannot span more elements: split the queries
+        return torch.cat([_logits(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
+                                  ke[:, i : i + per_call], softmax_scale, fill_future)
+                          for i in range(0, num_queries, per_call)], dim=1)
     ctas = -(-num_queries // max(1, 128 // heads)) * batch
     splits = key_splits_for(q.device, ctas, keys.shape[1])
-    kernel = build_weighted_relu_logits(heads, dim, block_n=KEY_TILE, key_splits=splits, fill_future=fill_future)()
+    # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
+    # a TMA row stride must be a multiple of 16 B. Decode steps keep one variant whatever the cache length.
+    staged = heads <= 16 and num_queries >= 128 // heads and keys.shape[1] % 4 == 0
+    kernel = build_weighted_relu_logits(heads, dim, block_n=KEY_TILE, key_splits=splits, fill_future=fill_future,
+                                        staged_stores=staged)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale folds into the head weights.
     return kernel(
         q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16).contiguous(),

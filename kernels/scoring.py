@@ -24,14 +24,21 @@ import tilelang.language as T
 @functools.lru_cache(maxsize=None)
 def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_stages: int = 2,
                                threads: int = 256, key_splits: int = 1, fill_future: bool = True,
-                               arch: str | None = None):
+                               staged_stores: bool | None = None, arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
+
+    `staged_stores` (default: for 16 heads or fewer) writes each tile's logits through shared memory with one bulk
+    (TMA) store instead of scattered per-thread stores: with few heads a tile holds many queries' logits, and the
+    stores, not the matmul, set the pace. Its callers keep num_keys a multiple of 4 (a TMA row stride is a multiple
+    of 16 bytes) and num_queries · num_keys < 2^31 (the descriptor's index range).
 
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     target = "auto" if arch is None else {"kind": "cuda", "arch": arch}
     block_q = max(1, 128 // heads)
     rows = block_q * heads
+    if staged_stores is None:
+        staged_stores = block_q >= 8
 
     @tilelang.jit(target=target, out_idx=[-1], pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False})
     def program():
@@ -53,6 +60,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 scores = T.alloc_fragment((block_n, rows), T.float32)
                 scores_by_head = T.reshape(scores, (block_n, block_q, heads))
                 logits = T.alloc_fragment((block_n, block_q), T.float32)
+                logits_shared = T.alloc_shared((block_q, block_n), T.float32)
                 weights = T.alloc_fragment((rows,), T.float32)
                 ks_local = T.alloc_fragment((block_q,), T.int32)
                 ke_local = T.alloc_fragment((block_q,), T.int32)
@@ -84,11 +92,20 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                     for n, r in T.Parallel(block_n, rows):
                         scores[n, r] = T.max(scores[n, r], 0.0) * weights[r]
                     T.reduce_sum(scores_by_head, logits, dim=-1, clear=True)
-                    for i, n in T.Parallel(block_q, block_n):
-                        key = tile * block_n + n
-                        if q0 + i < num_queries and key < num_keys:
-                            Logits[bb, q0 + i, key] = T.if_then_else(
-                                key >= ks_local[i] and key < ke_local[i], logits[n, i], -T.infinity(T.float32))
+                    if staged_stores:  # Python-level: one variant or the other is compiled
+                        for i, n in T.Parallel(block_q, block_n):
+                            key = tile * block_n + n
+                            logits_shared[i, n] = T.if_then_else(key >= ks_local[i] and key < ke_local[i],
+                                                                 logits[n, i], -T.infinity(T.float32))
+                        # Rows past num_queries and columns past num_keys fall outside the tensor: the TMA store
+                        # clips them.
+                        T.copy(logits_shared, Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n])
+                    else:
+                        for i, n in T.Parallel(block_q, block_n):
+                            key = tile * block_n + n
+                            if q0 + i < num_queries and key < num_keys:
+                                Logits[bb, q0 + i, key] = T.if_then_else(
+                                    key >= ks_local[i] and key < ke_local[i], logits[n, i], -T.infinity(T.float32))
 
                 if fill_future:  # tiles past the block's last visible key: masked without computing anything
                     for tile in T.serial(T.max(live_tiles, first_tile), last_tile):

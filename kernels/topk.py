@@ -23,6 +23,8 @@ UNROLL = 4  # row elements each thread handles per loop step
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 NEG_INF_KEY = 0x007FFFFF  # _order_key(-inf): ~0xFF800000
+# Shared-memory slots for the keys of the k-th key's first-level bin (8 bytes each); a fuller bin re-reads the row.
+BUFFER = 4096
 
 
 def _order_key(value):
@@ -32,7 +34,7 @@ def _order_key(value):
 
 
 @functools.lru_cache(maxsize=None)
-def build_radix_topk(k: int, threads: int = 512, arch: str | None = None):
+def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32.
@@ -41,8 +43,12 @@ def build_radix_topk(k: int, threads: int = 512, arch: str | None = None):
     bins = 1 << max(RADIX_BITS)
     per_thread = bins // threads
     scan_offsets = tuple(1 << i for i in range(threads.bit_length() - 1))
+    (first_bits, first_shift), later_levels = LEVELS[0], LEVELS[1:]
+    first_digit = first_shift - first_bits  # bits below the first level's digit
 
-    @tilelang.jit(target=target, out_idx=[-1])
+    # Every barrier is written out below; TileLang's own pass would add one per loop step, as it cannot see that
+    # atomically claimed slots never collide.
+    @tilelang.jit(target=target, out_idx=[-1], pass_configs={tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True})
     def program():
         rows, width = T.dynamic("rows"), T.dynamic("width")
 
@@ -53,6 +59,54 @@ def build_radix_topk(k: int, threads: int = 512, arch: str | None = None):
                 col = (step * UNROLL + j) * threads + tx
                 values[j] = T.if_then_else(col < end, Scores[row, T.min(col, width - 1)], 0.0)
 
+        @T.macro
+        def clear_histogram(hist, tx):
+            for i in T.serial(per_thread):
+                hist[tx * per_thread + i] = 0
+            T.sync_threads()
+
+        @T.macro
+        def find_kth_bin(hist, suffix, found, tx, need):
+            """After a histogram pass: found = (bin holding the need-th largest key, keys above it, keys in it)."""
+            T.sync_threads()
+            # Inclusive suffix sums over the threads' bin groups: suffix[t] = keys in bins >= t·per_thread.
+            local_sum = T.alloc_var(T.int32)
+            carry = T.alloc_var(T.int32)
+            running = T.alloc_var(T.int32)
+            local_sum = 0
+            for i in T.serial(per_thread):
+                local_sum = local_sum + hist[tx * per_thread + i]
+            suffix[tx] = local_sum
+            if tx == 0:
+                suffix[threads] = 0
+            T.sync_threads()
+            for offset in scan_offsets:  # unrolled in Python: log2(threads) Hillis-Steele steps
+                carry = T.if_then_else(tx + offset < threads, suffix[T.min(tx + offset, threads - 1)], 0)
+                T.sync_threads()
+                suffix[tx] = suffix[tx] + carry
+                T.sync_threads()
+            running = suffix[tx + 1]
+            for i in T.serial(per_thread):
+                b = tx * per_thread + per_thread - 1 - i
+                if running < need and running + hist[b] >= need:
+                    found[0] = b
+                    found[1] = running
+                    found[2] = hist[b]
+                running = running + hist[b]
+            T.sync_threads()
+
+        @T.macro
+        def take(Out, row, key, col, prefix, need, counters):
+            """Final pass, per key: above the k-th key always, equal to it while ties are still needed."""
+            slot = T.alloc_var(T.int32)
+            if key > prefix:
+                slot = T.atomic_add(counters[0], 1, return_prev=True)
+                Out[row, slot] = col
+            elif key == prefix:
+                slot = T.atomic_add(counters[1], 1, return_prev=True)
+                if slot < need:
+                    Out[row, k - need + slot] = col
+
         @T.prim_func
         def radix_topk(Scores: T.Tensor((rows, width), T.float32), Ends: T.Tensor((rows,), T.int32),
                        Out: T.Tensor((rows, k), T.int32)):
@@ -60,91 +114,105 @@ def build_radix_topk(k: int, threads: int = 512, arch: str | None = None):
                 tx = T.get_thread_binding()
                 hist = T.alloc_shared((bins,), T.int32)
                 suffix = T.alloc_shared((threads + 1,), T.int32)
-                found = T.alloc_shared((2,), T.int32)  # (bin of the k-th key, keys above that bin)
-                counters = T.alloc_shared((2,), T.int32)  # (written above threshold, ties written)
+                found = T.alloc_shared((3,), T.int32)  # (bin of the k-th key, keys above that bin, keys in it)
+                counters = T.alloc_shared((3,), T.int32)  # (written above threshold, ties written, buffered)
+                buffer_keys = T.alloc_shared((buffer,), T.uint32)
+                buffer_cols = T.alloc_shared((buffer,), T.int32)
                 prefix = T.alloc_var(T.uint32)
                 need = T.alloc_var(T.int32)
                 end = T.alloc_var(T.int32)
-                local_sum = T.alloc_var(T.int32)
-                carry = T.alloc_var(T.int32)
-                running = T.alloc_var(T.int32)
+                in_bin = T.alloc_var(T.int32)
                 slot = T.alloc_var(T.int32)
                 values = T.alloc_local((UNROLL,), T.float32)
                 prefix = T.uint32(0)
                 need = k
                 end = T.max(T.min(Ends[row], width), 0)
+                if tx == 0:
+                    counters[0] = 0
+                    counters[1] = 0
+                    counters[2] = 0
 
-                for bits, high_shift in LEVELS:  # unrolled in Python: one pass per radix level
-                    shift = high_shift - bits  # keys must match `prefix` above `high_shift`
-                    digit_mask = (1 << bits) - 1
-                    for i in T.serial(per_thread):
-                        hist[tx * per_thread + i] = 0
-                    T.sync_threads()
+                # Level 1 over the whole row (from HBM).
+                clear_histogram(hist, tx)
+                for step in T.serial(T.ceildiv(end, threads * UNROLL)):
+                    load_row_slice(Scores, row, step, tx, end, values)
+                    for j in T.unroll(UNROLL):
+                        if (step * UNROLL + j) * threads + tx < end:
+                            key = _order_key(values[j])
+                            T.atomic_add(hist[T.cast(key >> first_digit, T.int32)], 1)
+                if tx == 0 and end < width:  # the unread columns [end, width) are -inf
+                    T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
+                find_kth_bin(hist, suffix, found, tx, need)
+                prefix = T.cast(found[0], T.uint32)
+                need = need - found[1]
+                in_bin = found[2]
+                T.sync_threads()
+
+                if in_bin <= buffer and prefix != T.uint32(NEG_INF_KEY >> first_digit):
+                    # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
+                    # keys in shared memory; the finer levels and the ties are then resolved on chip.
                     for step in T.serial(T.ceildiv(end, threads * UNROLL)):
                         load_row_slice(Scores, row, step, tx, end, values)
                         for j in T.unroll(UNROLL):
                             col = (step * UNROLL + j) * threads + tx
                             if col < end:
                                 key = _order_key(values[j])
-                                matches = high_shift == 32 or (key >> high_shift) == prefix
-                                if matches:
-                                    T.atomic_add(hist[T.cast((key >> shift) & digit_mask, T.int32)], 1)
-                    # The unread columns [end, width) are -inf: counted at once, when -inf is still in play.
-                    neg_inf_matches = high_shift == 32 or T.uint32(NEG_INF_KEY >> high_shift) == prefix
-                    if tx == 0 and end < width and neg_inf_matches:
-                        T.atomic_add(hist[(NEG_INF_KEY >> shift) & digit_mask], width - end)
+                                if (key >> first_digit) > prefix:
+                                    slot = T.atomic_add(counters[0], 1, return_prev=True)
+                                    Out[row, slot] = col
+                                elif (key >> first_digit) == prefix:
+                                    slot = T.atomic_add(counters[2], 1, return_prev=True)
+                                    buffer_keys[slot] = key
+                                    buffer_cols[slot] = col
                     T.sync_threads()
-                    # Inclusive suffix sums over the threads' bin groups: suffix[t] = keys in bins >= t·per_thread.
-                    local_sum = 0
-                    for i in T.serial(per_thread):
-                        local_sum = local_sum + hist[tx * per_thread + i]
-                    suffix[tx] = local_sum
-                    if tx == 0:
-                        suffix[threads] = 0
-                    T.sync_threads()
-                    for offset in scan_offsets:  # unrolled in Python: log2(threads) scan steps
-                        carry = T.if_then_else(tx + offset < threads, suffix[T.min(tx + offset, threads - 1)], 0)
+                    for bits, high_shift in later_levels:  # unrolled in Python
+                        shift = high_shift - bits
+                        clear_histogram(hist, tx)
+                        for i in T.serial(T.ceildiv(in_bin, threads)):
+                            index = i * threads + tx
+                            if index < in_bin and (buffer_keys[index] >> high_shift) == prefix:
+                                T.atomic_add(hist[T.cast((buffer_keys[index] >> shift) & ((1 << bits) - 1), T.int32)], 1)
+                        find_kth_bin(hist, suffix, found, tx, need)
+                        prefix = (prefix << bits) | T.cast(found[0], T.uint32)
+                        need = need - found[1]
                         T.sync_threads()
-                        suffix[tx] = suffix[tx] + carry
+                    for i in T.serial(T.ceildiv(in_bin, threads)):
+                        index = i * threads + tx
+                        if index < in_bin:
+                            take(Out, row, buffer_keys[index], buffer_cols[index], prefix, need, counters)
+                else:
+                    # The k-th key's bin is too full for the buffer (heavy ties) or is -inf: finer levels re-read
+                    # the row, each restricted to the prefix found so far.
+                    for bits, high_shift in later_levels:  # unrolled in Python
+                        shift = high_shift - bits
+                        digit_mask = (1 << bits) - 1
+                        clear_histogram(hist, tx)
+                        for step in T.serial(T.ceildiv(end, threads * UNROLL)):
+                            load_row_slice(Scores, row, step, tx, end, values)
+                            for j in T.unroll(UNROLL):
+                                if (step * UNROLL + j) * threads + tx < end:
+                                    key = _order_key(values[j])
+                                    if (key >> high_shift) == prefix:
+                                        T.atomic_add(hist[T.cast((key >> shift) & digit_mask, T.int32)], 1)
+                        if tx == 0 and end < width and T.uint32(NEG_INF_KEY >> high_shift) == prefix:
+                            T.atomic_add(hist[(NEG_INF_KEY >> shift) & digit_mask], width - end)
+                        find_kth_bin(hist, suffix, found, tx, need)
+                        prefix = (prefix << bits) | T.cast(found[0], T.uint32)
+                        need = need - found[1]
                         T.sync_threads()
-                    # The bin holding the k-th largest key: above(bin) < need <= above(bin) + hist[bin].
-                    running = suffix[tx + 1]
-                    for i in T.serial(per_thread):
-                        b = tx * per_thread + per_thread - 1 - i
-                        if running < need and running + hist[b] >= need:
-                            found[0] = b
-                            found[1] = running
-                        running = running + hist[b]
-                    T.sync_threads()
-                    prefix = (prefix << bits) | T.cast(found[0], T.uint32)
-                    need = need - found[1]
-                    T.sync_threads()
-
-                # `prefix` is now the exact k-th largest key; `need` of its ties are taken.
-                if tx == 0:
-                    counters[0] = 0
-                    counters[1] = 0
-                T.sync_threads()
-                for step in T.serial(T.ceildiv(end, threads * UNROLL)):
-                    load_row_slice(Scores, row, step, tx, end, values)
-                    for j in T.unroll(UNROLL):
-                        col = (step * UNROLL + j) * threads + tx
-                        if col < end:
-                            key = _order_key(values[j])
-                            if key > prefix:
-                                slot = T.atomic_add(counters[0], 1, return_prev=True)
-                                Out[row, slot] = col
-                            elif key == prefix:
+                    for step in T.serial(T.ceildiv(end, threads * UNROLL)):
+                        load_row_slice(Scores, row, step, tx, end, values)
+                        for j in T.unroll(UNROLL):
+                            col = (step * UNROLL + j) * threads + tx
+                            if col < end:
+                                take(Out, row, _order_key(values[j]), col, prefix, need, counters)
+                    if prefix == T.uint32(NEG_INF_KEY):  # fewer than k keys above -inf: unread columns fill up
+                        for step in T.serial(T.ceildiv(width - end, threads)):
+                            col = end + step * threads + tx
+                            if col < width:
                                 slot = T.atomic_add(counters[1], 1, return_prev=True)
                                 if slot < need:
                                     Out[row, k - need + slot] = col
-                if prefix == T.uint32(NEG_INF_KEY):  # fewer than k keys above -inf: unread columns fill up
-                    for step in T.serial(T.ceildiv(width - end, threads)):
-                        col = end + step * threads + tx
-                        if col < width:
-                            slot = T.atomic_add(counters[1], 1, return_prev=True)
-                            if slot < need:
-                                Out[row, k - need + slot] = col
 
         return radix_topk
 
