@@ -114,7 +114,8 @@ def _padded_causal_mask(batch, num_queries, num_keys, pads):
     (1, 37, 37, 64, [0]),
     (2, 129, 300, 64, [0, 17]),
     (1, 4, 4099, 32, [0]),  # decode-like, T not a multiple of the tile, GLM-5's 32 heads
-    (3, 257, 257, 8, [0, 5, 100]),  # routed-head width
+    (3, 257, 257, 8, [0, 5, 100]),  # routed-head width, scattered stores (257 keys: no 16-byte TMA row stride)
+    (2, 100, 1024, 8, [0, 30]),  # routed-head width, staged (TMA) stores, a partial last query block
 ])
 def test_logits_kernel_matches_reference(batch, num_queries, num_keys, heads, pads):
     from transformers_misa.kernels.scorer import tilelang_token_logits
@@ -148,6 +149,40 @@ def test_radix_topk_selects_exactly_the_top_k(rows, width, k):
     assert bool((picked >= kth).all()), "picked a key below the k-th largest"
     above = (scores > kth).sum(-1)
     assert bool(((picked > kth).sum(-1) == above).all()), "missed a key above the k-th largest"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("buffer", [16, 4096])
+def test_radix_topk_buffered_and_rereading_paths_agree(buffer):
+    """A k-th key's bin that overflows the shared buffer re-reads the row: both paths select the same set."""
+    from transformers_misa.kernels.topk import build_radix_topk
+
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    scores = torch.randn(8, 50000, device="cuda", generator=generator)
+    ends = torch.tensor([50000, 40000, 30000, 20000, 10000, 5000, 2100, 1000], device="cuda", dtype=torch.int32)
+    got = build_radix_topk(2048, buffer=buffer)()(scores, ends)
+    truth = scores.masked_fill(torch.arange(50000, device="cuda") >= ends.unsqueeze(-1), float("-inf"))
+    expected = truth.topk(2048, dim=-1).indices
+    for row in range(8):
+        visible = min(int(ends[row]), 2048)
+        picked = set(got[row].tolist())
+        assert len(picked) == 2048
+        assert set(expected[row, :visible].tolist()) <= picked  # random floats: no ties among visible keys
+
+
+@gpu
+@pytest.mark.gpu
+def test_logits_split_for_the_tma_limit_match(monkeypatch):
+    """Calls past the TMA descriptor's element limit are split over the queries; the logits do not change."""
+    from transformers_misa.kernels import scorer
+
+    q, keys, weights = _inputs(2, 300, 5000, 8, seed=9)
+    chunk = ChunkMask(None, slice(0, 300), 2, 300, 5000, q.device)
+    whole = scorer.tilelang_token_logits(q, weights, keys, chunk, 128**-0.5)
+    monkeypatch.setattr(scorer, "MAX_TMA_ELEMENTS", 5000 * 70)
+    split = scorer.tilelang_token_logits(q, weights, keys, chunk, 128**-0.5)
+    torch.testing.assert_close(split, whole)
 
 
 @gpu
