@@ -100,6 +100,13 @@ class ChunkMask:
             return chunk > torch.finfo(chunk.dtype).min / 2
         return self._memo("visible", build)
 
+    def visible_end(self) -> int:
+        """One past the last key any query of the chunk sees. Without a mask it is known on the host (no GPU sync:
+        decode steps stay free of host round trips); with one it is read back from the key ranges."""
+        if self.mask is None:
+            return self.rows.stop + self.num_keys - self.num_queries
+        return int(self.key_range[1].max())
+
     @property
     def key_range(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(ks, ke, contiguous): int32 [B, c] bounds of each query's visible keys, and whether they are exactly
