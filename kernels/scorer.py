@@ -113,11 +113,16 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None) -
 
 
 def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
-                             block_size: int, softmax_scale: float) -> torch.Tensor:
-    """MISA's router score [B, c, H], fused in one kernel (see `router.py`); masks with holes use the reference."""
+                             block_size: int, softmax_scale: float, router: str = "sum") -> torch.Tensor:
+    """MISA's router score [B, c, H], fused in one kernel (see `router.py`); masks with holes use the reference.
+
+    The fused program sums; router="max" runs the reference's steps on the tensor cores (bf16 matmul, then the max)
+    until a max variant of the program has been checked on a GPU.
+    """
     ks, ke, contiguous = chunk.key_range
-    if not contiguous:
-        return reference_head_importance(q, weights, pooled, chunk, block_size, softmax_scale, bf16_head_scores)
+    if not contiguous or router != "sum":
+        return reference_head_importance(q, weights, pooled, chunk, block_size, softmax_scale, router,
+                                         scores_fn=bf16_head_scores)
     batch, num_queries, heads, dim = q.shape
     kernel = build_head_importance(heads, dim, block_size)()
     importance = kernel(

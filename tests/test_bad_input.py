@@ -53,6 +53,9 @@ BAD = [
     (dict(mode="hisa", keep_blocks=0), r"keep_blocks must be a positive int, got 0"),
     (dict(mode="hisa", keep_blocks=1, block_size=128), r"keep_blocks=1 .*use keep_blocks >= 2"),
     (dict(mode="misa", qk_format="fp8"), r"unknown qk_format 'fp8'; choose one of \['bf16', 'fp8_e4m3'\]"),
+    (dict(mode="misa", router="mean"), r"unknown router 'mean'; choose one of \['sum', 'max'\]"),
+    (dict(mode="hisa", router="max"), r"option\(s\) \['router'\] have no effect in mode 'hisa'"),
+    (dict(mode="dsa", router="sum"), r"\['router'\] have no effect in mode 'dsa'"),
     (dict(mode="hisa", keep_blocks=3, block_size=16),
      r"keep_blocks=3 with block_size=16 keeps 48 tokens, fewer than index_topk=64.*use keep_blocks >= 4"),
 ]

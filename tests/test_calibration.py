@@ -173,6 +173,36 @@ def test_calibration_with_another_block_size_or_mode(fitted):
     assert not is_patched(model)
 
 
+def test_calibration_records_its_router(tmp_path):
+    model = tiny_model("deepseek_v32", index_topk=16)
+    by_max = calibrate(model, _texts(), block_size=BLOCK, router="max", active_heads=(4,), progress=False)
+    assert by_max.router == "max"
+    assert RouterCalibration.load(by_max.save(tmp_path / "max.safetensors")).router == "max"
+    with pytest.raises(ValueError, match="fitted for router='max', the patch uses router='sum'.*recalibrate"):
+        patch_model(model, mode="misa", block_size=BLOCK, calibration=by_max)
+    assert not is_patched(model)
+    patch_model(model, mode="misa", block_size=BLOCK, router="max", calibration=by_max)
+    assert model.misa_config.router == "max"
+    unpatch_model(model)
+    with pytest.raises(ValueError, match="unknown router 'mean'"):
+        calibrate(model, _texts(), block_size=BLOCK, router="mean", progress=False)
+
+
+def test_calibration_files_without_a_router_read_as_sum(fitted, tmp_path):
+    """Files written before the router option (the shipped ones among them) were fitted for the sum."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = fitted.save(tmp_path / "cal.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    meta = json.loads(metadata["misa"])
+    del meta["router"]
+    save_file(tensors, str(path), metadata={**metadata, "misa": json.dumps(meta)})
+    assert RouterCalibration.load(path).router == "sum"
+
+
 def test_not_a_calibration_file(tmp_path):
     from safetensors.torch import save_file
 

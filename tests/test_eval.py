@@ -251,6 +251,17 @@ def test_cli_eval_end_to_end_on_the_trained_model(tmp_path, capsys):
     assert "misa8_hier" in capsys.readouterr().out
 
 
+def test_cli_eval_with_the_max_router_skips_a_calibration_fitted_for_the_sum(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["eval", "--haystack", str(_essays()), "--family", "glm_moe_dsa", "--lengths", "512", "--depths", "0",
+                 "--window", "512", "--windows", "1", "--new-tokens", "4", "--router", "max", "--out", str(out),
+                 "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert not any(name.endswith("+cal") for name in results["modes"])
+    assert {settings.get("router") for name, settings in results["modes"].items() if name.startswith("misa")} == {"max"}
+    assert "router='sum', not 'max': the misa modes run uncalibrated" in capsys.readouterr().out
+
+
 def test_cli_eval_rejects_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         main(["eval", "--haystack", str(tmp_path / "missing"), "--no-progress"])

@@ -200,11 +200,13 @@ def test_summary_deepseek(make_model):
 
 
 @pytest.mark.parametrize("mode,options,expected", [
-    ("misa", {}, dict(active_heads=8, block_size=128, candidate_factor=None, keep_blocks=None)),
+    ("misa", {}, dict(active_heads=8, block_size=128, candidate_factor=None, keep_blocks=None, router="sum")),
+    ("misa", dict(router="max"), dict(active_heads=8, router="max")),
+    ("misa_hierarchical", dict(router="max"), dict(candidate_factor=4, router="max")),
     ("misa", dict(active_heads=3, block_size=32, query_chunk_size=5),
      dict(active_heads=3, block_size=32, query_chunk_size=5)),
     ("misa_hierarchical", {}, dict(active_heads=8, block_size=128, candidate_factor=4, keep_blocks=None)),
-    ("hisa", {}, dict(active_heads=None, block_size=128, keep_blocks=2)),  # max(2, ceil(4·64/128))
+    ("hisa", {}, dict(active_heads=None, block_size=128, keep_blocks=2, router=None)),  # max(2, ceil(4·64/128))
     ("hisa", dict(block_size=16), dict(block_size=16, keep_blocks=16)),  # ceil(4·64/16)
     ("dsa", {}, dict(active_heads=None, block_size=None, candidate_factor=None, keep_blocks=None,
                      query_chunk_size=None)),

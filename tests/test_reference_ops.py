@@ -212,6 +212,24 @@ def test_route_heads_picks_the_most_important_heads():
     assert torch.equal(all_heads, torch.arange(8).expand_as(all_heads))
 
 
+def test_max_router_ranks_heads_by_their_best_visible_block():
+    q, keys, weights, mask, scale = _random_problem()
+    pooled = pooled_keys(keys, mask, 8)
+    chunk = blocks.ChunkMask(mask, slice(0, q.shape[1]), q.shape[0], q.shape[1], keys.shape[1], q.device)
+    per_block = torch.relu(torch.einsum("bshd,bmd->bshm", q, pooled) * scale)
+    per_block = per_block.masked_fill(~chunk.block_visible(8).unsqueeze(2), 0.0)
+    by_max = reference.reference_head_importance(q, weights, pooled, chunk, 8, scale, "max")
+    by_sum = reference.reference_head_importance(q, weights, pooled, chunk, 8, scale, "sum")
+    torch.testing.assert_close(by_max, per_block.amax(-1) * weights.abs())
+    torch.testing.assert_close(by_sum, per_block.sum(-1) * weights.abs())
+    assert not torch.equal(reference.route_heads(by_max, 3), reference.route_heads(by_sum, 3))
+    got = misa_topk(q, keys, weights, 10, softmax_scale=scale, active_heads=3, block_size=8, mask=mask, router="max")
+    heads = reference.route_heads(by_max, 3)
+    routed = dense_scores(q.gather(2, heads.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1])), keys,
+                          weights.gather(2, heads), scale, mask)
+    assert_valid_topk(got, routed)
+
+
 def test_misa_hierarchical_matches_brute_force():
     q, keys, weights, mask, scale = _random_problem()
     topk, factor = 6, 2
@@ -378,3 +396,15 @@ def test_default_chunk_respects_the_scratch_budget():
     assert out.shape == (1, num_queries, 16)
     assert tracker.max_numel * 4 <= blocks.DEFAULT_CHUNK_BYTES
     assert tracker.max_numel * 2 <= num_queries * heads * num_keys
+
+
+@pytest.mark.parametrize("num_queries,num_keys,rows", [(10, 10, slice(0, 4)), (3, 50, slice(1, 3)), (7, 20, slice(0, 7))])
+def test_visible_end_is_known_on_the_host_without_a_mask(num_queries, num_keys, rows):
+    """Causal chunks without a mask get their last visible key without reading the GPU back (decode stays sync-free);
+    it agrees with the device-side key ranges, and with a mask it is read from them."""
+    chunk = blocks.ChunkMask(None, rows, 2, num_queries, num_keys, torch.device("cpu"))
+    assert chunk.visible_end() == int(chunk.key_range[1].max())
+    mask = torch.ones(2, num_queries, num_keys, dtype=torch.bool).tril(diagonal=num_keys - num_queries)
+    mask[:, :, -1] = False  # the last key hidden from every query
+    masked = blocks.ChunkMask(mask, rows, 2, num_queries, num_keys, torch.device("cpu"))
+    assert masked.visible_end() == int(masked.key_range[1].max()) <= num_keys - 1

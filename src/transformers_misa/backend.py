@@ -53,15 +53,15 @@ def kernel_unavailable_reason(device: torch.device) -> str | None:
 def _fall_back_on_failure(name: str, kernel_fn, reference_fn):
     """`kernel_fn`, or `reference_fn` from the first failure on (announced by one warning)."""
 
-    def run(*args):
+    def run(*args, **kwargs):
         if name not in _broken_kernels:
             try:
-                return kernel_fn(*args)
+                return kernel_fn(*args, **kwargs)
             except Exception as error:  # compile or launch failure: degrade, never crash generate
                 _broken_kernels.add(name)
                 warnings.warn(f"transformers_misa: the {name} kernel failed ({type(error).__name__}: {error}); "
                               "using the PyTorch reference from now on", RuntimeWarning, stacklevel=3)
-        return reference_fn(*args)
+        return reference_fn(*args, **kwargs)
 
     return run
 

@@ -15,7 +15,8 @@ c[l, j] = exp(mean_t log(a[t, j] / r[t, j])) over the calibration queries that s
 routes with c[l, j]·r[t, j]. A layer keeps its factors only where they do not lower the recall of DSA's top-k on
 the calibration text at any of the active-heads settings checked; otherwise its factors are 1 (uncalibrated).
 (Measured on the trained DeepSeek-shaped model, this separation target beat a sum-over-top-k target, which
-lowered recall in most layers.)
+lowered recall in most layers.) With router="max" the router score uses the largest block score instead of the
+sum, and the factors are fitted for that score; a calibration records its router and is used only with it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DEFAULT_BLOCK_SIZE
+from .config import DEFAULT_BLOCK_SIZE, ROUTERS
 from .indexer import MisaIndexer
 from .ops import reference
 from .ops.blocks import ChunkMask, gather_keys, head_scores, query_chunks
@@ -48,6 +49,7 @@ class RouterCalibration:
         layer_ids: layer indices of the model's indexers (GLM-5's shared layers have none).
         block_size: key block size the router pooled over while fitting (patch with the same).
         model_type, num_hidden_layers, index_n_heads, index_topk: the model it was fitted on.
+        router: the router pooling it was fitted for ("sum" or "max"; files written before the option read "sum").
         info: JSON-safe facts about the fit (texts, tokens, per-layer recall before / after).
     """
 
@@ -58,13 +60,14 @@ class RouterCalibration:
     num_hidden_layers: int
     index_n_heads: int
     index_topk: int
+    router: str = "sum"
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def scale_for(self, layer_idx: int) -> torch.Tensor:
         """The [heads] factors of one layer."""
         return self.head_scale[self.layer_ids.index(layer_idx)]
 
-    def check_model(self, model: nn.Module, block_size: int | None = None) -> None:
+    def check_model(self, model: nn.Module, block_size: int | None = None, router: str | None = None) -> None:
         """Raises ValueError (saying what differs and what to do) if this calibration is not for `model`."""
         config = model.config
         indexer_layers = sorted(_indexer_layer_ids(model))
@@ -81,6 +84,10 @@ class RouterCalibration:
         if block_size is not None and block_size != self.block_size:
             raise ValueError(f"the router calibration was fitted with block_size={self.block_size}, the patch uses "
                              f"block_size={block_size}; patch with block_size={self.block_size} or recalibrate")
+        if router is not None and router != self.router:
+            raise ValueError(f"the router calibration was fitted for router={self.router!r}, the patch uses "
+                             f"router={router!r}; patch with router={self.router!r} or recalibrate with "
+                             f"router={router!r}")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes a safetensors file: tensors head_scale and layer_ids, the rest as metadata."""
@@ -90,7 +97,7 @@ class RouterCalibration:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(format=_FORMAT, block_size=self.block_size, model_type=self.model_type,
                     num_hidden_layers=self.num_hidden_layers, index_n_heads=self.index_n_heads,
-                    index_topk=self.index_topk)
+                    index_topk=self.index_topk, router=self.router)
         save_file({"head_scale": self.head_scale.float().contiguous().cpu(),
                    "layer_ids": torch.tensor(self.layer_ids, dtype=torch.int64)}, str(path),
                   metadata={"misa": json.dumps(meta), "info": json.dumps(self.info)})
@@ -143,8 +150,8 @@ def _token_ids(texts: Sequence[Any], tokenizer: Any, max_tokens: int, block_size
 class _LogRatioStats:
     """Running sums of log(a / r) per layer and head (see the module docstring)."""
 
-    def __init__(self, block_size: int, chunk_size: int = 256) -> None:
-        self.block_size, self.chunk_size = block_size, chunk_size
+    def __init__(self, block_size: int, router: str = "sum", chunk_size: int = 256) -> None:
+        self.block_size, self.router, self.chunk_size = block_size, router, chunk_size
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, torch.Tensor] = {}
 
@@ -163,7 +170,7 @@ class _LogRatioStats:
             chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device)
             sparse = chunk.visible.sum(-1) > k  # [B, c]: queries whose top-k is a real choice
             router = reference.reference_head_importance(q[:, rows], ones[:, rows], pooled, chunk, self.block_size,
-                                                         scale)
+                                                         scale, self.router)
             visible = chunk.visible.unsqueeze(2)  # [B, c, 1, T]
             all_keys = head_scores(q[:, rows], keys.unsqueeze(1), scale).masked_fill_(~visible, 0.0).sum(-1)
             top = head_scores(q[:, rows], gather_keys(keys, selected[:, rows].long()), scale).sum(-1)
@@ -189,14 +196,15 @@ class _LogRatioStats:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, texts: Sequence[Any], tokenizer: Any = None, *, block_size: int | None = None,
-              active_heads: Sequence[int] = (4, 8, 16), max_tokens: int = 8192, progress: bool = True,
-              save_to: str | os.PathLike | None = None) -> RouterCalibration:
+              router: str | None = None, active_heads: Sequence[int] = (4, 8, 16), max_tokens: int = 8192,
+              progress: bool = True, save_to: str | os.PathLike | None = None) -> RouterCalibration:
     """Fits MISA's router calibration on real text (see the module docstring for what is fitted).
 
     Args:
         model: a DeepSeek-V3.2 / GLM-5 model, patched or not (a patched model is restored afterwards).
         texts: strings (with `tokenizer`) or token-id tensors; each at least one block long, cut to `max_tokens`.
         block_size: the key block size the router will use (default: the patched model's, else 128).
+        router: the router pooling it will be used with, "sum" or "max" (default: the patched model's, else "sum").
         active_heads: settings at which a layer's factors must not lower recall on `texts` (others above the
             model's head count are skipped).
         save_to: also write the result there (a folder gets CALIBRATION_FILE).
@@ -212,6 +220,9 @@ def calibrate(model: nn.Module, texts: Sequence[Any], tokenizer: Any = None, *, 
     previous = getattr(model, "misa_config", None)
     block_size = block_size or (previous.block_size if previous is not None and previous.block_size else
                                 DEFAULT_BLOCK_SIZE)
+    router = router or (previous.router if previous is not None and previous.router else "sum")
+    if router not in ROUTERS:
+        raise ValueError(f"unknown router {router!r}; choose one of {list(ROUTERS)}")
     sequences = _token_ids(texts, tokenizer, max_tokens, block_size)
     device = next(model.parameters()).device
     with temporarily_unpatched(model):
@@ -219,7 +230,7 @@ def calibrate(model: nn.Module, texts: Sequence[Any], tokenizer: Any = None, *, 
         if not layer_ids:
             raise ValueError(f"{type(model).__name__} has no DSA indexer to calibrate")
         config = model.config
-        stats = _LogRatioStats(block_size)
+        stats = _LogRatioStats(block_size, router)
         num_heads = config.index_n_heads
         settings = [h for h in dict.fromkeys(active_heads) if h < num_heads]
         bar = tqdm(total=len(sequences) * (1 + 2 * len(settings)), desc="calibrate", unit="pass",
@@ -238,13 +249,14 @@ def calibrate(model: nn.Module, texts: Sequence[Any], tokenizer: Any = None, *, 
                     module.observer = None
             unpatch_model(model)
         fitted = RouterCalibration(stats.factors(layer_ids, num_heads), layer_ids, block_size, config.model_type,
-                                   config.num_hidden_layers, num_heads, config.index_topk)
+                                   config.num_hidden_layers, num_heads, config.index_topk, router)
         ones = dataclasses.replace(fitted, head_scale=torch.ones_like(fitted.head_scale))
         recall: dict[str, dict[str, dict[int, float]]] = {}
         for heads in settings:
             recall[str(heads)] = {}
             for name, calibration in (("uncalibrated", ones), ("calibrated", fitted)):
-                patch_model(model, mode="misa", active_heads=heads, block_size=block_size, calibration=calibration)
+                patch_model(model, mode="misa", active_heads=heads, block_size=block_size, router=router,
+                            calibration=calibration)
                 try:
                     recall[str(heads)][name] = recall_by_layer(model, sequences)
                 finally:
@@ -266,12 +278,12 @@ def calibrate(model: nn.Module, texts: Sequence[Any], tokenizer: Any = None, *, 
     return result
 
 
-def resolve_calibration(model: nn.Module, calibration: Any, mode: str, block_size: int | None
-                        ) -> RouterCalibration | None:
+def resolve_calibration(model: nn.Module, calibration: Any, mode: str, block_size: int | None,
+                        router: str | None = None) -> RouterCalibration | None:
     """What `patch_model`'s `calibration` argument means for this model and mode.
 
     "auto": CALIBRATION_FILE in the model's local checkpoint folder (`config._name_or_path`), used for misa modes
-    when its block size matches the patch's, else nothing. None: none. A path or a RouterCalibration: that one,
+    when its block size and router match the patch's, else nothing. None: none. A path or a RouterCalibration: that one,
     checked against the model (ValueError if it does not match, or if the mode has no router).
     """
     if calibration is None:
@@ -283,12 +295,12 @@ def resolve_calibration(model: nn.Module, calibration: Any, mode: str, block_siz
         if not routed or path is None or not path.is_file():
             return None
         found = RouterCalibration.load(path)
-        if found.block_size != block_size:
+        if found.block_size != block_size or found.router != (router or "sum"):
             import logging
 
             logging.getLogger(__name__).warning(
-                "transformers_misa: %s was fitted with block_size=%d, not %s; routing uncalibrated", path,
-                found.block_size, block_size)
+                "transformers_misa: %s was fitted with block_size=%d and router=%r, not %s and %r; routing "
+                "uncalibrated", path, found.block_size, found.router, block_size, router or "sum")
             return None
         found.check_model(model)
         return found
@@ -302,5 +314,5 @@ def resolve_calibration(model: nn.Module, calibration: Any, mode: str, block_siz
         if not path.is_file():
             raise FileNotFoundError(f"router calibration {str(path)!r} not found (write one with calibrate(...))")
         calibration = RouterCalibration.load(path)
-    calibration.check_model(model, block_size)
+    calibration.check_model(model, block_size, router or "sum")
     return calibration

@@ -34,6 +34,7 @@ def _depth_list(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import ROUTERS
     from .evaluation.suite import EVAL_FAMILIES
     from .demo import DEFAULT_BLOCK_SIZE, DEFAULT_CONTEXT, DEFAULT_NEW_TOKENS, QUICK_CONTEXT, QUICK_NEW_TOKENS, \
         RANDOM_TOPK
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--windows", type=_positive, default=2, help="held-out windows (default 2)")
     evaluate.add_argument("--new-tokens", type=_positive, default=40,
                           help="greedy new tokens per NIAH answer (default 40)")
+    evaluate.add_argument("--router", choices=list(ROUTERS), default="sum",
+                          help="router pooling of the misa modes (default sum)")
     evaluate.add_argument("--no-calibration", action="store_true",
                           help="ignore a router calibration in the model folder")
     evaluate.add_argument("--out", default="eval_out", metavar="DIR", help="output folder (default eval_out)")
@@ -120,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--family", choices=list(EVAL_FAMILIES), default="deepseek_v32",
                            help="built-in trained model when --model is not given (default deepseek_v32)")
     calibrate.add_argument("--block-size", type=_positive, default=64, help="router key block size (default 64)")
+    calibrate.add_argument("--router", choices=list(ROUTERS), default="sum",
+                           help="router pooling the calibration is for (default sum)")
     calibrate.add_argument("--max-texts", type=_positive, default=8, help="texts used at most (default 8)")
     calibrate.add_argument("--max-tokens", type=_positive, default=4096, help="tokens per text at most (4096)")
     calibrate.add_argument("--out", default=None, metavar="PATH",
@@ -148,8 +153,8 @@ def run_calibrate(args: argparse.Namespace) -> None:
     if not files:
         raise ValueError(f"{args.texts_dir} has no .txt file outside the model's held-out essays")
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
-    result = calibrate(model, texts, tokenizer, block_size=args.block_size, max_tokens=args.max_tokens,
-                       progress=not args.no_progress)
+    result = calibrate(model, texts, tokenizer, block_size=args.block_size, router=args.router,
+                       max_tokens=args.max_tokens, progress=not args.no_progress)
     path = result.save(args.out or folder / CALIBRATION_FILE)
     print(f"calibrated {len(result.layer_ids)} layers on {result.info['tokens']} tokens of {len(files)} texts; "
           f"layers kept: {result.info['layers_kept']}; wrote {path}")
@@ -191,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_eval(args.haystack, args.lengths, args.depths, args.out, family=args.family, model_dir=args.model,
                      block_size=args.block_size, new_tokens=args.new_tokens, window=args.window,
                      windows=args.windows, calibration=None if args.no_calibration else "auto",
-                     progress=not args.no_progress)
+                     router=args.router, progress=not args.no_progress)
         except (ValueError, OSError) as error:
             args.subparser.error(str(error))
     if args.command == "calibrate":

@@ -14,14 +14,17 @@ MODES: tuple[str, ...] = ("dsa", "misa", "misa_hierarchical", "hisa")
 _COMMON_OPTIONS = frozenset({"query_chunk_size", "backend", "qk_format"})
 MODE_OPTIONS: dict[str, frozenset[str]] = {
     "dsa": _COMMON_OPTIONS,
-    "misa": _COMMON_OPTIONS | {"active_heads", "block_size"},
-    "misa_hierarchical": _COMMON_OPTIONS | {"active_heads", "block_size", "candidate_factor"},
+    "misa": _COMMON_OPTIONS | {"active_heads", "block_size", "router"},
+    "misa_hierarchical": _COMMON_OPTIONS | {"active_heads", "block_size", "candidate_factor", "router"},
     "hisa": _COMMON_OPTIONS | {"block_size", "keep_blocks"},
 }
 BACKENDS: tuple[str, ...] = ("auto", "reference", "tilelang")
 # Numerics of the indexer's q and k when scoring tokens: as computed (bf16 models: bf16), or FP8 e4m3 with one
 # power-of-two scale per token (and per head for q), as DeepSeek's reference indexer quantises them.
 QK_FORMATS: tuple[str, ...] = ("bf16", "fp8_e4m3")
+# How MISA's router pools a head's scores over the visible key blocks: the sum (the paper's block-importance
+# estimate) or the largest block score (a head that singles out one block ranks high even if it ignores the rest).
+ROUTERS: tuple[str, ...] = ("sum", "max")
 
 DEFAULT_ACTIVE_HEADS = 8
 DEFAULT_BLOCK_SIZE = 128
@@ -45,6 +48,8 @@ class MisaConfig:
         qk_format: "bf16" (q and k as the model computes them) or "fp8_e4m3" (rounded to FP8 e4m3 with a
             power-of-two scale per token, as DeepSeek's reference indexer; the scores are then exact sums of those
             FP8 values, so the selection is what an FP8 scoring kernel returns).
+        router: misa modes: how a head's block scores are pooled into its router score, "sum" (default) or "max";
+            None otherwise.
     """
 
     mode: str = "misa"
@@ -55,6 +60,7 @@ class MisaConfig:
     query_chunk_size: int | None = None
     backend: str = "auto"
     qk_format: str = "bf16"
+    router: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (JSON-safe)."""
@@ -112,6 +118,9 @@ def resolve_config(mode: str, num_heads: int, topk: int, options: dict[str, Any]
     qk_format = given.pop("qk_format", "bf16")
     if qk_format not in QK_FORMATS:
         raise ValueError(f"unknown qk_format {qk_format!r}; choose one of {list(QK_FORMATS)}")
+    router = given.pop("router", "sum")
+    if router not in ROUTERS:
+        raise ValueError(f"unknown router {router!r}; choose one of {list(ROUTERS)}")
     if backend == "tilelang" and importlib.util.find_spec("tilelang") is None:
         raise ValueError("backend='tilelang' needs TileLang: pip install tilelang==0.1.15 (or use backend='auto')")
     for name, value in given.items():
@@ -124,6 +133,7 @@ def resolve_config(mode: str, num_heads: int, topk: int, options: dict[str, Any]
         if active > num_heads:
             raise ValueError(f"active_heads={active} exceeds the model's index_n_heads={num_heads}; use 1..{num_heads}")
         settings["active_heads"] = active
+        settings["router"] = router
     if mode != "dsa":
         settings["block_size"] = given.get("block_size", DEFAULT_BLOCK_SIZE)
     if mode == "misa_hierarchical":

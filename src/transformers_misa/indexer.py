@@ -102,11 +102,12 @@ class MisaIndexer(nn.Module):
         if config.mode == "misa":
             return reference.misa_topk(q, keys, weights, self.index_topk, active_heads=config.active_heads,
                                        block_size=config.block_size, pooled=pooled, head_scale=self.head_scale,
-                                       **common)
+                                       router=config.router or "sum", **common)
         if config.mode == "misa_hierarchical":
             return reference.misa_hierarchical_topk(
                 q, keys, weights, self.index_topk, active_heads=config.active_heads, block_size=config.block_size,
-                candidate_factor=config.candidate_factor, pooled=pooled, head_scale=self.head_scale, **common)
+                candidate_factor=config.candidate_factor, pooled=pooled, head_scale=self.head_scale,
+                router=config.router or "sum", **common)
         return reference.hisa_topk(q, keys, weights, self.index_topk, block_size=config.block_size,
                                    keep_blocks=config.keep_blocks, pooled=pooled, **common)
 

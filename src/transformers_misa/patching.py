@@ -55,12 +55,14 @@ def patch_model(model: nn.Module, mode: str = "misa", active_heads: int | None =
             (block filter, then the full indexer on kept blocks) or "dsa" (the original method, re-implemented
             in bounded memory).
         active_heads: heads each query is routed to (misa modes; default 8, at most `index_n_heads`).
-        **options: `block_size` (default 128), `candidate_factor` (misa_hierarchical, default 4),
-            `keep_blocks` (hisa, default 4·topk/block_size), `query_chunk_size` (default: from a 256 MiB budget).
+        **options: `block_size` (default 128), `candidate_factor` (misa_hierarchical, default 4), `router`
+            (misa modes: "sum", default, or "max" pooling of each head's block scores), `keep_blocks` (hisa,
+            default 4·topk/block_size), `query_chunk_size` (default: from a 256 MiB budget), `backend`,
+            `qk_format`.
         calibration: router calibration of the misa modes (`transformers_misa.calibrate`): a path to its
             safetensors file (or the folder holding misa_calibration.safetensors), a `RouterCalibration`, None
             (route uncalibrated) or "auto" (default: misa_calibration.safetensors in the model's local checkpoint
-            folder, if there is one fitted with the same block size).
+            folder, if there is one fitted with the same block size and router).
 
     Returns:
         The same model, with `model.misa_config` set to the settings in force.
@@ -88,7 +90,7 @@ def patch_model(model: nn.Module, mode: str = "misa", active_heads: int | None =
         replacements.append((name, MisaIndexer(original, family_of(original), config)))
     from .calibration import resolve_calibration
 
-    router_calibration = resolve_calibration(model, calibration, config.mode, config.block_size)
+    router_calibration = resolve_calibration(model, calibration, config.mode, config.block_size, config.router)
     for _, replacement in replacements:
         if router_calibration is not None:
             replacement.head_scale = router_calibration.scale_for(replacement.layer_idx)

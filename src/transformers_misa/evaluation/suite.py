@@ -33,18 +33,19 @@ HELDOUT_FALLBACK = 5
 NIAH_MODES = ("dsa", "misa8", "misa8_hier", "hisa")
 
 
-def eval_modes(num_heads: int, block_size: int = EVAL_BLOCK_SIZE, calibration: Any = None
+def eval_modes(num_heads: int, block_size: int = EVAL_BLOCK_SIZE, calibration: Any = None, router: str = "sum"
                ) -> list[tuple[str, dict[str, Any]]]:
-    """(name, patch kwargs) of the modes `eval` compares; calibrated misa variants when a calibration is given."""
+    """(name, patch kwargs) of the modes `eval` compares; calibrated misa variants when a calibration is given;
+    `router` is the misa modes' router pooling."""
     modes: list[tuple[str, dict[str, Any]]] = [("dsa", {"mode": "dsa"})]
     variants = [("", None)] + ([("+cal", calibration)] if calibration is not None else [])
     for suffix, cal in variants:
         for heads in (4, 8, 16):
             if heads < num_heads:
                 modes.append((f"misa{heads}{suffix}", {"mode": "misa", "active_heads": heads, "block_size": block_size,
-                                                       "calibration": cal}))
+                                                       "router": router, "calibration": cal}))
         modes.append((f"misa8_hier{suffix}", {"mode": "misa_hierarchical", "active_heads": min(8, num_heads),
-                                              "block_size": block_size, "calibration": cal}))
+                                              "block_size": block_size, "router": router, "calibration": cal}))
     modes.append(("hisa", {"mode": "hisa", "block_size": block_size}))
     return modes
 
@@ -113,15 +114,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def run_eval(haystack_dir: str | os.PathLike, lengths: Sequence[int] = (512, 1024), depths: Sequence[float] = (
              0.0, 0.5, 1.0), out_dir: str | os.PathLike = "eval_out", *, family: str = "deepseek_v32",
              model_dir: str | os.PathLike | None = None, block_size: int = EVAL_BLOCK_SIZE, new_tokens: int = 40,
-             window: int = 2048, windows: int = 2, calibration: Any = "auto", progress: bool = True,
-             print_fn=print) -> dict[str, Any]:
+             window: int = 2048, windows: int = 2, calibration: Any = "auto", router: str = "sum",
+             progress: bool = True, print_fn=print) -> dict[str, Any]:
     """What `transformers-misa eval` does; writes results.json, niah.png / niah.json and table.md into `out_dir`.
 
     Args:
         model_dir: a trained checkpoint folder (default: the built-in trained model of `family`).
         window, windows: held-out text windows (tokens, count) for recall and perplexity.
-        calibration: "auto" (misa_calibration.safetensors in the model folder, if any), a path, or None; when one
-            is found the misa modes are run both without and with it ("+cal").
+        calibration: "auto" (misa_calibration.safetensors in the model folder, if fitted for `router`), a path,
+            or None; when one is found the misa modes are run both without and with it ("+cal").
+        router: the misa modes' router pooling, "sum" or "max".
     """
     from ..calibration import CALIBRATION_FILE, RouterCalibration
 
@@ -132,11 +134,19 @@ def run_eval(haystack_dir: str | os.PathLike, lengths: Sequence[int] = (512, 102
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_trained(family, model_dir=model_dir, device=device)
     folder = Path(model_dir) if model_dir is not None else Path(model.config._name_or_path)
-    if calibration == "auto":
+    automatic = isinstance(calibration, str) and calibration == "auto"
+    if automatic:
         calibration = folder / CALIBRATION_FILE if (folder / CALIBRATION_FILE).is_file() else None
     if calibration is not None and not isinstance(calibration, RouterCalibration):
         calibration = RouterCalibration.load(calibration)
-    modes = eval_modes(model.config.index_n_heads, block_size, calibration)
+    if calibration is not None and calibration.router != router:
+        if not automatic:
+            raise ValueError(f"the router calibration was fitted for router={calibration.router!r}, the eval uses "
+                             f"router={router!r}; pass router={calibration.router!r} or recalibrate")
+        print_fn(f"the model's router calibration was fitted for router={calibration.router!r}, not {router!r}: "
+                 "the misa modes run uncalibrated")
+        calibration = None
+    modes = eval_modes(model.config.index_n_heads, block_size, calibration, router)
     texts = heldout_texts(haystack_dir, folder)
     sequences = token_windows(tokenizer, texts, window, windows)
     recall: dict[str, Any] = {}

@@ -44,14 +44,17 @@ def reference_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
 
 
 def reference_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
-                              block_size: int, softmax_scale: float, scores_fn=head_scores) -> torch.Tensor:
+                              block_size: int, softmax_scale: float, router: str = "sum",
+                              scores_fn=head_scores) -> torch.Tensor:
     """MISA's router score of every head: [B, c, H] fp32.
 
-    importance[t, j] = |w[t, j]| · Σ_{visible blocks m} ReLU(q[t, j]·k̄_m)·scale, with k̄_m the mean key of block m.
+    importance[t, j] = |w[t, j]| · Σ_{visible blocks m} ReLU(q[t, j]·k̄_m)·scale, with k̄_m the mean key of block m
+    (router="sum"), or the largest of those block scores instead of their sum (router="max").
     """
     per_block = scores_fn(q, pooled.unsqueeze(1), softmax_scale)  # [B, c, H, M]
-    per_block.masked_fill_(~chunk.block_visible(block_size).unsqueeze(2), 0.0)
-    return per_block.sum(-1) * weights.abs()
+    per_block.masked_fill_(~chunk.block_visible(block_size).unsqueeze(2), 0.0)  # ReLU >= 0: 0 is neutral for max
+    pooled_score = per_block.amax(-1) if router == "max" else per_block.sum(-1)
+    return pooled_score * weights.abs()
 
 
 def route_heads(importance: torch.Tensor, active_heads: int) -> torch.Tensor:
@@ -75,7 +78,7 @@ class Scorer:
     topk(scores [B, c, N], k) -> indices [B, c, k] of the k largest.
     head_scores(q [B, c, h, D], keys [B, 1 or c, N, D], scale) -> ReLU(q·k)·scale [B, c, h, N] fp32, for the small
         scoring steps (router over pooled keys, candidate re-rank, HISA's block filter).
-    head_importance(q, weights, pooled, chunk mask, block_size, scale) -> [B, c, H]: MISA's router score.
+    head_importance(q, weights, pooled, chunk mask, block_size, scale, router) -> [B, c, H]: MISA's router score.
     candidate_logits(q, weights, keys, positions [B, c, C], scale) -> [B, c, C]: full-head scores of candidates.
     scratch_bytes(heads, num_keys) -> the token stage's scratch memory per query, to size the query chunks.
     chunk_budget: scratch memory one query chunk may use.
@@ -130,7 +133,7 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
     out = torch.empty(batch, num_queries, k, dtype=torch.int32, device=q.device)
     for rows in query_chunks(num_queries, batch * bytes_per_query, chunk_size, scorer.chunk_budget):
         chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device)
-        width = num_keys if not scorer.narrow_keys else max(int(chunk.key_range[1].max()), k, min_width)
+        width = num_keys if not scorer.narrow_keys else max(chunk.visible_end(), k, min_width)
         width = min(num_keys, math.ceil(width / block_size) * block_size)  # whole pooled blocks
         live_keys, live_pooled = keys, pooled
         if width < num_keys:
@@ -149,14 +152,15 @@ def pooled_keys(keys: torch.Tensor, mask: torch.Tensor | None, block_size: int) 
 
 def route_queries(q: torch.Tensor, weights: torch.Tensor, chunk: ChunkMask, pooled: torch.Tensor,
                   block_size: int, active_heads: int, softmax_scale: float, scorer: Scorer = REFERENCE,
-                  head_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  head_scale: torch.Tensor | None = None, router: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's routed heads: (q [B, c, active_heads, D], w [B, c, active_heads]) for token scoring.
 
     The selected heads keep their DSA weights w[t, j] unchanged and the others contribute nothing; no
     renormalisation, since a positive per-query factor would not change any top-k. `head_scale` [H] (a router
-    calibration) multiplies each head's router score before the heads are picked.
+    calibration) multiplies each head's router score before the heads are picked; `router` pools the block scores
+    ("sum" or "max").
     """
-    importance = scorer.head_importance(q, weights, pooled, chunk, block_size, softmax_scale)
+    importance = scorer.head_importance(q, weights, pooled, chunk, block_size, softmax_scale, router)
     if head_scale is not None:
         importance = importance * head_scale.to(importance.device, importance.dtype)
     heads = route_heads(importance, active_heads)
@@ -203,16 +207,18 @@ def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: i
 def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
               active_heads: int, block_size: int, mask: torch.Tensor | None = None,
               pooled: torch.Tensor | None = None, chunk_size: int | None = None,
-              scorer: Scorer = REFERENCE, head_scale: torch.Tensor | None = None) -> torch.Tensor:
+              scorer: Scorer = REFERENCE, head_scale: torch.Tensor | None = None,
+              router: str = "sum") -> torch.Tensor:
     """MISA: route each query to its `active_heads` heads over block-pooled keys, score tokens with those only.
 
-    head_scale: optional [H] router calibration (see `transformers_misa.calibration`)."""
+    head_scale: optional [H] router calibration (see `transformers_misa.calibration`); router: "sum" or "max"
+    pooling of each head's block scores."""
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
     per_query = scorer.scratch_bytes(active_heads, keys.shape[1]) + 2 * q.shape[2] * pooled.shape[1] * _FP32
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
         q_routed, w_routed = route_queries(q_c, w_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
-                                           scorer, head_scale)
+                                           scorer, head_scale, router)
         return scorer.select_tokens(q_routed, w_routed, keys_c, chunk, softmax_scale, k)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer,
@@ -223,7 +229,7 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
                            softmax_scale: float, active_heads: int, block_size: int, candidate_factor: int,
                            mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                            chunk_size: int | None = None, scorer: Scorer = REFERENCE,
-                           head_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           head_scale: torch.Tensor | None = None, router: str = "sum") -> torch.Tensor:
     """MISA†: the routed pass keeps `candidate_factor`·topk candidates, re-ranked by the full DSA score."""
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
     num_candidates = min(candidate_factor * topk, keys.shape[1])
@@ -233,7 +239,7 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
         q_routed, w_routed = route_queries(q_c, w_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
-                                           scorer, head_scale)
+                                           scorer, head_scale, router)
         candidates = scorer.select_tokens(q_routed, w_routed, keys_c, chunk, softmax_scale, num_candidates)
         return rerank(q_c, w_c, keys_c, chunk, candidates, k, softmax_scale, scorer=scorer)
 
