@@ -14,12 +14,14 @@ import functools
 import tilelang
 import tilelang.language as T
 
+from .common import compile_target
+
 
 @functools.lru_cache(maxsize=None)
 def build_gathered_logits(heads: int, dim: int, tile: int = 64, threads: int = 128,
                           arch: str | None = None):
     """Compiles the candidate-scoring program for `heads` heads of width `dim`; cached per shape."""
-    target = "auto" if arch is None else {"kind": "cuda", "arch": arch}
+    target = compile_target(arch)
 
     @tilelang.jit(target=target, out_idx=[-1])
     def program():

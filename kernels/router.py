@@ -16,13 +16,15 @@ import functools
 import tilelang
 import tilelang.language as T
 
+from .common import compile_target, queries_per_cta
+
 
 @functools.lru_cache(maxsize=None)
 def build_head_importance(heads: int, dim: int, block_size: int, block_m: int = 64, num_stages: int = 2,
                           threads: int = 256, arch: str | None = None):
     """Compiles the router program for `heads` heads of width `dim` over keys pooled by `block_size`."""
-    target = "auto" if arch is None else {"kind": "cuda", "arch": arch}
-    block_q = max(1, 128 // heads)
+    target = compile_target(arch)
+    block_q = queries_per_cta(heads)
     rows = block_q * heads
 
     @tilelang.jit(target=target, out_idx=[-1])

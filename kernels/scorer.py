@@ -14,6 +14,7 @@ import torch
 from transformers_misa.ops.blocks import ChunkMask, top_indices
 from transformers_misa.ops.reference import Scorer, reference_head_importance
 
+from .common import queries_per_cta
 from .gathered import build_gathered_logits
 from .router import build_head_importance
 from .scoring import build_weighted_relu_logits
@@ -54,11 +55,11 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
         return torch.cat([_logits(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
                                   ke[:, i : i + per_call], softmax_scale, fill_future)
                           for i in range(0, num_queries, per_call)], dim=1)
-    ctas = -(-num_queries // max(1, 128 // heads)) * batch
+    ctas = -(-num_queries // queries_per_cta(heads)) * batch
     splits = key_splits_for(q.device, ctas, keys.shape[1])
     # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
     # a TMA row stride must be a multiple of 16 B. Decode steps keep one variant whatever the cache length.
-    staged = heads <= 16 and num_queries >= 128 // heads and keys.shape[1] % 4 == 0
+    staged = heads <= 16 and num_queries >= queries_per_cta(heads) and keys.shape[1] % 4 == 0
     kernel = build_weighted_relu_logits(heads, dim, block_n=KEY_TILE, key_splits=splits, fill_future=fill_future,
                                         staged_stores=staged)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale folds into the head weights.

@@ -20,6 +20,8 @@ import functools
 import tilelang
 import tilelang.language as T
 
+from .common import compile_target, queries_per_cta
+
 
 @functools.lru_cache(maxsize=None)
 def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_stages: int = 2,
@@ -34,8 +36,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
 
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
-    target = "auto" if arch is None else {"kind": "cuda", "arch": arch}
-    block_q = max(1, 128 // heads)
+    target = compile_target(arch)
+    block_q = queries_per_cta(heads)
     rows = block_q * heads
     if staged_stores is None:
         staged_stores = block_q >= 8

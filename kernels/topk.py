@@ -18,6 +18,8 @@ import functools
 import tilelang
 import tilelang.language as T
 
+from .common import compile_target
+
 RADIX_BITS = (12, 12, 8)  # most significant first; sums to 32
 UNROLL = 4  # row elements each thread handles per loop step
 # (bits of this level, bit position above which the prefix is already fixed)
@@ -39,7 +41,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32.
     """
-    target = "auto" if arch is None else {"kind": "cuda", "arch": arch}
+    target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
     per_thread = bins // threads
     scan_offsets = tuple(1 << i for i in range(threads.bit_length() - 1))
