@@ -19,6 +19,8 @@ import torch
 from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
 
 from transformers_misa import patch_model
+from transformers_misa.indexer import MisaIndexer
+from transformers_misa.registry import family_of
 from transformers_misa.tiny import tiny_model
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -49,23 +51,66 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class IndexerTimer:
+    """Time spent inside the model's indexers (stock or patched) while active, from forward hooks: CUDA events on
+    the GPU (read once at the end, no sync per call), perf_counter on the CPU. Tells the indexer's share of a step
+    from the rest of the model (attention, KV expansion, MLPs)."""
+
+    def __init__(self, model, device: str) -> None:
+        self.device = device
+        self.indexers = [m for m in model.modules() if isinstance(m, MisaIndexer) or family_of(m) is not None]
+        self.spans: list[tuple] = []
+        self._open: dict[int, object] = {}
+        self._handles: list = []
+
+    def _stamp(self):
+        if self.device == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def __enter__(self) -> "IndexerTimer":
+        for module in self.indexers:
+            self._handles.append(module.register_forward_pre_hook(
+                lambda mod, args: self._open.__setitem__(id(mod), self._stamp())))
+            self._handles.append(module.register_forward_hook(
+                lambda mod, args, out: self.spans.append((self._open.pop(id(mod)), self._stamp()))))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def seconds(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return sum(start.elapsed_time(end) for start, end in self.spans) / 1e3
+        return sum(end - start for start, end in self.spans)
+
+
 @torch.no_grad()
-def greedy(model, prompt, new_tokens: int, device: str) -> tuple[float, float, list[int]]:
-    """Prefill time, decode time of the remaining new_tokens - 1 steps, and the greedy tokens."""
+def greedy(model, prompt, new_tokens: int, device: str) -> dict:
+    """Prefill and decode (the remaining new_tokens - 1 steps) wall times, the indexers' share of each, and the
+    greedy tokens."""
     sync(device)
     start = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
-    token = out.logits[:, -1:].argmax(-1)
+    with IndexerTimer(model, device) as prefill_indexer:
+        out = model(input_ids=prompt, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
     sync(device)
     prefill_s = time.perf_counter() - start
     tokens, past = [int(token)], out.past_key_values
     start = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        token, past = out.logits[:, -1:].argmax(-1), out.past_key_values
-        tokens.append(int(token))
+    with IndexerTimer(model, device) as decode_indexer:
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            token, past = out.logits[:, -1:].argmax(-1), out.past_key_values
+            tokens.append(int(token))
     sync(device)
-    return prefill_s, time.perf_counter() - start, tokens
+    return dict(prefill_s=prefill_s, decode_s=time.perf_counter() - start, tokens=tokens,
+                prefill_indexer_s=prefill_indexer.seconds(), decode_indexer_s=decode_indexer.seconds())
 
 
 def run_mode(name: str, args, device: str) -> dict:
@@ -85,12 +130,11 @@ def run_mode(name: str, args, device: str) -> dict:
         row["error"] = f"out of memory: {str(error).splitlines()[0]}"
         return row
     try:
-        prefill_s, decode_s, tokens = greedy(model, prompt, args.new_tokens, device)
+        timings = greedy(model, prompt, args.new_tokens, device)
     except torch.OutOfMemoryError as error:
         row["error"] = f"out of memory: {str(error).splitlines()[0]}"
         return row
-    row.update(prefill_s=prefill_s, decode_s=decode_s, tokens=tokens,
-               decode_tokens_per_s=(args.new_tokens - 1) / decode_s if args.new_tokens > 1 else None)
+    row.update(timings, decode_tokens_per_s=(args.new_tokens - 1) / timings["decode_s"])
     if device == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
@@ -124,8 +168,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
         row = run_mode(name, args, device)
         rows.append(row)
-        speed = (f"prefill {row['prefill_s']:.2f} s, decode {row['decode_tokens_per_s'] or 0:.1f} tok/s"
-                 if "error" not in row else row["error"])
+        speed = (f"prefill {row['prefill_s']:.2f} s (indexers {row['prefill_indexer_s']:.2f} s), decode "
+                 f"{row['decode_tokens_per_s']:.1f} tok/s (indexers {row['decode_indexer_s']:.2f} of "
+                 f"{row['decode_s']:.2f} s)" if "error" not in row else row["error"])
         print(f"{name:>11}: {speed}", flush=True)
         path.write_text(json.dumps({"environment": environment, "results": rows}, indent=1))  # after every mode
     print(f"wrote {path}")

@@ -21,6 +21,9 @@ def test_e2e_benchmark_smoke(tmp_path):
     by_mode = {row["mode"]: row for row in rows}
     assert by_mode["dsa"]["tokens"] == by_mode["unpatched"]["tokens"]  # the exact mode changes nothing
     assert all(row["prefill_s"] > 0 and row["decode_tokens_per_s"] > 0 for row in rows)
+    # The indexers' share is timed in every mode, the stock indexer of the unpatched model included.
+    assert all(0 < row["prefill_indexer_s"] <= row["prefill_s"] and 0 < row["decode_indexer_s"] <= row["decode_s"]
+               for row in rows)
     assert len(list(tmp_path.glob("bench_e2e-tiny-*.json"))) == 1
 
 
