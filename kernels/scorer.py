@@ -58,7 +58,8 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     ctas = -(-num_queries // queries_per_cta(heads)) * batch
     splits = key_splits_for(q.device, ctas, keys.shape[1])
     # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
-    # a TMA row stride must be a multiple of 16 B. Decode steps keep one variant whatever the cache length.
+    # a TMA row stride must be a multiple of 16 B. Decode steps (fewer queries than a block) never stage, so a cache
+    # length's divisibility by 4 does not switch programs (and trigger a compile) in the middle of a generation.
     staged = heads <= 16 and num_queries >= queries_per_cta(heads) and keys.shape[1] % 4 == 0
     kernel = build_weighted_relu_logits(heads, dim, block_n=KEY_TILE, key_splits=splits, fill_future=fill_future,
                                         staged_stores=staged)()
