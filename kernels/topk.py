@@ -50,7 +50,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
 
     # Every barrier is written out below; TileLang's own pass would add one per loop step, as it cannot see that
     # atomically claimed slots never collide.
-    @tilelang.jit(target=target, out_idx=[-1], pass_configs={tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True})
+    @tilelang.jit(target=target, out_idx=[-1],
+                  pass_configs={tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True})
     def program():
         rows, width = T.dynamic("rows"), T.dynamic("width")
 
@@ -169,11 +170,12 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
                     T.sync_threads()
                     for bits, high_shift in later_levels:  # unrolled in Python
                         shift = high_shift - bits
+                        digit_mask = (1 << bits) - 1
                         clear_histogram(hist, tx)
                         for i in T.serial(T.ceildiv(in_bin, threads)):
                             index = i * threads + tx
                             if index < in_bin and (buffer_keys[index] >> high_shift) == prefix:
-                                T.atomic_add(hist[T.cast((buffer_keys[index] >> shift) & ((1 << bits) - 1), T.int32)], 1)
+                                T.atomic_add(hist[T.cast((buffer_keys[index] >> shift) & digit_mask, T.int32)], 1)
                         find_kth_bin(hist, suffix, found, tx, need)
                         prefix = (prefix << bits) | T.cast(found[0], T.uint32)
                         need = need - found[1]

@@ -48,7 +48,7 @@ def reference_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: to
                               scores_fn=head_scores) -> torch.Tensor:
     """MISA's router score of every head: [B, c, H] fp32.
 
-    importance[t, j] = |w[t, j]| · Σ_{visible blocks m} ReLU(q[t, j]·k̄_m)·scale, with k̄_m the mean key of block m
+    importance[t, j] = |w[t, j]| · Σ_{visible blocks m} ReLU(q[t, j]·k̄_m)·scale, k̄_m the mean key of block m
     (router="sum"), or the largest of those block scores instead of their sum (router="max").
     """
     per_block = scores_fn(q, pooled.unsqueeze(1), softmax_scale)  # [B, c, H, M]
