@@ -63,6 +63,16 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
                 values[j] = T.if_then_else(col < end, Scores[row, T.min(col, width - 1)], 0.0)
 
         @T.macro
+        def for_each_key(Scores, row, tx, end, values, visit, context):
+            """visit(order key, column, context) for every column of the row before `end`."""
+            for step in T.serial(T.ceildiv(end, threads * UNROLL)):
+                load_row_slice(Scores, row, step, tx, end, values)
+                for j in T.unroll(UNROLL):
+                    col = (step * UNROLL + j) * threads + tx
+                    if col < end:
+                        visit(_order_key(values[j]), col, context)
+
+        @T.macro
         def clear_histogram(hist, tx):
             for i in T.serial(per_thread):
                 hist[tx * per_thread + i] = 0
@@ -110,6 +120,35 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
                 if slot < need:
                     Out[row, k - need + slot] = col
 
+        # Per-key visits of `for_each_key`; `context` carries the buffers and values each one needs.
+        @T.macro
+        def count_first_digit(key, col, hist):
+            T.atomic_add(hist[T.cast(key >> first_digit, T.int32)], 1)
+
+        @T.macro
+        def count_digit(key, col, context):
+            hist, prefix, high_shift, shift, digit_mask = context
+            if (key >> high_shift) == prefix:
+                T.atomic_add(hist[T.cast((key >> shift) & digit_mask, T.int32)], 1)
+
+        @T.macro
+        def write_or_buffer(key, col, context):
+            """Above the k-th key's first-level bin: taken; in that bin: kept in shared memory for the finer levels."""
+            Out, row, prefix, counters, buffer_keys, buffer_cols = context
+            slot = T.alloc_var(T.int32)
+            if (key >> first_digit) > prefix:
+                slot = T.atomic_add(counters[0], 1, return_prev=True)
+                Out[row, slot] = col
+            elif (key >> first_digit) == prefix:
+                slot = T.atomic_add(counters[2], 1, return_prev=True)
+                buffer_keys[slot] = key
+                buffer_cols[slot] = col
+
+        @T.macro
+        def take_key(key, col, context):
+            Out, row, prefix, need, counters = context
+            take(Out, row, key, col, prefix, need, counters)
+
         @T.prim_func
         def radix_topk(Scores: T.Tensor((rows, width), T.float32), Ends: T.Tensor((rows,), T.int32),
                        Out: T.Tensor((rows, k), T.int32)):
@@ -137,12 +176,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
 
                 # Level 1 over the whole row (from HBM).
                 clear_histogram(hist, tx)
-                for step in T.serial(T.ceildiv(end, threads * UNROLL)):
-                    load_row_slice(Scores, row, step, tx, end, values)
-                    for j in T.unroll(UNROLL):
-                        if (step * UNROLL + j) * threads + tx < end:
-                            key = _order_key(values[j])
-                            T.atomic_add(hist[T.cast(key >> first_digit, T.int32)], 1)
+                for_each_key(Scores, row, tx, end, values, count_first_digit, hist)
                 if tx == 0 and end < width:  # the unread columns [end, width) are -inf
                     T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
                 find_kth_bin(hist, suffix, found, tx, need)
@@ -154,19 +188,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
                 if in_bin <= buffer and prefix != T.uint32(NEG_INF_KEY >> first_digit):
                     # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
                     # keys in shared memory; the finer levels and the ties are then resolved on chip.
-                    for step in T.serial(T.ceildiv(end, threads * UNROLL)):
-                        load_row_slice(Scores, row, step, tx, end, values)
-                        for j in T.unroll(UNROLL):
-                            col = (step * UNROLL + j) * threads + tx
-                            if col < end:
-                                key = _order_key(values[j])
-                                if (key >> first_digit) > prefix:
-                                    slot = T.atomic_add(counters[0], 1, return_prev=True)
-                                    Out[row, slot] = col
-                                elif (key >> first_digit) == prefix:
-                                    slot = T.atomic_add(counters[2], 1, return_prev=True)
-                                    buffer_keys[slot] = key
-                                    buffer_cols[slot] = col
+                    for_each_key(Scores, row, tx, end, values, write_or_buffer,
+                                 (Out, row, prefix, counters, buffer_keys, buffer_cols))
                     T.sync_threads()
                     for bits, high_shift in later_levels:  # unrolled in Python
                         shift = high_shift - bits
@@ -191,25 +214,15 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
                         shift = high_shift - bits
                         digit_mask = (1 << bits) - 1
                         clear_histogram(hist, tx)
-                        for step in T.serial(T.ceildiv(end, threads * UNROLL)):
-                            load_row_slice(Scores, row, step, tx, end, values)
-                            for j in T.unroll(UNROLL):
-                                if (step * UNROLL + j) * threads + tx < end:
-                                    key = _order_key(values[j])
-                                    if (key >> high_shift) == prefix:
-                                        T.atomic_add(hist[T.cast((key >> shift) & digit_mask, T.int32)], 1)
+                        for_each_key(Scores, row, tx, end, values, count_digit,
+                                     (hist, prefix, high_shift, shift, digit_mask))
                         if tx == 0 and end < width and T.uint32(NEG_INF_KEY >> high_shift) == prefix:
                             T.atomic_add(hist[(NEG_INF_KEY >> shift) & digit_mask], width - end)
                         find_kth_bin(hist, suffix, found, tx, need)
                         prefix = (prefix << bits) | T.cast(found[0], T.uint32)
                         need = need - found[1]
                         T.sync_threads()
-                    for step in T.serial(T.ceildiv(end, threads * UNROLL)):
-                        load_row_slice(Scores, row, step, tx, end, values)
-                        for j in T.unroll(UNROLL):
-                            col = (step * UNROLL + j) * threads + tx
-                            if col < end:
-                                take(Out, row, _order_key(values[j]), col, prefix, need, counters)
+                    for_each_key(Scores, row, tx, end, values, take_key, (Out, row, prefix, need, counters))
                     if prefix == T.uint32(NEG_INF_KEY):  # fewer than k keys above -inf: unread columns fill up
                         for step in T.serial(T.ceildiv(width - end, threads)):
                             col = end + step * threads + tx
