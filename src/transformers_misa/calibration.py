@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import DEFAULT_BLOCK_SIZE, ROUTERS
+from .config import DEFAULT_BLOCK_SIZE, DEFAULT_ROUTER, ROUTERS
 from .indexer import MisaIndexer
 from .ops import reference
 from .ops.blocks import ChunkMask, gather_keys, head_scores, query_chunks
@@ -60,7 +60,7 @@ class RouterCalibration:
     num_hidden_layers: int
     index_n_heads: int
     index_topk: int
-    router: str = "sum"
+    router: str = DEFAULT_ROUTER
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def scale_for(self, layer_idx: int) -> torch.Tensor:
@@ -150,7 +150,7 @@ def _token_ids(texts: Sequence[Any], tokenizer: Any, max_tokens: int, block_size
 class _LogRatioStats:
     """Running sums of log(a / r) per layer and head (see the module docstring)."""
 
-    def __init__(self, block_size: int, router: str = "sum", chunk_size: int = 256) -> None:
+    def __init__(self, block_size: int, router: str = DEFAULT_ROUTER, chunk_size: int = 256) -> None:
         self.block_size, self.router, self.chunk_size = block_size, router, chunk_size
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, torch.Tensor] = {}
@@ -220,7 +220,7 @@ def calibrate(model: nn.Module, texts: Sequence[Any], tokenizer: Any = None, *, 
     previous = getattr(model, "misa_config", None)
     block_size = block_size or (previous.block_size if previous is not None and previous.block_size else
                                 DEFAULT_BLOCK_SIZE)
-    router = router or (previous.router if previous is not None and previous.router else "sum")
+    router = router or (previous.router if previous is not None and previous.router else DEFAULT_ROUTER)
     if router not in ROUTERS:
         raise ValueError(f"unknown router {router!r}; choose one of {list(ROUTERS)}")
     sequences = _token_ids(texts, tokenizer, max_tokens, block_size)
@@ -279,7 +279,7 @@ def calibrate(model: nn.Module, texts: Sequence[Any], tokenizer: Any = None, *, 
 
 
 def resolve_calibration(model: nn.Module, calibration: Any, mode: str, block_size: int | None,
-                        router: str | None = None) -> RouterCalibration | None:
+                        router: str = DEFAULT_ROUTER) -> RouterCalibration | None:
     """What `patch_model`'s `calibration` argument means for this model and mode.
 
     "auto": CALIBRATION_FILE in the model's local checkpoint folder (`config._name_or_path`), used for misa modes
@@ -295,12 +295,12 @@ def resolve_calibration(model: nn.Module, calibration: Any, mode: str, block_siz
         if not routed or path is None or not path.is_file():
             return None
         found = RouterCalibration.load(path)
-        if found.block_size != block_size or found.router != (router or "sum"):
+        if found.block_size != block_size or found.router != router:
             import logging
 
             logging.getLogger(__name__).warning(
                 "transformers_misa: %s was fitted with block_size=%d and router=%r, not %s and %r; routing "
-                "uncalibrated", path, found.block_size, found.router, block_size, router or "sum")
+                "uncalibrated", path, found.block_size, found.router, block_size, router)
             return None
         found.check_model(model)
         return found
@@ -314,5 +314,5 @@ def resolve_calibration(model: nn.Module, calibration: Any, mode: str, block_siz
         if not path.is_file():
             raise FileNotFoundError(f"router calibration {str(path)!r} not found (write one with calibrate(...))")
         calibration = RouterCalibration.load(path)
-    calibration.check_model(model, block_size, router or "sum")
+    calibration.check_model(model, block_size, router)
     return calibration

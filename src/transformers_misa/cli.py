@@ -34,7 +34,7 @@ def _depth_list(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ROUTERS
+    from .config import DEFAULT_ROUTER, ROUTERS
     from .evaluation.suite import EVAL_FAMILIES
     from .demo import DEFAULT_BLOCK_SIZE, DEFAULT_CONTEXT, DEFAULT_NEW_TOKENS, QUICK_CONTEXT, QUICK_NEW_TOKENS, \
         RANDOM_TOPK
@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--windows", type=_positive, default=2, help="held-out windows (default 2)")
     evaluate.add_argument("--new-tokens", type=_positive, default=40,
                           help="greedy new tokens per NIAH answer (default 40)")
-    evaluate.add_argument("--router", choices=list(ROUTERS), default="sum",
-                          help="router pooling of the misa modes (default sum)")
+    evaluate.add_argument("--router", choices=list(ROUTERS), default=DEFAULT_ROUTER,
+                          help=f"router pooling of the misa modes (default {DEFAULT_ROUTER})")
     evaluate.add_argument("--no-calibration", action="store_true",
                           help="ignore a router calibration in the model folder")
     evaluate.add_argument("--out", default="eval_out", metavar="DIR", help="output folder (default eval_out)")
@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--family", choices=list(EVAL_FAMILIES), default="deepseek_v32",
                            help="built-in trained model when --model is not given (default deepseek_v32)")
     calibrate.add_argument("--block-size", type=_positive, default=64, help="router key block size (default 64)")
-    calibrate.add_argument("--router", choices=list(ROUTERS), default="sum",
-                           help="router pooling the calibration is for (default sum)")
+    calibrate.add_argument("--router", choices=list(ROUTERS), default=DEFAULT_ROUTER,
+                           help=f"router pooling the calibration is for (default {DEFAULT_ROUTER})")
     calibrate.add_argument("--max-texts", type=_positive, default=8, help="texts used at most (default 8)")
     calibrate.add_argument("--max-tokens", type=_positive, default=4096, help="tokens per text at most (4096)")
     calibrate.add_argument("--out", default=None, metavar="PATH",

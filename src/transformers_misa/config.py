@@ -25,6 +25,7 @@ QK_FORMATS: tuple[str, ...] = ("bf16", "fp8_e4m3")
 # How MISA's router pools a head's scores over the visible key blocks: the sum (the paper's block-importance
 # estimate) or the largest block score (a head that singles out one block ranks high even if it ignores the rest).
 ROUTERS: tuple[str, ...] = ("sum", "max")
+DEFAULT_ROUTER = "sum"
 
 DEFAULT_ACTIVE_HEADS = 8
 DEFAULT_BLOCK_SIZE = 128
@@ -118,7 +119,7 @@ def resolve_config(mode: str, num_heads: int, topk: int, options: dict[str, Any]
     qk_format = given.pop("qk_format", "bf16")
     if qk_format not in QK_FORMATS:
         raise ValueError(f"unknown qk_format {qk_format!r}; choose one of {list(QK_FORMATS)}")
-    router = given.pop("router", "sum")
+    router = given.pop("router", DEFAULT_ROUTER)
     if router not in ROUTERS:
         raise ValueError(f"unknown router {router!r}; choose one of {list(ROUTERS)}")
     if backend == "tilelang" and importlib.util.find_spec("tilelang") is None:

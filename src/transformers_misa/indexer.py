@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .backend import select_scorer
-from .config import MisaConfig
+from .config import DEFAULT_ROUTER, MisaConfig
 from .ops import reference
 from .ops.blocks import fp8_e4m3_roundtrip, key_validity
 from .ops.pooling import IncrementalBlockPool
@@ -102,12 +102,12 @@ class MisaIndexer(nn.Module):
         if config.mode == "misa":
             return reference.misa_topk(q, keys, weights, self.index_topk, active_heads=config.active_heads,
                                        block_size=config.block_size, pooled=pooled, head_scale=self.head_scale,
-                                       router=config.router or "sum", **common)
+                                       router=config.router or DEFAULT_ROUTER, **common)
         if config.mode == "misa_hierarchical":
             return reference.misa_hierarchical_topk(
                 q, keys, weights, self.index_topk, active_heads=config.active_heads, block_size=config.block_size,
                 candidate_factor=config.candidate_factor, pooled=pooled, head_scale=self.head_scale,
-                router=config.router or "sum", **common)
+                router=config.router or DEFAULT_ROUTER, **common)
         return reference.hisa_topk(q, keys, weights, self.index_topk, block_size=config.block_size,
                                    keep_blocks=config.keep_blocks, pooled=pooled, **common)
 

@@ -90,6 +90,7 @@ def patch_model(model: nn.Module, mode: str = "misa", active_heads: int | None =
         replacements.append((name, MisaIndexer(original, family_of(original), config)))
     from .calibration import resolve_calibration
 
+    # config.router is None only for modes without a router, which resolve_calibration refuses or skips first.
     router_calibration = resolve_calibration(model, calibration, config.mode, config.block_size, config.router)
     for _, replacement in replacements:
         if router_calibration is not None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..config import DEFAULT_ROUTER
 from ..recall import recall_by_layer
 from ..trained import TRAINED_FAMILIES, load_trained, training_info
 from .niah import patched, run_niah, save_niah_heatmap
@@ -33,8 +34,8 @@ HELDOUT_FALLBACK = 5
 NIAH_MODES = ("dsa", "misa8", "misa8_hier", "hisa")
 
 
-def eval_modes(num_heads: int, block_size: int = EVAL_BLOCK_SIZE, calibration: Any = None, router: str = "sum"
-               ) -> list[tuple[str, dict[str, Any]]]:
+def eval_modes(num_heads: int, block_size: int = EVAL_BLOCK_SIZE, calibration: Any = None,
+               router: str = DEFAULT_ROUTER) -> list[tuple[str, dict[str, Any]]]:
     """(name, patch kwargs) of the modes `eval` compares; calibrated misa variants when a calibration is given;
     `router` is the misa modes' router pooling."""
     modes: list[tuple[str, dict[str, Any]]] = [("dsa", {"mode": "dsa"})]
@@ -114,7 +115,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def run_eval(haystack_dir: str | os.PathLike, lengths: Sequence[int] = (512, 1024), depths: Sequence[float] = (
              0.0, 0.5, 1.0), out_dir: str | os.PathLike = "eval_out", *, family: str = "deepseek_v32",
              model_dir: str | os.PathLike | None = None, block_size: int = EVAL_BLOCK_SIZE, new_tokens: int = 40,
-             window: int = 2048, windows: int = 2, calibration: Any = "auto", router: str = "sum",
+             window: int = 2048, windows: int = 2, calibration: Any = "auto", router: str = DEFAULT_ROUTER,
              progress: bool = True, print_fn=print) -> dict[str, Any]:
     """What `transformers-misa eval` does; writes results.json, niah.png / niah.json and table.md into `out_dir`.
 
@@ -139,10 +140,9 @@ def run_eval(haystack_dir: str | os.PathLike, lengths: Sequence[int] = (512, 102
         calibration = folder / CALIBRATION_FILE if (folder / CALIBRATION_FILE).is_file() else None
     if calibration is not None and not isinstance(calibration, RouterCalibration):
         calibration = RouterCalibration.load(calibration)
+    if calibration is not None and not automatic:
+        calibration.check_model(model, block_size, router)  # a calibration given explicitly must fit the eval
     if calibration is not None and calibration.router != router:
-        if not automatic:
-            raise ValueError(f"the router calibration was fitted for router={calibration.router!r}, the eval uses "
-                             f"router={router!r}; pass router={calibration.router!r} or recalibrate")
         print_fn(f"the model's router calibration was fitted for router={calibration.router!r}, not {router!r}: "
                  "the misa modes run uncalibrated")
         calibration = None
