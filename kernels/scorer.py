@@ -17,7 +17,7 @@ from transformers_misa.ops.reference import Scorer, reference_head_importance
 from .common import queries_per_cta
 from .gathered import build_gathered_logits
 from .router import build_head_importance
-from .scoring import build_weighted_relu_logits
+from .scoring import build_weighted_relu_logits, stages_stores
 from .topk import build_radix_topk
 
 # Below this row width torch.topk is as fast and the radix program is not worth a compile.
@@ -60,7 +60,7 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
     # a TMA row stride must be a multiple of 16 B. Decode steps (fewer queries than a block) never stage, so a cache
     # length's divisibility by 4 does not switch programs (and trigger a compile) in the middle of a generation.
-    staged = heads <= 16 and num_queries >= queries_per_cta(heads) and keys.shape[1] % 4 == 0
+    staged = stages_stores(heads) and num_queries >= queries_per_cta(heads) and keys.shape[1] % 4 == 0
     kernel = build_weighted_relu_logits(heads, dim, block_n=KEY_TILE, key_splits=splits, fill_future=fill_future,
                                         staged_stores=staged)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale folds into the head weights.

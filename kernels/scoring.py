@@ -23,6 +23,11 @@ import tilelang.language as T
 from .common import compile_target, queries_per_cta
 
 
+def stages_stores(heads: int) -> bool:
+    """Whether the program for `heads` heads writes its logits through shared memory (see `staged_stores`)."""
+    return queries_per_cta(heads) >= 8  # 16 heads or fewer: a key tile carries 8+ queries' logits
+
+
 @functools.lru_cache(maxsize=None)
 def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_stages: int = 2,
                                threads: int = 256, key_splits: int = 1, fill_future: bool = True,
@@ -40,7 +45,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     block_q = queries_per_cta(heads)
     rows = block_q * heads
     if staged_stores is None:
-        staged_stores = block_q >= 8
+        staged_stores = stages_stores(heads)
 
     @tilelang.jit(target=target, out_idx=[-1], pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False})
     def program():
