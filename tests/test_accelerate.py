@@ -28,3 +28,49 @@ def test_patch_on_cpu_and_disk_offloaded_model(family, tmp_path):
     assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), expected)
     unpatch_model(model)
     assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), unpatched)
+
+
+TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TWO_GPUS, reason="needs two CUDA GPUs (run on the device machine's 2-GPU kind)")
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
+@pytest.mark.parametrize("mode,options", [("dsa", {}), ("misa", dict(active_heads=8, block_size=64)),
+                                          ("misa_hierarchical", dict(active_heads=8, block_size=64)),
+                                          ("hisa", dict(block_size=64))])
+@pytest.mark.parametrize("backend_name", ["reference", "tilelang"])
+def test_patch_on_model_split_over_two_gpus(family, mode, options, backend_name):
+    """Layers on cuda:0 and cuda:1: each patched indexer stays on its layer's GPU, runs there (the kernels too: a
+    prompt past the radix top-k's width, then decode steps with split key tiles) and generates the very tokens of
+    the same patched model on one GPU; unpatching gives back the dispatched model's own tokens."""
+    import warnings
+
+    from transformers_misa import backend
+
+    if backend_name == "tilelang" and backend.kernel_unavailable_reason(torch.device("cuda", 1)) is not None:
+        pytest.skip(backend.kernel_unavailable_reason(torch.device("cuda", 1)))
+    options = dict(options, backend=backend_name)
+    ids = torch.randint(2, 512, (1, 4200), generator=torch.Generator().manual_seed(3))
+    on_one_gpu = patch_model(tiny_model(family, dtype=torch.bfloat16).to("cuda:0"), mode=mode, **options)
+    expected = on_one_gpu.generate(ids.to("cuda:0"), max_new_tokens=6, do_sample=False).cpu()
+    del on_one_gpu
+
+    model = tiny_model(family, dtype=torch.bfloat16)
+    last = model.config.num_hidden_layers - 1
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1,
+                  **{f"model.layers.{i}": 0 if i < last else 1 for i in range(last + 1)}}
+    model = dispatch_model(model, device_map=device_map)
+    unpatched = model.generate(ids.to("cuda:0"), max_new_tokens=6, do_sample=False).cpu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a kernel falling back to the reference fails the test
+        patch_model(model, mode=mode, **options)
+        indexers = [m for m in model.modules() if isinstance(m, MisaIndexer)]
+        assert {m.wq_b.weight.device.index for m in indexers} == {0, 1}
+        for m in indexers:
+            layer_device = model.model.layers[m.layer_idx].self_attn.kv_a_proj_with_mqa.weight.device
+            assert all(p.device == layer_device for p in m.parameters())
+        got = model.generate(ids.to("cuda:0"), max_new_tokens=6, do_sample=False).cpu()
+    assert torch.equal(got, expected)
+    unpatch_model(model)
+    assert torch.equal(model.generate(ids.to("cuda:0"), max_new_tokens=6, do_sample=False).cpu(), unpatched)
