@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -96,13 +95,6 @@ class MisaIndexer(nn.Module):
         config = config or self.misa_config
         if config.qk_format == "fp8_e4m3":  # FP8 numerics for the token scores; the router's pooled keys stay as is
             q, keys = fp8_e4m3_roundtrip(q), fp8_e4m3_roundtrip(keys)
-        # Kernels launch on the current CUDA device: under a multi-GPU device_map this layer's tensors may sit on
-        # another one, so theirs is made current for the call.
-        with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
-            return self._run_mode(config, q, keys, weights, mask, pooled)
-
-    def _run_mode(self, config: MisaConfig, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
-                  mask: torch.Tensor | None, pooled: torch.Tensor | None) -> torch.Tensor:
         common = dict(softmax_scale=self.softmax_scale, mask=mask, chunk_size=config.query_chunk_size,
                       scorer=select_scorer(q.device, config.backend))
         if config.mode == "dsa":
