@@ -78,7 +78,7 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
     """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out)."""
     ks, ke, contiguous = chunk.key_range
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True)
-    if not contiguous:  # a mask with holes inside [ks, ke): apply it exactly as the reference does
+    if not contiguous:  # holes inside [ks, ke) (or unknown: sync-free): apply the mask exactly as the reference
         logits = logits + chunk.bias
     return logits
 
@@ -122,7 +122,9 @@ def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: tor
     until a max variant of the program has been checked on a GPU.
     """
     ks, ke, contiguous = chunk.key_range
-    if not contiguous or router != "sum":
+    # Known holes take the reference's exact block visibility; unknown contiguity (sync-free decode) routes over
+    # each query's range [ks, ke), as the dynamic path does for every causal / padding mask.
+    if contiguous is False or router != "sum":
         return reference_head_importance(q, weights, pooled, chunk, block_size, softmax_scale, router,
                                          scores_fn=bf16_head_scores)
     batch, num_queries, heads, dim = q.shape

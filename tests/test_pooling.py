@@ -184,6 +184,9 @@ def test_pool_after_generate_equals_scratch(make_model, pool_calls, family, cach
     num_layers = sum(isinstance(m, MisaIndexer) for m in model.modules())
     prefill, decode = pool_calls[:num_layers], pool_calls[num_layers:]
     assert all(first == 0 for first, _ in prefill)
+    if cache_kind == "static":  # decode steps update in place from a fixed two-block window (no host read-back)
+        assert decode == []
+        return
     assert len(decode) == num_layers * (new_tokens - 1)
     assert all(length - first * 16 <= 16 for first, length in decode)
     assert sum(first > 0 for first, _ in decode) >= len(decode) - num_layers

@@ -243,10 +243,10 @@ def test_misa_hierarchical_matches_brute_force():
 
 
 def _hisa_dense(q, keys, weights, mask, scale, block_size, keep):
-    """Brute-force HISA: DSA scores restricted to each query's kept blocks (one more when the last block is partial)."""
+    """Brute-force HISA: DSA scores restricted to each query's kept blocks (keep + 1: the local block on top)."""
     batch, num_queries, _, _ = q.shape
     num_keys = keys.shape[1]
-    keep += num_keys % block_size != 0
+    keep += 1
     num_blocks = math.ceil(num_keys / block_size)
     pooled = pooled_keys(keys, mask, block_size)
     full = dense_scores(q, keys, weights, scale, mask)
@@ -271,8 +271,9 @@ def _hisa_dense(q, keys, weights, mask, scale, block_size, keep):
 
 
 @pytest.mark.parametrize("keep", [2, 3])
-def test_hisa_matches_brute_force(keep):
-    q, keys, weights, mask, scale = _random_problem(num_queries=44, num_keys=44)
+@pytest.mark.parametrize("num_keys", [44, 48])  # the cache ending in a partial block, and in a whole one
+def test_hisa_matches_brute_force(keep, num_keys):
+    q, keys, weights, mask, scale = _random_problem(num_queries=num_keys, num_keys=num_keys)
     got = hisa_topk(q, keys, weights, 8, softmax_scale=scale, block_size=8, keep_blocks=keep, mask=mask)
     assert_valid_topk(got, _hisa_dense(q, keys, weights, mask, scale, 8, keep))
 
@@ -281,11 +282,11 @@ def test_hisa_always_keeps_sink_and_local_block():
     q, keys, weights, _, scale = _random_problem(batch=1, num_queries=1, num_keys=64, pads=(0,))
     weights = weights.abs()
     keys[0, 16:48] = q[0, 0].mean(0) * 10  # the middle blocks win the coarse filter by far
-    got = hisa_topk(q, keys, weights, 8, softmax_scale=scale, block_size=16, keep_blocks=2)
-    dsa = dsa_topk(q, keys, weights, 8, softmax_scale=scale)
+    got = hisa_topk(q, keys, weights, 16, softmax_scale=scale, block_size=16, keep_blocks=1)
+    dsa = dsa_topk(q, keys, weights, 16, softmax_scale=scale)
     assert ((dsa >= 16) & (dsa < 48)).all()  # DSA itself would take only middle keys
     blocks_hit = set((got // 16).flatten().tolist())
-    assert blocks_hit == {0, 3}
+    assert blocks_hit == {0, 3}  # keep_blocks=1 (the sink) plus the local block
 
 
 @pytest.mark.parametrize("num_queries,num_keys", [(1, 50), (3, 50), (50, 50), (5, 5)])

@@ -17,6 +17,10 @@ from .registry import ModelFamily
 # Attribute under which each cache layer carries its pooled keys (dies with the cache, like the keys do).
 _POOL_ATTR = "_misa_block_pool"
 
+# Static-cache calls of at most this many new tokens (decode, speculative / multi-token steps) never read the GPU
+# back, so that they can be captured in a CUDA graph; longer calls (prefill) may, to narrow the keys they score.
+GRAPH_SAFE_MAX_QUERIES = 16
+
 
 class MisaIndexer(nn.Module):
     """Drop-in replacement for a DSA indexer (`DeepseekV32Indexer`, `GlmMoeDsaIndexer`).
@@ -73,7 +77,8 @@ class MisaIndexer(nn.Module):
         weights = self.weights_proj(hidden_states.to(self.weights_proj.weight.dtype)).float() * (self.n_heads**-0.5)
         return q, k, weights
 
-    def _pooled(self, keys: torch.Tensor, mask: torch.Tensor | None, past_key_values: Any) -> torch.Tensor | None:
+    def _pooled(self, keys: torch.Tensor, mask: torch.Tensor | None, past_key_values: Any,
+                num_new: int, sync_free: bool) -> torch.Tensor | None:
         block_size = self.misa_config.block_size
         if block_size is None:
             return None
@@ -85,18 +90,21 @@ class MisaIndexer(nn.Module):
             pool = IncrementalBlockPool(block_size)
             pool.attach(layer)
             setattr(layer, _POOL_ATTR, pool)
+        valid = key_validity(mask, keys.shape[0], keys.shape[1], keys.device)
         written = getattr(layer, "indexer_cumulative_length", None)  # static caches: the write offset
-        filled = keys.shape[1] if written is None else int(written)
-        return pool.update(keys, key_validity(mask, keys.shape[0], keys.shape[1], keys.device), filled)
+        if sync_free:
+            return pool.update_in_place(keys, valid, written, num_new)
+        return pool.update(keys, valid, keys.shape[1] if written is None else int(written))
 
     def select(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None,
-               pooled: torch.Tensor | None, config: MisaConfig | None = None) -> torch.Tensor:
-        """Top-k indices with the method of `config` (this module's own by default)."""
+               pooled: torch.Tensor | None, config: MisaConfig | None = None, sync_free: bool = False) -> torch.Tensor:
+        """Top-k indices with the method of `config` (this module's own by default); `sync_free`: never read the GPU
+        back (see `ops.reference`)."""
         config = config or self.misa_config
         if config.qk_format == "fp8_e4m3":  # FP8 numerics for the token scores; the router's pooled keys stay as is
             q, keys = fp8_e4m3_roundtrip(q), fp8_e4m3_roundtrip(keys)
         common = dict(softmax_scale=self.softmax_scale, mask=mask, chunk_size=config.query_chunk_size,
-                      scorer=select_scorer(q.device, config.backend))
+                      scorer=select_scorer(q.device, config.backend), sync_free=sync_free)
         if config.mode == "dsa":
             return reference.dsa_topk(q, keys, weights, self.index_topk, **common)
         if config.mode == "misa":
@@ -117,16 +125,20 @@ class MisaIndexer(nn.Module):
                 position_ids: torch.Tensor | None = None, past_key_values: Any = None) -> torch.Tensor:
         """Same signature and contract as the stock indexer's forward: int32 top-k indices [B, S, k]."""
         q, keys, weights = self.project(hidden_states, q_resid, position_embeddings)
+        num_new = keys.shape[1]
+        static = False
         if past_key_values is not None:
             keys = past_key_values.update_indexer(keys, self.layer_idx)
-        pooled = self._pooled(keys, attention_mask, past_key_values)
-        indices = self.select(q, keys, weights, attention_mask, pooled)
+            static = hasattr(past_key_values.layers[self.layer_idx], "indexer_cumulative_length")
+        sync_free = static and num_new <= GRAPH_SAFE_MAX_QUERIES
+        pooled = self._pooled(keys, attention_mask, past_key_values, num_new, sync_free)
+        indices = self.select(q, keys, weights, attention_mask, pooled, sync_free=sync_free)
         if self.observer is not None:
             self.observer(self, q, keys, weights, attention_mask, indices)
         if self.recall_probe is None:
             return indices
         # Recall measurement: DSA's selection drives the model, ours is recorded beside it.
         dsa = self.select(q, keys, weights, attention_mask, None,
-                          MisaConfig(mode="dsa", backend=self.misa_config.backend))
+                          MisaConfig(mode="dsa", backend=self.misa_config.backend), sync_free)
         self.recall_probe.append((dsa, indices, attention_mask, keys.shape[1]))
         return dsa

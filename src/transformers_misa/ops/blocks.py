@@ -55,18 +55,23 @@ class ChunkMask:
     `mask` is the whole [B, S, T] mask (bool: True = visible; additive float: 0 = visible) or None for causal with
     the queries at the last S positions. The kernels only need each query's visible key range [ks, ke) and never
     materialise the fp32 bias; the reference uses the bias, exactly as transformers applies the mask.
+
+    `sync_free`: never read the GPU back (CUDA-graph capture of static-cache decode steps): a mask's contiguity is
+    then left unknown (None), so consumers apply it exactly, and `visible_end` is the full width.
     """
 
     def __init__(self, mask: torch.Tensor | None, rows: slice, batch: int, num_queries: int, num_keys: int,
-                 device: torch.device, width: int | None = None) -> None:
+                 device: torch.device, width: int | None = None, sync_free: bool = False) -> None:
         self.mask, self.rows, self.batch = mask, rows, batch
         self.num_queries, self.num_keys, self.device = num_queries, num_keys, device
         self.width = num_keys if width is None else width  # keys [0, width) are scored; the rest is unseen
+        self.sync_free = sync_free
         self._cache: dict[str, object] = {}
 
     def narrowed(self, width: int) -> ChunkMask:
         """The same chunk seeing only keys [0, width); valid when no query sees a key past `width`."""
-        narrow = ChunkMask(self.mask, self.rows, self.batch, self.num_queries, self.num_keys, self.device, width)
+        narrow = ChunkMask(self.mask, self.rows, self.batch, self.num_queries, self.num_keys, self.device, width,
+                           self.sync_free)
         if "key_range" in self._cache:
             narrow._cache["key_range"] = self._cache["key_range"]
         if "visible" in self._cache:
@@ -102,15 +107,18 @@ class ChunkMask:
 
     def visible_end(self) -> int:
         """One past the last key any query of the chunk sees. Without a mask it is known on the host (no GPU sync:
-        decode steps stay free of host round trips); with one it is read back from the key ranges."""
+        decode steps stay free of host round trips); with one it is read back from the key ranges (sync-free: the
+        full width)."""
         if self.mask is None:
             return self.rows.stop + self.num_keys - self.num_queries
+        if self.sync_free:
+            return self.width
         return int(self.key_range[1].max())
 
     @property
-    def key_range(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def key_range(self) -> tuple[torch.Tensor, torch.Tensor, bool | None]:
         """(ks, ke, contiguous): int32 [B, c] bounds of each query's visible keys, and whether they are exactly
-        [ks, ke) for every query (true for causal and left/right padding masks)."""
+        [ks, ke) for every query (true for causal and left/right padding masks; None: not checked, sync-free)."""
         def build():
             if self.mask is None:
                 ke = (self._query_positions() + 1).to(torch.int32).unsqueeze(0).expand(self.batch, -1)
@@ -120,7 +128,7 @@ class ChunkMask:
             ks = visible.int().argmax(-1)
             ke = visible.shape[-1] - visible.flip(-1).int().argmax(-1)
             ks, ke = torch.where(any_visible, ks, 0), torch.where(any_visible, ke, 0)
-            contiguous = bool(torch.equal(visible.sum(-1), ke - ks))
+            contiguous = None if self.sync_free else bool(torch.equal(visible.sum(-1), ke - ks))
             return ks.to(torch.int32), ke.to(torch.int32), contiguous
         return self._memo("key_range", build)
 

@@ -57,7 +57,9 @@ class IncrementalBlockPool:
         self.fingerprints = self.fingerprints[rows]
 
     def _still_valid(self, keys: torch.Tensor, filled: int) -> bool:
-        if self.sums is None or self.sums.shape[0] != keys.shape[0] or self.sums.shape[-1] != keys.shape[-1]:
+        if self.sums is None or self.fingerprints is None:
+            return False
+        if self.sums.shape[0] != keys.shape[0] or self.sums.shape[-1] != keys.shape[-1]:
             return False
         if filled < self.final_blocks * self.block_size:
             return False
@@ -82,3 +84,33 @@ class IncrementalBlockPool:
         self.final_blocks = filled // self.block_size
         self.fingerprints = keys[:, self.block_size - 1 : self.final_blocks * self.block_size : self.block_size].clone()
         return mean_pool(sums, counts)
+
+    def update_in_place(self, keys: torch.Tensor, valid: torch.Tensor, written: torch.Tensor,
+                        num_new: int) -> torch.Tensor:
+        """`update` for a static cache's decode step, without reading the GPU back (CUDA-graph safe).
+
+        `written` is the cache's write offset as a 0-d GPU tensor, after this step's `num_new` keys. Only the blocks
+        those keys can touch are re-pooled, from a fixed-size window, and written into the running sums in place
+        (fixed addresses, so a captured graph replays them); with no sums yet, every block is pooled.
+        """
+        num_keys = keys.shape[1]
+        positions = torch.arange(num_keys, device=keys.device)
+        real = valid & (positions < written)  # slots past the write offset hold no key yet
+        if self.sums is None or self.sums.shape[:2] != (keys.shape[0], -(-num_keys // self.block_size)):
+            self.sums, self.counts = pool_blocks(keys, real, self.block_size)
+            self.fingerprints, self.final_blocks = None, 0  # the fingerprint check needs a host read: off
+            return mean_pool(self.sums, self.counts)
+        last_block = self.sums.shape[1] - 1
+        window = -(-num_new // self.block_size) + 1  # blocks the new keys can touch
+        blocks = ((written - num_new) // self.block_size + torch.arange(window, device=keys.device)).clamp_max(last_block)
+        slots = (blocks.unsqueeze(-1) * self.block_size + torch.arange(self.block_size, device=keys.device)).flatten()
+        in_cache = slots < num_keys  # a partial last block's slots past the buffer
+        slots = slots.clamp_max(num_keys - 1)
+        weight = (real[:, slots] & in_cache).float()
+        sums = (keys[:, slots].float() * weight.unsqueeze(-1)).view(keys.shape[0], window, self.block_size, -1).sum(2)
+        # A clamped repeat of the last block writes the same values twice: harmless.
+        self.sums.index_copy_(1, blocks, sums)
+        self.counts.index_copy_(1, blocks, weight.view(keys.shape[0], window, self.block_size).sum(2))
+        self.fingerprints, self.final_blocks = None, 0
+        return mean_pool(self.sums, self.counts)
+

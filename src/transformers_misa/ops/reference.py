@@ -6,6 +6,8 @@ All of them walk the queries in chunks, so the extra memory is O(chunk·H·T + S
 
 Scores of keys a query may not see are -inf; where a query sees fewer than `topk` keys, the indices past
 its visible ones point at masked keys (as transformers' own `topk` over -inf does) and carry no meaning.
+`sync_free=True` (static-cache decode steps) never reads the GPU back, so the call can be captured in a CUDA graph:
+the mask is then applied without checking its shape first, and no keys are cut off.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ ChunkSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tenso
 def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int,
                       mask: torch.Tensor | None, chunk_size: int | None, bytes_per_query: int,
                       select: ChunkSelector, scorer: Scorer, pooled: torch.Tensor | None = None,
-                      block_size: int = 1, min_width: int = 0) -> torch.Tensor:
+                      block_size: int = 1, min_width: int = 0, sync_free: bool = False) -> torch.Tensor:
     """Runs `select` over query chunks. With `scorer.narrow_keys`, keys past a chunk's last visible key (the causal
     future) are cut off before scoring, keeping at least `min_width` (and k) so every top-k has enough entries."""
     batch, num_queries = q.shape[:2]
@@ -132,7 +134,7 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
     k = min(topk, num_keys)
     out = torch.empty(batch, num_queries, k, dtype=torch.int32, device=q.device)
     for rows in query_chunks(num_queries, batch * bytes_per_query, chunk_size, scorer.chunk_budget):
-        chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device)
+        chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device, sync_free=sync_free)
         width = num_keys if not scorer.narrow_keys else max(chunk.visible_end(), k, min_width)
         width = min(num_keys, math.ceil(width / block_size) * block_size)  # whole pooled blocks
         live_keys, live_pooled = keys, pooled
@@ -193,7 +195,7 @@ def _pooled_or_compute(pooled: torch.Tensor | None, keys: torch.Tensor, mask: to
 
 def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
              mask: torch.Tensor | None = None, chunk_size: int | None = None,
-             scorer: Scorer = REFERENCE) -> torch.Tensor:
+             scorer: Scorer = REFERENCE, sync_free: bool = False) -> torch.Tensor:
     """The original lightning indexer: top-k of Σ_j w[t, j]·ReLU(q[t, j]·k[s])·scale over every key."""
     num_heads = q.shape[2]
 
@@ -201,14 +203,14 @@ def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: i
         return scorer.select_tokens(q_c, w_c, keys_c, chunk, softmax_scale, k)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, scorer.scratch_bytes(num_heads, keys.shape[1]),
-                             select, scorer)
+                             select, scorer, sync_free=sync_free)
 
 
 def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
               active_heads: int, block_size: int, mask: torch.Tensor | None = None,
               pooled: torch.Tensor | None = None, chunk_size: int | None = None,
               scorer: Scorer = REFERENCE, head_scale: torch.Tensor | None = None,
-              router: str = "sum") -> torch.Tensor:
+              router: str = "sum", sync_free: bool = False) -> torch.Tensor:
     """MISA: route each query to its `active_heads` heads over block-pooled keys, score tokens with those only.
 
     head_scale: optional [H] router calibration (see `transformers_misa.calibration`); router: "sum" or "max"
@@ -222,14 +224,15 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
         return scorer.select_tokens(q_routed, w_routed, keys_c, chunk, softmax_scale, k)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer,
-                             pooled, block_size)
+                             pooled, block_size, sync_free=sync_free)
 
 
 def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *,
                            softmax_scale: float, active_heads: int, block_size: int, candidate_factor: int,
                            mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                            chunk_size: int | None = None, scorer: Scorer = REFERENCE,
-                           head_scale: torch.Tensor | None = None, router: str = "sum") -> torch.Tensor:
+                           head_scale: torch.Tensor | None = None, router: str = "sum",
+                           sync_free: bool = False) -> torch.Tensor:
     """MISA†: the routed pass keeps `candidate_factor`·topk candidates, re-ranked by the full DSA score."""
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
     num_candidates = min(candidate_factor * topk, keys.shape[1])
@@ -244,28 +247,28 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
         return rerank(q_c, w_c, keys_c, chunk, candidates, k, softmax_scale, scorer=scorer)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer,
-                             pooled, block_size, min_width=num_candidates)
+                             pooled, block_size, min_width=num_candidates, sync_free=sync_free)
 
 
 def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
               block_size: int, keep_blocks: int, mask: torch.Tensor | None = None,
               pooled: torch.Tensor | None = None, chunk_size: int | None = None,
-              scorer: Scorer = REFERENCE) -> torch.Tensor:
+              scorer: Scorer = REFERENCE, sync_free: bool = False) -> torch.Tensor:
     """HISA: keep the `keep_blocks` best blocks by the DSA score of their pooled key, then DSA on their tokens.
 
-    The first and the last visible block of each query (attention sink and local window) are always kept.
-    When the last block of the cache is partial, one more block is kept, so the kept blocks always hold at least
-    keep_blocks·block_size >= topk real positions and the k indices returned are distinct.
+    The first and the last visible block of each query (attention sink and local window) are always kept, the local
+    one (often partial) on top of the `keep_blocks`: keep_blocks + 1 blocks hold at least keep_blocks·block_size >=
+    topk real positions even when the cache ends in a partial block, so the k indices returned are distinct, and
+    the count does not depend on the cache's layout (a static cache's slack, a dynamic cache's length).
     """
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
     num_heads, dim = q.shape[2], q.shape[3]
-    per_query = 2 * (num_heads * pooled.shape[1] + keep_blocks * block_size * (dim + num_heads)) * _FP32
+    per_query = 2 * (num_heads * pooled.shape[1] + (keep_blocks + 1) * block_size * (dim + num_heads)) * _FP32
     offsets = torch.arange(block_size, device=q.device)
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
         num_keys, num_blocks = keys_c.shape[1], pooled_c.shape[1]
-        # From the whole cache's length, not the chunk's: the result must not depend on the chunking.
-        kept = min(keep_blocks + (chunk.num_keys % block_size != 0), num_blocks)
+        kept = min(keep_blocks + 1, num_blocks)
         block_visible = chunk.block_visible(block_size)
         block_scores = weighted_head_sum(w_c, scorer.head_scores(q_c, pooled_c.unsqueeze(1), softmax_scale))
         block_scores.masked_fill_(~block_visible, MASKED)
@@ -280,4 +283,4 @@ def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
         return rerank(q_c, w_c, keys_c, chunk, positions.clamp_max(num_keys - 1), k, softmax_scale, in_range, scorer)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer,
-                             pooled, block_size)
+                             pooled, block_size, sync_free=sync_free)

@@ -1,0 +1,65 @@
+"""Static-cache decode steps never read a tensor back to the host, so they can be captured in a CUDA graph (the
+capture itself runs on the GPU: tests/test_kernels.py). On the CPU every such read is trapped inside the indexers."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from transformers import StaticCache
+
+from transformers_misa import MisaIndexer, patch_model
+from transformers_misa.indexer import GRAPH_SAFE_MAX_QUERIES
+
+from conftest import left_padded_batch
+
+_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextmanager
+def trap_host_reads(monkeypatch, model):
+    """Raises on any tensor-to-host conversion (and torch.equal) while a patched indexer runs a decode-size call;
+    yields the list of trapped calls made."""
+    active, trapped = [False], []
+
+    def guard(name, original):
+        def call(*args, **kwargs):
+            if active[0]:
+                raise AssertionError(f"host read-back inside a static-cache decode step: {name}")
+            return original(*args, **kwargs)
+        return call
+
+    for name in _READS:
+        monkeypatch.setattr(torch.Tensor, name, guard(f"Tensor.{name}", getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "equal", guard("torch.equal", torch.equal))
+
+    def enter(module, args):
+        if args[0].shape[1] <= GRAPH_SAFE_MAX_QUERIES:
+            active[0] = True
+            trapped.append(module.layer_idx)
+
+    def leave(module, args, output):
+        active[0] = False
+
+    hooks = [h for m in model.modules() if isinstance(m, MisaIndexer)
+             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        yield trapped
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("mode,options", [("dsa", {}), ("misa", dict(active_heads=4, block_size=16)),
+                                          ("misa_hierarchical", dict(active_heads=4, block_size=16)),
+                                          ("hisa", dict(block_size=16, keep_blocks=2))])
+def test_static_cache_decode_never_reads_back(make_model, monkeypatch, family, mode, options):
+    model = patch_model(make_model(family, index_topk=16), mode=mode, **options)
+    ids, attn = left_padded_batch(2, 45, [0, 9])
+    expected = model.generate(ids, attention_mask=attn, max_new_tokens=6, do_sample=False)  # dynamic cache
+    cache = StaticCache(config=model.config, max_cache_len=96)
+    with trap_host_reads(monkeypatch, model) as trapped:
+        got = model.generate(ids, attention_mask=attn, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    assert len(trapped) == 5 * sum(isinstance(m, MisaIndexer) for m in model.modules())  # every decode step
+    assert torch.equal(got, expected)
