@@ -3,7 +3,9 @@
 One CTA per row. Each float maps to an order-preserving 32-bit key; three histogram passes over the row
 (12, 12 and 8 bits, each restricted to the prefix found so far) pin down the exact k-th largest key, and a
 last pass writes every index above it plus just enough of the ties. Nothing is sorted; the k indices come
-back in no particular order (the consumers, sparse attention and re-ranking, need none).
+back in no particular order (the consumers, sparse attention and re-ranking, need none), but the selected set is
+deterministic: when more keys tie with the k-th than are needed, the same radix select over their column numbers
+takes the lowest columns, so runs (and CUDA-graph replays) never differ.
 
 Each row reads only its first `Ends[row]` columns: the columns past it count as -inf without being read
 (or even written: the logits kernel skips a causal query's future). A causal row of a 64K prefill is half
@@ -27,6 +29,11 @@ LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_B
 NEG_INF_KEY = 0x007FFFFF  # _order_key(-inf): ~0xFF800000
 # Shared-memory slots for the keys of the k-th key's first-level bin (8 bytes each); a fuller bin re-reads the row.
 BUFFER = 4096
+
+
+def _column_key(col):
+    """int32 column -> uint32 whose unsigned order is the reverse column order (the lowest column largest)."""
+    return ~T.cast(col, T.uint32)
 
 
 def _order_key(value):
@@ -109,16 +116,34 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
             T.sync_threads()
 
         @T.macro
-        def take(Out, row, key, col, prefix, need, counters):
-            """Final pass, per key: above the k-th key always, equal to it while ties are still needed."""
+        def take(Out, row, key, col, prefix, need, counters, lowest):
+            """Final pass, per key: above the k-th key always, equal to it if its column key reaches `lowest` (the
+            tie-breaking threshold) while ties are still needed."""
             slot = T.alloc_var(T.int32)
             if key > prefix:
                 slot = T.atomic_add(counters[0], 1, return_prev=True)
                 Out[row, slot] = col
-            elif key == prefix:
+            elif key == prefix and _column_key(col) >= lowest:
                 slot = T.atomic_add(counters[1], 1, return_prev=True)
                 if slot < need:
                     Out[row, k - need + slot] = col
+
+        @T.macro
+        def count_column_digit(key, col, context):
+            """Histogram of one digit of the tied keys' column keys (lowest column = largest), within the column
+            prefix found so far (a 64-bit shift: the first level's prefix is empty)."""
+            hist, prefix, column_prefix, high_shift, shift, digit_mask = context
+            column = _column_key(col)
+            if key == prefix and (T.cast(column, T.uint64) >> high_shift) == T.cast(column_prefix, T.uint64):
+                T.atomic_add(hist[T.cast((column >> shift) & digit_mask, T.int32)], 1)
+
+        @T.macro
+        def for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, visit, context):
+            """visit(order key, column, context) for every key buffered in shared memory."""
+            for i in T.serial(T.ceildiv(in_bin, threads)):
+                index = i * threads + tx
+                if index < in_bin:
+                    visit(buffer_keys[index], buffer_cols[index], context)
 
         # Per-key visits of `for_each_key`; `context` carries the buffers and values each one needs.
         @T.macro
@@ -146,8 +171,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
 
         @T.macro
         def take_key(key, col, context):
-            Out, row, prefix, need, counters = context
-            take(Out, row, key, col, prefix, need, counters)
+            Out, row, prefix, need, counters, lowest = context
+            take(Out, row, key, col, prefix, need, counters, lowest)
 
         @T.prim_func
         def radix_topk(Scores: T.Tensor((rows, width), T.float32), Ends: T.Tensor((rows,), T.int32),
@@ -164,9 +189,14 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
                 need = T.alloc_var(T.int32)
                 end = T.alloc_var(T.int32)
                 in_bin = T.alloc_var(T.int32)
+                ties = T.alloc_var(T.int32)  # keys equal to the k-th key
+                wanted = T.alloc_var(T.int32)
+                lowest = T.alloc_var(T.uint32)  # tie-breaking threshold on column keys (0: every tie qualifies)
                 slot = T.alloc_var(T.int32)
                 values = T.alloc_local((UNROLL,), T.float32)
                 prefix = T.uint32(0)
+                lowest = T.uint32(0)
+                ties = 0
                 need = k
                 end = T.max(T.min(Ends[row], width), 0)
                 if tx == 0:
@@ -192,21 +222,26 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
                                  (Out, row, prefix, counters, buffer_keys, buffer_cols))
                     T.sync_threads()
                     for bits, high_shift in later_levels:  # unrolled in Python
-                        shift = high_shift - bits
-                        digit_mask = (1 << bits) - 1
                         clear_histogram(hist, tx)
-                        for i in T.serial(T.ceildiv(in_bin, threads)):
-                            index = i * threads + tx
-                            if index < in_bin and (buffer_keys[index] >> high_shift) == prefix:
-                                T.atomic_add(hist[T.cast((buffer_keys[index] >> shift) & digit_mask, T.int32)], 1)
+                        for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_digit,
+                                          (hist, prefix, high_shift, high_shift - bits, (1 << bits) - 1))
                         find_kth_bin(hist, suffix, found, tx, need)
                         prefix = (prefix << bits) | T.cast(found[0], T.uint32)
                         need = need - found[1]
+                        ties = found[2]
                         T.sync_threads()
-                    for i in T.serial(T.ceildiv(in_bin, threads)):
-                        index = i * threads + tx
-                        if index < in_bin:
-                            take(Out, row, buffer_keys[index], buffer_cols[index], prefix, need, counters)
+                    if ties > need:  # more ties than needed: the lowest columns win (same radix select)
+                        wanted = need
+                        for bits, high_shift in LEVELS:  # unrolled in Python
+                            clear_histogram(hist, tx)
+                            for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_column_digit,
+                                              (hist, prefix, lowest, high_shift, high_shift - bits, (1 << bits) - 1))
+                            find_kth_bin(hist, suffix, found, tx, wanted)
+                            lowest = (lowest << bits) | T.cast(found[0], T.uint32)
+                            wanted = wanted - found[1]
+                            T.sync_threads()
+                    for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, take_key,
+                                      (Out, row, prefix, need, counters, lowest))
                 else:
                     # The k-th key's bin is too full for the buffer (heavy ties) or is -inf: finer levels re-read
                     # the row, each restricted to the prefix found so far.
@@ -221,8 +256,20 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
                         find_kth_bin(hist, suffix, found, tx, need)
                         prefix = (prefix << bits) | T.cast(found[0], T.uint32)
                         need = need - found[1]
+                        ties = found[2]
                         T.sync_threads()
-                    for_each_key(Scores, row, tx, end, values, take_key, (Out, row, prefix, need, counters))
+                    # Ties at -inf are masked keys: which of them fill up carries no meaning.
+                    if ties > need and prefix != T.uint32(NEG_INF_KEY):
+                        wanted = need
+                        for bits, high_shift in LEVELS:  # unrolled in Python
+                            clear_histogram(hist, tx)
+                            for_each_key(Scores, row, tx, end, values, count_column_digit,
+                                         (hist, prefix, lowest, high_shift, high_shift - bits, (1 << bits) - 1))
+                            find_kth_bin(hist, suffix, found, tx, wanted)
+                            lowest = (lowest << bits) | T.cast(found[0], T.uint32)
+                            wanted = wanted - found[1]
+                            T.sync_threads()
+                    for_each_key(Scores, row, tx, end, values, take_key, (Out, row, prefix, need, counters, lowest))
                     if prefix == T.uint32(NEG_INF_KEY):  # fewer than k keys above -inf: unread columns fill up
                         for step in T.serial(T.ceildiv(width - end, threads)):
                             col = end + step * threads + tx

@@ -149,6 +149,39 @@ def test_radix_topk_selects_exactly_the_top_k(rows, width, k):
     assert bool((picked >= kth).all()), "picked a key below the k-th largest"
     above = (scores > kth).sum(-1)
     assert bool(((picked > kth).sum(-1) == above).all()), "missed a key above the k-th largest"
+    _assert_lowest_columns_win_ties(got, scores)
+
+
+def _assert_lowest_columns_win_ties(got: torch.Tensor, scores: torch.Tensor) -> None:
+    """The selected set is the first k of a stable descending sort: ties go to the lowest columns (masked -inf
+    fill-ups excepted), so every run selects the same keys."""
+    k = got.shape[-1]
+    expected = scores.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+    for row in range(scores.shape[0]):
+        finite = torch.isfinite(scores[row, expected[row]])
+        want = set(expected[row][finite].tolist())
+        have = {c for c in got[row].tolist() if torch.isfinite(scores[row, c])}
+        assert have == want, f"row {row}: ties not resolved to the lowest columns"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("buffer", [16, 4096])
+def test_radix_topk_breaks_ties_by_lowest_column_on_both_paths(buffer):
+    """Many keys equal to the k-th (scores rounded, a run of zeros): both the buffered and the re-reading path take
+    the lowest tied columns, every call alike."""
+    from transformers_misa.kernels.topk import build_radix_topk
+
+    generator = torch.Generator(device="cuda").manual_seed(12)
+    scores = (torch.randn(6, 30000, device="cuda", generator=generator) * 4).round()
+    scores[1, :20000] = 0.0
+    scores[2] = torch.relu(scores[2])  # most of the row at exactly zero, as with ReLU scores of few heads
+    ends = torch.full((6,), 30000, device="cuda", dtype=torch.int32)
+    kernel = build_radix_topk(2048, buffer=buffer)()
+    first = kernel(scores, ends)
+    _assert_lowest_columns_win_ties(first, scores)
+    for _ in range(3):
+        assert torch.equal(kernel(scores, ends).sort(-1).values, first.sort(-1).values)
 
 
 @gpu
