@@ -20,7 +20,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from .common import compile_target, queries_per_cta
+from .common import ROWS_PER_CTA, compile_target, queries_per_cta
 
 
 def stages_stores(heads: int) -> bool:
@@ -31,7 +31,8 @@ def stages_stores(heads: int) -> bool:
 @functools.lru_cache(maxsize=None)
 def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_stages: int = 2,
                                threads: int = 256, key_splits: int = 1, fill_future: bool = True,
-                               staged_stores: bool | None = None, arch: str | None = None):
+                               staged_stores: bool | None = None, rows_per_cta: int = ROWS_PER_CTA,
+                               arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `staged_stores` (default: for 16 heads or fewer) writes each tile's logits through shared memory with one bulk
@@ -39,10 +40,11 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     stores, not the matmul, set the pace. Its callers keep num_keys a multiple of 4 (a TMA row stride is a multiple
     of 16 bytes) and num_queries · num_keys < 2^31 (the descriptor's index range).
 
+    `rows_per_cta`: query rows (queries x heads) per CTA; its callers size the grid with the same number.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     target = compile_target(arch)
-    block_q = queries_per_cta(heads)
+    block_q = max(1, rows_per_cta // heads)
     rows = block_q * heads
     if staged_stores is None:
         staged_stores = stages_stores(heads)

@@ -1,0 +1,114 @@
+"""Tile-shape sweep of the logits program (the heavy stage of DSA and MISA) at one causal prefill, side by side.
+
+Each variant is checked against the default program on a small problem first (same logits), then timed at the
+given context for 64 heads (the DSA-64 baseline) and 8 routed heads (MISA-8), as the fused select runs it
+(fill_future=False; staged stores where the default stages). Compiles run in parallel processes first.
+
+    python benchmarks/sweep_logits.py --context 65536 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import pathlib
+
+import torch
+
+from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
+from transformers_misa.ops.blocks import ChunkMask
+
+VARIANTS = {  # name -> build options on top of the defaults
+    "default": {},
+    "stages3": dict(num_stages=3),
+    "rows256": dict(rows_per_cta=256),
+    "rows256_stages3": dict(rows_per_cta=256, num_stages=3),
+    "block_n64": dict(block_n=64),
+    "block_n64_rows256": dict(block_n=64, rows_per_cta=256),
+}
+DIM = 128
+
+
+def options(heads: int, variant: dict) -> dict:
+    return dict(variant, fill_future=False, staged_stores=stages_stores(heads))
+
+
+def compile_one(job: tuple[int, str]) -> str:
+    heads, name = job
+    try:
+        build_weighted_relu_logits(heads, DIM, **options(heads, VARIANTS[name]))()
+        return ""
+    except Exception as error:  # reported per variant, the others go on
+        return f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def run(heads: int, name: str, context: int, reps: int) -> dict:
+    variant = options(heads, VARIANTS[name])
+    rows = variant.get("rows_per_cta", 128)
+    kernel = build_weighted_relu_logits(heads, DIM, **variant)()
+    reference = build_weighted_relu_logits(heads, DIM, **options(heads, {}))()
+
+    def call(kernel, num_queries, num_keys, seed=0):
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        q = torch.randn(1, num_queries * heads, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
+        keys = torch.randn(1, num_keys, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
+        weights = torch.randn(1, num_queries, heads, device="cuda", generator=generator)
+        ks, ke, _ = ChunkMask(None, slice(0, num_queries), 1, num_queries, num_keys, q.device).key_range
+        return lambda: kernel(q, keys, weights, ks, ke), float(ke.sum() - ks.sum())
+
+    small, _ = call(kernel, 1000, 1000)
+    expected, _ = call(reference, 1000, 1000)
+    got, want = small(), expected()
+    visible = torch.arange(1000, device="cuda")[None, :] <= torch.arange(1000, device="cuda")[:, None]
+    same = torch.allclose(got[0][visible], want[0][visible], rtol=1e-4, atol=1e-4)
+    fn, pairs = call(kernel, context, context)
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    ms = sorted(times)[len(times) // 2]
+    return {"heads": heads, "variant": name, "rows_per_cta": rows, "matches_default": bool(same), "ms": ms,
+            "tflops": 2.0 * heads * DIM * pairs / ms / 1e9}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=65536)
+    parser.add_argument("--heads", default="64,8")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    heads_list = [int(h) for h in args.heads.split(",")]
+    jobs = [(h, name) for h in heads_list for name in VARIANTS]
+    with concurrent.futures.ProcessPoolExecutor(args.workers) as pool:  # fills TileLang's disk cache in parallel
+        errors = dict(zip(jobs, pool.map(compile_one, jobs)))
+    rows = []
+    for heads, name in jobs:
+        if errors[(heads, name)]:
+            row = {"heads": heads, "variant": name, "error": errors[(heads, name)]}
+        else:
+            try:
+                row = run(heads, name, args.context, args.reps)
+            except Exception as error:
+                row = {"heads": heads, "variant": name, "error": f"{type(error).__name__}: {str(error)[:200]}"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"sweep_logits-{stamp}.json"
+    path.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                "context": args.context, "date": stamp, "results": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
