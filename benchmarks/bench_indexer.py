@@ -22,10 +22,10 @@ import sys
 
 import torch
 
-from transformers_misa.kernels.scorer import TILELANG_SCORER
-from transformers_misa.kernels.scoring import build_weighted_relu_logits
+from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER
+from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
-from transformers_misa.ops.blocks import ChunkMask
+from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
 
 DIM, TOPK, BLOCK = 128, 2048, 128
 SCALE = DIM**-0.5
@@ -89,6 +89,7 @@ def stock_transformers(q, keys, weights):
 
 def methods(heads: int, deepseek_kernel):
     common = dict(softmax_scale=SCALE, scorer=TILELANG_SCORER)
+    fp8 = dict(softmax_scale=SCALE, scorer=TILELANG_FP8_SCORER)
     table = {
         "stock": stock_transformers,
         "reference": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, softmax_scale=SCALE),
@@ -97,6 +98,11 @@ def methods(heads: int, deepseek_kernel):
         "misa8_hier": lambda q, k, w: reference.misa_hierarchical_topk(
             q, k, w, TOPK, active_heads=8, block_size=BLOCK, candidate_factor=4, **common),
         "hisa": lambda q, k, w: reference.hisa_topk(q, k, w, TOPK, block_size=BLOCK, keep_blocks=64, **common),
+        # qk_format="fp8_e4m3" as the indexer runs it: q and keys rounded to FP8, token logits on the FP8 cores.
+        f"dsa{heads}_fp8": lambda q, k, w: reference.dsa_topk(fp8_e4m3_roundtrip(q), fp8_e4m3_roundtrip(k), w, TOPK,
+                                                              **fp8),
+        "misa8_fp8": lambda q, k, w: reference.misa_topk(fp8_e4m3_roundtrip(q), fp8_e4m3_roundtrip(k), w, TOPK,
+                                                         active_heads=8, block_size=BLOCK, **fp8),
     }
     if deepseek_kernel is not None:
         table["deepseek_fp8_index"] = functools.partial(deepseek_fp8_index, deepseek_kernel)
@@ -129,8 +135,13 @@ def scoring_tflops(heads: int, num_queries: int, num_keys: int, reps: int, **var
     kernel = build_weighted_relu_logits(heads, DIM, **variant)()
     chunk = ChunkMask(None, slice(0, num_queries), 1, num_queries, num_keys, q.device)
     ks, ke, _ = chunk.key_range
-    flat_q = q.reshape(1, num_queries * heads, DIM)
-    ms = cuda_time_ms(lambda: kernel(flat_q, keys, weights, ks, ke), reps)
+    if variant.get("fp8"):  # e4m3 inputs with their scales, as the FP8 scorer passes them
+        (q8, q_scale), (keys8, key_scale) = fp8_e4m3_quantize(q), fp8_e4m3_quantize(keys)
+        flat_q8, scaled = q8.reshape(1, num_queries * heads, DIM), weights * q_scale
+        ms = cuda_time_ms(lambda: kernel(flat_q8, keys8, key_scale, scaled, ks, ke), reps)
+    else:
+        flat_q = q.reshape(1, num_queries * heads, DIM)
+        ms = cuda_time_ms(lambda: kernel(flat_q, keys, weights, ks, ke), reps)
     visible_pairs = float(ke.sum() - ks.sum())
     flops = 2.0 * heads * DIM * visible_pairs
     return {"ms": ms, "tflops": flops / ms / 1e9}
@@ -147,6 +158,8 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results):
             row[f"{name}_ms"] = cuda_time_ms(call, reps if context <= 32768 else max(1, reps // 2))
             row[f"{name}_peak_gib"] = peak_extra_gib(call)
         row["scoring"] = scoring_tflops(heads, context, context, reps)
+        if not stages_stores(heads) or context <= 32768:  # staged: one call under the TMA limit
+            row["scoring_fp8"] = scoring_tflops(heads, context, context, reps, fp8=True)
         if context == 32768 and heads == 64:  # why few-head logits go through shared memory (scoring.py)
             row["routed8_logits"] = {
                 f"staged_stores={staged}": scoring_tflops(8, context, context, reps, staged_stores=staged,
@@ -155,7 +168,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results):
         if context >= 32768:
             table = methods(heads, None)
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
-                                for name in (f"dsa{heads}_kernel", "misa8")}
+                                for name in (f"dsa{heads}_kernel", "misa8", f"dsa{heads}_fp8", "misa8_fp8")}
         results.append(row)
         print_row(row, heads)
         del q, keys, weights
@@ -194,12 +207,14 @@ def run_decode(caches, batches, new_tokens_options, heads, reps, results):
 def print_row(row: dict, heads: int) -> None:
     timings = {k[:-3]: v for k, v in row.items() if k.endswith("_ms")}
 
-    def ratio(name: str) -> str:  # against the DSA kernel timed the same way (eager or graph-replayed)
-        base = timings.get(f"dsa{heads}_kernel" + ("_graph" if name.endswith("_graph") else ""))
+    def ratio(name: str) -> str:  # against the DSA kernel timed the same way (eager or graph-replayed, bf16 or fp8)
+        base = timings.get(f"dsa{heads}_fp8" if name.endswith("_fp8") else
+                           f"dsa{heads}_kernel" + ("_graph" if name.endswith("_graph") else ""))
         return f"({base / timings[name]:.1f}x)" if base and name.startswith(("misa", "hisa")) else ""
 
     cells = " ".join(f"{k}={v:.2f}ms{ratio(k)}" for k, v in timings.items())
     extra = f" scoring={row['scoring']['tflops']:.0f}TFLOP/s" if "scoring" in row else ""
+    extra += f" scoring_fp8={row['scoring_fp8']['tflops']:.0f}TFLOP/s" if "scoring_fp8" in row else ""
     for variant, stats in row.get("routed8_logits", {}).items():
         extra += f" 8-head logits[{variant}]={stats['ms']:.2f}ms"
     queries = f" q={row['new_tokens']}" if "new_tokens" in row else ""

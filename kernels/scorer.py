@@ -7,11 +7,12 @@ device of compute capability >= 9.0, so a CPU-only machine never touches TileLan
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 
-from transformers_misa.ops.blocks import ChunkMask, top_indices
+from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, top_indices
 from transformers_misa.ops.reference import Scorer, reference_head_importance
 
 from .common import queries_per_cta
@@ -48,12 +49,12 @@ def key_splits_for(device: torch.device, ctas: int, num_keys: int) -> int:
 
 
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
-            softmax_scale: float, fill_future: bool) -> torch.Tensor:
+            softmax_scale: float, fill_future: bool, fp8: bool = False) -> torch.Tensor:
     batch, num_queries, heads, dim = q.shape
     per_call = (MAX_TMA_ELEMENTS - 1) // max(1, keys.shape[1])
     if num_queries > per_call:  # the TMA store's descriptor cannot span more elements: split the queries
         return torch.cat([_logits(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
-                                  ke[:, i : i + per_call], softmax_scale, fill_future)
+                                  ke[:, i : i + per_call], softmax_scale, fill_future, fp8)
                           for i in range(0, num_queries, per_call)], dim=1)
     ctas = -(-num_queries // queries_per_cta(heads)) * batch
     splits = key_splits_for(q.device, ctas, keys.shape[1])
@@ -62,36 +63,43 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     # length's divisibility by 4 does not switch programs (and trigger a compile) in the middle of a generation.
     staged = stages_stores(heads) and num_queries >= queries_per_cta(heads) and keys.shape[1] % 4 == 0
     kernel = build_weighted_relu_logits(heads, dim, block_n=KEY_TILE, key_splits=splits, fill_future=fill_future,
-                                        staged_stores=staged)()
-    # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale folds into the head weights.
+                                        staged_stores=staged, fp8=fp8)()
+    # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
+    weights = weights.float() * softmax_scale
+    if fp8:
+        q8, q_scale = fp8_e4m3_quantize(q)
+        keys8, key_scale = fp8_e4m3_quantize(keys)
+        return kernel(q8.reshape(batch, num_queries * heads, dim).contiguous(), keys8.contiguous(),
+                      key_scale.contiguous(), (weights * q_scale).contiguous(), ks.contiguous(), ke.contiguous())
     return kernel(
         q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16).contiguous(),
         keys.to(torch.bfloat16).contiguous(),
-        (weights.float() * softmax_scale).contiguous(),
+        weights.contiguous(),
         ks.contiguous(),
         ke.contiguous(),
     )
 
 
 def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
-                          softmax_scale: float) -> torch.Tensor:
-    """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out)."""
+                          softmax_scale: float, fp8: bool = False) -> torch.Tensor:
+    """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out; fp8: q and
+    keys quantized to e4m3 with power-of-two row scales first, exact for inputs already rounded to FP8)."""
     ks, ke, contiguous = chunk.key_range
-    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True)
+    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True, fp8=fp8)
     if not contiguous:  # holes inside [ks, ke) (or unknown: sync-free): apply the mask exactly as the reference
         logits = logits + chunk.bias
     return logits
 
 
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
-                           softmax_scale: float, k: int) -> torch.Tensor:
+                           softmax_scale: float, k: int, fp8: bool = False) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill)."""
     ks, ke, contiguous = chunk.key_range
     width = keys.shape[1]
     if not contiguous or width < RADIX_MIN_WIDTH or k > width:
-        return radix_topk(tilelang_token_logits(q, weights, keys, chunk, softmax_scale), k)
-    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False)
+        return radix_topk(tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8), k)
+    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8)
     return radix_topk(logits, k, ends=ke)
 
 
@@ -164,3 +172,9 @@ TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda h
                          chunk_budget=8 * 2**30, head_scores=bf16_head_scores,
                          head_importance=tilelang_head_importance, candidate_logits=tilelang_candidate_logits,
                          narrow_keys=True, fused_select=tilelang_select_tokens)
+
+# qk_format="fp8_e4m3": the token logits on the FP8 tensor cores. The indexer hands over q and keys already rounded
+# to FP8 (the reference's numerics), so quantizing them here is exact; the router and the re-rank keep bf16 inputs.
+TILELANG_FP8_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-fp8", token_logits=functools.partial(tilelang_token_logits, fp8=True),
+    fused_select=functools.partial(tilelang_select_tokens, fp8=True))

@@ -32,7 +32,7 @@ def stages_stores(heads: int) -> bool:
 def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_stages: int = 2,
                                threads: int = 256, key_splits: int = 1, fill_future: bool = True,
                                staged_stores: bool | None = None, rows_per_cta: int = ROWS_PER_CTA,
-                               arch: str | None = None):
+                               fp8: bool = False, arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `staged_stores` (default: for 16 heads or fewer) writes each tile's logits through shared memory with one bulk
@@ -41,6 +41,9 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     of 16 bytes) and num_queries · num_keys < 2^31 (the descriptor's index range).
 
     `rows_per_cta`: query rows (queries x heads) per CTA; its callers size the grid with the same number.
+    `fp8`: q and keys come as FP8 e4m3 (the tensor cores' FP8 path, twice bf16's rate) with one fp32 scale per key,
+    (Q, K, KScale, W, KS, KE): ReLU(s·x) = s·ReLU(x) for a positive scale, so each key's scale multiplies its head
+    sum and each query head's scale folds into W (the caller's part).
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     target = compile_target(arch)
@@ -53,19 +56,13 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     def program():
         # Symbolic sizes: one compiled kernel serves every batch, chunk and cache length.
         batch, num_queries, num_keys = T.dynamic("batch"), T.dynamic("num_queries"), T.dynamic("num_keys")
+        qk_dtype = T.float8_e4m3fn if fp8 else T.bfloat16
 
-        @T.prim_func
-        def weighted_relu_logits(
-            Q: T.Tensor((batch, num_queries * heads, dim), T.bfloat16),
-            K: T.Tensor((batch, num_keys, dim), T.bfloat16),
-            W: T.Tensor((batch, num_queries, heads), T.float32),
-            KS: T.Tensor((batch, num_queries), T.int32),
-            KE: T.Tensor((batch, num_queries), T.int32),
-            Logits: T.Tensor((batch, num_queries, num_keys), T.float32),
-        ):
+        @T.macro
+        def logits_body(Q, K, KScale, W, KS, KE, Logits):
             with T.Kernel(T.ceildiv(num_queries, block_q), batch, key_splits, threads=threads) as (bq, bb, split):
-                q_shared = T.alloc_shared((rows, dim), T.bfloat16)
-                k_shared = T.alloc_shared((block_n, dim), T.bfloat16)
+                q_shared = T.alloc_shared((rows, dim), qk_dtype)
+                k_shared = T.alloc_shared((block_n, dim), qk_dtype)
                 scores = T.alloc_fragment((block_n, rows), T.float32)
                 scores_by_head = T.reshape(scores, (block_n, block_q, heads))
                 logits = T.alloc_fragment((block_n, block_q), T.float32)
@@ -101,6 +98,9 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                     for n, r in T.Parallel(block_n, rows):
                         scores[n, r] = T.max(scores[n, r], 0.0) * weights[r]
                     T.reduce_sum(scores_by_head, logits, dim=-1, clear=True)
+                    if fp8:  # Python-level: each key's scale, after the head sum (read from global: no pipelining)
+                        for n, i in T.Parallel(block_n, block_q):
+                            logits[n, i] = logits[n, i] * KScale[bb, T.min(tile * block_n + n, num_keys - 1)]
                     if staged_stores:  # Python-level: one variant or the other is compiled
                         for i, n in T.Parallel(block_q, block_n):
                             key = tile * block_n + n
@@ -122,6 +122,30 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                             key = tile * block_n + n
                             if q0 + i < num_queries and key < num_keys:
                                 Logits[bb, q0 + i, key] = -T.infinity(T.float32)
+
+        if fp8:
+            @T.prim_func
+            def weighted_relu_logits(
+                Q: T.Tensor((batch, num_queries * heads, dim), T.float8_e4m3fn),
+                K: T.Tensor((batch, num_keys, dim), T.float8_e4m3fn),
+                KScale: T.Tensor((batch, num_keys), T.float32),
+                W: T.Tensor((batch, num_queries, heads), T.float32),
+                KS: T.Tensor((batch, num_queries), T.int32),
+                KE: T.Tensor((batch, num_queries), T.int32),
+                Logits: T.Tensor((batch, num_queries, num_keys), T.float32),
+            ):
+                logits_body(Q, K, KScale, W, KS, KE, Logits)
+        else:
+            @T.prim_func
+            def weighted_relu_logits(
+                Q: T.Tensor((batch, num_queries * heads, dim), T.bfloat16),
+                K: T.Tensor((batch, num_keys, dim), T.bfloat16),
+                W: T.Tensor((batch, num_queries, heads), T.float32),
+                KS: T.Tensor((batch, num_queries), T.int32),
+                KE: T.Tensor((batch, num_queries), T.int32),
+                Logits: T.Tensor((batch, num_queries, num_keys), T.float32),
+            ):
+                logits_body(Q, K, None, W, KS, KE, Logits)
 
         return weighted_relu_logits
 

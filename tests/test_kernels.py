@@ -35,6 +35,16 @@ def test_logits_kernel_compiles_for_sm90a(heads):
     assert "tma_load" in source, "key tiles should stream through TMA"
 
 
+@pytest.mark.parametrize("heads,staged", [(64, False), (8, True)])
+def test_fp8_logits_kernel_compiles_for_sm90a(heads, staged):
+    _tilelang_or_skip()
+    from transformers_misa.kernels.scoring import build_weighted_relu_logits
+
+    source = build_weighted_relu_logits(heads, 128, fill_future=False, staged_stores=staged, fp8=True,
+                                        arch="sm_90a")().get_kernel_source()
+    assert "kFloat8_e4m3" in source, "qk_format='fp8_e4m3' must run on the FP8 tensor cores"
+
+
 @pytest.mark.parametrize("k", [2048, 8192])
 def test_radix_topk_compiles_for_sm90a(k):
     _tilelang_or_skip()
@@ -305,6 +315,57 @@ def test_gathered_kernel_matches_reference(batch, num_queries, num_keys, heads, 
     ours = tilelang_candidate_logits(q, weights, keys, positions, 128**-0.5)
     ref = reference.reference_candidate_logits(q, weights, keys, positions, 128**-0.5)
     torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,num_queries,num_keys,heads,pads", [
+    (2, 129, 300, 64, [0, 17]),
+    (1, 4, 4099, 32, [0]),
+    (2, 100, 1024, 8, [0, 30]),  # staged stores
+])
+def test_fp8_logits_kernel_matches_reference_on_fp8_inputs(batch, num_queries, num_keys, heads, pads):
+    """Inputs rounded to FP8 (as the indexer hands them over): the FP8 kernel's products are exact, so it matches the
+    fp32 reference up to summation order."""
+    from transformers_misa.kernels.scorer import tilelang_token_logits
+    from transformers_misa.ops.blocks import fp8_e4m3_roundtrip
+
+    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=3)
+    q, keys = fp8_e4m3_roundtrip(q), fp8_e4m3_roundtrip(keys)
+    for mask in (None, _padded_causal_mask(batch, num_queries, num_keys, pads)):
+        chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
+        ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5, fp8=True)
+        ref = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), "masked positions differ"
+        finite = torch.isfinite(ref)
+        torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-4, atol=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["dsa", "misa"])
+def test_fp8_patched_model_on_kernels_selects_as_the_reference(mode):
+    """qk_format='fp8_e4m3' on the kernels (FP8 tensor cores) and on the reference (fp32 over FP8-rounded inputs)
+    select the same keys (up to ties), past the radix top-k's width."""
+    from transformers_misa import MisaIndexer, patch_model
+    from transformers_misa.tiny import tiny_model
+
+    options = dict(active_heads=8, block_size=64) if mode == "misa" else {}
+    prompt = torch.randint(2, 512, (1, 4500), generator=torch.Generator().manual_seed(2)).cuda()
+    selections = {}
+    for backend_name in ("tilelang", "reference"):
+        model = patch_model(tiny_model("deepseek_v32").cuda(), mode=mode, qk_format="fp8_e4m3",
+                            backend=backend_name, **options)
+        picked = []
+        for m in model.modules():
+            if isinstance(m, MisaIndexer):
+                m.register_forward_hook(lambda mod, args, out: picked.append(out.cpu()))
+        with torch.no_grad():
+            model(input_ids=prompt, use_cache=False)
+        selections[backend_name] = picked
+    for ours, ref in zip(selections["tilelang"], selections["reference"]):
+        overlap = (ours.sort(-1).values.unsqueeze(-1) == ref.unsqueeze(-2)).any(-1).float().mean()
+        assert overlap > 0.99, f"FP8 kernels and reference select different keys ({float(overlap):.3f} overlap)"
 
 
 def _assert_same_selection(ours, ref_idx, scores, tolerance):

@@ -81,8 +81,9 @@ def _guarded(scorer: Scorer) -> Scorer:
     )
 
 
-def select_scorer(device: torch.device, backend: str = "auto") -> Scorer:
-    """The `Scorer` for tensors on `device` under the `backend` setting ("auto", "reference" or "tilelang").
+def select_scorer(device: torch.device, backend: str = "auto", qk_format: str = "bf16") -> Scorer:
+    """The `Scorer` for tensors on `device` under the `backend` setting ("auto", "reference" or "tilelang");
+    qk_format="fp8_e4m3" picks the kernels' FP8 token logits (the reference computes FP8's numerics in fp32).
 
     Raises:
         RuntimeError: if "tilelang" is forced where the kernels cannot run (the message says why).
@@ -98,7 +99,7 @@ def select_scorer(device: torch.device, backend: str = "auto") -> Scorer:
         _announce(device, f"reference (PyTorch) indexer on {device}: {reason}",
                   logging.WARNING if device.type == "cuda" else logging.INFO)
         return REFERENCE
-    from transformers_misa.kernels.scorer import TILELANG_SCORER
+    from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER
 
     _announce(device, f"TileLang indexer kernels on {device} ({torch.cuda.get_device_name(device)})")
-    return _guarded(TILELANG_SCORER)
+    return _guarded(TILELANG_FP8_SCORER if qk_format == "fp8_e4m3" else TILELANG_SCORER)

@@ -104,7 +104,7 @@ class MisaIndexer(nn.Module):
         if config.qk_format == "fp8_e4m3":  # FP8 numerics for the token scores; the router's pooled keys stay as is
             q, keys = fp8_e4m3_roundtrip(q), fp8_e4m3_roundtrip(keys)
         common = dict(softmax_scale=self.softmax_scale, mask=mask, chunk_size=config.query_chunk_size,
-                      scorer=select_scorer(q.device, config.backend), sync_free=sync_free)
+                      scorer=select_scorer(q.device, config.backend, config.qk_format), sync_free=sync_free)
         if config.mode == "dsa":
             return reference.dsa_topk(q, keys, weights, self.index_topk, **common)
         if config.mode == "misa":

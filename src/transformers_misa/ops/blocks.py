@@ -228,13 +228,21 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 FP8_E4M3_MAX = 448.0
 
 
-def fp8_e4m3_roundtrip(x: torch.Tensor) -> torch.Tensor:
-    """x rounded to FP8 e4m3 with one power-of-two scale per row of the last axis, returned in x's dtype.
+def fp8_e4m3_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as FP8 e4m3 values [..., D] and one fp32 power-of-two scale per row of the last axis [...].
 
-    scale = 2^ceil(log2(max|row| / 448)), as DeepSeek's act_quant with power-of-two (ue8m0) scales: every value of
-    the result is an e4m3 value times a power of two, so it is exact in bf16 and fp32, and q·k over such values is
-    what an FP8 tensor-core kernel accumulates (in fp32).
+    scale = 2^ceil(log2(max|row| / 448)), as DeepSeek's act_quant with power-of-two (ue8m0) scales.
     """
     amax = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-30)
     scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_E4M3_MAX)))
-    return ((x.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale.squeeze(-1)
+
+
+def fp8_e4m3_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to FP8 e4m3 (see `fp8_e4m3_quantize`), returned in x's dtype.
+
+    Every value of the result is an e4m3 value times a power of two, so it is exact in bf16 and fp32, and q·k over
+    such values is what an FP8 tensor-core kernel accumulates (in fp32); quantizing it again gives it back exactly.
+    """
+    values, scale = fp8_e4m3_quantize(x)
+    return (values.float() * scale.unsqueeze(-1)).to(x.dtype)
