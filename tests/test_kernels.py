@@ -325,8 +325,9 @@ def test_gathered_kernel_matches_reference(batch, num_queries, num_keys, heads, 
     (2, 100, 1024, 8, [0, 30]),  # staged stores
 ])
 def test_fp8_logits_kernel_matches_reference_on_fp8_inputs(batch, num_queries, num_keys, heads, pads):
-    """Inputs rounded to FP8 (as the indexer hands them over): the FP8 kernel's products are exact, so it matches the
-    fp32 reference up to summation order."""
+    """Inputs rounded to FP8 (as the indexer hands them over): the FP8 kernel's products are exact and it matches the
+    fp32 reference up to the FP8 tensor cores' accumulation, which keeps fewer bits than fp32 (on the H100: max abs
+    error 0.0046 at mean |logit| 4.4, where the bf16 kernel on the same inputs is off by 6e-6)."""
     from transformers_misa.kernels.scorer import tilelang_token_logits
     from transformers_misa.ops.blocks import fp8_e4m3_roundtrip
 
@@ -338,7 +339,7 @@ def test_fp8_logits_kernel_matches_reference_on_fp8_inputs(batch, num_queries, n
         ref = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
         assert torch.equal(torch.isinf(ours), torch.isinf(ref)), "masked positions differ"
         finite = torch.isfinite(ref)
-        torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-2, atol=1e-2)
 
 
 @gpu
@@ -346,7 +347,8 @@ def test_fp8_logits_kernel_matches_reference_on_fp8_inputs(batch, num_queries, n
 @pytest.mark.parametrize("mode", ["dsa", "misa"])
 def test_fp8_patched_model_on_kernels_selects_as_the_reference(mode):
     """qk_format='fp8_e4m3' on the kernels (FP8 tensor cores) and on the reference (fp32 over FP8-rounded inputs)
-    select the same keys (up to ties), past the radix top-k's width."""
+    select nearly the same keys past the radix top-k's width: the tensor cores' shorter accumulation swaps keys
+    near the k-th score (MISA-8 on the H100: 0.982 overlap)."""
     from transformers_misa import MisaIndexer, patch_model
     from transformers_misa.tiny import tiny_model
 
@@ -365,7 +367,7 @@ def test_fp8_patched_model_on_kernels_selects_as_the_reference(mode):
         selections[backend_name] = picked
     for ours, ref in zip(selections["tilelang"], selections["reference"]):
         overlap = (ours.sort(-1).values.unsqueeze(-1) == ref.unsqueeze(-2)).any(-1).float().mean()
-        assert overlap > 0.99, f"FP8 kernels and reference select different keys ({float(overlap):.3f} overlap)"
+        assert overlap > 0.97, f"FP8 kernels and reference select different keys ({float(overlap):.3f} overlap)"
 
 
 def _assert_same_selection(ours, ref_idx, scores, tolerance):
