@@ -1,5 +1,5 @@
 """Static-cache decode steps never read a tensor back to the host, so they can be captured in a CUDA graph (the
-capture itself runs on the GPU: tests/test_kernels.py). On the CPU every such read is trapped inside the indexers."""
+capture itself runs on the GPU: tests/test_kernels_in_models.py). On the CPU every such read is trapped inside the indexers."""
 
 from __future__ import annotations
 

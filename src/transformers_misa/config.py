@@ -145,7 +145,8 @@ def resolve_config(mode: str, num_heads: int, topk: int, options: dict[str, Any]
         if keep < 2 or keep * block_size < topk:
             raise ValueError(
                 f"keep_blocks={keep} with block_size={block_size} keeps {keep * block_size} tokens, fewer than "
-                f"index_topk={topk} (or fewer than the 2 forced sink/local blocks); use keep_blocks >= "
+                f"index_topk={topk} (or fewer than 2: the sink and one scored block; the local block comes on top); "
+                f"use keep_blocks >= "
                 f"{max(2, math.ceil(topk / block_size))}"
             )
         settings["keep_blocks"] = keep
