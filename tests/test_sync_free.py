@@ -54,12 +54,14 @@ def trap_host_reads(monkeypatch, model):
 @pytest.mark.parametrize("mode,options", [("dsa", {}), ("misa", dict(active_heads=4, block_size=16)),
                                           ("misa_hierarchical", dict(active_heads=4, block_size=16)),
                                           ("hisa", dict(block_size=16, keep_blocks=2))])
-def test_static_cache_decode_never_reads_back(make_model, monkeypatch, family, mode, options):
+@pytest.mark.parametrize("prompt_len", [45, 12])  # 12: the prompt itself is a sync-free call (no pool yet)
+def test_static_cache_decode_never_reads_back(make_model, monkeypatch, family, mode, options, prompt_len):
     model = patch_model(make_model(family, index_topk=16), mode=mode, **options)
-    ids, attn = left_padded_batch(2, 45, [0, 9])
+    ids, attn = left_padded_batch(2, prompt_len, [0, 9])
     expected = model.generate(ids, attention_mask=attn, max_new_tokens=6, do_sample=False)  # dynamic cache
     cache = StaticCache(config=model.config, max_cache_len=96)
     with trap_host_reads(monkeypatch, model) as trapped:
         got = model.generate(ids, attention_mask=attn, max_new_tokens=6, do_sample=False, past_key_values=cache)
-    assert len(trapped) == 5 * sum(isinstance(m, MisaIndexer) for m in model.modules())  # every decode step
+    calls = 5 + (prompt_len <= GRAPH_SAFE_MAX_QUERIES)  # every decode step, and a short prompt
+    assert len(trapped) == calls * sum(isinstance(m, MisaIndexer) for m in model.modules())
     assert torch.equal(got, expected)
