@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from transformers_misa import measure_recall, patch_model, unpatch_model
-from transformers_misa.ops.blocks import FP8_E4M3_MAX, fp8_e4m3_roundtrip
+from transformers_misa.ops.blocks import FP8_E4M3_MAX, fp8_e4m3_quantize, fp8_e4m3_roundtrip
 from transformers_misa.tiny import tiny_model
 
 
@@ -23,6 +23,19 @@ def test_roundtrip_is_fp8_values_times_a_power_of_two(dtype):
     # e4m3 keeps 3 mantissa bits: error at most half a step, 2^-4 of the value, or half the subnormal step.
     error = (y.float() - x.float()).abs()
     assert (error <= torch.maximum(x.float().abs() * 2**-4, scale * 2**-10) + 1e-6 * amax).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_in_the_input_dtype_equals_quantizing_from_fp32(dtype):
+    """The quantizer divides in x's dtype (no fp32 copy): bit for bit what dividing in fp32 gives, and quantizing
+    FP8-rounded values again reproduces each product value·scale exactly (what the FP8 kernels rely on)."""
+    x = (torch.randn(4, 9, 128) * torch.logspace(-6, 5, 9)[None, :, None]).to(dtype)
+    x[0, 0] = 0.0
+    values, scale = fp8_e4m3_quantize(x)
+    in_fp32 = (x.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn)
+    assert torch.equal(values.view(torch.uint8), in_fp32.view(torch.uint8))
+    again, again_scale = fp8_e4m3_quantize(fp8_e4m3_roundtrip(x))
+    assert torch.equal(again.float() * again_scale.unsqueeze(-1), values.float() * scale.unsqueeze(-1))
 
 
 def test_rows_are_scaled_independently():

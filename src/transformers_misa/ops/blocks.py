@@ -231,11 +231,12 @@ FP8_E4M3_MAX = 448.0
 def fp8_e4m3_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x as FP8 e4m3 values [..., D] and one fp32 power-of-two scale per row of the last axis [...].
 
-    scale = 2^ceil(log2(max|row| / 448)), as DeepSeek's act_quant with power-of-two (ue8m0) scales.
+    scale = 2^ceil(log2(max|row| / 448)), as DeepSeek's act_quant with power-of-two (ue8m0) scales. Dividing by a
+    power of two is exact in x's own dtype, so no fp32 copy of x is made (same bits as quantizing from fp32).
     """
     amax = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-30)
     scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_E4M3_MAX)))
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale.squeeze(-1)
+    return (x / scale.to(x.dtype)).to(torch.float8_e4m3fn), scale.squeeze(-1)
 
 
 def fp8_e4m3_roundtrip(x: torch.Tensor) -> torch.Tensor:
@@ -245,4 +246,4 @@ def fp8_e4m3_roundtrip(x: torch.Tensor) -> torch.Tensor:
     such values is what an FP8 tensor-core kernel accumulates (in fp32); quantizing it again gives it back exactly.
     """
     values, scale = fp8_e4m3_quantize(x)
-    return (values.float() * scale.unsqueeze(-1)).to(x.dtype)
+    return values.to(x.dtype) * scale.unsqueeze(-1).to(x.dtype)  # exact: an e4m3 value times a power of two
