@@ -47,8 +47,9 @@ class MisaConfig:
         query_chunk_size: queries scored at once; None picks it from a 256 MiB scratch budget.
         backend: "auto" (TileLang kernels on Hopper GPUs, else the PyTorch reference), "reference" or "tilelang".
         qk_format: "bf16" (q and k as the model computes them) or "fp8_e4m3" (rounded to FP8 e4m3 with a
-            power-of-two scale per token, as DeepSeek's reference indexer; the scores are then exact sums of those
-            FP8 values, so the selection is what an FP8 scoring kernel returns).
+            power-of-two scale per token, as DeepSeek's reference indexer; the reference then sums those FP8 values
+            exactly in fp32, and on Hopper the token scores run on the FP8 tensor cores, whose accumulation keeps
+            fewer bits, so near-ties may swap).
         router: misa modes: how a head's block scores are pooled into its router score, "sum" (default) or "max";
             None otherwise.
     """
