@@ -65,3 +65,29 @@ def test_static_cache_decode_never_reads_back(make_model, monkeypatch, family, m
     calls = 5 + (prompt_len <= GRAPH_SAFE_MAX_QUERIES)  # every decode step, and a short prompt
     assert len(trapped) == calls * sum(isinstance(m, MisaIndexer) for m in model.modules())
     assert torch.equal(got, expected)
+
+
+def test_static_cache_decode_step_compiles_to_one_graph(make_model):
+    """torch.compile(fullgraph=True) traces a patched model's static-cache decode step (the reference path) without
+    a graph break: no host reads, no data-dependent Python, as transformers' auto-compiled static-cache generation
+    needs; the compiled step gives the eager step's logits."""
+    torch._dynamo.reset()
+    model = patch_model(make_model("deepseek_v32", index_topk=16, num_hidden_layers=1), mode="misa", active_heads=4,
+                        block_size=16)
+    ids, cache_len = torch.randint(2, 512, (1, 40), generator=torch.Generator().manual_seed(0)), 64
+    key_pos = torch.arange(cache_len)
+
+    def step_inputs(tokens: torch.Tensor, start: int, cache: StaticCache) -> dict:
+        query_pos = start + torch.arange(tokens.shape[1])
+        visible = (key_pos <= query_pos[:, None])[None, None]
+        return dict(input_ids=tokens, position_ids=query_pos[None], past_key_values=cache,
+                    attention_mask={"indexed_attention": visible})  # prepared 4D mask, as a compiled loop keeps
+
+    logits = []
+    for compiled in (False, True):
+        cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        forward = torch.compile(model.forward, fullgraph=True) if compiled else model.forward
+        with torch.no_grad():
+            model(**step_inputs(ids, 0, cache))  # prefill, eager
+            logits.append(forward(**step_inputs(torch.tensor([[7]]), 40, cache)).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
