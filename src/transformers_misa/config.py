@@ -43,7 +43,7 @@ class MisaConfig:
         active_heads: heads each query is routed to (misa modes); None otherwise.
         block_size: tokens per pooled key block (router and HISA's coarse filter); None for "dsa".
         candidate_factor: misa_hierarchical keeps candidate_factor·topk candidates for the full re-rank.
-        keep_blocks: blocks HISA keeps per query (sink and local block included).
+        keep_blocks: blocks HISA keeps per query (the sink among them), plus the local block on top.
         query_chunk_size: queries scored at once; None picks it from a 256 MiB scratch budget.
         backend: "auto" (TileLang kernels on Hopper GPUs, else the PyTorch reference), "reference" or "tilelang".
         qk_format: "bf16" (q and k as the model computes them) or "fp8_e4m3" (rounded to FP8 e4m3 with a
