@@ -21,6 +21,7 @@ import pathlib
 
 import torch
 
+from bench_indexer import DIM, cuda_time_ms, inputs  # this folder's indexer benchmark: same inputs and timing
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops.blocks import ChunkMask
 
@@ -32,7 +33,6 @@ VARIANTS = {  # name -> build options on top of the defaults
     "block_n64": dict(block_n=64),
     "block_n64_rows256": dict(block_n=64, rows_per_cta=256),
 }
-DIM = 128
 
 
 def options(heads: int, variant: dict) -> dict:
@@ -50,17 +50,14 @@ def compile_one(job: tuple[int, str]) -> str:
 
 def run(heads: int, name: str, context: int, reps: int) -> dict:
     variant = options(heads, VARIANTS[name])
-    rows = variant.get("rows_per_cta", 128)
     kernel = build_weighted_relu_logits(heads, DIM, **variant)()
     reference = build_weighted_relu_logits(heads, DIM, **options(heads, {}))()
 
-    def call(kernel, num_queries, num_keys, seed=0):
-        generator = torch.Generator(device="cuda").manual_seed(seed)
-        q = torch.randn(1, num_queries * heads, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
-        keys = torch.randn(1, num_keys, DIM, device="cuda", generator=generator, dtype=torch.bfloat16)
-        weights = torch.randn(1, num_queries, heads, device="cuda", generator=generator)
+    def call(kernel, num_queries, num_keys):
+        q, keys, weights = inputs(1, num_queries, num_keys, heads)
         ks, ke, _ = ChunkMask(None, slice(0, num_queries), 1, num_queries, num_keys, q.device).key_range
-        return lambda: kernel(q, keys, weights, ks, ke), float(ke.sum() - ks.sum())
+        flat_q = q.reshape(1, num_queries * heads, DIM)
+        return lambda: kernel(flat_q, keys, weights, ks, ke), float(ke.sum() - ks.sum())
 
     small, _ = call(kernel, 1000, 1000)
     expected, _ = call(reference, 1000, 1000)
@@ -68,19 +65,9 @@ def run(heads: int, name: str, context: int, reps: int) -> dict:
     visible = torch.arange(1000, device="cuda")[None, :] <= torch.arange(1000, device="cuda")[:, None]
     same = torch.allclose(got[0][visible], want[0][visible], rtol=1e-4, atol=1e-4)
     fn, pairs = call(kernel, context, context)
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    ms = sorted(times)[len(times) // 2]
-    return {"heads": heads, "variant": name, "rows_per_cta": rows, "matches_default": bool(same), "ms": ms,
-            "tflops": 2.0 * heads * DIM * pairs / ms / 1e9}
+    ms = cuda_time_ms(fn, reps)
+    return {"heads": heads, "variant": name, "rows_per_cta": variant.get("rows_per_cta", 128),
+            "matches_default": bool(same), "ms": ms, "tflops": 2.0 * heads * DIM * pairs / ms / 1e9}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,10 @@ torch.set_num_threads(2)
 
 FAMILIES = ("deepseek_v32", "glm_moe_dsa")
 
+# Every mode with the kernel-sized settings of the GPU model tests (block 64, 8 routed heads).
+KERNEL_MODES = [("dsa", {}), ("misa", dict(active_heads=8, block_size=64)),
+                ("misa_hierarchical", dict(active_heads=8, block_size=64)), ("hisa", dict(block_size=64))]
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

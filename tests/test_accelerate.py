@@ -4,6 +4,7 @@ import pytest
 import torch
 from accelerate import dispatch_model
 
+from conftest import KERNEL_MODES
 from transformers_misa import MisaIndexer, patch_model, unpatch_model
 from transformers_misa.tiny import tiny_model
 
@@ -36,9 +37,7 @@ TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2
 @pytest.mark.gpu
 @pytest.mark.skipif(not TWO_GPUS, reason="needs two CUDA GPUs (run on the device machine's 2-GPU kind)")
 @pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
-@pytest.mark.parametrize("mode,options", [("dsa", {}), ("misa", dict(active_heads=8, block_size=64)),
-                                          ("misa_hierarchical", dict(active_heads=8, block_size=64)),
-                                          ("hisa", dict(block_size=64))])
+@pytest.mark.parametrize("mode,options", KERNEL_MODES)
 @pytest.mark.parametrize("backend_name", ["reference", "tilelang"])
 def test_patch_on_model_split_over_two_gpus(family, mode, options, backend_name):
     """Layers on cuda:0 and cuda:1: each patched indexer stays on its layer's GPU, runs there (the kernels too: a

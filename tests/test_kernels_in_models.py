@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import KERNEL_MODES
+
 HAS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 gpu = pytest.mark.skipif(not HAS_HOPPER, reason="needs a CUDA GPU of compute capability >= 9.0")
 
@@ -14,9 +16,7 @@ gpu = pytest.mark.skipif(not HAS_HOPPER, reason="needs a CUDA GPU of compute cap
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
-@pytest.mark.parametrize("mode,options", [("dsa", {}), ("misa", dict(active_heads=8, block_size=64)),
-                                          ("misa_hierarchical", dict(active_heads=8, block_size=64)),
-                                          ("hisa", dict(block_size=64))])
+@pytest.mark.parametrize("mode,options", KERNEL_MODES)
 @pytest.mark.parametrize("new_tokens", [1, 3])
 def test_static_cache_decode_step_replays_in_a_cuda_graph(family, mode, options, new_tokens):
     pytest.importorskip("tilelang", reason="TileLang is not installed")
@@ -78,9 +78,7 @@ def test_static_cache_decode_step_replays_in_a_cuda_graph(family, mode, options,
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa"])
-@pytest.mark.parametrize("mode,options", [("dsa", {}), ("misa", dict(active_heads=8, block_size=64)),
-                                          ("misa_hierarchical", dict(active_heads=8, block_size=64)),
-                                          ("hisa", dict(block_size=64))])
+@pytest.mark.parametrize("mode,options", KERNEL_MODES)
 def test_patched_decode_on_kernels_dynamic_equals_static_cache(family, mode, options):
     """A tiny model on the kernels: prefill past the radix top-k's width, then 1- and 3-token steps (split key tiles);
     a static cache (slack slots past the written ones) selects the dynamic cache's keys."""
