@@ -11,6 +11,9 @@ Each row reads only its first `Ends[row]` columns: the columns past it count as 
 (or even written: the logits kernel skips a causal query's future). A causal row of a 64K prefill is half
 its width on average, so this halves the traffic. One row (<= 512 KiB) mostly stays in L2 between passes.
 The suffix sums over the histogram run as a parallel (Hillis-Steele) scan over the threads.
+
+`with_keys` selects among candidate lists instead: each row's entries carry their own key index (Keys), which is
+what comes out and what breaks ties, so the result equals the top-k of the full row the candidates came from.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations.
@@ -43,10 +46,12 @@ def _order_key(value):
 
 
 @functools.lru_cache(maxsize=None)
-def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str | None = None):
+def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
+                     arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
-    The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32.
+    The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
+    with_keys: (Scores, Keys [rows, width] int32, Ends) -> the Keys of the k largest, ties to the lowest key.
     """
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
@@ -63,21 +68,24 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
         rows, width = T.dynamic("rows"), T.dynamic("width")
 
         @T.macro
-        def load_row_slice(Scores, row, step, tx, end, values):
+        def load_row_slice(Scores, Keys, row, step, tx, end, values, keys):
             # All UNROLL loads issued before any is used: several requests in flight per thread.
             for j in T.unroll(UNROLL):
                 col = (step * UNROLL + j) * threads + tx
                 values[j] = T.if_then_else(col < end, Scores[row, T.min(col, width - 1)], 0.0)
+                if with_keys:  # Python-level
+                    keys[j] = T.if_then_else(col < end, Keys[row, T.min(col, width - 1)], 0)
 
         @T.macro
-        def for_each_key(Scores, row, tx, end, values, visit, context):
-            """visit(order key, column, context) for every column of the row before `end`."""
+        def for_each_key(source, row, tx, end, values, visit, context):
+            """visit(order key, column (with_keys: its key index), context) for every column before `end`;
+            source = (Scores, Keys or None, a thread's key slots or None)."""
             for step in T.serial(T.ceildiv(end, threads * UNROLL)):
-                load_row_slice(Scores, row, step, tx, end, values)
+                load_row_slice(source[0], source[1], row, step, tx, end, values, source[2])
                 for j in T.unroll(UNROLL):
                     col = (step * UNROLL + j) * threads + tx
                     if col < end:
-                        visit(_order_key(values[j]), col, context)
+                        visit(_order_key(values[j]), source[2][j] if with_keys else col, context)
 
         @T.macro
         def clear_histogram(hist, tx):
@@ -174,9 +182,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
             Out, row, prefix, need, counters, lowest = context
             take(Out, row, key, col, prefix, need, counters, lowest)
 
-        @T.prim_func
-        def radix_topk(Scores: T.Tensor((rows, width), T.float32), Ends: T.Tensor((rows,), T.int32),
-                       Out: T.Tensor((rows, k), T.int32)):
+        @T.macro
+        def select(Scores, Keys, Ends, Out):
             with T.Kernel(rows, threads=threads) as row:
                 tx = T.get_thread_binding()
                 hist = T.alloc_shared((bins,), T.int32)
@@ -194,6 +201,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
                 lowest = T.alloc_var(T.uint32)  # tie-breaking threshold on column keys (0: every tie qualifies)
                 slot = T.alloc_var(T.int32)
                 values = T.alloc_local((UNROLL,), T.float32)
+                keys = T.alloc_local((UNROLL,), T.int32) if with_keys else None
+                source = (Scores, Keys, keys)
                 prefix = T.uint32(0)
                 lowest = T.uint32(0)
                 ties = 0
@@ -206,7 +215,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
 
                 # Level 1 over the whole row (from HBM).
                 clear_histogram(hist, tx)
-                for_each_key(Scores, row, tx, end, values, count_first_digit, hist)
+                for_each_key(source, row, tx, end, values, count_first_digit, hist)
                 if tx == 0 and end < width:  # the unread columns [end, width) are -inf
                     T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
                 find_kth_bin(hist, suffix, found, tx, need)
@@ -218,7 +227,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
                 if in_bin <= buffer and prefix != T.uint32(NEG_INF_KEY >> first_digit):
                     # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
                     # keys in shared memory; the finer levels and the ties are then resolved on chip.
-                    for_each_key(Scores, row, tx, end, values, write_or_buffer,
+                    for_each_key(source, row, tx, end, values, write_or_buffer,
                                  (Out, row, prefix, counters, buffer_keys, buffer_cols))
                     T.sync_threads()
                     for bits, high_shift in later_levels:  # unrolled in Python
@@ -249,7 +258,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
                         shift = high_shift - bits
                         digit_mask = (1 << bits) - 1
                         clear_histogram(hist, tx)
-                        for_each_key(Scores, row, tx, end, values, count_digit,
+                        for_each_key(source, row, tx, end, values, count_digit,
                                      (hist, prefix, high_shift, shift, digit_mask))
                         if tx == 0 and end < width and T.uint32(NEG_INF_KEY >> high_shift) == prefix:
                             T.atomic_add(hist[(NEG_INF_KEY >> shift) & digit_mask], width - end)
@@ -263,13 +272,13 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
                         wanted = need
                         for bits, high_shift in LEVELS:  # unrolled in Python
                             clear_histogram(hist, tx)
-                            for_each_key(Scores, row, tx, end, values, count_column_digit,
+                            for_each_key(source, row, tx, end, values, count_column_digit,
                                          (hist, prefix, lowest, high_shift, high_shift - bits, (1 << bits) - 1))
                             find_kth_bin(hist, suffix, found, tx, wanted)
                             lowest = (lowest << bits) | T.cast(found[0], T.uint32)
                             wanted = wanted - found[1]
                             T.sync_threads()
-                    for_each_key(Scores, row, tx, end, values, take_key, (Out, row, prefix, need, counters, lowest))
+                    for_each_key(source, row, tx, end, values, take_key, (Out, row, prefix, need, counters, lowest))
                     if prefix == T.uint32(NEG_INF_KEY):  # fewer than k keys above -inf: unread columns fill up
                         for step in T.serial(T.ceildiv(width - end, threads)):
                             col = end + step * threads + tx
@@ -277,6 +286,19 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, arch: str
                                 slot = T.atomic_add(counters[1], 1, return_prev=True)
                                 if slot < need:
                                     Out[row, k - need + slot] = col
+
+        if with_keys:
+            @T.prim_func
+            def radix_topk_keys(Scores: T.Tensor((rows, width), T.float32), Keys: T.Tensor((rows, width), T.int32),
+                                Ends: T.Tensor((rows,), T.int32), Out: T.Tensor((rows, k), T.int32)):
+                select(Scores, Keys, Ends, Out)
+
+            return radix_topk_keys
+
+        @T.prim_func
+        def radix_topk(Scores: T.Tensor((rows, width), T.float32), Ends: T.Tensor((rows,), T.int32),
+                       Out: T.Tensor((rows, k), T.int32)):
+            select(Scores, None, Ends, Out)
 
         return radix_topk
 
