@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER
+from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER, TILELANG_THRESHOLD_SCORER
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
@@ -89,12 +89,16 @@ def stock_transformers(q, keys, weights):
 
 def methods(heads: int, deepseek_kernel):
     common = dict(softmax_scale=SCALE, scorer=TILELANG_SCORER)
+    threshold = dict(softmax_scale=SCALE, scorer=TILELANG_THRESHOLD_SCORER)  # wide top-k via a sampled threshold
     fp8 = dict(softmax_scale=SCALE, scorer=TILELANG_FP8_SCORER)
     table = {
         "stock": stock_transformers,
         "reference": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, softmax_scale=SCALE),
         f"dsa{heads}_kernel": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, **common),
         "misa8": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK, **common),
+        f"dsa{heads}_threshold": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, **threshold),
+        "misa8_threshold": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK,
+                                                               **threshold),
         "misa8_hier": lambda q, k, w: reference.misa_hierarchical_topk(
             q, k, w, TOPK, active_heads=8, block_size=BLOCK, candidate_factor=4, **common),
         "hisa": lambda q, k, w: reference.hisa_topk(q, k, w, TOPK, block_size=BLOCK, keep_blocks=64, **common),
@@ -157,6 +161,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results):
             call = functools.partial(fn, q, keys, weights)
             row[f"{name}_ms"] = cuda_time_ms(call, reps if context <= 32768 else max(1, reps // 2))
             row[f"{name}_peak_gib"] = peak_extra_gib(call)
+            torch.cuda.empty_cache()  # each method's cached blocks would crowd out the next one's
         row["scoring"] = scoring_tflops(heads, context, context, reps)
         if not stages_stores(heads) or context <= 32768:  # staged: one call under the TMA limit
             row["scoring_fp8"] = scoring_tflops(heads, context, context, reps, fp8=True)
@@ -168,7 +173,8 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results):
         if context >= 32768:
             table = methods(heads, None)
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
-                                for name in (f"dsa{heads}_kernel", "misa8", f"dsa{heads}_fp8", "misa8_fp8")}
+                                for name in (f"dsa{heads}_kernel", "misa8", f"dsa{heads}_threshold", "misa8_threshold",
+                                             f"dsa{heads}_fp8", "misa8_fp8")}
         results.append(row)
         print_row(row, heads)
         del q, keys, weights
@@ -207,9 +213,13 @@ def run_decode(caches, batches, new_tokens_options, heads, reps, results):
 def print_row(row: dict, heads: int) -> None:
     timings = {k[:-3]: v for k, v in row.items() if k.endswith("_ms")}
 
-    def ratio(name: str) -> str:  # against the DSA kernel timed the same way (eager or graph-replayed, bf16 or fp8)
-        base = timings.get(f"dsa{heads}_fp8" if name.endswith("_fp8") else
-                           f"dsa{heads}_kernel" + ("_graph" if name.endswith("_graph") else ""))
+    def ratio(name: str) -> str:  # against the DSA kernel timed the same way (eager or graph-replayed, bf16 or fp8),
+        # the faster of its two top-k paths (dense logits or sampled threshold) for bf16
+        if name.endswith(("_fp8", "_graph")):
+            base = timings.get(f"dsa{heads}_fp8" if name.endswith("_fp8") else f"dsa{heads}_kernel_graph")
+        else:
+            base = min((timings[n] for n in (f"dsa{heads}_kernel", f"dsa{heads}_threshold") if n in timings),
+                       default=None)
         return f"({base / timings[name]:.1f}x)" if base and name.startswith(("misa", "hisa")) else ""
 
     cells = " ".join(f"{k}={v:.2f}ms{ratio(k)}" for k, v in timings.items())
@@ -220,11 +230,12 @@ def print_row(row: dict, heads: int) -> None:
     queries = f" q={row['new_tokens']}" if "new_tokens" in row else ""
     print(f"{row['phase']:>7} H={heads} B={row['batch']:>2} T={row['context']:>6}{queries}: {cells}{extra}", flush=True)
     for name, stages in row.get("stages", {}).items():
-        print(f"{'':>9}{name} stages: " + " ".join(f"{k}={v:.2f}ms" for k, v in stages.items()), flush=True)
+        print(f"{'':>9}{name} stages: " + " ".join(f"{k}={v:.2f}ms" for k, v in stages.items() if k != "other_top")
+              + f" other_top={stages.get('other_top')}", flush=True)
 
 
-STAGES = {"weighted_relu_logits": "logits", "radix_topk": "topk", "head_importance": "router",
-          "gathered_logits": "rerank"}
+STAGES = {"weighted_relu_logits": "logits", "weighted_relu_candidates": "candidates", "radix_topk": "topk",
+          "head_importance": "router", "gathered_logits": "rerank"}
 
 
 def stage_ms(call) -> dict:
@@ -235,13 +246,18 @@ def stage_ms(call) -> dict:
         call()
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
+    others: dict[str, float] = {}
     for event in prof.key_averages():
         device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
         if device_us <= 0 or event.key.startswith(("cudaLaunch", "cudaMemcpy", "cudaStream", "cudaDevice")):
             continue
         stage = next((name for pattern, name in STAGES.items() if pattern in event.key), "other")
         totals[stage] = totals.get(stage, 0.0) + device_us / 1e3
-    return {stage: round(ms, 3) for stage, ms in sorted(totals.items())}
+        if stage == "other":
+            others[event.key[:50]] = device_us / 1e3
+    stages = {stage: round(ms, 3) for stage, ms in sorted(totals.items())}
+    stages["other_top"] = {name: round(ms, 3) for name, ms in sorted(others.items(), key=lambda kv: -kv[1])[:4]}
+    return stages
 
 
 def profile_misa(context: int) -> None:

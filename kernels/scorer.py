@@ -14,6 +14,12 @@ import torch
 
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, top_indices
 from transformers_misa.ops.reference import Scorer, reference_head_importance
+from transformers_misa.ops.threshold import (
+    CAPACITY_FACTOR,
+    ThresholdOps,
+    reference_topk_of_candidates,
+    threshold_select,
+)
 
 from .common import queries_per_cta
 from .gathered import build_gathered_logits
@@ -80,6 +86,63 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     )
 
 
+def _candidates(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
+                theta: torch.Tensor, capacity: int, softmax_scale: float):
+    """The candidate variant of the logits program: (values, key indices, count), see `ThresholdOps`."""
+    batch, num_queries, heads, dim = q.shape
+    kernel = build_weighted_relu_logits(heads, dim, block_n=KEY_TILE, fill_future=False, staged_stores=False,
+                                        capacity=capacity)()
+    values = torch.full((batch, num_queries, capacity), float("-inf"), device=q.device)
+    key_index, per_segment = kernel(
+        q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16).contiguous(),
+        keys.to(torch.bfloat16).contiguous(), (weights.float() * softmax_scale).contiguous(), ks.contiguous(),
+        ke.contiguous(), theta.float().contiguous(), values)
+    count = per_segment.sum(-1, dtype=torch.int32)
+    overflowed = per_segment.amax(-1) > capacity // per_segment.shape[-1]
+    return values, key_index, torch.where(overflowed, capacity + 1, count)
+
+
+def radix_topk_of_candidates(values: torch.Tensor, key_index: torch.Tensor, k: int) -> torch.Tensor:
+    """`ThresholdOps.topk_of_candidates` by the radix program's key-carrying variant (ties to the lowest key)."""
+    width = values.shape[-1]
+    if width < RADIX_MIN_WIDTH or k > width:
+        return reference_topk_of_candidates(values, key_index, k).to(torch.int32)
+    rows = values.reshape(-1, width).contiguous()
+    ends = torch.full((rows.shape[0],), width, dtype=torch.int32, device=values.device)
+    kernel = build_radix_topk(k, with_keys=True)()
+    return kernel(rows, key_index.reshape(-1, width).contiguous(), ends).view(*values.shape[:-1], k)
+
+
+def threshold_ops(softmax_scale: float) -> ThresholdOps:
+    """`ThresholdOps` on the TileLang programs."""
+    def logits(q, weights, keys, ks, ke):
+        return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False)
+
+    def candidates(q, weights, keys, ks, ke, theta, capacity):
+        return _candidates(q, weights, keys, ks, ke, theta, capacity, softmax_scale)
+
+    return ThresholdOps(logits, lambda scores, k, ends: radix_topk(scores, k, ends=ends), candidates,
+                        radix_topk_of_candidates)
+
+
+# The threshold filter pays where rows are much wider than its candidate lists and the query blocks fill the GPU (a
+# wave at least) without splitting keys over CTAs (its counters live in one CTA): prefill, not decode.
+FILTER_MIN_WIDTH_FACTOR = 3  # rows of at least 3 x capacity keys
+
+
+def candidate_capacity(k: int) -> int:
+    """Slots per query for the candidate lists: CAPACITY_FACTOR · k in whole key tiles (one segment per residue)."""
+    return -(-CAPACITY_FACTOR * k // KEY_TILE) * KEY_TILE
+
+
+def uses_threshold_filter(q: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
+    """Whether `tilelang_select_tokens` takes the sampled-threshold path (`ops.threshold`) for this call."""
+    batch, num_queries, heads = q.shape[:3]
+    ctas = batch * -(-num_queries // queries_per_cta(heads))
+    return (keys.shape[1] >= FILTER_MIN_WIDTH_FACTOR * candidate_capacity(k) and k >= KEY_TILE
+            and ctas >= _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+
+
 def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                           softmax_scale: float, fp8: bool = False) -> torch.Tensor:
     """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out; fp8: q and
@@ -92,13 +155,20 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 
 
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
-                           softmax_scale: float, k: int, fp8: bool = False) -> torch.Tensor:
+                           softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
-    radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill)."""
+    radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
+
+    `threshold=True` (TILELANG_THRESHOLD_SCORER) sends wide prefill rows (`uses_threshold_filter`) through the
+    sampled threshold instead, which writes only a few thousand candidates per query (`ops.threshold`; the same
+    selection). Off by default: on an H100 it measured slower than the dense path for MISA-8 (see the README).
+    """
     ks, ke, contiguous = chunk.key_range
     width = keys.shape[1]
     if not contiguous or width < RADIX_MIN_WIDTH or k > width:
         return radix_topk(tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8), k)
+    if threshold and not fp8 and uses_threshold_filter(q, keys, k):
+        return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8)
     return radix_topk(logits, k, ends=ke)
 
@@ -178,3 +248,8 @@ TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda h
 TILELANG_FP8_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-fp8", token_logits=functools.partial(tilelang_token_logits, fp8=True),
     fused_select=functools.partial(tilelang_select_tokens, fp8=True))
+
+# Wide prefill top-k through the sampled threshold (`ops.threshold`): exact, opt-in; the benchmark times it beside
+# the dense path.
+TILELANG_THRESHOLD_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-threshold", fused_select=functools.partial(tilelang_select_tokens, threshold=True))

@@ -11,6 +11,16 @@ Key tiles past the block's last visible key are not computed at all (causal skip
 unless `fill_future=False`: then they are left unwritten, for a top-k that reads each row only up to its end.
 `key_splits` > 1 also splits the key tiles over that many CTAs: a decode step has too few queries to fill the
 GPU otherwise (32 sequences x 1 query would stream their caches on 32 of 132 SMs).
+
+`capacity` > 0 builds the candidate variant instead: nothing dense is written; each query keeps only the logits at
+or above its threshold Theta[b, t] as (value, key) pairs in its own `capacity`-slot list, and Count[b, t] says how
+many passed. A top-k then reads thousands of candidates per query instead of the whole row (see `ops.threshold`).
+Each tile's logits are staged in shared memory; then every consumer thread scans its own (query, key residue
+modulo `segments`) share of the tile and appends the passing keys to its own segment of the query's list, with the
+counter in a register: no atomics, and few instructions per logit (a first version appended through a shared-memory
+atomic counter straight from the accumulator layout and cost more than the dense stores it replaced). A segment
+that fills up is reported by its count (Count[b, t, j] > capacity / segments) and sends the query back to the
+dense path.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations.
@@ -32,7 +42,7 @@ def stages_stores(heads: int) -> bool:
 def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_stages: int = 2,
                                threads: int = 256, key_splits: int = 1, fill_future: bool = True,
                                staged_stores: bool | None = None, rows_per_cta: int = ROWS_PER_CTA,
-                               fp8: bool = False, arch: str | None = None):
+                               fp8: bool = False, capacity: int = 0, arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `staged_stores` (default: for 16 heads or fewer) writes each tile's logits through shared memory with one bulk
@@ -44,22 +54,32 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     `fp8`: q and keys come as FP8 e4m3 (the tensor cores' FP8 path, twice bf16's rate) with one fp32 scale per key,
     (Q, K, KScale, W, KS, KE): ReLU(s·x) = s·ReLU(x) for a positive scale, so each key's scale multiplies its head
     sum and each query head's scale folds into W (the caller's part).
+    `capacity` > 0 (a multiple of block_n): the candidate variant (bf16, one CTA per query block), (Q, K, W, KS, KE,
+    Theta, CandVal [B, S, capacity] fp32 filled with -inf by the caller) -> (CandKey [B, S, capacity] int32, Count
+    [B, S, segments] int32: keys passed per segment, more than capacity / segments where it overflowed); CandVal is
+    written in place; unused slots keep -inf and hold any key.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
+    if capacity and (fp8 or key_splits != 1 or capacity % block_n):
+        raise ValueError("the candidate variant is bf16 with key_splits=1 (its counters live in one CTA) and a "
+                         f"capacity that is a multiple of block_n={block_n}")
     target = compile_target(arch)
     block_q = max(1, rows_per_cta // heads)
     rows = block_q * heads
+    segments = min(block_n, threads // block_q)  # candidate variant: one consumer thread per (query, segment)
+    segment = capacity // segments
     if staged_stores is None:
         staged_stores = stages_stores(heads)
 
-    @tilelang.jit(target=target, out_idx=[-1], pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False})
+    @tilelang.jit(target=target, out_idx=[-2, -1] if capacity else [-1],
+                  pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False})
     def program():
         # Symbolic sizes: one compiled kernel serves every batch, chunk and cache length.
         batch, num_queries, num_keys = T.dynamic("batch"), T.dynamic("num_queries"), T.dynamic("num_keys")
         qk_dtype = T.float8_e4m3fn if fp8 else T.bfloat16
 
         @T.macro
-        def logits_body(Q, K, KScale, W, KS, KE, Logits):
+        def logits_body(Q, K, KScale, W, KS, KE, Logits, Theta=None, CandVal=None, CandKey=None, Count=None):
             with T.Kernel(T.ceildiv(num_queries, block_q), batch, key_splits, threads=threads) as (bq, bb, split):
                 q_shared = T.alloc_shared((rows, dim), qk_dtype)
                 k_shared = T.alloc_shared((block_n, dim), qk_dtype)
@@ -72,6 +92,12 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 ke_local = T.alloc_fragment((block_q,), T.int32)
                 ke_max = T.alloc_var(T.int32)
                 q0 = bq * block_q
+                if capacity:  # Python-level: the candidate variant's thresholds and per-segment counters
+                    theta = T.alloc_fragment((block_q,), T.float32)
+                    appended = T.alloc_fragment((block_q, segments), T.int32)  # one counter per thread
+                    for i, j in T.Parallel(block_q, segments):
+                        theta[i] = Theta[bb, T.min(q0 + i, num_queries - 1)]
+                        appended[i, j] = 0
 
                 T.copy(Q[bb, q0 * heads : q0 * heads + rows, :], q_shared)
                 for r in T.Parallel(rows):
@@ -101,7 +127,20 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                     if fp8:  # Python-level: each key's scale, after the head sum (read from global: no pipelining)
                         for n, i in T.Parallel(block_n, block_q):
                             logits[n, i] = logits[n, i] * KScale[bb, T.min(tile * block_n + n, num_keys - 1)]
-                    if staged_stores:  # Python-level: one variant or the other is compiled
+                    if capacity:
+                        # Staged in shared memory, then each thread scans its own (query, key residue) segment.
+                        for i, n in T.Parallel(block_q, block_n):
+                            logits_shared[i, n] = logits[n, i]
+                        for i, j in T.Parallel(block_q, segments):
+                            for step_n in T.serial(block_n // segments):
+                                key = tile * block_n + step_n * segments + j
+                                value = logits_shared[i, step_n * segments + j]
+                                if key >= ks_local[i] and key < ke_local[i] and value >= theta[i]:
+                                    if appended[i, j] < segment:
+                                        CandVal[bb, q0 + i, j * segment + appended[i, j]] = value
+                                        CandKey[bb, q0 + i, j * segment + appended[i, j]] = key
+                                    appended[i, j] = appended[i, j] + 1
+                    elif staged_stores:  # Python-level: one variant or the other is compiled
                         for i, n in T.Parallel(block_q, block_n):
                             key = tile * block_n + n
                             logits_shared[i, n] = T.if_then_else(key >= ks_local[i] and key < ke_local[i],
@@ -116,13 +155,33 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                 Logits[bb, q0 + i, key] = T.if_then_else(
                                     key >= ks_local[i] and key < ke_local[i], logits[n, i], -T.infinity(T.float32))
 
-                if fill_future:  # tiles past the block's last visible key: masked without computing anything
+                if capacity:
+                    for i, j in T.Parallel(block_q, segments):  # more than `segment`: the segment overflowed
+                        if q0 + i < num_queries:
+                            Count[bb, q0 + i, j] = appended[i, j]
+                elif fill_future:  # tiles past the block's last visible key: masked without computing anything
                     for tile in T.serial(T.max(live_tiles, first_tile), last_tile):
                         for i, n in T.Parallel(block_q, block_n):
                             key = tile * block_n + n
                             if q0 + i < num_queries and key < num_keys:
                                 Logits[bb, q0 + i, key] = -T.infinity(T.float32)
 
+        if capacity:
+            @T.prim_func
+            def weighted_relu_candidates(
+                Q: T.Tensor((batch, num_queries * heads, dim), T.bfloat16),
+                K: T.Tensor((batch, num_keys, dim), T.bfloat16),
+                W: T.Tensor((batch, num_queries, heads), T.float32),
+                KS: T.Tensor((batch, num_queries), T.int32),
+                KE: T.Tensor((batch, num_queries), T.int32),
+                Theta: T.Tensor((batch, num_queries), T.float32),
+                CandVal: T.Tensor((batch, num_queries, capacity), T.float32),
+                CandKey: T.Tensor((batch, num_queries, capacity), T.int32),
+                Count: T.Tensor((batch, num_queries, segments), T.int32),
+            ):
+                logits_body(Q, K, None, W, KS, KE, None, Theta, CandVal, CandKey, Count)
+
+            return weighted_relu_candidates
         if fp8:
             @T.prim_func
             def weighted_relu_logits(
