@@ -131,7 +131,7 @@ FILTER_MIN_WIDTH_FACTOR = 3  # rows of at least 3 x capacity keys
 
 
 def candidate_capacity(k: int) -> int:
-    """Slots per query for the candidate lists: CAPACITY_FACTOR · k in whole key tiles (one segment per residue)."""
+    """Slots per query for the candidate lists: CAPACITY_FACTOR · k in whole key tiles (even segments)."""
     return -(-CAPACITY_FACTOR * k // KEY_TILE) * KEY_TILE
 
 
