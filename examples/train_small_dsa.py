@@ -11,7 +11,9 @@ What it trains (seeded, one GPU, a few minutes; `--steps` fixes the work, `--max
   calibration checks), tokenised by a byte-level BPE trained here with `tokenizers` on the same text;
 - with retrieval tasks mixed in: needles in the NIAH format ("The best thing to do in <Place> is <span>." plus
   distractors; pass keys), answered after "Question: ...\\nAnswer:" by repeating the needle, and (--repeat-fraction)
-  text in which earlier spans recur verbatim, for copying practice;
+  text in which earlier spans recur verbatim, for copying practice. The essays are only ~160K tokens, so a few
+  minutes of training memorise them; `--needle-words random` (made-up places, spans of random words) and
+  `--repeat-tokens random` make the retrieval tasks unanswerable by memory, only by copying from the context;
 - indexer as DeepSeek trained it: a dense warm-up (main attention over every causal key) where the indexer learns,
   from inputs detached from the main model, the KL divergence to the main attention's distribution (summed over
   heads, L1-normalised), then sparse training where the main attention sees only the indexer's top-k and the KL
@@ -88,15 +90,18 @@ class Batches:
     """Seeded training sequences: plain text windows, or background text with needles and a question."""
 
     def __init__(self, tokenizer: Any, text: dict[str, Any], seed: int, retrieval_fraction: float,
-                 repeat_fraction: float = 0.0, essay_share: float = 0.5) -> None:
+                 repeat_fraction: float = 0.0, essay_share: float = 0.5, needle_words: str = "essay",
+                 repeat_tokens: str = "text") -> None:
         self.tokenizer, self.rng = tokenizer, random.Random(seed)
         self.retrieval_fraction, self.repeat_fraction, self.essay_share = retrieval_fraction, repeat_fraction, essay_share
+        self.needle_words, self.repeat_tokens = needle_words, repeat_tokens
         encode = lambda parts: torch.tensor(  # noqa: E731
             [i for ids in tokenizer(parts, add_special_tokens=False)["input_ids"] for i in ids + [tokenizer.eos_token_id]])
         self.sources = {"code": encode(text["code"]), "essays": encode(text["essays"])}
         essay_text = "\n".join(text["essays"])
         self.places = sorted(set(re.findall(r"\b[A-Z][a-z]{3,11}\b", essay_text)))
         self.sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", essay_text) if 6 <= len(s.split()) <= 40]
+        self.words = sorted(set(re.findall(r"\b[a-z]{2,12}\b", essay_text)))
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -112,13 +117,23 @@ class Batches:
             return (f"The pass key is {key}. Remember it. {key} is the pass key.", "What is the pass key?",
                     f"The pass key is {key}.")
         needle, question = self.rng.choice(TEMPLATES)
-        words = self.rng.choice(self.sentences).rstrip(".!?").split()
-        cut = self.rng.randrange(0, max(1, len(words) - 12))
-        span = " ".join(words[cut: cut + self.rng.randrange(5, 13)])
-        span = span[0].lower() + span[1:]
-        place = " ".join(self.rng.sample(self.places, self.rng.choice([1, 1, 2])))
+        if self.needle_words == "random":  # nothing to memorise: only copying from the context predicts them
+            span = " ".join(self.rng.choice(self.words) for _ in range(self.rng.randrange(5, 13)))
+            place = " ".join(self._pseudo_word() for _ in range(self.rng.choice([1, 1, 2])))
+        else:  # a piece of an essay sentence and capitalised essay words
+            words = self.rng.choice(self.sentences).rstrip(".!?").split()
+            cut = self.rng.randrange(0, max(1, len(words) - 12))
+            span = " ".join(words[cut: cut + self.rng.randrange(5, 13)])
+            span = span[0].lower() + span[1:]
+            place = " ".join(self.rng.sample(self.places, self.rng.choice([1, 1, 2])))
         sentence = needle.format(place=place, span=span)
         return sentence, question.format(place=place), sentence
+
+    def _pseudo_word(self) -> str:
+        """A capitalised made-up name of 2-4 syllables ("Tavoremi")."""
+        syllables = [self.rng.choice("bdfgklmnprstvz") + self.rng.choice("aeiou")
+                     for _ in range(self.rng.randrange(2, 5))]
+        return "".join(syllables).capitalize()
 
     def sequence(self, length: int) -> tuple[list[int], list[float]]:
         """`length` token ids starting with bos, and a loss weight per id (answer tokens weigh 10)."""
@@ -154,6 +169,8 @@ class Batches:
             span = self.rng.randrange(16, min(128, length // 4) + 1)
             source = self.rng.randrange(1, length - 2 * span)
             target = self.rng.randrange(source + span, length - span + 1)
+            if self.repeat_tokens == "random":  # random tokens: only induction predicts the repeat
+                ids[source: source + span] = [self.rng.randrange(len(self.tokenizer)) for _ in range(span)]
             ids[target: target + span] = ids[source: source + span]
             weights[target + 1: target + span] = [2.0] * (span - 1)
         return ids, weights
@@ -279,7 +296,7 @@ def fit_steps(model, tokenizer, text: dict[str, Any], args: argparse.Namespace, 
     saved = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     batches = Batches(tokenizer, text, args.seed + 1, args.retrieval_fraction, args.repeat_fraction,
-                      args.essay_share)
+                      args.essay_share, args.needle_words, args.repeat_tokens)
     per_step = []
     for length, sparse in ((int(args.context * scale), True) for _, scale in CURRICULUM):
         times = []
@@ -313,7 +330,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.tokenizer_code_bytes is not None:  # less code, so English words get merges of their own
         code_text = code_text[: args.tokenizer_code_bytes]
     tokenizer = train_bpe_tokenizer(code_text + "\n" + "\n".join(text["essays"]), vocab_size=args.vocab_size)
-    batches = Batches(tokenizer, text, args.seed, args.retrieval_fraction, args.repeat_fraction, args.essay_share)
+    batches = Batches(tokenizer, text, args.seed, args.retrieval_fraction, args.repeat_fraction, args.essay_share,
+                      args.needle_words, args.repeat_tokens)
     print(f"data: {text['code_files']} code files, {len(text['train_essays'])} essays; tokens: code "
           f"{len(batches.sources['code'])}, essays {len(batches.sources['essays'])} "
           f"({time.perf_counter() - start:.1f} s)", flush=True)
@@ -399,6 +417,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--retrieval-fraction", type=float, default=0.6)
     parser.add_argument("--repeat-fraction", type=float, default=0.0,
                         help="sequences with verbatim repeated spans (copying practice)")
+    parser.add_argument("--needle-words", choices=["essay", "random"], default="essay",
+                        help="needle places and spans from the essays, or made up (random: the model cannot "
+                             "memorise them and must copy; the essays are only ~160K tokens)")
+    parser.add_argument("--repeat-tokens", choices=["text", "random"], default="text",
+                        help="what --repeat-fraction sequences repeat: a span of the text, or random tokens")
     parser.add_argument("--essay-share", type=float, default=0.5,
                         help="share of essays (vs code) in text windows and needle backgrounds")
     parser.add_argument("--kl-queries", type=int, default=512, help="query rows per sequence in the KL loss")

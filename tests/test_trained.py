@@ -126,3 +126,52 @@ def test_training_script_smoke(tmp_path):
     patch_model(model, mode="misa", active_heads=4, block_size=16)
     ids = tokenizer("def f(x):\n    return x", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
+
+
+def _training_script():
+    spec = importlib.util.spec_from_file_location("train_small_dsa", ROOT / "examples" / "train_small_dsa.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_random_needles_and_repeats_cannot_be_memorised():
+    """--needle-words random / --repeat-tokens random: needle places are made up (not in the essays) and repeated
+    spans are random tokens, recurring verbatim; the defaults draw from the essays as the shipped models were."""
+    from transformers_misa.evaluation.niah import train_bpe_tokenizer
+
+    script = _training_script()
+    essays = ["Startups grow fast when founders talk to users in Boston and Paris every week. " * 40]
+    text = {"code": ["def f(x):\n    return x + 1\n" * 200], "essays": essays}
+    tokenizer = train_bpe_tokenizer(essays[0] + text["code"][0], vocab_size=300)
+    made_up = script.Batches(tokenizer, text, 0, 1.0, needle_words="random")
+    for _ in range(20):
+        needle, question, answer = made_up._needle()
+        if needle.startswith("The pass key"):
+            continue
+        place = question.split(" in " if " in " in question else " of " if " of " in question else " about ")[-1]
+        assert answer == needle and place.rstrip("?") in needle
+        assert not any(word in essays[0] for word in place.rstrip("?").split()), place
+    default = script.Batches(tokenizer, text, 0, 1.0)
+    assert any(place in essays[0] for place in default.places)
+    repeats = script.Batches(tokenizer, text, 0, 0.0, repeat_fraction=1.0, repeat_tokens="random")
+    ids, weights = repeats.sequence(256)
+    copied = [i for i, w in enumerate(weights) if w == 2.0]
+    assert copied, "some positions are marked as copies"
+    assert len(ids) == 256 and max(ids) < len(tokenizer)
+    runs = [list(group) for group in _consecutive_runs(copied)]
+    for run in runs:  # each marked run is the tail of a span that occurs verbatim earlier (seeded: no overlaps)
+        target, span = run[0] - 1, len(run) + 1
+        piece = ids[target: target + span]
+        assert any(ids[i: i + span] == piece for i in range(target)), "the repeated span occurs earlier"
+
+
+def _consecutive_runs(positions):
+    run = []
+    for position in positions:
+        if run and position != run[-1] + 1:
+            yield run
+            run = []
+        run.append(position)
+    if run:
+        yield run
