@@ -40,13 +40,18 @@ MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
+def _sm_count_of(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (the current CUDA device when it names no index)."""
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def key_splits_for(device: torch.device, ctas: int, num_keys: int) -> int:
     """How many CTAs share one query block's key tiles: 1 for prefill, more for small decode batches."""
-    wanted = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    wanted = 2 * _sm_count(device)
     most = min(MAX_KEY_SPLITS, max(1, num_keys // (KEY_TILE * MIN_TILES_PER_SPLIT)))
     splits = 1
     while ctas * splits < wanted and splits * 2 <= most:
@@ -140,7 +145,7 @@ def uses_threshold_filter(q: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
     batch, num_queries, heads = q.shape[:3]
     ctas = batch * -(-num_queries // queries_per_cta(heads))
     return (keys.shape[1] >= FILTER_MIN_WIDTH_FACTOR * candidate_capacity(k) and k >= KEY_TILE
-            and ctas >= _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+            and ctas >= _sm_count(q.device))
 
 
 def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,

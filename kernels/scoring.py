@@ -13,8 +13,9 @@ unless `fill_future=False`: then they are left unwritten, for a top-k that reads
 GPU otherwise (32 sequences x 1 query would stream their caches on 32 of 132 SMs).
 
 `capacity` > 0 builds the candidate variant instead: nothing dense is written; each query keeps only the logits at
-or above its threshold Theta[b, t] as (value, key) pairs in its own `capacity`-slot list, and Count[b, t] says how
-many passed. A top-k then reads thousands of candidates per query instead of the whole row (see `ops.threshold`).
+or above its threshold Theta[b, t] as (value, key) pairs in its own `capacity`-slot list, and Count[b, t, j] says
+how many passed in segment j. A top-k then reads thousands of candidates per query instead of the whole row (see
+`ops.threshold`).
 Each tile's logits are staged in shared memory; then every consumer thread scans its own (query, key residue
 modulo `segments`) share of the tile and appends the passing keys to its own segment of the query's list, with the
 counter in a register: no atomics, and few instructions per logit (a first version appended through a shared-memory

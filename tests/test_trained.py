@@ -108,9 +108,7 @@ def test_training_script_smoke(tmp_path):
              [("The quick brown fox jumps over the lazy dog near the River Thames. " * 300) for _ in range(4)])
     for i, text in enumerate(texts):
         (haystack / f"{i}.txt").write_text(text)
-    spec = importlib.util.spec_from_file_location("train_small_dsa", ROOT / "examples" / "train_small_dsa.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _training_script()
     out = tmp_path / "model"
     args = script.parse_args(["--family", "glm_moe_dsa", "--haystack", str(haystack), "--out", str(out),
                               "--steps", "3", "--context", "256", "--tokens-per-step", "512", "--topk", "32",
