@@ -165,14 +165,36 @@ class Batches:
         signal, from which induction (and so retrieval) is learned much sooner than from needles alone."""
         ids = [self.tokenizer.bos_token_id] + self._window(length - 1)
         weights = [1.0] * length
+        if self.repeat_tokens == "random":
+            return self._random_repeats(ids, weights)
         for _ in range(self.rng.randrange(1, 4)):
             span = self.rng.randrange(16, min(128, length // 4) + 1)
             source = self.rng.randrange(1, length - 2 * span)
             target = self.rng.randrange(source + span, length - span + 1)
-            if self.repeat_tokens == "random":  # random tokens: only induction predicts the repeat
-                ids[source: source + span] = [self.rng.randrange(len(self.tokenizer)) for _ in range(span)]
             ids[target: target + span] = ids[source: source + span]
             weights[target + 1: target + span] = [2.0] * (span - 1)
+        return ids, weights
+
+    def _random_repeats(self, ids: list[int], weights: list[float]) -> tuple[list[int], list[float]]:
+        """Spans of random tokens (8-128), each recurring once later, none overlapping, until the copies cover about
+        a third of the sequence: only induction predicts them, and densely (a run whose copies covered ~5% of its
+        tokens never learned to copy in 1444 steps)."""
+        length, taken, covered = len(ids), [False] * len(ids), 0
+        taken[0] = True
+        for _ in range(64):  # placement tries
+            if covered >= length // 3:
+                break
+            span = self.rng.randrange(8, max(9, min(128, length // 8) + 1))
+            source = self.rng.randrange(1, length - 2 * span)
+            target = self.rng.randrange(source + span, length - span + 1)
+            if any(taken[source: source + span]) or any(taken[target: target + span]):
+                continue
+            special = len(self.tokenizer.all_special_ids)
+            piece = [self.rng.randrange(special, len(self.tokenizer)) for _ in range(span)]
+            ids[source: source + span] = ids[target: target + span] = piece
+            taken[source: source + span] = taken[target: target + span] = [True] * span
+            weights[target + 1: target + span] = [2.0] * (span - 1)
+            covered += span
         return ids, weights
 
     def batch(self, size: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
