@@ -95,6 +95,7 @@ class Batches:
         self.tokenizer, self.rng = tokenizer, random.Random(seed)
         self.retrieval_fraction, self.repeat_fraction, self.essay_share = retrieval_fraction, repeat_fraction, essay_share
         self.needle_words, self.repeat_tokens = needle_words, repeat_tokens
+        self.copy_only = False  # induction warm-up (--copy-warmup): every sequence is random spans and their copies
         encode = lambda parts: torch.tensor(  # noqa: E731
             [i for ids in tokenizer(parts, add_special_tokens=False)["input_ids"] for i in ids + [tokenizer.eos_token_id]])
         self.sources = {"code": encode(text["code"]), "essays": encode(text["essays"])}
@@ -138,6 +139,9 @@ class Batches:
     def sequence(self, length: int) -> tuple[list[int], list[float]]:
         """`length` token ids starting with bos, and a loss weight per id (answer tokens weigh 10)."""
         bos = [self.tokenizer.bos_token_id]
+        if self.copy_only:
+            return self._random_repeats([self.tokenizer.bos_token_id] + self._window(length - 1), [1.0] * length,
+                                        cover=0.45)
         draw = self.rng.random()
         if draw < self.repeat_fraction:
             return self._repeat(length)
@@ -175,14 +179,15 @@ class Batches:
             weights[target + 1: target + span] = [2.0] * (span - 1)
         return ids, weights
 
-    def _random_repeats(self, ids: list[int], weights: list[float]) -> tuple[list[int], list[float]]:
+    def _random_repeats(self, ids: list[int], weights: list[float],
+                        cover: float = 1 / 3) -> tuple[list[int], list[float]]:
         """Spans of random tokens (8-128), each recurring once later, none overlapping, until the copies cover about
-        a third of the sequence: only induction predicts them, and densely (a run whose copies covered ~5% of its
+        `cover` of the sequence: only induction predicts them, and densely (a run whose copies covered ~5% of its
         tokens never learned to copy in 1444 steps)."""
         length, taken, covered = len(ids), [False] * len(ids), 0
         taken[0] = True
-        for _ in range(64):  # placement tries
-            if covered >= length // 3:
+        for _ in range(64 if cover <= 1 / 3 else 256):  # placement tries
+            if covered >= int(length * cover + 1e-9):
                 break
             span = self.rng.randrange(8, max(9, min(128, length // 8) + 1))
             source = self.rng.randrange(1, length - 2 * span)
@@ -306,8 +311,9 @@ def training_step(model, optimizer, ids: torch.Tensor, weights: torch.Tensor, sp
     kl = torch.stack(STATE.losses).mean()
     optimizer.zero_grad(set_to_none=True)
     (lm + kl).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if torch.isfinite(norm):  # a non-finite gradient (a loss spike) would turn every weight into NaN: skip the step
+        optimizer.step()
     return lm.detach(), kl.detach(), logits.detach()
 
 
@@ -381,6 +387,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
     dense_steps = int(args.steps * args.dense_fraction)
+    copy_steps = int(args.steps * args.copy_warmup)
     history, done = [], 0
     generator = torch.Generator().manual_seed(args.seed)
     for step in range(args.steps):
@@ -388,6 +395,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
             break
         length = curriculum(step, args.steps, args.context)
+        batches.copy_only = step < copy_steps
+        if batches.copy_only:  # short sequences: few distractors, so the induction plateau is short
+            length = min(length, args.copy_length)
         ids, weights = batches.batch(max(1, args.tokens_per_step // length), length, device)
         low = min(length - 1, args.topk)
         rows = low + torch.randperm(length - low, generator=generator)[: args.kl_queries]
@@ -444,6 +454,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "memorise them and must copy; the essays are only ~160K tokens)")
     parser.add_argument("--repeat-tokens", choices=["text", "random"], default="text",
                         help="what --repeat-fraction sequences repeat: a span of the text, or random tokens")
+    parser.add_argument("--copy-warmup", type=float, default=0.0,
+                        help="fraction of the first steps trained on random spans and their copies only: induction "
+                             "heads form there first (mixed in at 10%% of the tokens, they had not formed after "
+                             "3685 steps), and retrieval reuses them")
+    parser.add_argument("--copy-length", type=int, default=128, help="sequence length of the --copy-warmup steps")
     parser.add_argument("--essay-share", type=float, default=0.5,
                         help="share of essays (vs code) in text windows and needle backgrounds")
     parser.add_argument("--kl-queries", type=int, default=512, help="query rows per sequence in the KL loss")
