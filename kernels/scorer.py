@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, top_indices
+from transformers_misa.ops.blocks import ChunkMask, TailBlock, fp8_e4m3_quantize, top_indices
 from transformers_misa.ops.reference import Scorer, reference_head_importance
 from transformers_misa.ops.threshold import (
     CAPACITY_FACTOR,
@@ -198,18 +198,20 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None) -
 
 
 def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
-                             block_size: int, softmax_scale: float, router: str = "sum") -> torch.Tensor:
+                             block_size: int, softmax_scale: float, router: str = "sum",
+                             tail: TailBlock | None = None) -> torch.Tensor:
     """MISA's router score [B, c, H], fused in one kernel (see `router.py`); masks with holes use the reference.
 
     The fused program sums; router="max" runs the reference's steps on the tensor cores (bf16 matmul, then the max)
-    until a max variant of the program has been checked on a GPU.
+    until a max variant of the program has been checked on a GPU. With a `tail`, the program sums the full blocks
+    only (each query's range ends at its tail block's start) and the tail block's own score is added here.
     """
     ks, ke, contiguous = chunk.key_range
     # Known holes take the reference's exact block visibility; unknown contiguity (sync-free decode) routes over
     # each query's range [ks, ke), as the dynamic path does for every causal / padding mask.
     if contiguous is False or router != "sum":
         return reference_head_importance(q, weights, pooled, chunk, block_size, softmax_scale, router,
-                                         scores_fn=bf16_head_scores)
+                                         scores_fn=bf16_head_scores, tail=tail)
     batch, num_queries, heads, dim = q.shape
     kernel = build_head_importance(heads, dim, block_size)()
     importance = kernel(
@@ -217,8 +219,11 @@ def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: tor
         pooled.to(torch.bfloat16).contiguous(),
         weights.float().contiguous(),
         ks.contiguous(),
-        ke.contiguous(),
+        (ke if tail is None else tail.full_block_ends(ke)).contiguous(),
     )
+    if tail is not None:
+        tail_score = bf16_head_scores(q, tail.means.unsqueeze(-2), 1.0).squeeze(-1)
+        importance = importance + tail_score * tail.present.unsqueeze(-1) * weights.abs()
     return importance * softmax_scale  # ReLU(s·x) = s·ReLU(x): the scale is applied once at the end
 
 

@@ -11,7 +11,7 @@ import torch
 
 from transformers_misa import backend
 from transformers_misa.ops import reference
-from transformers_misa.ops.blocks import ChunkMask
+from transformers_misa.ops.blocks import ChunkMask, TailBlock
 
 HAS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
 gpu = pytest.mark.skipif(not HAS_HOPPER, reason="needs a CUDA GPU of compute capability >= 9.0")
@@ -297,9 +297,10 @@ def test_router_kernel_matches_reference(batch, num_queries, num_keys, heads, bl
     pooled = reference.pooled_keys(keys, mask, block_size)
     for chunk_mask in (None, mask):
         chunk = ChunkMask(chunk_mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
-        ours = tilelang_head_importance(q, weights, pooled, chunk, block_size, 128**-0.5)
-        ref = reference.reference_head_importance(q, weights, pooled, chunk, block_size, 128**-0.5)
-        torch.testing.assert_close(ours, ref, rtol=3e-2, atol=3e-2)
+        for tail in (None, TailBlock(keys, chunk, block_size)):  # the kernel sums full blocks, the tail on top
+            ours = tilelang_head_importance(q, weights, pooled, chunk, block_size, 128**-0.5, tail=tail)
+            ref = reference.reference_head_importance(q, weights, pooled, chunk, block_size, 128**-0.5, tail=tail)
+            torch.testing.assert_close(ours, ref, rtol=3e-2, atol=3e-2)
 
 
 @gpu

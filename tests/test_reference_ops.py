@@ -162,26 +162,34 @@ def _random_problem(batch=2, num_queries=40, num_keys=40, heads=8, dim=16, pads=
     return q, keys, weights, mask, dim**-0.5
 
 
+def _visible_pooled(keys, mask, num_queries, block_size):
+    """Brute force: each block pooled over the keys each query sees, [B, S, M, D], and whether it sees any [B, S, M]
+    (so a query's last block never includes a key after it)."""
+    batch, num_keys, dim = keys.shape
+    visible = visible_keys(mask, batch, num_queries, num_keys)
+    num_blocks = math.ceil(num_keys / block_size)
+    pooled = torch.zeros(batch, num_queries, num_blocks, dim)
+    seen_any = torch.zeros(batch, num_queries, num_blocks, dtype=torch.bool)
+    for b in range(batch):
+        for s in range(num_queries):
+            for m in range(num_blocks):
+                sl = slice(m * block_size, (m + 1) * block_size)
+                seen = keys[b, sl][visible[b, s, sl]]
+                if len(seen):
+                    pooled[b, s, m], seen_any[b, s, m] = seen.mean(0), True
+    return pooled, seen_any
+
+
 def _routed_dense(q, keys, weights, mask, scale, active, block_size):
     """Brute-force MISA routed token scores [B, S, T] (-inf masked) and the routed heads per query."""
     batch, num_queries, heads, _ = q.shape
-    num_keys = keys.shape[1]
-    visible = visible_keys(mask, batch, num_queries, num_keys)
-    valid = visible[:, -1]
-    num_blocks = math.ceil(num_keys / block_size)
-    out = torch.full((batch, num_queries, num_keys), float("-inf"))
+    visible = visible_keys(mask, batch, num_queries, keys.shape[1])
+    pooled, seen_any = _visible_pooled(keys, mask, num_queries, block_size)
+    out = torch.full((batch, num_queries, keys.shape[1]), float("-inf"))
     routed = torch.empty(batch, num_queries, active, dtype=torch.long)
     for b in range(batch):
-        pooled = []
-        for m in range(num_blocks):
-            sl = slice(m * block_size, (m + 1) * block_size)
-            real = keys[b, sl][valid[b, sl]]
-            pooled.append(real.mean(0) if len(real) else torch.zeros(keys.shape[-1]))
-        pooled = torch.stack(pooled)
         for s in range(num_queries):
-            blocks_vis = torch.tensor([bool(visible[b, s, m * block_size:(m + 1) * block_size].any())
-                                       for m in range(num_blocks)])
-            per_block = torch.relu(q[b, s] @ pooled.T * scale) * blocks_vis
+            per_block = torch.relu(q[b, s] @ pooled[b, s].T * scale) * seen_any[b, s]
             importance = per_block.sum(-1) * weights[b, s].abs()
             heads_ = importance.topk(active).indices.sort().values
             routed[b, s] = heads_
@@ -205,7 +213,8 @@ def test_route_heads_picks_the_most_important_heads():
     _, expected = _routed_dense(q, keys, weights, mask, scale, 3, 8)
     pooled = pooled_keys(keys, mask, 8)
     chunk = blocks.ChunkMask(mask, slice(0, q.shape[1]), q.shape[0], q.shape[1], keys.shape[1], q.device)
-    importance = reference.reference_head_importance(q, weights, pooled, chunk, 8, scale)
+    tail = blocks.TailBlock(keys, chunk, 8)
+    importance = reference.reference_head_importance(q, weights, pooled, chunk, 8, scale, tail=tail)
     heads = reference.route_heads(importance, 3)
     assert torch.equal(heads, expected)
     all_heads = reference.route_heads(importance, 8)
@@ -216,10 +225,12 @@ def test_max_router_ranks_heads_by_their_best_visible_block():
     q, keys, weights, mask, scale = _random_problem()
     pooled = pooled_keys(keys, mask, 8)
     chunk = blocks.ChunkMask(mask, slice(0, q.shape[1]), q.shape[0], q.shape[1], keys.shape[1], q.device)
-    per_block = torch.relu(torch.einsum("bshd,bmd->bshm", q, pooled) * scale)
-    per_block = per_block.masked_fill(~chunk.block_visible(8).unsqueeze(2), 0.0)
-    by_max = reference.reference_head_importance(q, weights, pooled, chunk, 8, scale, "max")
-    by_sum = reference.reference_head_importance(q, weights, pooled, chunk, 8, scale, "sum")
+    seen_pooled, seen_any = _visible_pooled(keys, mask, q.shape[1], 8)
+    per_block = torch.relu(torch.einsum("bshd,bsmd->bshm", q, seen_pooled) * scale)
+    per_block = per_block.masked_fill(~seen_any.unsqueeze(2), 0.0)
+    tail = blocks.TailBlock(keys, chunk, 8)
+    by_max = reference.reference_head_importance(q, weights, pooled, chunk, 8, scale, "max", tail=tail)
+    by_sum = reference.reference_head_importance(q, weights, pooled, chunk, 8, scale, "sum", tail=tail)
     torch.testing.assert_close(by_max, per_block.amax(-1) * weights.abs())
     torch.testing.assert_close(by_sum, per_block.sum(-1) * weights.abs())
     assert not torch.equal(reference.route_heads(by_max, 3), reference.route_heads(by_sum, 3))
@@ -409,3 +420,23 @@ def test_visible_end_is_known_on_the_host_without_a_mask(num_queries, num_keys, 
     mask[:, :, -1] = False  # the last key hidden from every query
     masked = blocks.ChunkMask(mask, rows, 2, num_queries, num_keys, torch.device("cpu"))
     assert masked.visible_end() == int(masked.key_range[1].max()) <= num_keys - 1
+
+
+@pytest.mark.parametrize("router", ["sum", "max"])
+def test_router_never_sees_a_key_after_the_query(router):
+    """Prefill: changing the keys after query t (inside its own block too) leaves t's routed heads and tokens as
+    they were; with a block pooled over all its keys, t's router saw the rest of its block."""
+    q, keys, weights, mask, scale = _random_problem()
+    t, block_size = 21, 8  # block 2 = keys 16..23: t sees 16..21 of it
+    later = keys.clone()
+    later[:, t + 1:] = torch.randn(later[:, t + 1:].shape, generator=torch.Generator().manual_seed(7)) * 3
+    got = [misa_topk(q, k, weights, 10, softmax_scale=scale, active_heads=3, block_size=block_size, mask=mask,
+                     router=router)[:, t] for k in (keys, later)]
+    assert torch.equal(got[0], got[1])
+    importance = []
+    for k in (keys, later):
+        chunk = blocks.ChunkMask(mask, slice(t, t + 1), q.shape[0], q.shape[1], k.shape[1], q.device)
+        importance.append(reference.reference_head_importance(
+            q[:, t:t + 1], weights[:, t:t + 1], pooled_keys(k, mask, block_size), chunk, block_size, scale, router,
+            tail=blocks.TailBlock(k, chunk, block_size)))
+    torch.testing.assert_close(importance[0], importance[1], rtol=0, atol=0)

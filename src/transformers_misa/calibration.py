@@ -34,7 +34,7 @@ from torch import nn
 from .config import DEFAULT_BLOCK_SIZE, DEFAULT_ROUTER, ROUTERS
 from .indexer import MisaIndexer
 from .ops import reference
-from .ops.blocks import ChunkMask, gather_keys, head_scores, query_chunks
+from .ops.blocks import ChunkMask, TailBlock, gather_keys, head_scores, query_chunks
 
 CALIBRATION_FILE = "misa_calibration.safetensors"
 _FORMAT = "transformers_misa.router_calibration.v1"
@@ -170,7 +170,8 @@ class _LogRatioStats:
             chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device)
             sparse = chunk.visible.sum(-1) > k  # [B, c]: queries whose top-k is a real choice
             router = reference.reference_head_importance(q[:, rows], ones[:, rows], pooled, chunk, self.block_size,
-                                                         scale, self.router)
+                                                         scale, self.router,
+                                                         tail=TailBlock(keys, chunk, self.block_size))
             visible = chunk.visible.unsqueeze(2)  # [B, c, 1, T]
             all_keys = head_scores(q[:, rows], keys.unsqueeze(1), scale).masked_fill_(~visible, 0.0).sum(-1)
             top = head_scores(q[:, rows], gather_keys(keys, selected[:, rows].long()), scale).sum(-1)

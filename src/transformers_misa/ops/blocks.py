@@ -247,3 +247,36 @@ def fp8_e4m3_roundtrip(x: torch.Tensor) -> torch.Tensor:
     """
     values, scale = fp8_e4m3_quantize(x)
     return values.to(x.dtype) * scale.unsqueeze(-1).to(x.dtype)  # exact: an e4m3 value times a power of two
+
+
+class TailBlock:
+    """Each query's last, partly visible key block, pooled over the keys the query may see.
+
+    A block pooled over all its keys would let a prefill query's router see the keys after it in its own block
+    (future tokens), which a decode step never sees: the router must pool that block over [block start, ke) only.
+    Attributes: means [B, c, D] fp32 (zero where absent), start [B, c] int32 (the block's first key index; the
+    routers sum the full blocks before it), present [B, c] bool (False when ke sits on a block boundary).
+    """
+
+    def __init__(self, keys: torch.Tensor, chunk: ChunkMask, block_size: int) -> None:
+        ks, ke, contiguous = chunk.key_range
+        ks, ke = ks.long(), ke.long()
+        start = ke // block_size * block_size
+        self.present = (ke > start) & (ke > ks)
+        self.start = start.to(torch.int32)
+        positions = start.unsqueeze(-1) + torch.arange(block_size, device=keys.device)  # [B, c, block]
+        inside = (positions >= ks.unsqueeze(-1)) & (positions < ke.unsqueeze(-1))
+        positions = positions.clamp_max(keys.shape[1] - 1)
+        if contiguous is False:  # masks with holes: only the visible keys of the block
+            inside &= chunk.visible.gather(-1, positions)
+        block = gather_keys(keys, positions).float() * inside.unsqueeze(-1)  # [B, c, block, D]
+        self.means = block.sum(-2) / inside.sum(-1, keepdim=True).clamp_min(1)
+
+    def full_block_ends(self, ke: torch.Tensor) -> torch.Tensor:
+        """ke cut back to the tail block's start where there is a tail: the range of the full blocks."""
+        return torch.where(self.present, self.start, ke.to(torch.int32))
+
+    @staticmethod
+    def scratch_bytes(block_size: int, dim: int) -> int:
+        """Scratch memory per query (the gathered block in fp32)."""
+        return 2 * block_size * dim * 4

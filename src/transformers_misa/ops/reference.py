@@ -23,6 +23,7 @@ from .blocks import (
     DEFAULT_CHUNK_BYTES,
     MASKED,
     ChunkMask,
+    TailBlock,
     gather_keys,
     head_scores,
     key_validity,
@@ -47,15 +48,26 @@ def reference_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
 
 def reference_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
                               block_size: int, softmax_scale: float, router: str = "sum",
-                              scores_fn=head_scores) -> torch.Tensor:
+                              scores_fn=head_scores, tail: TailBlock | None = None) -> torch.Tensor:
     """MISA's router score of every head: [B, c, H] fp32.
 
     importance[t, j] = |w[t, j]| · Σ_{visible blocks m} ReLU(q[t, j]·k̄_m)·scale, k̄_m the mean key of block m
     (router="sum"), or the largest of those block scores instead of their sum (router="max").
+    `tail` (see `TailBlock`): each query's partly visible last block is pooled over its visible keys only, so the
+    router never sees a key after the query; None takes `pooled` as it is for every visible block.
     """
+    visible = chunk.block_visible(block_size)
+    if tail is not None:  # the tail block's own score replaces its full-block one
+        tail_block = torch.nn.functional.one_hot((tail.start.long() // block_size).clamp_max(visible.shape[-1] - 1),
+                                                 visible.shape[-1]).bool()
+        visible = visible & ~(tail_block & tail.present.unsqueeze(-1))
     per_block = scores_fn(q, pooled.unsqueeze(1), softmax_scale)  # [B, c, H, M]
-    per_block.masked_fill_(~chunk.block_visible(block_size).unsqueeze(2), 0.0)  # ReLU >= 0: 0 is neutral for max
+    per_block.masked_fill_(~visible.unsqueeze(2), 0.0)  # ReLU >= 0: 0 is neutral for max
     pooled_score = per_block.amax(-1) if router == "max" else per_block.sum(-1)
+    if tail is not None:
+        tail_score = scores_fn(q, tail.means.unsqueeze(-2), softmax_scale).squeeze(-1)
+        tail_score = tail_score * tail.present.unsqueeze(-1)
+        pooled_score = torch.maximum(pooled_score, tail_score) if router == "max" else pooled_score + tail_score
     return pooled_score * weights.abs()
 
 
@@ -152,17 +164,21 @@ def pooled_keys(keys: torch.Tensor, mask: torch.Tensor | None, block_size: int) 
     return mean_pool(*pool_blocks(keys, valid, block_size))
 
 
-def route_queries(q: torch.Tensor, weights: torch.Tensor, chunk: ChunkMask, pooled: torch.Tensor,
-                  block_size: int, active_heads: int, softmax_scale: float, scorer: Scorer = REFERENCE,
+def route_queries(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
+                  pooled: torch.Tensor, block_size: int, active_heads: int, softmax_scale: float, scorer: Scorer = REFERENCE,
                   head_scale: torch.Tensor | None = None, router: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's routed heads: (q [B, c, active_heads, D], w [B, c, active_heads]) for token scoring.
+
+    `keys` (the chunk's live keys) pool each query's partly visible last block over its visible keys (`TailBlock`):
+    the router of a prefill query sees exactly what a decode step at its position sees.
 
     The selected heads keep their DSA weights w[t, j] unchanged and the others contribute nothing; no
     renormalisation, since a positive per-query factor would not change any top-k. `head_scale` [H] (a router
     calibration) multiplies each head's router score before the heads are picked; `router` pools the block scores
     ("sum" or "max").
     """
-    importance = scorer.head_importance(q, weights, pooled, chunk, block_size, softmax_scale, router)
+    importance = scorer.head_importance(q, weights, pooled, chunk, block_size, softmax_scale, router,
+                                        tail=TailBlock(keys, chunk, block_size))
     if head_scale is not None:
         importance = importance * head_scale.to(importance.device, importance.dtype)
     heads = route_heads(importance, active_heads)
@@ -216,10 +232,11 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
     head_scale: optional [H] router calibration (see `transformers_misa.calibration`); router: "sum" or "max"
     pooling of each head's block scores."""
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
-    per_query = scorer.scratch_bytes(active_heads, keys.shape[1]) + 2 * q.shape[2] * pooled.shape[1] * _FP32
+    per_query = (scorer.scratch_bytes(active_heads, keys.shape[1]) + 2 * q.shape[2] * pooled.shape[1] * _FP32
+                 + TailBlock.scratch_bytes(block_size, q.shape[3]))
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
-        q_routed, w_routed = route_queries(q_c, w_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
+        q_routed, w_routed = route_queries(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
                                            scorer, head_scale, router)
         return scorer.select_tokens(q_routed, w_routed, keys_c, chunk, softmax_scale, k)
 
@@ -238,10 +255,11 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
     num_candidates = min(candidate_factor * topk, keys.shape[1])
     num_heads, dim = q.shape[2], q.shape[3]
     per_query = (scorer.scratch_bytes(active_heads, keys.shape[1])
-                 + 2 * (num_heads * pooled.shape[1] + num_candidates * (dim + num_heads)) * _FP32)
+                 + 2 * (num_heads * pooled.shape[1] + num_candidates * (dim + num_heads)) * _FP32
+                 + TailBlock.scratch_bytes(block_size, dim))
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
-        q_routed, w_routed = route_queries(q_c, w_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
+        q_routed, w_routed = route_queries(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
                                            scorer, head_scale, router)
         candidates = scorer.select_tokens(q_routed, w_routed, keys_c, chunk, softmax_scale, num_candidates)
         return rerank(q_c, w_c, keys_c, chunk, candidates, k, softmax_scale, scorer=scorer)
