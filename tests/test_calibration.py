@@ -92,6 +92,11 @@ def test_auto_pickup_beside_the_checkpoint(fitted, tmp_path):
     unpatch_model(model)
     assert patch_model(model, mode="misa", block_size=BLOCK, calibration=None).misa_calibration is None
     unpatch_model(model)
+    assert patch_model(model, mode="misa", block_size=BLOCK, calibration=False).misa_calibration is None
+    unpatch_model(model)
+    with pytest.raises(TypeError, match="a path or a RouterCalibration"):
+        patch_model(model, mode="misa", block_size=BLOCK, calibration=3)
+    assert not hasattr(model, "misa_config")  # a failed patch leaves the model untouched
     # Another block size or a mode without a router: the file is not used.
     assert patch_model(model, mode="misa", block_size=2 * BLOCK).misa_calibration is None
     unpatch_model(model)

@@ -284,10 +284,11 @@ def resolve_calibration(model: nn.Module, calibration: Any, mode: str, block_siz
     """What `patch_model`'s `calibration` argument means for this model and mode.
 
     "auto": CALIBRATION_FILE in the model's local checkpoint folder (`config._name_or_path`), used for misa modes
-    when its block size and router match the patch's, else nothing. None: none. A path or a RouterCalibration: that one,
-    checked against the model (ValueError if it does not match, or if the mode has no router).
+    when its block size and router match the patch's, else nothing. None or False: none. A path or a
+    RouterCalibration: that one, checked against the model (ValueError if it does not match, or if the mode has no
+    router; TypeError for anything else).
     """
-    if calibration is None:
+    if calibration is None or calibration is False:
         return None
     routed = mode in ("misa", "misa_hierarchical")
     if isinstance(calibration, str) and calibration == "auto":
@@ -308,6 +309,9 @@ def resolve_calibration(model: nn.Module, calibration: Any, mode: str, block_siz
     if not routed:
         raise ValueError(f"a router calibration applies to modes 'misa' and 'misa_hierarchical', not {mode!r}; "
                          "drop calibration=...")
+    if not isinstance(calibration, (RouterCalibration, str, os.PathLike)):
+        raise TypeError(f"calibration must be 'auto', None / False, a path or a RouterCalibration, not "
+                        f"{type(calibration).__name__}")
     if not isinstance(calibration, RouterCalibration):
         path = Path(calibration)
         if path.is_dir():

@@ -60,8 +60,8 @@ def patch_model(model: nn.Module, mode: str = "misa", active_heads: int | None =
             default 4·topk/block_size), `query_chunk_size` (default: from a 256 MiB budget), `backend`,
             `qk_format`.
         calibration: router calibration of the misa modes (`transformers_misa.calibrate`): a path to its
-            safetensors file (or the folder holding misa_calibration.safetensors), a `RouterCalibration`, None
-            (route uncalibrated) or "auto" (default: misa_calibration.safetensors in the model's local checkpoint
+            safetensors file (or the folder holding misa_calibration.safetensors), a `RouterCalibration`, None or
+            False (route uncalibrated) or "auto" (default: misa_calibration.safetensors in the model's local checkpoint
             folder, if there is one fitted with the same block size and router).
 
     Returns:
