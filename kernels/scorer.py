@@ -222,8 +222,7 @@ def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: tor
         (ke if tail is None else tail.full_block_ends(ke)).contiguous(),
     )
     if tail is not None:
-        tail_score = bf16_head_scores(q, tail.means.unsqueeze(-2), 1.0).squeeze(-1)
-        importance = importance + tail_score * tail.present.unsqueeze(-1) * weights.abs()
+        importance = importance + tail.scores(q, bf16_head_scores, 1.0) * weights.abs()
     return importance * softmax_scale  # ReLU(s·x) = s·ReLU(x): the scale is applied once at the end
 
 

@@ -272,6 +272,10 @@ class TailBlock:
         block = gather_keys(keys, positions).float() * inside.unsqueeze(-1)  # [B, c, block, D]
         self.means = block.sum(-2) / inside.sum(-1, keepdim=True).clamp_min(1)
 
+    def scores(self, q: torch.Tensor, scores_fn, softmax_scale: float) -> torch.Tensor:
+        """ReLU(q·tail mean)·scale per head [B, c, H], zero where there is no tail (scores_fn as `head_scores`)."""
+        return scores_fn(q, self.means.unsqueeze(-2), softmax_scale).squeeze(-1) * self.present.unsqueeze(-1)
+
     def full_block_ends(self, ke: torch.Tensor) -> torch.Tensor:
         """ke cut back to the tail block's start where there is a tail: the range of the full blocks."""
         return torch.where(self.present, self.start, ke.to(torch.int32))

@@ -65,8 +65,7 @@ def reference_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: to
     per_block.masked_fill_(~visible.unsqueeze(2), 0.0)  # ReLU >= 0: 0 is neutral for max
     pooled_score = per_block.amax(-1) if router == "max" else per_block.sum(-1)
     if tail is not None:
-        tail_score = scores_fn(q, tail.means.unsqueeze(-2), softmax_scale).squeeze(-1)
-        tail_score = tail_score * tail.present.unsqueeze(-1)
+        tail_score = tail.scores(q, scores_fn, softmax_scale)
         pooled_score = torch.maximum(pooled_score, tail_score) if router == "max" else pooled_score + tail_score
     return pooled_score * weights.abs()
 
