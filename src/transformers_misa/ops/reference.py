@@ -164,8 +164,9 @@ def pooled_keys(keys: torch.Tensor, mask: torch.Tensor | None, block_size: int) 
 
 
 def route_queries(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
-                  pooled: torch.Tensor, block_size: int, active_heads: int, softmax_scale: float, scorer: Scorer = REFERENCE,
-                  head_scale: torch.Tensor | None = None, router: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+                  pooled: torch.Tensor, block_size: int, active_heads: int, softmax_scale: float,
+                  scorer: Scorer = REFERENCE, head_scale: torch.Tensor | None = None,
+                  router: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's routed heads: (q [B, c, active_heads, D], w [B, c, active_heads]) for token scoring.
 
     `keys` (the chunk's live keys) pool each query's partly visible last block over its visible keys (`TailBlock`):
