@@ -140,8 +140,7 @@ class Batches:
         """`length` token ids starting with bos, and a loss weight per id (answer tokens weigh 10)."""
         bos = [self.tokenizer.bos_token_id]
         if self.copy_only:
-            return self._random_repeats([self.tokenizer.bos_token_id] + self._window(length - 1), [1.0] * length,
-                                        cover=0.45)
+            return self._random_repeats(bos + self._window(length - 1), [1.0] * length, cover=0.45)
         draw = self.rng.random()
         if draw < self.repeat_fraction:
             return self._repeat(length)
@@ -186,6 +185,7 @@ class Batches:
         tokens never learned to copy in 1444 steps)."""
         length, taken, covered = len(ids), [False] * len(ids), 0
         taken[0] = True
+        first_plain = len(self.tokenizer.all_special_ids)  # the special tokens have the lowest ids
         for _ in range(64 if cover <= 1 / 3 else 256):  # placement tries
             if covered >= int(length * cover + 1e-9):
                 break
@@ -194,8 +194,7 @@ class Batches:
             target = self.rng.randrange(source + span, length - span + 1)
             if any(taken[source: source + span]) or any(taken[target: target + span]):
                 continue
-            special = len(self.tokenizer.all_special_ids)
-            piece = [self.rng.randrange(special, len(self.tokenizer)) for _ in range(span)]
+            piece = [self.rng.randrange(first_plain, len(self.tokenizer)) for _ in range(span)]
             ids[source: source + span] = ids[target: target + span] = piece
             taken[source: source + span] = taken[target: target + span] = [True] * span
             weights[target + 1: target + span] = [2.0] * (span - 1)
