@@ -17,7 +17,8 @@ What it trains (seeded, one GPU, a few minutes; `--steps` fixes the work, `--max
 - indexer as DeepSeek trained it: a dense warm-up (main attention over every causal key) where the indexer learns,
   from inputs detached from the main model, the KL divergence to the main attention's distribution (summed over
   heads, L1-normalised), then sparse training where the main attention sees only the indexer's top-k and the KL
-  is taken over the selected keys. The LM loss trains the rest of the model.
+  is taken over the selected keys (a GLM-5 "shared" layer's attention is a second target of the indexer whose
+  top-k it reuses). The LM loss trains the rest of the model.
 Writes model.safetensors (bf16), config.json, the tokenizer and training.json (settings, losses, data, machine).
 """
 
@@ -217,6 +218,9 @@ class KLState:
         self.sparse = False
         self.rows: torch.Tensor | None = None  # query positions whose KL is taken this step
         self.stash: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
+        # The last indexer's stash: a GLM-5 "shared" layer (no indexer) attends over that indexer's top-k, so its
+        # attention is a second KL target of the same indexer (without it, copying broke in the sparse phase).
+        self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None
         self.losses: list[torch.Tensor] = []
 
 
@@ -256,6 +260,10 @@ def kl_attention(module, query, key, value, attention_mask, scaling=None, dropou
         mask = mask & selected.scatter_(-1, indices.long(), True).unsqueeze(1)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     stash = STATE.stash.pop(module.layer_idx, None)
+    if stash is not None:
+        STATE.last = stash
+    elif getattr(module, "skip_topk", False):
+        stash = STATE.last
     if stash is not None:
         q, keys, weights, index_scale = stash
         rows = STATE.rows
@@ -302,6 +310,7 @@ def training_step(model, optimizer, ids: torch.Tensor, weights: torch.Tensor, sp
     """One optimizer step: weighted LM loss (main model) + indexer KL (indexer only). Returns (lm, kl, logits)."""
     STATE.sparse, STATE.rows = sparse, rows.to(device)
     STATE.losses.clear()
+    STATE.last = None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(input_ids=ids, use_cache=False).logits
     nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
@@ -415,6 +424,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             print(json.dumps(row), flush=True)
 
     STATE.stash.clear()
+    STATE.last = None
     unpatch_model(model)
     model.config._attn_implementation = "sdpa"
     model.eval().to(torch.bfloat16).save_pretrained(out)
