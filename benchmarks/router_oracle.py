@@ -1,72 +1,109 @@
 """How far can 8 routed heads go on a model? Recall of DSA's top-k per layer for the MISA router and for per-head
 oracles that use the exact token scores, plus the best 8-head set found greedily per query (128 queries).
 
-    python benchmarks/router_oracle.py deepseek_v32 [MODEL_DIR]     # CPU; the shipped model by default
+    python benchmarks/router_oracle.py --family deepseek_v32 --haystack ../shared/data/haystack/... [--model DIR]
 
-One held-out 2048-token window (the model's held-out essays, read from .data/haystack), queries 1024..2047,
-top-256, block 64, 8 heads. Prints one line per layer.
+CPU is enough. One held-out 2048-token window (the model's held-out essays), queries 1024..2047, top-256,
+block 64, 8 heads, uncalibrated router. Prints one line per layer.
 """
-import sys, torch, math
+
+from __future__ import annotations
+
+import argparse
 from pathlib import Path
+
+import torch
+
 from transformers_misa import patch_model
-from transformers_misa.trained import load_trained, training_info, trained_model_dir
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, TailBlock, head_scores
-torch.manual_seed(0)
-family = sys.argv[1]; model_dir = sys.argv[2] if len(sys.argv) > 2 else None
-model, tok = load_trained(family, model_dir=model_dir)
-folder = Path(model_dir) if model_dir else trained_model_dir(family)
-info = training_info(folder)
-hay = Path(__file__).resolve().parents[1] / ".data" / "haystack"
-text = "\n".join((hay / n).read_text() for n in info["data"]["heldout_essays"])
-ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"][:2047]])
-captured = {}
-def obs(ix, q, keys, w, mask, sel):
-    captured[ix.layer_idx] = (q.float(), keys.float(), w.float(), sel.long(), ix.softmax_scale)
-patch_model(model, mode="dsa", calibration=False)
-for m in model.modules():
-    if hasattr(m, "observer"): m.observer = obs
-with torch.no_grad(): model(ids)
-K, B, A = 256, 64, 8
-for layer, (q, keys, w, sel, scale) in sorted(captured.items()):
-    T = keys.shape[1]; rows = torch.arange(1024, T)  # queries with a real choice
-    qr, wr = q[0, rows], w[0, rows]                      # [c,H,D], [c,H]
-    s = torch.relu(torch.einsum("chd,td->cht", qr, keys[0])) * scale  # [c,H,T]
-    causal = torch.arange(T)[None, :] <= rows[:, None]   # [c,T]
-    s = s * causal[:, None]
-    full = (wr[..., None] * s).sum(1).masked_fill(~causal, -1e30)
-    dsa = full.topk(K, -1).indices
-    def recall(imp):
-        heads = imp.topk(A, -1).indices
-        sub = (wr.gather(1, heads)[..., None] * s.gather(1, heads[..., None].expand(-1, -1, T))).sum(1)
-        got = sub.masked_fill(~causal, -1e30).topk(K, -1).indices
-        hit = torch.zeros_like(full, dtype=torch.bool).scatter_(1, dsa, True).gather(1, got).float().mean()
-        return float(hit)
-    chunk = ChunkMask(None, slice(1024, T), 1, T, T, keys.device)
-    pooled = reference.pooled_keys(keys, None, B)
-    tail = TailBlock(keys, chunk, B)
-    router = reference.reference_head_importance(q[:, rows], w[:, rows], pooled, chunk, B, scale, "sum", tail=tail)[0]
-    insel = torch.zeros_like(full, dtype=torch.bool).scatter_(1, dsa, True)
-    contrib = (wr.abs()[..., None] * s)  # [c,H,T]
-    mass_sel = (contrib * insel[:, None]).sum(-1)
-    mass_all = contrib.sum(-1)
-    nvis = causal.sum(-1, keepdim=True).float()
-    sep = (mass_sel / K - (mass_all - mass_sel) / (nvis - K)).abs()
-    signed_sep = wr.sign() * ((s * insel[:, None]).sum(-1) / K - ((s * (causal & ~insel)[:, None]).sum(-1)) / (nvis - K)) * wr.abs()
-    sd = (contrib * causal[:, None]).std(-1)
-    print(f"{family} L{layer}: router {recall(router):.3f} | oracle mass-in-topk {recall(mass_sel):.3f} "
-          f"all-mass {recall(mass_all):.3f} separation {recall(sep):.3f} signed-sep {recall(signed_sep):.3f} "
-          f"std {recall(sd):.3f} |w| {recall(wr.abs()):.3f} w {recall(wr):.3f}", flush=True)
-    # greedy best set of A heads per query (upper bound for any router keeping DSA's weights), 128 queries
-    pick = torch.arange(0, len(rows), max(1, len(rows) // 128))
-    c = s[pick] * wr[pick][..., None]; truth = insel[pick]; cz = causal[pick]
-    chosen = torch.zeros(len(pick), q.shape[2], dtype=torch.bool); acc = torch.zeros(len(pick), T)
-    for _ in range(A):
-        cand = (acc[:, None] + c).masked_fill(~cz[:, None], -1e30)  # [p,H,T]
-        top = cand.topk(K, -1).indices
-        gain = truth[:, None].expand(-1, c.shape[1], -1).gather(2, top).float().mean(-1).masked_fill(chosen, -1)
+from transformers_misa.trained import (
+    TRAINED_FAMILIES,
+    load_trained,
+    trained_model_dir,
+    training_info,
+)
+
+TOPK, BLOCK_SIZE, ACTIVE_HEADS, WINDOW, FIRST_QUERY, GREEDY_QUERIES = 256, 64, 8, 2048, 1024, 128
+
+
+def capture_indexer_inputs(model, ids: torch.Tensor) -> dict[int, tuple]:
+    """(q, keys, weights, softmax_scale) of every indexer layer for one DSA forward (the calibration observer)."""
+    captured = {}
+
+    def observe(indexer, q, keys, weights, mask, selected):
+        captured[indexer.layer_idx] = (q.float(), keys.float(), weights.float(), indexer.softmax_scale)
+
+    patch_model(model, mode="dsa", calibration=False)
+    for module in model.modules():
+        if hasattr(module, "observer"):
+            module.observer = observe
+    with torch.no_grad():
+        model(ids)
+    return captured
+
+
+def layer_report(q, keys, weights, scale) -> str:
+    num_keys = keys.shape[1]
+    rows = torch.arange(FIRST_QUERY, num_keys)  # queries with a real choice
+    qr, wr = q[0, rows], weights[0, rows]  # [c, H, D], [c, H]
+    causal = torch.arange(num_keys)[None, :] <= rows[:, None]  # [c, T]
+    scores = head_scores(qr.unsqueeze(0), keys.unsqueeze(1), scale)[0] * causal[:, None]  # [c, H, T]
+    full = (wr[..., None] * scores).sum(1).masked_fill(~causal, -1e30)
+    in_topk = torch.zeros_like(full, dtype=torch.bool).scatter_(1, full.topk(TOPK, -1).indices, True)
+
+    def recall(importance: torch.Tensor) -> float:
+        heads = importance.topk(ACTIVE_HEADS, -1).indices
+        routed = (wr.gather(1, heads)[..., None] * scores.gather(1, heads[..., None].expand(-1, -1, num_keys))).sum(1)
+        return float(in_topk.gather(1, routed.masked_fill(~causal, -1e30).topk(TOPK, -1).indices).float().mean())
+
+    chunk = ChunkMask(None, slice(FIRST_QUERY, num_keys), 1, num_keys, num_keys, keys.device)
+    router = reference.reference_head_importance(
+        q[:, rows], weights[:, rows], reference.pooled_keys(keys, None, BLOCK_SIZE), chunk, BLOCK_SIZE, scale, "sum",
+        tail=TailBlock(keys, chunk, BLOCK_SIZE))[0]
+    contribution = wr.abs()[..., None] * scores  # [c, H, T]
+    mass_topk = (contribution * in_topk[:, None]).sum(-1)
+    mass_all = contribution.sum(-1)
+    others = causal.sum(-1, keepdim=True).float() - TOPK
+    separation = (mass_topk / TOPK - (mass_all - mass_topk) / others).abs()
+    signed = wr * ((scores * in_topk[:, None]).sum(-1) / TOPK - (scores * (causal & ~in_topk)[:, None]).sum(-1) / others)
+    spread = (contribution * causal[:, None]).std(-1)
+    line = (f"router {recall(router):.3f} | oracle mass-in-topk {recall(mass_topk):.3f} all-mass "
+            f"{recall(mass_all):.3f} separation {recall(separation):.3f} signed-sep {recall(signed):.3f} "
+            f"std {recall(spread):.3f} |w| {recall(wr.abs()):.3f} w {recall(wr):.3f}")
+    return line + f"\n   greedy best-{ACTIVE_HEADS} set: {greedy_best_set(scores, wr, in_topk, causal):.3f}"
+
+
+def greedy_best_set(scores, wr, in_topk, causal) -> float:
+    """Recall of the best set of ACTIVE_HEADS heads found greedily per query (an upper bound, near enough, for any
+    router that keeps DSA's weights), on GREEDY_QUERIES evenly spaced queries."""
+    pick = torch.arange(0, len(wr), max(1, len(wr) // GREEDY_QUERIES))
+    weighted, truth, visible = scores[pick] * wr[pick][..., None], in_topk[pick], causal[pick]
+    every = torch.arange(len(pick))
+    chosen = torch.zeros(len(pick), wr.shape[1], dtype=torch.bool)
+    total = torch.zeros(len(pick), scores.shape[-1])
+    for _ in range(ACTIVE_HEADS):
+        top = (total[:, None] + weighted).masked_fill(~visible[:, None], -1e30).topk(TOPK, -1).indices  # [p, H, k]
+        gain = truth[:, None].expand(-1, wr.shape[1], -1).gather(2, top).float().mean(-1).masked_fill(chosen, -1)
         best = gain.argmax(-1)
-        chosen[torch.arange(len(pick)), best] = True
-        acc = acc + c[torch.arange(len(pick)), best]
-    final = acc.masked_fill(~cz, -1e30).topk(K, -1).indices
-    print(f"   greedy best-{A} set: {float(truth.gather(1, final).float().mean()):.3f}", flush=True)
+        chosen[every, best] = True
+        total = total + weighted[every, best]
+    return float(truth.gather(1, total.masked_fill(~visible, -1e30).topk(TOPK, -1).indices).float().mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", choices=TRAINED_FAMILIES, default="deepseek_v32")
+    parser.add_argument("--haystack", required=True, help="folder of the essays the model was trained on")
+    parser.add_argument("--model", default=None, help="model folder (default: the shipped one of --family)")
+    args = parser.parse_args()
+    model, tokenizer = load_trained(args.family, model_dir=args.model)
+    held_out = training_info(Path(args.model) if args.model else trained_model_dir(args.family))["data"]["heldout_essays"]
+    text = "\n".join((Path(args.haystack) / name).read_text() for name in held_out)
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"][:WINDOW - 1]])
+    for layer, inputs in sorted(capture_indexer_inputs(model, ids).items()):
+        print(f"{args.family} L{layer}: {layer_report(*inputs)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
