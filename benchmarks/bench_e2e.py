@@ -17,7 +17,7 @@ import platform
 import time
 
 import torch
-from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
+from transformers import DeepseekV32Config, DeepseekV32ForCausalLM, DynamicCache
 
 from transformers_misa import patch_model
 from transformers_misa.indexer import MisaIndexer
@@ -97,17 +97,18 @@ def greedy(model, prompt, new_tokens: int, device: str) -> dict:
     greedy tokens."""
     sync(device)
     start = time.perf_counter()
+    past = DynamicCache(config=model.config)  # filled in place (outputs name it differently across versions)
     with IndexerTimer(model, device) as prefill_indexer:
-        out = model(input_ids=prompt, use_cache=True)
+        out = model(input_ids=prompt, past_key_values=past, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     sync(device)
     prefill_s = time.perf_counter() - start
-    tokens, past = [int(token)], out.past_key_values
+    tokens = [int(token)]
     start = time.perf_counter()
     with IndexerTimer(model, device) as decode_indexer:
         for _ in range(new_tokens - 1):
             out = model(input_ids=token, past_key_values=past, use_cache=True)
-            token, past = out.logits[:, -1:].argmax(-1), out.past_key_values
+            token = out.logits[:, -1:].argmax(-1)
             tokens.append(int(token))
     sync(device)
     return dict(prefill_s=prefill_s, decode_s=time.perf_counter() - start, tokens=tokens,

@@ -122,8 +122,12 @@ class MisaIndexer(nn.Module):
     @torch.no_grad()
     def forward(self, hidden_states: torch.Tensor, q_resid: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor | None = None, past_key_values: Any = None) -> torch.Tensor:
-        """Same signature and contract as the stock indexer's forward: int32 top-k indices [B, S, k]."""
+                position_ids: torch.Tensor | None = None, past_key_values: Any = None,
+                cache: Any = None) -> torch.Tensor:
+        """Same signature and contract as the stock indexer's forward: int32 top-k indices [B, S, k].
+
+        The cache comes as `past_key_values` (transformers 5.23) or `cache` (its name from 5.24 on)."""
+        past_key_values = cache if cache is not None else past_key_values
         q, keys, weights = self.project(hidden_states, q_resid, position_embeddings)
         num_new = keys.shape[1]
         static = False
