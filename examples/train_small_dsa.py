@@ -169,7 +169,7 @@ class Batches:
         signal, from which induction (and so retrieval) is learned much sooner than from needles alone."""
         ids = [self.tokenizer.bos_token_id] + self._window(length - 1)
         weights = [1.0] * length
-        if self.repeat_tokens == "random":
+        if self.repeat_tokens == "random" or (self.repeat_tokens == "mixed" and self.rng.random() < 0.5):
             return self._random_repeats(ids, weights)
         for _ in range(self.rng.randrange(1, 4)):
             span = self.rng.randrange(16, min(128, length // 4) + 1)
@@ -221,6 +221,9 @@ class KLState:
         # The last indexer's stash: a GLM-5 "shared" layer (no indexer) attends over that indexer's top-k, so its
         # attention is a second KL target of the same indexer (without it, copying broke in the sparse phase).
         self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None
+        # --shared-kl-grad: the shared layer's KL term reaches the main model too (see training_indexer_forward)
+        self.shared_grad = False
+        self.last_with_grad: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None
         self.losses: list[torch.Tensor] = []
 
 
@@ -234,11 +237,16 @@ def _index_logits(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, sc
 
 
 def training_indexer_forward(self, hidden_states, q_resid, position_embeddings, attention_mask, position_ids=None,
-                             past_key_values=None):
+                             past_key_values=None, cache=None):
     """Replaces a patched indexer's forward while training: the projections get gradients (from detached inputs,
     so the KL loss trains only the indexer), the top-k is taken without them."""
     q, keys, weights = self.project(hidden_states.detach(), q_resid.detach(), position_embeddings)
     STATE.stash[self.layer_idx] = (q, keys, weights, self.softmax_scale)
+    if STATE.shared_grad and getattr(self, "feeds_shared_layer", False):
+        # The shared layer attends over this indexer's top-k but sees hidden states one layer further on; with the
+        # inputs detached this indexer cannot learn what it lacks (GLM's KL stayed ~1 nat, copying collapsed in the
+        # sparse phase), so that term's gradient also reaches the layers below, which learn to supply it.
+        STATE.last_with_grad = (*self.project(hidden_states, q_resid, position_embeddings), self.softmax_scale)
     if not STATE.sparse:  # dense warm-up: the attention ignores the indices
         return torch.zeros(q.shape[0], q.shape[1], 1, dtype=torch.int32, device=q.device)
     with torch.no_grad():  # bf16 scores in query chunks: training needs no bit-exact DSA, just speed
@@ -263,7 +271,7 @@ def kl_attention(module, query, key, value, attention_mask, scaling=None, dropou
     if stash is not None:
         STATE.last = stash
     elif getattr(module, "skip_topk", False):
-        stash = STATE.last
+        stash = STATE.last_with_grad if STATE.shared_grad else STATE.last
     if stash is not None:
         q, keys, weights, index_scale = stash
         rows = STATE.rows
@@ -307,22 +315,24 @@ def curriculum(step: int, steps: int, context: int) -> int:
 
 def training_step(model, optimizer, ids: torch.Tensor, weights: torch.Tensor, sparse: bool, rows: torch.Tensor,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step: weighted LM loss (main model) + indexer KL (indexer only). Returns (lm, kl, logits)."""
+    """One optimizer step: weighted LM loss (main model) + indexer KL (indexer only). Returns (lm, the KL terms in
+    layer order, logits)."""
     STATE.sparse, STATE.rows = sparse, rows.to(device)
     STATE.losses.clear()
-    STATE.last = None
+    STATE.last = STATE.last_with_grad = None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(input_ids=ids, use_cache=False).logits
     nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
     w = weights[:, 1:].flatten()
     lm = (nll * w).sum() / w.sum()
-    kl = torch.stack(STATE.losses).mean()
+    kl_terms = torch.stack(STATE.losses)
+    kl = kl_terms.mean()
     optimizer.zero_grad(set_to_none=True)
     (lm + kl).backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     if torch.isfinite(norm):  # a non-finite gradient (a loss spike) would turn every weight into NaN: skip the step
         optimizer.step()
-    return lm.detach(), kl.detach(), logits.detach()
+    return lm.detach(), kl_terms.detach(), logits.detach()
 
 
 def fit_steps(model, tokenizer, text: dict[str, Any], args: argparse.Namespace, seconds: float,
@@ -355,6 +365,34 @@ def fit_steps(model, tokenizer, text: dict[str, Any], args: argparse.Namespace, 
     return steps
 
 
+def build_training_model(args: argparse.Namespace, vocab_size: int, device: torch.device):
+    """The model to train: the family's small config, patched with reference DSA indexers whose forward is
+    `training_indexer_forward`, and attention that adds the indexer KL loss (`kl_attention`)."""
+    overrides = {**MODEL_CONFIG, **FAMILY_CONFIG[args.family], "vocab_size": vocab_size, "index_topk": args.topk}
+    if args.small:  # CPU smoke runs of the script itself
+        overrides.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, q_lora_rank=32)
+        if args.family == "glm_moe_dsa":
+            overrides["indexer_types"] = ["full", "shared"]
+    overrides["first_k_dense_replace"] = overrides["num_hidden_layers"]
+    model = tiny_model(args.family, seed=args.seed, dtype=torch.float32, attn_implementation="sdpa", **overrides)
+    model.to(device).train()
+    _register_attention()
+    # Reference ops (no TileLang needed); big query chunks on a GPU for the sparse phase's top-k.
+    patch_model(model, mode="dsa", backend="reference", query_chunk_size=512 if device.type == "cuda" else None)
+    indexers = [m for m in model.modules() if hasattr(m, "project") and hasattr(m, "select")]
+    for indexer in indexers:
+        indexer.forward = training_indexer_forward.__get__(indexer)
+    STATE.shared_grad = args.shared_kl_grad
+    last_indexer = None
+    for layer in model.model.layers:  # GLM-5: the indexer whose top-k a "shared" layer reuses
+        if getattr(layer.self_attn, "skip_topk", False) and last_indexer is not None:
+            last_indexer.feeds_shared_layer = True
+        elif getattr(layer.self_attn, "indexer", None) is not None:
+            last_indexer = layer.self_attn.indexer
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    return model
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -372,21 +410,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
           f"{len(batches.sources['code'])}, essays {len(batches.sources['essays'])} "
           f"({time.perf_counter() - start:.1f} s)", flush=True)
 
-    overrides = {**MODEL_CONFIG, **FAMILY_CONFIG[args.family], "vocab_size": len(tokenizer), "index_topk": args.topk}
-    if args.small:  # CPU smoke runs of the script itself
-        overrides.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, q_lora_rank=32)
-        if args.family == "glm_moe_dsa":
-            overrides["indexer_types"] = ["full", "shared"]
-    overrides["first_k_dense_replace"] = overrides["num_hidden_layers"]
-    model = tiny_model(args.family, seed=args.seed, dtype=torch.float32, attn_implementation="sdpa", **overrides)
-    model.to(device).train()
-    _register_attention()
-    # Reference ops (no TileLang needed); big query chunks on a GPU for the sparse phase's top-k.
-    patch_model(model, mode="dsa", backend="reference", query_chunk_size=512 if device.type == "cuda" else None)
-    indexers = [m for m in model.modules() if hasattr(m, "project") and hasattr(m, "select")]
-    for indexer in indexers:
-        indexer.forward = training_indexer_forward.__get__(indexer)
-    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    model = build_training_model(args, len(tokenizer), device)
 
     if args.fit_minutes:
         args.steps = fit_steps(model, tokenizer, text, args, 60 * args.fit_minutes, device)
@@ -409,7 +433,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         ids, weights = batches.batch(max(1, args.tokens_per_step // length), length, device)
         low = min(length - 1, args.topk)
         rows = low + torch.randperm(length - low, generator=generator)[: args.kl_queries]
-        lm, kl, logits = training_step(model, optimizer, ids, weights, step >= dense_steps, rows.sort().values,
+        lm, kl_terms, logits = training_step(model, optimizer, ids, weights, step >= dense_steps, rows.sort().values,
                                        device)
         schedule.step()
         done = step + 1
@@ -417,14 +441,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             hits = logits[:, :-1].argmax(-1).flatten() == ids[:, 1:].flatten()
             accuracy = lambda where: float(hits[where].float().mean()) if where.any() else None  # noqa: E731
             w = weights[:, 1:].flatten()
-            row = dict(step=step, length=length, sparse=step >= dense_steps, lm=float(lm), kl=float(kl),
+            row = dict(step=step, length=length, sparse=step >= dense_steps, lm=float(lm), kl=float(kl_terms.mean()),
+                       kl_terms=[round(float(term), 4) for term in kl_terms],
                        answer_token_acc=accuracy(w > 5), copy_token_acc=accuracy(w == 2),
                        elapsed_s=round(time.perf_counter() - start, 1))
             history.append(row)
             print(json.dumps(row), flush=True)
 
     STATE.stash.clear()
-    STATE.last = None
+    STATE.last = STATE.last_with_grad = None
     unpatch_model(model)
     model.config._attn_implementation = "sdpa"
     model.eval().to(torch.bfloat16).save_pretrained(out)
@@ -461,8 +486,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--needle-words", choices=["essay", "random"], default="essay",
                         help="needle places and spans from the essays, or made up (random: the model cannot "
                              "memorise them and must copy; the essays are only ~160K tokens)")
-    parser.add_argument("--repeat-tokens", choices=["text", "random"], default="text",
-                        help="what --repeat-fraction sequences repeat: a span of the text, or random tokens")
+    parser.add_argument("--repeat-tokens", choices=["text", "random", "mixed"], default="text",
+                        help="what --repeat-fraction sequences repeat: a span of the text, random tokens, or either "
+                             "(mixed, half each: copying learned on random tokens must also win over the language "
+                             "model's own guess on real words)")
     parser.add_argument("--copy-warmup", type=float, default=0.0,
                         help="fraction of the first steps trained on random spans and their copies only: induction "
                              "heads form there first (mixed in at 10%% of the tokens, they had not formed after "
@@ -470,6 +497,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--copy-length", type=int, default=128, help="sequence length of the --copy-warmup steps")
     parser.add_argument("--essay-share", type=float, default=0.5,
                         help="share of essays (vs code) in text windows and needle backgrounds")
+    parser.add_argument("--shared-kl-grad", action="store_true",
+                        help="GLM-5: the KL term of a shared layer (which reuses the previous indexer's top-k) also "
+                             "trains the layers below that indexer, not only the indexer")
     parser.add_argument("--kl-queries", type=int, default=512, help="query rows per sequence in the KL loss")
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--vocab-size", type=int, default=4096)

@@ -113,11 +113,13 @@ def test_training_script_smoke(tmp_path):
     args = script.parse_args(["--family", "glm_moe_dsa", "--haystack", str(haystack), "--out", str(out),
                               "--steps", "3", "--context", "256", "--tokens-per-step", "512", "--topk", "32",
                               "--kl-queries", "32", "--code-bytes", "100000", "--vocab-size", "400",
-                              "--heldout-essays", "1", "--small", "--log-every", "1",
+                              "--heldout-essays", "1", "--small", "--log-every", "1", "--shared-kl-grad",
+                              "--repeat-fraction", "0.5", "--repeat-tokens", "mixed",
                               "--stdlib", os.path.dirname(json.__file__)])
     info = script.train(args)
     assert info["steps_done"] == 3 and len(info["history"]) == 3
     assert info["history"][-1]["sparse"] and all(row["kl"] >= 0 for row in info["history"])
+    assert all(len(row["kl_terms"]) == 2 for row in info["history"])  # layer 0's indexer, the shared layer 1
     assert json.loads((out / "training.json").read_text())["data"]["heldout_essays"] == ["3.txt"]
     model, tokenizer = load_trained(model_dir=out)
     assert model.config.index_n_heads == 32 and len(tokenizer) <= 400
@@ -174,3 +176,28 @@ def _consecutive_runs(positions):
         run.append(position)
     if run:
         yield run
+
+
+@pytest.mark.parametrize("shared_kl_grad", [False, True])
+def test_shared_layer_kl_reaches_the_layers_below_only_when_asked(shared_kl_grad):
+    """GLM-5's shared layer reuses the previous indexer's top-k: its KL term trains that indexer, and with
+    --shared-kl-grad also the layers below it (the other terms never reach the main model: detached inputs)."""
+    script = _training_script()
+    args = script.parse_args(["--family", "glm_moe_dsa", "--haystack", "unused", "--out", "unused", "--small",
+                              "--topk", "8"] + (["--shared-kl-grad"] if shared_kl_grad else []))
+    model = script.build_training_model(args, vocab_size=300, device=torch.device("cpu"))
+    shared = [layer.self_attn for layer in model.model.layers if layer.self_attn.skip_topk]
+    assert len(shared) == 1 and model.model.layers[0].self_attn.indexer.feeds_shared_layer
+    state = script.STATE
+    state.sparse, state.rows = False, torch.arange(8, 32)
+    state.losses.clear()
+    state.last = state.last_with_grad = None
+    model(input_ids=torch.randint(3, 300, (1, 32), generator=torch.Generator().manual_seed(0)), use_cache=False)
+    assert len(state.losses) == 2  # layer 0's own term, then the shared layer's
+    model.zero_grad(set_to_none=True)
+    state.losses[0].backward(retain_graph=True)
+    assert model.model.embed_tokens.weight.grad is None  # the indexer's own term: indexer only
+    state.losses[1].backward()
+    grad = model.model.embed_tokens.weight.grad
+    assert (grad is not None and grad.abs().sum() > 0) == shared_kl_grad
+    assert model.model.layers[0].self_attn.indexer.wk.weight.grad.abs().sum() > 0
