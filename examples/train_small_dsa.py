@@ -92,10 +92,10 @@ class Batches:
 
     def __init__(self, tokenizer: Any, text: dict[str, Any], seed: int, retrieval_fraction: float,
                  repeat_fraction: float = 0.0, essay_share: float = 0.5, needle_words: str = "essay",
-                 repeat_tokens: str = "text") -> None:
+                 repeat_tokens: str = "text", repeat_alphabet: int = 0) -> None:
         self.tokenizer, self.rng = tokenizer, random.Random(seed)
         self.retrieval_fraction, self.repeat_fraction, self.essay_share = retrieval_fraction, repeat_fraction, essay_share
-        self.needle_words, self.repeat_tokens = needle_words, repeat_tokens
+        self.needle_words, self.repeat_tokens, self.repeat_alphabet = needle_words, repeat_tokens, repeat_alphabet
         self.copy_only = False  # induction warm-up (--copy-warmup): every sequence is random spans and their copies
         encode = lambda parts: torch.tensor(  # noqa: E731
             [i for ids in tokenizer(parts, add_special_tokens=False)["input_ids"] for i in ids + [tokenizer.eos_token_id]])
@@ -170,7 +170,8 @@ class Batches:
         ids = [self.tokenizer.bos_token_id] + self._window(length - 1)
         weights = [1.0] * length
         if self.repeat_tokens == "random" or (self.repeat_tokens == "mixed" and self.rng.random() < 0.5):
-            return self._random_repeats(ids, weights)
+            few = self.repeat_alphabet and self.rng.random() < 0.5
+            return self._random_repeats(ids, weights, alphabet=self.repeat_alphabet if few else 0)
         for _ in range(self.rng.randrange(1, 4)):
             span = self.rng.randrange(16, min(128, length // 4) + 1)
             source = self.rng.randrange(1, length - 2 * span)
@@ -179,14 +180,19 @@ class Batches:
             weights[target + 1: target + span] = [2.0] * (span - 1)
         return ids, weights
 
-    def _random_repeats(self, ids: list[int], weights: list[float],
-                        cover: float = 1 / 3) -> tuple[list[int], list[float]]:
+    def _random_repeats(self, ids: list[int], weights: list[float], cover: float = 1 / 3,
+                        alphabet: int = 0) -> tuple[list[int], list[float]]:
         """Spans of random tokens (8-128), each recurring once later, none overlapping, until the copies cover about
         `cover` of the sequence: only induction predicts them, and densely (a run whose copies covered ~5% of its
-        tokens never learned to copy in 1444 steps)."""
+        tokens never learned to copy in 1444 steps). `alphabet` > 0: every span draws from the same `alphabet`
+        tokens, so one token recurs often and only the tokens before it tell where a copy continues (drawn from the
+        whole vocabulary, a model learned to copy by the last token alone and lost rare words that BPE splits into
+        common pieces: "sandw" + "ich")."""
         length, taken, covered = len(ids), [False] * len(ids), 0
         taken[0] = True
         first_plain = len(self.tokenizer.all_special_ids)  # the special tokens have the lowest ids
+        symbols = (self.rng.sample(range(first_plain, len(self.tokenizer)), alphabet) if alphabet
+                   else range(first_plain, len(self.tokenizer)))
         for _ in range(64 if cover <= 1 / 3 else 256):  # placement tries
             if covered >= int(length * cover + 1e-9):
                 break
@@ -195,7 +201,7 @@ class Batches:
             target = self.rng.randrange(source + span, length - span + 1)
             if any(taken[source: source + span]) or any(taken[target: target + span]):
                 continue
-            piece = [self.rng.randrange(first_plain, len(self.tokenizer)) for _ in range(span)]
+            piece = [self.rng.choice(symbols) for _ in range(span)]
             ids[source: source + span] = ids[target: target + span] = piece
             taken[source: source + span] = taken[target: target + span] = [True] * span
             weights[target + 1: target + span] = [2.0] * (span - 1)
@@ -342,7 +348,7 @@ def fit_steps(model, tokenizer, text: dict[str, Any], args: argparse.Namespace, 
     saved = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     batches = Batches(tokenizer, text, args.seed + 1, args.retrieval_fraction, args.repeat_fraction,
-                      args.essay_share, args.needle_words, args.repeat_tokens)
+                      args.essay_share, args.needle_words, args.repeat_tokens, args.repeat_alphabet)
     per_step = []
     for length, sparse in ((int(args.context * scale), True) for _, scale in CURRICULUM):
         times = []
@@ -369,6 +375,10 @@ def build_training_model(args: argparse.Namespace, vocab_size: int, device: torc
     """The model to train: the family's small config, patched with reference DSA indexers whose forward is
     `training_indexer_forward`, and attention that adds the indexer KL loss (`kl_attention`)."""
     overrides = {**MODEL_CONFIG, **FAMILY_CONFIG[args.family], "vocab_size": vocab_size, "index_topk": args.topk}
+    if args.indexer_types:
+        if args.family != "glm_moe_dsa":
+            raise ValueError("--indexer-types is for --family glm_moe_dsa (DeepSeek-V3.2 has an indexer per layer)")
+        overrides["indexer_types"] = args.indexer_types.split(",")
     if args.small:  # CPU smoke runs of the script itself
         overrides.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, q_lora_rank=32)
         if args.family == "glm_moe_dsa":
@@ -405,7 +415,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         code_text = code_text[: args.tokenizer_code_bytes]
     tokenizer = train_bpe_tokenizer(code_text + "\n" + "\n".join(text["essays"]), vocab_size=args.vocab_size)
     batches = Batches(tokenizer, text, args.seed, args.retrieval_fraction, args.repeat_fraction, args.essay_share,
-                      args.needle_words, args.repeat_tokens)
+                      args.needle_words, args.repeat_tokens, args.repeat_alphabet)
     print(f"data: {text['code_files']} code files, {len(text['train_essays'])} essays; tokens: code "
           f"{len(batches.sources['code'])}, essays {len(batches.sources['essays'])} "
           f"({time.perf_counter() - start:.1f} s)", flush=True)
@@ -490,6 +500,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="what --repeat-fraction sequences repeat: a span of the text, random tokens, or either "
                              "(mixed, half each: copying learned on random tokens must also win over the language "
                              "model's own guess on real words)")
+    parser.add_argument("--repeat-alphabet", type=int, default=0,
+                        help="half of the random-token repeat sequences draw all their spans from this many tokens "
+                             "(0: off), so copying must match several tokens back, as BPE pieces of rare words need")
+    parser.add_argument("--indexer-types", default=None,
+                        help="glm_moe_dsa: comma-separated per-layer indexer types (default full,full,shared,full)")
     parser.add_argument("--copy-warmup", type=float, default=0.0,
                         help="fraction of the first steps trained on random spans and their copies only: induction "
                              "heads form there first (mixed in at 10%% of the tokens, they had not formed after "

@@ -165,6 +165,12 @@ def test_random_needles_and_repeats_cannot_be_memorised():
         target, span = run[0] - 1, len(run) + 1
         piece = ids[target: target + span]
         assert any(ids[i: i + span] == piece for i in range(target)), "the repeated span occurs earlier"
+    few = script.Batches(tokenizer, text, 0, 0.0, repeat_fraction=1.0, repeat_tokens="random", repeat_alphabet=8)
+    sizes = set()
+    for _ in range(8):  # half the sequences draw every span from 8 tokens, the others from the whole vocabulary
+        ids, weights = few.sequence(256)
+        sizes.add(len({ids[i] for i, w in enumerate(weights) if w == 2.0}) <= 8)
+    assert sizes == {True, False}
 
 
 def _consecutive_runs(positions):
