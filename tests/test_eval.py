@@ -171,6 +171,13 @@ def test_run_niah_real_tiny_model_grid_and_heatmap(tokenizer, haystack_text, tmp
     assert json.loads(json_path.read_text())["modes"]["dsa"]["scores"] == results["modes"]["dsa"]["scores"]
 
 
+def test_run_niah_warns_when_answers_cannot_hold_the_needle(monkeypatch, tokenizer, haystack_text):
+    model = tiny_model("deepseek_v32", index_topk=32)
+    monkeypatch.setattr(model, "generate", _fake_generate(model, tokenizer, NEEDLE))
+    with pytest.warns(UserWarning, match="shorter than the needle"):
+        run_niah(model, tokenizer, haystack_text, lengths=[128], depths=[0.5], max_new_tokens=2, progress=False)
+
+
 def test_run_niah_unpatches_after_an_error(tokenizer, haystack_text):
     model = tiny_model("deepseek_v32", index_topk=32)
 

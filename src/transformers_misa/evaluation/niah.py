@@ -16,6 +16,7 @@ import bisect
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,12 @@ def run_niah(model: nn.Module, tokenizer: Any, haystack: str, *, lengths: Sequen
     """
     from tqdm.auto import tqdm
 
+    if scorer is None:
+        needle_tokens = len(_encode(tokenizer, " " + needle.strip()))
+        if max_new_tokens < needle_tokens:  # e.g. the GPU eval of 2026-11-28: 32 of 39, "sunny" never came back
+            warnings.warn(f"max_new_tokens={max_new_tokens} is shorter than the needle ({needle_tokens} tokens with "
+                          f"this tokenizer): an answer that repeats it is cut before its end, so its last key words "
+                          f"cannot score; use at least {needle_tokens}", stacklevel=2)
     scorer = scorer or (lambda answer, needle_text: keyword_score(answer, needle_text))
     modes = [("model", None)] if modes is None else list(modes)
     names = [name for name, _ in modes]
