@@ -16,6 +16,7 @@ from transformers_misa.evaluation.niah import NEEDLE, QUESTION, build_niah_promp
     run_niah, save_niah_heatmap, train_bpe_tokenizer
 from transformers_misa.evaluation.perplexity import perplexity, perplexity_by_mode
 from transformers_misa.tiny import tiny_model
+from transformers_misa.trained import trained_model_dir
 
 SHARED_HAYSTACK = Path(__file__).resolve().parents[2] / "shared" / "data" / "haystack"
 
@@ -241,12 +242,15 @@ def test_cli_eval_end_to_end_on_the_trained_model(tmp_path, capsys):
                  "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     modes = list(results["modes"])
+    layer_types = json.loads((trained_model_dir("glm_moe_dsa") / "config.json").read_text())["indexer_types"]
+    indexed = {str(i) for i, kind in enumerate(layer_types) if kind == "full"}
+    assert len(indexed) < len(layer_types)
     assert modes[:5] == ["dsa", "misa4", "misa8", "misa16", "misa8_hier"] and modes[-1] == "hisa"
     assert list(results["perplexity"]) == modes and list(results["recall"]) == modes[1:]
     for name in modes[1:]:
         recall = results["recall"][name]
         assert 0.0 < recall["worst"] <= recall["mean"] <= 1.0
-        assert set(recall["per_layer"]) == {"0", "1", "3"}  # layer 2 is GLM's shared layer
+        assert set(recall["per_layer"]) == indexed  # no entry for GLM's shared layer (it has no indexer)
     assert results["recall"]["misa4"]["mean"] <= results["recall"]["misa16"]["mean"]
     assert 1.0 < results["perplexity"]["dsa"] < 4096 / 4  # well below uniform over the 4096-token vocabulary
     niah = results["niah"]["modes"]

@@ -45,7 +45,7 @@ def test_shipped_models_are_small_and_real_shaped(trained):
     assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     info = training_info(folder)
     assert info["family"] == family and info["steps_done"] == info["args"]["steps"]
-    assert info["wall_s"] <= 15 * 60 and "H100" in info["machine"]["gpu"]
+    assert info["wall_s"] <= 15 * 60 and any(gpu in info["machine"]["gpu"] for gpu in ("H100", "H200"))
     assert (folder / CALIBRATION_FILE).is_file()
 
 
@@ -207,3 +207,14 @@ def test_shared_layer_kl_reaches_the_layers_below_only_when_asked(shared_kl_grad
     grad = model.model.embed_tokens.weight.grad
     assert (grad is not None and grad.abs().sum() > 0) == shared_kl_grad
     assert model.model.layers[0].self_attn.indexer.wk.weight.grad.abs().sum() > 0
+
+
+def test_the_trained_glm_model_finds_the_needle():
+    """The built-in GLM-5 shaped model retrieves (DSA green at 1024 tokens on the GPU eval): NIAH on the CPU finds
+    the needle's key words at both ends of a 1024-token haystack, so the harness's scoring runs on a real success."""
+    if not ESSAYS.is_dir():
+        pytest.skip(f"shared NIAH haystack not found at {ESSAYS} (outside the repository; CI has it)")
+    model, tokenizer = load_trained("glm_moe_dsa")
+    results = run_niah(model, tokenizer, load_haystack(ESSAYS), lengths=[1024], depths=[0.0, 1.0],
+                       max_new_tokens=40, modes=[("dsa", {})], progress=False)
+    assert all(score >= 0.75 for score in results["modes"]["dsa"]["scores"][0]), results["modes"]["dsa"]["answers"]
