@@ -21,10 +21,10 @@ from transformers_misa.ops.threshold import (
     threshold_select,
 )
 
-from .common import queries_per_cta
+from .common import ROWS_PER_CTA, queries_per_cta
 from .gathered import build_gathered_logits
 from .router import build_head_importance
-from .scoring import build_weighted_relu_logits, stages_stores
+from .scoring import build_weighted_relu_logits, can_interleave, interleaved_query_head, stages_stores
 from .topk import build_radix_topk
 
 # Below this row width torch.topk is as fast and the radix program is not worth a compile.
@@ -59,14 +59,24 @@ def key_splits_for(device: torch.device, ctas: int, num_keys: int) -> int:
     return splits
 
 
+@functools.lru_cache(maxsize=None)
+def interleaved_row_order(heads: int, device: torch.device) -> torch.Tensor:
+    """For each row of a CTA's block in the interleaved layout, the plain row (query · heads + head) it takes."""
+    query, head = interleaved_query_head(torch.arange(ROWS_PER_CTA), heads)
+    return (query * heads + head).to(device)
+
+
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
-            softmax_scale: float, fill_future: bool, fp8: bool = False) -> torch.Tensor:
+            softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = False) -> torch.Tensor:
     batch, num_queries, heads, dim = q.shape
     per_call = (MAX_TMA_ELEMENTS - 1) // max(1, keys.shape[1])
     if num_queries > per_call:  # the TMA store's descriptor cannot span more elements: split the queries
         return torch.cat([_logits(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
-                                  ke[:, i : i + per_call], softmax_scale, fill_future, fp8)
+                                  ke[:, i : i + per_call], softmax_scale, fill_future, fp8, interleaved)
                           for i in range(0, num_queries, per_call)], dim=1)
+    # The interleaved layout (opt-in until measured on a GPU) needs whole query blocks; others run the plain one.
+    interleaved = (interleaved and not fp8 and can_interleave(heads)
+                   and num_queries % queries_per_cta(heads) == 0)
     ctas = -(-num_queries // queries_per_cta(heads)) * batch
     splits = key_splits_for(q.device, ctas, keys.shape[1])
     # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
@@ -74,7 +84,7 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     # length's divisibility by 4 does not switch programs (and trigger a compile) in the middle of a generation.
     staged = stages_stores(heads) and num_queries >= queries_per_cta(heads) and keys.shape[1] % 4 == 0
     kernel = build_weighted_relu_logits(heads, dim, block_n=KEY_TILE, key_splits=splits, fill_future=fill_future,
-                                        staged_stores=staged, fp8=fp8)()
+                                        staged_stores=staged, fp8=fp8, interleaved=interleaved)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
     weights = weights.float() * softmax_scale
     if fp8:
@@ -82,13 +92,12 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
         keys8, key_scale = fp8_e4m3_quantize(keys)
         return kernel(q8.reshape(batch, num_queries * heads, dim).contiguous(), keys8.contiguous(),
                       key_scale.contiguous(), (weights * q_scale).contiguous(), ks.contiguous(), ke.contiguous())
-    return kernel(
-        q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16).contiguous(),
-        keys.to(torch.bfloat16).contiguous(),
-        weights.contiguous(),
-        ks.contiguous(),
-        ke.contiguous(),
-    )
+    q_rows = q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16)
+    if interleaved:
+        order = interleaved_row_order(heads, q.device)
+        q_rows = q_rows.reshape(batch, -1, ROWS_PER_CTA, dim)[:, :, order].reshape(batch, -1, dim)
+    return kernel(q_rows.contiguous(), keys.to(torch.bfloat16).contiguous(), weights.contiguous(), ks.contiguous(),
+                  ke.contiguous())
 
 
 def _candidates(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
@@ -149,18 +158,20 @@ def uses_threshold_filter(q: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
 
 
 def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
-                          softmax_scale: float, fp8: bool = False) -> torch.Tensor:
+                          softmax_scale: float, fp8: bool = False, interleaved: bool = False) -> torch.Tensor:
     """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out; fp8: q and
-    keys quantized to e4m3 with power-of-two row scales first, exact for inputs already rounded to FP8)."""
+    keys quantized to e4m3 with power-of-two row scales first, exact for inputs already rounded to FP8;
+    interleaved: the head sum in registers, see `scoring.interleaved_query_head`)."""
     ks, ke, contiguous = chunk.key_range
-    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True, fp8=fp8)
+    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True, fp8=fp8, interleaved=interleaved)
     if not contiguous:  # holes inside [ks, ke) (or unknown: sync-free): apply the mask exactly as the reference
         logits = logits + chunk.bias
     return logits
 
 
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
-                           softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False) -> torch.Tensor:
+                           softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
+                           interleaved: bool = False) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
@@ -171,10 +182,10 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     ks, ke, contiguous = chunk.key_range
     width = keys.shape[1]
     if not contiguous or width < RADIX_MIN_WIDTH or k > width:
-        return radix_topk(tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8), k)
+        return radix_topk(tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved), k)
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
-    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8)
+    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved)
     return radix_topk(logits, k, ends=ke)
 
 
@@ -257,6 +268,13 @@ TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda h
 TILELANG_FP8_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-fp8", token_logits=functools.partial(tilelang_token_logits, fp8=True),
     fused_select=functools.partial(tilelang_select_tokens, fp8=True))
+
+# The logits of 2-16 heads with each query's head sum in one thread's registers (`scoring.interleaved_query_head`):
+# compiled in CI, opt-in until a GPU run has checked and timed it beside the plain layout.
+TILELANG_INTERLEAVED_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-interleaved",
+    token_logits=functools.partial(tilelang_token_logits, interleaved=True),
+    fused_select=functools.partial(tilelang_select_tokens, interleaved=True))
 
 # Wide prefill top-k through the sampled threshold (`ops.threshold`): exact, opt-in; the benchmark times it beside
 # the dense path.

@@ -34,6 +34,25 @@ import tilelang.language as T
 from .common import ROWS_PER_CTA, compile_target, queries_per_cta
 
 
+def interleaved_query_head(row, heads: int):
+    """(query within the CTA's block, head) that query row `row` holds in the interleaved layout.
+
+    Each consumer warpgroup's wgmma accumulator gives a thread the columns 8j + 2m + e (j < 8, e < 2) of its 64, m
+    being the thread's lane % 4. The interleaved layout puts all heads of a query in those 16 columns of one
+    thread, so the head sum is register adds: no shuffles, and every logit is stored by one thread (the plain layout,
+    row = query * heads + head, splits a query's 8 heads over 4 lanes). Works on ints, torch tensors and TileLang
+    expressions alike, so the host's row permutation and the kernel read the same formula.
+    """
+    within = 2 * ((row % 64) // 8) + row % 2  # position among the thread's 16 columns
+    query = (row // 64) * (64 // heads) + (within // heads) * 4 + (row // 2) % 4
+    return query, within % heads
+
+
+def can_interleave(heads: int, rows_per_cta: int = ROWS_PER_CTA, threads: int = 256) -> bool:
+    """Whether the interleaved layout applies: two consumer warpgroups of 64 query rows, whole queries per thread."""
+    return rows_per_cta == 128 and threads == 256 and heads % 2 == 0 and 16 % heads == 0
+
+
 def stages_stores(heads: int) -> bool:
     """Whether the program for `heads` heads writes its logits through shared memory (see `staged_stores`)."""
     return queries_per_cta(heads) >= 8  # 16 heads or fewer: a key tile carries 8+ queries' logits
@@ -43,7 +62,8 @@ def stages_stores(heads: int) -> bool:
 def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_stages: int = 2,
                                threads: int = 256, key_splits: int = 1, fill_future: bool = True,
                                staged_stores: bool | None = None, rows_per_cta: int = ROWS_PER_CTA,
-                               fp8: bool = False, capacity: int = 0, arch: str | None = None):
+                               fp8: bool = False, capacity: int = 0, interleaved: bool = False,
+                               arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `staged_stores` (default: for 16 heads or fewer) writes each tile's logits through shared memory with one bulk
@@ -59,11 +79,17 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     Theta, CandVal [B, S, capacity] fp32 filled with -inf by the caller) -> (CandKey [B, S, capacity] int32, Count
     [B, S, segments] int32: keys passed per segment, more than capacity / segments where it overflowed); CandVal is
     written in place; unused slots keep -inf and hold any key.
+    `interleaved` (bf16, 2 to 16 heads, see `interleaved_query_head`): Q's rows come permuted within each CTA's
+    block of `rows_per_cta` (the caller pads the queries to whole blocks), so that the head sum stays in registers.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     if capacity and (fp8 or key_splits != 1 or capacity % block_n):
         raise ValueError("the candidate variant is bf16 with key_splits=1 (its counters live in one CTA) and a "
                          f"capacity that is a multiple of block_n={block_n}")
+    if interleaved and (fp8 or capacity or not can_interleave(heads, rows_per_cta, threads)):
+        raise ValueError(f"the interleaved layout is for the bf16 dense programs with 2-16 heads dividing 16, "
+                         f"{ROWS_PER_CTA} rows per CTA and 256 threads; got heads={heads}, fp8={fp8}, "
+                         f"capacity={capacity}, rows_per_cta={rows_per_cta}, threads={threads}")
     target = compile_target(arch)
     block_q = max(1, rows_per_cta // heads)
     rows = block_q * heads
@@ -88,6 +114,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 scores_by_head = T.reshape(scores, (block_n, block_q, heads))
                 logits = T.alloc_fragment((block_n, block_q), T.float32)
                 logits_shared = T.alloc_shared((block_q, block_n), T.float32)
+                if interleaved:  # Python-level: the head sum's first step (pairs of heads in adjacent columns)
+                    head_pairs = T.alloc_fragment((block_n, 2, 16 // heads, heads // 2, 4), T.float32)
                 weights = T.alloc_fragment((rows,), T.float32)
                 ks_local = T.alloc_fragment((block_q,), T.int32)
                 ke_local = T.alloc_fragment((block_q,), T.int32)
@@ -102,8 +130,9 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
 
                 T.copy(Q[bb, q0 * heads : q0 * heads + rows, :], q_shared)
                 for r in T.Parallel(rows):
-                    weights[r] = T.if_then_else(q0 + r // heads < num_queries,
-                                                W[bb, T.min(q0 + r // heads, num_queries - 1), r % heads], 0.0)
+                    query, head = interleaved_query_head(r, heads) if interleaved else (r // heads, r % heads)
+                    weights[r] = T.if_then_else(q0 + query < num_queries,
+                                                W[bb, T.min(q0 + query, num_queries - 1), head], 0.0)
                 for i in T.Parallel(block_q):
                     ks_local[i] = T.if_then_else(q0 + i < num_queries, KS[bb, T.min(q0 + i, num_queries - 1)], 0)
                     ke_local[i] = T.if_then_else(q0 + i < num_queries, KE[bb, T.min(q0 + i, num_queries - 1)], 0)
@@ -124,7 +153,13 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                            policy=T.GemmWarpPolicy.FullCol)
                     for n, r in T.Parallel(block_n, rows):
                         scores[n, r] = T.max(scores[n, r], 0.0) * weights[r]
-                    T.reduce_sum(scores_by_head, logits, dim=-1, clear=True)
+                    if interleaved:  # Python-level: each (key, query) sums its heads within one thread
+                        # scores' column 64g + 8(qi·heads/2 + jh) + 2m + e holds head 2jh + e of query (g, qi, m)
+                        T.reduce_sum(T.reshape(scores, (block_n, 2, 16 // heads, heads // 2, 4, 2)), head_pairs,
+                                     dim=5, clear=True)
+                        T.reduce_sum(head_pairs, T.reshape(logits, (block_n, 2, 16 // heads, 4)), dim=3, clear=True)
+                    else:
+                        T.reduce_sum(scores_by_head, logits, dim=-1, clear=True)
                     if fp8:  # Python-level: each key's scale, after the head sum (read from global: no pipelining)
                         for n, i in T.Parallel(block_n, block_q):
                             logits[n, i] = logits[n, i] * KScale[bb, T.min(tile * block_n + n, num_keys - 1)]

@@ -45,6 +45,48 @@ def test_fp8_logits_kernel_compiles_for_sm90a(heads, staged):
     assert "kFloat8_e4m3" in source, "qk_format='fp8_e4m3' must run on the FP8 tensor cores"
 
 
+@pytest.mark.parametrize("heads", [4, 8, 16])
+def test_interleaved_layout_puts_whole_queries_in_one_thread(heads):
+    """The row permutation behind `interleaved=True`: a bijection onto (query, head) pairs of the block, and the 16
+    accumulator columns a thread holds (warpgroup g, lane quad m: 64g + 8j + 2m + e) are whole queries."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.scorer import interleaved_row_order
+    from transformers_misa.kernels.scoring import interleaved_query_head
+
+    query, head = interleaved_query_head(torch.arange(128), heads)
+    assert sorted(zip(query.tolist(), head.tolist())) == [(i, h) for i in range(128 // heads) for h in range(heads)]
+    assert torch.equal(interleaved_row_order(heads, torch.device("cpu")), query * heads + head)
+    for g in range(2):
+        for m in range(4):
+            held: dict[int, set[int]] = {}
+            for column in (64 * g + 8 * j + 2 * m + e for j in range(8) for e in range(2)):
+                held.setdefault(int(query[column]), set()).add(int(head[column]))
+            assert len(held) == 16 // heads and all(heads_ == set(range(heads)) for heads_ in held.values())
+
+
+@pytest.mark.parametrize("heads", [4, 8, 16])
+def test_interleaved_logits_kernel_sums_heads_in_registers(heads):
+    _tilelang_or_skip()
+    from transformers_misa.kernels.scoring import build_weighted_relu_logits
+
+    def source(**variant):
+        return build_weighted_relu_logits(heads, 128, fill_future=False, arch="sm_90a", **variant)().get_kernel_source()
+
+    interleaved = source(interleaved=True)
+    assert "wgmma" in interleaved and "AllReduce" not in interleaved and "shfl" not in interleaved
+    assert "AllReduce" in source(), "the plain layout sums a query's heads across lanes"
+
+
+def test_interleaved_layout_refuses_what_it_cannot_hold():
+    _tilelang_or_skip()
+    from transformers_misa.kernels.scoring import build_weighted_relu_logits
+
+    for variant in (dict(heads=64), dict(heads=8, fp8=True), dict(heads=8, capacity=1024)):
+        heads = variant.pop("heads")
+        with pytest.raises(ValueError, match="interleaved layout"):
+            build_weighted_relu_logits(heads, 128, interleaved=True, arch="sm_90a", **variant)
+
+
 @pytest.mark.parametrize("k", [2048, 8192])
 def test_radix_topk_compiles_for_sm90a(k):
     _tilelang_or_skip()
@@ -138,6 +180,31 @@ def test_logits_kernel_matches_reference(batch, num_queries, num_keys, heads, pa
         assert torch.equal(torch.isinf(ours), torch.isinf(ref)), "masked positions differ"
         finite = torch.isfinite(ref)
         torch.testing.assert_close(ours[finite], ref[finite], rtol=2e-2, atol=2e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,num_queries,num_keys,heads,pads", [
+    (2, 96, 1024, 8, [0, 30]),  # whole query blocks: interleaved, staged stores
+    (1, 64, 1001, 8, [0]),  # interleaved, scattered stores (1001 keys: no 16-byte TMA row stride)
+    (1, 160, 4100, 4, [0]),  # 4 heads: 32 queries per block
+    (2, 64, 700, 16, [0, 9]),  # 16 heads
+    (2, 100, 1024, 8, [0, 30]),  # a partial last block: the plain layout runs instead
+])
+def test_interleaved_logits_match_reference(batch, num_queries, num_keys, heads, pads):
+    from transformers_misa.kernels.scorer import tilelang_select_tokens, tilelang_token_logits
+
+    q, keys, weights = _inputs(batch, num_queries, num_keys, heads)
+    for mask in (None, _padded_causal_mask(batch, num_queries, num_keys, pads)):
+        chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
+        ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5, interleaved=True)
+        ref = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), "masked positions differ"
+        finite = torch.isfinite(ref)
+        torch.testing.assert_close(ours[finite], ref[finite], rtol=2e-2, atol=2e-2)
+        k = min(256, num_keys)
+        picked = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k, interleaved=True)
+        _assert_same_selection(picked, reference.top_indices(ref, k), ref, tolerance=5e-2)
 
 
 @gpu
