@@ -105,6 +105,12 @@ class Batches:
         self.sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", essay_text) if 6 <= len(s.split()) <= 40]
         self.words = sorted(set(re.findall(r"\b[a-z]{2,12}\b", essay_text)))
 
+    @classmethod
+    def from_args(cls, tokenizer: Any, text: dict[str, Any], args: argparse.Namespace, seed: int) -> "Batches":
+        """The data mix the command line asks for."""
+        return cls(tokenizer, text, seed, args.retrieval_fraction, args.repeat_fraction, args.essay_share,
+                   args.needle_words, args.repeat_tokens, args.repeat_alphabet)
+
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -170,7 +176,7 @@ class Batches:
         ids = [self.tokenizer.bos_token_id] + self._window(length - 1)
         weights = [1.0] * length
         if self.repeat_tokens == "random" or (self.repeat_tokens == "mixed" and self.rng.random() < 0.5):
-            few = self.repeat_alphabet and self.rng.random() < 0.5
+            few = self.repeat_alphabet > 0 and self.rng.random() < 0.5
             return self._random_repeats(ids, weights, alphabet=self.repeat_alphabet if few else 0)
         for _ in range(self.rng.randrange(1, 4)):
             span = self.rng.randrange(16, min(128, length // 4) + 1)
@@ -250,8 +256,9 @@ def training_indexer_forward(self, hidden_states, q_resid, position_embeddings, 
     STATE.stash[self.layer_idx] = (q, keys, weights, self.softmax_scale)
     if STATE.shared_grad and getattr(self, "feeds_shared_layer", False):
         # The shared layer attends over this indexer's top-k but sees hidden states one layer further on; with the
-        # inputs detached this indexer cannot learn what it lacks (GLM's KL stayed ~1 nat, copying collapsed in the
-        # sparse phase), so that term's gradient also reaches the layers below, which learn to supply it.
+        # inputs detached this indexer cannot learn what it lacks, so that term's gradient also reaches the layers
+        # below. (2026-11-28, layer 2 shared: the term fell from 3.4-4.8 to ~0.3 nats, but copying never formed;
+        # sharing layer 3 instead, without this, gave the GLM model that retrieves.)
         STATE.last_with_grad = (*self.project(hidden_states, q_resid, position_embeddings), self.softmax_scale)
     if not STATE.sparse:  # dense warm-up: the attention ignores the indices
         return torch.zeros(q.shape[0], q.shape[1], 1, dtype=torch.int32, device=q.device)
@@ -347,8 +354,7 @@ def fit_steps(model, tokenizer, text: dict[str, Any], args: argparse.Namespace, 
     restored afterwards), so the run itself stays a function of --seed and the printed --steps."""
     saved = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    batches = Batches(tokenizer, text, args.seed + 1, args.retrieval_fraction, args.repeat_fraction,
-                      args.essay_share, args.needle_words, args.repeat_tokens, args.repeat_alphabet)
+    batches = Batches.from_args(tokenizer, text, args, seed=args.seed + 1)
     per_step = []
     for length, sparse in ((int(args.context * scale), True) for _, scale in CURRICULUM):
         times = []
@@ -414,8 +420,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.tokenizer_code_bytes is not None:  # less code, so English words get merges of their own
         code_text = code_text[: args.tokenizer_code_bytes]
     tokenizer = train_bpe_tokenizer(code_text + "\n" + "\n".join(text["essays"]), vocab_size=args.vocab_size)
-    batches = Batches(tokenizer, text, args.seed, args.retrieval_fraction, args.repeat_fraction, args.essay_share,
-                      args.needle_words, args.repeat_tokens, args.repeat_alphabet)
+    batches = Batches.from_args(tokenizer, text, args, seed=args.seed)
     print(f"data: {text['code_files']} code files, {len(text['train_essays'])} essays; tokens: code "
           f"{len(batches.sources['code'])}, essays {len(batches.sources['essays'])} "
           f"({time.perf_counter() - start:.1f} s)", flush=True)
