@@ -80,7 +80,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     [B, S, segments] int32: keys passed per segment, more than capacity / segments where it overflowed); CandVal is
     written in place; unused slots keep -inf and hold any key.
     `interleaved` (bf16, 2 to 16 heads, see `interleaved_query_head`): Q's rows come permuted within each CTA's
-    block of `rows_per_cta` (the caller pads the queries to whole blocks), so that the head sum stays in registers.
+    block of `rows_per_cta` (the caller takes it only for whole query blocks), so that the head sum stays in registers.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     if capacity and (fp8 or key_splits != 1 or capacity % block_n):
