@@ -22,14 +22,19 @@ from transformers_misa.evaluation.niah import load_haystack, run_niah
 from transformers_misa.trained import TRAINED_FAMILIES, load_trained
 
 
-def modes(heads: list[int], blocks: list[int], routers: list[str]) -> list[tuple[str, dict]]:
-    """DSA, then MISA for every (heads, block, router), uncalibrated (a calibration is fitted for one block size)."""
+def modes(heads: list[int], blocks: list[int], routers: list[str],
+          hierarchical_factors: list[int]) -> list[tuple[str, dict]]:
+    """DSA, then MISA for every (heads, block, router) and MISA hierarchical for every (heads, block, router,
+    candidate factor), uncalibrated (a calibration is fitted for one block size)."""
     table = [("dsa", {})]
     for active in heads:
         for block in blocks:
             for router in routers:
-                table.append((f"misa{active}_b{block}_{router}",
-                              dict(mode="misa", active_heads=active, block_size=block, router=router, calibration=None)))
+                common = dict(active_heads=active, block_size=block, router=router, calibration=None)
+                table.append((f"misa{active}_b{block}_{router}", dict(mode="misa", **common)))
+                table += [(f"misa{active}_hier{factor}_b{block}_{router}",
+                           dict(mode="misa_hierarchical", candidate_factor=factor, **common))
+                          for factor in hierarchical_factors]
     return table
 
 
@@ -40,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", default="8,12,16,24", help="active heads, comma-separated")
     parser.add_argument("--blocks", default="64", help="router block sizes, comma-separated")
     parser.add_argument("--routers", default="sum", help="router poolings (sum, max), comma-separated")
+    parser.add_argument("--hierarchical-factors", default="",
+                        help="candidate factors of misa_hierarchical to add, comma-separated (default none)")
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--depths", default="0,0.5,1")
     parser.add_argument("--new-tokens", type=int, default=40)
@@ -50,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     results = run_niah(model, tokenizer, load_haystack(args.haystack), lengths=ints(args.lengths),
                        depths=[float(x) for x in args.depths.split(",")], max_new_tokens=args.new_tokens,
-                       modes=modes(ints(args.heads), ints(args.blocks), args.routers.split(",")), progress=False)
+                       modes=modes(ints(args.heads), ints(args.blocks), args.routers.split(","),
+                                   ints(args.hierarchical_factors) if args.hierarchical_factors else []),
+                       progress=False)
     for name, grid in results["modes"].items():
         print(f"{name:>22}: " + "  ".join(f"{n}: {row}" for n, row in zip(grid["lengths"], grid["scores"])))
     stamp = datetime.datetime.now(datetime.timezone.utc)
