@@ -177,9 +177,7 @@ def test_logits_kernel_matches_reference(batch, num_queries, num_keys, heads, pa
         chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
         ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5)
         ref = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
-        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), "masked positions differ"
-        finite = torch.isfinite(ref)
-        torch.testing.assert_close(ours[finite], ref[finite], rtol=2e-2, atol=2e-2)
+        _assert_logits_match(ours, ref, tolerance=2e-2)
 
 
 @gpu
@@ -199,9 +197,7 @@ def test_interleaved_logits_match_reference(batch, num_queries, num_keys, heads,
         chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
         ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5, interleaved=True)
         ref = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
-        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), "masked positions differ"
-        finite = torch.isfinite(ref)
-        torch.testing.assert_close(ours[finite], ref[finite], rtol=2e-2, atol=2e-2)
+        _assert_logits_match(ours, ref, tolerance=2e-2)
         k = min(256, num_keys)
         picked = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k, interleaved=True)
         _assert_same_selection(picked, reference.top_indices(ref, k), ref, tolerance=5e-2)
@@ -405,9 +401,14 @@ def test_fp8_logits_kernel_matches_reference_on_fp8_inputs(batch, num_queries, n
         chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
         ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5, fp8=True)
         ref = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
-        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), "masked positions differ"
-        finite = torch.isfinite(ref)
-        torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-2, atol=1e-2)
+        _assert_logits_match(ours, ref, tolerance=1e-2)
+
+
+def _assert_logits_match(ours, ref, tolerance):
+    """The same masked (-inf) positions, and the finite logits close to the reference's."""
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref)), "masked positions differ"
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(ours[finite], ref[finite], rtol=tolerance, atol=tolerance)
 
 
 def _assert_same_selection(ours, ref_idx, scores, tolerance):
