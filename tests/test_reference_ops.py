@@ -208,6 +208,23 @@ def test_misa_matches_brute_force():
     assert exact_fraction(got, dsa_topk(q, keys, weights, 10, softmax_scale=scale, mask=mask), full) < 1.0
 
 
+@pytest.mark.parametrize("num_queries, holes", [(40, False), (3, False), (40, True)])
+def test_tail_block_pools_each_querys_last_block_over_what_it_sees(num_queries, holes):
+    # 40 queries take the prefix-sum path, 3 queries (and masks with holes) the gathered block: same means.
+    q, keys, weights, mask, scale = _random_problem(num_queries=num_queries, pads=(0, 13))
+    if holes:
+        mask[:, :, 22] = False
+    chunk = blocks.ChunkMask(mask, slice(0, num_queries), 2, num_queries, 40, q.device)
+    tail = blocks.TailBlock(keys, chunk, 8)
+    seen_pooled, seen_any = _visible_pooled(keys, mask, num_queries, 8)
+    _, ke, _ = chunk.key_range
+    last_block = ((ke.long() - 1) // 8).clamp_min(0)
+    expected = seen_pooled.gather(2, last_block[..., None, None].expand(-1, -1, 1, 16)).squeeze(2)
+    expected = expected * tail.present.unsqueeze(-1)  # a query ending on a block boundary has no tail
+    torch.testing.assert_close(tail.means, expected)
+    assert tail.present.any() and not tail.present.all()
+
+
 def test_route_heads_picks_the_most_important_heads():
     q, keys, weights, mask, scale = _random_problem()
     _, expected = _routed_dense(q, keys, weights, mask, scale, 3, 8)

@@ -264,6 +264,12 @@ class TailBlock:
         start = ke // block_size * block_size
         self.present = (ke > start) & (ke > ks)
         self.start = start.to(torch.int32)
+        num_queries = ks.shape[1]
+        if contiguous is True and num_queries * block_size > keys.shape[1]:
+            # Many queries (prefill): sums from block-local prefix sums of the keys, read once, instead of a
+            # [B, c, block, D] gather (2 GiB for 32K queries).
+            self.means = self._means_from_prefix_sums(keys, ks, ke, start, block_size)
+            return
         positions = start.unsqueeze(-1) + torch.arange(block_size, device=keys.device)  # [B, c, block]
         inside = (positions >= ks.unsqueeze(-1)) & (positions < ke.unsqueeze(-1))
         positions = positions.clamp_max(keys.shape[1] - 1)
@@ -271,6 +277,21 @@ class TailBlock:
             inside &= chunk.visible.gather(-1, positions)
         block = gather_keys(keys, positions).float() * inside.unsqueeze(-1)  # [B, c, block, D]
         self.means = block.sum(-2) / inside.sum(-1, keepdim=True).clamp_min(1)
+
+    def _means_from_prefix_sums(self, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, start: torch.Tensor,
+                                block_size: int) -> torch.Tensor:
+        """Means over [max(ks, start), ke) for keys visible exactly on [ks, ke): prefix sums restart at every block,
+        so no sum spans more than one block (no cancellation between large partial sums)."""
+        batch, num_keys, dim = keys.shape
+        padded = -(-num_keys // block_size) * block_size
+        local = torch.nn.functional.pad(keys.float(), (0, 0, 0, padded - num_keys))
+        prefix = local.view(batch, -1, block_size, dim).cumsum(2).view(batch, padded, dim)
+        first = torch.maximum(ks, start)
+        through_last = gather_keys(prefix, (ke - 1).clamp_min(0).unsqueeze(-1)).squeeze(-2)  # [B, c, D]
+        before_first = gather_keys(prefix, (first - 1).clamp_min(0).unsqueeze(-1)).squeeze(-2)
+        sums = through_last - before_first * (first > start).unsqueeze(-1)
+        counts = (ke - first).clamp_min(1).unsqueeze(-1)
+        return sums / counts * self.present.unsqueeze(-1)
 
     def scores(self, q: torch.Tensor, scores_fn, softmax_scale: float) -> torch.Tensor:
         """ReLU(q·tail mean)·scale per head [B, c, H], zero where there is no tail (scores_fn as `head_scores`)."""
