@@ -67,22 +67,29 @@ def interleaved_row_order(heads: int, device: torch.device) -> torch.Tensor:
 
 
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
-            softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = False) -> torch.Tensor:
+            softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True) -> torch.Tensor:
+    """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
+    applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere."""
     batch, num_queries, heads, dim = q.shape
-    per_call = (MAX_TMA_ELEMENTS - 1) // max(1, keys.shape[1])
-    if num_queries > per_call:  # the TMA store's descriptor cannot span more elements: split the queries
+    block = queries_per_cta(heads)
+    interleaved = interleaved and not fp8 and can_interleave(heads) and num_queries >= block
+    # The TMA store's descriptor cannot span more elements than this: split the queries, in whole query blocks.
+    per_call = max(block, (MAX_TMA_ELEMENTS - 1) // max(1, keys.shape[1]) // block * block)
+    if num_queries > per_call:
         return torch.cat([_logits(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
                                   ke[:, i : i + per_call], softmax_scale, fill_future, fp8, interleaved)
                           for i in range(0, num_queries, per_call)], dim=1)
-    # The interleaved layout (opt-in until measured on a GPU) needs whole query blocks; others run the plain one.
-    interleaved = (interleaved and not fp8 and can_interleave(heads)
-                   and num_queries % queries_per_cta(heads) == 0)
-    ctas = -(-num_queries // queries_per_cta(heads)) * batch
+    if interleaved and num_queries % block:  # the layout takes whole query blocks: pad with queries that see nothing
+        pad = block - num_queries % block
+        q, weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+                              for x in (q, weights, ks, ke))
+        return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved)[:, :num_queries]
+    ctas = -(-num_queries // block) * batch
     splits = key_splits_for(q.device, ctas, keys.shape[1])
     # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
     # a TMA row stride must be a multiple of 16 B. Decode steps (fewer queries than a block) never stage, so a cache
     # length's divisibility by 4 does not switch programs (and trigger a compile) in the middle of a generation.
-    staged = stages_stores(heads) and num_queries >= queries_per_cta(heads) and keys.shape[1] % 4 == 0
+    staged = stages_stores(heads) and num_queries >= block and keys.shape[1] % 4 == 0
     kernel = build_weighted_relu_logits(heads, dim, block_n=KEY_TILE, key_splits=splits, fill_future=fill_future,
                                         staged_stores=staged, fp8=fp8, interleaved=interleaved)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
@@ -129,8 +136,8 @@ def radix_topk_of_candidates(values: torch.Tensor, key_index: torch.Tensor, k: i
 
 def threshold_ops(softmax_scale: float) -> ThresholdOps:
     """`ThresholdOps` on the TileLang programs."""
-    def logits(q, weights, keys, ks, ke):
-        return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False)
+    def logits(q, weights, keys, ks, ke):  # the candidate program's head-sum order: the same bits for the same key
+        return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, interleaved=False)
 
     def candidates(q, weights, keys, ks, ke, theta, capacity):
         return _candidates(q, weights, keys, ks, ke, theta, capacity, softmax_scale)
@@ -158,10 +165,10 @@ def uses_threshold_filter(q: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
 
 
 def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
-                          softmax_scale: float, fp8: bool = False, interleaved: bool = False) -> torch.Tensor:
+                          softmax_scale: float, fp8: bool = False, interleaved: bool = True) -> torch.Tensor:
     """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out; fp8: q and
     keys quantized to e4m3 with power-of-two row scales first, exact for inputs already rounded to FP8;
-    interleaved: the head sum in registers, see `scoring.interleaved_query_head`)."""
+    interleaved: the head sum in registers where it applies, see `scoring.interleaved_query_head`)."""
     ks, ke, contiguous = chunk.key_range
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True, fp8=fp8, interleaved=interleaved)
     if not contiguous:  # holes inside [ks, ke) (or unknown: sync-free): apply the mask exactly as the reference
@@ -171,7 +178,7 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                            softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
-                           interleaved: bool = False) -> torch.Tensor:
+                           interleaved: bool = True) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
@@ -269,12 +276,12 @@ TILELANG_FP8_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-fp8", token_logits=functools.partial(tilelang_token_logits, fp8=True),
     fused_select=functools.partial(tilelang_select_tokens, fp8=True))
 
-# The logits of 2-16 heads with each query's head sum in one thread's registers (`scoring.interleaved_query_head`):
-# compiled in CI, opt-in until a GPU run has checked and timed it beside the plain layout.
-TILELANG_INTERLEAVED_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-interleaved",
-    token_logits=functools.partial(tilelang_token_logits, interleaved=True),
-    fused_select=functools.partial(tilelang_select_tokens, interleaved=True))
+# The plain row order (query · heads + head) for every head count: the layout before the interleaved one, kept so
+# that the benchmark times both side by side.
+TILELANG_PLAIN_LAYOUT_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-plain-layout",
+    token_logits=functools.partial(tilelang_token_logits, interleaved=False),
+    fused_select=functools.partial(tilelang_select_tokens, interleaved=False))
 
 # Wide prefill top-k through the sampled threshold (`ops.threshold`): exact, opt-in; the benchmark times it beside
 # the dense path.

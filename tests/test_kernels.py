@@ -175,7 +175,7 @@ def test_logits_kernel_matches_reference(batch, num_queries, num_keys, heads, pa
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads)
     for mask in (None, _padded_causal_mask(batch, num_queries, num_keys, pads)):
         chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
-        ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5)
+        ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5, interleaved=False)  # the plain layout
         ref = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
         _assert_logits_match(ours, ref, tolerance=2e-2)
 
@@ -187,7 +187,8 @@ def test_logits_kernel_matches_reference(batch, num_queries, num_keys, heads, pa
     (1, 64, 1001, 8, [0]),  # interleaved, scattered stores (1001 keys: no 16-byte TMA row stride)
     (1, 160, 4100, 4, [0]),  # 4 heads: 32 queries per block
     (2, 64, 700, 16, [0, 9]),  # 16 heads
-    (2, 100, 1024, 8, [0, 30]),  # a partial last block: the plain layout runs instead
+    (2, 100, 1024, 8, [0, 30]),  # a partial last block: padded with queries that see nothing
+    (1, 12, 512, 8, [0]),  # fewer queries than a block (decode): the plain layout runs instead
 ])
 def test_interleaved_logits_match_reference(batch, num_queries, num_keys, heads, pads):
     from transformers_misa.kernels.scorer import tilelang_select_tokens, tilelang_token_logits
@@ -195,11 +196,11 @@ def test_interleaved_logits_match_reference(batch, num_queries, num_keys, heads,
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads)
     for mask in (None, _padded_causal_mask(batch, num_queries, num_keys, pads)):
         chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
-        ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5, interleaved=True)
+        ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5)  # interleaved where it applies
         ref = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
         _assert_logits_match(ours, ref, tolerance=2e-2)
         k = min(256, num_keys)
-        picked = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k, interleaved=True)
+        picked = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k)
         _assert_same_selection(picked, reference.top_indices(ref, k), ref, tolerance=5e-2)
 
 
