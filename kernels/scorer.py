@@ -268,7 +268,9 @@ def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) 
 TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda heads, keys: 3 * keys * 4,
                          chunk_budget=8 * 2**30, head_scores=bf16_head_scores,
                          head_importance=tilelang_head_importance, candidate_logits=tilelang_candidate_logits,
-                         narrow_keys=True, fused_select=tilelang_select_tokens)
+                         narrow_keys=True, fused_select=tilelang_select_tokens,
+                         # the re-rank gathers keys on chip: per candidate only its score, bias and position
+                         candidate_scratch_bytes=lambda heads, dim, candidates: 4 * candidates * 4)
 
 # qk_format="fp8_e4m3": the token logits on the FP8 tensor cores. The indexer hands over q and keys already rounded
 # to FP8 (the reference's numerics), so quantizing them here is exact; the router and the re-rank keep bf16 inputs.

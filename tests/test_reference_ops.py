@@ -457,3 +457,16 @@ def test_router_never_sees_a_key_after_the_query(router):
             q[:, t:t + 1], weights[:, t:t + 1], pooled_keys(k, mask, block_size), chunk, block_size, scale, router,
             tail=blocks.TailBlock(k, chunk, block_size)))
     torch.testing.assert_close(importance[0], importance[1], rtol=0, atol=0)
+
+
+def test_candidate_logits_in_query_slices_equal_one_pass(monkeypatch):
+    # As a kernel's fallback it may get a chunk sized for on-chip gathering: it slices the queries instead.
+    q, keys, weights, mask, scale = _random_problem(num_queries=40, num_keys=40)
+    positions = torch.randint(0, 40, (2, 40, 12), generator=torch.Generator().manual_seed(1))
+    whole = reference.reference_candidate_logits(q, weights, keys, positions, scale)
+    monkeypatch.setattr(reference, "DEFAULT_CHUNK_BYTES", 2 * 2 * 12 * (16 + 8) * 4 * 3)  # 3 queries per slice
+    torch.testing.assert_close(reference.reference_candidate_logits(q, weights, keys, positions, scale), whole,
+                               rtol=0, atol=0)
+    expected = (weights.unsqueeze(-1) * torch.relu(torch.einsum("bshd,bscd->bshc", q,
+                keys.gather(1, positions.reshape(2, -1, 1).expand(-1, -1, 16)).view(2, 40, 12, 16)) * scale)).sum(2)
+    torch.testing.assert_close(whole, expected)

@@ -78,8 +78,16 @@ def route_heads(importance: torch.Tensor, active_heads: int) -> torch.Tensor:
 
 def reference_candidate_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                                softmax_scale: float, scores_fn=head_scores) -> torch.Tensor:
-    """Full-head DSA scores of per-query candidate keys: positions [B, c, C] -> [B, c, C] fp32 (no mask)."""
-    return weighted_head_sum(weights, scores_fn(q, gather_keys(keys, positions), softmax_scale))
+    """Full-head DSA scores of per-query candidate keys: positions [B, c, C] -> [B, c, C] fp32 (no mask).
+
+    Runs over slices of the queries within the default chunk budget, so that it also fits as the fallback of a
+    kernel scorer whose query chunks were sized for on-chip gathering."""
+    batch, num_queries, num_candidates = positions.shape
+    per_query = batch * 2 * num_candidates * (keys.shape[-1] + q.shape[2]) * _FP32
+    step = max(1, DEFAULT_CHUNK_BYTES // per_query)
+    return torch.cat([weighted_head_sum(weights[:, i : i + step], scores_fn(
+        q[:, i : i + step], gather_keys(keys, positions[:, i : i + step]), softmax_scale))
+        for i in range(0, num_queries, step)], dim=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +102,7 @@ class Scorer:
     head_importance(q, weights, pooled, chunk mask, block_size, scale, router) -> [B, c, H]: MISA's router score.
     candidate_logits(q, weights, keys, positions [B, c, C], scale) -> [B, c, C]: full-head scores of candidates.
     scratch_bytes(heads, num_keys) -> the token stage's scratch memory per query, to size the query chunks.
+    candidate_scratch_bytes(heads, dim, candidates) -> the same for scoring `candidates` gathered keys per query.
     chunk_budget: scratch memory one query chunk may use.
     narrow_keys: skip the keys past a chunk's last visible key (causal future, static-cache slack). The reference
         keeps every key, so that its matmuls have transformers' exact shapes and DSA stays bit-identical.
@@ -111,6 +120,8 @@ class Scorer:
     candidate_logits: Callable[..., torch.Tensor] = None  # None: `reference_candidate_logits`
     narrow_keys: bool = False
     fused_select: Callable[..., torch.Tensor] | None = None
+    candidate_scratch_bytes: Callable[[int, int, int], int] = (
+        lambda heads, dim, candidates: 2 * candidates * (dim + heads) * _FP32)  # gathered keys + head scores, fp32
 
     def __post_init__(self) -> None:
         for name, default in (("head_importance", reference_head_importance),
@@ -254,8 +265,8 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
     num_candidates = min(candidate_factor * topk, keys.shape[1])
     num_heads, dim = q.shape[2], q.shape[3]
-    per_query = (scorer.scratch_bytes(active_heads, keys.shape[1])
-                 + 2 * (num_heads * pooled.shape[1] + num_candidates * (dim + num_heads)) * _FP32
+    per_query = (scorer.scratch_bytes(active_heads, keys.shape[1]) + 2 * num_heads * pooled.shape[1] * _FP32
+                 + scorer.candidate_scratch_bytes(num_heads, dim, num_candidates)
                  + TailBlock.scratch_bytes(block_size, dim))
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
@@ -281,7 +292,8 @@ def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
     """
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
     num_heads, dim = q.shape[2], q.shape[3]
-    per_query = 2 * (num_heads * pooled.shape[1] + (keep_blocks + 1) * block_size * (dim + num_heads)) * _FP32
+    per_query = (2 * num_heads * pooled.shape[1] * _FP32
+                 + scorer.candidate_scratch_bytes(num_heads, dim, (keep_blocks + 1) * block_size))
     offsets = torch.arange(block_size, device=q.device)
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
