@@ -85,9 +85,10 @@ def reference_candidate_logits(q: torch.Tensor, weights: torch.Tensor, keys: tor
     batch, num_queries, num_candidates = positions.shape
     per_query = batch * 2 * num_candidates * (keys.shape[-1] + q.shape[2]) * _FP32
     step = max(1, DEFAULT_CHUNK_BYTES // per_query)
-    return torch.cat([weighted_head_sum(weights[:, i : i + step], scores_fn(
+    slices = [weighted_head_sum(weights[:, i : i + step], scores_fn(
         q[:, i : i + step], gather_keys(keys, positions[:, i : i + step]), softmax_scale))
-        for i in range(0, num_queries, step)], dim=1)
+        for i in range(0, max(num_queries, 1), step)]  # one (empty) slice for no queries
+    return slices[0] if len(slices) == 1 else torch.cat(slices, dim=1)
 
 
 @dataclasses.dataclass(frozen=True)
