@@ -470,3 +470,30 @@ def test_candidate_logits_in_query_slices_equal_one_pass(monkeypatch):
     expected = (weights.unsqueeze(-1) * torch.relu(torch.einsum("bshd,bscd->bshc", q,
                 keys.gather(1, positions.reshape(2, -1, 1).expand(-1, -1, 16)).view(2, 40, 12, 16)) * scale)).sum(2)
     torch.testing.assert_close(whole, expected)
+
+
+@pytest.mark.parametrize("mode", ["misa_hierarchical", "hisa"])
+def test_query_chunks_follow_the_scorers_candidate_scratch(mode, monkeypatch):
+    # Kernels gather candidates on chip and declare less scratch per candidate, so their query chunks are larger
+    # (sized for the reference's gathered keys they were launch-bound); the selection does not change.
+    import dataclasses
+
+    q, keys, weights, mask, scale = _random_problem()
+    per_query = []
+    real_query_chunks = reference.query_chunks
+    monkeypatch.setattr(reference, "query_chunks",
+                        lambda num, bytes_per_query, *rest: per_query.append(bytes_per_query)
+                        or real_query_chunks(num, bytes_per_query, *rest))
+    on_chip = dataclasses.replace(reference.REFERENCE, candidate_scratch_bytes=lambda heads, dim, candidates: 0)
+    got = []
+    for scorer in (reference.REFERENCE, on_chip):
+        if mode == "hisa":
+            got.append(hisa_topk(q, keys, weights, 6, softmax_scale=scale, block_size=8, keep_blocks=1, mask=mask,
+                                 scorer=scorer))
+            candidates = 2 * 8
+        else:
+            got.append(misa_hierarchical_topk(q, keys, weights, 6, softmax_scale=scale, active_heads=2, block_size=8,
+                                              candidate_factor=2, mask=mask, scorer=scorer))
+            candidates = 12
+    assert torch.equal(got[0], got[1])
+    assert per_query[0] - per_query[1] == q.shape[0] * 2 * candidates * (16 + 8) * 4  # the gathered keys + scores
