@@ -4,6 +4,7 @@ import importlib.util
 import pathlib
 
 import pytest
+import torch
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -30,3 +31,9 @@ def test_e2e_benchmark_smoke(tmp_path):
 def test_e2e_benchmark_rejects_unknown_modes(tmp_path):
     with pytest.raises(SystemExit):
         _load("bench_e2e").main(["--tiny", "--modes", "misa9", "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_gpu_only_probe_imports_and_refuses_the_cpu(tmp_path):
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        _load("host_probe").main(["--out", str(tmp_path)])
