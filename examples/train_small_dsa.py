@@ -449,7 +449,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         low = min(length - 1, args.topk)
         rows = low + torch.randperm(length - low, generator=generator)[: args.kl_queries]
         lm, kl_terms, logits = training_step(model, optimizer, ids, weights, step >= dense_steps, rows.sort().values,
-                                       device)
+                                             device)
         schedule.step()
         done = step + 1
         if step % args.log_every == 0 or done == args.steps:

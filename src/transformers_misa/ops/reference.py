@@ -76,6 +76,11 @@ def route_heads(importance: torch.Tensor, active_heads: int) -> torch.Tensor:
     return importance.topk(active_heads, dim=-1).indices.sort(dim=-1).values
 
 
+def reference_candidate_scratch_bytes(heads: int, dim: int, candidates: int) -> int:
+    """Scratch memory per query of `reference_candidate_logits`: the gathered keys and their head scores, fp32."""
+    return 2 * candidates * (dim + heads) * _FP32
+
+
 def reference_candidate_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                                softmax_scale: float, scores_fn=head_scores) -> torch.Tensor:
     """Full-head DSA scores of per-query candidate keys: positions [B, c, C] -> [B, c, C] fp32 (no mask).
@@ -83,7 +88,7 @@ def reference_candidate_logits(q: torch.Tensor, weights: torch.Tensor, keys: tor
     Runs over slices of the queries within the default chunk budget, so that it also fits as the fallback of a
     kernel scorer whose query chunks were sized for on-chip gathering."""
     batch, num_queries, num_candidates = positions.shape
-    per_query = batch * 2 * num_candidates * (keys.shape[-1] + q.shape[2]) * _FP32
+    per_query = batch * reference_candidate_scratch_bytes(q.shape[2], keys.shape[-1], num_candidates)
     step = max(1, DEFAULT_CHUNK_BYTES // per_query)
     slices = [weighted_head_sum(weights[:, i : i + step], scores_fn(
         q[:, i : i + step], gather_keys(keys, positions[:, i : i + step]), softmax_scale))
@@ -121,8 +126,7 @@ class Scorer:
     candidate_logits: Callable[..., torch.Tensor] = None  # None: `reference_candidate_logits`
     narrow_keys: bool = False
     fused_select: Callable[..., torch.Tensor] | None = None
-    candidate_scratch_bytes: Callable[[int, int, int], int] = (
-        lambda heads, dim, candidates: 2 * candidates * (dim + heads) * _FP32)  # gathered keys + head scores, fp32
+    candidate_scratch_bytes: Callable[[int, int, int], int] = reference_candidate_scratch_bytes
 
     def __post_init__(self) -> None:
         for name, default in (("head_importance", reference_head_importance),
