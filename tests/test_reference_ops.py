@@ -497,3 +497,58 @@ def test_query_chunks_follow_the_scorers_candidate_scratch(mode, monkeypatch):
             candidates = 12
     assert torch.equal(got[0], got[1])
     assert per_query[0] - per_query[1] == q.shape[0] * 2 * candidates * (16 + 8) * 4  # the gathered keys + scores
+
+
+@pytest.mark.parametrize("num_queries,num_keys,min_width,block_size", [(1000, 1000, 0, 1), (300, 5000, 64, 128),
+                                                                       (4, 131072, 2048, 128)])
+def test_causal_query_chunks_grow_where_chunks_are_narrow(num_queries, num_keys, min_width, block_size):
+    """Contiguous cover of the queries; each chunk's scratch (size x its own width) within the budget's area unless
+    it is a single query; a chunk never smaller than the one after it (widths only grow)."""
+    from transformers_misa.ops.blocks import causal_query_chunks
+
+    bytes_per_query, budget = 1000, 40_000
+    chunks = list(causal_query_chunks(num_queries, num_keys, bytes_per_query, budget, min_width, block_size))
+    assert chunks[0].start == 0 and chunks[-1].stop == num_queries
+    assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+    area = budget * num_keys // bytes_per_query
+    for chunk in chunks:
+        width = min(num_keys, -(-max(num_keys - num_queries + chunk.stop, min_width) // block_size) * block_size)
+        size = chunk.stop - chunk.start
+        assert size == 1 or size * width <= area
+    sizes = [c.stop - c.start for c in chunks]
+    assert all(a >= b for a, b in zip(sizes[:-2], sizes[1:-1])), sizes  # the last one takes what is left
+
+
+@pytest.mark.parametrize("mode", ["dsa", "misa", "misa_hierarchical", "hisa"])
+def test_causal_chunks_keep_selections(mode, monkeypatch):
+    """A scorer that narrows keys takes causally sized chunks when there is no mask; the selection equals one chunk's,
+    and the chunks are uneven (more queries where they see fewer keys)."""
+    import dataclasses
+
+    from transformers_misa.ops import blocks
+
+    q, keys, weights, _, scale = _random_problem(batch=1, num_queries=96, num_keys=96, pads=(0,), shift=1.0)
+    sizes = []
+    real = blocks.causal_query_chunks
+    monkeypatch.setattr(reference, "causal_query_chunks",
+                        lambda *args: [sizes.append(c.stop - c.start) or c for c in real(*args)])
+    narrowing = dataclasses.replace(reference.REFERENCE, narrow_keys=True)
+    run = {
+        "dsa": lambda **kw: dsa_topk(q, keys, weights, 8, softmax_scale=scale, **kw),
+        "misa": lambda **kw: misa_topk(q, keys, weights, 8, softmax_scale=scale, active_heads=2, block_size=8, **kw),
+        "misa_hierarchical": lambda **kw: misa_hierarchical_topk(q, keys, weights, 8, softmax_scale=scale,
+                                                                 active_heads=2, block_size=8, candidate_factor=2,
+                                                                 **kw),
+        "hisa": lambda **kw: hisa_topk(q, keys, weights, 8, softmax_scale=scale, block_size=8, keep_blocks=2, **kw),
+    }[mode]
+    whole = run(scorer=dataclasses.replace(narrowing, chunk_budget=2**40))
+    assert sizes == [96]
+    sizes.clear()
+    chunked = run(scorer=dataclasses.replace(narrowing, chunk_budget=100_000))  # a few chunks
+    monkeypatch.setattr(reference, "causal_query_chunks", real)
+
+    def visible(picked):  # the first queries see fewer than k keys: which masked keys fill up carries no meaning
+        return torch.where(picked <= torch.arange(96).view(1, -1, 1), picked, -1).sort(-1).values
+
+    assert torch.equal(visible(chunked), visible(whole))
+    assert len(sizes) > 2 and sizes[0] > sizes[-2], sizes

@@ -30,6 +30,32 @@ def query_chunks(num_queries: int, bytes_per_query: int, chunk_size: int | None,
         yield slice(start, min(start + chunk_size, num_queries))
 
 
+def causal_query_chunks(num_queries: int, num_keys: int, bytes_per_query: int, budget: int, min_width: int = 0,
+                        block_size: int = 1) -> Iterator[slice]:
+    """`query_chunks` for a causal prefill whose chunks score only the keys up to their last query (queries at the
+    last positions): chunk [a, b) sees max(T - S + b, min_width) keys (whole blocks), and `bytes_per_query` (the
+    scratch at all T keys) shrinks in proportion, so the early, narrow chunks take many more queries. Fewer chunks
+    spend less host time, and early chunks no longer leave the GPU waiting for the next launch."""
+    offset = num_keys - num_queries
+    # A query at width w needs bytes_per_query * w / num_keys: a chunk [a, b) fits while (b - a) * width(b) <= area.
+    area = budget * num_keys // max(1, bytes_per_query)
+
+    def width(stop: int) -> int:
+        return min(num_keys, math.ceil(max(offset + stop, min_width) / block_size) * block_size)
+
+    start = 0
+    while start < num_queries:
+        low, high = 1, num_queries - start  # the largest size that fits (at least one query), by bisection
+        while low < high:
+            size = (low + high + 1) // 2
+            if size * width(start + size) <= area:
+                low = size
+            else:
+                high = size - 1
+        yield slice(start, start + low)
+        start += low
+
+
 def mask_bias(mask: torch.Tensor | None, rows: slice, batch: int, num_queries: int, num_keys: int,
               device: torch.device, width: int | None = None) -> torch.Tensor:
     """The additive fp32 bias [B, c, width] of one query chunk over keys [0, width) (all T by default).

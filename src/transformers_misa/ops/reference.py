@@ -24,6 +24,7 @@ from .blocks import (
     MASKED,
     ChunkMask,
     TailBlock,
+    causal_query_chunks,
     gather_keys,
     head_scores,
     key_validity,
@@ -160,7 +161,12 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
     num_keys = keys.shape[1]
     k = min(topk, num_keys)
     out = torch.empty(batch, num_queries, k, dtype=torch.int32, device=q.device)
-    for rows in query_chunks(num_queries, batch * bytes_per_query, chunk_size, scorer.chunk_budget):
+    if mask is None and scorer.narrow_keys and chunk_size is None:  # causal: chunks sized by their own width
+        chunks = causal_query_chunks(num_queries, num_keys, batch * bytes_per_query, scorer.chunk_budget,
+                                     max(k, min_width), block_size)
+    else:
+        chunks = query_chunks(num_queries, batch * bytes_per_query, chunk_size, scorer.chunk_budget)
+    for rows in chunks:
         chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device, sync_free=sync_free)
         width = num_keys if not scorer.narrow_keys else max(chunk.visible_end(), k, min_width)
         width = min(num_keys, math.ceil(width / block_size) * block_size)  # whole pooled blocks
