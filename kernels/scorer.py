@@ -66,6 +66,17 @@ def interleaved_row_order(heads: int, device: torch.device) -> torch.Tensor:
     return (query * heads + head).to(device)
 
 
+def decode_rows_per_cta(heads: int, num_queries: int) -> int:
+    """Query rows per CTA for a step with fewer queries than a prefill block (decode, 1-4 per sequence): the smallest
+    power of two holding all of them, at least 8 (the tensor cores' narrowest N). A 128-row block would leave most
+    rows empty (8 routed heads x 1 query: 120 of 128), and their matmul and head sums cost as much as real ones.
+    Head counts that are not powers of two keep the prefill block (rows must stay a multiple of the heads)."""
+    if heads & (heads - 1):
+        return ROWS_PER_CTA
+    rows = max(8, heads * num_queries)
+    return min(ROWS_PER_CTA, 1 << (rows - 1).bit_length())
+
+
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
             softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True) -> torch.Tensor:
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
@@ -84,14 +95,16 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
         q, weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
                               for x in (q, weights, ks, ke))
         return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved)[:, :num_queries]
-    ctas = -(-num_queries // block) * batch
+    rows_per_cta = ROWS_PER_CTA if num_queries >= block else decode_rows_per_cta(heads, num_queries)
+    ctas = -(-num_queries // max(1, rows_per_cta // heads)) * batch
     splits = key_splits_for(q.device, ctas, keys.shape[1])
     # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
     # a TMA row stride must be a multiple of 16 B. Decode steps (fewer queries than a block) never stage, so a cache
     # length's divisibility by 4 does not switch programs (and trigger a compile) in the middle of a generation.
     staged = stages_stores(heads) and num_queries >= block and keys.shape[1] % 4 == 0
     kernel = build_weighted_relu_logits(heads, dim, block_n=KEY_TILE, key_splits=splits, fill_future=fill_future,
-                                        staged_stores=staged, fp8=fp8, interleaved=interleaved)()
+                                        staged_stores=staged, fp8=fp8, interleaved=interleaved,
+                                        rows_per_cta=rows_per_cta)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
     weights = weights.float() * softmax_scale
     if fp8:

@@ -35,6 +35,27 @@ def test_logits_kernel_compiles_for_sm90a(heads):
     assert "tma_load" in source, "key tiles should stream through TMA"
 
 
+@pytest.mark.parametrize("heads,rows", [(8, 8), (8, 32), (64, 64)])
+def test_decode_logits_kernel_compiles_for_sm90a(heads, rows):
+    """Decode steps take a narrower CTA (`decode_rows_per_cta`): still one wgmma of N = rows, no empty rows."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.scoring import build_weighted_relu_logits
+
+    source = build_weighted_relu_logits(heads, 128, key_splits=8, staged_stores=False, rows_per_cta=rows,
+                                        arch="sm_90a")().get_kernel_source()
+    assert f"kFloat32, 64, {rows // 2 if rows > 8 else rows}, 16" in source, "one wgmma per key half, N = the rows"
+
+
+def test_decode_rows_per_cta_fits_the_step_queries():
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels.scorer import decode_rows_per_cta
+
+    assert [decode_rows_per_cta(8, q) for q in (1, 2, 3, 4, 16)] == [8, 16, 32, 32, 128]
+    assert [decode_rows_per_cta(64, q) for q in (1, 2)] == [64, 128]
+    assert decode_rows_per_cta(4, 1) == 8  # the tensor cores' narrowest N
+    assert decode_rows_per_cta(6, 1) == 128  # not a power of two: the prefill block
+
+
 @pytest.mark.parametrize("heads,staged", [(64, False), (8, True)])
 def test_fp8_logits_kernel_compiles_for_sm90a(heads, staged):
     _tilelang_or_skip()
@@ -87,13 +108,14 @@ def test_interleaved_layout_refuses_what_it_cannot_hold():
             build_weighted_relu_logits(heads, 128, interleaved=True, arch="sm_90a", **variant)
 
 
-@pytest.mark.parametrize("k", [2048, 8192])
-def test_radix_topk_compiles_for_sm90a(k):
+@pytest.mark.parametrize("k,unroll", [(2048, 4), (8192, 4), (2048, 16)])
+def test_radix_topk_compiles_for_sm90a(k, unroll):
     _tilelang_or_skip()
     from transformers_misa.kernels.topk import build_radix_topk
 
-    source = build_radix_topk(k, arch="sm_90a")().get_kernel_source()
+    source = build_radix_topk(k, unroll=unroll, arch="sm_90a")().get_kernel_source()
     assert "AtomicAdd" in source and "__syncthreads" in source
+    assert f"for (int j = 0; j < {unroll}; ++j)" in source, "each thread's row loads come in groups of `unroll`"
 
 
 @pytest.mark.parametrize("heads", [64, 32])
@@ -168,6 +190,9 @@ def _padded_causal_mask(batch, num_queries, num_keys, pads):
     (1, 4, 4099, 32, [0]),  # decode-like, T not a multiple of the tile, GLM-5's 32 heads
     (3, 257, 257, 8, [0, 5, 100]),  # routed-head width, scattered stores (257 keys: no 16-byte TMA row stride)
     (2, 100, 1024, 8, [0, 30]),  # routed-head width, staged (TMA) stores, a partial last query block
+    (2, 3, 5000, 8, [0, 11]),  # decode, 3 of a 32-row CTA's 4 queries, key tiles split over CTAs
+    (3, 1, 3000, 64, [0, 0, 100]),  # decode, one query: a 64-row CTA
+    (2, 2, 4099, 16, [0, 5]),  # decode, 2 x 16 heads: a 32-row CTA
 ])
 def test_logits_kernel_matches_reference(batch, num_queries, num_keys, heads, pads):
     from transformers_misa.kernels.scorer import tilelang_token_logits
@@ -280,6 +305,27 @@ def test_radix_topk_buffered_and_rereading_paths_agree(buffer):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("options", [dict(unroll=4), dict(unroll=8), dict(unroll=32), dict(threads=1024, unroll=16),
+                                     dict(threads=256, unroll=16), dict(unroll=16, buffer=16)])
+def test_radix_topk_variants_select_the_same_set(options):
+    """Every load depth and CTA width (`sweep_topk.py` times them) selects exactly the default's set: ragged ends
+    (shorter than one loop step, not a multiple of it), ties, garbage past the ends."""
+    from transformers_misa.kernels.topk import build_radix_topk
+
+    generator = torch.Generator(device="cuda").manual_seed(21)
+    scores = (torch.randn(12, 70001, device="cuda", generator=generator) * 8).round()
+    ends = torch.tensor([70001, 70000, 65537, 33000, 16385, 9000, 8191, 5000, 4097, 2048, 2047, 100],
+                        device="cuda", dtype=torch.int32)
+    scores = scores.masked_fill(torch.arange(70001, device="cuda") >= ends.unsqueeze(-1), 1e30)
+    expected = build_radix_topk(2048)()(scores, ends)
+    got = build_radix_topk(2048, **options)()(scores, ends)
+    for row, end in enumerate(ends.tolist()):  # rows seeing fewer than k keys fill up with any unread columns
+        assert {c for c in got[row].tolist() if c < end} == {c for c in expected[row].tolist() if c < end}, row
+        assert len(set(got[row].tolist())) == 2048, f"row {row}: repeated index"
+
+
+@gpu
+@pytest.mark.gpu
 def test_logits_split_for_the_tma_limit_match(monkeypatch):
     """Calls past the TMA descriptor's element limit are split over the queries; the logits do not change."""
     from transformers_misa.kernels import scorer
@@ -325,6 +371,7 @@ def test_radix_topk_reads_each_row_only_up_to_its_end(rows, width, k):
     (3, 4, 40000, 64, 2048, [0, 1, 39000]),  # decode (4 speculative queries): key tiles split over CTAs
     (32, 1, 20000, 32, 2048, [0] * 32),  # decode batch, GLM-5's 32 heads
     (1, 3, 6000, 8, 4096, [2100]),  # k above some rows' visible keys
+    (4, 1, 30000, 8, 2048, [0, 0, 5, 29000]),  # decode with 8 routed heads: an 8-row CTA
 ])
 def test_fused_select_matches_reference(batch, num_queries, num_keys, heads, k, pads):
     """tilelang_select_tokens (unwritten future + per-row ends) picks DSA's top-k up to near-ties."""
