@@ -26,7 +26,9 @@ import tilelang.language as T
 from .common import compile_target
 
 RADIX_BITS = (12, 12, 8)  # most significant first; sums to 32
-UNROLL = 4  # row elements each thread handles per loop step
+# Row elements each thread loads per loop step, all issued before any is used: the loads in flight per CTA set how
+# fast one row streams (a decode step has a few dozen rows, one CTA each, and is latency-bound at 4).
+UNROLL = 16
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 NEG_INF_KEY = 0x007FFFFF  # _order_key(-inf): ~0xFF800000
@@ -47,7 +49,7 @@ def _order_key(value):
 
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
-                     arch: str | None = None):
+                     unroll: int = UNROLL, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -69,9 +71,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
 
         @T.macro
         def load_row_slice(Scores, Keys, row, step, tx, end, values, keys):
-            # All UNROLL loads issued before any is used: several requests in flight per thread.
-            for j in T.unroll(UNROLL):
-                col = (step * UNROLL + j) * threads + tx
+            # All `unroll` loads issued before any is used: several requests in flight per thread.
+            for j in T.unroll(unroll):
+                col = (step * unroll + j) * threads + tx
                 values[j] = T.if_then_else(col < end, Scores[row, T.min(col, width - 1)], 0.0)
                 if with_keys:  # Python-level
                     keys[j] = T.if_then_else(col < end, Keys[row, T.min(col, width - 1)], 0)
@@ -80,10 +82,10 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
         def for_each_key(source, row, tx, end, values, visit, context):
             """visit(order key, column (with_keys: its key index), context) for every column before `end`;
             source = (Scores, Keys or None, a thread's key slots or None)."""
-            for step in T.serial(T.ceildiv(end, threads * UNROLL)):
+            for step in T.serial(T.ceildiv(end, threads * unroll)):
                 load_row_slice(source[0], source[1], row, step, tx, end, values, source[2])
-                for j in T.unroll(UNROLL):
-                    col = (step * UNROLL + j) * threads + tx
+                for j in T.unroll(unroll):
+                    col = (step * unroll + j) * threads + tx
                     if col < end:
                         visit(_order_key(values[j]), source[2][j] if with_keys else col, context)
 
@@ -200,8 +202,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 wanted = T.alloc_var(T.int32)
                 lowest = T.alloc_var(T.uint32)  # tie-breaking threshold on column keys (0: every tie qualifies)
                 slot = T.alloc_var(T.int32)
-                values = T.alloc_local((UNROLL,), T.float32)
-                keys = T.alloc_local((UNROLL,), T.int32) if with_keys else None
+                values = T.alloc_local((unroll,), T.float32)
+                keys = T.alloc_local((unroll,), T.int32) if with_keys else None
                 source = (Scores, Keys, keys)
                 prefix = T.uint32(0)
                 lowest = T.uint32(0)

@@ -1,0 +1,102 @@
+"""Variant sweep of the radix top-k (threads per CTA, loads in flight per thread) on real indexer logits.
+
+Two workloads, the ones the indexer gives it: causal prefill rows of a 64K context (one row per 16th query, so the
+rows' widths average half the context, as a whole prefill's do) and decode rows (batch 32 x 1 and 4 queries, 128K
+cache). The logits come from the 8-head logits program on random inputs. Each variant must select exactly the
+default's set (ties break alike); its time is reported with the bandwidth of one read of the visible columns.
+Compiles run in parallel processes first.
+
+    python benchmarks/sweep_topk.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import multiprocessing
+import pathlib
+
+import torch
+
+from bench_indexer import DIM, SCALE, TOPK, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
+from transformers_misa.kernels.scoring import build_weighted_relu_logits
+from transformers_misa.kernels.topk import BUFFER, UNROLL, build_radix_topk
+
+VARIANTS = {  # name -> build options
+    "default": {},
+    "unroll8": dict(unroll=8),
+    "unroll16": dict(unroll=16),
+    "unroll32": dict(unroll=32),
+    "threads1024_unroll8": dict(threads=1024, unroll=8),
+    "threads1024_unroll16": dict(threads=1024, unroll=16),
+    "threads256_unroll16": dict(threads=256, unroll=16),
+}
+HEADS = 8
+
+
+def compile_one(name: str) -> str:
+    try:
+        build_radix_topk(TOPK, **VARIANTS[name])()
+        return ""
+    except Exception as error:  # reported per variant, the others go on
+        return f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def logits_rows(batch: int, queries: int, num_keys: int, ends: torch.Tensor) -> torch.Tensor:
+    """[rows, num_keys] fp32 logits of the 8-head program, each row valid up to its end (unwritten past it)."""
+    q, keys, weights = inputs(batch, queries, num_keys, HEADS)
+    kernel = build_weighted_relu_logits(HEADS, DIM, fill_future=False, staged_stores=False)()
+    ks = torch.zeros(batch, queries, dtype=torch.int32, device="cuda")
+    logits = kernel(q.reshape(batch, queries * HEADS, DIM), keys, (weights * SCALE).contiguous(), ks,
+                    ends.view(batch, queries).contiguous())
+    return logits.reshape(batch * queries, num_keys)
+
+
+def workloads() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    context = 65536
+    prefill_ends = torch.arange(16, context + 1, 16, dtype=torch.int32, device="cuda")
+    out = {"prefill_64K_causal": (logits_rows(1, prefill_ends.numel(), context, prefill_ends), prefill_ends)}
+    for queries in (1, 4):
+        ends = torch.full((32 * queries,), 131072, dtype=torch.int32, device="cuda")
+        out[f"decode_128K_b32_q{queries}"] = (logits_rows(32, queries, 131072, ends), ends)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    spawn = multiprocessing.get_context("spawn")  # CUDA is initialised here: workers only fill TileLang's cache
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=spawn) as pool:
+        errors = dict(zip(VARIANTS, pool.map(compile_one, VARIANTS)))
+    rows = []
+    for workload, (scores, ends) in workloads().items():
+        expected = build_radix_topk(TOPK)()(scores, ends).sort(-1).values
+        read_gb = float(ends.clamp_max(scores.shape[1]).sum()) * 4 / 1e9
+        for name, options in VARIANTS.items():
+            row = {"workload": workload, "variant": name, "threads": options.get("threads", 512),
+                   "unroll": options.get("unroll", UNROLL), "buffer": BUFFER}
+            if errors[name]:
+                row["error"] = errors[name]
+            else:
+                kernel = build_radix_topk(TOPK, **options)()
+                row["same_selection"] = bool(torch.equal(kernel(scores, ends).sort(-1).values, expected))
+                row["ms"] = cuda_time_ms(lambda: kernel(scores, ends), args.reps)
+                row["GB_per_s_one_read"] = read_gb / row["ms"] * 1e3
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del scores, ends
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"sweep_topk-{stamp}.json"
+    path.write_text(json.dumps({"environment": environment(), "topk": TOPK, "results": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
