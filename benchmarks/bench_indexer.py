@@ -156,21 +156,28 @@ def scoring_tflops(heads: int, num_queries: int, num_keys: int, reps: int, **var
     return {"ms": ms, "tflops": flops / ms / 1e9}
 
 
-def run_prefill(contexts, heads, deepseek_kernel, reps, results):
+def chosen(name: str, heads: int, only: set[str] | None) -> bool:
+    """Whether `--methods` (names as in `methods`, with "dsa" for dsa{heads}_*) asks for this method."""
+    return only is None or name.replace(f"dsa{heads}", "dsa") in only
+
+
+def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
     for context in contexts:
         q, keys, weights = inputs(1, context, context, heads)
         row = {"phase": "prefill", "heads": heads, "batch": 1, "context": context}
         for name, fn in methods(heads, deepseek_kernel).items():
-            if not fits(name, 1, context, context, heads):
+            if not chosen(name, heads, only) or not fits(name, 1, context, context, heads):
                 continue
             call = functools.partial(fn, q, keys, weights)
             row[f"{name}_ms"] = cuda_time_ms(call, reps if context <= 32768 else max(1, reps // 2))
             row[f"{name}_peak_gib"] = peak_extra_gib(call)
             torch.cuda.empty_cache()  # each method's cached blocks would crowd out the next one's
         row["scoring"] = scoring_tflops(heads, context, context, reps)
-        if not stages_stores(heads) or context <= 32768:  # staged: one call under the TMA limit
+        if chosen(f"dsa{heads}_fp8", heads, only) and (not stages_stores(heads) or context <= 32768):
+            # staged: one call under the TMA limit
             row["scoring_fp8"] = scoring_tflops(heads, context, context, reps, fp8=True)
-        if context == 32768 and heads == 64:  # why few-head logits go through shared memory (scoring.py)
+        if context == 32768 and heads == 64 and chosen("misa8_plain_layout", heads, only):
+            # why few-head logits go through shared memory, interleaved (scoring.py)
             row["routed8_logits"] = {
                 f"staged_stores={staged}": scoring_tflops(8, context, context, reps, staged_stores=staged,
                                                           fill_future=False)
@@ -182,7 +189,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results):
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
                                 for name in (f"dsa{heads}_kernel", "misa8", "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
-                                             f"dsa{heads}_fp8", "misa8_fp8")}
+                                             f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}
         results.append(row)
         print_row(row, heads)
         del q, keys, weights
@@ -315,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-batches", default="1,8,32")
     parser.add_argument("--decode-new-tokens", default="1,4", help="queries per sequence per decode step (MTP)")
     parser.add_argument("--glm-contexts", default="32768,65536", help="contexts for GLM-5's H=32 shape")
+    parser.add_argument("--methods", default="", help="only these prefill methods, e.g. dsa_kernel,misa8,misa8_hier,"
+                        "hisa (dsa_* for the DSA kernel of each head count); default: all")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small shapes only")
     parser.add_argument("--deepseek-ref", type=pathlib.Path, help="checkout of deepseek-ai/DeepSeek-V3.2-Exp")
@@ -338,8 +347,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         profile_misa(args.profile)
     results: list[dict] = []
-    run_prefill(parse(args.contexts), 64, deepseek_kernel, args.reps, results)
-    run_prefill(parse(args.glm_contexts), 32, None, args.reps, results)
+    only = set(args.methods.split(",")) if args.methods else None
+    run_prefill(parse(args.contexts), 64, deepseek_kernel, args.reps, results, only)
+    run_prefill(parse(args.glm_contexts), 32, None, args.reps, results, only)
     run_decode(parse(args.decode_caches), parse(args.decode_batches), parse(args.decode_new_tokens), 64, args.reps,
                results)
     args.out.mkdir(parents=True, exist_ok=True)
