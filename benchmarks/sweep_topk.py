@@ -26,12 +26,14 @@ from transformers_misa.kernels.topk import BUFFER, UNROLL, build_radix_topk
 
 VARIANTS = {  # name -> build options
     "default": {},
+    "unroll2": dict(unroll=2),
+    "unroll4": dict(unroll=4),
     "unroll8": dict(unroll=8),
     "unroll16": dict(unroll=16),
-    "unroll32": dict(unroll=32),
+    "threads1024_unroll2": dict(threads=1024, unroll=2),
+    "threads1024_unroll4": dict(threads=1024, unroll=4),
     "threads1024_unroll8": dict(threads=1024, unroll=8),
-    "threads1024_unroll16": dict(threads=1024, unroll=16),
-    "threads256_unroll16": dict(threads=256, unroll=16),
+    "threads256_unroll4": dict(threads=256, unroll=4),
 }
 HEADS = 8
 
@@ -75,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
         errors = dict(zip(VARIANTS, pool.map(compile_one, VARIANTS)))
     rows = []
     for workload, (scores, ends) in workloads().items():
-        expected = build_radix_topk(TOPK)()(scores, ends).sort(-1).values
+        # Rows seeing fewer than k keys fill up with any unread columns: only the visible picks are compared.
+        visible_picks = lambda picked: torch.where(picked < ends.unsqueeze(-1), picked, -1).sort(-1).values  # noqa: E731
+        expected = visible_picks(build_radix_topk(TOPK)()(scores, ends))
         read_gb = float(ends.clamp_max(scores.shape[1]).sum()) * 4 / 1e9
         for name, options in VARIANTS.items():
             row = {"workload": workload, "variant": name, "threads": options.get("threads", 512),
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["error"] = errors[name]
             else:
                 kernel = build_radix_topk(TOPK, **options)()
-                row["same_selection"] = bool(torch.equal(kernel(scores, ends).sort(-1).values, expected))
+                row["same_selection"] = bool(torch.equal(visible_picks(kernel(scores, ends)), expected))
                 row["ms"] = cuda_time_ms(lambda: kernel(scores, ends), args.reps)
                 row["GB_per_s_one_read"] = read_gb / row["ms"] * 1e3
             rows.append(row)

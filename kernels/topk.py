@@ -26,9 +26,12 @@ import tilelang.language as T
 from .common import compile_target
 
 RADIX_BITS = (12, 12, 8)  # most significant first; sums to 32
-# Row elements each thread loads per loop step, all issued before any is used: the loads in flight per CTA set how
-# fast one row streams (a decode step has a few dozen rows, one CTA each, and is latency-bound at 4).
-UNROLL = 16
+# Row elements each thread loads per loop step, all issued before any is used. Many rows (prefill) fill the GPU with
+# CTAs and more loads in flight only cost registers (64K causal rows, H200: 0.60 ms at 4, 1.01 at 16); a decode step
+# has a few dozen rows, one CTA each, and streams them faster with wide CTAs and deeper loads (FEW_ROWS_SHAPE: 0.07
+# against 0.10 ms for 32 rows of 128K), see benchmarks/sweep_topk.py.
+UNROLL = 4
+FEW_ROWS_SHAPE = dict(threads=1024, unroll=8)
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 NEG_INF_KEY = 0x007FFFFF  # _order_key(-inf): ~0xFF800000

@@ -108,7 +108,7 @@ def test_interleaved_layout_refuses_what_it_cannot_hold():
             build_weighted_relu_logits(heads, 128, interleaved=True, arch="sm_90a", **variant)
 
 
-@pytest.mark.parametrize("k,unroll", [(2048, 4), (8192, 4), (2048, 16)])
+@pytest.mark.parametrize("k,unroll", [(2048, 4), (8192, 4), (2048, 8)])
 def test_radix_topk_compiles_for_sm90a(k, unroll):
     _tilelang_or_skip()
     from transformers_misa.kernels.topk import build_radix_topk
