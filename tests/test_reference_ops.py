@@ -501,20 +501,25 @@ def test_query_chunks_follow_the_scorers_candidate_scratch(mode, monkeypatch):
 
 @pytest.mark.parametrize("num_queries,num_keys,min_width,block_size", [(1000, 1000, 0, 1), (300, 5000, 64, 128),
                                                                        (4, 131072, 2048, 128)])
-def test_causal_query_chunks_grow_where_chunks_are_narrow(num_queries, num_keys, min_width, block_size):
-    """Contiguous cover of the queries; each chunk's scratch (size x its own width) within the budget's area unless
-    it is a single query; a chunk never smaller than the one after it (widths only grow)."""
+@pytest.mark.parametrize("fixed_bytes", [0, 30])
+def test_causal_query_chunks_grow_where_chunks_are_narrow(num_queries, num_keys, min_width, block_size, fixed_bytes):
+    """Contiguous cover of the queries; each chunk's scratch (size x the per-query bytes at its own width, which may
+    have a part that does not shrink with the width: candidate lists) within the budget unless it is a single
+    query; a chunk never smaller than the one after it (widths only grow)."""
     from transformers_misa.ops.blocks import causal_query_chunks
 
-    bytes_per_query, budget = 1000, 40_000
+    budget = 40_000 * (1 + fixed_bytes)
+
+    def bytes_per_query(width):
+        return width + fixed_bytes * num_keys
+
     chunks = list(causal_query_chunks(num_queries, num_keys, bytes_per_query, budget, min_width, block_size))
     assert chunks[0].start == 0 and chunks[-1].stop == num_queries
     assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
-    area = budget * num_keys // bytes_per_query
     for chunk in chunks:
         width = min(num_keys, -(-max(num_keys - num_queries + chunk.stop, min_width) // block_size) * block_size)
         size = chunk.stop - chunk.start
-        assert size == 1 or size * width <= area
+        assert size == 1 or size * bytes_per_query(width) <= budget
     sizes = [c.stop - c.start for c in chunks]
     assert all(a >= b for a, b in zip(sizes[:-2], sizes[1:-1])), sizes  # the last one takes what is left
 

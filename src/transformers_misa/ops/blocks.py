@@ -10,7 +10,7 @@ Every tensor here follows one layout:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -30,15 +30,13 @@ def query_chunks(num_queries: int, bytes_per_query: int, chunk_size: int | None,
         yield slice(start, min(start + chunk_size, num_queries))
 
 
-def causal_query_chunks(num_queries: int, num_keys: int, bytes_per_query: int, budget: int, min_width: int = 0,
-                        block_size: int = 1) -> Iterator[slice]:
+def causal_query_chunks(num_queries: int, num_keys: int, bytes_per_query: Callable[[int], int], budget: int,
+                        min_width: int = 0, block_size: int = 1) -> Iterator[slice]:
     """`query_chunks` for a causal prefill whose chunks score only the keys up to their last query (queries at the
-    last positions): chunk [a, b) sees max(T - S + b, min_width) keys (whole blocks), and `bytes_per_query` (the
-    scratch at all T keys) shrinks in proportion, so the early, narrow chunks take many more queries. Fewer chunks
-    spend less host time, and early chunks no longer leave the GPU waiting for the next launch."""
+    last positions): chunk [a, b) sees max(T - S + b, min_width) keys (whole blocks) and needs (b - a) ·
+    bytes_per_query(that width) of scratch, so the early, narrow chunks take more queries. Fewer chunks spend less
+    host time, and early chunks no longer leave the GPU waiting for the next launch."""
     offset = num_keys - num_queries
-    # A query at width w needs bytes_per_query * w / num_keys: a chunk [a, b) fits while (b - a) * width(b) <= area.
-    area = budget * num_keys // max(1, bytes_per_query)
 
     def width(stop: int) -> int:
         return min(num_keys, math.ceil(max(offset + stop, min_width) / block_size) * block_size)
@@ -48,7 +46,7 @@ def causal_query_chunks(num_queries: int, num_keys: int, bytes_per_query: int, b
         low, high = 1, num_queries - start  # the largest size that fits (at least one query), by bisection
         while low < high:
             size = (low + high + 1) // 2
-            if size * width(start + size) <= area:
+            if size * bytes_per_query(width(start + size)) <= budget:
                 low = size
             else:
                 high = size - 1

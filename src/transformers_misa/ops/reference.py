@@ -152,7 +152,7 @@ ChunkSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tenso
 
 
 def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int,
-                      mask: torch.Tensor | None, chunk_size: int | None, bytes_per_query: int,
+                      mask: torch.Tensor | None, chunk_size: int | None, bytes_per_query: Callable[[int], int],
                       select: ChunkSelector, scorer: Scorer, pooled: torch.Tensor | None = None,
                       block_size: int = 1, min_width: int = 0, sync_free: bool = False) -> torch.Tensor:
     """Runs `select` over query chunks. With `scorer.narrow_keys`, keys past a chunk's last visible key (the causal
@@ -162,10 +162,10 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
     k = min(topk, num_keys)
     out = torch.empty(batch, num_queries, k, dtype=torch.int32, device=q.device)
     if mask is None and scorer.narrow_keys and chunk_size is None:  # causal: chunks sized by their own width
-        chunks = causal_query_chunks(num_queries, num_keys, batch * bytes_per_query, scorer.chunk_budget,
-                                     max(k, min_width), block_size)
+        chunks = causal_query_chunks(num_queries, num_keys, lambda width: batch * bytes_per_query(width),
+                                     scorer.chunk_budget, max(k, min_width), block_size)
     else:
-        chunks = query_chunks(num_queries, batch * bytes_per_query, chunk_size, scorer.chunk_budget)
+        chunks = query_chunks(num_queries, batch * bytes_per_query(num_keys), chunk_size, scorer.chunk_budget)
     for rows in chunks:
         chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device, sync_free=sync_free)
         width = num_keys if not scorer.narrow_keys else max(chunk.visible_end(), k, min_width)
@@ -221,6 +221,11 @@ def rerank(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: Ch
     return positions.gather(-1, scorer.topk(scores, k))
 
 
+def _router_scratch_bytes(heads: int, width: int, block_size: int) -> int:
+    """Per query: the fp32 scores of every head against every pooled block of `width` keys (and one temporary)."""
+    return 2 * heads * math.ceil(width / block_size) * _FP32
+
+
 def _pooled_or_compute(pooled: torch.Tensor | None, keys: torch.Tensor, mask: torch.Tensor | None,
                        block_size: int) -> torch.Tensor:
     expected_blocks = math.ceil(keys.shape[1] / block_size)
@@ -240,8 +245,8 @@ def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: i
     def select(q_c, w_c, keys_c, _, chunk, k):
         return scorer.select_tokens(q_c, w_c, keys_c, chunk, softmax_scale, k)
 
-    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, scorer.scratch_bytes(num_heads, keys.shape[1]),
-                             select, scorer, sync_free=sync_free)
+    return _select_in_chunks(q, keys, weights, topk, mask, chunk_size,
+                             lambda width: scorer.scratch_bytes(num_heads, width), select, scorer, sync_free=sync_free)
 
 
 def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
@@ -254,8 +259,10 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
     head_scale: optional [H] router calibration (see `transformers_misa.calibration`); router: "sum" or "max"
     pooling of each head's block scores."""
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
-    per_query = (scorer.scratch_bytes(active_heads, keys.shape[1]) + 2 * q.shape[2] * pooled.shape[1] * _FP32
-                 + TailBlock.scratch_bytes(block_size, q.shape[3]))
+
+    def per_query(width: int) -> int:  # routed logits, block scores, the tail block
+        return (scorer.scratch_bytes(active_heads, width) + _router_scratch_bytes(q.shape[2], width, block_size)
+                + TailBlock.scratch_bytes(block_size, q.shape[3]))
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
         q_routed, w_routed = route_queries(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
@@ -276,9 +283,11 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
     num_candidates = min(candidate_factor * topk, keys.shape[1])
     num_heads, dim = q.shape[2], q.shape[3]
-    per_query = (scorer.scratch_bytes(active_heads, keys.shape[1]) + 2 * num_heads * pooled.shape[1] * _FP32
-                 + scorer.candidate_scratch_bytes(num_heads, dim, num_candidates)
-                 + TailBlock.scratch_bytes(block_size, dim))
+
+    def per_query(width: int) -> int:  # misa_topk's, and the re-rank of the candidates
+        return (scorer.scratch_bytes(active_heads, width) + _router_scratch_bytes(num_heads, width, block_size)
+                + scorer.candidate_scratch_bytes(num_heads, dim, num_candidates)
+                + TailBlock.scratch_bytes(block_size, dim))
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
         q_routed, w_routed = route_queries(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
@@ -303,8 +312,10 @@ def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
     """
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
     num_heads, dim = q.shape[2], q.shape[3]
-    per_query = (2 * num_heads * pooled.shape[1] * _FP32
-                 + scorer.candidate_scratch_bytes(num_heads, dim, (keep_blocks + 1) * block_size))
+
+    def per_query(width: int) -> int:  # block scores, then the kept blocks' tokens
+        return (_router_scratch_bytes(num_heads, width, block_size)
+                + scorer.candidate_scratch_bytes(num_heads, dim, (keep_blocks + 1) * block_size))
     offsets = torch.arange(block_size, device=q.device)
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
