@@ -66,6 +66,12 @@ def workloads() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+def visible_picks(picked: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The picked columns before each row's end, sorted (rows seeing fewer than k keys fill up with any unread
+    columns, which are not compared)."""
+    return torch.where(picked < ends.unsqueeze(-1), picked, -1).sort(-1).values
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=10)
@@ -77,9 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         errors = dict(zip(VARIANTS, pool.map(compile_one, VARIANTS)))
     rows = []
     for workload, (scores, ends) in workloads().items():
-        # Rows seeing fewer than k keys fill up with any unread columns: only the visible picks are compared.
-        visible_picks = lambda picked: torch.where(picked < ends.unsqueeze(-1), picked, -1).sort(-1).values  # noqa: E731
-        expected = visible_picks(build_radix_topk(TOPK)()(scores, ends))
+        expected = visible_picks(build_radix_topk(TOPK)()(scores, ends), ends)
         read_gb = float(ends.clamp_max(scores.shape[1]).sum()) * 4 / 1e9
         for name, options in VARIANTS.items():
             row = {"workload": workload, "variant": name, "threads": options.get("threads", 512),
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["error"] = errors[name]
             else:
                 kernel = build_radix_topk(TOPK, **options)()
-                row["same_selection"] = bool(torch.equal(visible_picks(kernel(scores, ends)), expected))
+                row["same_selection"] = bool(torch.equal(visible_picks(kernel(scores, ends), ends), expected))
                 row["ms"] = cuda_time_ms(lambda: kernel(scores, ends), args.reps)
                 row["GB_per_s_one_read"] = read_gb / row["ms"] * 1e3
             rows.append(row)

@@ -30,7 +30,8 @@ COPIES = 8
 def build_histogram_pass(mode: str, threads: int, unroll: int, arch: str | None = None):
     words = BINS * COPIES // 2 if mode == "copies" else BINS
 
-    @tilelang.jit(target=compile_target(arch), out_idx=[-1], pass_configs={tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True})
+    @tilelang.jit(target=compile_target(arch), out_idx=[-1],
+                  pass_configs={tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True})
     def program():
         rows, width = T.dynamic("rows"), T.dynamic("width")
 

@@ -156,7 +156,11 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
                       select: ChunkSelector, scorer: Scorer, pooled: torch.Tensor | None = None,
                       block_size: int = 1, min_width: int = 0, sync_free: bool = False) -> torch.Tensor:
     """Runs `select` over query chunks. With `scorer.narrow_keys`, keys past a chunk's last visible key (the causal
-    future) are cut off before scoring, keeping at least `min_width` (and k) so every top-k has enough entries."""
+    future) are cut off before scoring, keeping at least `min_width` (and k) so every top-k has enough entries.
+
+    bytes_per_query(width): one query's scratch when its chunk scores `width` keys. Chunks hold at most
+    `scorer.chunk_budget` of it: sized at the full width, or, for a causal prefill without a mask whose keys are cut
+    off, at each chunk's own width (`causal_query_chunks`)."""
     batch, num_queries = q.shape[:2]
     num_keys = keys.shape[1]
     k = min(topk, num_keys)
@@ -226,6 +230,13 @@ def _router_scratch_bytes(heads: int, width: int, block_size: int) -> int:
     return 2 * heads * math.ceil(width / block_size) * _FP32
 
 
+def _routed_scratch_bytes(scorer: Scorer, active_heads: int, heads: int, dim: int, width: int,
+                          block_size: int) -> int:
+    """Per query, MISA's routed pass over `width` keys: the router's block scores, its tail block, the routed logits."""
+    return (scorer.scratch_bytes(active_heads, width) + _router_scratch_bytes(heads, width, block_size)
+            + TailBlock.scratch_bytes(block_size, dim))
+
+
 def _pooled_or_compute(pooled: torch.Tensor | None, keys: torch.Tensor, mask: torch.Tensor | None,
                        block_size: int) -> torch.Tensor:
     expected_blocks = math.ceil(keys.shape[1] / block_size)
@@ -260,9 +271,8 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
     pooling of each head's block scores."""
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
 
-    def per_query(width: int) -> int:  # routed logits, block scores, the tail block
-        return (scorer.scratch_bytes(active_heads, width) + _router_scratch_bytes(q.shape[2], width, block_size)
-                + TailBlock.scratch_bytes(block_size, q.shape[3]))
+    def per_query(width: int) -> int:
+        return _routed_scratch_bytes(scorer, active_heads, q.shape[2], q.shape[3], width, block_size)
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
         q_routed, w_routed = route_queries(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
@@ -284,10 +294,9 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
     num_candidates = min(candidate_factor * topk, keys.shape[1])
     num_heads, dim = q.shape[2], q.shape[3]
 
-    def per_query(width: int) -> int:  # misa_topk's, and the re-rank of the candidates
-        return (scorer.scratch_bytes(active_heads, width) + _router_scratch_bytes(num_heads, width, block_size)
-                + scorer.candidate_scratch_bytes(num_heads, dim, num_candidates)
-                + TailBlock.scratch_bytes(block_size, dim))
+    def per_query(width: int) -> int:  # the routed pass, then the re-rank of its candidates
+        return (_routed_scratch_bytes(scorer, active_heads, num_heads, dim, width, block_size)
+                + scorer.candidate_scratch_bytes(num_heads, dim, num_candidates))
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k):
         q_routed, w_routed = route_queries(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
