@@ -8,6 +8,6 @@ def compile_target(arch: str | None) -> str | dict:
     return "auto" if arch is None else {"kind": "cuda", "arch": arch}
 
 
-def queries_per_cta(heads: int) -> int:
-    """Queries one CTA takes, all heads of each: ROWS_PER_CTA query rows in all."""
-    return max(1, ROWS_PER_CTA // heads)
+def queries_per_cta(heads: int, rows_per_cta: int = ROWS_PER_CTA) -> int:
+    """Queries one CTA takes, all heads of each: `rows_per_cta` query rows in all (at least one query)."""
+    return max(1, rows_per_cta // heads)

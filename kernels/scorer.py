@@ -96,7 +96,7 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
                               for x in (q, weights, ks, ke))
         return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved)[:, :num_queries]
     rows_per_cta = ROWS_PER_CTA if num_queries >= block else decode_rows_per_cta(heads, num_queries)
-    ctas = -(-num_queries // max(1, rows_per_cta // heads)) * batch
+    ctas = -(-num_queries // queries_per_cta(heads, rows_per_cta)) * batch
     splits = key_splits_for(q.device, ctas, keys.shape[1])
     # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
     # a TMA row stride must be a multiple of 16 B. Decode steps (fewer queries than a block) never stage, so a cache

@@ -91,7 +91,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                          f"{ROWS_PER_CTA} rows per CTA and 256 threads; got heads={heads}, fp8={fp8}, "
                          f"capacity={capacity}, rows_per_cta={rows_per_cta}, threads={threads}")
     target = compile_target(arch)
-    block_q = max(1, rows_per_cta // heads)
+    block_q = queries_per_cta(heads, rows_per_cta)
     rows = block_q * heads
     segments = min(block_n, threads // block_q)  # candidate variant: one consumer thread per (query, segment)
     segment = capacity // segments
