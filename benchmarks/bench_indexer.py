@@ -23,7 +23,7 @@ import sys
 import torch
 
 from transformers_misa.kernels.scorer import (TILELANG_FP8_SCORER, TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
-                                              TILELANG_THRESHOLD_SCORER)
+                                              TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_THRESHOLD_SCORER)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
@@ -101,6 +101,10 @@ def methods(heads: int, deepseek_kernel):
         "misa8_plain_layout": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK,
                                                                   softmax_scale=SCALE,
                                                                   scorer=TILELANG_PLAIN_LAYOUT_SCORER),
+        # the routing step in separate launches (before the fused routing program), timed beside "misa8"
+        "misa8_stepwise_routing": lambda q, k, w: reference.misa_topk(
+            q, k, w, TOPK, active_heads=8, block_size=BLOCK, softmax_scale=SCALE,
+            scorer=TILELANG_STEPWISE_ROUTING_SCORER),
         f"dsa{heads}_threshold": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, **threshold),
         "misa8_threshold": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK,
                                                                **threshold),
@@ -208,6 +212,9 @@ def run_decode(caches, batches, new_tokens_options, heads, reps, results):
                     f"dsa{heads}_kernel": lambda: reference.dsa_topk(q, keys, weights, TOPK, **common),
                     "misa8": lambda: reference.misa_topk(q, keys, weights, TOPK, active_heads=8, block_size=BLOCK,
                                                          pooled=pooled, **common),
+                    "misa8_stepwise_routing": lambda: reference.misa_topk(
+                        q, keys, weights, TOPK, active_heads=8, block_size=BLOCK, pooled=pooled,
+                        **dict(common, scorer=TILELANG_STEPWISE_ROUTING_SCORER)),
                 }
                 for name, call in calls.items():
                     row[f"{name}_ms"] = cuda_time_ms(call, reps)
@@ -250,7 +257,7 @@ def print_row(row: dict, heads: int) -> None:
 
 
 STAGES = {"weighted_relu_logits": "logits", "weighted_relu_candidates": "candidates", "radix_topk": "topk",
-          "head_importance": "router", "gathered_logits": "rerank"}
+          "head_importance": "router", "route_heads": "router", "gathered_logits": "rerank"}
 
 
 def stage_ms(call) -> dict:

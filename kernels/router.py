@@ -5,8 +5,13 @@
 A block m is visible to query t when it overlaps t's visible keys [ks, ke). A CTA takes `128 / heads` queries
 (all their heads: 128 query rows, one wgmma N), streams the pooled keys in tiles and adds each tile's masked
 ReLU scores into a register accumulator of the tile's shape, reduced over the blocks once at the end rather than
-with a cross-thread reduction per tile: the [S, H, M] block-score tensor is never written. The top-`active_heads`
-heads per query are then a tiny [S, H] top-k on the host side.
+with a cross-thread reduction per tile: the [S, H, M] block-score tensor is never written.
+
+`active_heads` > 0 builds the whole routing step instead (what `ops.reference.route_queries` does in ~30 small
+launches, a decode step's largest cost after the logits): the full blocks as above, plus each query's partly
+visible last block (`ops.blocks.TailBlock`) read straight from the key cache — ReLU of the mean of q·k over the
+block's visible keys, i.e. q against the tail's mean key — then each query's `active_heads` most important heads
+(ties to the lowest head, ascending), and their query rows and weights written out ready for the token logits.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations.
@@ -20,26 +25,31 @@ from .common import compile_target, queries_per_cta
 
 
 @functools.lru_cache(maxsize=None)
-def build_head_importance(heads: int, dim: int, block_size: int, block_m: int = 64, num_stages: int = 2,
-                          threads: int = 256, arch: str | None = None):
-    """Compiles the router program for `heads` heads of width `dim` over keys pooled by `block_size`."""
+def build_head_importance(heads: int, dim: int, block_size: int, active_heads: int = 0, block_m: int = 64,
+                          num_stages: int = 2, threads: int = 256, arch: str | None = None):
+    """Compiles the router program for `heads` heads of width `dim` over keys pooled by `block_size`.
+
+    (Q [B, S·H, D] bf16, Pooled [B, M, D] bf16, W [B, S, H] fp32, KS, KE [B, S] int32) -> Importance [B, S, H] fp32
+    (without the softmax scale); the caller passes the full blocks' end as KE and adds the tail block itself.
+    `active_heads` > 0: the routing program, (Q, Pooled, Keys [B, T, D] bf16, W, HeadScale [H] fp32, KS, KE) ->
+    (QRouted [B, S·A, D] bf16, WRouted [B, S, A] fp32, Heads [B, S, A] int32, Importance [B, S, H] fp32 with the
+    tail and HeadScale, without the softmax scale), A = active_heads.
+    """
+    if not 0 <= active_heads <= heads:
+        raise ValueError(f"active_heads must lie in [0, heads={heads}], got {active_heads}")
     target = compile_target(arch)
     block_q = queries_per_cta(heads)
     rows = block_q * heads
+    routing = active_heads > 0
+    no_tail = 2**30  # tail_lo of a CTA none of whose queries has a tail block
 
-    @tilelang.jit(target=target, out_idx=[-1])
+    @tilelang.jit(target=target, out_idx=[-4, -3, -2, -1] if routing else [-1])
     def program():
         batch, num_queries, num_blocks = T.dynamic("batch"), T.dynamic("num_queries"), T.dynamic("num_blocks")
+        num_keys = T.dynamic("num_keys")
 
-        @T.prim_func
-        def head_importance(
-            Q: T.Tensor((batch, num_queries * heads, dim), T.bfloat16),
-            Pooled: T.Tensor((batch, num_blocks, dim), T.bfloat16),
-            W: T.Tensor((batch, num_queries, heads), T.float32),
-            KS: T.Tensor((batch, num_queries), T.int32),
-            KE: T.Tensor((batch, num_queries), T.int32),
-            Importance: T.Tensor((batch, num_queries, heads), T.float32),
-        ):
+        @T.macro
+        def body(Q, Pooled, Keys, W, HeadScale, KS, KE, Importance, QRouted=None, WRouted=None, Heads=None):
             with T.Kernel(T.ceildiv(num_queries, block_q), batch, threads=threads) as (bq, bb):
                 q_shared = T.alloc_shared((rows, dim), T.bfloat16)
                 p_shared = T.alloc_shared((block_m, dim), T.bfloat16)
@@ -50,17 +60,44 @@ def build_head_importance(heads: int, dim: int, block_size: int, block_m: int = 
                 end_block = T.alloc_fragment((rows,), T.int32)
                 last_end = T.alloc_var(T.int32)
                 q0 = bq * block_q
+                if routing:  # Python-level: the tail block and the head pick
+                    k_shared = T.alloc_shared((block_m, dim), T.bfloat16)
+                    tail_sum = T.alloc_fragment((rows,), T.float32)
+                    tail_first = T.alloc_fragment((rows,), T.int32)
+                    tail_end = T.alloc_fragment((rows,), T.int32)
+                    rank = T.alloc_fragment((rows,), T.int32)
+                    importance = T.alloc_shared((rows,), T.float32)
+                    chosen = T.alloc_shared((rows,), T.int32)
+                    source_row = T.alloc_shared((block_q * active_heads,), T.int32)
+                    tail_lo = T.alloc_var(T.int32)
+                    tail_hi = T.alloc_var(T.int32)
 
                 T.copy(Q[bb, q0 * heads : q0 * heads + rows, :], q_shared)
                 for r in T.Parallel(rows):
                     query = T.min(q0 + r // heads, num_queries - 1)
-                    first_block[r] = KS[bb, query] // block_size
-                    end_block[r] = T.if_then_else(KE[bb, query] > KS[bb, query],
-                                                  T.ceildiv(KE[bb, query], block_size), 0)
+                    ks, ke = KS[bb, query], KE[bb, query]
+                    full_end = ke
+                    if routing:  # Python-level: the full blocks end where the tail block starts
+                        start = ke // block_size * block_size
+                        has_tail = ke > start and ke > ks
+                        full_end = T.if_then_else(has_tail, start, ke)
+                        tail_first[r] = T.if_then_else(has_tail, T.max(ks, start), 0)
+                        tail_end[r] = T.if_then_else(has_tail, ke, 0)
+                    first_block[r] = ks // block_size
+                    end_block[r] = T.if_then_else(full_end > ks, T.ceildiv(full_end, block_size), 0)
                 T.clear(running)
                 last_end = 0
+                if routing:
+                    tail_lo = no_tail
+                    tail_hi = 0
                 for i in T.serial(block_q):
-                    last_end = T.max(last_end, T.ceildiv(KE[bb, T.min(q0 + i, num_queries - 1)], block_size))
+                    query = T.min(q0 + i, num_queries - 1)
+                    last_end = T.max(last_end, T.ceildiv(KE[bb, query], block_size))
+                    if routing:  # Python-level: the key range holding the CTA's tail blocks
+                        start = KE[bb, query] // block_size * block_size
+                        if KE[bb, query] > start and KE[bb, query] > KS[bb, query]:
+                            tail_lo = T.min(tail_lo, start)
+                            tail_hi = T.max(tail_hi, KE[bb, query])
 
                 for tile in T.Pipelined(T.ceildiv(last_end, block_m), num_stages=num_stages):
                     T.copy(Pooled[bb, tile * block_m : (tile + 1) * block_m, :], p_shared)
@@ -72,10 +109,84 @@ def build_head_importance(heads: int, dim: int, block_size: int, block_m: int = 
                                                         T.max(scores[m, r], 0.0), 0.0)
                 T.reduce_sum(running, total, dim=0, clear=True)
 
-                for r in T.Parallel(rows):
-                    if q0 + r // heads < num_queries:
-                        Importance[bb, q0 + r // heads, r % heads] = total[r] * T.abs(
-                            W[bb, q0 + r // heads, r % heads])
+                if not routing:
+                    for r in T.Parallel(rows):
+                        if q0 + r // heads < num_queries:
+                            Importance[bb, q0 + r // heads, r % heads] = total[r] * T.abs(
+                                W[bb, q0 + r // heads, r % heads])
+                else:
+                    # The tail: q·k summed over each row's visible keys of its last block (ReLU of the mean after).
+                    T.clear(running)
+                    for tile in T.serial(T.ceildiv(T.max(tail_hi - tail_lo, 0), block_m)):
+                        T.copy(Keys[bb, tail_lo + tile * block_m : tail_lo + (tile + 1) * block_m, :], k_shared)
+                        T.gemm(k_shared, q_shared, scores, transpose_B=True, clear_accum=True,
+                               policy=T.GemmWarpPolicy.FullCol)
+                        for m, r in T.Parallel(block_m, rows):
+                            key = tail_lo + tile * block_m + m
+                            running[m, r] += T.if_then_else(key >= tail_first[r] and key < tail_end[r],
+                                                            scores[m, r], 0.0)
+                    T.reduce_sum(running, tail_sum, dim=0, clear=True)
+                    for r in T.Parallel(rows):
+                        query = T.min(q0 + r // heads, num_queries - 1)
+                        count = tail_end[r] - tail_first[r]
+                        tail = T.if_then_else(count > 0, T.max(tail_sum[r] / T.max(count, 1), 0.0), 0.0)
+                        importance[r] = (total[r] + tail) * T.abs(W[bb, query, r % heads]) * HeadScale[r % heads]
+                    # Rank of each head within its query (ties to the lowest head): the top `active_heads` are kept,
+                    # and each kept head's slot is its rank among the kept heads by head index (ascending).
+                    for r in T.Parallel(rows):
+                        rank[r] = 0
+                        for other in T.serial(heads):
+                            value = importance[r // heads * heads + other]
+                            rank[r] += T.if_then_else(
+                                value > importance[r] or (value == importance[r] and other < r % heads), 1, 0)
+                        chosen[r] = T.if_then_else(rank[r] < active_heads, 1, 0)
+                    for r in T.Parallel(rows):
+                        if chosen[r] == 1:
+                            rank[r] = 0
+                            for other in T.serial(r % heads):
+                                rank[r] += chosen[r // heads * heads + other]
+                            source_row[r // heads * active_heads + rank[r]] = r
+                    for i, d in T.Parallel(block_q * active_heads, dim):
+                        if q0 + i // active_heads < num_queries:
+                            QRouted[bb, q0 * active_heads + i, d] = q_shared[source_row[i], d]
+                    for i in T.Parallel(block_q * active_heads):
+                        query = q0 + i // active_heads
+                        if query < num_queries:
+                            WRouted[bb, query, i % active_heads] = W[bb, query, source_row[i] % heads]
+                            Heads[bb, query, i % active_heads] = source_row[i] % heads
+                    for r in T.Parallel(rows):
+                        if q0 + r // heads < num_queries:
+                            Importance[bb, q0 + r // heads, r % heads] = importance[r]
+
+        if routing:
+            @T.prim_func
+            def route_heads(
+                Q: T.Tensor((batch, num_queries * heads, dim), T.bfloat16),
+                Pooled: T.Tensor((batch, num_blocks, dim), T.bfloat16),
+                Keys: T.Tensor((batch, num_keys, dim), T.bfloat16),
+                W: T.Tensor((batch, num_queries, heads), T.float32),
+                HeadScale: T.Tensor((heads,), T.float32),
+                KS: T.Tensor((batch, num_queries), T.int32),
+                KE: T.Tensor((batch, num_queries), T.int32),
+                QRouted: T.Tensor((batch, num_queries * active_heads, dim), T.bfloat16),
+                WRouted: T.Tensor((batch, num_queries, active_heads), T.float32),
+                Heads: T.Tensor((batch, num_queries, active_heads), T.int32),
+                Importance: T.Tensor((batch, num_queries, heads), T.float32),
+            ):
+                body(Q, Pooled, Keys, W, HeadScale, KS, KE, Importance, QRouted, WRouted, Heads)
+
+            return route_heads
+
+        @T.prim_func
+        def head_importance(
+            Q: T.Tensor((batch, num_queries * heads, dim), T.bfloat16),
+            Pooled: T.Tensor((batch, num_blocks, dim), T.bfloat16),
+            W: T.Tensor((batch, num_queries, heads), T.float32),
+            KS: T.Tensor((batch, num_queries), T.int32),
+            KE: T.Tensor((batch, num_queries), T.int32),
+            Importance: T.Tensor((batch, num_queries, heads), T.float32),
+        ):
+            body(Q, Pooled, None, W, None, KS, KE, Importance)
 
         return head_importance
 

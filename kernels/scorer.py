@@ -258,6 +258,30 @@ def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: tor
     return importance * softmax_scale  # ReLU(s·x) = s·ReLU(x): the scale is applied once at the end
 
 
+@functools.lru_cache(maxsize=None)
+def _unit_head_scale(heads: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(heads, device=device)
+
+
+def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
+                   block_size: int, active_heads: int, softmax_scale: float, head_scale: torch.Tensor | None = None,
+                   router: str = "sum") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """MISA's whole routing step in one program (`router.build_head_importance` with `active_heads`): router
+    score with the tail block, head pick and gathers. (q_routed [B, c, A, D] bf16, w_routed [B, c, A] fp32), or None
+    where it does not apply (masks with holes, router="max"): then `route_queries` takes its steps one by one.
+    The softmax scale multiplies every importance alike, so the pick runs without it."""
+    ks, ke, contiguous = chunk.key_range
+    if contiguous is False or router != "sum":
+        return None
+    batch, num_queries, heads, dim = q.shape
+    scale = _unit_head_scale(heads, q.device) if head_scale is None else head_scale.to(q.device, torch.float32)
+    q_routed, w_routed, _, _ = build_head_importance(heads, dim, block_size, active_heads=active_heads)()(
+        q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16).contiguous(),
+        pooled.to(torch.bfloat16).contiguous(), keys.to(torch.bfloat16).contiguous(), weights.float().contiguous(),
+        scale.contiguous(), ks.contiguous(), ke.contiguous())
+    return q_routed.view(batch, num_queries, active_heads, dim), w_routed
+
+
 def tilelang_candidate_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                               softmax_scale: float) -> torch.Tensor:
     """Full-head scores of each query's candidate keys [B, c, C], gathered on chip (see `gathered.py`)."""
@@ -282,6 +306,7 @@ def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) 
 TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda heads, keys: 3 * keys * 4,
                          chunk_budget=8 * 2**30, head_scores=bf16_head_scores,
                          head_importance=tilelang_head_importance, candidate_logits=tilelang_candidate_logits,
+                         route=tilelang_route,
                          narrow_keys=True, fused_select=tilelang_select_tokens,
                          # the re-rank gathers keys on chip: per candidate only its score, bias and position
                          candidate_scratch_bytes=lambda heads, dim, candidates: 4 * candidates * 4)
@@ -303,3 +328,7 @@ TILELANG_PLAIN_LAYOUT_SCORER = dataclasses.replace(
 # the dense path.
 TILELANG_THRESHOLD_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-threshold", fused_select=functools.partial(tilelang_select_tokens, threshold=True))
+
+# MISA's routing in separate launches (router program, tail block, head top-k and gathers in PyTorch): the path before
+# the fused routing program, kept so that the benchmark times both side by side.
+TILELANG_STEPWISE_ROUTING_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-stepwise-routing", route=None)

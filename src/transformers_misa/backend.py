@@ -76,6 +76,8 @@ def _guarded(scorer: Scorer) -> Scorer:
                                               reference_head_importance),
         candidate_logits=_fall_back_on_failure(f"{scorer.name} re-rank", scorer.candidate_logits,
                                                reference_candidate_logits),
+        route=None if scorer.route is None else _fall_back_on_failure(
+            f"{scorer.name} routing", scorer.route, lambda *args, **kwargs: None),  # None: the stepwise routing
         fused_select=None if scorer.fused_select is None else _fall_back_on_failure(
             f"{scorer.name} token select", scorer.fused_select, REFERENCE.select_tokens),
     )

@@ -110,6 +110,8 @@ class Scorer:
     candidate_logits(q, weights, keys, positions [B, c, C], scale) -> [B, c, C]: full-head scores of candidates.
     scratch_bytes(heads, num_keys) -> the token stage's scratch memory per query, to size the query chunks.
     candidate_scratch_bytes(heads, dim, candidates) -> the same for scoring `candidates` gathered keys per query.
+    route: optional MISA routing in one step, (q, weights, keys, pooled, chunk mask, block_size, active_heads, scale,
+        head_scale, router) -> (q_routed, w_routed) as `route_queries`, or None where it does not apply.
     chunk_budget: scratch memory one query chunk may use.
     narrow_keys: skip the keys past a chunk's last visible key (causal future, static-cache slack). The reference
         keeps every key, so that its matmuls have transformers' exact shapes and DSA stays bit-identical.
@@ -128,6 +130,7 @@ class Scorer:
     narrow_keys: bool = False
     fused_select: Callable[..., torch.Tensor] | None = None
     candidate_scratch_bytes: Callable[[int, int, int], int] = reference_candidate_scratch_bytes
+    route: Callable[..., tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     def __post_init__(self) -> None:
         for name, default in (("head_importance", reference_head_importance),
@@ -203,6 +206,11 @@ def route_queries(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ch
     calibration) multiplies each head's router score before the heads are picked; `router` pools the block scores
     ("sum" or "max").
     """
+    if scorer.route is not None:
+        routed = scorer.route(q, weights, keys, pooled, chunk, block_size, active_heads, softmax_scale, head_scale,
+                              router)
+        if routed is not None:
+            return routed
     importance = scorer.head_importance(q, weights, pooled, chunk, block_size, softmax_scale, router,
                                         tail=TailBlock(keys, chunk, block_size))
     if head_scale is not None:

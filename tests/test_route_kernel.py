@@ -1,0 +1,141 @@
+"""MISA's routing step in one TileLang program (`kernels.router` with `active_heads`): it compiles for sm_90a
+everywhere (CI), `route_queries` takes it when the scorer offers it and its own steps otherwise, and on a Hopper GPU
+(marked gpu) it scores, picks and gathers as the stepwise reference does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformers_misa import backend
+from transformers_misa.ops import reference
+from transformers_misa.ops.blocks import ChunkMask, TailBlock
+
+from test_kernels import _inputs, _padded_causal_mask, _tilelang_or_skip, gpu
+
+SCALE = 128**-0.5
+
+
+@pytest.mark.parametrize("heads,active_heads", [(64, 8), (32, 8), (64, 16)])
+def test_routing_kernel_compiles_for_sm90a(heads, active_heads):
+    _tilelang_or_skip()
+    from transformers_misa.kernels.router import build_head_importance
+
+    source = build_head_importance(heads, 128, 128, active_heads=active_heads, arch="sm_90a")().get_kernel_source()
+    assert "wgmma" in source and ("QRouted[" in source or "QRouted +" in source)
+    assert "Keys" in source, "the tail block is read from the key cache inside the program"
+
+
+def test_routing_kernel_refuses_more_active_heads_than_heads():
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels.router import build_head_importance
+
+    with pytest.raises(ValueError, match="active_heads must lie in"):
+        build_head_importance(8, 128, 64, active_heads=9)
+
+
+def _cpu_case():
+    generator = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(2, 6, 8, 16, generator=generator), torch.randn(2, 20, 16, generator=generator)
+    weights = torch.randn(2, 6, 8, generator=generator)
+    chunk = ChunkMask(None, slice(14, 20), 2, 20, 20, q.device)
+    pooled = reference.pooled_keys(keys, None, 4)
+    return q, weights, keys, chunk, pooled
+
+
+def test_route_queries_takes_the_scorers_fused_routing():
+    q, weights, keys, chunk, pooled = _cpu_case()
+    calls = []
+
+    def fused(*args):
+        calls.append(args)
+        return q[:, :, :3], weights[:, :, :3]
+
+    scorer = reference.Scorer("fused", reference.reference_token_logits, reference.top_indices,
+                              lambda h, t: 4 * t, route=fused)
+    q_routed, w_routed = reference.route_queries(q, weights, keys, chunk, pooled, 4, 3, SCALE, scorer)
+    assert len(calls) == 1 and q_routed is not None and torch.equal(w_routed, weights[:, :, :3])
+
+
+def test_route_queries_steps_through_where_the_fused_routing_declines():
+    q, weights, keys, chunk, pooled = _cpu_case()
+    declining = reference.Scorer("declines", reference.reference_token_logits, reference.top_indices,
+                                 lambda h, t: 4 * t, route=lambda *args: None)
+    ours = reference.route_queries(q, weights, keys, chunk, pooled, 4, 3, SCALE, declining)
+    expected = reference.route_queries(q, weights, keys, chunk, pooled, 4, 3, SCALE)
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+
+
+def test_failing_fused_routing_falls_back_to_the_steps(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated launch failure")
+
+    monkeypatch.setattr(backend, "_broken_kernels", set())
+    q, weights, keys, chunk, pooled = _cpu_case()
+    guarded = backend._guarded(reference.Scorer("breaks", reference.reference_token_logits, reference.top_indices,
+                                                lambda h, t: 4 * t, route=broken))
+    with pytest.warns(RuntimeWarning, match="breaks routing kernel failed"):
+        ours = reference.route_queries(q, weights, keys, chunk, pooled, 4, 3, SCALE, guarded)
+    expected = reference.route_queries(q, weights, keys, chunk, pooled, 4, 3, SCALE)
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,num_queries,num_keys,heads,block_size,pads,scaled", [
+    (1, 1, 1, 64, 128, [0], False),  # a first token: its tail block is its only key
+    (2, 37, 37, 64, 16, [0, 5], False),  # prefill, padding, small blocks
+    (2, 200, 1000, 64, 128, [0, 300], True),  # a chunk of a longer prefill, calibrated head scales
+    (32, 4, 8200, 64, 128, [0] * 32, False),  # decode: 4 new queries per sequence, T not a multiple of a block
+    (3, 5, 4099, 32, 64, [0, 1, 4000], True),  # GLM-5's 32 heads
+])
+def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_keys, heads, block_size, pads, scaled):
+    from transformers_misa.kernels.router import build_head_importance
+
+    active_heads = 8
+    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=4)
+    mask = _padded_causal_mask(batch, num_queries, num_keys, pads)
+    pooled = reference.pooled_keys(keys, mask, block_size)
+    head_scale = torch.rand(heads, device="cuda") + 0.5 if scaled else torch.ones(heads, device="cuda")
+    chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
+    ks, ke, _ = chunk.key_range
+    q_routed, w_routed, picked, importance = build_head_importance(heads, 128, block_size, active_heads)()(
+        q.reshape(batch, -1, 128).contiguous(), pooled.bfloat16().contiguous(), keys.contiguous(),
+        weights.contiguous(), head_scale, ks.contiguous(), ke.contiguous())
+    expected = reference.reference_head_importance(q, weights, pooled, chunk, block_size, SCALE,
+                                                   tail=TailBlock(keys, chunk, block_size)) * head_scale
+    torch.testing.assert_close(importance * SCALE, expected, rtol=3e-2, atol=3e-2)
+    # The pick on the program's own scores: the top heads, ties to the lowest head, ascending.
+    order = torch.sort(importance, dim=-1, descending=True, stable=True).indices[..., :active_heads]
+    assert torch.equal(picked.long(), order.sort(-1).values)
+    picked = picked.long()
+    assert torch.equal(q_routed.view(batch, num_queries, active_heads, 128),
+                       q.gather(2, picked.unsqueeze(-1).expand(-1, -1, -1, 128)))
+    assert torch.equal(w_routed, weights.gather(2, picked))
+    stepwise = reference.route_heads(expected, active_heads)
+    agree = (picked.unsqueeze(-1) == stepwise.unsqueeze(-2)).any(-1).float().mean()
+    assert agree > 0.97, f"the program and the stepwise router agree on only {agree:.3f} of the heads"
+
+
+@gpu
+@pytest.mark.gpu
+def test_fused_routing_replays_in_a_cuda_graph():
+    """A decode step's routing has no host sync: captured once, replayed on new inputs, it routes as run eagerly."""
+    from transformers_misa.kernels.scorer import tilelang_route
+
+    q, keys, weights = _inputs(4, 2, 3000, 64, seed=5)
+    pooled = reference.pooled_keys(keys, None, 128)
+    chunk = ChunkMask(None, slice(2998, 3000), 4, 3000, 3000, q.device, sync_free=True)
+    static_q = q.clone()
+    tilelang_route(static_q, weights, keys, pooled, chunk, 128, 8, SCALE)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        routed = tilelang_route(static_q, weights, keys, pooled, chunk, 128, 8, SCALE)
+    fresh = _inputs(4, 2, 3000, 64, seed=6)[0]
+    static_q.copy_(fresh)
+    graph.replay()
+    eager = tilelang_route(fresh, weights, keys, pooled, chunk, 128, 8, SCALE)
+    assert all(torch.equal(a, b) for a, b in zip(routed, eager))
