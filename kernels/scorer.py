@@ -36,6 +36,10 @@ RADIX_MIN_WIDTH = 4096
 MAX_KEY_SPLITS = 64
 MIN_TILES_PER_SPLIT = 4
 KEY_TILE = 128  # block_n of the logits program
+# Many heads (the 64-head DSA baseline) take 256-row CTAs over 64-key tiles in prefill: `python
+# benchmarks/sweep_logits.py --heads 64 --context 65536` on an H200, 508 against 490 TFLOP/s for 128 rows x 128 keys.
+WIDE_CTA = dict(rows_per_cta=256, block_n=64)
+WIDE_CTA_MIN_HEADS = 64
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
 
 
@@ -95,16 +99,22 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
         q, weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
                               for x in (q, weights, ks, ke))
         return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved)[:, :num_queries]
-    rows_per_cta = ROWS_PER_CTA if num_queries >= block else decode_rows_per_cta(heads, num_queries)
-    ctas = -(-num_queries // queries_per_cta(heads, rows_per_cta)) * batch
-    splits = key_splits_for(q.device, ctas, keys.shape[1])
+    def ctas(rows_per_cta: int) -> int:
+        return -(-num_queries // queries_per_cta(heads, rows_per_cta)) * batch
+
+    shape = dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)
+    if num_queries < block:
+        shape["rows_per_cta"] = decode_rows_per_cta(heads, num_queries)
+    elif (heads >= WIDE_CTA_MIN_HEADS and not fp8 and WIDE_CTA["rows_per_cta"] % heads == 0
+          and key_splits_for(q.device, ctas(WIDE_CTA["rows_per_cta"]), keys.shape[1]) == 1):
+        shape = WIDE_CTA  # prefill: the wide CTAs fill the GPU without splitting keys
+    splits = key_splits_for(q.device, ctas(shape["rows_per_cta"]), keys.shape[1])
     # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
     # a TMA row stride must be a multiple of 16 B. Decode steps (fewer queries than a block) never stage, so a cache
     # length's divisibility by 4 does not switch programs (and trigger a compile) in the middle of a generation.
     staged = stages_stores(heads) and num_queries >= block and keys.shape[1] % 4 == 0
-    kernel = build_weighted_relu_logits(heads, dim, block_n=KEY_TILE, key_splits=splits, fill_future=fill_future,
-                                        staged_stores=staged, fp8=fp8, interleaved=interleaved,
-                                        rows_per_cta=rows_per_cta)()
+    kernel = build_weighted_relu_logits(heads, dim, key_splits=splits, fill_future=fill_future,
+                                        staged_stores=staged, fp8=fp8, interleaved=interleaved, **shape)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
     weights = weights.float() * softmax_scale
     if fp8:

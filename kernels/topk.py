@@ -45,9 +45,11 @@ def _column_key(col):
 
 
 def _order_key(value):
-    """float32 -> uint32 whose unsigned order is the float order (-inf lowest)."""
+    """float32 -> uint32 whose unsigned order is the float order (-inf lowest): negatives flip all bits, the others
+    the sign bit, by one xor with a mask from the sign. -0.0 ranks just below +0.0 (the logits program never writes
+    -0.0: its sums start from +0.0)."""
     bits = T.reinterpret(value, T.uint32)
-    return T.if_then_else(value < 0, ~bits, bits | T.uint32(0x80000000))
+    return bits ^ (T.reinterpret(T.reinterpret(bits, T.int32) >> 31, T.uint32) | T.uint32(0x80000000))
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,31 +68,48 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     first_digit = first_shift - first_bits  # bits below the first level's digit
 
     # Every barrier is written out below; TileLang's own pass would add one per loop step, as it cannot see that
-    # atomically claimed slots never collide.
+    # atomically claimed slots never collide. Every global access is in bounds by construction (columns below the
+    # row's end, which is clamped to the width; output slots below k): TileLang's own guard would cost a compare
+    # per element in a loop that runs out of instruction issue.
     @tilelang.jit(target=target, out_idx=[-1],
-                  pass_configs={tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True})
+                  pass_configs={tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True,
+                                tilelang.PassConfigKey.TL_DISABLE_SAFE_MEMORY_ACCESS: True})
     def program():
         rows, width = T.dynamic("rows"), T.dynamic("width")
 
         @T.macro
-        def load_row_slice(Scores, Keys, row, step, tx, end, values, keys):
-            # All `unroll` loads issued before any is used: several requests in flight per thread.
+        def visit_slice(source, row, step, tx, end, values, visit, context, checked):
+            """One loop step: `unroll` columns per thread, all loads issued before any is used (several requests
+            in flight). `checked` (Python-level): the row's last, partial step, whose columns are compared with
+            `end`; the full steps before it skip that test (the top-k runs out of instruction issue, not bandwidth)."""
+            Scores, Keys, keys = source
             for j in T.unroll(unroll):
                 col = (step * unroll + j) * threads + tx
-                values[j] = T.if_then_else(col < end, Scores[row, T.min(col, width - 1)], 0.0)
-                if with_keys:  # Python-level
-                    keys[j] = T.if_then_else(col < end, Keys[row, T.min(col, width - 1)], 0)
+                if checked:
+                    values[j] = T.if_then_else(col < end, Scores[row, col], 0.0)
+                    if with_keys:  # Python-level
+                        keys[j] = T.if_then_else(col < end, Keys[row, col], 0)
+                else:
+                    values[j] = Scores[row, col]
+                    if with_keys:  # Python-level
+                        keys[j] = Keys[row, col]
+            for j in T.unroll(unroll):
+                col = (step * unroll + j) * threads + tx
+                if checked:
+                    if col < end:
+                        visit(_order_key(values[j]), keys[j] if with_keys else col, context)
+                else:
+                    visit(_order_key(values[j]), keys[j] if with_keys else col, context)
 
         @T.macro
         def for_each_key(source, row, tx, end, values, visit, context):
             """visit(order key, column (with_keys: its key index), context) for every column before `end`;
             source = (Scores, Keys or None, a thread's key slots or None)."""
-            for step in T.serial(T.ceildiv(end, threads * unroll)):
-                load_row_slice(source[0], source[1], row, step, tx, end, values, source[2])
-                for j in T.unroll(unroll):
-                    col = (step * unroll + j) * threads + tx
-                    if col < end:
-                        visit(_order_key(values[j]), source[2][j] if with_keys else col, context)
+            per_step = threads * unroll
+            for step in T.serial(end // per_step):
+                visit_slice(source, row, step, tx, end, values, visit, context, False)
+            for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
+                visit_slice(source, row, step, tx, end, values, visit, context, True)
 
         @T.macro
         def clear_histogram(hist, tx):
@@ -129,10 +148,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             T.sync_threads()
 
         @T.macro
-        def take(Out, row, key, col, prefix, need, counters, lowest):
+        def take(Out, row, key, col, prefix, need, counters, lowest, slot):
             """Final pass, per key: above the k-th key always, equal to it if its column key reaches `lowest` (the
-            tie-breaking threshold) while ties are still needed."""
-            slot = T.alloc_var(T.int32)
+            tie-breaking threshold) while ties are still needed. `slot`: the thread's scratch variable."""
             if key > prefix:
                 slot = T.atomic_add(counters[0], 1, return_prev=True)
                 Out[row, slot] = col
@@ -172,8 +190,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
         @T.macro
         def write_or_buffer(key, col, context):
             """Above the k-th key's first-level bin: taken; in that bin: kept in shared memory for the finer levels."""
-            Out, row, prefix, counters, buffer_keys, buffer_cols = context
-            slot = T.alloc_var(T.int32)
+            Out, row, prefix, counters, buffer_keys, buffer_cols, slot = context
             if (key >> first_digit) > prefix:
                 slot = T.atomic_add(counters[0], 1, return_prev=True)
                 Out[row, slot] = col
@@ -184,8 +201,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
 
         @T.macro
         def take_key(key, col, context):
-            Out, row, prefix, need, counters, lowest = context
-            take(Out, row, key, col, prefix, need, counters, lowest)
+            Out, row, prefix, need, counters, lowest, slot = context
+            take(Out, row, key, col, prefix, need, counters, lowest, slot)
 
         @T.macro
         def select(Scores, Keys, Ends, Out):
@@ -233,7 +250,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
                     # keys in shared memory; the finer levels and the ties are then resolved on chip.
                     for_each_key(source, row, tx, end, values, write_or_buffer,
-                                 (Out, row, prefix, counters, buffer_keys, buffer_cols))
+                                 (Out, row, prefix, counters, buffer_keys, buffer_cols, slot))
                     T.sync_threads()
                     for bits, high_shift in later_levels:  # unrolled in Python
                         clear_histogram(hist, tx)
@@ -255,7 +272,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                             wanted = wanted - found[1]
                             T.sync_threads()
                     for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, take_key,
-                                      (Out, row, prefix, need, counters, lowest))
+                                      (Out, row, prefix, need, counters, lowest, slot))
                 else:
                     # The k-th key's bin is too full for the buffer (heavy ties) or is -inf: finer levels re-read
                     # the row, each restricted to the prefix found so far.
@@ -283,7 +300,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                             lowest = (lowest << bits) | T.cast(found[0], T.uint32)
                             wanted = wanted - found[1]
                             T.sync_threads()
-                    for_each_key(source, row, tx, end, values, take_key, (Out, row, prefix, need, counters, lowest))
+                    for_each_key(source, row, tx, end, values, take_key,
+                                 (Out, row, prefix, need, counters, lowest, slot))
                     if prefix == T.uint32(NEG_INF_KEY):  # fewer than k keys above -inf: unread columns fill up
                         for step in T.serial(T.ceildiv(width - end, threads)):
                             col = end + step * threads + tx

@@ -46,6 +46,16 @@ def test_decode_logits_kernel_compiles_for_sm90a(heads, rows):
     assert f"kFloat32, 64, {rows // 2 if rows > 8 else rows}, 16" in source, "one wgmma per key half, N = the rows"
 
 
+def test_wide_prefill_logits_kernel_compiles_for_sm90a():
+    """The 64-head prefill shape: 256 query rows (4 queries) per CTA over 64-key tiles."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.scorer import WIDE_CTA
+    from transformers_misa.kernels.scoring import build_weighted_relu_logits
+
+    source = build_weighted_relu_logits(64, 128, fill_future=False, arch="sm_90a", **WIDE_CTA)().get_kernel_source()
+    assert "wgmma" in source and "tma_load" in source
+
+
 def test_decode_rows_per_cta_fits_the_step_queries():
     pytest.importorskip("tilelang", reason="TileLang is not installed")
     from transformers_misa.kernels.scorer import decode_rows_per_cta
