@@ -34,7 +34,7 @@ UNROLL = 4
 FEW_ROWS_SHAPE = dict(threads=1024, unroll=8)
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
-NEG_INF_KEY = 0x007FFFFF  # _order_key(-inf): ~0xFF800000
+NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
 # Shared-memory slots for the keys of the k-th key's first-level bin (8 bytes each); a fuller bin re-reads the row.
 BUFFER = 4096
 
@@ -45,11 +45,12 @@ def _column_key(col):
 
 
 def _order_key(value):
-    """float32 -> uint32 whose unsigned order is the float order (-inf lowest): negatives flip all bits, the others
-    the sign bit, by one xor with a mask from the sign. -0.0 ranks just below +0.0 (the logits program never writes
-    -0.0: its sums start from +0.0)."""
-    bits = T.reinterpret(value, T.uint32)
-    return bits ^ (T.reinterpret(T.reinterpret(bits, T.int32) >> 31, T.uint32) | T.uint32(0x80000000))
+    """float32 -> uint32 whose unsigned order is the float order (-inf lowest), branch-free: 2^31 plus the value's
+    magnitude bits, negated for negative values, so that -0.0 and +0.0 share one key (they tie, as in torch)."""
+    bits = T.reinterpret(value, T.int32)
+    sign = bits >> 31  # 0, or -1 for negative values
+    signed_magnitude = ((bits & T.int32(0x7FFFFFFF)) ^ sign) - sign
+    return T.reinterpret(signed_magnitude, T.uint32) + T.uint32(0x80000000)
 
 
 @functools.lru_cache(maxsize=None)
