@@ -23,7 +23,8 @@ import sys
 import torch
 
 from transformers_misa.kernels.scorer import (TILELANG_FP8_SCORER, TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
-                                              TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_THRESHOLD_SCORER)
+                                              TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_THRESHOLD_SCORER,
+                                              prefill_shape)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
@@ -143,9 +144,12 @@ def fits(method: str, batch: int, num_queries: int, num_keys: int, heads: int) -
 
 
 def scoring_tflops(heads: int, num_queries: int, num_keys: int, reps: int, **variant) -> dict:
-    """The logits stage alone (causal prefill), as achieved tensor-core throughput; `variant` picks program options."""
+    """The logits program alone over a causal prefill in one call, as achieved tensor-core throughput; as the
+    indexer's top-k path runs it (its prefill CTA shape, each query's future left unwritten) unless `variant`
+    overrides program options. (Before 2026-11-28 12:00 it took 128-row CTAs and wrote the future as -inf.)"""
     q, keys, weights = inputs(1, num_queries, num_keys, heads)
-    kernel = build_weighted_relu_logits(heads, DIM, **variant)()
+    options = dict(prefill_shape(heads, fp8=variant.get("fp8", False)), fill_future=False)
+    kernel = build_weighted_relu_logits(heads, DIM, **{**options, **variant})()
     chunk = ChunkMask(None, slice(0, num_queries), 1, num_queries, num_keys, q.device)
     ks, ke, _ = chunk.key_range
     if variant.get("fp8"):  # e4m3 inputs with their scales, as the FP8 scorer passes them

@@ -81,6 +81,14 @@ def decode_rows_per_cta(heads: int, num_queries: int) -> int:
     return min(ROWS_PER_CTA, 1 << (rows - 1).bit_length())
 
 
+def prefill_shape(heads: int, fp8: bool = False) -> dict:
+    """The logits program's CTA shape (rows_per_cta, block_n) for a prefill of `heads` query rows per token: WIDE_CTA
+    for many heads in bf16, 128 rows x 128 keys otherwise."""
+    if heads >= WIDE_CTA_MIN_HEADS and not fp8 and WIDE_CTA["rows_per_cta"] % heads == 0:
+        return dict(WIDE_CTA)
+    return dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)
+
+
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
             softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True) -> torch.Tensor:
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
@@ -102,12 +110,11 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     def ctas(rows_per_cta: int) -> int:
         return -(-num_queries // queries_per_cta(heads, rows_per_cta)) * batch
 
-    shape = dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)
-    if num_queries < block:
-        shape["rows_per_cta"] = decode_rows_per_cta(heads, num_queries)
-    elif (heads >= WIDE_CTA_MIN_HEADS and not fp8 and WIDE_CTA["rows_per_cta"] % heads == 0
-          and key_splits_for(q.device, ctas(WIDE_CTA["rows_per_cta"]), keys.shape[1]) == 1):
-        shape = WIDE_CTA  # prefill: the wide CTAs fill the GPU without splitting keys
+    shape = prefill_shape(heads, fp8)
+    if num_queries < block:  # decode
+        shape = dict(rows_per_cta=decode_rows_per_cta(heads, num_queries), block_n=KEY_TILE)
+    elif key_splits_for(q.device, ctas(shape["rows_per_cta"]), keys.shape[1]) > 1:
+        shape = dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)  # too few queries to fill the GPU with wide CTAs
     splits = key_splits_for(q.device, ctas(shape["rows_per_cta"]), keys.shape[1])
     # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
     # a TMA row stride must be a multiple of 16 B. Decode steps (fewer queries than a block) never stage, so a cache
