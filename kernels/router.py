@@ -24,6 +24,13 @@ import tilelang.language as T
 from .common import compile_target, queries_per_cta
 
 
+def _tail_block(ks, ke, block_size: int):
+    """(first key of the block holding key ke - 1, whether the query seeing keys [ks, ke) sees only part of that block:
+    then it is the query's tail block) as TileLang expressions."""
+    start = ke // block_size * block_size
+    return start, T.And(ke > start, ke > ks)
+
+
 @functools.lru_cache(maxsize=None)
 def build_head_importance(heads: int, dim: int, block_size: int, active_heads: int = 0, block_m: int = 64,
                           num_stages: int = 2, threads: int = 256, arch: str | None = None):
@@ -78,8 +85,7 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     ks, ke = KS[bb, query], KE[bb, query]
                     full_end = ke
                     if routing:  # Python-level: the full blocks end where the tail block starts
-                        start = ke // block_size * block_size
-                        has_tail = ke > start and ke > ks
+                        start, has_tail = _tail_block(ks, ke, block_size)
                         full_end = T.if_then_else(has_tail, start, ke)
                         tail_first[r] = T.if_then_else(has_tail, T.max(ks, start), 0)
                         tail_end[r] = T.if_then_else(has_tail, ke, 0)
@@ -94,8 +100,8 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     query = T.min(q0 + i, num_queries - 1)
                     last_end = T.max(last_end, T.ceildiv(KE[bb, query], block_size))
                     if routing:  # Python-level: the key range holding the CTA's tail blocks
-                        start = KE[bb, query] // block_size * block_size
-                        if KE[bb, query] > start and KE[bb, query] > KS[bb, query]:
+                        start, has_tail = _tail_block(KS[bb, query], KE[bb, query], block_size)
+                        if has_tail:
                             tail_lo = T.min(tail_lo, start)
                             tail_hi = T.max(tail_hi, KE[bb, query])
 
