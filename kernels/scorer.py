@@ -246,6 +246,21 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None) -
     return build_radix_topk(k, **shape)()(rows, row_ends).view(*scores.shape[:-1], k)
 
 
+def _router_program_applies(contiguous: bool | None, router: str) -> bool:
+    """Whether the router programs take a chunk: they sum block scores over each query's range [ks, ke), which is
+    exact unless the mask has known holes (those take the reference's block visibility); unknown contiguity
+    (sync-free decode) routes over [ks, ke), as the dynamic path does for every causal / padding mask."""
+    return contiguous is not False and router == "sum"
+
+
+def _router_operands(q: torch.Tensor, pooled: torch.Tensor,
+                     weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q [B, c·H, D] bf16, Pooled bf16, W fp32), contiguous, as both router programs take them."""
+    batch, num_queries, heads, dim = q.shape
+    return (q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16).contiguous(),
+            pooled.to(torch.bfloat16).contiguous(), weights.float().contiguous())
+
+
 def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
                              block_size: int, softmax_scale: float, router: str = "sum",
                              tail: TailBlock | None = None) -> torch.Tensor:
@@ -256,20 +271,14 @@ def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: tor
     only (each query's range ends at its tail block's start) and the tail block's own score is added here.
     """
     ks, ke, contiguous = chunk.key_range
-    # Known holes take the reference's exact block visibility; unknown contiguity (sync-free decode) routes over
-    # each query's range [ks, ke), as the dynamic path does for every causal / padding mask.
-    if contiguous is False or router != "sum":
+    if not _router_program_applies(contiguous, router):
         return reference_head_importance(q, weights, pooled, chunk, block_size, softmax_scale, router,
                                          scores_fn=bf16_head_scores, tail=tail)
-    batch, num_queries, heads, dim = q.shape
-    kernel = build_head_importance(heads, dim, block_size)()
-    importance = kernel(
-        q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16).contiguous(),
-        pooled.to(torch.bfloat16).contiguous(),
-        weights.float().contiguous(),
-        ks.contiguous(),
-        (ke if tail is None else tail.full_block_ends(ke)).contiguous(),
-    )
+    heads, dim = q.shape[2:]
+    q_rows, pooled_bf16, weights_fp32 = _router_operands(q, pooled, weights)
+    full_block_ends = ke if tail is None else tail.full_block_ends(ke)
+    importance = build_head_importance(heads, dim, block_size)()(
+        q_rows, pooled_bf16, weights_fp32, ks.contiguous(), full_block_ends.contiguous())
     if tail is not None:
         importance = importance + tail.scores(q, bf16_head_scores, 1.0) * weights.abs()
     return importance * softmax_scale  # ReLU(s·x) = s·ReLU(x): the scale is applied once at the end
@@ -288,14 +297,14 @@ def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, p
     where it does not apply (masks with holes, router="max"): then `route_queries` takes its steps one by one.
     The softmax scale multiplies every importance alike, so the pick runs without it."""
     ks, ke, contiguous = chunk.key_range
-    if contiguous is False or router != "sum":
+    if not _router_program_applies(contiguous, router):
         return None
     batch, num_queries, heads, dim = q.shape
     scale = _unit_head_scale(heads, q.device) if head_scale is None else head_scale.to(q.device, torch.float32)
+    q_rows, pooled_bf16, weights_fp32 = _router_operands(q, pooled, weights)
     q_routed, w_routed, _, _ = build_head_importance(heads, dim, block_size, active_heads=active_heads)()(
-        q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16).contiguous(),
-        pooled.to(torch.bfloat16).contiguous(), keys.to(torch.bfloat16).contiguous(), weights.float().contiguous(),
-        scale.contiguous(), ks.contiguous(), ke.contiguous())
+        q_rows, pooled_bf16, keys.to(torch.bfloat16).contiguous(), weights_fp32, scale.contiguous(), ks.contiguous(),
+        ke.contiguous())
     return q_routed.view(batch, num_queries, active_heads, dim), w_routed
 
 
