@@ -21,7 +21,7 @@ import functools
 import tilelang
 import tilelang.language as T
 
-from .common import compile_target, queries_per_cta
+from .common import ROWS_PER_CTA, compile_target, queries_per_cta
 
 
 def _tail_block(ks, ke, block_size: int):
@@ -33,8 +33,12 @@ def _tail_block(ks, ke, block_size: int):
 
 @functools.lru_cache(maxsize=None)
 def build_head_importance(heads: int, dim: int, block_size: int, active_heads: int = 0, block_m: int = 64,
-                          num_stages: int = 2, threads: int = 256, arch: str | None = None):
+                          num_stages: int = 2, threads: int = 256, rows_per_cta: int = ROWS_PER_CTA,
+                          arch: str | None = None):
     """Compiles the router program for `heads` heads of width `dim` over keys pooled by `block_size`.
+
+    Shape: `rows_per_cta` query rows (whole queries, at most 256: one wgmma N) per CTA of `threads`; pooled-key
+    tiles of `block_m` blocks in a `num_stages` pipeline.
 
     (Q [B, S·H, D] bf16, Pooled [B, M, D] bf16, W [B, S, H] fp32, KS, KE [B, S] int32) -> Importance [B, S, H] fp32
     (without the softmax scale); the caller passes the full blocks' end as KE and adds the tail block itself.
@@ -45,8 +49,10 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
     if not 0 <= active_heads <= heads:
         raise ValueError(f"active_heads must lie in [0, heads={heads}], got {active_heads}")
     target = compile_target(arch)
-    block_q = queries_per_cta(heads)
+    block_q = queries_per_cta(heads, rows_per_cta)
     rows = block_q * heads
+    if rows > 256:
+        raise ValueError(f"a router CTA holds at most 256 query rows (one wgmma N), got {rows} ({heads} heads)")
     routing = active_heads > 0
     no_tail = 2**30  # tail_lo of a CTA none of whose queries has a tail block
 

@@ -40,6 +40,9 @@ KEY_TILE = 128  # block_n of the logits program
 # benchmarks/sweep_logits.py --heads 64 --context 65536` on an H200, 508 against 490 TFLOP/s for 128 rows x 128 keys.
 WIDE_CTA = dict(rows_per_cta=256, block_n=64)
 WIDE_CTA_MIN_HEADS = 64
+# Router CTAs of 256 query rows (4 queries of 64 heads) where they still give every SM two: half the CTAs, each
+# with the same fixed costs (loading its queries, its tail block, the head pick), the pick on every thread.
+WIDE_ROUTER = dict(rows_per_cta=256, threads=512)
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
 
 
@@ -261,6 +264,13 @@ def _router_operands(q: torch.Tensor, pooled: torch.Tensor,
             pooled.to(torch.bfloat16).contiguous(), weights.float().contiguous())
 
 
+def router_shape(heads: int, batch: int, num_queries: int, device: torch.device) -> dict:
+    """Build options of the router programs for a call: WIDE_ROUTER when its CTAs fill the GPU, else the default."""
+    wide_ctas = batch * -(-num_queries // queries_per_cta(heads, WIDE_ROUTER["rows_per_cta"]))
+    fits = heads <= WIDE_ROUTER["rows_per_cta"]
+    return WIDE_ROUTER if fits and wide_ctas >= 2 * _sm_count(device) else {}
+
+
 def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
                              block_size: int, softmax_scale: float, router: str = "sum",
                              tail: TailBlock | None = None) -> torch.Tensor:
@@ -277,7 +287,8 @@ def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: tor
     heads, dim = q.shape[2:]
     q_rows, pooled_bf16, weights_fp32 = _router_operands(q, pooled, weights)
     full_block_ends = ke if tail is None else tail.full_block_ends(ke)
-    importance = build_head_importance(heads, dim, block_size)()(
+    shape = router_shape(heads, q.shape[0], q.shape[1], q.device)
+    importance = build_head_importance(heads, dim, block_size, **shape)()(
         q_rows, pooled_bf16, weights_fp32, ks.contiguous(), full_block_ends.contiguous())
     if tail is not None:
         importance = importance + tail.scores(q, bf16_head_scores, 1.0) * weights.abs()
@@ -302,7 +313,8 @@ def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, p
     batch, num_queries, heads, dim = q.shape
     scale = _unit_head_scale(heads, q.device) if head_scale is None else head_scale.to(q.device, torch.float32)
     q_rows, pooled_bf16, weights_fp32 = _router_operands(q, pooled, weights)
-    q_routed, w_routed, _, _ = build_head_importance(heads, dim, block_size, active_heads=active_heads)()(
+    shape = router_shape(heads, batch, num_queries, q.device)
+    q_routed, w_routed, _, _ = build_head_importance(heads, dim, block_size, active_heads=active_heads, **shape)()(
         q_rows, pooled_bf16, keys.to(torch.bfloat16).contiguous(), weights_fp32, scale.contiguous(), ks.contiguous(),
         ke.contiguous())
     return q_routed.view(batch, num_queries, active_heads, dim), w_routed

@@ -34,6 +34,25 @@ def test_routing_kernel_refuses_more_active_heads_than_heads():
         build_head_importance(8, 128, 64, active_heads=9)
 
 
+def test_router_shape_is_wide_only_where_it_fills_the_gpu(monkeypatch):
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels import scorer
+
+    monkeypatch.setattr(scorer, "_sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert scorer.router_shape(64, 1, 65536, cpu) == scorer.WIDE_ROUTER  # a prefill chunk
+    assert scorer.router_shape(64, 32, 4, cpu) == {}  # a decode step: 32 CTAs either way
+    assert scorer.router_shape(512, 1, 65536, cpu) == {}  # more heads than one wide CTA holds
+
+
+def test_router_refuses_a_cta_wider_than_one_wgmma():
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels.router import build_head_importance
+
+    with pytest.raises(ValueError, match="at most 256 query rows"):
+        build_head_importance(64, 128, 128, rows_per_cta=512)
+
+
 def _cpu_case():
     generator = torch.Generator().manual_seed(0)
     q, keys = torch.randn(2, 6, 8, 16, generator=generator), torch.randn(2, 20, 16, generator=generator)
@@ -92,7 +111,9 @@ def test_failing_fused_routing_falls_back_to_the_steps(monkeypatch):
     (32, 4, 8200, 64, 128, [0] * 32, False),  # decode: 4 new queries per sequence, T not a multiple of a block
     (3, 5, 4099, 32, 64, [0, 1, 4000], True),  # GLM-5's 32 heads
 ])
-def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_keys, heads, block_size, pads, scaled):
+@pytest.mark.parametrize("shape", [{}, dict(rows_per_cta=256, threads=512)], ids=["default", "wide"])
+def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_keys, heads, block_size, pads, scaled,
+                                                     shape):
     from transformers_misa.kernels.router import build_head_importance
 
     active_heads = 8
@@ -102,7 +123,7 @@ def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_key
     head_scale = torch.rand(heads, device="cuda") + 0.5 if scaled else torch.ones(heads, device="cuda")
     chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
     ks, ke, _ = chunk.key_range
-    q_routed, w_routed, picked, importance = build_head_importance(heads, 128, block_size, active_heads)()(
+    q_routed, w_routed, picked, importance = build_head_importance(heads, 128, block_size, active_heads, **shape)()(
         q.reshape(batch, -1, 128).contiguous(), pooled.bfloat16().contiguous(), keys.contiguous(),
         weights.contiguous(), head_scale, ks.contiguous(), ke.contiguous())
     expected = reference.reference_head_importance(q, weights, pooled, chunk, block_size, SCALE,

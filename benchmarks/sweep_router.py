@@ -1,0 +1,91 @@
+"""Variant sweep of MISA's fused routing program (`kernels.router` with active_heads): CTA shape and pipeline depth.
+
+Two workloads, the ones the indexer gives it: a causal prefill of a 64K context (B = 1, every query) and a decode
+step (batch 32 x 4 new queries, 128K cache), 64 heads of dim 128, blocks of 128 keys, 8 active heads. Each variant
+is checked against the default (heads picked, importance) and timed; compiles run in parallel processes first.
+
+    python benchmarks/sweep_router.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import multiprocessing
+import pathlib
+
+import torch
+
+from bench_indexer import BLOCK, DIM, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
+from transformers_misa.kernels.router import build_head_importance
+
+HEADS, ACTIVE = 64, 8
+VARIANTS = {  # name -> build options
+    "default": {},
+    "rows256_threads512": dict(rows_per_cta=256, threads=512),
+    "rows256_threads256": dict(rows_per_cta=256, threads=256),
+    "stages3": dict(num_stages=3),
+    "rows256_threads512_stages3": dict(rows_per_cta=256, threads=512, num_stages=3),
+    "block_m32": dict(block_m=32),
+}
+
+
+def compile_one(name: str) -> str:
+    try:
+        build_head_importance(HEADS, DIM, BLOCK, active_heads=ACTIVE, **VARIANTS[name])()
+        return ""
+    except Exception as error:  # reported per variant, the others go on
+        return f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def routing_operands(batch: int, queries: int, num_keys: int) -> tuple:
+    """The routing program's operands for `queries` new queries per sequence at the end of `num_keys` keys."""
+    q, keys, weights = inputs(batch, queries, num_keys, HEADS)
+    full = num_keys // BLOCK * BLOCK
+    pooled = keys[:, :full].float().view(batch, -1, BLOCK, DIM).mean(2).to(torch.bfloat16).contiguous()
+    ke = torch.arange(num_keys - queries + 1, num_keys + 1, dtype=torch.int32, device="cuda").expand(batch, -1)
+    ks = torch.zeros_like(ke)
+    return (q.reshape(batch, queries * HEADS, DIM).contiguous(), pooled, keys, weights.contiguous(),
+            torch.ones(HEADS, device="cuda"), ks.contiguous(), ke.contiguous())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    spawn = multiprocessing.get_context("spawn")  # CUDA is initialised here: workers only fill TileLang's cache
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=spawn) as pool:
+        errors = dict(zip(VARIANTS, pool.map(compile_one, VARIANTS)))
+    workloads = {"prefill_64K": (1, 65536, 65536), "decode_128K_b32_q4": (32, 4, 131072)}
+    rows = []
+    for workload, shape in workloads.items():
+        operands = routing_operands(*shape)
+        _, _, heads_ref, importance_ref = build_head_importance(HEADS, DIM, BLOCK, active_heads=ACTIVE)()(*operands)
+        for name, options in VARIANTS.items():
+            row = {"workload": workload, "variant": name, **options}
+            if errors[name]:
+                row["error"] = errors[name]
+            else:
+                kernel = build_head_importance(HEADS, DIM, BLOCK, active_heads=ACTIVE, **options)()
+                _, _, picked, importance = kernel(*operands)
+                row["same_heads"] = float((picked == heads_ref).float().mean())
+                row["importance_max_rel_diff"] = float(
+                    ((importance - importance_ref).abs() / importance_ref.abs().clamp_min(1e-6)).max())
+                row["ms"] = cuda_time_ms(lambda: kernel(*operands), args.reps)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del operands
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"sweep_router-{stamp}.json"
+    path.write_text(json.dumps({"environment": environment(), "results": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
