@@ -29,6 +29,8 @@ VARIANTS = {  # name -> build options
     "stages3": dict(num_stages=3),
     "rows256_threads512_stages3": dict(rows_per_cta=256, threads=512, num_stages=3),
     "block_m32": dict(block_m=32),
+    "rows256_threads512_block_m32": dict(rows_per_cta=256, threads=512, block_m=32),
+    "rows256_threads256_block_m32": dict(rows_per_cta=256, threads=256, block_m=32),
 }
 
 

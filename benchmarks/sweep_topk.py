@@ -29,6 +29,8 @@ VARIANTS = {  # name -> build options
     "default": {},
     "full_path": dict(sample=0),  # no sample: the full histogram pass on every row
     "sample2048": dict(sample=2048),
+    "aggregate": dict(aggregate=True),  # the full pass (rows the sample misses) with one atomic per warp and bin
+    "full_path_aggregate": dict(sample=0, aggregate=True),
     "unroll2": dict(unroll=2),
     "unroll4": dict(unroll=4),
     "unroll8": dict(unroll=8),
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, options in VARIANTS.items():
             row = {"workload": workload, "variant": name, "threads": options.get("threads", 512),
                    "unroll": options.get("unroll", UNROLL), "buffer": BUFFER,
-                   "sample": options.get("sample", SAMPLE)}
+                   "sample": options.get("sample", SAMPLE), "aggregate": options.get("aggregate", False)}
             if errors[name]:
                 row["error"] = errors[name]
             else:

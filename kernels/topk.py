@@ -10,7 +10,7 @@ takes the lowest columns, so runs (and CUDA-graph replays) never differ.
 Each row reads only its first `Ends[row]` columns: the columns past it count as -inf without being read
 (or even written: the logits kernel skips a causal query's future). A causal row of a 64K prefill is half
 its width on average, so this halves the traffic. One row (<= 512 KiB) mostly stays in L2 between passes.
-The suffix sums over the histogram run as a parallel (Hillis-Steele) scan over the threads.
+The suffix sums over the histogram run as a warp-shuffle scan (three barriers per level).
 
 Wide rows skip the first full histogram pass (one shared-memory atomic per column, the pass that set the pace): a
 sample of `sample` columns (segments of SEGMENT adjacent ones spread over the row) is selected on chip for two ranks
@@ -42,6 +42,7 @@ FEW_ROWS_SHAPE = dict(threads=1024, unroll=8)
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
+WARP_SCAN_OFFSETS = (1, 2, 4, 8, 16)
 # Shared-memory slots for the keys of the k-th key's first-level bin (8 bytes each); a fuller bin re-reads the row.
 BUFFER = 4096
 # Sampled columns per row (held in the buffer while the bounds are found), in segments of SEGMENT adjacent columns
@@ -70,13 +71,14 @@ def _order_key(value):
 
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
-                     unroll: int = UNROLL, sample: int = SAMPLE, arch: str | None = None):
+                     unroll: int = UNROLL, sample: int = SAMPLE, aggregate: bool = False, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
     with_keys: (Scores, Keys [rows, width] int32, Ends) -> the Keys of the k largest, ties to the lowest key.
     `sample`: columns sampled per wide row to skip the full histogram pass (0: never; also off when it does not fit
-    the buffer, and for with_keys, whose candidate lists are narrow).
+    the buffer, and for with_keys, whose candidate lists are narrow). `aggregate`: the full histogram pass adds one
+    atomic per distinct bin of a warp (`match_any`) instead of one per key.
     """
     if sample < 0 or sample % threads or sample % SEGMENT:
         raise ValueError(f"sample must be a multiple of threads ({threads}) and of {SEGMENT}, got {sample}")
@@ -85,7 +87,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
     per_thread = bins // threads
-    scan_offsets = tuple(1 << i for i in range(threads.bit_length() - 1))
+    warps = threads // 32
     (first_bits, first_shift), later_levels = LEVELS[0], LEVELS[1:]
     second_bits, second_shift = LEVELS[1]
     segments = sample // SEGMENT
@@ -126,14 +128,20 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     visit(_order_key(values[j]), keys[j] if with_keys else col, context)
 
         @T.macro
+        def for_each_key_split(source, row, tx, end, values, full_visit, partial_visit, context):
+            """for_each_key with one visit for the full steps, where every lane of a warp takes part (warp-wide
+            intrinsics may run there), and one for the partial last step."""
+            per_step = threads * unroll
+            for step in T.serial(end // per_step):
+                visit_slice(source, row, step, tx, end, values, full_visit, context, False)
+            for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
+                visit_slice(source, row, step, tx, end, values, partial_visit, context, True)
+
+        @T.macro
         def for_each_key(source, row, tx, end, values, visit, context):
             """visit(order key, column (with_keys: its key index), context) for every column before `end`;
             source = (Scores, Keys or None, a thread's key slots or None)."""
-            per_step = threads * unroll
-            for step in T.serial(end // per_step):
-                visit_slice(source, row, step, tx, end, values, visit, context, False)
-            for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
-                visit_slice(source, row, step, tx, end, values, visit, context, True)
+            for_each_key_split(source, row, tx, end, values, visit, visit, context)
 
         @T.macro
         def clear_histogram(hist, tx):
@@ -143,25 +151,27 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
 
         @T.macro
         def find_kth_bin(hist, suffix, found, tx, need):
-            """After a histogram pass: found = (bin holding the need-th largest key, keys above it, keys in it)."""
+            """After a histogram pass: found = (bin holding the need-th largest key, keys above it, keys in it).
+            Each thread owns `per_thread` adjacent bins; the suffix sums over the threads run as a shuffle scan within
+            each warp plus one pass over the warps' totals (in `suffix`): three barriers in all."""
             T.sync_threads()
-            # Inclusive suffix sums over the threads' bin groups: suffix[t] = keys in bins >= t·per_thread.
             local_sum = T.alloc_var(T.int32)
             carry = T.alloc_var(T.int32)
+            other = T.alloc_var(T.int32)
             running = T.alloc_var(T.int32)
             local_sum = 0
             for i in T.serial(per_thread):
                 local_sum = local_sum + hist[tx * per_thread + i]
-            suffix[tx] = local_sum
-            if tx == 0:
-                suffix[threads] = 0
+            carry = local_sum  # becomes the keys in this lane's bins and every higher lane's of the warp
+            for offset in WARP_SCAN_OFFSETS:  # unrolled in Python; every lane shuffles, the top lanes add nothing
+                other = T.shfl_down(carry, offset)
+                carry = carry + T.if_then_else(tx % 32 + offset < 32, other, 0)
+            if tx % 32 == 0:
+                suffix[tx // 32] = carry  # the warp's total
             T.sync_threads()
-            for offset in scan_offsets:  # unrolled in Python: log2(threads) Hillis-Steele steps
-                carry = T.if_then_else(tx + offset < threads, suffix[T.min(tx + offset, threads - 1)], 0)
-                T.sync_threads()
-                suffix[tx] = suffix[tx] + carry
-                T.sync_threads()
-            running = suffix[tx + 1]
+            running = carry - local_sum  # keys in the bins above this thread's, counted within the warp so far
+            for w in T.serial(warps):
+                running = running + T.if_then_else(w > tx // 32, suffix[w], 0)
             for i in T.serial(per_thread):
                 b = tx * per_thread + per_thread - 1 - i
                 if running < need and running + hist[b] >= need:
@@ -206,6 +216,14 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             T.atomic_add(hist[T.cast(key >> first_digit, T.int32)], 1)
 
         @T.macro
+        def count_first_digit_per_warp(key, col, hist):
+            """count_first_digit with one atomic per distinct bin of the warp (its lowest lane adds the lanes sharing
+            it): a row's keys crowd into few bins, whose atomics would otherwise serialise. Full warps only."""
+            peers = T.match_any_sync(T.cast(key >> first_digit, T.int32))
+            if (peers & (T.uint32(0) - peers)) == (T.uint32(1) << T.cast(T.get_lane_idx(), T.uint32)):
+                T.atomic_add(hist[T.cast(key >> first_digit, T.int32)], T.popcount(peers))
+
+        @T.macro
         def count_digit(key, col, context):
             hist, prefix, high_shift, shift, digit_mask = context
             if (key >> high_shift) == prefix:
@@ -248,7 +266,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             with T.Kernel(rows, threads=threads) as row:
                 tx = T.get_thread_binding()
                 hist = T.alloc_shared((bins,), T.int32)
-                suffix = T.alloc_shared((threads + 1,), T.int32)
+                suffix = T.alloc_shared((warps,), T.int32)  # the warps' bin totals
                 found = T.alloc_shared((3,), T.int32)  # (bin of the k-th key, keys above that bin, keys in it)
                 counters = T.alloc_shared((3,), T.int32)  # (written above threshold, ties written, buffered)
                 buffer_keys = T.alloc_shared((buffer,), T.uint32)
@@ -344,7 +362,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 if buffered == 0:
                     # Level 1 over the whole row (from HBM).
                     clear_histogram(hist, tx)
-                    for_each_key(source, row, tx, end, values, count_first_digit, hist)
+                    for_each_key_split(source, row, tx, end, values,
+                                       count_first_digit_per_warp if aggregate else count_first_digit,
+                                       count_first_digit, hist)
                     if tx == 0 and end < width:  # the unread columns [end, width) are -inf
                         T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
                     find_kth_bin(hist, suffix, found, tx, need)
