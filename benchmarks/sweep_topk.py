@@ -1,5 +1,4 @@
-"""Variant sweep of the radix top-k (threads per CTA, loads in flight per thread, sampled or full path) on real
-indexer logits.
+"""Variant sweep of the radix top-k (threads per CTA, loads in flight per thread) on real indexer logits.
 
 Two workloads, the ones the indexer gives it: causal prefill rows of a 64K context (one row per 16th query, so the
 rows' widths average half the context, as a whole prefill's do) and decode rows (batch 32 x 1 and 4 queries, 128K
@@ -23,14 +22,10 @@ import torch
 
 from bench_indexer import DIM, SCALE, TOPK, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
-from transformers_misa.kernels.topk import BUFFER, SAMPLE, UNROLL, build_radix_topk
+from transformers_misa.kernels.topk import BUFFER, UNROLL, build_radix_topk
 
 VARIANTS = {  # name -> build options
     "default": {},
-    "full_path": dict(sample=0),  # no sample: the full histogram pass on every row
-    "sample2048": dict(sample=2048),
-    "aggregate": dict(aggregate=True),  # the full pass (rows the sample misses) with one atomic per warp and bin
-    "full_path_aggregate": dict(sample=0, aggregate=True),
     "unroll2": dict(unroll=2),
     "unroll4": dict(unroll=4),
     "unroll8": dict(unroll=8),
@@ -38,7 +33,6 @@ VARIANTS = {  # name -> build options
     "threads1024_unroll2": dict(threads=1024, unroll=2),
     "threads1024_unroll4": dict(threads=1024, unroll=4),
     "threads1024_unroll8": dict(threads=1024, unroll=8),
-    "threads1024_unroll8_full_path": dict(threads=1024, unroll=8, sample=0),
     "threads256_unroll4": dict(threads=256, unroll=4),
 }
 HEADS = 8
@@ -93,8 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         read_gb = float(ends.clamp_max(scores.shape[1]).sum()) * 4 / 1e9
         for name, options in VARIANTS.items():
             row = {"workload": workload, "variant": name, "threads": options.get("threads", 512),
-                   "unroll": options.get("unroll", UNROLL), "buffer": BUFFER,
-                   "sample": options.get("sample", SAMPLE), "aggregate": options.get("aggregate", False)}
+                   "unroll": options.get("unroll", UNROLL), "buffer": BUFFER}
             if errors[name]:
                 row["error"] = errors[name]
             else:

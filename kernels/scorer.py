@@ -40,9 +40,11 @@ KEY_TILE = 128  # block_n of the logits program
 # benchmarks/sweep_logits.py --heads 64 --context 65536` on an H200, 508 against 490 TFLOP/s for 128 rows x 128 keys.
 WIDE_CTA = dict(rows_per_cta=256, block_n=64)
 WIDE_CTA_MIN_HEADS = 64
-# Router CTAs of 256 query rows (4 queries of 64 heads) where they still give every SM two: half the CTAs, each
-# with the same fixed costs (loading its queries, its tail block, the head pick), the pick on every thread.
-WIDE_ROUTER = dict(rows_per_cta=256, threads=512)
+# Router CTAs of 256 query rows (4 queries of 64 heads) over tiles of 32 pooled blocks where they still give every SM
+# two: half the CTAs, each with the same fixed costs (loading its queries, its tail block, the head pick).
+# `python benchmarks/sweep_router.py` on an H200 (64K prefill, sweep_router-20261128-122927.json): 1.83 ms against
+# 3.54 for 128 rows x 64 blocks; decode steps keep the default (0.037 ms against 0.050, batch 32 x 4 queries, 128K).
+WIDE_ROUTER = dict(rows_per_cta=256, threads=256, block_m=32)
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
 
 

@@ -12,13 +12,6 @@ Each row reads only its first `Ends[row]` columns: the columns past it count as 
 its width on average, so this halves the traffic. One row (<= 512 KiB) mostly stays in L2 between passes.
 The suffix sums over the histogram run as a warp-shuffle scan (three barriers per level).
 
-Wide rows skip the first full histogram pass (one shared-memory atomic per column, the pass that set the pace): a
-sample of `sample` columns (segments of SEGMENT adjacent ones spread over the row) is selected on chip for two ranks
-around where the k-th key should fall, which bound it from both sides; one pass over the row then writes every key
-above the upper bound and buffers the band between the bounds, where the exact select finishes. The bounds are
-checked, not trusted: when fewer than k keys reach the lower one, k or more pass the upper one, or the band
-overflows the buffer, the row takes the full path below, so the selected set never depends on the sample.
-
 `with_keys` selects among candidate lists instead: each row's entries carry their own key index (Keys), which is
 what comes out and what breaks ties, so the result equals the top-k of the full row the candidates came from.
 """
@@ -45,14 +38,6 @@ NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
 WARP_SCAN_OFFSETS = (1, 2, 4, 8, 16)
 # Shared-memory slots for the keys of the k-th key's first-level bin (8 bytes each); a fuller bin re-reads the row.
 BUFFER = 4096
-# Sampled columns per row (held in the buffer while the bounds are found), in segments of SEGMENT adjacent columns
-# (one 32-byte sector each); rows narrower than SAMPLE_MIN_WIDTH_FACTOR x sample take the full path. The bounds sit
-# SAMPLE_SIGMAS x sqrt(r) + SAMPLE_SLACK sample ranks either side of r, the k-th key's expected rank in the sample.
-SAMPLE = 4096
-SEGMENT = 8
-SAMPLE_MIN_WIDTH_FACTOR = 2
-SAMPLE_SIGMAS = 4.0
-SAMPLE_SLACK = 8.0
 
 
 def _column_key(col):
@@ -71,26 +56,17 @@ def _order_key(value):
 
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
-                     unroll: int = UNROLL, sample: int = SAMPLE, aggregate: bool = False, arch: str | None = None):
+                     unroll: int = UNROLL, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
     with_keys: (Scores, Keys [rows, width] int32, Ends) -> the Keys of the k largest, ties to the lowest key.
-    `sample`: columns sampled per wide row to skip the full histogram pass (0: never; also off when it does not fit
-    the buffer, and for with_keys, whose candidate lists are narrow). `aggregate`: the full histogram pass adds one
-    atomic per distinct bin of a warp (`match_any`) instead of one per key.
     """
-    if sample < 0 or sample % threads or sample % SEGMENT:
-        raise ValueError(f"sample must be a multiple of threads ({threads}) and of {SEGMENT}, got {sample}")
-    if with_keys or sample > buffer:
-        sample = 0
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
     per_thread = bins // threads
     warps = threads // 32
     (first_bits, first_shift), later_levels = LEVELS[0], LEVELS[1:]
-    second_bits, second_shift = LEVELS[1]
-    segments = sample // SEGMENT
     first_digit = first_shift - first_bits  # bits below the first level's digit
 
     # Every barrier is written out below; TileLang's own pass would add one per loop step, as it cannot see that
@@ -128,20 +104,14 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     visit(_order_key(values[j]), keys[j] if with_keys else col, context)
 
         @T.macro
-        def for_each_key_split(source, row, tx, end, values, full_visit, partial_visit, context):
-            """for_each_key with one visit for the full steps, where every lane of a warp takes part (warp-wide
-            intrinsics may run there), and one for the partial last step."""
-            per_step = threads * unroll
-            for step in T.serial(end // per_step):
-                visit_slice(source, row, step, tx, end, values, full_visit, context, False)
-            for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
-                visit_slice(source, row, step, tx, end, values, partial_visit, context, True)
-
-        @T.macro
         def for_each_key(source, row, tx, end, values, visit, context):
             """visit(order key, column (with_keys: its key index), context) for every column before `end`;
             source = (Scores, Keys or None, a thread's key slots or None)."""
-            for_each_key_split(source, row, tx, end, values, visit, visit, context)
+            per_step = threads * unroll
+            for step in T.serial(end // per_step):
+                visit_slice(source, row, step, tx, end, values, visit, context, False)
+            for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
+                visit_slice(source, row, step, tx, end, values, visit, context, True)
 
         @T.macro
         def clear_histogram(hist, tx):
@@ -216,14 +186,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             T.atomic_add(hist[T.cast(key >> first_digit, T.int32)], 1)
 
         @T.macro
-        def count_first_digit_per_warp(key, col, hist):
-            """count_first_digit with one atomic per distinct bin of the warp (its lowest lane adds the lanes sharing
-            it): a row's keys crowd into few bins, whose atomics would otherwise serialise. Full warps only."""
-            peers = T.match_any_sync(T.cast(key >> first_digit, T.int32))
-            if (peers & (T.uint32(0) - peers)) == (T.uint32(1) << T.cast(T.get_lane_idx(), T.uint32)):
-                T.atomic_add(hist[T.cast(key >> first_digit, T.int32)], T.popcount(peers))
-
-        @T.macro
         def count_digit(key, col, context):
             hist, prefix, high_shift, shift, digit_mask = context
             if (key >> high_shift) == prefix:
@@ -240,21 +202,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 slot = T.atomic_add(counters[2], 1, return_prev=True)
                 buffer_keys[slot] = key
                 buffer_cols[slot] = col
-
-        @T.macro
-        def write_or_band(key, col, context):
-            """Sampled path: above the upper bound taken (while slots remain; the count goes on for the check), within
-            the bounds kept in shared memory (while it fits)."""
-            Out, row, lower, upper, counters, buffer_keys, buffer_cols, slot = context
-            if key > upper:
-                slot = T.atomic_add(counters[0], 1, return_prev=True)
-                if slot < k:
-                    Out[row, slot] = col
-            elif key >= lower:
-                slot = T.atomic_add(counters[2], 1, return_prev=True)
-                if slot < buffer:
-                    buffer_keys[slot] = key
-                    buffer_cols[slot] = col
 
         @T.macro
         def take_key(key, col, context):
@@ -279,14 +226,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 wanted = T.alloc_var(T.int32)
                 lowest = T.alloc_var(T.uint32)  # tie-breaking threshold on column keys (0: every tie qualifies)
                 slot = T.alloc_var(T.int32)
-                buffered = T.alloc_var(T.int32)
                 values = T.alloc_local((unroll,), T.float32)
-                if sample:  # Python-level: the sampled path's bounds
-                    stride = T.alloc_var(T.int32)
-                    expected = T.alloc_var(T.float32)
-                    margin = T.alloc_var(T.float32)
-                    lower = T.alloc_var(T.uint32)
-                    upper = T.alloc_var(T.uint32)
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
                 source = (Scores, Keys, keys)
                 prefix = T.uint32(0)
@@ -299,88 +239,23 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     counters[1] = 0
                     counters[2] = 0
 
-                buffered = 0  # 1 once the k-th key's first-level bin (or the sampled band) is in the buffer
-                if sample:  # Python-level
-                    if end >= SAMPLE_MIN_WIDTH_FACTOR * sample:
-                        # The sample, into the buffer: segment i of the row's `segments` starts at i * stride.
-                        stride = end // segments
-                        for j in T.unroll(sample // threads):
-                            index = j * threads + tx
-                            buffer_keys[index] = _order_key(
-                                Scores[row, index // SEGMENT * stride + index % SEGMENT])
-                        T.sync_threads()
-                        # The bounds: the sample's keys of ranks r - margin (upper) and r + margin (lower), to 24 bits
-                        # (enough to narrow the band), r = the k-th key's expected rank in the sample.
-                        expected = T.cast(k * sample, T.float32) / T.cast(end, T.float32)
-                        margin = SAMPLE_SIGMAS * T.sqrt(expected) + SAMPLE_SLACK
-                        upper = T.uint32(0xFFFFFFFF)  # rank < 1: no key is above it
-                        lower = T.uint32(0)  # rank > sample: every key is in the band (it overflows: full path)
-                        for bound in range(2):  # unrolled in Python: the upper bound, then the lower one
-                            wanted = T.cast(T.floor(expected - margin), T.int32) if bound == 0 else T.cast(
-                                T.ceil(expected + margin), T.int32)
-                            if wanted >= 1 and wanted <= sample:
-                                clear_histogram(hist, tx)
-                                for_each_buffered(buffer_keys, buffer_keys, sample, tx, count_first_digit, hist)
-                                find_kth_bin(hist, suffix, found, tx, wanted)
-                                prefix = T.cast(found[0], T.uint32)
-                                wanted = wanted - found[1]
-                                T.sync_threads()
-                                clear_histogram(hist, tx)
-                                for_each_buffered(buffer_keys, buffer_keys, sample, tx, count_digit,
-                                                  (hist, prefix, second_shift, second_shift - second_bits,
-                                                   (1 << second_bits) - 1))
-                                find_kth_bin(hist, suffix, found, tx, wanted)
-                                prefix = (prefix << second_bits) | T.cast(found[0], T.uint32)
-                                T.sync_threads()
-                                if bound == 0:  # Python-level
-                                    upper = (prefix << (second_shift - second_bits)) | T.uint32(
-                                        (1 << (second_shift - second_bits)) - 1)
-                                else:
-                                    lower = prefix << (second_shift - second_bits)
-                        prefix = T.uint32(0)
-                        for_each_key(source, row, tx, end, values, write_or_band,
-                                     (Out, row, lower, upper, counters, buffer_keys, buffer_cols, slot))
-                        T.sync_threads()
-                        in_bin = counters[2]
-                        need = k - counters[0]
-                        if need >= 1 and in_bin >= need and in_bin <= buffer:
-                            # The k-th key is in the band: level 1 over the band only.
-                            clear_histogram(hist, tx)
-                            for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_first_digit, hist)
-                            find_kth_bin(hist, suffix, found, tx, need)
-                            prefix = T.cast(found[0], T.uint32)
-                            need = need - found[1]
-                            buffered = 1
-                        else:  # the bounds missed: start over on the full path
-                            need = k
-                            T.sync_threads()
-                            if tx == 0:
-                                counters[0] = 0
-                                counters[2] = 0
-                        T.sync_threads()
+                # Level 1 over the whole row (from HBM).
+                clear_histogram(hist, tx)
+                for_each_key(source, row, tx, end, values, count_first_digit, hist)
+                if tx == 0 and end < width:  # the unread columns [end, width) are -inf
+                    T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
+                find_kth_bin(hist, suffix, found, tx, need)
+                prefix = T.cast(found[0], T.uint32)
+                need = need - found[1]
+                in_bin = found[2]
+                T.sync_threads()
 
-                if buffered == 0:
-                    # Level 1 over the whole row (from HBM).
-                    clear_histogram(hist, tx)
-                    for_each_key_split(source, row, tx, end, values,
-                                       count_first_digit_per_warp if aggregate else count_first_digit,
-                                       count_first_digit, hist)
-                    if tx == 0 and end < width:  # the unread columns [end, width) are -inf
-                        T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
-                    find_kth_bin(hist, suffix, found, tx, need)
-                    prefix = T.cast(found[0], T.uint32)
-                    need = need - found[1]
-                    in_bin = found[2]
+                if in_bin <= buffer and prefix != T.uint32(NEG_INF_KEY >> first_digit):
+                    # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
+                    # keys in shared memory; the finer levels and the ties are then resolved on chip.
+                    for_each_key(source, row, tx, end, values, write_or_buffer,
+                                 (Out, row, prefix, counters, buffer_keys, buffer_cols, slot))
                     T.sync_threads()
-                    if in_bin <= buffer and prefix != T.uint32(NEG_INF_KEY >> first_digit):
-                        # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
-                        # keys in shared memory; the finer levels and the ties are then resolved on chip.
-                        for_each_key(source, row, tx, end, values, write_or_buffer,
-                                     (Out, row, prefix, counters, buffer_keys, buffer_cols, slot))
-                        T.sync_threads()
-                        buffered = 1
-
-                if buffered == 1:
                     for bits, high_shift in later_levels:  # unrolled in Python
                         clear_histogram(hist, tx)
                         for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_digit,

@@ -111,7 +111,7 @@ def test_failing_fused_routing_falls_back_to_the_steps(monkeypatch):
     (32, 4, 8200, 64, 128, [0] * 32, False),  # decode: 4 new queries per sequence, T not a multiple of a block
     (3, 5, 4099, 32, 64, [0, 1, 4000], True),  # GLM-5's 32 heads
 ])
-@pytest.mark.parametrize("shape", [{}, dict(rows_per_cta=256, threads=512)], ids=["default", "wide"])
+@pytest.mark.parametrize("shape", [{}, dict(rows_per_cta=256, threads=256, block_m=32)], ids=["default", "wide"])
 def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_keys, heads, block_size, pads, scaled,
                                                      shape):
     from transformers_misa.kernels.router import build_head_importance
