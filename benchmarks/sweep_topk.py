@@ -34,6 +34,12 @@ VARIANTS = {  # name -> build options
     "threads1024_unroll4": dict(threads=1024, unroll=4),
     "threads1024_unroll8": dict(threads=1024, unroll=8),
     "threads256_unroll4": dict(threads=256, unroll=4),
+    # registers capped so that more CTAs (rows) share an SM: one row's barrier-bound levels overlap others' loads
+    "ctas3": dict(min_ctas_per_sm=3),
+    "ctas3_unroll8": dict(min_ctas_per_sm=3, unroll=8),
+    "ctas3_buffer2048": dict(min_ctas_per_sm=3, buffer=2048),
+    "ctas4_buffer2048": dict(min_ctas_per_sm=4, buffer=2048),
+    "threads256_ctas6_buffer2048": dict(threads=256, min_ctas_per_sm=6, buffer=2048),
 }
 HEADS = 8
 
@@ -87,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         read_gb = float(ends.clamp_max(scores.shape[1]).sum()) * 4 / 1e9
         for name, options in VARIANTS.items():
             row = {"workload": workload, "variant": name, "threads": options.get("threads", 512),
-                   "unroll": options.get("unroll", UNROLL), "buffer": BUFFER}
+                   "unroll": options.get("unroll", UNROLL), "buffer": options.get("buffer", BUFFER),
+                   "min_ctas_per_sm": options.get("min_ctas_per_sm", 0)}
             if errors[name]:
                 row["error"] = errors[name]
             else:

@@ -56,11 +56,12 @@ def _order_key(value):
 
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
-                     unroll: int = UNROLL, arch: str | None = None):
+                     unroll: int = UNROLL, min_ctas_per_sm: int = 0, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
     with_keys: (Scores, Keys [rows, width] int32, Ends) -> the Keys of the k largest, ties to the lowest key.
+    `min_ctas_per_sm` > 0 caps the registers so that this many CTAs fit on an SM (0: the compiler's choice).
     """
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
@@ -211,6 +212,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
         @T.macro
         def select(Scores, Keys, Ends, Out):
             with T.Kernel(rows, threads=threads) as row:
+                if min_ctas_per_sm:  # Python-level: caps the registers so that this many CTAs share an SM
+                    T.annotate_min_blocks_per_sm(min_ctas_per_sm)
                 tx = T.get_thread_binding()
                 hist = T.alloc_shared((bins,), T.int32)
                 suffix = T.alloc_shared((warps,), T.int32)  # the warps' bin totals
