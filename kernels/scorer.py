@@ -25,7 +25,7 @@ from .common import ROWS_PER_CTA, queries_per_cta
 from .gathered import build_gathered_logits
 from .router import build_head_importance
 from .scoring import build_weighted_relu_logits, can_interleave, interleaved_query_head, stages_stores
-from .topk import FEW_ROWS_SHAPE, build_radix_topk
+from .topk import FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, build_radix_topk
 
 # Below this row width torch.topk is as fast and the radix program is not worth a compile.
 RADIX_MIN_WIDTH = 4096
@@ -243,7 +243,7 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None) -
             scores = scores.masked_fill(columns >= ends.unsqueeze(-1), float("-inf"))
         return top_indices(scores, k)
     rows = scores.reshape(-1, width).float().contiguous()
-    shape = FEW_ROWS_SHAPE if rows.shape[0] <= 2 * _sm_count(rows.device) else {}  # one wave of wide CTAs
+    shape = FEW_ROWS_SHAPE if rows.shape[0] <= 2 * _sm_count(rows.device) else MANY_ROWS_SHAPE  # one wave: wide CTAs
     if ends is None:
         row_ends = torch.full((rows.shape[0],), width, dtype=torch.int32, device=rows.device)
     else:

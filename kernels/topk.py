@@ -32,6 +32,10 @@ RADIX_BITS = (12, 12, 8)  # most significant first; sums to 32
 # against 0.10 ms for 32 rows of 128K), see benchmarks/sweep_topk.py.
 UNROLL = 4
 FEW_ROWS_SHAPE = dict(threads=1024, unroll=8)
+# Many rows: registers capped at 32 so that four CTAs (rows) share an SM, one row's barrier-bound levels overlapping
+# the others' loads (64K causal rows, H200, sweep_topk-20261128-124328.json: 0.43 ms at four CTAs per SM, 0.45-0.46
+# at three, 0.51 at the compiler's two).
+MANY_ROWS_SHAPE = dict(min_ctas_per_sm=4)
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000

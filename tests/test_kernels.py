@@ -321,7 +321,8 @@ def test_radix_topk_buffered_and_rereading_paths_agree(buffer):
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", [dict(unroll=4), dict(unroll=8), dict(unroll=32), dict(threads=1024, unroll=16),
                                      dict(threads=256, unroll=16), dict(unroll=16, buffer=16),
-                                     dict(min_ctas_per_sm=3), dict(min_ctas_per_sm=4, buffer=2048)])
+                                     dict(min_ctas_per_sm=3), dict(min_ctas_per_sm=4),
+                                     dict(min_ctas_per_sm=4, buffer=2048)])
 def test_radix_topk_variants_select_the_same_set(options):
     """Every load depth and CTA width (`sweep_topk.py` times them) selects exactly the default's set: ragged ends
     (shorter than one loop step, not a multiple of it), ties, garbage past the ends."""
