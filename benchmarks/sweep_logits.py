@@ -13,15 +13,14 @@ so 8-head variants need context <= 46340.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime
 import json
-import multiprocessing
 import pathlib
 
 import torch
 
 from bench_indexer import DIM, cuda_time_ms, inputs  # this folder's indexer benchmark: same inputs and timing
+from sweeps import compile_variants, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops.blocks import ChunkMask
 
@@ -37,15 +36,6 @@ VARIANTS = {  # name -> build options on top of the defaults
 
 def options(heads: int, variant: dict) -> dict:
     return dict(variant, fill_future=False, staged_stores=stages_stores(heads))
-
-
-def compile_one(job: tuple[int, str]) -> str:
-    heads, name = job
-    try:
-        build_weighted_relu_logits(heads, DIM, **options(heads, VARIANTS[name]))()
-        return ""
-    except Exception as error:  # reported per variant, the others go on
-        return f"{type(error).__name__}: {str(error)[:200]}"
 
 
 def run(heads: int, name: str, context: int, reps: int) -> dict:
@@ -80,10 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     heads_list = [int(h) for h in args.heads.split(",")]
     jobs = [(h, name) for h in heads_list for name in VARIANTS]
-    # Spawned workers (CUDA is initialised here already) fill TileLang's disk cache in parallel.
-    spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=spawn) as pool:
-        errors = dict(zip(jobs, pool.map(compile_one, jobs)))
+    builder = "transformers_misa.kernels.scoring:build_weighted_relu_logits"
+    errors = compile_variants({(h, name): (builder, (h, DIM), options(h, VARIANTS[name])) for h, name in jobs},
+                              args.workers)
     rows = []
     for heads, name in jobs:
         if errors[(heads, name)]:
@@ -95,12 +84,9 @@ def main(argv: list[str] | None = None) -> None:
                 row = {"heads": heads, "variant": name, "error": f"{type(error).__name__}: {str(error)[:200]}"}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"sweep_logits-{stamp}.json"
-    path.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                "context": args.context, "date": stamp, "results": rows}, indent=1))
-    print(f"wrote {path}")
+    write_results(args.out, "sweep_logits", {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                             "context": args.context, "date": stamp, "results": rows})
 
 
 if __name__ == "__main__":

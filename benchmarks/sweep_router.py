@@ -10,15 +10,13 @@ is checked against the default (heads picked, importance) and timed; compiles ru
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import datetime
 import json
-import multiprocessing
 import pathlib
 
 import torch
 
 from bench_indexer import BLOCK, DIM, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
+from sweeps import compile_variants, write_results
 from transformers_misa.kernels.router import build_head_importance
 
 HEADS, ACTIVE = 64, 8
@@ -32,14 +30,6 @@ VARIANTS = {  # name -> build options
     "rows256_threads512_block_m32": dict(rows_per_cta=256, threads=512, block_m=32),
     "rows256_threads256_block_m32": dict(rows_per_cta=256, threads=256, block_m=32),
 }
-
-
-def compile_one(name: str) -> str:
-    try:
-        build_head_importance(HEADS, DIM, BLOCK, active_heads=ACTIVE, **VARIANTS[name])()
-        return ""
-    except Exception as error:  # reported per variant, the others go on
-        return f"{type(error).__name__}: {str(error)[:200]}"
 
 
 def routing_operands(batch: int, queries: int, num_keys: int) -> tuple:
@@ -59,9 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
-    spawn = multiprocessing.get_context("spawn")  # CUDA is initialised here: workers only fill TileLang's cache
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=spawn) as pool:
-        errors = dict(zip(VARIANTS, pool.map(compile_one, VARIANTS)))
+    builder = "transformers_misa.kernels.router:build_head_importance"
+    errors = compile_variants({name: (builder, (HEADS, DIM, BLOCK), dict(options, active_heads=ACTIVE))
+                               for name, options in VARIANTS.items()}, args.workers)
     workloads = {"prefill_64K": (1, 65536, 65536), "decode_128K_b32_q4": (32, 4, 131072)}
     rows = []
     for workload, shape in workloads.items():
@@ -82,11 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row), flush=True)
         del operands
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"sweep_router-{stamp}.json"
-    path.write_text(json.dumps({"environment": environment(), "results": rows}, indent=1))
-    print(f"wrote {path}")
+    write_results(args.out, "sweep_router", {"environment": environment(), "results": rows})
 
 
 if __name__ == "__main__":

@@ -12,15 +12,13 @@ Compiles run in parallel processes first.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import datetime
 import json
-import multiprocessing
 import pathlib
 
 import torch
 
 from bench_indexer import DIM, SCALE, TOPK, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
+from sweeps import compile_variants, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
 from transformers_misa.kernels.topk import BUFFER, UNROLL, build_radix_topk
 
@@ -42,14 +40,6 @@ VARIANTS = {  # name -> build options
     "threads256_ctas6_buffer2048": dict(threads=256, min_ctas_per_sm=6, buffer=2048),
 }
 HEADS = 8
-
-
-def compile_one(name: str) -> str:
-    try:
-        build_radix_topk(TOPK, **VARIANTS[name])()
-        return ""
-    except Exception as error:  # reported per variant, the others go on
-        return f"{type(error).__name__}: {str(error)[:200]}"
 
 
 def logits_rows(batch: int, queries: int, num_keys: int, ends: torch.Tensor) -> torch.Tensor:
@@ -84,9 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
-    spawn = multiprocessing.get_context("spawn")  # CUDA is initialised here: workers only fill TileLang's cache
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=spawn) as pool:
-        errors = dict(zip(VARIANTS, pool.map(compile_one, VARIANTS)))
+    builder = "transformers_misa.kernels.topk:build_radix_topk"
+    errors = compile_variants({name: (builder, (TOPK,), options) for name, options in VARIANTS.items()}, args.workers)
     rows = []
     for workload, (scores, ends) in workloads().items():
         expected = visible_picks(build_radix_topk(TOPK)()(scores, ends), ends)
@@ -106,11 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row), flush=True)
         del scores, ends
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"sweep_topk-{stamp}.json"
-    path.write_text(json.dumps({"environment": environment(), "topk": TOPK, "results": rows}, indent=1))
-    print(f"wrote {path}")
+    write_results(args.out, "sweep_topk", {"environment": environment(), "topk": TOPK, "results": rows})
 
 
 if __name__ == "__main__":

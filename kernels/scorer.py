@@ -243,7 +243,8 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None) -
             scores = scores.masked_fill(columns >= ends.unsqueeze(-1), float("-inf"))
         return top_indices(scores, k)
     rows = scores.reshape(-1, width).float().contiguous()
-    shape = FEW_ROWS_SHAPE if rows.shape[0] <= 2 * _sm_count(rows.device) else MANY_ROWS_SHAPE  # one wave: wide CTAs
+    # A decode step's few rows (one wave) take wide CTAs; a prefill's many rows, four CTAs per SM.
+    shape = FEW_ROWS_SHAPE if rows.shape[0] <= 2 * _sm_count(rows.device) else MANY_ROWS_SHAPE
     if ends is None:
         row_ends = torch.full((rows.shape[0],), width, dtype=torch.int32, device=rows.device)
     else:

@@ -1,7 +1,9 @@
 """The benchmark scripts run (their CPU smoke paths); the speed numbers themselves come from GPU runs."""
 
+import importlib
 import importlib.util
 import pathlib
+import shutil
 
 import pytest
 import torch
@@ -37,3 +39,22 @@ def test_e2e_benchmark_rejects_unknown_modes(tmp_path):
 def test_gpu_only_probe_imports_and_refuses_the_cpu(tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         _load("host_probe").main(["--out", str(tmp_path)])
+
+
+def test_sweeps_compile_every_variant_and_report_the_failures(tmp_path, monkeypatch):
+    """The sweeps' shared step: each variant compiles in a worker process; a variant that cannot build is reported
+    in one line and the others go on."""
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is absent: TileLang cannot compile CUDA here")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the spawned workers import `sweeps` by name
+    sweeps = importlib.import_module("sweeps")
+    errors = sweeps.compile_variants({
+        "builds": ("transformers_misa.kernels.topk:build_radix_topk", (2048,), dict(arch="sm_90a")),
+        "too_wide": ("transformers_misa.kernels.router:build_head_importance", (64, 128, 128),
+                     dict(rows_per_cta=512, arch="sm_90a")),
+    }, workers=2)
+    assert errors["builds"] == ""
+    assert errors["too_wide"].startswith("ValueError: a router CTA holds at most 256 query rows")
+    path = sweeps.write_results(tmp_path, "sweep_test", {"results": [1]})
+    assert path.parent == tmp_path and path.name.startswith("sweep_test-") and path.read_text().startswith("{")

@@ -1,0 +1,42 @@
+"""What the variant sweeps share (sweep_logits, sweep_topk, sweep_router): compiling every variant's program in
+parallel processes first, and writing the results file."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import importlib
+import json
+import multiprocessing
+import pathlib
+from collections.abc import Hashable
+
+Job = tuple[str, tuple, dict]  # ("module:builder", positional arguments, build options)
+
+
+def _compile(job: Job) -> str:
+    """Builds one program (filling TileLang's disk cache); '' when it built, else the error in one line."""
+    builder, args, options = job
+    module, name = builder.split(":")
+    try:
+        getattr(importlib.import_module(module), name)(*args, **options)()
+        return ""
+    except Exception as error:  # reported per variant, the others go on
+        return f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def compile_variants(jobs: dict[Hashable, Job], workers: int) -> dict[Hashable, str]:
+    """Compiles every job in `workers` spawned processes (the caller's CUDA context stays its own); key -> error."""
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn) as pool:
+        return dict(zip(jobs, pool.map(_compile, jobs.values())))
+
+
+def write_results(out: pathlib.Path, name: str, payload: dict) -> pathlib.Path:
+    """Writes payload as out/name-<UTC stamp>.json and says where."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = out / f"{name}-{stamp}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {path}")
+    return path
