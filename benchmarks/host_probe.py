@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import functools
 import json
 import pathlib
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_indexer  # noqa: E402  (the benchmark's inputs, methods and stage profile)
+from sweeps import write_results  # noqa: E402
 
 
 def host_vs_gpu(call, reps: int) -> list[dict]:
@@ -72,12 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         print(run, json.dumps(results[run]), flush=True)
         del q, keys, weights
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"host_probe-{stamp}.json"
-    path.write_text(json.dumps({"environment": bench_indexer.environment(), "results": results}, indent=1))
-    print(f"wrote {path}")
-
+    write_results(args.out, "host_probe", {"environment": bench_indexer.environment(), "results": results})
 
 if __name__ == "__main__":
     main()

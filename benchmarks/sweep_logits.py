@@ -12,15 +12,13 @@ so 8-head variants need context <= 46340.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import pathlib
 
 import torch
 
 from bench_indexer import DIM, cuda_time_ms, inputs  # this folder's indexer benchmark: same inputs and timing
-from sweeps import compile_variants, write_results
+from sweeps import compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops.blocks import ChunkMask
 
@@ -61,12 +59,9 @@ def run(heads: int, name: str, context: int, reps: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sweep_parser(__doc__, reps=5, workers=8)
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--heads", default="64,8")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     heads_list = [int(h) for h in args.heads.split(",")]
     jobs = [(h, name) for h in heads_list for name in VARIANTS]

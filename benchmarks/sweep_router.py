@@ -9,14 +9,12 @@ is checked against the default (heads picked, importance) and timed; compiles ru
 
 from __future__ import annotations
 
-import argparse
 import json
-import pathlib
 
 import torch
 
 from bench_indexer import BLOCK, DIM, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
-from sweeps import compile_variants, write_results
+from sweeps import compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.router import build_head_importance
 
 HEADS, ACTIVE = 64, 8
@@ -44,10 +42,7 @@ def routing_operands(batch: int, queries: int, num_keys: int) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=6)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
+    parser = sweep_parser(__doc__, reps=10, workers=6)
     args = parser.parse_args(argv)
     builder = "transformers_misa.kernels.router:build_head_importance"
     errors = compile_variants({name: (builder, (HEADS, DIM, BLOCK), dict(options, active_heads=ACTIVE))

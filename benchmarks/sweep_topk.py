@@ -11,14 +11,12 @@ Compiles run in parallel processes first.
 
 from __future__ import annotations
 
-import argparse
 import json
-import pathlib
 
 import torch
 
 from bench_indexer import DIM, SCALE, TOPK, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
-from sweeps import compile_variants, write_results
+from sweeps import compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
 from transformers_misa.kernels.topk import BUFFER, UNROLL, build_radix_topk
 
@@ -69,10 +67,7 @@ def visible_picks(picked: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
+    parser = sweep_parser(__doc__, reps=10, workers=8)
     args = parser.parse_args(argv)
     builder = "transformers_misa.kernels.topk:build_radix_topk"
     errors = compile_variants({name: (builder, (TOPK,), options) for name, options in VARIANTS.items()}, args.workers)

@@ -1,8 +1,9 @@
-"""What the variant sweeps share (sweep_logits, sweep_topk, sweep_router): compiling every variant's program in
-parallel processes first, and writing the results file."""
+"""What the variant sweeps share (sweep_logits, sweep_topk, sweep_router): their common arguments, compiling every
+variant's program in parallel processes first, and writing the results file (the probes write theirs here too)."""
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import datetime
 import importlib
@@ -12,6 +13,16 @@ import pathlib
 from collections.abc import Hashable
 
 Job = tuple[str, tuple, dict]  # ("module:builder", positional arguments, build options)
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def sweep_parser(doc: str, reps: int, workers: int) -> argparse.ArgumentParser:
+    """An argument parser with the sweeps' common options (--reps, --workers, --out) and these defaults."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--workers", type=int, default=workers, help="processes compiling the variants")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    return parser
 
 
 def _compile(job: Job) -> str:

@@ -11,8 +11,6 @@ as `sweep_topk.py`. If `atomic` costs what `none` costs, contention on the histo
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations.
 
 import argparse
-import datetime
-import json
 import pathlib
 
 import tilelang
@@ -21,6 +19,7 @@ import torch
 
 from bench_indexer import cuda_time_ms, environment  # this folder's indexer benchmark
 from sweep_topk import workloads
+from sweeps import RESULTS, write_results
 from transformers_misa.kernels.common import compile_target
 
 BINS = 4096  # the top-k's first level (12 bits)
@@ -81,7 +80,7 @@ def build_histogram_pass(mode: str, threads: int, unroll: int, arch: str | None 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     rows = []
     for workload, (scores, ends) in workloads().items():
@@ -93,12 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{workload:>20} {mode:>8} {threads:>5}x{unroll}: {ms:.4f} ms", flush=True)
         del scores, ends
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"topk_probe-{stamp}.json"
-    path.write_text(json.dumps({"environment": environment(), "results": rows}, indent=1))
-    print(f"wrote {path}")
-
+    write_results(args.out, "topk_probe", {"environment": environment(), "results": rows})
 
 if __name__ == "__main__":
     main()
