@@ -18,8 +18,9 @@ import json
 import torch
 
 from bench_indexer import DIM, cuda_time_ms, inputs  # this folder's indexer benchmark: same inputs and timing
-from sweeps import compile_variants, sweep_parser, write_results
-from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
+from sweeps import chosen, compile_variants, sweep_parser, write_results
+from transformers_misa.kernels.common import ROWS_PER_CTA
+from transformers_misa.kernels.scoring import build_weighted_relu_logits, can_interleave, stages_stores
 from transformers_misa.ops.blocks import ChunkMask
 
 VARIANTS = {  # name -> build options on top of the defaults
@@ -28,12 +29,20 @@ VARIANTS = {  # name -> build options on top of the defaults
     "rows256": dict(rows_per_cta=256),
     "rows256_stages3": dict(rows_per_cta=256, num_stages=3),
     "block_n64": dict(block_n=64),
-    "block_n64_rows256": dict(block_n=64, rows_per_cta=256),
+    "block_n64_rows256": dict(block_n=64, rows_per_cta=256),  # the 64-head and (interleaved) few-head prefill shape
+    "block_n64_rows256_stages3": dict(block_n=64, rows_per_cta=256, num_stages=3),
+    # Small CTAs (64 query rows, one consumer warpgroup) several to an SM: one CTA's epilogue beside another's matmul.
+    "rows64_ctas2": dict(rows_per_cta=64, threads=128, min_ctas_per_sm=2),
+    "rows64_n64_ctas2_stages3": dict(rows_per_cta=64, threads=128, block_n=64, num_stages=3, min_ctas_per_sm=2),
+    "rows64_n64_ctas3": dict(rows_per_cta=64, threads=128, block_n=64, min_ctas_per_sm=3),
 }
 
 
 def options(heads: int, variant: dict) -> dict:
-    return dict(variant, fill_future=False, staged_stores=stages_stores(heads))
+    """The variant as the fused select builds it: future unwritten, staged stores and the interleaved layout where
+    the scorer takes them."""
+    interleaved = can_interleave(heads, variant.get("rows_per_cta", ROWS_PER_CTA), variant.get("threads", 256))
+    return dict(variant, fill_future=False, staged_stores=stages_stores(heads), interleaved=interleaved)
 
 
 def run(heads: int, name: str, context: int, reps: int) -> dict:
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", default="64,8")
     args = parser.parse_args(argv)
     heads_list = [int(h) for h in args.heads.split(",")]
-    jobs = [(h, name) for h in heads_list for name in VARIANTS]
+    jobs = [(h, name) for h in heads_list for name in chosen(VARIANTS, args.variants)]
     builder = "transformers_misa.kernels.scoring:build_weighted_relu_logits"
     errors = compile_variants({(h, name): (builder, (h, DIM), options(h, VARIANTS[name])) for h, name in jobs},
                               args.workers)

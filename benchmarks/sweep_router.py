@@ -14,7 +14,7 @@ import json
 import torch
 
 from bench_indexer import BLOCK, DIM, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
-from sweeps import compile_variants, sweep_parser, write_results
+from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.router import build_head_importance
 
 HEADS, ACTIVE = 64, 8
@@ -45,14 +45,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = sweep_parser(__doc__, reps=10, workers=6)
     args = parser.parse_args(argv)
     builder = "transformers_misa.kernels.router:build_head_importance"
+    variants = {name: VARIANTS[name] for name in chosen(VARIANTS, args.variants)}
     errors = compile_variants({name: (builder, (HEADS, DIM, BLOCK), dict(options, active_heads=ACTIVE))
-                               for name, options in VARIANTS.items()}, args.workers)
+                               for name, options in variants.items()}, args.workers)
     workloads = {"prefill_64K": (1, 65536, 65536), "decode_128K_b32_q4": (32, 4, 131072)}
     rows = []
     for workload, shape in workloads.items():
         operands = routing_operands(*shape)
         _, _, heads_ref, importance_ref = build_head_importance(HEADS, DIM, BLOCK, active_heads=ACTIVE)()(*operands)
-        for name, options in VARIANTS.items():
+        for name, options in variants.items():
             row = {"workload": workload, "variant": name, **options}
             if errors[name]:
                 row["error"] = errors[name]

@@ -16,7 +16,7 @@ import json
 import torch
 
 from bench_indexer import DIM, SCALE, TOPK, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
-from sweeps import compile_variants, sweep_parser, write_results
+from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
 from transformers_misa.kernels.topk import BUFFER, UNROLL, build_radix_topk
 
@@ -70,12 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = sweep_parser(__doc__, reps=10, workers=8)
     args = parser.parse_args(argv)
     builder = "transformers_misa.kernels.topk:build_radix_topk"
-    errors = compile_variants({name: (builder, (TOPK,), options) for name, options in VARIANTS.items()}, args.workers)
+    variants = {name: VARIANTS[name] for name in chosen(VARIANTS, args.variants)}
+    errors = compile_variants({name: (builder, (TOPK,), options) for name, options in variants.items()}, args.workers)
     rows = []
     for workload, (scores, ends) in workloads().items():
         expected = visible_picks(build_radix_topk(TOPK)()(scores, ends), ends)
         read_gb = float(ends.clamp_max(scores.shape[1]).sum()) * 4 / 1e9
-        for name, options in VARIANTS.items():
+        for name, options in variants.items():
             row = {"workload": workload, "variant": name, "threads": options.get("threads", 512),
                    "unroll": options.get("unroll", UNROLL), "buffer": options.get("buffer", BUFFER),
                    "min_ctas_per_sm": options.get("min_ctas_per_sm", 0)}

@@ -17,12 +17,22 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def sweep_parser(doc: str, reps: int, workers: int) -> argparse.ArgumentParser:
-    """An argument parser with the sweeps' common options (--reps, --workers, --out) and these defaults."""
+    """An argument parser with the sweeps' common options (--reps, --workers, --out, --variants) and these defaults."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=reps)
     parser.add_argument("--workers", type=int, default=workers, help="processes compiling the variants")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--variants", default="", help="comma-separated variant names to run (default: all)")
     return parser
+
+
+def chosen(variants: dict, names: str) -> list:
+    """The variant names `--variants` picks (all when empty), in the table's order; an unknown name is an error."""
+    wanted = [name for name in names.split(",") if name]
+    unknown = sorted(set(wanted) - set(variants))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose among {sorted(variants)}")
+    return [name for name in variants if not wanted or name in wanted]
 
 
 def _compile(job: Job) -> str:

@@ -58,3 +58,16 @@ def test_sweeps_compile_every_variant_and_report_the_failures(tmp_path, monkeypa
     assert errors["too_wide"].startswith("ValueError: a router CTA holds at most 256 query rows")
     path = sweeps.write_results(tmp_path, "sweep_test", {"results": [1]})
     assert path.parent == tmp_path and path.name.startswith("sweep_test-") and path.read_text().startswith("{")
+
+
+def test_sweeps_run_the_variants_asked_for(monkeypatch):
+    """--variants picks variants by name in the table's order; a misspelt name stops the sweep before any compile."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sweeps = importlib.import_module("sweeps")
+    table = {"default": {}, "wide": {"rows": 256}, "deep": {"stages": 3}}
+    assert sweeps.chosen(table, "") == ["default", "wide", "deep"]
+    assert sweeps.chosen(table, "deep,default") == ["default", "deep"]
+    with pytest.raises(SystemExit, match=r"unknown variants \['wdie'\]"):
+        sweeps.chosen(table, "wide,wdie")
+    args = sweeps.sweep_parser("doc", reps=3, workers=2).parse_args(["--variants", "wide"])
+    assert (args.variants, args.reps, args.workers) == ("wide", 3, 2)
