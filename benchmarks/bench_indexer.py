@@ -22,10 +22,9 @@ import sys
 
 import torch
 
-from transformers_misa.kernels.scorer import (TILELANG_FP8_SCORER, TILELANG_SQUARE_CTA_SCORER,
-                                              TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
+from transformers_misa.kernels.scorer import (TILELANG_FP8_SCORER, TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
                                               TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_THRESHOLD_SCORER,
-                                              SQUARE_CTA, prefill_shape)
+                                              prefill_shape)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
@@ -103,9 +102,6 @@ def methods(heads: int, deepseek_kernel):
         "misa8_plain_layout": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK,
                                                                   softmax_scale=SCALE,
                                                                   scorer=TILELANG_PLAIN_LAYOUT_SCORER),
-        # few-head logits in 128-row CTAs over 128-key tiles (before FEW_HEADS_CTA), timed beside "misa8"
-        "misa8_square_cta": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK,
-                                                                softmax_scale=SCALE, scorer=TILELANG_SQUARE_CTA_SCORER),
         # the routing step in separate launches (before the fused routing program), timed beside "misa8"
         "misa8_stepwise_routing": lambda q, k, w: reference.misa_topk(
             q, k, w, TOPK, active_heads=8, block_size=BLOCK, softmax_scale=SCALE,
@@ -192,14 +188,14 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
             # why few-head logits go through shared memory, interleaved (scoring.py)
             row["routed8_logits"] = {
                 f"staged_stores={staged}": scoring_tflops(8, context, context, reps, staged_stores=staged,
-                                                          fill_future=False, **SQUARE_CTA)  # the plain layout's shape
+                                                          fill_future=False)
                 for staged in (False, True)}
             row["routed8_logits"]["staged_stores=True,interleaved"] = scoring_tflops(
                 8, context, context, reps, staged_stores=True, fill_future=False, interleaved=True)
         if context >= 32768:
             table = methods(heads, None)
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
-                                for name in (f"dsa{heads}_kernel", "misa8", "misa8_square_cta", "misa8_plain_layout",
+                                for name in (f"dsa{heads}_kernel", "misa8", "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}
         results.append(row)

@@ -29,12 +29,7 @@ VARIANTS = {  # name -> build options on top of the defaults
     "rows256": dict(rows_per_cta=256),
     "rows256_stages3": dict(rows_per_cta=256, num_stages=3),
     "block_n64": dict(block_n=64),
-    "block_n64_rows256": dict(block_n=64, rows_per_cta=256),  # the 64-head and (interleaved) few-head prefill shape
-    "block_n64_rows256_stages3": dict(block_n=64, rows_per_cta=256, num_stages=3),
-    # Small CTAs (64 query rows, one consumer warpgroup) several to an SM: one CTA's epilogue beside another's matmul.
-    "rows64_ctas2": dict(rows_per_cta=64, threads=128, min_ctas_per_sm=2),
-    "rows64_n64_ctas2_stages3": dict(rows_per_cta=64, threads=128, block_n=64, num_stages=3, min_ctas_per_sm=2),
-    "rows64_n64_ctas3": dict(rows_per_cta=64, threads=128, block_n=64, min_ctas_per_sm=3),
+    "block_n64_rows256": dict(block_n=64, rows_per_cta=256),
 }
 
 

@@ -24,8 +24,7 @@ from transformers_misa.ops.threshold import (
 from .common import ROWS_PER_CTA, queries_per_cta
 from .gathered import build_gathered_logits
 from .router import build_head_importance
-from .scoring import (build_weighted_relu_logits, can_interleave, interleaved_query_head, stages_stores,
-                      warpgroup_columns)
+from .scoring import build_weighted_relu_logits, can_interleave, interleaved_query_head, stages_stores
 from .topk import FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, build_radix_topk
 
 # Below this row width torch.topk is as fast and the radix program is not worth a compile.
@@ -41,13 +40,6 @@ KEY_TILE = 128  # block_n of the logits program
 # benchmarks/sweep_logits.py --heads 64 --context 65536` on an H200, 508 against 490 TFLOP/s for 128 rows x 128 keys.
 WIDE_CTA = dict(rows_per_cta=256, block_n=64)
 WIDE_CTA_MIN_HEADS = 64
-# Few heads (MISA's routed rows) take the same 256-row CTAs over 64-key tiles: each consumer warpgroup multiplies 64
-# keys by 128 query rows, wgmma N = 128 instead of 64, which reads less shared memory per FLOP (an N = 64 wgmma with
-# both operands in shared memory needs all of its 128 B/clock).
-FEW_HEADS_CTA = dict(WIDE_CTA)
-FEW_HEADS_MAX = 16
-# The few-head shape before (128 rows x 128 keys), kept so that the benchmark times both side by side.
-SQUARE_CTA = dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)
 # Router CTAs of 256 query rows (4 queries of 64 heads) over tiles of 32 pooled blocks where they still give every SM
 # two: half the CTAs, each with the same fixed costs (loading its queries, its tail block, the head pick).
 # `python benchmarks/sweep_router.py` on an H200 (64K prefill, sweep_router-20261128-122927.json): 1.83 ms against
@@ -77,10 +69,9 @@ def key_splits_for(device: torch.device, ctas: int, num_keys: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def interleaved_row_order(heads: int, device: torch.device, rows_per_cta: int = ROWS_PER_CTA,
-                          threads: int = 256) -> torch.Tensor:
+def interleaved_row_order(heads: int, device: torch.device) -> torch.Tensor:
     """For each row of a CTA's block in the interleaved layout, the plain row (query · heads + head) it takes."""
-    query, head = interleaved_query_head(torch.arange(rows_per_cta), heads, warpgroup_columns(rows_per_cta, threads))
+    query, head = interleaved_query_head(torch.arange(ROWS_PER_CTA), heads)
     return (query * heads + head).to(device)
 
 
@@ -95,63 +86,45 @@ def decode_rows_per_cta(heads: int, num_queries: int) -> int:
     return min(ROWS_PER_CTA, 1 << (rows - 1).bit_length())
 
 
-def prefill_shape(heads: int, fp8: bool = False, few_heads_shape: dict | None = None) -> dict:
-    """The logits program's CTA shape (rows_per_cta, block_n, ...) for a prefill of `heads` query rows per token:
-    WIDE_CTA for many heads in bf16, `few_heads_shape` (default FEW_HEADS_CTA) for few, 128 rows x 128 keys
-    otherwise (and wherever a shape's rows are not a multiple of the heads)."""
-    shape = dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)
-    if not fp8 and heads >= WIDE_CTA_MIN_HEADS:
-        shape = WIDE_CTA
-    elif not fp8 and heads <= FEW_HEADS_MAX:
-        shape = FEW_HEADS_CTA if few_heads_shape is None else few_heads_shape
-    return dict(shape) if shape["rows_per_cta"] % heads == 0 else dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)
+def prefill_shape(heads: int, fp8: bool = False) -> dict:
+    """The logits program's CTA shape (rows_per_cta, block_n) for a prefill of `heads` query rows per token: WIDE_CTA
+    for many heads in bf16, 128 rows x 128 keys otherwise."""
+    if heads >= WIDE_CTA_MIN_HEADS and not fp8 and WIDE_CTA["rows_per_cta"] % heads == 0:
+        return dict(WIDE_CTA)
+    return dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)
 
 
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
-            softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True,
-            few_heads_shape: dict | None = None) -> torch.Tensor:
+            softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True) -> torch.Tensor:
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
-    applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `few_heads_shape`: the
-    prefill CTA shape for few heads (default FEW_HEADS_CTA, see `prefill_shape`)."""
+    applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere."""
     batch, num_queries, heads, dim = q.shape
+    block = queries_per_cta(heads)
+    interleaved = interleaved and not fp8 and can_interleave(heads) and num_queries >= block
     # The TMA store's descriptor cannot span more elements than this: split the queries, in whole query blocks.
-    block = queries_per_cta(heads, 2 * ROWS_PER_CTA)  # a multiple of every prefill shape's block
     per_call = max(block, (MAX_TMA_ELEMENTS - 1) // max(1, keys.shape[1]) // block * block)
     if num_queries > per_call:
         return torch.cat([_logits(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
-                                  ke[:, i : i + per_call], softmax_scale, fill_future, fp8, interleaved,
-                                  few_heads_shape)
+                                  ke[:, i : i + per_call], softmax_scale, fill_future, fp8, interleaved)
                           for i in range(0, num_queries, per_call)], dim=1)
-
-    def ctas(rows_per_cta: int) -> int:
-        return -(-num_queries // queries_per_cta(heads, rows_per_cta)) * batch
-
-    def interleaves(shape: dict) -> bool:
-        rows_per_cta, threads = shape["rows_per_cta"], shape.get("threads", 256)
-        return (interleaved and not fp8 and can_interleave(heads, rows_per_cta, threads)
-                and num_queries >= queries_per_cta(heads, rows_per_cta))
-
-    shape = prefill_shape(heads, fp8, few_heads_shape)
-    if num_queries < queries_per_cta(heads):  # decode
-        shape = dict(rows_per_cta=decode_rows_per_cta(heads, num_queries), block_n=KEY_TILE)
-    elif key_splits_for(q.device, ctas(shape["rows_per_cta"]), keys.shape[1]) > 1:
-        shape = dict(SQUARE_CTA)  # too few queries to fill the GPU with wide CTAs
-    elif heads <= FEW_HEADS_MAX and not interleaves(shape):
-        shape = dict(SQUARE_CTA)  # the few-head shapes are measured (and tested) with the interleaved layout only
-    interleaved = interleaves(shape)
-    rows_per_cta, threads = shape["rows_per_cta"], shape.get("threads", 256)
-    block = queries_per_cta(heads, rows_per_cta)
     if interleaved and num_queries % block:  # the layout takes whole query blocks: pad with queries that see nothing
         pad = block - num_queries % block
         q, weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
                               for x in (q, weights, ks, ke))
-        return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved,
-                       few_heads_shape)[:, :num_queries]
-    splits = key_splits_for(q.device, ctas(rows_per_cta), keys.shape[1])
+        return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved)[:, :num_queries]
+    def ctas(rows_per_cta: int) -> int:
+        return -(-num_queries // queries_per_cta(heads, rows_per_cta)) * batch
+
+    shape = prefill_shape(heads, fp8)
+    if num_queries < block:  # decode
+        shape = dict(rows_per_cta=decode_rows_per_cta(heads, num_queries), block_n=KEY_TILE)
+    elif key_splits_for(q.device, ctas(shape["rows_per_cta"]), keys.shape[1]) > 1:
+        shape = dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)  # too few queries to fill the GPU with wide CTAs
+    splits = key_splits_for(q.device, ctas(shape["rows_per_cta"]), keys.shape[1])
     # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
     # a TMA row stride must be a multiple of 16 B. Decode steps (fewer queries than a block) never stage, so a cache
     # length's divisibility by 4 does not switch programs (and trigger a compile) in the middle of a generation.
-    staged = stages_stores(heads) and num_queries >= queries_per_cta(heads) and keys.shape[1] % 4 == 0
+    staged = stages_stores(heads) and num_queries >= block and keys.shape[1] % 4 == 0
     kernel = build_weighted_relu_logits(heads, dim, key_splits=splits, fill_future=fill_future,
                                         staged_stores=staged, fp8=fp8, interleaved=interleaved, **shape)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
@@ -163,8 +136,8 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
                       key_scale.contiguous(), (weights * q_scale).contiguous(), ks.contiguous(), ke.contiguous())
     q_rows = q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16)
     if interleaved:
-        order = interleaved_row_order(heads, q.device, rows_per_cta, threads)
-        q_rows = q_rows.reshape(batch, -1, rows_per_cta, dim)[:, :, order].reshape(batch, -1, dim)
+        order = interleaved_row_order(heads, q.device)
+        q_rows = q_rows.reshape(batch, -1, ROWS_PER_CTA, dim)[:, :, order].reshape(batch, -1, dim)
     return kernel(q_rows.contiguous(), keys.to(torch.bfloat16).contiguous(), weights.contiguous(), ks.contiguous(),
                   ke.contiguous())
 
@@ -227,14 +200,12 @@ def uses_threshold_filter(q: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
 
 
 def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
-                          softmax_scale: float, fp8: bool = False, interleaved: bool = True,
-                          few_heads_shape: dict | None = None) -> torch.Tensor:
+                          softmax_scale: float, fp8: bool = False, interleaved: bool = True) -> torch.Tensor:
     """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out; fp8: q and
     keys quantized to e4m3 with power-of-two row scales first, exact for inputs already rounded to FP8;
     interleaved: the head sum in registers where it applies, see `scoring.interleaved_query_head`)."""
     ks, ke, contiguous = chunk.key_range
-    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True, fp8=fp8, interleaved=interleaved,
-                     few_heads_shape=few_heads_shape)
+    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True, fp8=fp8, interleaved=interleaved)
     if not contiguous:  # holes inside [ks, ke) (or unknown: sync-free): apply the mask exactly as the reference
         logits = logits + chunk.bias
     return logits
@@ -242,7 +213,7 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                            softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
-                           interleaved: bool = True, few_heads_shape: dict | None = None) -> torch.Tensor:
+                           interleaved: bool = True) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
@@ -253,12 +224,10 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     ks, ke, contiguous = chunk.key_range
     width = keys.shape[1]
     if not contiguous or width < RADIX_MIN_WIDTH or k > width:
-        return radix_topk(tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved,
-                                                few_heads_shape), k)
+        return radix_topk(tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved), k)
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
-    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved,
-                     few_heads_shape=few_heads_shape)
+    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved)
     return radix_topk(logits, k, ends=ke)
 
 
@@ -395,13 +364,6 @@ TILELANG_PLAIN_LAYOUT_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-plain-layout",
     token_logits=functools.partial(tilelang_token_logits, interleaved=False),
     fused_select=functools.partial(tilelang_select_tokens, interleaved=False))
-
-# Few-head prefill logits in 128-row CTAs over 128-key tiles (the shape before FEW_HEADS_CTA), kept so that the
-# benchmark times both side by side.
-TILELANG_SQUARE_CTA_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-square-cta",
-    token_logits=functools.partial(tilelang_token_logits, few_heads_shape=SQUARE_CTA),
-    fused_select=functools.partial(tilelang_select_tokens, few_heads_shape=SQUARE_CTA))
 
 # Wide prefill top-k through the sampled threshold (`ops.threshold`): exact, opt-in; the benchmark times it beside
 # the dense path.

@@ -34,30 +34,23 @@ import tilelang.language as T
 from .common import ROWS_PER_CTA, compile_target, queries_per_cta
 
 
-def warpgroup_columns(rows_per_cta: int, threads: int) -> int:
-    """Accumulator columns (query rows) of each consumer warpgroup: the CTA's rows split over its warpgroups."""
-    return rows_per_cta // max(1, threads // 128)
-
-
-def interleaved_query_head(row, heads: int, width: int = 64):
+def interleaved_query_head(row, heads: int):
     """(query within the CTA's block, head) that query row `row` holds in the interleaved layout.
 
-    Each consumer warpgroup's wgmma accumulator gives a thread the columns 8j + 2m + e (j < width / 8, e < 2) of
-    its `width`, m being the thread's lane % 4. The interleaved layout puts all heads of a query in those width / 4
-    columns of one thread, so the head sum is register adds: no shuffles, and every logit is stored by one thread
-    (the plain layout, row = query * heads + head, splits a query's 8 heads over 4 lanes). Works on ints, torch
-    tensors and TileLang expressions alike, so the host's row permutation and the kernel read the same formula.
+    Each consumer warpgroup's wgmma accumulator gives a thread the columns 8j + 2m + e (j < 8, e < 2) of its 64, m
+    being the thread's lane % 4. The interleaved layout puts all heads of a query in those 16 columns of one
+    thread, so the head sum is register adds: no shuffles, and every logit is stored by one thread (the plain layout,
+    row = query * heads + head, splits a query's 8 heads over 4 lanes). Works on ints, torch tensors and TileLang
+    expressions alike, so the host's row permutation and the kernel read the same formula.
     """
-    within = 2 * ((row % width) // 8) + row % 2  # position among the thread's width / 4 columns
-    query = (row // width) * (width // heads) + (within // heads) * 4 + (row // 2) % 4
+    within = 2 * ((row % 64) // 8) + row % 2  # position among the thread's 16 columns
+    query = (row // 64) * (64 // heads) + (within // heads) * 4 + (row // 2) % 4
     return query, within % heads
 
 
 def can_interleave(heads: int, rows_per_cta: int = ROWS_PER_CTA, threads: int = 256) -> bool:
-    """Whether the interleaved layout applies: whole queries in each thread's accumulator columns, 64 or 128 per
-    consumer warpgroup."""
-    width = warpgroup_columns(rows_per_cta, threads)
-    return width in (64, 128) and rows_per_cta % width == 0 and heads % 2 == 0 and width % (4 * heads) == 0
+    """Whether the interleaved layout applies: two consumer warpgroups of 64 query rows, whole queries per thread."""
+    return rows_per_cta == 128 and threads == 256 and heads % 2 == 0 and 16 % heads == 0
 
 
 def stages_stores(heads: int) -> bool:
@@ -70,7 +63,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                threads: int = 256, key_splits: int = 1, fill_future: bool = True,
                                staged_stores: bool | None = None, rows_per_cta: int = ROWS_PER_CTA,
                                fp8: bool = False, capacity: int = 0, interleaved: bool = False,
-                               min_ctas_per_sm: int = 0, arch: str | None = None):
+                               arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `staged_stores` (default: for 16 heads or fewer) writes each tile's logits through shared memory with one bulk
@@ -88,16 +81,14 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     written in place; unused slots keep -inf and hold any key.
     `interleaved` (bf16, 2 to 16 heads, see `interleaved_query_head`): Q's rows come permuted within each CTA's
     block of `rows_per_cta` (the caller takes it only for whole query blocks), so that the head sum stays in registers.
-    `min_ctas_per_sm` > 0 caps the registers so that this many CTAs share an SM: with small CTAs (64 query rows, one
-    consumer warpgroup) one CTA's epilogue then runs beside another's matmul.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     if capacity and (fp8 or key_splits != 1 or capacity % block_n):
         raise ValueError("the candidate variant is bf16 with key_splits=1 (its counters live in one CTA) and a "
                          f"capacity that is a multiple of block_n={block_n}")
     if interleaved and (fp8 or capacity or not can_interleave(heads, rows_per_cta, threads)):
-        raise ValueError(f"the interleaved layout is for the bf16 dense programs whose consumer warpgroups hold 64 or "
-                         f"128 query rows each, a multiple of 4 x heads (heads even); got heads={heads}, fp8={fp8}, "
+        raise ValueError(f"the interleaved layout is for the bf16 dense programs with 2-16 heads dividing 16, "
+                         f"{ROWS_PER_CTA} rows per CTA and 256 threads; got heads={heads}, fp8={fp8}, "
                          f"capacity={capacity}, rows_per_cta={rows_per_cta}, threads={threads}")
     target = compile_target(arch)
     block_q = queries_per_cta(heads, rows_per_cta)
@@ -117,18 +108,14 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
         @T.macro
         def logits_body(Q, K, KScale, W, KS, KE, Logits, Theta=None, CandVal=None, CandKey=None, Count=None):
             with T.Kernel(T.ceildiv(num_queries, block_q), batch, key_splits, threads=threads) as (bq, bb, split):
-                if min_ctas_per_sm:  # Python-level
-                    T.annotate_min_blocks_per_sm(min_ctas_per_sm)
                 q_shared = T.alloc_shared((rows, dim), qk_dtype)
                 k_shared = T.alloc_shared((block_n, dim), qk_dtype)
                 scores = T.alloc_fragment((block_n, rows), T.float32)
                 scores_by_head = T.reshape(scores, (block_n, block_q, heads))
                 logits = T.alloc_fragment((block_n, block_q), T.float32)
                 logits_shared = T.alloc_shared((block_q, block_n), T.float32)
-                width = warpgroup_columns(rows, threads)  # query rows of each consumer warpgroup
-                groups, thread_queries = rows // width, width // (4 * heads)  # a thread's queries in each group
                 if interleaved:  # Python-level: the head sum's first step (pairs of heads in adjacent columns)
-                    head_pairs = T.alloc_fragment((block_n, groups, thread_queries, heads // 2, 4), T.float32)
+                    head_pairs = T.alloc_fragment((block_n, 2, 16 // heads, heads // 2, 4), T.float32)
                 weights = T.alloc_fragment((rows,), T.float32)
                 ks_local = T.alloc_fragment((block_q,), T.int32)
                 ke_local = T.alloc_fragment((block_q,), T.int32)
@@ -143,7 +130,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
 
                 T.copy(Q[bb, q0 * heads : q0 * heads + rows, :], q_shared)
                 for r in T.Parallel(rows):
-                    query, head = interleaved_query_head(r, heads, width) if interleaved else (r // heads, r % heads)
+                    query, head = interleaved_query_head(r, heads) if interleaved else (r // heads, r % heads)
                     weights[r] = T.if_then_else(q0 + query < num_queries,
                                                 W[bb, T.min(q0 + query, num_queries - 1), head], 0.0)
                 for i in T.Parallel(block_q):
@@ -167,11 +154,10 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                     for n, r in T.Parallel(block_n, rows):
                         scores[n, r] = T.max(scores[n, r], 0.0) * weights[r]
                     if interleaved:  # Python-level: each (key, query) sums its heads within one thread
-                        # scores' column width·g + 8(qi·heads/2 + jh) + 2m + e holds head 2jh + e of query (g, qi, m)
-                        T.reduce_sum(T.reshape(scores, (block_n, groups, thread_queries, heads // 2, 4, 2)),
-                                     head_pairs, dim=5, clear=True)
-                        T.reduce_sum(head_pairs, T.reshape(logits, (block_n, groups, thread_queries, 4)), dim=3,
-                                     clear=True)
+                        # scores' column 64g + 8(qi·heads/2 + jh) + 2m + e holds head 2jh + e of query (g, qi, m)
+                        T.reduce_sum(T.reshape(scores, (block_n, 2, 16 // heads, heads // 2, 4, 2)), head_pairs,
+                                     dim=5, clear=True)
+                        T.reduce_sum(head_pairs, T.reshape(logits, (block_n, 2, 16 // heads, 4)), dim=3, clear=True)
                     else:
                         T.reduce_sum(scores_by_head, logits, dim=-1, clear=True)
                     if fp8:  # Python-level: each key's scale, after the head sum (read from global: no pipelining)
