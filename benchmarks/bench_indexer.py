@@ -22,7 +22,8 @@ import sys
 
 import torch
 
-from transformers_misa.kernels.scorer import (TILELANG_FP8_SCORER, TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
+from transformers_misa.kernels.scorer import (TILELANG_FP8_SCORER, TILELANG_PIPELINED_SCORER,
+                                              TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
                                               TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_THRESHOLD_SCORER,
                                               prefill_shape)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
@@ -102,6 +103,9 @@ def methods(heads: int, deepseek_kernel):
         "misa8_plain_layout": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK,
                                                                   softmax_scale=SCALE,
                                                                   scorer=TILELANG_PLAIN_LAYOUT_SCORER),
+        # few-head logits by the pipelined program (before the overlapped one), timed beside "misa8"
+        "misa8_pipelined": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK,
+                                                               softmax_scale=SCALE, scorer=TILELANG_PIPELINED_SCORER),
         # the routing step in separate launches (before the fused routing program), timed beside "misa8"
         "misa8_stepwise_routing": lambda q, k, w: reference.misa_topk(
             q, k, w, TOPK, active_heads=8, block_size=BLOCK, softmax_scale=SCALE,
@@ -195,7 +199,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
         if context >= 32768:
             table = methods(heads, None)
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
-                                for name in (f"dsa{heads}_kernel", "misa8", "misa8_plain_layout",
+                                for name in (f"dsa{heads}_kernel", "misa8", "misa8_pipelined", "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}
         results.append(row)

@@ -45,6 +45,7 @@ WIDE_CTA_MIN_HEADS = 64
 # `python benchmarks/sweep_router.py` on an H200 (64K prefill, sweep_router-20261128-122927.json): 1.83 ms against
 # 3.54 for 128 rows x 64 blocks; decode steps keep the default (0.037 ms against 0.050, batch 32 x 4 queries, 128K).
 WIDE_ROUTER = dict(rows_per_cta=256, threads=256, block_m=32)
+OVERLAPPED_STAGES = 4  # key tiles in flight in the overlapped few-head program
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
 
 
@@ -95,9 +96,12 @@ def prefill_shape(heads: int, fp8: bool = False) -> dict:
 
 
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
-            softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True) -> torch.Tensor:
+            softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True,
+            overlapped: bool = True) -> torch.Tensor:
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
-    applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere."""
+    applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: where the
+    interleaved layout, staged stores and an unwritten future meet in a prefill, each tile's epilogue runs beside
+    the next tile's matmul (`overlapped.build_overlapped_logits`)."""
     batch, num_queries, heads, dim = q.shape
     block = queries_per_cta(heads)
     interleaved = interleaved and not fp8 and can_interleave(heads) and num_queries >= block
@@ -105,13 +109,14 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     per_call = max(block, (MAX_TMA_ELEMENTS - 1) // max(1, keys.shape[1]) // block * block)
     if num_queries > per_call:
         return torch.cat([_logits(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
-                                  ke[:, i : i + per_call], softmax_scale, fill_future, fp8, interleaved)
+                                  ke[:, i : i + per_call], softmax_scale, fill_future, fp8, interleaved, overlapped)
                           for i in range(0, num_queries, per_call)], dim=1)
     if interleaved and num_queries % block:  # the layout takes whole query blocks: pad with queries that see nothing
         pad = block - num_queries % block
         q, weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
                               for x in (q, weights, ks, ke))
-        return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved)[:, :num_queries]
+        return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved,
+                       overlapped)[:, :num_queries]
     def ctas(rows_per_cta: int) -> int:
         return -(-num_queries // queries_per_cta(heads, rows_per_cta)) * batch
 
@@ -125,8 +130,13 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     # a TMA row stride must be a multiple of 16 B. Decode steps (fewer queries than a block) never stage, so a cache
     # length's divisibility by 4 does not switch programs (and trigger a compile) in the middle of a generation.
     staged = stages_stores(heads) and num_queries >= block and keys.shape[1] % 4 == 0
+    overlapped = (overlapped and interleaved and staged and not fill_future and splits == 1
+                  and shape == dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE))
+    if overlapped:
+        shape["num_stages"] = OVERLAPPED_STAGES
     kernel = build_weighted_relu_logits(heads, dim, key_splits=splits, fill_future=fill_future,
-                                        staged_stores=staged, fp8=fp8, interleaved=interleaved, **shape)()
+                                        staged_stores=staged, fp8=fp8, interleaved=interleaved,
+                                        overlapped=overlapped, **shape)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
     weights = weights.float() * softmax_scale
     if fp8:
@@ -213,7 +223,7 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                            softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
-                           interleaved: bool = True) -> torch.Tensor:
+                           interleaved: bool = True, overlapped: bool = True) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
@@ -227,7 +237,8 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
         return radix_topk(tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved), k)
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
-    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved)
+    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved,
+                     overlapped=overlapped)
     return radix_topk(logits, k, ends=ke)
 
 
@@ -364,6 +375,11 @@ TILELANG_PLAIN_LAYOUT_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-plain-layout",
     token_logits=functools.partial(tilelang_token_logits, interleaved=False),
     fused_select=functools.partial(tilelang_select_tokens, interleaved=False))
+
+# Few-head prefill logits by the pipelined program (each tile's epilogue after its matmul, the program before the
+# overlapped one), kept so that the benchmark times both side by side.
+TILELANG_PIPELINED_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-pipelined", fused_select=functools.partial(tilelang_select_tokens, overlapped=False))
 
 # Wide prefill top-k through the sampled threshold (`ops.threshold`): exact, opt-in; the benchmark times it beside
 # the dense path.

@@ -63,7 +63,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                threads: int = 256, key_splits: int = 1, fill_future: bool = True,
                                staged_stores: bool | None = None, rows_per_cta: int = ROWS_PER_CTA,
                                fp8: bool = False, capacity: int = 0, interleaved: bool = False,
-                               arch: str | None = None):
+                               overlapped: bool = False, arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `staged_stores` (default: for 16 heads or fewer) writes each tile's logits through shared memory with one bulk
@@ -83,6 +83,17 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     block of `rows_per_cta` (the caller takes it only for whole query blocks), so that the head sum stays in registers.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
+    if overlapped:
+        from .overlapped import build_overlapped_logits  # it reads this module's interleaved layout
+
+        plain = dict(block_n=128, threads=256, key_splits=1, fill_future=False, staged_stores=True,
+                     rows_per_cta=ROWS_PER_CTA, fp8=False, capacity=0, interleaved=True)
+        given = dict(block_n=block_n, threads=threads, key_splits=key_splits, fill_future=fill_future,
+                     staged_stores=staged_stores, rows_per_cta=rows_per_cta, fp8=fp8, capacity=capacity,
+                     interleaved=interleaved)
+        if given != plain:
+            raise ValueError(f"the overlapped program takes {plain}; got {given}")
+        return build_overlapped_logits(heads, dim, stages=num_stages, arch=arch)
     if capacity and (fp8 or key_splits != 1 or capacity % block_n):
         raise ValueError("the candidate variant is bf16 with key_splits=1 (its counters live in one CTA) and a "
                          f"capacity that is a multiple of block_n={block_n}")

@@ -111,6 +111,21 @@ def test_interleaved_logits_kernel_sums_heads_in_registers(heads):
     assert "AllReduce" in source(), "the plain layout sums a query's heads across lanes"
 
 
+@pytest.mark.parametrize("heads", [4, 8, 16])
+def test_overlapped_logits_kernel_compiles_for_sm90a(heads):
+    """The few-head prefill program with a producer warpgroup and two accumulators: tile t+1's wgmma is in flight
+    during tile t's epilogue."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.scoring import build_weighted_relu_logits
+
+    source = build_weighted_relu_logits(heads, 128, fill_future=False, staged_stores=True, interleaved=True,
+                                        overlapped=True, arch="sm_90a")().get_kernel_source()
+    assert "__launch_bounds__(384" in source and "wait_wgmma<0>" in source and "tma_store" in source
+    assert source.count("wgmma_ss<") >= 2  # one issue per accumulator
+    with pytest.raises(ValueError, match="overlapped program takes"):
+        build_weighted_relu_logits(heads, 128, overlapped=True, arch="sm_90a")  # a written future: not this program
+
+
 def test_interleaved_layout_refuses_what_it_cannot_hold():
     _tilelang_or_skip()
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
@@ -338,6 +353,36 @@ def test_radix_topk_variants_select_the_same_set(options):
     for row, end in enumerate(ends.tolist()):  # rows seeing fewer than k keys fill up with any unread columns
         assert {c for c in got[row].tolist() if c < end} == {c for c in expected[row].tolist() if c < end}, row
         assert len(set(got[row].tolist())) == 2048, f"row {row}: repeated index"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("batch,num_queries,num_keys,heads,first_key", [
+    (1, 256, 1280, 8, 1024),  # causal queries at the end of the cache: 9 or 10 key tiles (odd and even pairs)
+    (2, 100, 700, 8, 600),  # a partial query block, keys not a multiple of the tile
+    (1, 160, 4100, 4, 3940),  # 4 heads: 32 queries per block
+    (2, 64, 900, 16, 0),  # 16 heads; early queries see a single tile
+])
+def test_overlapped_logits_equal_the_pipelined_program(stages, batch, num_queries, num_keys, heads, first_key):
+    """Same matmul, same epilogue, another schedule: the visible logits are bit for bit the pipelined program's."""
+    from transformers_misa.kernels.scorer import interleaved_row_order
+    from transformers_misa.kernels.scoring import build_weighted_relu_logits
+
+    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=3)
+    ke = (torch.arange(num_queries, device="cuda", dtype=torch.int32) + first_key + 1).clamp_max(num_keys)
+    ke = ke.expand(batch, -1).contiguous()
+    ks = torch.zeros_like(ke)
+    ks[-1] = 7  # a left-padded row
+    pad = -num_queries % (128 // heads)
+    q_rows = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).reshape(batch, -1, 128, 128)
+    q_rows = q_rows[:, :, interleaved_row_order(heads, q.device)].reshape(batch, -1, 128)[:, : num_queries * heads]
+    options = dict(fill_future=False, staged_stores=True, interleaved=True)
+    args = (q_rows.contiguous(), keys, weights, ks, ke)
+    pipelined = build_weighted_relu_logits(heads, 128, **options)()(*args)
+    overlapped = build_weighted_relu_logits(heads, 128, num_stages=stages, overlapped=True, **options)()(*args)
+    visible = torch.arange(num_keys, device="cuda") < ke.unsqueeze(-1)
+    assert torch.equal(overlapped[visible], pipelined[visible])
 
 
 @gpu
