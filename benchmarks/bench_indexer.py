@@ -25,7 +25,7 @@ import torch
 from transformers_misa.kernels.scorer import (TILELANG_FP8_SCORER, TILELANG_PIPELINED_SCORER,
                                               TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
                                               TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_THRESHOLD_SCORER,
-                                              prefill_shape)
+                                              OVERLAPPED_STAGES, overlaps, prefill_shape)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
@@ -106,6 +106,8 @@ def methods(heads: int, deepseek_kernel):
         # few-head logits by the pipelined program (before the overlapped one), timed beside "misa8"
         "misa8_pipelined": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK,
                                                                softmax_scale=SCALE, scorer=TILELANG_PIPELINED_SCORER),
+        f"dsa{heads}_pipelined": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, softmax_scale=SCALE,
+                                                                    scorer=TILELANG_PIPELINED_SCORER),
         # the routing step in separate launches (before the fused routing program), timed beside "misa8"
         "misa8_stepwise_routing": lambda q, k, w: reference.misa_topk(
             q, k, w, TOPK, active_heads=8, block_size=BLOCK, softmax_scale=SCALE,
@@ -150,9 +152,13 @@ def fits(method: str, batch: int, num_queries: int, num_keys: int, heads: int) -
 def scoring_tflops(heads: int, num_queries: int, num_keys: int, reps: int, **variant) -> dict:
     """The logits program alone over a causal prefill in one call, as achieved tensor-core throughput; as the
     indexer's top-k path runs it (its prefill CTA shape, each query's future left unwritten) unless `variant`
-    overrides program options. (Before 2026-11-28 12:00 it took 128-row CTAs and wrote the future as -inf.)"""
+    overrides program options. (Before 2026-11-28 12:00 it took 128-row CTAs and wrote the future as -inf; before
+    13:40 the same day, TileLang's pipeline instead of the overlapped driver.)"""
     q, keys, weights = inputs(1, num_queries, num_keys, heads)
-    options = dict(prefill_shape(heads, fp8=variant.get("fp8", False)), fill_future=False)
+    fp8 = variant.get("fp8", False)
+    options = dict(prefill_shape(heads, fp8=fp8), fill_future=False)
+    if overlaps(heads, fp8):
+        options.update(overlapped=True, num_stages=OVERLAPPED_STAGES)
     kernel = build_weighted_relu_logits(heads, DIM, **{**options, **variant})()
     chunk = ChunkMask(None, slice(0, num_queries), 1, num_queries, num_keys, q.device)
     ks, ke, _ = chunk.key_range
@@ -185,6 +191,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
             row[f"{name}_peak_gib"] = peak_extra_gib(call)
             torch.cuda.empty_cache()  # each method's cached blocks would crowd out the next one's
         row["scoring"] = scoring_tflops(heads, context, context, reps)
+        row["scoring_pipelined"] = scoring_tflops(heads, context, context, reps, overlapped=False, num_stages=2)
         if chosen(f"dsa{heads}_fp8", heads, only) and (not stages_stores(heads) or context <= 32768):
             # staged: one call under the TMA limit
             row["scoring_fp8"] = scoring_tflops(heads, context, context, reps, fp8=True)
@@ -199,7 +206,8 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
         if context >= 32768:
             table = methods(heads, None)
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
-                                for name in (f"dsa{heads}_kernel", "misa8", "misa8_pipelined", "misa8_plain_layout",
+                                for name in (f"dsa{heads}_kernel", f"dsa{heads}_pipelined", "misa8", "misa8_pipelined",
+                                             "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}
         results.append(row)
@@ -244,16 +252,18 @@ def print_row(row: dict, heads: int) -> None:
     timings = {k[:-3]: v for k, v in row.items() if k.endswith("_ms")}
 
     def ratio(name: str) -> str:  # against the DSA kernel timed the same way (eager or graph-replayed, bf16 or fp8),
-        # the faster of its two top-k paths (dense logits or sampled threshold) for bf16
+        # the fastest of its bf16 variants (overlapped or pipelined logits, dense or sampled-threshold top-k)
         if name.endswith(("_fp8", "_graph")):
             base = timings.get(f"dsa{heads}_fp8" if name.endswith("_fp8") else f"dsa{heads}_kernel_graph")
         else:
-            base = min((timings[n] for n in (f"dsa{heads}_kernel", f"dsa{heads}_threshold") if n in timings),
-                       default=None)
+            base = min((timings[n] for n in (f"dsa{heads}_kernel", f"dsa{heads}_pipelined", f"dsa{heads}_threshold")
+                        if n in timings), default=None)
         return f"({base / timings[name]:.1f}x)" if base and name.startswith(("misa", "hisa")) else ""
 
     cells = " ".join(f"{k}={v:.2f}ms{ratio(k)}" for k, v in timings.items())
     extra = f" scoring={row['scoring']['tflops']:.0f}TFLOP/s" if "scoring" in row else ""
+    extra += (f" scoring_pipelined={row['scoring_pipelined']['tflops']:.0f}TFLOP/s"
+              if "scoring_pipelined" in row else "")
     extra += f" scoring_fp8={row['scoring_fp8']['tflops']:.0f}TFLOP/s" if "scoring_fp8" in row else ""
     for variant, stats in row.get("routed8_logits", {}).items():
         extra += f" 8-head logits[{variant}]={stats['ms']:.2f}ms"

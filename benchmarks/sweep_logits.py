@@ -30,9 +30,12 @@ VARIANTS = {  # name -> build options on top of the defaults
     "rows256_stages3": dict(rows_per_cta=256, num_stages=3),
     "block_n64": dict(block_n=64),
     "block_n64_rows256": dict(block_n=64, rows_per_cta=256),
-    # few heads only: each tile's epilogue beside the next tile's wgmma (overlapped.py), 2 or 4 key stages
+    # each tile's epilogue beside the next tile's wgmma (scoring.py's overlapped driver), 2 to 4 key stages
     "overlapped": dict(overlapped=True, num_stages=4),
     "overlapped_stages2": dict(overlapped=True, num_stages=2),
+    "overlapped_stages3": dict(overlapped=True, num_stages=3),
+    "block_n64_rows256_overlapped": dict(block_n=64, rows_per_cta=256, overlapped=True, num_stages=4),
+    "block_n64_rows256_overlapped_stages6": dict(block_n=64, rows_per_cta=256, overlapped=True, num_stages=6),
 }
 
 

@@ -45,7 +45,7 @@ WIDE_CTA_MIN_HEADS = 64
 # `python benchmarks/sweep_router.py` on an H200 (64K prefill, sweep_router-20261128-122927.json): 1.83 ms against
 # 3.54 for 128 rows x 64 blocks; decode steps keep the default (0.037 ms against 0.050, batch 32 x 4 queries, 128K).
 WIDE_ROUTER = dict(rows_per_cta=256, threads=256, block_m=32)
-OVERLAPPED_STAGES = 4  # key tiles in flight in the overlapped few-head program
+OVERLAPPED_STAGES = 4  # key tiles in flight in the overlapped driver
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
 
 
@@ -87,6 +87,12 @@ def decode_rows_per_cta(heads: int, num_queries: int) -> int:
     return min(ROWS_PER_CTA, 1 << (rows - 1).bit_length())
 
 
+def overlaps(heads: int, fp8: bool = False) -> bool:
+    """Whether a prefill's logits for `heads` query rows per token take the overlapped driver (each tile's epilogue
+    during the next tile's wgmma, see `scoring.build_weighted_relu_logits`): the bf16 programs."""
+    return not fp8
+
+
 def prefill_shape(heads: int, fp8: bool = False) -> dict:
     """The logits program's CTA shape (rows_per_cta, block_n) for a prefill of `heads` query rows per token: WIDE_CTA
     for many heads in bf16, 128 rows x 128 keys otherwise."""
@@ -99,9 +105,9 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
             softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True,
             overlapped: bool = True) -> torch.Tensor:
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
-    applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: where the
-    interleaved layout, staged stores and an unwritten future meet in a prefill, each tile's epilogue runs beside
-    the next tile's matmul (`overlapped.build_overlapped_logits`)."""
+    applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: each
+    tile's epilogue runs beside
+    the next tile's matmul (a prefill's bf16 logits without key splits, see `overlaps`)."""
     batch, num_queries, heads, dim = q.shape
     block = queries_per_cta(heads)
     interleaved = interleaved and not fp8 and can_interleave(heads) and num_queries >= block
@@ -130,8 +136,7 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     # a TMA row stride must be a multiple of 16 B. Decode steps (fewer queries than a block) never stage, so a cache
     # length's divisibility by 4 does not switch programs (and trigger a compile) in the middle of a generation.
     staged = stages_stores(heads) and num_queries >= block and keys.shape[1] % 4 == 0
-    overlapped = (overlapped and interleaved and staged and not fill_future and splits == 1
-                  and shape == dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE))
+    overlapped = overlapped and overlaps(heads, fp8) and splits == 1 and num_queries >= block
     if overlapped:
         shape["num_stages"] = OVERLAPPED_STAGES
     kernel = build_weighted_relu_logits(heads, dim, key_splits=splits, fill_future=fill_future,
@@ -376,8 +381,8 @@ TILELANG_PLAIN_LAYOUT_SCORER = dataclasses.replace(
     token_logits=functools.partial(tilelang_token_logits, interleaved=False),
     fused_select=functools.partial(tilelang_select_tokens, interleaved=False))
 
-# Few-head prefill logits by the pipelined program (each tile's epilogue after its matmul, the program before the
-# overlapped one), kept so that the benchmark times both side by side.
+# Prefill logits by TileLang's pipeline (each tile's epilogue after its wgmma, the driver before the overlapped
+# one), kept so that the benchmark times both side by side.
 TILELANG_PIPELINED_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-pipelined", fused_select=functools.partial(tilelang_select_tokens, overlapped=False))
 

@@ -81,19 +81,12 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     written in place; unused slots keep -inf and hold any key.
     `interleaved` (bf16, 2 to 16 heads, see `interleaved_query_head`): Q's rows come permuted within each CTA's
     block of `rows_per_cta` (the caller takes it only for whole query blocks), so that the head sum stays in registers.
+    `overlapped` (bf16 dense programs): a producer warpgroup and two accumulators instead of TileLang's pipeline, so
+    that each tile's epilogue runs during the next tile's wgmma; `num_stages` key tiles in flight.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
-    if overlapped:
-        from .overlapped import build_overlapped_logits  # it reads this module's interleaved layout
-
-        plain = dict(block_n=128, threads=256, key_splits=1, fill_future=False, staged_stores=True,
-                     rows_per_cta=ROWS_PER_CTA, fp8=False, capacity=0, interleaved=True)
-        given = dict(block_n=block_n, threads=threads, key_splits=key_splits, fill_future=fill_future,
-                     staged_stores=staged_stores, rows_per_cta=rows_per_cta, fp8=fp8, capacity=capacity,
-                     interleaved=interleaved)
-        if given != plain:
-            raise ValueError(f"the overlapped program takes {plain}; got {given}")
-        return build_overlapped_logits(heads, dim, stages=num_stages, arch=arch)
+    if overlapped and (fp8 or capacity):
+        raise ValueError("the overlapped driver is for the bf16 dense programs (no fp8, no candidates)")
     if capacity and (fp8 or key_splits != 1 or capacity % block_n):
         raise ValueError("the candidate variant is bf16 with key_splits=1 (its counters live in one CTA) and a "
                          f"capacity that is a multiple of block_n={block_n}")
@@ -117,36 +110,114 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
         qk_dtype = T.float8_e4m3fn if fp8 else T.bfloat16
 
         @T.macro
+        def tile_epilogue(scores, tile, buffers):
+            """One key tile's scores [block_n, rows] -> ReLU, head weights, head sum, then the tile's logits out (or
+            its candidates appended): the same for both loop drivers."""
+            (Logits, KScale, CandVal, CandKey, bb, q0, weights, logits, head_pairs, logits_shared, ks_local, ke_local,
+             theta, appended) = buffers
+            for n, r in T.Parallel(block_n, rows):
+                scores[n, r] = T.max(scores[n, r], 0.0) * weights[r]
+            if interleaved:  # Python-level: each (key, query) sums its heads within one thread
+                # scores' column 64g + 8(qi·heads/2 + jh) + 2m + e holds head 2jh + e of query (g, qi, m)
+                T.reduce_sum(T.reshape(scores, (block_n, 2, 16 // heads, heads // 2, 4, 2)), head_pairs, dim=5,
+                             clear=True)
+                T.reduce_sum(head_pairs, T.reshape(logits, (block_n, 2, 16 // heads, 4)), dim=3, clear=True)
+            else:
+                T.reduce_sum(T.reshape(scores, (block_n, block_q, heads)), logits, dim=-1, clear=True)
+            if fp8:  # Python-level: each key's scale, after the head sum (read from global: no pipelining)
+                for n, i in T.Parallel(block_n, block_q):
+                    logits[n, i] = logits[n, i] * KScale[bb, T.min(tile * block_n + n, num_keys - 1)]
+            if capacity:
+                # Staged in shared memory, then each thread scans its own (query, key residue) segment.
+                for i, n in T.Parallel(block_q, block_n):
+                    logits_shared[i, n] = logits[n, i]
+                for i, j in T.Parallel(block_q, segments):
+                    for step_n in T.serial(block_n // segments):
+                        key = tile * block_n + step_n * segments + j
+                        value = logits_shared[i, step_n * segments + j]
+                        if key >= ks_local[i] and key < ke_local[i] and value >= theta[i]:
+                            if appended[i, j] < segment:
+                                CandVal[bb, q0 + i, j * segment + appended[i, j]] = value
+                                CandKey[bb, q0 + i, j * segment + appended[i, j]] = key
+                            appended[i, j] = appended[i, j] + 1
+            elif staged_stores:  # Python-level: one variant or the other is compiled
+                for i, n in T.Parallel(block_q, block_n):
+                    key = tile * block_n + n
+                    logits_shared[i, n] = T.if_then_else(key >= ks_local[i] and key < ke_local[i], logits[n, i],
+                                                         -T.infinity(T.float32))
+                # Rows past num_queries and columns past num_keys fall outside the tensor: the TMA store clips them.
+                T.copy(logits_shared, Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n])
+            else:
+                for i, n in T.Parallel(block_q, block_n):
+                    key = tile * block_n + n
+                    if q0 + i < num_queries and key < num_keys:
+                        Logits[bb, q0 + i, key] = T.if_then_else(key >= ks_local[i] and key < ke_local[i],
+                                                                 logits[n, i], -T.infinity(T.float32))
+
+        @T.macro
+        def load_query_block(W, KS, KE, Theta, bb, q0, weights, ks_local, ke_local, theta, appended):
+            """The block's head weights, key ranges (and candidate thresholds) into the consumers' fragments."""
+            for r in T.Parallel(rows):
+                query, head = interleaved_query_head(r, heads) if interleaved else (r // heads, r % heads)
+                weights[r] = T.if_then_else(q0 + query < num_queries,
+                                            W[bb, T.min(q0 + query, num_queries - 1), head], 0.0)
+            for i in T.Parallel(block_q):
+                ks_local[i] = T.if_then_else(q0 + i < num_queries, KS[bb, T.min(q0 + i, num_queries - 1)], 0)
+                ke_local[i] = T.if_then_else(q0 + i < num_queries, KE[bb, T.min(q0 + i, num_queries - 1)], 0)
+            if capacity:  # Python-level: the candidate variant's thresholds and per-segment counters
+                for i, j in T.Parallel(block_q, segments):
+                    theta[i] = Theta[bb, T.min(q0 + i, num_queries - 1)]
+                    appended[i, j] = 0
+
+        @T.macro
+        def finish(Logits, Count, bb, q0, appended, live_tiles, first_tile, last_tile):
+            """After the tiles: the candidate counts, or -inf over the tiles past the block's last visible key."""
+            if capacity:
+                for i, j in T.Parallel(block_q, segments):  # more than `segment`: the segment overflowed
+                    if q0 + i < num_queries:
+                        Count[bb, q0 + i, j] = appended[i, j]
+            elif fill_future:  # masked without computing anything
+                for tile in T.serial(T.max(live_tiles, first_tile), last_tile):
+                    for i, n in T.Parallel(block_q, block_n):
+                        key = tile * block_n + n
+                        if q0 + i < num_queries and key < num_keys:
+                            Logits[bb, q0 + i, key] = -T.infinity(T.float32)
+
+        @T.macro
+        def issue(scores, step, k_shared, q_shared, full):
+            """Overlapped driver: waits for the step's key tile and issues its wgmma without waiting for it."""
+            T.barrier_wait(full[step % num_stages], (step // num_stages) & 1)
+            T.wgmma_gemm(k_shared[step % num_stages, :, :], q_shared, scores, transpose_B=True, clear_accum=True,
+                         policy=T.GemmWarpPolicy.FullCol)
+
+        @T.macro
+        def retire(scores, step, empty):
+            """Overlapped driver: waits for the step's wgmma (its accumulator readable from here on) and hands the
+            stage back to the producer."""
+            T.wait_wgmma(0)
+            T.warpgroup_fence_operand(scores)  # keeps nvcc from hoisting reads of the accumulator above the wait
+            T.barrier_arrive(empty[step % num_stages])
+
+        @T.macro
         def logits_body(Q, K, KScale, W, KS, KE, Logits, Theta=None, CandVal=None, CandKey=None, Count=None):
-            with T.Kernel(T.ceildiv(num_queries, block_q), batch, key_splits, threads=threads) as (bq, bb, split):
+            cta_threads = threads + 128 if overlapped else threads  # overlapped: plus the producer warpgroup
+            with T.Kernel(T.ceildiv(num_queries, block_q), batch, key_splits, threads=cta_threads) as (bq, bb, split):
                 q_shared = T.alloc_shared((rows, dim), qk_dtype)
-                k_shared = T.alloc_shared((block_n, dim), qk_dtype)
                 scores = T.alloc_fragment((block_n, rows), T.float32)
-                scores_by_head = T.reshape(scores, (block_n, block_q, heads))
                 logits = T.alloc_fragment((block_n, block_q), T.float32)
                 logits_shared = T.alloc_shared((block_q, block_n), T.float32)
-                if interleaved:  # Python-level: the head sum's first step (pairs of heads in adjacent columns)
-                    head_pairs = T.alloc_fragment((block_n, 2, 16 // heads, heads // 2, 4), T.float32)
+                # the head sum's first step (pairs of heads in adjacent columns)
+                head_pairs = (T.alloc_fragment((block_n, 2, 16 // heads, heads // 2, 4), T.float32)
+                              if interleaved else None)
                 weights = T.alloc_fragment((rows,), T.float32)
                 ks_local = T.alloc_fragment((block_q,), T.int32)
                 ke_local = T.alloc_fragment((block_q,), T.int32)
+                theta = T.alloc_fragment((block_q,), T.float32) if capacity else None
+                appended = T.alloc_fragment((block_q, segments), T.int32) if capacity else None  # one per thread
                 ke_max = T.alloc_var(T.int32)
                 q0 = bq * block_q
-                if capacity:  # Python-level: the candidate variant's thresholds and per-segment counters
-                    theta = T.alloc_fragment((block_q,), T.float32)
-                    appended = T.alloc_fragment((block_q, segments), T.int32)  # one counter per thread
-                    for i, j in T.Parallel(block_q, segments):
-                        theta[i] = Theta[bb, T.min(q0 + i, num_queries - 1)]
-                        appended[i, j] = 0
-
-                T.copy(Q[bb, q0 * heads : q0 * heads + rows, :], q_shared)
-                for r in T.Parallel(rows):
-                    query, head = interleaved_query_head(r, heads) if interleaved else (r // heads, r % heads)
-                    weights[r] = T.if_then_else(q0 + query < num_queries,
-                                                W[bb, T.min(q0 + query, num_queries - 1), head], 0.0)
-                for i in T.Parallel(block_q):
-                    ks_local[i] = T.if_then_else(q0 + i < num_queries, KS[bb, T.min(q0 + i, num_queries - 1)], 0)
-                    ke_local[i] = T.if_then_else(q0 + i < num_queries, KE[bb, T.min(q0 + i, num_queries - 1)], 0)
+                buffers = (Logits, KScale, CandVal, CandKey, bb, q0, weights, logits, head_pairs, logits_shared,
+                           ks_local, ke_local, theta, appended)
                 ke_max = 0
                 for i in T.serial(block_q):
                     ke_max = T.max(ke_max, T.if_then_else(q0 + i < num_queries,
@@ -156,62 +227,61 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 tiles_per_split = T.ceildiv(T.ceildiv(num_keys, block_n), key_splits)
                 first_tile = split * tiles_per_split
                 last_tile = T.min(first_tile + tiles_per_split, T.ceildiv(num_keys, block_n))
+                steps = T.max(T.min(live_tiles, last_tile) - first_tile, 0)
 
-                for step in T.Pipelined(T.max(T.min(live_tiles, last_tile) - first_tile, 0), num_stages=num_stages):
-                    tile = first_tile + step
-                    T.copy(K[bb, tile * block_n : (tile + 1) * block_n, :], k_shared)
-                    T.gemm(k_shared, q_shared, scores, transpose_B=True, clear_accum=True,
-                           policy=T.GemmWarpPolicy.FullCol)
-                    for n, r in T.Parallel(block_n, rows):
-                        scores[n, r] = T.max(scores[n, r], 0.0) * weights[r]
-                    if interleaved:  # Python-level: each (key, query) sums its heads within one thread
-                        # scores' column 64g + 8(qi·heads/2 + jh) + 2m + e holds head 2jh + e of query (g, qi, m)
-                        T.reduce_sum(T.reshape(scores, (block_n, 2, 16 // heads, heads // 2, 4, 2)), head_pairs,
-                                     dim=5, clear=True)
-                        T.reduce_sum(head_pairs, T.reshape(logits, (block_n, 2, 16 // heads, 4)), dim=3, clear=True)
+                if not overlapped:  # Python-level: TileLang's pipeline, each tile's epilogue after its wgmma
+                    k_shared = T.alloc_shared((block_n, dim), qk_dtype)
+                    T.copy(Q[bb, q0 * heads : q0 * heads + rows, :], q_shared)
+                    load_query_block(W, KS, KE, Theta, bb, q0, weights, ks_local, ke_local, theta, appended)
+                    for step in T.Pipelined(steps, num_stages=num_stages):
+                        tile = first_tile + step
+                        T.copy(K[bb, tile * block_n : (tile + 1) * block_n, :], k_shared)
+                        T.gemm(k_shared, q_shared, scores, transpose_B=True, clear_accum=True,
+                               policy=T.GemmWarpPolicy.FullCol)
+                        tile_epilogue(scores, tile, buffers)
+                    finish(Logits, Count, bb, q0, appended, live_tiles, first_tile, last_tile)
+                else:
+                    # A producer warpgroup streams the key tiles through `num_stages` shared-memory stages (TMA,
+                    # mbarriers); the consumers keep two accumulators, so that tile t+1's wgmma is in flight during
+                    # tile t's epilogue (the pipelined driver leaves the tensor cores idle during every epilogue).
+                    k_shared = T.alloc_shared((num_stages, block_n, dim), qk_dtype)
+                    scores_b = T.alloc_fragment((block_n, rows), T.float32)
+                    q_ready = T.alloc_barrier([1])
+                    full = T.alloc_barrier([1] * num_stages)
+                    empty = T.alloc_barrier([threads] * num_stages)
+                    tx = T.get_thread_binding()
+                    if tx >= threads:  # the producer
+                        T.set_max_nreg(40, 0)
+                        T.tma_copy(Q[bb, q0 * heads : q0 * heads + rows, :], q_shared, barrier=q_ready[0])
+                        if tx == threads:
+                            T.barrier_arrive(q_ready[0])
+                        for step in T.serial(steps):
+                            tile = first_tile + step
+                            T.barrier_wait(empty[step % num_stages], ((step // num_stages) & 1) ^ 1)
+                            T.tma_copy(K[bb, tile * block_n : (tile + 1) * block_n, :],
+                                       k_shared[step % num_stages, :, :], barrier=full[step % num_stages])
+                            if tx == threads:
+                                T.barrier_arrive(full[step % num_stages])
                     else:
-                        T.reduce_sum(scores_by_head, logits, dim=-1, clear=True)
-                    if fp8:  # Python-level: each key's scale, after the head sum (read from global: no pipelining)
-                        for n, i in T.Parallel(block_n, block_q):
-                            logits[n, i] = logits[n, i] * KScale[bb, T.min(tile * block_n + n, num_keys - 1)]
-                    if capacity:
-                        # Staged in shared memory, then each thread scans its own (query, key residue) segment.
-                        for i, n in T.Parallel(block_q, block_n):
-                            logits_shared[i, n] = logits[n, i]
-                        for i, j in T.Parallel(block_q, segments):
-                            for step_n in T.serial(block_n // segments):
-                                key = tile * block_n + step_n * segments + j
-                                value = logits_shared[i, step_n * segments + j]
-                                if key >= ks_local[i] and key < ke_local[i] and value >= theta[i]:
-                                    if appended[i, j] < segment:
-                                        CandVal[bb, q0 + i, j * segment + appended[i, j]] = value
-                                        CandKey[bb, q0 + i, j * segment + appended[i, j]] = key
-                                    appended[i, j] = appended[i, j] + 1
-                    elif staged_stores:  # Python-level: one variant or the other is compiled
-                        for i, n in T.Parallel(block_q, block_n):
-                            key = tile * block_n + n
-                            logits_shared[i, n] = T.if_then_else(key >= ks_local[i] and key < ke_local[i],
-                                                                 logits[n, i], -T.infinity(T.float32))
-                        # Rows past num_queries and columns past num_keys fall outside the tensor: the TMA store
-                        # clips them.
-                        T.copy(logits_shared, Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n])
-                    else:
-                        for i, n in T.Parallel(block_q, block_n):
-                            key = tile * block_n + n
-                            if q0 + i < num_queries and key < num_keys:
-                                Logits[bb, q0 + i, key] = T.if_then_else(
-                                    key >= ks_local[i] and key < ke_local[i], logits[n, i], -T.infinity(T.float32))
-
-                if capacity:
-                    for i, j in T.Parallel(block_q, segments):  # more than `segment`: the segment overflowed
-                        if q0 + i < num_queries:
-                            Count[bb, q0 + i, j] = appended[i, j]
-                elif fill_future:  # tiles past the block's last visible key: masked without computing anything
-                    for tile in T.serial(T.max(live_tiles, first_tile), last_tile):
-                        for i, n in T.Parallel(block_q, block_n):
-                            key = tile * block_n + n
-                            if q0 + i < num_queries and key < num_keys:
-                                Logits[bb, q0 + i, key] = -T.infinity(T.float32)
+                        T.set_max_nreg(232, 1)
+                        load_query_block(W, KS, KE, Theta, bb, q0, weights, ks_local, ke_local, theta, appended)
+                        T.clear(scores_b)  # read only from the second pair on; cleared so that no path reads it unset
+                        T.barrier_wait(q_ready[0], 0)
+                        # Steps in pairs (a, b): b's wgmma runs during a's epilogue, the next a's during b's.
+                        for pair in T.serial(T.ceildiv(steps, 2)):
+                            issue(scores, 2 * pair, k_shared, q_shared, full)
+                            if pair > 0:
+                                tile_epilogue(scores_b, first_tile + 2 * pair - 1, buffers)
+                            retire(scores, 2 * pair, empty)
+                            if 2 * pair + 1 < steps:
+                                issue(scores_b, 2 * pair + 1, k_shared, q_shared, full)
+                                tile_epilogue(scores, first_tile + 2 * pair, buffers)
+                                retire(scores_b, 2 * pair + 1, empty)
+                            else:
+                                tile_epilogue(scores, first_tile + 2 * pair, buffers)
+                        if steps > 0 and steps % 2 == 0:
+                            tile_epilogue(scores_b, first_tile + steps - 1, buffers)
+                        finish(Logits, Count, bb, q0, appended, live_tiles, first_tile, last_tile)
 
         if capacity:
             @T.prim_func

@@ -111,19 +111,19 @@ def test_interleaved_logits_kernel_sums_heads_in_registers(heads):
     assert "AllReduce" in source(), "the plain layout sums a query's heads across lanes"
 
 
-@pytest.mark.parametrize("heads", [4, 8, 16])
+@pytest.mark.parametrize("heads", [8, 16])
 def test_overlapped_logits_kernel_compiles_for_sm90a(heads):
-    """The few-head prefill program with a producer warpgroup and two accumulators: tile t+1's wgmma is in flight
-    during tile t's epilogue."""
+    """The overlapped driver: a producer warpgroup and two accumulators, tile t+1's wgmma in flight during tile t's
+    epilogue."""
     _tilelang_or_skip()
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
 
     source = build_weighted_relu_logits(heads, 128, fill_future=False, staged_stores=True, interleaved=True,
-                                        overlapped=True, arch="sm_90a")().get_kernel_source()
+                                        overlapped=True, num_stages=4, arch="sm_90a")().get_kernel_source()
     assert "__launch_bounds__(384" in source and "wait_wgmma<0>" in source and "tma_store" in source
     assert source.count("wgmma_ss<") >= 2  # one issue per accumulator
-    with pytest.raises(ValueError, match="overlapped program takes"):
-        build_weighted_relu_logits(heads, 128, overlapped=True, arch="sm_90a")  # a written future: not this program
+    with pytest.raises(ValueError, match="overlapped driver is for the bf16 dense programs"):
+        build_weighted_relu_logits(heads, 128, overlapped=True, fp8=True, arch="sm_90a")
 
 
 def test_interleaved_layout_refuses_what_it_cannot_hold():
@@ -355,34 +355,51 @@ def test_radix_topk_variants_select_the_same_set(options):
         assert len(set(got[row].tolist())) == 2048, f"row {row}: repeated index"
 
 
+OVERLAP_CASES = {  # name -> (heads, program options): the shapes the scorer runs, and the driver's other paths
+    "few_heads": (8, dict(fill_future=False, staged_stores=True, interleaved=True)),
+    "four_heads": (4, dict(fill_future=False, staged_stores=True, interleaved=True)),
+    "sixteen_heads": (16, dict(fill_future=False, staged_stores=True, interleaved=True)),
+    "dsa64_wide": (64, dict(fill_future=False, rows_per_cta=256, block_n=64)),
+    "future_written_split_keys": (32, dict(fill_future=True, key_splits=3)),
+}
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("stages", [2, 4])
-@pytest.mark.parametrize("batch,num_queries,num_keys,heads,first_key", [
-    (1, 256, 1280, 8, 1024),  # causal queries at the end of the cache: 9 or 10 key tiles (odd and even pairs)
-    (2, 100, 700, 8, 600),  # a partial query block, keys not a multiple of the tile
-    (1, 160, 4100, 4, 3940),  # 4 heads: 32 queries per block
-    (2, 64, 900, 16, 0),  # 16 heads; early queries see a single tile
+@pytest.mark.parametrize("case", sorted(OVERLAP_CASES))
+@pytest.mark.parametrize("batch,num_queries,num_keys,first_key", [
+    (1, 256, 1280, 1024),  # causal queries at the end of the cache: 9 or 10 key tiles (odd and even pairs)
+    (2, 100, 700, 600),  # a partial query block, keys not a multiple of the tile
+    (2, 64, 900, 0),  # early queries see a single tile
 ])
-def test_overlapped_logits_equal_the_pipelined_program(stages, batch, num_queries, num_keys, heads, first_key):
-    """Same matmul, same epilogue, another schedule: the visible logits are bit for bit the pipelined program's."""
+def test_overlapped_logits_match_the_pipelined_program(stages, case, batch, num_queries, num_keys, first_key):
+    """Same matmul, same epilogue, another schedule: the same -inf positions and the same logits (up to nvcc's
+    contraction of multiply-adds, which may differ between the two programs)."""
     from transformers_misa.kernels.scorer import interleaved_row_order
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
 
+    heads, options = OVERLAP_CASES[case]
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=3)
     ke = (torch.arange(num_queries, device="cuda", dtype=torch.int32) + first_key + 1).clamp_max(num_keys)
     ke = ke.expand(batch, -1).contiguous()
     ks = torch.zeros_like(ke)
     ks[-1] = 7  # a left-padded row
-    pad = -num_queries % (128 // heads)
-    q_rows = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).reshape(batch, -1, 128, 128)
-    q_rows = q_rows[:, :, interleaved_row_order(heads, q.device)].reshape(batch, -1, 128)[:, : num_queries * heads]
-    options = dict(fill_future=False, staged_stores=True, interleaved=True)
-    args = (q_rows.contiguous(), keys, weights, ks, ke)
+    q_rows = q.reshape(batch, num_queries * heads, 128)
+    if options.get("interleaved"):  # whole 128-row blocks in the interleaved order (pad queries see nothing)
+        pad = -num_queries % (128 // heads)
+        blocks = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).reshape(batch, -1, 128, 128)
+        q_rows = blocks[:, :, interleaved_row_order(heads, q.device)].reshape(batch, -1, 128)
+        weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (weights, ks, ke))
+    args = (q_rows.contiguous(), keys, weights.contiguous(), ks.contiguous(), ke.contiguous())
     pipelined = build_weighted_relu_logits(heads, 128, **options)()(*args)
     overlapped = build_weighted_relu_logits(heads, 128, num_stages=stages, overlapped=True, **options)()(*args)
     visible = torch.arange(num_keys, device="cuda") < ke.unsqueeze(-1)
-    assert torch.equal(overlapped[visible], pipelined[visible])
+    if options["fill_future"]:
+        visible = torch.ones_like(visible)
+    assert torch.equal(torch.isinf(overlapped[visible]), torch.isinf(pipelined[visible]))
+    finite = visible & torch.isfinite(pipelined)
+    torch.testing.assert_close(overlapped[finite], pipelined[finite], rtol=1e-5, atol=1e-4)
 
 
 @gpu
