@@ -141,6 +141,10 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                 CandKey[bb, q0 + i, j * segment + appended[i, j]] = key
                             appended[i, j] = appended[i, j] + 1
             elif staged_stores:  # Python-level: one variant or the other is compiled
+                if overlapped:  # Python-level: the previous tile's bulk store may still be reading logits_shared (its
+                    # elected thread waits for that; the others wait here), which TileLang's sync pass misses when
+                    # the previous epilogue ran in another branch of the pair loop
+                    T.sync_threads(barrier_id=3, arrive_count=threads)
                 for i, n in T.Parallel(block_q, block_n):
                     key = tile * block_n + n
                     logits_shared[i, n] = T.if_then_else(key >= ks_local[i] and key < ke_local[i], logits[n, i],
