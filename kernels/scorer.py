@@ -215,12 +215,15 @@ def uses_threshold_filter(q: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
 
 
 def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
-                          softmax_scale: float, fp8: bool = False, interleaved: bool = True) -> torch.Tensor:
+                          softmax_scale: float, fp8: bool = False, interleaved: bool = True,
+                          overlapped: bool = True) -> torch.Tensor:
     """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out; fp8: q and
     keys quantized to e4m3 with power-of-two row scales first, exact for inputs already rounded to FP8;
-    interleaved: the head sum in registers where it applies, see `scoring.interleaved_query_head`)."""
+    interleaved: the head sum in registers where it applies, see `scoring.interleaved_query_head`; overlapped: the
+    logits program's overlapped driver where it applies, see `overlaps`)."""
     ks, ke, contiguous = chunk.key_range
-    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True, fp8=fp8, interleaved=interleaved)
+    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True, fp8=fp8, interleaved=interleaved,
+                     overlapped=overlapped)
     if not contiguous:  # holes inside [ks, ke) (or unknown: sync-free): apply the mask exactly as the reference
         logits = logits + chunk.bias
     return logits
@@ -239,7 +242,8 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     ks, ke, contiguous = chunk.key_range
     width = keys.shape[1]
     if not contiguous or width < RADIX_MIN_WIDTH or k > width:
-        return radix_topk(tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved), k)
+        logits = tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved, overlapped)
+        return radix_topk(logits, k)
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved,
@@ -384,7 +388,9 @@ TILELANG_PLAIN_LAYOUT_SCORER = dataclasses.replace(
 # Prefill logits by TileLang's pipeline (each tile's epilogue after its wgmma, the driver before the overlapped
 # one), kept so that the benchmark times both side by side.
 TILELANG_PIPELINED_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-pipelined", fused_select=functools.partial(tilelang_select_tokens, overlapped=False))
+    TILELANG_SCORER, name="tilelang-pipelined",
+    token_logits=functools.partial(tilelang_token_logits, overlapped=False),
+    fused_select=functools.partial(tilelang_select_tokens, overlapped=False))
 
 # Wide prefill top-k through the sampled threshold (`ops.threshold`): exact, opt-in; the benchmark times it beside
 # the dense path.
