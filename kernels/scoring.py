@@ -5,8 +5,10 @@
 `q` holds `heads` query vectors per token: all H heads for DSA (the DSA-64 baseline kernel), or each token's
 own routed heads (gathered beforehand) for MISA; one program serves both, so the comparison is like for like.
 A CTA takes `block_q` tokens (block_q · heads query rows, 128 by default, one wgmma N), streams the key
-cache in `block_n`-token tiles through a software pipeline, multiplies on the tensor cores (bf16 in, fp32
-accumulate), and fuses ReLU, the head weights and the head sum before writing one fp32 logit per (t, s).
+cache in `block_n`-token tiles, multiplies on the tensor cores (bf16 in, fp32 accumulate), and fuses ReLU, the head
+weights and the head sum before writing one fp32 logit per (t, s). Two drivers run the same per-tile epilogue:
+TileLang's software pipeline, or (`overlapped`) a producer warpgroup feeding key tiles through TMA stages to
+consumers with two accumulators, so that each tile's epilogue runs while the next tile's wgmma is in flight.
 Key tiles past the block's last visible key are not computed at all (causal skip); they are written as -inf,
 unless `fill_future=False`: then they are left unwritten, for a top-k that reads each row only up to its end.
 `key_splits` > 1 also splits the key tiles over that many CTAs: a decode step has too few queries to fill the
