@@ -61,7 +61,12 @@ def _sm_count(device: torch.device) -> int:
 
 def key_splits_for(device: torch.device, ctas: int, num_keys: int) -> int:
     """How many CTAs share one query block's key tiles: 1 for prefill, more for small decode batches."""
-    wanted = 2 * _sm_count(device)
+    return key_splits(_sm_count(device), ctas, num_keys)
+
+
+def key_splits(sm_count: int, ctas: int, num_keys: int) -> int:
+    """`key_splits_for` on a GPU of `sm_count` SMs."""
+    wanted = 2 * sm_count
     most = min(MAX_KEY_SPLITS, max(1, num_keys // (KEY_TILE * MIN_TILES_PER_SPLIT)))
     splits = 1
     while ctas * splits < wanted and splits * 2 <= most:
@@ -101,13 +106,38 @@ def prefill_shape(heads: int, fp8: bool = False) -> dict:
     return dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)
 
 
+def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_count: int, fill_future: bool,
+                   fp8: bool = False, interleaved: bool = False, overlapped: bool = True) -> dict:
+    """Build options of the logits program for one call (`interleaved` as `_logits` settled it): the CTA shape
+    (prefill, decode, or 128-row CTAs where keys are split over CTAs), key splits, staged stores, overlapped driver."""
+    block = queries_per_cta(heads)
+
+    def ctas(rows_per_cta: int) -> int:
+        return -(-num_queries // queries_per_cta(heads, rows_per_cta)) * batch
+
+    shape = prefill_shape(heads, fp8)
+    if num_queries < block:  # decode
+        shape = dict(rows_per_cta=decode_rows_per_cta(heads, num_queries), block_n=KEY_TILE)
+    elif key_splits(sm_count, ctas(shape["rows_per_cta"]), num_keys) > 1:
+        shape = dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)  # too few queries to fill the GPU with wide CTAs
+    splits = key_splits(sm_count, ctas(shape["rows_per_cta"]), num_keys)
+    # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
+    # a TMA row stride must be a multiple of 16 B. Decode steps (fewer queries than a block) never stage, so a cache
+    # length's divisibility by 4 does not switch programs (and trigger a compile) in the middle of a generation.
+    staged = stages_stores(heads) and num_queries >= block and num_keys % 4 == 0
+    overlapped = overlapped and overlaps(heads, fp8) and splits == 1 and num_queries >= block
+    if overlapped:
+        shape["num_stages"] = OVERLAPPED_STAGES
+    return dict(shape, key_splits=splits, fill_future=fill_future, staged_stores=staged, fp8=fp8,
+                interleaved=interleaved, overlapped=overlapped)
+
+
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
             softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True,
             overlapped: bool = True) -> torch.Tensor:
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
     applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: each
-    tile's epilogue runs beside
-    the next tile's matmul (a prefill's bf16 logits without key splits, see `overlaps`)."""
+    tile's epilogue runs beside the next tile's matmul where `logits_options` takes it."""
     batch, num_queries, heads, dim = q.shape
     block = queries_per_cta(heads)
     interleaved = interleaved and not fp8 and can_interleave(heads) and num_queries >= block
@@ -123,25 +153,9 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
                               for x in (q, weights, ks, ke))
         return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved,
                        overlapped)[:, :num_queries]
-    def ctas(rows_per_cta: int) -> int:
-        return -(-num_queries // queries_per_cta(heads, rows_per_cta)) * batch
-
-    shape = prefill_shape(heads, fp8)
-    if num_queries < block:  # decode
-        shape = dict(rows_per_cta=decode_rows_per_cta(heads, num_queries), block_n=KEY_TILE)
-    elif key_splits_for(q.device, ctas(shape["rows_per_cta"]), keys.shape[1]) > 1:
-        shape = dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)  # too few queries to fill the GPU with wide CTAs
-    splits = key_splits_for(q.device, ctas(shape["rows_per_cta"]), keys.shape[1])
-    # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
-    # a TMA row stride must be a multiple of 16 B. Decode steps (fewer queries than a block) never stage, so a cache
-    # length's divisibility by 4 does not switch programs (and trigger a compile) in the middle of a generation.
-    staged = stages_stores(heads) and num_queries >= block and keys.shape[1] % 4 == 0
-    overlapped = overlapped and overlaps(heads, fp8) and splits == 1 and num_queries >= block
-    if overlapped:
-        shape["num_stages"] = OVERLAPPED_STAGES
-    kernel = build_weighted_relu_logits(heads, dim, key_splits=splits, fill_future=fill_future,
-                                        staged_stores=staged, fp8=fp8, interleaved=interleaved,
-                                        overlapped=overlapped, **shape)()
+    options = logits_options(heads, batch, num_queries, keys.shape[1], _sm_count(q.device), fill_future, fp8,
+                             interleaved, overlapped)
+    kernel = build_weighted_relu_logits(heads, dim, **options)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
     weights = weights.float() * softmax_scale
     if fp8:

@@ -59,6 +59,30 @@ def test_wide_prefill_logits_kernel_compiles_for_sm90a():
     assert "wgmma" in source.get_kernel_source() and "tma_load" in source.get_kernel_source()
 
 
+def test_logits_options_overlap_prefill_only():
+    """Which program a call builds (H100/H200: 132 SMs): the overlapped driver for bf16 prefill chunks that fill the
+    GPU without splitting keys, TileLang's pipeline for decode steps, key-split calls and FP8."""
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels.scorer import OVERLAPPED_STAGES, logits_options
+
+    def options(heads, batch, num_queries, num_keys, **flags):
+        return logits_options(heads, batch, num_queries, num_keys, 132, fill_future=False, **flags)
+
+    misa_prefill = options(8, 1, 8192, 65536, interleaved=True)
+    assert misa_prefill == dict(rows_per_cta=128, block_n=128, num_stages=OVERLAPPED_STAGES, key_splits=1,
+                                fill_future=False, staged_stores=True, fp8=False, interleaved=True, overlapped=True)
+    dsa_prefill = options(64, 1, 8192, 65536)
+    assert dsa_prefill["overlapped"] and (dsa_prefill["rows_per_cta"], dsa_prefill["block_n"]) == (256, 64)
+    assert not dsa_prefill["staged_stores"]
+    decode = options(8, 32, 4, 131072)
+    assert not decode["overlapped"] and decode["rows_per_cta"] == 32 and decode["key_splits"] > 1
+    small_prefill = options(8, 1, 300, 5000, interleaved=True)  # 19 CTAs: keys split over CTAs, no overlap
+    assert small_prefill["key_splits"] > 1 and not small_prefill["overlapped"]
+    assert not options(64, 1, 8192, 65536, fp8=True)["overlapped"]
+    assert not options(8, 1, 8192, 65536, overlapped=False)["overlapped"]
+    assert not options(8, 1, 8192, 65534)["staged_stores"]  # a TMA row stride must be a multiple of 16 bytes
+
+
 def test_decode_rows_per_cta_fits_the_step_queries():
     pytest.importorskip("tilelang", reason="TileLang is not installed")
     from transformers_misa.kernels.scorer import decode_rows_per_cta
