@@ -146,6 +146,9 @@ def test_overlapped_logits_kernel_compiles_for_sm90a(heads):
                                         overlapped=True, num_stages=4, arch="sm_90a")().get_kernel_source()
     assert "__launch_bounds__(384" in source and "wait_wgmma<0>" in source and "tma_store" in source
     assert source.count("wgmma_ss<") >= 2  # one issue per accumulator
+    # Each staged store site has a consumer barrier before its shared-memory writes (the previous tile's bulk store
+    # may still read them) and one before the store: without the first, 4-head logits came out wrong on an H200.
+    assert source.count("__sync_thread_partial(") == 2 * source.count("tma_store_arrive()")
     with pytest.raises(ValueError, match="overlapped driver is for the bf16 dense programs"):
         build_weighted_relu_logits(heads, 128, overlapped=True, fp8=True, arch="sm_90a")
 
