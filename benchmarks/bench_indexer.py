@@ -25,7 +25,7 @@ import torch
 from transformers_misa.kernels.scorer import (TILELANG_FP8_SCORER, TILELANG_PIPELINED_SCORER,
                                               TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
                                               TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_THRESHOLD_SCORER,
-                                              OVERLAPPED_STAGES, overlaps, prefill_shape)
+                                              logits_options)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
@@ -155,10 +155,9 @@ def scoring_tflops(heads: int, num_queries: int, num_keys: int, reps: int, **var
     overrides program options. (Before 2026-11-28 12:00 it took 128-row CTAs and wrote the future as -inf; before
     13:40 the same day, TileLang's pipeline instead of the overlapped driver.)"""
     q, keys, weights = inputs(1, num_queries, num_keys, heads)
-    fp8 = variant.get("fp8", False)
-    options = dict(prefill_shape(heads, fp8=fp8), fill_future=False)
-    if overlaps(heads, fp8):
-        options.update(overlapped=True, num_stages=OVERLAPPED_STAGES)
+    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+    options = logits_options(heads, 1, num_queries, num_keys, sm_count, fill_future=False,
+                             fp8=variant.get("fp8", False))
     kernel = build_weighted_relu_logits(heads, DIM, **{**options, **variant})()
     chunk = ChunkMask(None, slice(0, num_queries), 1, num_queries, num_keys, q.device)
     ks, ke, _ = chunk.key_range
