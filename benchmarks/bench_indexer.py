@@ -22,8 +22,8 @@ import sys
 
 import torch
 
-from transformers_misa.kernels.scorer import (TILELANG_FP8_SCORER, TILELANG_FP32_TOPK_SCORER,
-                                              TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
+from transformers_misa.kernels.scorer import (TILELANG_FP8_SCORER, TILELANG_PIPELINED_SCORER,
+                                              TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
                                               TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_THRESHOLD_SCORER,
                                               logits_options)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
@@ -108,11 +108,6 @@ def methods(heads: int, deepseek_kernel):
                                                                softmax_scale=SCALE, scorer=TILELANG_PIPELINED_SCORER),
         f"dsa{heads}_pipelined": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, softmax_scale=SCALE,
                                                                     scorer=TILELANG_PIPELINED_SCORER),
-        # the top-k over whole fp32 logits (before the split halves), timed beside "misa8" and the DSA kernel
-        "misa8_fp32_topk": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK,
-                                                               softmax_scale=SCALE, scorer=TILELANG_FP32_TOPK_SCORER),
-        f"dsa{heads}_fp32_topk": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, softmax_scale=SCALE,
-                                                                    scorer=TILELANG_FP32_TOPK_SCORER),
         # the routing step in separate launches (before the fused routing program), timed beside "misa8"
         "misa8_stepwise_routing": lambda q, k, w: reference.misa_topk(
             q, k, w, TOPK, active_heads=8, block_size=BLOCK, softmax_scale=SCALE,
@@ -158,12 +153,11 @@ def scoring_tflops(heads: int, num_queries: int, num_keys: int, reps: int, **var
     """The logits program alone over a causal prefill in one call, as achieved tensor-core throughput; as the
     indexer's top-k path runs it (its prefill CTA shape, each query's future left unwritten) unless `variant`
     overrides program options. (Before 2026-11-28 12:00 it took 128-row CTAs and wrote the future as -inf; before
-    13:40 the same day, TileLang's pipeline instead of the overlapped driver; before 2026-11-28 16:00, fp32 logits
-    instead of split halves.)"""
+    13:40 the same day, TileLang's pipeline instead of the overlapped driver.)"""
     q, keys, weights = inputs(1, num_queries, num_keys, heads)
     sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
     options = logits_options(heads, 1, num_queries, num_keys, sm_count, fill_future=False,
-                             fp8=variant.get("fp8", False), split_halves=True)
+                             fp8=variant.get("fp8", False))
     kernel = build_weighted_relu_logits(heads, DIM, **{**options, **variant})()
     chunk = ChunkMask(None, slice(0, num_queries), 1, num_queries, num_keys, q.device)
     ks, ke, _ = chunk.key_range
@@ -212,7 +206,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
             table = methods(heads, None)
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
                                 for name in (f"dsa{heads}_kernel", f"dsa{heads}_pipelined", "misa8", "misa8_pipelined",
-                                             f"dsa{heads}_fp32_topk", "misa8_fp32_topk", "misa8_plain_layout",
+                                             "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}
         results.append(row)
@@ -257,13 +251,12 @@ def print_row(row: dict, heads: int) -> None:
     timings = {k[:-3]: v for k, v in row.items() if k.endswith("_ms")}
 
     def ratio(name: str) -> str:  # against the DSA kernel timed the same way (eager or graph-replayed, bf16 or fp8),
-        # the fastest of its bf16 variants (overlapped or pipelined logits, split-halves, fp32 or sampled-threshold
-        # top-k)
+        # the fastest of its bf16 variants (overlapped or pipelined logits, dense or sampled-threshold top-k)
         if name.endswith(("_fp8", "_graph")):
             base = timings.get(f"dsa{heads}_fp8" if name.endswith("_fp8") else f"dsa{heads}_kernel_graph")
         else:
-            base = min((timings[n] for n in (f"dsa{heads}_kernel", f"dsa{heads}_pipelined", f"dsa{heads}_threshold",
-                                             f"dsa{heads}_fp32_topk") if n in timings), default=None)
+            base = min((timings[n] for n in (f"dsa{heads}_kernel", f"dsa{heads}_pipelined", f"dsa{heads}_threshold")
+                        if n in timings), default=None)
         return f"({base / timings[name]:.1f}x)" if base and name.startswith(("misa", "hisa")) else ""
 
     cells = " ".join(f"{k}={v:.2f}ms{ratio(k)}" for k, v in timings.items())

@@ -3,8 +3,7 @@
 Two workloads, the ones the indexer gives it: causal prefill rows of a 64K context (one row per 16th query, so the
 rows' widths average half the context, as a whole prefill's do) and decode rows (batch 32 x 1 and 4 queries, 128K
 cache). The logits come from the 8-head logits program on random inputs. Each variant must select exactly the
-default's set (ties break alike); its time is reported with the bandwidth of one read of the visible columns (fp32;
-`*_halves` variants read the same logits as split halves, see `kernels.topk`).
+default's set (ties break alike); its time is reported with the bandwidth of one read of the visible columns.
 Compiles run in parallel processes first.
 
     python benchmarks/sweep_topk.py --out benchmarks/results
@@ -18,9 +17,8 @@ import torch
 
 from bench_indexer import DIM, SCALE, TOPK, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
 from sweeps import chosen, compile_variants, sweep_parser, write_results
-from transformers_misa.kernels.scorer import to_halves
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
-from transformers_misa.kernels.topk import BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, UNROLL, build_radix_topk
+from transformers_misa.kernels.topk import BUFFER, UNROLL, build_radix_topk
 
 VARIANTS = {  # name -> build options
     "default": {},
@@ -38,11 +36,6 @@ VARIANTS = {  # name -> build options
     "ctas3_buffer2048": dict(min_ctas_per_sm=3, buffer=2048),
     "ctas4_buffer2048": dict(min_ctas_per_sm=4, buffer=2048),
     "threads256_ctas6_buffer2048": dict(threads=256, min_ctas_per_sm=6, buffer=2048),
-    # the scorer's shapes (prefill, decode) over fp32 rows and over split halves (read from the same logits)
-    "many_rows": dict(MANY_ROWS_SHAPE),
-    "many_rows_halves": dict(MANY_ROWS_SHAPE, split_halves=True),
-    "few_rows": dict(FEW_ROWS_SHAPE),
-    "few_rows_halves": dict(FEW_ROWS_SHAPE, split_halves=True),
 }
 HEADS = 8
 
@@ -82,7 +75,6 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for workload, (scores, ends) in workloads().items():
         expected = visible_picks(build_radix_topk(TOPK)()(scores, ends), ends)
-        halves = to_halves(scores).contiguous()
         read_gb = float(ends.clamp_max(scores.shape[1]).sum()) * 4 / 1e9
         for name, options in variants.items():
             row = {"workload": workload, "variant": name, "threads": options.get("threads", 512),
@@ -92,13 +84,12 @@ def main(argv: list[str] | None = None) -> None:
                 row["error"] = errors[name]
             else:
                 kernel = build_radix_topk(TOPK, **options)()
-                rows_in = halves if options.get("split_halves") else scores
-                row["same_selection"] = bool(torch.equal(visible_picks(kernel(rows_in, ends), ends), expected))
-                row["ms"] = cuda_time_ms(lambda: kernel(rows_in, ends), args.reps)
+                row["same_selection"] = bool(torch.equal(visible_picks(kernel(scores, ends), ends), expected))
+                row["ms"] = cuda_time_ms(lambda: kernel(scores, ends), args.reps)
                 row["GB_per_s_one_read"] = read_gb / row["ms"] * 1e3
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del scores, ends, halves
+        del scores, ends
         torch.cuda.empty_cache()
     write_results(args.out, "sweep_topk", {"environment": environment(), "topk": TOPK, "results": rows})
 

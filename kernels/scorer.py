@@ -107,8 +107,7 @@ def prefill_shape(heads: int, fp8: bool = False) -> dict:
 
 
 def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_count: int, fill_future: bool,
-                   fp8: bool = False, interleaved: bool = False, overlapped: bool = True,
-                   split_halves: bool = False) -> dict:
+                   fp8: bool = False, interleaved: bool = False, overlapped: bool = True) -> dict:
     """Build options of the logits program for one call (`interleaved` as `_logits` settled it): the CTA shape
     (prefill, decode, or 128-row CTAs where keys are split over CTAs), key splits, staged stores, overlapped driver."""
     block = queries_per_cta(heads)
@@ -123,42 +122,39 @@ def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_c
         shape = dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)  # too few queries to fill the GPU with wide CTAs
     splits = key_splits(sm_count, ctas(shape["rows_per_cta"]), num_keys)
     # Staged (TMA) stores for few heads and at least one full query block (prefill), where the stores set the pace;
-    # a TMA row stride must be a multiple of 16 B (4 fp32 logits, 8 halves). Decode steps (fewer queries than a
-    # block) never stage, so a cache length's divisibility does not switch programs (and trigger a compile) in the
-    # middle of a generation.
-    staged = stages_stores(heads) and num_queries >= block and num_keys % (8 if split_halves else 4) == 0
+    # a TMA row stride must be a multiple of 16 B. Decode steps (fewer queries than a block) never stage, so a cache
+    # length's divisibility by 4 does not switch programs (and trigger a compile) in the middle of a generation.
+    staged = stages_stores(heads) and num_queries >= block and num_keys % 4 == 0
     overlapped = overlapped and overlaps(heads, fp8) and splits == 1 and num_queries >= block
     if overlapped:
         shape["num_stages"] = OVERLAPPED_STAGES
     return dict(shape, key_splits=splits, fill_future=fill_future, staged_stores=staged, fp8=fp8,
-                interleaved=interleaved, overlapped=overlapped, split_halves=split_halves)
+                interleaved=interleaved, overlapped=overlapped)
 
 
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
             softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True,
-            overlapped: bool = True, split_halves: bool = False) -> torch.Tensor:
+            overlapped: bool = True) -> torch.Tensor:
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
     applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: each
-    tile's epilogue runs beside the next tile's matmul where `logits_options` takes it; `split_halves`: [2, B, S, T]
-    int16 instead, each logit's high and low 16 bits (see `join_halves`)."""
+    tile's epilogue runs beside the next tile's matmul where `logits_options` takes it."""
     batch, num_queries, heads, dim = q.shape
     block = queries_per_cta(heads)
     interleaved = interleaved and not fp8 and can_interleave(heads) and num_queries >= block
-    again = functools.partial(_logits, softmax_scale=softmax_scale, fill_future=fill_future, fp8=fp8,
-                              interleaved=interleaved, overlapped=overlapped, split_halves=split_halves)
-    query_dim = 2 if split_halves else 1
     # The TMA store's descriptor cannot span more elements than this: split the queries, in whole query blocks.
-    per_call = max(block, (MAX_TMA_ELEMENTS - 1) // max(1, (1 + split_halves) * keys.shape[1]) // block * block)
+    per_call = max(block, (MAX_TMA_ELEMENTS - 1) // max(1, keys.shape[1]) // block * block)
     if num_queries > per_call:
-        return torch.cat([again(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
-                                ke[:, i : i + per_call]) for i in range(0, num_queries, per_call)], dim=query_dim)
+        return torch.cat([_logits(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
+                                  ke[:, i : i + per_call], softmax_scale, fill_future, fp8, interleaved, overlapped)
+                          for i in range(0, num_queries, per_call)], dim=1)
     if interleaved and num_queries % block:  # the layout takes whole query blocks: pad with queries that see nothing
         pad = block - num_queries % block
         q, weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
                               for x in (q, weights, ks, ke))
-        return again(q, weights, keys, ks, ke).narrow(query_dim, 0, num_queries)
+        return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved,
+                       overlapped)[:, :num_queries]
     options = logits_options(heads, batch, num_queries, keys.shape[1], _sm_count(q.device), fill_future, fp8,
-                             interleaved, overlapped, split_halves)
+                             interleaved, overlapped)
     kernel = build_weighted_relu_logits(heads, dim, **options)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
     weights = weights.float() * softmax_scale
@@ -249,11 +245,9 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                            softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
-                           interleaved: bool = True, overlapped: bool = True,
-                           split_halves: bool = True) -> torch.Tensor:
+                           interleaved: bool = True, overlapped: bool = True) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
-    `split_halves`: the logits travel as two 16-bit planes, so that the radix select's passes read the high one only.
 
     `threshold=True` (TILELANG_THRESHOLD_SCORER) sends wide prefill rows (`uses_threshold_filter`) through the
     sampled threshold instead, which writes only a few thousand candidates per query (`ops.threshold`; the same
@@ -267,47 +261,29 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved,
-                     overlapped=overlapped, split_halves=split_halves)
-    return radix_topk(logits, k, ends=ke, split_halves=split_halves)
+                     overlapped=overlapped)
+    return radix_topk(logits, k, ends=ke)
 
 
-def to_halves(scores: torch.Tensor) -> torch.Tensor:
-    """fp32 [...] -> [2, ...] int16 high and low halves, -0.0 as +0.0: what `_logits(split_halves=True)` writes."""
-    bits = (scores.float() + 0.0).view(torch.int32)  # x + 0.0 turns -0.0 into +0.0 and leaves every other x alone
-    return torch.stack([bits >> 16, bits]).to(torch.int16)  # int32 -> int16 keeps the low 16 bits
-
-
-def join_halves(halves: torch.Tensor) -> torch.Tensor:
-    """[2, ...] int16 high and low halves (as `_logits(split_halves=True)` writes them) -> the fp32 values [...]."""
-    high, low = halves.to(torch.int32).unbind(0)
-    return ((high << 16) | (low & 0xFFFF)).view(torch.float32)
-
-
-def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
-               split_halves: bool = False) -> torch.Tensor:
+def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None) -> torch.Tensor:
     """Indices [..., k] of the k largest of each row (unordered), by the radix-select kernel on wide rows.
 
     ends [...]: each row's columns from `ends` on count as -inf and are never read (None: every column is read).
-    split_halves: `scores` is [2, ..., width] int16, fp32 logits as their high and low halves (`join_halves`).
     """
     width = scores.shape[-1]
     if width < RADIX_MIN_WIDTH or k > width:
-        if split_halves:
-            scores = join_halves(scores)
         if ends is not None:
             columns = torch.arange(width, device=scores.device)
             scores = scores.masked_fill(columns >= ends.unsqueeze(-1), float("-inf"))
         return top_indices(scores, k)
-    row_shape = scores.shape[1:-1] if split_halves else scores.shape[:-1]
-    rows = (scores.reshape(2, -1, width) if split_halves else scores.reshape(-1, width).float()).contiguous()
-    num_rows = rows.shape[-2]
+    rows = scores.reshape(-1, width).float().contiguous()
     # A decode step's few rows (one wave) take wide CTAs; a prefill's many rows, four CTAs per SM.
-    shape = FEW_ROWS_SHAPE if num_rows <= 2 * _sm_count(rows.device) else MANY_ROWS_SHAPE
+    shape = FEW_ROWS_SHAPE if rows.shape[0] <= 2 * _sm_count(rows.device) else MANY_ROWS_SHAPE
     if ends is None:
-        row_ends = torch.full((num_rows,), width, dtype=torch.int32, device=rows.device)
+        row_ends = torch.full((rows.shape[0],), width, dtype=torch.int32, device=rows.device)
     else:
         row_ends = ends.to(torch.int32).reshape(-1).contiguous()
-    return build_radix_topk(k, split_halves=split_halves, **shape)()(rows, row_ends).view(*row_shape, k)
+    return build_radix_topk(k, **shape)()(rows, row_ends).view(*scores.shape[:-1], k)
 
 
 def _router_program_applies(contiguous: bool | None, router: str) -> bool:
@@ -429,11 +405,6 @@ TILELANG_PIPELINED_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-pipelined",
     token_logits=functools.partial(tilelang_token_logits, overlapped=False),
     fused_select=functools.partial(tilelang_select_tokens, overlapped=False))
-
-# The top-k over whole fp32 logits (the layout before split halves), kept so that the benchmark times both side by side.
-TILELANG_FP32_TOPK_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-fp32-topk", fused_select=functools.partial(tilelang_select_tokens,
-                                                                               split_halves=False))
 
 # Wide prefill top-k through the sampled threshold (`ops.threshold`): exact, opt-in; the benchmark times it beside
 # the dense path.

@@ -13,9 +13,6 @@ Key tiles past the block's last visible key are not computed at all (causal skip
 unless `fill_future=False`: then they are left unwritten, for a top-k that reads each row only up to its end.
 `key_splits` > 1 also splits the key tiles over that many CTAs: a decode step has too few queries to fill the
 GPU otherwise (32 sequences x 1 query would stream their caches on 32 of 132 SMs).
-`split_halves` writes each fp32 logit as its high and low 16 bits in two planes, [2, B, S, T] int16 (same bytes): a
-radix top-k then finds the k-th key's bin from the high plane alone and reads a low half only for the keys in that
-bin, half the bytes of each pass over a row (see `topk.py`).
 
 `capacity` > 0 builds the candidate variant instead: nothing dense is written; each query keeps only the logits at
 or above its threshold Theta[b, t] as (value, key) pairs in its own `capacity`-slot list, and Count[b, t, j] says
@@ -63,19 +60,12 @@ def stages_stores(heads: int) -> bool:
     return queries_per_cta(heads) >= 8  # 16 heads or fewer: a key tile carries 8+ queries' logits
 
 
-def canonical_bits(value):
-    """fp32 -> its bits as uint32, -0.0 written as +0.0: the two tie (as in torch), and a top-k that orders keys by
-    their high half alone must not tell them apart (see `topk.high_half_key`)."""
-    bits = T.reinterpret(value, T.uint32)
-    return T.if_then_else(bits == T.uint32(0x80000000), T.uint32(0), bits)
-
-
 @functools.lru_cache(maxsize=None)
 def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_stages: int = 2,
                                threads: int = 256, key_splits: int = 1, fill_future: bool = True,
                                staged_stores: bool | None = None, rows_per_cta: int = ROWS_PER_CTA,
                                fp8: bool = False, capacity: int = 0, interleaved: bool = False,
-                               overlapped: bool = False, split_halves: bool = False, arch: str | None = None):
+                               overlapped: bool = False, arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `staged_stores` (default: for 16 heads or fewer) writes each tile's logits through shared memory with one bulk
@@ -95,12 +85,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     block of `rows_per_cta` (the caller takes it only for whole query blocks), so that the head sum stays in registers.
     `overlapped` (bf16 dense programs): a producer warpgroup and two accumulators instead of TileLang's pipeline, so
     that each tile's epilogue runs during the next tile's wgmma; `num_stages` key tiles in flight.
-    `split_halves` (dense programs): Logits comes out as [2, B, S, T] int16, the high and low 16 bits of each fp32
-    logit (-0.0 as +0.0); staged stores then need num_keys to be a multiple of 8.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
-    if split_halves and capacity:
-        raise ValueError("split_halves is for the dense programs; the candidate variant writes fp32 values")
     if overlapped and (fp8 or capacity):
         raise ValueError("the overlapped driver is for the bf16 dense programs (no fp8, no candidates)")
     if capacity and (fp8 or key_splits != 1 or capacity % block_n):
@@ -124,23 +110,6 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
         # Symbolic sizes: one compiled kernel serves every batch, chunk and cache length.
         batch, num_queries, num_keys = T.dynamic("batch"), T.dynamic("num_queries"), T.dynamic("num_keys")
         qk_dtype = T.float8_e4m3fn if fp8 else T.bfloat16
-        out_shape, out_dtype = (((2, batch, num_queries, num_keys), T.int16) if split_halves
-                                else ((batch, num_queries, num_keys), T.float32))
-
-        def masked_logit(logits, tile, i, n, ks_local, ke_local):
-            """Query i's logit for key n of the tile, -inf outside the query's key range [ks, ke)."""
-            key = tile * block_n + n
-            return T.if_then_else(T.And(key >= ks_local[i], key < ke_local[i]), logits[n, i], -T.infinity(T.float32))
-
-        @T.macro
-        def write_logit(Logits, bb, query, key, value):
-            """One logit out by its own thread: fp32, or its two halves (split_halves)."""
-            if split_halves:  # Python-level
-                bits = canonical_bits(value)
-                Logits[0, bb, query, key] = T.cast(bits >> 16, T.int16)
-                Logits[1, bb, query, key] = T.cast(bits, T.int16)
-            else:
-                Logits[bb, query, key] = value
 
         @T.macro
         def tile_epilogue(scores, tile, buffers):
@@ -160,55 +129,36 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             if fp8:  # Python-level: each key's scale, after the head sum (read from global: no pipelining)
                 for n, i in T.Parallel(block_n, block_q):
                     logits[n, i] = logits[n, i] * KScale[bb, T.min(tile * block_n + n, num_keys - 1)]
-            fp32_shared, high_shared, low_shared = logits_shared
             if capacity:
                 # Staged in shared memory, then each thread scans its own (query, key residue) segment.
                 for i, n in T.Parallel(block_q, block_n):
-                    fp32_shared[i, n] = logits[n, i]
+                    logits_shared[i, n] = logits[n, i]
                 for i, j in T.Parallel(block_q, segments):
                     for step_n in T.serial(block_n // segments):
                         key = tile * block_n + step_n * segments + j
-                        value = fp32_shared[i, step_n * segments + j]
+                        value = logits_shared[i, step_n * segments + j]
                         if key >= ks_local[i] and key < ke_local[i] and value >= theta[i]:
                             if appended[i, j] < segment:
                                 CandVal[bb, q0 + i, j * segment + appended[i, j]] = value
                                 CandKey[bb, q0 + i, j * segment + appended[i, j]] = key
                             appended[i, j] = appended[i, j] + 1
-            elif staged_stores or split_halves:  # Python-level: through shared memory
-                if overlapped:  # Python-level: the previous tile's bulk store may still be reading the staged tile (its
+            elif staged_stores:  # Python-level: one variant or the other is compiled
+                if overlapped:  # Python-level: the previous tile's bulk store may still be reading logits_shared (its
                     # elected thread waits for that; the others wait here), which TileLang's sync pass misses when
                     # the previous epilogue ran in another branch of the pair loop
                     T.sync_threads(barrier_id=3, arrive_count=threads)
-                if split_halves and interleaved and staged_stores:  # Python-level: halves straight from the registers
-                    for i, n in T.Parallel(block_q, block_n):
-                        bits = canonical_bits(masked_logit(logits, tile, i, n, ks_local, ke_local))
-                        high_shared[i, n] = T.cast(bits >> 16, T.int16)
-                        low_shared[i, n] = T.cast(bits, T.int16)
-                else:
-                    for i, n in T.Parallel(block_q, block_n):
-                        fp32_shared[i, n] = masked_logit(logits, tile, i, n, ks_local, ke_local)
-                    if split_halves:  # Python-level: halves from shared memory (from the accumulator layouts of
-                        # the other programs, TileLang's layout inference takes minutes over int16 stores)
-                        for i, n in T.Parallel(block_q, block_n):
-                            if staged_stores:  # Python-level
-                                bits = canonical_bits(fp32_shared[i, n])
-                                high_shared[i, n] = T.cast(bits >> 16, T.int16)
-                                low_shared[i, n] = T.cast(bits, T.int16)
-                            else:
-                                if q0 + i < num_queries and tile * block_n + n < num_keys:
-                                    write_logit(Logits, bb, q0 + i, tile * block_n + n, fp32_shared[i, n])
-                if staged_stores:  # Python-level
-                    # Rows past num_queries and columns past num_keys fall outside the tensor: the TMA store clips them.
-                    if split_halves:  # Python-level
-                        T.copy(high_shared, Logits[0, bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n])
-                        T.copy(low_shared, Logits[1, bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n])
-                    else:
-                        T.copy(fp32_shared, Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n])
+                for i, n in T.Parallel(block_q, block_n):
+                    key = tile * block_n + n
+                    logits_shared[i, n] = T.if_then_else(key >= ks_local[i] and key < ke_local[i], logits[n, i],
+                                                         -T.infinity(T.float32))
+                # Rows past num_queries and columns past num_keys fall outside the tensor: the TMA store clips them.
+                T.copy(logits_shared, Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n])
             else:
                 for i, n in T.Parallel(block_q, block_n):
                     key = tile * block_n + n
                     if q0 + i < num_queries and key < num_keys:
-                        Logits[bb, q0 + i, key] = masked_logit(logits, tile, i, n, ks_local, ke_local)
+                        Logits[bb, q0 + i, key] = T.if_then_else(key >= ks_local[i] and key < ke_local[i],
+                                                                 logits[n, i], -T.infinity(T.float32))
 
         @T.macro
         def load_query_block(W, KS, KE, Theta, bb, q0, weights, ks_local, ke_local, theta, appended):
@@ -237,7 +187,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                     for i, n in T.Parallel(block_q, block_n):
                         key = tile * block_n + n
                         if q0 + i < num_queries and key < num_keys:
-                            write_logit(Logits, bb, q0 + i, key, -T.infinity(T.float32))
+                            Logits[bb, q0 + i, key] = -T.infinity(T.float32)
 
         @T.macro
         def issue(scores, step, k_shared, q_shared, full):
@@ -261,12 +211,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 q_shared = T.alloc_shared((rows, dim), qk_dtype)
                 scores = T.alloc_fragment((block_n, rows), T.float32)
                 logits = T.alloc_fragment((block_n, block_q), T.float32)
-                # the staged tile: fp32 (fp32 logits, or halves from the plain layout), then (split_halves) its two
-                # int16 halves
-                halves_shared = ((T.alloc_shared((block_q, block_n), T.int16),
-                                  T.alloc_shared((block_q, block_n), T.int16)) if split_halves else (None, None))
-                logits_shared = (T.alloc_shared((block_q, block_n), T.float32)
-                                 if not (split_halves and interleaved and staged_stores) else None, *halves_shared)
+                logits_shared = T.alloc_shared((block_q, block_n), T.float32)
                 # the head sum's first step (pairs of heads in adjacent columns)
                 head_pairs = (T.alloc_fragment((block_n, 2, 16 // heads, heads // 2, 4), T.float32)
                               if interleaved else None)
@@ -369,7 +314,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 W: T.Tensor((batch, num_queries, heads), T.float32),
                 KS: T.Tensor((batch, num_queries), T.int32),
                 KE: T.Tensor((batch, num_queries), T.int32),
-                Logits: T.Tensor(out_shape, out_dtype),
+                Logits: T.Tensor((batch, num_queries, num_keys), T.float32),
             ):
                 logits_body(Q, K, KScale, W, KS, KE, Logits)
         else:
@@ -380,7 +325,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 W: T.Tensor((batch, num_queries, heads), T.float32),
                 KS: T.Tensor((batch, num_queries), T.int32),
                 KE: T.Tensor((batch, num_queries), T.int32),
-                Logits: T.Tensor(out_shape, out_dtype),
+                Logits: T.Tensor((batch, num_queries, num_keys), T.float32),
             ):
                 logits_body(Q, K, None, W, KS, KE, Logits)
 

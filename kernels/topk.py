@@ -12,11 +12,6 @@ Each row reads only its first `Ends[row]` columns: the columns past it count as 
 its width on average, so this halves the traffic. One row (<= 512 KiB) mostly stays in L2 between passes.
 The suffix sums over the histogram run as a warp-shuffle scan (three barriers per level).
 
-`split_halves` reads logits written as two 16-bit planes ([2, rows, width] int16, the high and low halves of each
-fp32, -0.0 written as +0.0; see `scoring.py`): the first level's 12 bits lie in the high half, so both passes over
-the row read the high plane only (half the bytes), and the low half is fetched only for the keys in the k-th key's
-bin, a few hundred per row; the levels after it are the same.
-
 `with_keys` selects among candidate lists instead: each row's entries carry their own key index (Keys), which is
 what comes out and what breaks ties, so the result equals the top-k of the full row the candidates came from.
 """
@@ -43,7 +38,7 @@ FEW_ROWS_SHAPE = dict(threads=1024, unroll=8)
 MANY_ROWS_SHAPE = dict(min_ctas_per_sm=4)
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
-NEG_INF_KEY = 0x007FFFFF  # _order_key(-inf): every bit of 0xFF800000 flipped
+NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
 WARP_SCAN_OFFSETS = (1, 2, 4, 8, 16)
 # Shared-memory slots for the keys of the k-th key's first-level bin (8 bytes each); a fuller bin re-reads the row.
 BUFFER = 4096
@@ -54,62 +49,30 @@ def _column_key(col):
     return ~T.cast(col, T.uint32)
 
 
-def _bits_key(bits):
-    """int32 bits of a float -> uint32 whose unsigned order is the float order (-inf lowest): the sign bit flipped for
-    positive values, every bit for negative ones (no carries, so a key's high half depends on the float's high half
-    only). -0.0 takes +0.0's key (they tie, as in torch)."""
-    canonical = T.if_then_else(T.reinterpret(bits, T.uint32) == T.uint32(0x80000000), T.int32(0), bits)
-    flip = (canonical >> 31) | T.int32(-0x80000000)  # -1 for negative values, else the sign bit
-    return T.reinterpret(canonical ^ flip, T.uint32)
-
-
 def _order_key(value):
-    """float32 -> its order key (see `_bits_key`)."""
-    return _bits_key(T.reinterpret(value, T.int32))
-
-
-def high_half_key(high):
-    """A float's high half (int16, sign-extended to int32) -> the high half of its order key, as a uint32 whose low
-    half is zero. Exact for every float except -0.0, which the split_halves writer stores as +0.0."""
-    flip = (high >> 31) | T.int32(0x8000)  # -1 for negative values, else the half's sign bit
-    return T.reinterpret((high ^ flip) << 16, T.uint32)
-
-
-def _with_low_half(key, low):
-    """A key's high half (from `high_half_key`) plus its float's low half (int16) -> the full order key."""
-    flip = T.if_then_else(key >= T.uint32(0x80000000), T.int32(0), T.int32(-1))  # negative floats: every bit
-    return key | T.reinterpret((T.cast(low, T.int32) ^ flip) & T.int32(0xFFFF), T.uint32)
+    """float32 -> uint32 whose unsigned order is the float order (-inf lowest), branch-free: 2^31 plus the value's
+    magnitude bits, negated for negative values, so that -0.0 and +0.0 share one key (they tie, as in torch)."""
+    bits = T.reinterpret(value, T.int32)
+    sign = bits >> 31  # 0, or -1 for negative values
+    signed_magnitude = ((bits & T.int32(0x7FFFFFFF)) ^ sign) - sign
+    return T.reinterpret(signed_magnitude, T.uint32) + T.uint32(0x80000000)
 
 
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
-                     unroll: int = UNROLL, min_ctas_per_sm: int = 0, split_halves: bool = False,
-                     arch: str | None = None):
+                     unroll: int = UNROLL, min_ctas_per_sm: int = 0, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
     with_keys: (Scores, Keys [rows, width] int32, Ends) -> the Keys of the k largest, ties to the lowest key.
     `min_ctas_per_sm` > 0 caps the registers so that this many CTAs fit on an SM (0: the compiler's choice).
-    `split_halves`: (Halves [2, rows, width] int16, Ends) -> Out, the rows as `scoring.build_weighted_relu_logits(
-    split_halves=True)` writes them.
     """
-    if with_keys and split_halves:
-        raise ValueError("with_keys selects among fp32 candidate values; split_halves is for dense logits")
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
     per_thread = bins // threads
     warps = threads // 32
     (first_bits, first_shift), later_levels = LEVELS[0], LEVELS[1:]
     first_digit = first_shift - first_bits  # bits below the first level's digit
-
-    def _visited_key(value, low):
-        """The order key of a loaded element: an fp32 value, or (split_halves) a high half with its low half, or
-        without it (`low` None) the high half's key alone."""
-        if not split_halves:
-            return _order_key(value)
-        if low is None:
-            return high_half_key(value)
-        return _bits_key((value << 16) | (low & T.int32(0xFFFF)))
 
     # Every barrier is written out below; TileLang's own pass would add one per loop step, as it cannot see that
     # atomically claimed slots never collide. Every global access is in bounds by construction (columns below the
@@ -122,52 +85,38 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
         rows, width = T.dynamic("rows"), T.dynamic("width")
 
         @T.macro
-        def visit_slice(source, row, step, tx, end, values, visit, context, checked, full):
+        def visit_slice(source, row, step, tx, end, values, visit, context, checked):
             """One loop step: `unroll` columns per thread, all loads issued before any is used (several requests
             in flight). `checked` (Python-level): the row's last, partial step, whose columns are compared with
-            `end`; the full steps before it skip that test (the top-k runs out of instruction issue, not bandwidth).
-            split_halves: `full` (Python-level) loads both halves and visits full keys; else the high half only,
-            keys whose low half is zero (enough for the first level)."""
-            Scores, Keys, keys, lows = source
+            `end`; the full steps before it skip that test (the top-k runs out of instruction issue, not bandwidth)."""
+            Scores, Keys, keys = source
             for j in T.unroll(unroll):
                 col = (step * unroll + j) * threads + tx
                 if checked:
-                    if split_halves:  # Python-level
-                        values[j] = T.if_then_else(col < end, T.cast(Scores[0, row, col], T.int32), 0)
-                        if full:  # Python-level
-                            lows[j] = T.if_then_else(col < end, T.cast(Scores[1, row, col], T.int32), 0)
-                    else:
-                        values[j] = T.if_then_else(col < end, Scores[row, col], 0.0)
+                    values[j] = T.if_then_else(col < end, Scores[row, col], 0.0)
                     if with_keys:  # Python-level
                         keys[j] = T.if_then_else(col < end, Keys[row, col], 0)
                 else:
-                    if split_halves:  # Python-level
-                        values[j] = T.cast(Scores[0, row, col], T.int32)
-                        if full:  # Python-level
-                            lows[j] = T.cast(Scores[1, row, col], T.int32)
-                    else:
-                        values[j] = Scores[row, col]
+                    values[j] = Scores[row, col]
                     if with_keys:  # Python-level
                         keys[j] = Keys[row, col]
             for j in T.unroll(unroll):
                 col = (step * unroll + j) * threads + tx
-                key = _visited_key(values[j], lows[j] if split_halves and full else None)
                 if checked:
                     if col < end:
-                        visit(key, keys[j] if with_keys else col, context)
+                        visit(_order_key(values[j]), keys[j] if with_keys else col, context)
                 else:
-                    visit(key, keys[j] if with_keys else col, context)
+                    visit(_order_key(values[j]), keys[j] if with_keys else col, context)
 
         @T.macro
-        def for_each_key(source, row, tx, end, values, visit, context, full=True):
+        def for_each_key(source, row, tx, end, values, visit, context):
             """visit(order key, column (with_keys: its key index), context) for every column before `end`;
-            source = (Scores, Keys or None, a thread's key slots or None, its low halves or None); split_halves with
-            `full=False`: keys from the high half only."""
+            source = (Scores, Keys or None, a thread's key slots or None)."""
             per_step = threads * unroll
             for step in T.serial(end // per_step):
-                visit_slice(source, row, step, tx, end, values, visit, context, False, full)
+                visit_slice(source, row, step, tx, end, values, visit, context, False)
             for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
-                visit_slice(source, row, step, tx, end, values, visit, context, True, full)
+                visit_slice(source, row, step, tx, end, values, visit, context, True)
 
         @T.macro
         def clear_histogram(hist, tx):
@@ -249,18 +198,14 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
 
         @T.macro
         def write_or_buffer(key, col, context):
-            """Above the k-th key's first-level bin: taken; in that bin: kept in shared memory for the finer levels
-            (split_halves: with its low half, read now)."""
-            Scores, Out, row, prefix, counters, buffer_keys, buffer_cols, slot = context
+            """Above the k-th key's first-level bin: taken; in that bin: kept in shared memory for the finer levels."""
+            Out, row, prefix, counters, buffer_keys, buffer_cols, slot = context
             if (key >> first_digit) > prefix:
                 slot = T.atomic_add(counters[0], 1, return_prev=True)
                 Out[row, slot] = col
             elif (key >> first_digit) == prefix:
                 slot = T.atomic_add(counters[2], 1, return_prev=True)
-                if split_halves:  # Python-level
-                    buffer_keys[slot] = _with_low_half(key, Scores[1, row, col])
-                else:
-                    buffer_keys[slot] = key
+                buffer_keys[slot] = key
                 buffer_cols[slot] = col
 
         @T.macro
@@ -288,10 +233,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 wanted = T.alloc_var(T.int32)
                 lowest = T.alloc_var(T.uint32)  # tie-breaking threshold on column keys (0: every tie qualifies)
                 slot = T.alloc_var(T.int32)
-                values = T.alloc_local((unroll,), T.int32 if split_halves else T.float32)
+                values = T.alloc_local((unroll,), T.float32)
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
-                lows = T.alloc_local((unroll,), T.int32) if split_halves else None
-                source = (Scores, Keys, keys, lows)
+                source = (Scores, Keys, keys)
                 prefix = T.uint32(0)
                 lowest = T.uint32(0)
                 ties = 0
@@ -304,7 +248,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
 
                 # Level 1 over the whole row (from HBM).
                 clear_histogram(hist, tx)
-                for_each_key(source, row, tx, end, values, count_first_digit, hist, full=False)
+                for_each_key(source, row, tx, end, values, count_first_digit, hist)
                 if tx == 0 and end < width:  # the unread columns [end, width) are -inf
                     T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
                 find_kth_bin(hist, suffix, found, tx, need)
@@ -317,7 +261,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
                     # keys in shared memory; the finer levels and the ties are then resolved on chip.
                     for_each_key(source, row, tx, end, values, write_or_buffer,
-                                 (Scores, Out, row, prefix, counters, buffer_keys, buffer_cols, slot), full=False)
+                                 (Out, row, prefix, counters, buffer_keys, buffer_cols, slot))
                     T.sync_threads()
                     for bits, high_shift in later_levels:  # unrolled in Python
                         clear_histogram(hist, tx)
@@ -385,10 +329,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
 
             return radix_topk_keys
 
-        scores_shape, scores_dtype = ((2, rows, width), T.int16) if split_halves else ((rows, width), T.float32)
-
         @T.prim_func
-        def radix_topk(Scores: T.Tensor(scores_shape, scores_dtype), Ends: T.Tensor((rows,), T.int32),
+        def radix_topk(Scores: T.Tensor((rows, width), T.float32), Ends: T.Tensor((rows,), T.int32),
                        Out: T.Tensor((rows, k), T.int32)):
             select(Scores, None, Ends, Out)
 

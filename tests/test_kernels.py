@@ -70,8 +70,7 @@ def test_logits_options_overlap_prefill_only():
 
     misa_prefill = options(8, 1, 8192, 65536, interleaved=True)
     assert misa_prefill == dict(rows_per_cta=128, block_n=128, num_stages=OVERLAPPED_STAGES, key_splits=1,
-                                fill_future=False, staged_stores=True, fp8=False, interleaved=True, overlapped=True,
-                                split_halves=False)
+                                fill_future=False, staged_stores=True, fp8=False, interleaved=True, overlapped=True)
     dsa_prefill = options(64, 1, 8192, 65536)
     assert dsa_prefill["overlapped"] and (dsa_prefill["rows_per_cta"], dsa_prefill["block_n"]) == (256, 64)
     assert not dsa_prefill["staged_stores"]
