@@ -18,7 +18,7 @@ import torch
 from bench_indexer import DIM, SCALE, TOPK, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
-from transformers_misa.kernels.topk import BUFFER, UNROLL, build_radix_topk
+from transformers_misa.kernels.topk import BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, UNROLL, build_radix_topk
 
 VARIANTS = {  # name -> build options
     "default": {},
@@ -36,6 +36,11 @@ VARIANTS = {  # name -> build options
     "ctas3_buffer2048": dict(min_ctas_per_sm=3, buffer=2048),
     "ctas4_buffer2048": dict(min_ctas_per_sm=4, buffer=2048),
     "threads256_ctas6_buffer2048": dict(threads=256, min_ctas_per_sm=6, buffer=2048),
+    # the scorer's shapes (prefill, decode), with and without the second pass's value filter
+    "many_rows": dict(MANY_ROWS_SHAPE),
+    "many_rows_no_value_filter": dict(MANY_ROWS_SHAPE, value_filter=False),
+    "few_rows": dict(FEW_ROWS_SHAPE),
+    "few_rows_no_value_filter": dict(FEW_ROWS_SHAPE, value_filter=False),
 }
 HEADS = 8
 
@@ -79,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, options in variants.items():
             row = {"workload": workload, "variant": name, "threads": options.get("threads", 512),
                    "unroll": options.get("unroll", UNROLL), "buffer": options.get("buffer", BUFFER),
-                   "min_ctas_per_sm": options.get("min_ctas_per_sm", 0)}
+                   "min_ctas_per_sm": options.get("min_ctas_per_sm", 0),
+                   "value_filter": options.get("value_filter", True)}
             if errors[name]:
                 row["error"] = errors[name]
             else:

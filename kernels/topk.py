@@ -44,6 +44,14 @@ WARP_SCAN_OFFSETS = (1, 2, 4, 8, 16)
 BUFFER = 4096
 
 
+def _lowest_value_with_key(key):
+    """uint32 order key -> the smallest float32 whose `_order_key` is at least `key` (key 0: -inf), so that a
+    float compare with it tells which values reach that key (the inverse of `_order_key`)."""
+    magnitude_bits = T.if_then_else(key >= T.uint32(0x80000000), key - T.uint32(0x80000000),
+                                    T.uint32(0x80000000) | (T.uint32(0x80000000) - key))
+    return T.if_then_else(key == T.uint32(0), -T.infinity(T.float32), T.reinterpret(magnitude_bits, T.float32))
+
+
 def _column_key(col):
     """int32 column -> uint32 whose unsigned order is the reverse column order (the lowest column largest)."""
     return ~T.cast(col, T.uint32)
@@ -60,12 +68,15 @@ def _order_key(value):
 
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
-                     unroll: int = UNROLL, min_ctas_per_sm: int = 0, arch: str | None = None):
+                     unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
+                     arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
     with_keys: (Scores, Keys [rows, width] int32, Ends) -> the Keys of the k largest, ties to the lowest key.
     `min_ctas_per_sm` > 0 caps the registers so that this many CTAs fit on an SM (0: the compiler's choice).
+    `value_filter`: the second pass compares each value with the lowest float of the k-th key's bin and computes keys
+    only for the few that reach it (False: a key for every value, the program before 2026-11-28 16:00).
     """
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
@@ -85,10 +96,11 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
         rows, width = T.dynamic("rows"), T.dynamic("width")
 
         @T.macro
-        def visit_slice(source, row, step, tx, end, values, visit, context, checked):
+        def visit_slice(source, row, step, tx, end, values, visit, context, checked, floor):
             """One loop step: `unroll` columns per thread, all loads issued before any is used (several requests
             in flight). `checked` (Python-level): the row's last, partial step, whose columns are compared with
-            `end`; the full steps before it skip that test (the top-k runs out of instruction issue, not bandwidth)."""
+            `end`; the full steps before it skip that test (the top-k runs out of instruction issue, not bandwidth).
+            `floor` (None at Python level: every value): only values at or above it are visited."""
             Scores, Keys, keys = source
             for j in T.unroll(unroll):
                 col = (step * unroll + j) * threads + tx
@@ -102,21 +114,22 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                         keys[j] = Keys[row, col]
             for j in T.unroll(unroll):
                 col = (step * unroll + j) * threads + tx
-                if checked:
-                    if col < end:
+                tests = ([col < end] if checked else []) + ([values[j] >= floor] if floor is not None else [])
+                if len(tests) > 0:  # Python-level
+                    if functools.reduce(T.And, tests):
                         visit(_order_key(values[j]), keys[j] if with_keys else col, context)
                 else:
                     visit(_order_key(values[j]), keys[j] if with_keys else col, context)
 
         @T.macro
-        def for_each_key(source, row, tx, end, values, visit, context):
-            """visit(order key, column (with_keys: its key index), context) for every column before `end`;
-            source = (Scores, Keys or None, a thread's key slots or None)."""
+        def for_each_key(source, row, tx, end, values, visit, context, floor=None):
+            """visit(order key, column (with_keys: its key index), context) for every column before `end` (whose
+            value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None)."""
             per_step = threads * unroll
             for step in T.serial(end // per_step):
-                visit_slice(source, row, step, tx, end, values, visit, context, False)
+                visit_slice(source, row, step, tx, end, values, visit, context, False, floor)
             for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
-                visit_slice(source, row, step, tx, end, values, visit, context, True)
+                visit_slice(source, row, step, tx, end, values, visit, context, True, floor)
 
         @T.macro
         def clear_histogram(hist, tx):
@@ -232,6 +245,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 ties = T.alloc_var(T.int32)  # keys equal to the k-th key
                 wanted = T.alloc_var(T.int32)
                 lowest = T.alloc_var(T.uint32)  # tie-breaking threshold on column keys (0: every tie qualifies)
+                floor = T.alloc_var(T.float32)  # the lowest value of the k-th key's first-level bin
                 slot = T.alloc_var(T.int32)
                 values = T.alloc_local((unroll,), T.float32)
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
@@ -260,8 +274,12 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 if in_bin <= buffer and prefix != T.uint32(NEG_INF_KEY >> first_digit):
                     # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
                     # keys in shared memory; the finer levels and the ties are then resolved on chip.
+                    # Only values at or above the bin's lowest float are written or buffered: one float compare per
+                    # value instead of its key (a few thousand of a row's values pass).
+                    floor = _lowest_value_with_key(prefix << first_digit)
                     for_each_key(source, row, tx, end, values, write_or_buffer,
-                                 (Out, row, prefix, counters, buffer_keys, buffer_cols, slot))
+                                 (Out, row, prefix, counters, buffer_keys, buffer_cols, slot),
+                                 floor if value_filter else None)
                     T.sync_threads()
                     for bits, high_shift in later_levels:  # unrolled in Python
                         clear_histogram(hist, tx)

@@ -296,6 +296,8 @@ def test_radix_topk_selects_exactly_the_top_k(rows, width, k):
     scores[0] = scores[0].round()  # heavy ties
     scores[-1, width // 3 :] = float("-inf")  # a causal row: the tail is masked
     scores[1 % rows, : width // 2] = 0.0  # a run of equal values straddling the k-th
+    if rows > 2:
+        scores[2] = -scores[2].abs()  # the k-th key negative: its bin's lowest value filters the second pass
     got = radix_topk(scores, k)
     assert got.shape == (rows, k) and got.dtype == torch.int32
     assert all(len(set(row.tolist())) == k for row in got), "repeated index"
@@ -364,7 +366,8 @@ def test_radix_topk_buffered_and_rereading_paths_agree(buffer):
 @pytest.mark.parametrize("options", [dict(unroll=4), dict(unroll=8), dict(unroll=32), dict(threads=1024, unroll=16),
                                      dict(threads=256, unroll=16), dict(unroll=16, buffer=16),
                                      dict(min_ctas_per_sm=3), dict(min_ctas_per_sm=4),
-                                     dict(min_ctas_per_sm=4, buffer=2048)])
+                                     dict(min_ctas_per_sm=4, buffer=2048), dict(min_ctas_per_sm=4, value_filter=False),
+                                     dict(threads=1024, unroll=8, value_filter=False)])
 def test_radix_topk_variants_select_the_same_set(options):
     """Every load depth and CTA width (`sweep_topk.py` times them) selects exactly the default's set: ragged ends
     (shorter than one loop step, not a multiple of it), ties, garbage past the ends."""
