@@ -36,10 +36,11 @@ RADIX_MIN_WIDTH = 4096
 MAX_KEY_SPLITS = 64
 MIN_TILES_PER_SPLIT = 4
 KEY_TILE = 128  # block_n of the logits program
-# Many heads (the 64-head DSA baseline) take 256-row CTAs over 64-key tiles in prefill: `python
+# Many heads (the DSA baselines: 64 heads, GLM-5's 32) take 256-row CTAs over 64-key tiles in prefill: `python
 # benchmarks/sweep_logits.py --heads 64 --context 65536` on an H200, 508 against 490 TFLOP/s for 128 rows x 128 keys.
+# 32 heads: 36.95 against 40.40 ms, both overlapped (sweep_logits-20261202-192711.json, 64K).
 WIDE_CTA = dict(rows_per_cta=256, block_n=64)
-WIDE_CTA_MIN_HEADS = 64
+WIDE_CTA_MIN_HEADS = 32
 # Router CTAs of 256 query rows (4 queries of 64 heads) over tiles of 32 pooled blocks where they still give every SM
 # two: half the CTAs, each with the same fixed costs (loading its queries, its tail block, the head pick).
 # `python benchmarks/sweep_router.py` on an H200 (64K prefill, sweep_router-20261128-122927.json): 1.83 ms against

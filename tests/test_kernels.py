@@ -48,15 +48,16 @@ def test_decode_logits_kernel_compiles_for_sm90a(heads, rows):
 
 
 def test_wide_prefill_logits_kernel_compiles_for_sm90a():
-    """The 64-head prefill shape: 256 query rows (4 queries) per CTA over 64-key tiles."""
+    """The 64- and 32-head prefill shape: 256 query rows (4 resp. 8 queries) per CTA over 64-key tiles."""
     _tilelang_or_skip()
     from transformers_misa.kernels.scorer import prefill_shape
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
 
-    assert prefill_shape(64) == dict(rows_per_cta=256, block_n=64)
-    assert prefill_shape(8) == prefill_shape(32) == prefill_shape(64, fp8=True) == dict(rows_per_cta=128, block_n=128)
-    source = build_weighted_relu_logits(64, 128, fill_future=False, arch="sm_90a", **prefill_shape(64))()
-    assert "wgmma" in source.get_kernel_source() and "tma_load" in source.get_kernel_source()
+    assert prefill_shape(64) == prefill_shape(32) == dict(rows_per_cta=256, block_n=64)
+    assert prefill_shape(8) == prefill_shape(16) == prefill_shape(64, fp8=True) == dict(rows_per_cta=128, block_n=128)
+    for heads in (64, 32):
+        source = build_weighted_relu_logits(heads, 128, fill_future=False, arch="sm_90a", **prefill_shape(heads))()
+        assert "wgmma" in source.get_kernel_source() and "tma_load" in source.get_kernel_source()
 
 
 def test_logits_options_overlap_prefill_only():
