@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 
 import torch
 
 from bench_indexer import DIM, cuda_time_ms, inputs  # this folder's indexer benchmark: same inputs and timing
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.common import ROWS_PER_CTA
+from transformers_misa.kernels.scorer import MAX_TMA_ELEMENTS
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, can_interleave, stages_stores
 from transformers_misa.ops.blocks import ChunkMask
 
@@ -75,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     heads_list = [int(h) for h in args.heads.split(",")]
     jobs = [(h, name) for h in heads_list for name in chosen(VARIANTS, args.variants)]
+    staged = sorted({h for h, name in jobs if options(h, VARIANTS[name])["staged_stores"]})
+    if staged and args.context**2 >= MAX_TMA_ELEMENTS:
+        parser.error(f"--context {args.context}: {staged} heads store through one TMA descriptor of fewer than 2^31 "
+                     f"logits; use --context {math.isqrt(MAX_TMA_ELEMENTS - 1)} or less for them")
     builder = "transformers_misa.kernels.scoring:build_weighted_relu_logits"
     errors = compile_variants({(h, name): (builder, (h, DIM), options(h, VARIANTS[name])) for h, name in jobs},
                               args.workers)

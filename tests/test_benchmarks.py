@@ -71,3 +71,13 @@ def test_sweeps_run_the_variants_asked_for(monkeypatch):
         sweeps.chosen(table, "wide,wdie")
     args = sweeps.sweep_parser("doc", reps=3, workers=2).parse_args(["--variants", "wide"])
     assert (args.variants, args.reps, args.workers) == ("wide", 3, 2)
+
+
+def test_logits_sweep_refuses_a_context_over_one_tma_descriptor(monkeypatch, capsys):
+    """Staged stores (few heads) write a call's logits through one TMA descriptor of < 2^31 elements; the sweep does
+    not split calls as the scorer does, so it says which context fits before compiling anything."""
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the sweep imports its siblings by name
+    with pytest.raises(SystemExit):
+        _load("sweep_logits").main(["--context", "65536", "--heads", "64,16", "--variants", "default"])
+    assert "[16] heads store through one TMA descriptor" in capsys.readouterr().err
