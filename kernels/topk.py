@@ -76,7 +76,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     with_keys: (Scores, Keys [rows, width] int32, Ends) -> the Keys of the k largest, ties to the lowest key.
     `min_ctas_per_sm` > 0 caps the registers so that this many CTAs fit on an SM (0: the compiler's choice).
     `value_filter`: the second pass compares each value with the lowest float of the k-th key's bin and computes keys
-    only for the few that reach it (False: a key for every value, the program before 2026-11-28 16:00).
+    only for the few that reach it (False: a key for every value, the program before 700c9e1).
     """
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
