@@ -90,39 +90,41 @@ def stock_transformers(q, keys, weights):
     return (index + chunk.bias).topk(min(TOPK, keys.shape[1]), dim=-1).indices
 
 
+def _dsa(scorer, fp8: bool = False, **options):
+    """DSA's top-k on `scorer` (fp8: q and keys rounded to FP8 first, as the indexer with qk_format="fp8_e4m3")."""
+    cast = fp8_e4m3_roundtrip if fp8 else (lambda x: x)
+    return lambda q, k, w: reference.dsa_topk(cast(q), cast(k), w, TOPK, softmax_scale=SCALE, scorer=scorer, **options)
+
+
+def _misa(select, scorer, fp8: bool = False, **options):
+    """A routed mode's top-k (`select`: reference.misa_topk, misa_hierarchical_topk) with 8 heads on `scorer`."""
+    cast = fp8_e4m3_roundtrip if fp8 else (lambda x: x)
+    return lambda q, k, w: select(cast(q), cast(k), w, TOPK, active_heads=8, block_size=BLOCK, softmax_scale=SCALE,
+                                  scorer=scorer, **options)
+
+
 def methods(heads: int, deepseek_kernel):
-    common = dict(softmax_scale=SCALE, scorer=TILELANG_SCORER)
-    threshold = dict(softmax_scale=SCALE, scorer=TILELANG_THRESHOLD_SCORER)  # wide top-k via a sampled threshold
-    fp8 = dict(softmax_scale=SCALE, scorer=TILELANG_FP8_SCORER)
     table = {
         "stock": stock_transformers,
-        "reference": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, softmax_scale=SCALE),
-        f"dsa{heads}_kernel": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, **common),
-        "misa8": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK, **common),
-        # the plain row order of the few-head logits (before the interleaved layout), timed beside "misa8"
-        "misa8_plain_layout": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK,
-                                                                  softmax_scale=SCALE,
-                                                                  scorer=TILELANG_PLAIN_LAYOUT_SCORER),
-        # few-head logits by the pipelined program (before the overlapped one), timed beside "misa8"
-        "misa8_pipelined": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK,
-                                                               softmax_scale=SCALE, scorer=TILELANG_PIPELINED_SCORER),
-        f"dsa{heads}_pipelined": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, softmax_scale=SCALE,
-                                                                    scorer=TILELANG_PIPELINED_SCORER),
-        # the routing step in separate launches (before the fused routing program), timed beside "misa8"
-        "misa8_stepwise_routing": lambda q, k, w: reference.misa_topk(
-            q, k, w, TOPK, active_heads=8, block_size=BLOCK, softmax_scale=SCALE,
-            scorer=TILELANG_STEPWISE_ROUTING_SCORER),
-        f"dsa{heads}_threshold": lambda q, k, w: reference.dsa_topk(q, k, w, TOPK, **threshold),
-        "misa8_threshold": lambda q, k, w: reference.misa_topk(q, k, w, TOPK, active_heads=8, block_size=BLOCK,
-                                                               **threshold),
-        "misa8_hier": lambda q, k, w: reference.misa_hierarchical_topk(
-            q, k, w, TOPK, active_heads=8, block_size=BLOCK, candidate_factor=4, **common),
-        "hisa": lambda q, k, w: reference.hisa_topk(q, k, w, TOPK, block_size=BLOCK, keep_blocks=64, **common),
+        "reference": _dsa(reference.REFERENCE),
+        f"dsa{heads}_kernel": _dsa(TILELANG_SCORER),
+        "misa8": _misa(reference.misa_topk, TILELANG_SCORER),
+        # earlier programs, timed beside the current ones: the plain row order of the few-head logits (before the
+        # interleaved layout), the pipelined logits driver (before the overlapped one), the routing step in separate
+        # launches (before the fused routing program)
+        "misa8_plain_layout": _misa(reference.misa_topk, TILELANG_PLAIN_LAYOUT_SCORER),
+        "misa8_pipelined": _misa(reference.misa_topk, TILELANG_PIPELINED_SCORER),
+        f"dsa{heads}_pipelined": _dsa(TILELANG_PIPELINED_SCORER),
+        "misa8_stepwise_routing": _misa(reference.misa_topk, TILELANG_STEPWISE_ROUTING_SCORER),
+        # the wide top-k via a sampled threshold
+        f"dsa{heads}_threshold": _dsa(TILELANG_THRESHOLD_SCORER),
+        "misa8_threshold": _misa(reference.misa_topk, TILELANG_THRESHOLD_SCORER),
+        "misa8_hier": _misa(reference.misa_hierarchical_topk, TILELANG_SCORER, candidate_factor=4),
+        "hisa": lambda q, k, w: reference.hisa_topk(q, k, w, TOPK, block_size=BLOCK, keep_blocks=64,
+                                                    softmax_scale=SCALE, scorer=TILELANG_SCORER),
         # qk_format="fp8_e4m3" as the indexer runs it: q and keys rounded to FP8, token logits on the FP8 cores.
-        f"dsa{heads}_fp8": lambda q, k, w: reference.dsa_topk(fp8_e4m3_roundtrip(q), fp8_e4m3_roundtrip(k), w, TOPK,
-                                                              **fp8),
-        "misa8_fp8": lambda q, k, w: reference.misa_topk(fp8_e4m3_roundtrip(q), fp8_e4m3_roundtrip(k), w, TOPK,
-                                                         active_heads=8, block_size=BLOCK, **fp8),
+        f"dsa{heads}_fp8": _dsa(TILELANG_FP8_SCORER, fp8=True),
+        "misa8_fp8": _misa(reference.misa_topk, TILELANG_FP8_SCORER, fp8=True),
     }
     if deepseek_kernel is not None:
         table["deepseek_fp8_index"] = functools.partial(deepseek_fp8_index, deepseek_kernel)
