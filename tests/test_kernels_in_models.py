@@ -1,6 +1,6 @@
 """Tiny models patched onto the kernels (GPU only): static and dynamic caches select alike, a static-cache decode
 step captured in a CUDA graph replays the eager step bit for bit (its CPU side, no host reads: test_sync_free.py),
-and FP8 on the kernels selects as the reference. Kernel-level comparisons: test_kernels.py."""
+and FP8 on the kernels selects as the reference. Kernel-level comparisons: test_kernels.py, test_topk_kernel.py."""
 
 from __future__ import annotations
 

@@ -1,0 +1,147 @@
+"""The radix-select top-k program (kernels/topk.py): compiled on the CPU for sm_90a, and on a Hopper GPU against
+torch.topk over parametrised rows (ragged ends, ties, garbage past the ends, every build variant)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from test_kernels import _tilelang_or_skip, gpu  # this folder's kernel tests: the GPU marker and the TileLang check
+
+
+@pytest.mark.parametrize("k,unroll", [(2048, 4), (8192, 4), (2048, 8)])
+def test_radix_topk_compiles_for_sm90a(k, unroll):
+    _tilelang_or_skip()
+    from transformers_misa.kernels.topk import build_radix_topk
+
+    source = build_radix_topk(k, unroll=unroll, arch="sm_90a")().get_kernel_source()
+    assert "AtomicAdd" in source and "__syncthreads" in source
+    loads = rf"for \(int (j\w*) = 0; \1 < {unroll}; \+\+\1\) {{\s*values\[\1\] = Scores"
+    assert re.search(loads, source), "each thread's row loads come in groups of `unroll`"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,width,k", [(3, 4096, 2048), (17, 70001, 2048), (5, 33000, 8192), (2, 9000, 64)])
+def test_radix_topk_selects_exactly_the_top_k(rows, width, k):
+    from transformers_misa.kernels.scorer import radix_topk
+
+    generator = torch.Generator(device="cuda").manual_seed(width)
+    scores = torch.randn(rows, width, device="cuda", generator=generator)
+    scores[0] = scores[0].round()  # heavy ties
+    scores[-1, width // 3 :] = float("-inf")  # a causal row: the tail is masked
+    scores[1 % rows, : width // 2] = 0.0  # a run of equal values straddling the k-th
+    if rows > 2:
+        scores[2] = -scores[2].abs()  # the k-th key negative: its bin's lowest value filters the second pass
+    got = radix_topk(scores, k)
+    assert got.shape == (rows, k) and got.dtype == torch.int32
+    assert all(len(set(row.tolist())) == k for row in got), "repeated index"
+    kth = scores.topk(k, dim=-1).values[:, -1:]
+    picked = scores.gather(-1, got.long())
+    assert bool((picked >= kth).all()), "picked a key below the k-th largest"
+    above = (scores > kth).sum(-1)
+    assert bool(((picked > kth).sum(-1) == above).all()), "missed a key above the k-th largest"
+    _assert_lowest_columns_win_ties(got, scores)
+
+
+def _assert_lowest_columns_win_ties(got: torch.Tensor, scores: torch.Tensor) -> None:
+    """The selected set is the first k of a stable descending sort: ties go to the lowest columns (masked -inf
+    fill-ups excepted), so every run selects the same keys."""
+    k = got.shape[-1]
+    expected = scores.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+    for row in range(scores.shape[0]):
+        finite = torch.isfinite(scores[row, expected[row]])
+        want = set(expected[row][finite].tolist())
+        have = {c for c in got[row].tolist() if torch.isfinite(scores[row, c])}
+        assert have == want, f"row {row}: ties not resolved to the lowest columns"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("buffer", [16, 4096])
+def test_radix_topk_breaks_ties_by_lowest_column_on_both_paths(buffer):
+    """Many keys equal to the k-th (scores rounded, a run of zeros): both the buffered and the re-reading path take
+    the lowest tied columns, every call alike."""
+    from transformers_misa.kernels.topk import build_radix_topk
+
+    generator = torch.Generator(device="cuda").manual_seed(12)
+    scores = (torch.randn(6, 30000, device="cuda", generator=generator) * 4).round()
+    scores[1, :20000] = 0.0
+    scores[2] = torch.relu(scores[2])  # most of the row at exactly zero, as with ReLU scores of few heads
+    ends = torch.full((6,), 30000, device="cuda", dtype=torch.int32)
+    kernel = build_radix_topk(2048, buffer=buffer)()
+    first = kernel(scores, ends)
+    _assert_lowest_columns_win_ties(first, scores)
+    for _ in range(3):
+        assert torch.equal(kernel(scores, ends).sort(-1).values, first.sort(-1).values)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("buffer", [16, 4096])
+def test_radix_topk_buffered_and_rereading_paths_agree(buffer):
+    """A k-th key's bin that overflows the shared buffer re-reads the row: both paths select the same set."""
+    from transformers_misa.kernels.topk import build_radix_topk
+
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    scores = torch.randn(8, 50000, device="cuda", generator=generator)
+    ends = torch.tensor([50000, 40000, 30000, 20000, 10000, 5000, 2100, 1000], device="cuda", dtype=torch.int32)
+    got = build_radix_topk(2048, buffer=buffer)()(scores, ends)
+    truth = scores.masked_fill(torch.arange(50000, device="cuda") >= ends.unsqueeze(-1), float("-inf"))
+    expected = truth.topk(2048, dim=-1).indices
+    for row in range(8):
+        visible = min(int(ends[row]), 2048)
+        picked = set(got[row].tolist())
+        assert len(picked) == 2048
+        assert set(expected[row, :visible].tolist()) <= picked  # random floats: no ties among visible keys
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [dict(unroll=4), dict(unroll=8), dict(unroll=32), dict(threads=1024, unroll=16),
+                                     dict(threads=256, unroll=16), dict(unroll=16, buffer=16),
+                                     dict(min_ctas_per_sm=3), dict(min_ctas_per_sm=4),
+                                     dict(min_ctas_per_sm=4, buffer=2048), dict(min_ctas_per_sm=4, value_filter=False),
+                                     dict(threads=1024, unroll=8, value_filter=False)])
+def test_radix_topk_variants_select_the_same_set(options):
+    """Every load depth and CTA width (`sweep_topk.py` times them) selects exactly the default's set: ragged ends
+    (shorter than one loop step, not a multiple of it), ties, garbage past the ends."""
+    from transformers_misa.kernels.topk import build_radix_topk
+
+    generator = torch.Generator(device="cuda").manual_seed(21)
+    scores = (torch.randn(12, 70001, device="cuda", generator=generator) * 8).round()
+    ends = torch.tensor([70001, 70000, 65537, 33000, 16385, 9000, 8191, 5000, 4097, 2048, 2047, 100],
+                        device="cuda", dtype=torch.int32)
+    scores = scores.masked_fill(torch.arange(70001, device="cuda") >= ends.unsqueeze(-1), 1e30)
+    expected = build_radix_topk(2048)()(scores, ends)
+    got = build_radix_topk(2048, **options)()(scores, ends)
+    for row, end in enumerate(ends.tolist()):  # rows seeing fewer than k keys fill up with any unread columns
+        assert {c for c in got[row].tolist() if c < end} == {c for c in expected[row].tolist() if c < end}, row
+        assert len(set(got[row].tolist())) == 2048, f"row {row}: repeated index"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,width,k", [(6, 4096, 2048), (9, 70001, 2048), (4, 33000, 8192)])
+def test_radix_topk_reads_each_row_only_up_to_its_end(rows, width, k):
+    """Columns past a row's end count as -inf unread (garbage there must not matter); rows with fewer than k
+    columns before their end still get k distinct indices."""
+    from transformers_misa.kernels.scorer import radix_topk
+
+    generator = torch.Generator(device="cuda").manual_seed(k + rows)
+    scores = torch.randn(rows, width, device="cuda", generator=generator)
+    ends = torch.randint(1, width + 1, (rows,), device="cuda", generator=generator, dtype=torch.int32)
+    ends[0], ends[1], ends[2] = width, k // 3, k  # full row, fewer than k, exactly k
+    scores[3, : int(ends[3])] = scores[3, : int(ends[3])].round()  # ties
+    columns = torch.arange(width, device="cuda")
+    beyond = columns >= ends.unsqueeze(-1)
+    truth = scores.masked_fill(beyond, float("-inf"))
+    got = radix_topk(scores.masked_fill(beyond, 1e30), k, ends=ends)  # garbage past the end
+    assert got.shape == (rows, k) and got.dtype == torch.int32
+    assert all(len(set(row.tolist())) == k for row in got), "repeated index"
+    kth = truth.topk(k, dim=-1).values[:, -1:]
+    picked = truth.gather(-1, got.long())
+    assert bool((picked >= kth).all()), "picked a key below the k-th largest"
+    assert bool(((picked > kth).sum(-1) == (truth > kth).sum(-1)).all()), "missed a key above the k-th largest"
