@@ -13,24 +13,23 @@ def _positive(text: str) -> int:
     return value
 
 
-def _int_list(text: str) -> list[int]:
+def _number_list(text: str, parse, valid, what: str) -> list:
+    """Comma-separated numbers, each parsed by `parse` and accepted by `valid`; `what` names them in the error."""
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        values = [parse(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+        values = []
+    if not values or not all(valid(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
     return values
+
+
+def _int_list(text: str) -> list[int]:
+    return _number_list(text, int, lambda v: v > 0, "positive integers")
 
 
 def _depth_list(text: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
-    if not values or any(not 0.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"depths must be comma-separated numbers in [0, 1], got {text!r}")
-    return values
+    return _number_list(text, float, lambda v: 0.0 <= v <= 1.0, "depths in [0, 1]")
 
 
 def build_parser() -> argparse.ArgumentParser:
