@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,10 @@ def test_training_script_smoke(tmp_path):
 
 
 def _training_script():
+    """examples/train_small_dsa.py as a module; its folder goes on the path, as running the script puts it there (the
+    script imports its data module, small_dsa_data, by name)."""
+    if str(ROOT / "examples") not in sys.path:
+        sys.path.insert(0, str(ROOT / "examples"))
     spec = importlib.util.spec_from_file_location("train_small_dsa", ROOT / "examples" / "train_small_dsa.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
