@@ -245,7 +245,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 ties = T.alloc_var(T.int32)  # keys equal to the k-th key
                 wanted = T.alloc_var(T.int32)
                 lowest = T.alloc_var(T.uint32)  # tie-breaking threshold on column keys (0: every tie qualifies)
-                floor = T.alloc_var(T.float32)  # the lowest value of the k-th key's first-level bin
+                # the lowest value of the k-th key's first-level bin (None without the value filter)
+                floor = T.alloc_var(T.float32) if value_filter else None
                 slot = T.alloc_var(T.int32)
                 values = T.alloc_local((unroll,), T.float32)
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
@@ -274,12 +275,12 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 if in_bin <= buffer and prefix != T.uint32(NEG_INF_KEY >> first_digit):
                     # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
                     # keys in shared memory; the finer levels and the ties are then resolved on chip.
-                    # Only values at or above the bin's lowest float are written or buffered: one float compare per
-                    # value instead of its key (a few thousand of a row's values pass).
-                    floor = _lowest_value_with_key(prefix << first_digit)
+                    # With the value filter only values at or above the bin's lowest float are written or buffered:
+                    # one float compare per value instead of its key (a few thousand of a row's values pass).
+                    if value_filter:  # Python-level
+                        floor = _lowest_value_with_key(prefix << first_digit)
                     for_each_key(source, row, tx, end, values, write_or_buffer,
-                                 (Out, row, prefix, counters, buffer_keys, buffer_cols, slot),
-                                 floor if value_filter else None)
+                                 (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor)
                     T.sync_threads()
                     for bits, high_shift in later_levels:  # unrolled in Python
                         clear_histogram(hist, tx)
