@@ -24,7 +24,7 @@ from transformers_misa.ops.threshold import (
 from .common import ROWS_PER_CTA, queries_per_cta
 from .gathered import build_gathered_logits
 from .router import build_head_importance
-from .scoring import build_weighted_relu_logits, can_interleave, interleaved_query_head, stages_stores
+from .scoring import build_weighted_relu_logits, can_interleave, stages_stores
 from .topk import FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, build_radix_topk
 
 # Below this row width torch.topk is as fast and the radix program is not worth a compile.
@@ -75,11 +75,15 @@ def key_splits(sm_count: int, ctas: int, num_keys: int) -> int:
     return splits
 
 
-@functools.lru_cache(maxsize=None)
-def interleaved_row_order(heads: int, device: torch.device) -> torch.Tensor:
-    """For each row of a CTA's block in the interleaved layout, the plain row (query · heads + head) it takes."""
-    query, head = interleaved_query_head(torch.arange(ROWS_PER_CTA), heads)
-    return (query * heads + head).to(device)
+def interleave_query_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """Plain query rows [B, n · ROWS_PER_CTA, D] (query · heads + head within each CTA's block) -> the interleaved
+    layout's order (`scoring.interleaved_query_head`), as one strided copy instead of a gather (an index kernel).
+
+    A plain row's bits are (warpgroup, query group, lane quad m, head // 2, head % 2), an interleaved row's
+    (warpgroup, query group, head // 2, m, head % 2): the layout swaps two bit fields."""
+    batch, count, dim = rows.shape
+    fields = rows.reshape(batch, count // ROWS_PER_CTA, 2, 16 // heads, 4, heads // 2, 2, dim)
+    return fields.transpose(4, 5).reshape(batch, count, dim)
 
 
 def decode_rows_per_cta(heads: int, num_queries: int) -> int:
@@ -166,8 +170,7 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
                       key_scale.contiguous(), (weights * q_scale).contiguous(), ks.contiguous(), ke.contiguous())
     q_rows = q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16)
     if interleaved:
-        order = interleaved_row_order(heads, q.device)
-        q_rows = q_rows.reshape(batch, -1, ROWS_PER_CTA, dim)[:, :, order].reshape(batch, -1, dim)
+        q_rows = interleave_query_rows(q_rows, heads)
     return kernel(q_rows.contiguous(), keys.to(torch.bfloat16).contiguous(), weights.contiguous(), ks.contiguous(),
                   ke.contiguous())
 

@@ -103,17 +103,19 @@ def test_fp8_logits_kernel_compiles_for_sm90a(heads, staged):
     assert "kFloat8_e4m3" in source, "qk_format='fp8_e4m3' must run on the FP8 tensor cores"
 
 
-@pytest.mark.parametrize("heads", [4, 8, 16])
+@pytest.mark.parametrize("heads", [2, 4, 8, 16])
 def test_interleaved_layout_puts_whole_queries_in_one_thread(heads):
     """The row permutation behind `interleaved=True`: a bijection onto (query, head) pairs of the block, and the 16
     accumulator columns a thread holds (warpgroup g, lane quad m: 64g + 8j + 2m + e) are whole queries."""
     _tilelang_or_skip()
-    from transformers_misa.kernels.scorer import interleaved_row_order
+    from transformers_misa.kernels.scorer import interleave_query_rows
     from transformers_misa.kernels.scoring import interleaved_query_head
 
     query, head = interleaved_query_head(torch.arange(128), heads)
     assert sorted(zip(query.tolist(), head.tolist())) == [(i, h) for i in range(128 // heads) for h in range(heads)]
-    assert torch.equal(interleaved_row_order(heads, torch.device("cpu")), query * heads + head)
+    plain = torch.arange(3 * 128 * 2).reshape(1, 3 * 128, 2)  # three CTA blocks; row p holds 2p, 2p + 1
+    order = torch.cat([block * 128 + query * heads + head for block in range(3)])
+    assert torch.equal(interleave_query_rows(plain, heads), plain[:, order])
     for g in range(2):
         for m in range(4):
             held: dict[int, set[int]] = {}
