@@ -142,12 +142,13 @@ def test_query_chunks_follow_the_scorers_candidate_scratch(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("num_queries,num_keys,min_width,block_size", [(1000, 1000, 0, 1), (300, 5000, 64, 128),
-                                                                       (4, 131072, 2048, 128)])
+                                                                       (4, 131072, 2048, 128), (700, 700, 0, 1)])
 @pytest.mark.parametrize("fixed_bytes", [0, 30])
 def test_causal_query_chunks_grow_where_chunks_are_narrow(num_queries, num_keys, min_width, block_size, fixed_bytes):
     """Contiguous cover of the queries; each chunk's scratch (size x the per-query bytes at its own width, which may
     have a part that does not shrink with the width: candidate lists) within the budget unless it is a single
-    query; a chunk never smaller than the one after it (widths only grow)."""
+    query; a chunk never smaller than the one after it (widths only grow); balanced: no chunk's scratch below half
+    of the largest's (no leftover chunk of a few queries), in no more chunks than cutting each at the budget."""
     from transformers_misa.ops.blocks import causal_query_chunks
 
     budget = 40_000 * (1 + fixed_bytes)
@@ -158,12 +159,19 @@ def test_causal_query_chunks_grow_where_chunks_are_narrow(num_queries, num_keys,
     chunks = list(causal_query_chunks(num_queries, num_keys, bytes_per_query, budget, min_width, block_size))
     assert chunks[0].start == 0 and chunks[-1].stop == num_queries
     assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
-    for chunk in chunks:
-        width = min(num_keys, -(-max(num_keys - num_queries + chunk.stop, min_width) // block_size) * block_size)
-        size = chunk.stop - chunk.start
-        assert size == 1 or size * bytes_per_query(width) <= budget
+    def width(stop):
+        return min(num_keys, -(-max(num_keys - num_queries + stop, min_width) // block_size) * block_size)
+
+    scratch = [(chunk.stop - chunk.start) * bytes_per_query(width(chunk.stop)) for chunk in chunks]
+    assert all(chunk.stop - chunk.start == 1 or used <= budget for chunk, used in zip(chunks, scratch))
     sizes = [c.stop - c.start for c in chunks]
-    assert all(a >= b for a, b in zip(sizes[:-2], sizes[1:-1])), sizes  # the last one takes what is left
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes
+    assert 2 * min(scratch) >= max(scratch), scratch
+    cut_at_budget, start = 0, 0  # the unbalanced cover: each chunk as large as the budget allows
+    while start < num_queries:
+        fits = [n for n in range(1, num_queries - start + 1) if n * bytes_per_query(width(start + n)) <= budget]
+        cut_at_budget, start = cut_at_budget + 1, start + max([1] + fits)
+    assert len(chunks) == cut_at_budget
 
 
 @pytest.mark.parametrize("mode", ["dsa", "misa", "misa_hierarchical", "hisa"])
