@@ -297,7 +297,7 @@ OVERLAP_CASES = {  # name -> (heads, program options): the shapes the scorer run
 def test_overlapped_logits_match_the_pipelined_program(stages, case, batch, num_queries, num_keys, first_key):
     """Same matmul, same epilogue, another schedule: the same -inf positions and the same logits (up to nvcc's
     contraction of multiply-adds, which may differ between the two programs)."""
-    from transformers_misa.kernels.scorer import interleaved_row_order
+    from transformers_misa.kernels.scorer import interleave_query_rows
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
 
     heads, options = OVERLAP_CASES[case]
@@ -309,8 +309,7 @@ def test_overlapped_logits_match_the_pipelined_program(stages, case, batch, num_
     q_rows = q.reshape(batch, num_queries * heads, 128)
     if options.get("interleaved"):  # whole 128-row blocks in the interleaved order (pad queries see nothing)
         pad = -num_queries % (128 // heads)
-        blocks = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).reshape(batch, -1, 128, 128)
-        q_rows = blocks[:, :, interleaved_row_order(heads, q.device)].reshape(batch, -1, 128)
+        q_rows = interleave_query_rows(torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).reshape(batch, -1, 128), heads)
         weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (weights, ks, ke))
     args = (q_rows.contiguous(), keys, weights.contiguous(), ks.contiguous(), ke.contiguous())
     pipelined = build_weighted_relu_logits(heads, 128, **options)()(*args)
