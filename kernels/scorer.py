@@ -249,30 +249,35 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                            softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
-                           interleaved: bool = True, overlapped: bool = True) -> torch.Tensor:
+                           interleaved: bool = True, overlapped: bool = True,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
     `threshold=True` (TILELANG_THRESHOLD_SCORER) sends wide prefill rows (`uses_threshold_filter`) through the
     sampled threshold instead, which writes only a few thousand candidates per query (`ops.threshold`; the same
     selection). Off by default: on an H100 it measured slower than the dense path for MISA-8 (see the README).
+    `out`: where the radix select may write the indices (see `radix_topk`).
     """
     ks, ke, contiguous = chunk.key_range
     width = keys.shape[1]
     if not contiguous or width < RADIX_MIN_WIDTH or k > width:
         logits = tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved, overlapped)
-        return radix_topk(logits, k)
+        return radix_topk(logits, k, out=out)
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved,
                      overlapped=overlapped)
-    return radix_topk(logits, k, ends=ke)
+    return radix_topk(logits, k, ends=ke, out=out)
 
 
-def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None) -> torch.Tensor:
+def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Indices [..., k] of the k largest of each row (unordered), by the radix-select kernel on wide rows.
 
     ends [...]: each row's columns from `ends` on count as -inf and are never read (None: every column is read).
+    out [..., k]: written in place and returned where the kernel runs and `out` is a contiguous int32 tensor (a
+    query chunk's slice of the whole output: no copy afterwards); otherwise a new tensor comes back.
     """
     width = scores.shape[-1]
     if width < RADIX_MIN_WIDTH or k > width:
@@ -287,6 +292,9 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None) -
         row_ends = torch.full((rows.shape[0],), width, dtype=torch.int32, device=rows.device)
     else:
         row_ends = ends.to(torch.int32).reshape(-1).contiguous()
+    if out is not None and out.dtype == torch.int32 and out.is_contiguous() and out.shape == (*scores.shape[:-1], k):
+        build_radix_topk(k, caller_allocates_out=True, **shape)()(rows, row_ends, out.view(-1, k))
+        return out
     return build_radix_topk(k, **shape)()(rows, row_ends).view(*scores.shape[:-1], k)
 
 

@@ -69,7 +69,7 @@ def _order_key(value):
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
-                     arch: str | None = None):
+                     caller_allocates_out: bool = False, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -77,6 +77,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     `min_ctas_per_sm` > 0 caps the registers so that this many CTAs fit on an SM (0: the compiler's choice).
     `value_filter`: the second pass compares each value with the lowest float of the k-th key's bin and computes keys
     only for the few that reach it (False: a key for every value, the program before 700c9e1).
+    `caller_allocates_out`: the same program called with Out as its last argument (a contiguous int32 [rows, k] the
+    caller owns, e.g. a query chunk's slice of the whole output) instead of returning a new tensor.
     """
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
@@ -89,7 +91,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     # atomically claimed slots never collide. Every global access is in bounds by construction (columns below the
     # row's end, which is clamped to the width; output slots below k): TileLang's own guard would cost a compare
     # per element in a loop that runs out of instruction issue.
-    @tilelang.jit(target=target, out_idx=[-1],
+    @tilelang.jit(target=target, out_idx=None if caller_allocates_out else [-1],
                   pass_configs={tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True,
                                 tilelang.PassConfigKey.TL_DISABLE_SAFE_MEMORY_ACCESS: True})
     def program():

@@ -207,3 +207,33 @@ def test_causal_chunks_keep_selections(mode, monkeypatch):
 
     assert torch.equal(visible(chunked), visible(whole))
     assert len(sizes) > 2 and sizes[0] > sizes[-2], sizes
+
+
+@pytest.mark.parametrize("mode", ["dsa", "misa"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_select_fills_each_chunks_slice_in_place(mode, batch):
+    """A fused select gets its chunk's slice of the output (contiguous for one sequence, as the radix kernel needs
+    to write it in place); what it writes there is the result: the selection equals the reference's."""
+    import dataclasses
+
+    q, keys, weights, _, scale = _random_problem(batch=batch, num_queries=96, num_keys=96, pads=(0,) * batch,
+                                                 shift=1.0)
+    slices = []
+
+    def fused_select(q_c, w_c, keys_c, chunk, softmax_scale, k, out=None):
+        slices.append(out)
+        out.copy_(reference.REFERENCE.select_tokens(q_c, w_c, keys_c, chunk, softmax_scale, k))
+        return out
+
+    run = {
+        "dsa": lambda scorer: dsa_topk(q, keys, weights, 8, softmax_scale=scale, scorer=scorer),
+        "misa": lambda scorer: misa_topk(q, keys, weights, 8, softmax_scale=scale, active_heads=2, block_size=8,
+                                         scorer=scorer),
+    }[mode]
+    narrowing = dataclasses.replace(reference.REFERENCE, narrow_keys=True, chunk_budget=100_000)
+    expected = run(narrowing)
+    got = run(dataclasses.replace(narrowing, fused_select=fused_select))
+    assert len(slices) > 1 and all(s.dtype == torch.int32 and s.shape[0] == batch for s in slices)
+    assert all(s.is_contiguous() for s in slices) == (batch == 1)
+    assert sum(s.shape[1] for s in slices) == 96
+    assert torch.equal(got, expected)

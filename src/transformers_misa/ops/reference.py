@@ -115,8 +115,9 @@ class Scorer:
     chunk_budget: scratch memory one query chunk may use.
     narrow_keys: skip the keys past a chunk's last visible key (causal future, static-cache slack). The reference
         keeps every key, so that its matmuls have transformers' exact shapes and DSA stays bit-identical.
-    fused_select: optional token_logits + topk in one step (same arguments plus k), free to skip what a top-k
-        never needs (the kernels leave each causal query's future unwritten); None: the two steps in turn.
+    fused_select: optional token_logits + topk in one step (same arguments plus k, and `out`, a [B, c, k] int32
+        tensor it may write the indices into and return), free to skip what a top-k never needs (the kernels leave
+        each causal query's future unwritten); None: the two steps in turn.
     """
 
     name: str
@@ -139,19 +140,22 @@ class Scorer:
                 object.__setattr__(self, name, functools.partial(default, scores_fn=self.head_scores))
 
     def select_tokens(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
-                      softmax_scale: float, k: int) -> torch.Tensor:
-        """Indices [B, c, k] of the k best keys by Σ_j w[t, j]·ReLU(q[t, j]·k[s])·scale (h heads per query)."""
+                      softmax_scale: float, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices [B, c, k] of the k best keys by Σ_j w[t, j]·ReLU(q[t, j]·k[s])·scale (h heads per query).
+
+        out: a [B, c, k] int32 tensor the fused select may write the indices into (then it is what comes back)."""
         if self.fused_select is not None:
-            return self.fused_select(q, weights, keys, chunk, softmax_scale, k)
+            return self.fused_select(q, weights, keys, chunk, softmax_scale, k, out=out)
         return self.topk(self.token_logits(q, weights, keys, chunk, softmax_scale), k)
 
 
 # The reference holds fp32 [c, h, T] head scores (plus their product) per chunk.
 REFERENCE = Scorer("reference", reference_token_logits, top_indices, lambda heads, keys: 2 * heads * keys * _FP32)
 
-# (query chunk, its weights, the live keys, their pooled blocks or None, chunk mask, k) -> indices [B, c, k]
-ChunkSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", ChunkMask, int],
-                         torch.Tensor]
+# (query chunk, its weights, the live keys, their pooled blocks or None, chunk mask, k, the chunk's slice of the
+# output, which it may fill and return) -> indices [B, c, k]
+ChunkSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", ChunkMask, int,
+                          torch.Tensor], torch.Tensor]
 
 
 def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int,
@@ -182,7 +186,10 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
             chunk = chunk.narrowed(width)
             live_keys = keys[:, :width]
             live_pooled = None if pooled is None else pooled[:, : math.ceil(width / block_size)]
-        out[:, rows] = select(q[:, rows], weights[:, rows], live_keys, live_pooled, chunk, k).to(torch.int32)
+        target = out[:, rows]
+        picked = select(q[:, rows], weights[:, rows], live_keys, live_pooled, chunk, k, target)
+        if picked is not target:  # not written in place (a kernel that can, writes its slice and returns it)
+            target.copy_(picked)
     return out
 
 
@@ -261,8 +268,8 @@ def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: i
     """The original lightning indexer: top-k of Σ_j w[t, j]·ReLU(q[t, j]·k[s])·scale over every key."""
     num_heads = q.shape[2]
 
-    def select(q_c, w_c, keys_c, _, chunk, k):
-        return scorer.select_tokens(q_c, w_c, keys_c, chunk, softmax_scale, k)
+    def select(q_c, w_c, keys_c, _, chunk, k, out):
+        return scorer.select_tokens(q_c, w_c, keys_c, chunk, softmax_scale, k, out)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size,
                              lambda width: scorer.scratch_bytes(num_heads, width), select, scorer, sync_free=sync_free)
@@ -282,10 +289,10 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
     def per_query(width: int) -> int:
         return _routed_scratch_bytes(scorer, active_heads, q.shape[2], q.shape[3], width, block_size)
 
-    def select(q_c, w_c, keys_c, pooled_c, chunk, k):
+    def select(q_c, w_c, keys_c, pooled_c, chunk, k, out):
         q_routed, w_routed = route_queries(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
                                            scorer, head_scale, router)
-        return scorer.select_tokens(q_routed, w_routed, keys_c, chunk, softmax_scale, k)
+        return scorer.select_tokens(q_routed, w_routed, keys_c, chunk, softmax_scale, k, out)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer,
                              pooled, block_size, sync_free=sync_free)
@@ -306,7 +313,7 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
         return (_routed_scratch_bytes(scorer, active_heads, num_heads, dim, width, block_size)
                 + scorer.candidate_scratch_bytes(num_heads, dim, num_candidates))
 
-    def select(q_c, w_c, keys_c, pooled_c, chunk, k):
+    def select(q_c, w_c, keys_c, pooled_c, chunk, k, _out):
         q_routed, w_routed = route_queries(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
                                            scorer, head_scale, router)
         candidates = scorer.select_tokens(q_routed, w_routed, keys_c, chunk, softmax_scale, num_candidates)
@@ -335,7 +342,7 @@ def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
                 + scorer.candidate_scratch_bytes(num_heads, dim, (keep_blocks + 1) * block_size))
     offsets = torch.arange(block_size, device=q.device)
 
-    def select(q_c, w_c, keys_c, pooled_c, chunk, k):
+    def select(q_c, w_c, keys_c, pooled_c, chunk, k, _out):
         num_keys, num_blocks = keys_c.shape[1], pooled_c.shape[1]
         kept = min(keep_blocks + 1, num_blocks)
         block_visible = chunk.block_visible(block_size)
