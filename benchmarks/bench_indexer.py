@@ -19,6 +19,7 @@ import json
 import pathlib
 import platform
 import sys
+import time
 
 import torch
 
@@ -280,8 +281,13 @@ STAGES = {"weighted_relu_logits": "logits", "weighted_relu_candidates": "candida
 
 
 def stage_ms(call) -> dict:
-    """GPU time of one call split by stage (torch.profiler kernel times; every other kernel counts as "other")."""
+    """GPU time of one call split by stage (torch.profiler kernel times; every other kernel counts as "other"), and
+    "host": how long the call takes to return, unprofiled (its launches; near the GPU time, the GPU waits on them)."""
     call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    call()
+    host_ms = (time.perf_counter() - start) * 1e3
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         call()
@@ -297,6 +303,7 @@ def stage_ms(call) -> dict:
         if stage == "other":
             others[event.key[:50]] = device_us / 1e3
     stages = {stage: round(ms, 3) for stage, ms in sorted(totals.items())}
+    stages["host"] = round(host_ms, 3)
     stages["other_top"] = {name: round(ms, 3) for name, ms in sorted(others.items(), key=lambda kv: -kv[1])[:4]}
     return stages
 
