@@ -41,6 +41,12 @@ VARIANTS = {  # name -> build options
     "many_rows_no_value_filter": dict(MANY_ROWS_SHAPE, value_filter=False),
     "few_rows": dict(FEW_ROWS_SHAPE),
     "few_rows_no_value_filter": dict(FEW_ROWS_SHAPE, value_filter=False),
+    # 16-byte loads: 4 adjacent floats per thread and load (fewer load and address instructions per value)
+    "many_rows_vector4_unroll1": dict(MANY_ROWS_SHAPE, vector=4, unroll=1),
+    "many_rows_vector4_unroll2": dict(MANY_ROWS_SHAPE, vector=4, unroll=2),
+    "vector4_unroll2": dict(vector=4, unroll=2),
+    "few_rows_vector4_unroll2": dict(FEW_ROWS_SHAPE, vector=4, unroll=2),
+    "few_rows_vector4_unroll4": dict(FEW_ROWS_SHAPE, vector=4, unroll=4),
 }
 HEADS = 8
 
@@ -85,13 +91,14 @@ def main(argv: list[str] | None = None) -> None:
             row = {"workload": workload, "variant": name, "threads": options.get("threads", 512),
                    "unroll": options.get("unroll", UNROLL), "buffer": options.get("buffer", BUFFER),
                    "min_ctas_per_sm": options.get("min_ctas_per_sm", 0),
-                   "value_filter": options.get("value_filter", True)}
+                   "value_filter": options.get("value_filter", True), "vector": options.get("vector", 1)}
             if errors[name]:
                 row["error"] = errors[name]
             else:
                 kernel = build_radix_topk(TOPK, **options)()
-                row["same_selection"] = bool(torch.equal(visible_picks(kernel(scores, ends), ends), expected))
-                row["ms"] = cuda_time_ms(lambda: kernel(scores, ends), args.reps)
+                rows_in = scores.view(scores.shape[0], -1, row["vector"]) if row["vector"] > 1 else scores
+                row["same_selection"] = bool(torch.equal(visible_picks(kernel(rows_in, ends), ends), expected))
+                row["ms"] = cuda_time_ms(lambda: kernel(rows_in, ends), args.reps)
                 row["GB_per_s_one_read"] = read_gb / row["ms"] * 1e3
             rows.append(row)
             print(json.dumps(row), flush=True)

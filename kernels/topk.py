@@ -69,7 +69,7 @@ def _order_key(value):
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
-                     caller_allocates_out: bool = False, arch: str | None = None):
+                     caller_allocates_out: bool = False, vector: int = 1, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -79,7 +79,11 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     only for the few that reach it (False: a key for every value, the program before 700c9e1).
     `caller_allocates_out`: the same program called with Out as its last argument (a contiguous int32 [rows, k] the
     caller owns, e.g. a query chunk's slice of the whole output) instead of returning a new tensor.
+    `vector` > 1: each thread loads `vector` adjacent floats at once (one 16-byte load for 4): Scores comes as
+    [rows, width / vector, vector], so rows must be 16-byte aligned (width a multiple of 4); not with_keys.
     """
+    if vector > 1 and with_keys:
+        raise ValueError("vector loads are for the plain top-k (with_keys=False)")
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
     per_thread = bins // threads
@@ -95,18 +99,27 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                   pass_configs={tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True,
                                 tilelang.PassConfigKey.TL_DISABLE_SAFE_MEMORY_ACCESS: True})
     def program():
-        rows, width = T.dynamic("rows"), T.dynamic("width")
+        rows = T.dynamic("rows")
+        if vector > 1:  # Python-level: Scores as [rows, width / vector, vector], one wide load per group
+            groups = T.dynamic("groups")
+            width = groups * vector
+        else:
+            width = T.dynamic("width")
 
         @T.macro
         def visit_slice(source, row, step, tx, end, values, visit, context, checked, floor):
-            """One loop step: `unroll` columns per thread, all loads issued before any is used (several requests
-            in flight). `checked` (Python-level): the row's last, partial step, whose columns are compared with
-            `end`; the full steps before it skip that test (the top-k runs out of instruction issue, not bandwidth).
-            `floor` (None at Python level: every value): only values at or above it are visited."""
+            """One loop step: `unroll` columns (groups of `vector`) per thread, all loads issued before any is used
+            (several requests in flight). `checked` (Python-level): the row's last, partial step, whose columns are
+            compared with `end`; the full steps before it skip that test (the top-k runs out of instruction issue,
+            not bandwidth). `floor` (None at Python level: every value): only values at or above it are visited."""
             Scores, Keys, keys = source
             for j in T.unroll(unroll):
-                col = (step * unroll + j) * threads + tx
-                if checked:
+                col = (step * unroll + j) * threads + tx  # with vector > 1: the group of columns
+                if vector > 1:  # Python-level; a checked group past the width loads the last one (never visited)
+                    group = T.min(col, groups - 1) if checked else col
+                    for v in T.vectorized(vector):
+                        values[j * vector + v] = Scores[row, group, v]
+                elif checked:
                     values[j] = T.if_then_else(col < end, Scores[row, col], 0.0)
                     if with_keys:  # Python-level
                         keys[j] = T.if_then_else(col < end, Keys[row, col], 0)
@@ -115,19 +128,21 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     if with_keys:  # Python-level
                         keys[j] = Keys[row, col]
             for j in T.unroll(unroll):
-                col = (step * unroll + j) * threads + tx
-                tests = ([col < end] if checked else []) + ([values[j] >= floor] if floor is not None else [])
-                if len(tests) > 0:  # Python-level
-                    if functools.reduce(T.And, tests):
-                        visit(_order_key(values[j]), keys[j] if with_keys else col, context)
-                else:
-                    visit(_order_key(values[j]), keys[j] if with_keys else col, context)
+                for v in T.unroll(vector):
+                    col = ((step * unroll + j) * threads + tx) * vector + v
+                    i = j * vector + v
+                    tests = ([col < end] if checked else []) + ([values[i] >= floor] if floor is not None else [])
+                    if len(tests) > 0:  # Python-level
+                        if functools.reduce(T.And, tests):
+                            visit(_order_key(values[i]), keys[j] if with_keys else col, context)
+                    else:
+                        visit(_order_key(values[i]), keys[j] if with_keys else col, context)
 
         @T.macro
         def for_each_key(source, row, tx, end, values, visit, context, floor=None):
             """visit(order key, column (with_keys: its key index), context) for every column before `end` (whose
             value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None)."""
-            per_step = threads * unroll
+            per_step = threads * unroll * vector
             for step in T.serial(end // per_step):
                 visit_slice(source, row, step, tx, end, values, visit, context, False, floor)
             for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
@@ -250,7 +265,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 # the lowest value of the k-th key's first-level bin (None without the value filter)
                 floor = T.alloc_var(T.float32) if value_filter else None
                 slot = T.alloc_var(T.int32)
-                values = T.alloc_local((unroll,), T.float32)
+                values = T.alloc_local((unroll * vector,), T.float32)
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
                 source = (Scores, Keys, keys)
                 prefix = T.uint32(0)
@@ -349,6 +364,14 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 select(Scores, Keys, Ends, Out)
 
             return radix_topk_keys
+
+        if vector > 1:
+            @T.prim_func
+            def radix_topk_vector(Scores: T.Tensor((rows, groups, vector), T.float32), Ends: T.Tensor((rows,), T.int32),
+                                  Out: T.Tensor((rows, k), T.int32)):
+                select(Scores, None, Ends, Out)
+
+            return radix_topk_vector
 
         @T.prim_func
         def radix_topk(Scores: T.Tensor((rows, width), T.float32), Ends: T.Tensor((rows,), T.int32),

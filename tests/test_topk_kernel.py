@@ -22,6 +22,38 @@ def test_radix_topk_compiles_for_sm90a(k, unroll):
     assert re.search(loads, source), "each thread's row loads come in groups of `unroll`"
 
 
+def test_radix_topk_vector_loads_compile_to_16_byte_loads():
+    _tilelang_or_skip()
+    from transformers_misa.kernels.topk import build_radix_topk
+
+    source = build_radix_topk(2048, vector=4, unroll=2, min_ctas_per_sm=4, arch="sm_90a")().get_kernel_source()
+    assert re.search(r"\*\(float4\*\)\(values \+ .*\) = \*\(float4\*\)\(Scores", source), "no 16-byte row loads"
+    with pytest.raises(ValueError, match="with_keys"):
+        build_radix_topk(2048, vector=4, with_keys=True)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [dict(vector=4, unroll=1, min_ctas_per_sm=4), dict(vector=4, unroll=2),
+                                     dict(vector=4, unroll=4, threads=1024), dict(vector=2, unroll=2)])
+@pytest.mark.parametrize("width", [70000, 4100])
+def test_radix_topk_vector_loads_select_the_same_set(options, width):
+    """Rows read in groups of `vector` floats select exactly the scalar program's set: ends inside a group, shorter
+    than one step, past the last full step; garbage past the ends."""
+    from transformers_misa.kernels.topk import build_radix_topk
+
+    generator = torch.Generator(device="cuda").manual_seed(width)
+    scores = (torch.randn(9, width, device="cuda", generator=generator) * 8).round()
+    ends = torch.tensor([width, width - 1, width - 3, 65537, 33001, 9002, 4097, 2049, 2047], device="cuda",
+                        dtype=torch.int32).clamp_max(width)
+    scores = scores.masked_fill(torch.arange(width, device="cuda") >= ends.unsqueeze(-1), 1e30)
+    expected = build_radix_topk(2048)()(scores, ends)
+    got = build_radix_topk(2048, **options)()(scores.view(9, -1, options["vector"]), ends)
+    for row, end in enumerate(ends.tolist()):
+        assert {c for c in got[row].tolist() if c < end} == {c for c in expected[row].tolist() if c < end}, row
+        assert len(set(got[row].tolist())) == 2048, f"row {row}: repeated index"
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,width,k", [(3, 4096, 2048), (17, 70001, 2048), (5, 33000, 8192), (2, 9000, 64)])
