@@ -25,7 +25,8 @@ from .common import ROWS_PER_CTA, queries_per_cta
 from .gathered import build_gathered_logits
 from .router import build_head_importance
 from .scoring import build_weighted_relu_logits, can_interleave, stages_stores
-from .topk import FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, build_radix_topk
+from . import topk as topk_program
+from .topk import build_radix_topk
 
 # Below this row width torch.topk is as fast and the radix program is not worth a compile.
 RADIX_MIN_WIDTH = 4096
@@ -286,8 +287,9 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
             scores = scores.masked_fill(columns >= ends.unsqueeze(-1), float("-inf"))
         return top_indices(scores, k)
     rows = scores.reshape(-1, width).float().contiguous()
-    # A decode step's few rows (one wave) take wide CTAs; a prefill's many rows, four CTAs per SM.
-    shape = FEW_ROWS_SHAPE if rows.shape[0] <= 2 * _sm_count(rows.device) else MANY_ROWS_SHAPE
+    shape = radix_shape(rows.shape[0], _sm_count(rows.device), width % 4 == 0 and rows.data_ptr() % 16 == 0)
+    if shape.get("vector", 1) > 1:
+        rows = rows.view(rows.shape[0], -1, shape["vector"])
     if ends is None:
         row_ends = torch.full((rows.shape[0],), width, dtype=torch.int32, device=rows.device)
     else:
@@ -296,6 +298,17 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
         build_radix_topk(k, caller_allocates_out=True, **shape)()(rows, row_ends, out.view(-1, k))
         return out
     return build_radix_topk(k, **shape)()(rows, row_ends).view(*scores.shape[:-1], k)
+
+
+def radix_shape(num_rows: int, sm_count: int, vector_loads_fit: bool) -> dict:
+    """The radix program's build options for `num_rows` rows: a decode step's few rows (one wave) take wide CTAs, a
+    prefill's many rows four CTAs per SM; each with 16-byte loads where `vector_loads_fit` (rows 16-byte aligned, width
+    a multiple of 4) and that shape has a vector variant (`topk.*_VECTOR_SHAPE`)."""
+    few = num_rows <= 2 * sm_count
+    vector = topk_program.FEW_ROWS_VECTOR_SHAPE if few else topk_program.MANY_ROWS_VECTOR_SHAPE
+    if vector_loads_fit and vector is not None:
+        return dict(vector)
+    return dict(topk_program.FEW_ROWS_SHAPE if few else topk_program.MANY_ROWS_SHAPE)
 
 
 def _router_program_applies(contiguous: bool | None, router: str) -> bool:

@@ -32,6 +32,18 @@ def test_radix_topk_vector_loads_compile_to_16_byte_loads():
         build_radix_topk(2048, vector=4, with_keys=True)
 
 
+def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
+    _tilelang_or_skip()
+    from transformers_misa.kernels import topk
+    from transformers_misa.kernels.scorer import radix_shape
+
+    monkeypatch.setattr(topk, "MANY_ROWS_VECTOR_SHAPE", None)
+    monkeypatch.setattr(topk, "FEW_ROWS_VECTOR_SHAPE", dict(threads=1024, unroll=2, vector=4))
+    assert radix_shape(32, 132, True) == dict(threads=1024, unroll=2, vector=4)  # a decode step's rows
+    assert radix_shape(32, 132, False) == topk.FEW_ROWS_SHAPE  # misaligned rows or a width not a multiple of 4
+    assert radix_shape(20000, 132, True) == topk.MANY_ROWS_SHAPE  # no vector variant for this shape
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", [dict(vector=4, unroll=1, min_ctas_per_sm=4), dict(vector=4, unroll=2),
