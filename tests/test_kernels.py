@@ -366,7 +366,7 @@ def test_fused_select_matches_reference(batch, num_queries, num_keys, heads, k, 
         assert key_splits_for(q.device, batch * num_queries, num_keys) > 1, "decode should split the key tiles"
     out = torch.full((batch, num_queries, k), -1, dtype=torch.int32, device="cuda")  # a caller's output: in place
     assert tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k, out=out) is out
-    assert torch.equal(out, ours)
+    assert torch.equal(out.sort(-1).values, ours.sort(-1).values)  # the same set (the order is the atomics')
 
 
 @gpu

@@ -82,7 +82,8 @@ def test_radix_topk_selects_exactly_the_top_k(rows, width, k):
     got = radix_topk(scores, k)
     assert got.shape == (rows, k) and got.dtype == torch.int32
     into = torch.full((rows + 1, k), -1, dtype=torch.int32, device="cuda")[1:]  # a caller's slice, at an offset
-    assert radix_topk(scores, k, out=into) is into and torch.equal(into, got), "the in-place write differs"
+    assert radix_topk(scores, k, out=into) is into
+    assert torch.equal(into.sort(-1).values, got.sort(-1).values), "the in-place write selected another set"
     assert all(len(set(row.tolist())) == k for row in got), "repeated index"
     kth = scores.topk(k, dim=-1).values[:, -1:]
     picked = scores.gather(-1, got.long())
