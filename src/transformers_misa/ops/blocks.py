@@ -35,39 +35,23 @@ def causal_query_chunks(num_queries: int, num_keys: int, bytes_per_query: Callab
     """`query_chunks` for a causal prefill whose chunks score only the keys up to their last query (queries at the
     last positions): chunk [a, b) sees max(T - S + b, min_width) keys (whole blocks) and needs (b - a) ·
     bytes_per_query(that width) of scratch, so the early, narrow chunks take more queries. Fewer chunks spend less
-    host time, and early chunks no longer leave the GPU waiting for the next launch.
-
-    The chunks are as few as the budget allows and balanced: each is cut at the smallest scratch that still gives
-    that many chunks, so no last chunk of a few queries is left over (whose launches cost the host as much as a full
-    chunk's while the GPU has almost nothing to do)."""
+    host time, and early chunks no longer leave the GPU waiting for the next launch."""
     offset = num_keys - num_queries
 
     def width(stop: int) -> int:
         return min(num_keys, math.ceil(max(offset + stop, min_width) / block_size) * block_size)
 
-    def greedy(limit: int) -> list[slice]:
-        chunks, start = [], 0
-        while start < num_queries:
-            low, high = 1, num_queries - start  # the largest size that fits (at least one query), by bisection
-            while low < high:
-                size = (low + high + 1) // 2
-                if size * bytes_per_query(width(start + size)) <= limit:
-                    low = size
-                else:
-                    high = size - 1
-            chunks.append(slice(start, start + low))
-            start += low
-        return chunks
-
-    chunks = greedy(budget)
-    low, high = 0, budget  # the smallest limit giving as few chunks: greedy cuts more chunks under a lower limit
-    while len(chunks) > 1 and high - low > max(1, budget // 1024):
-        middle = (low + high) // 2
-        if len(greedy(middle)) == len(chunks):
-            high = middle
-        else:
-            low = middle
-    yield from greedy(high) if len(chunks) > 1 else chunks
+    start = 0
+    while start < num_queries:
+        low, high = 1, num_queries - start  # the largest size that fits (at least one query), by bisection
+        while low < high:
+            size = (low + high + 1) // 2
+            if size * bytes_per_query(width(start + size)) <= budget:
+                low = size
+            else:
+                high = size - 1
+        yield slice(start, start + low)
+        start += low
 
 
 def mask_bias(mask: torch.Tensor | None, rows: slice, batch: int, num_queries: int, num_keys: int,
