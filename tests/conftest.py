@@ -205,7 +205,7 @@ def exact_fraction(idx_a: torch.Tensor, idx_b: torch.Tensor, scores: torch.Tenso
 
     def picked_set(idx: torch.Tensor) -> torch.Tensor:
         finite = torch.isfinite(scores.gather(-1, idx.long()))
-        return torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, idx.long(), finite)
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, idx.long(), finite)
 
     return float((picked_set(idx_a) == picked_set(idx_b)).all(-1).float().mean())
 
