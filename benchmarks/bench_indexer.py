@@ -348,6 +348,27 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+class ResultsFile(list):
+    """The rows measured so far, rewritten to `path` after each one ("complete": false until `finish`), so that a run
+    cut short (a device call's time limit) still leaves every row it measured."""
+
+    def __init__(self, path: pathlib.Path, header: dict) -> None:
+        super().__init__()
+        self.path, self.header = path, header
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write(complete=False)
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self._write(complete=False)
+
+    def finish(self) -> None:
+        self._write(complete=True)
+
+    def _write(self, complete: bool) -> None:
+        self.path.write_text(json.dumps({**self.header, "complete": complete, "results": list(self)}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default="4096,8192,16384,32768,65536,131072")
@@ -379,18 +400,17 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.profile:
         profile_misa(args.profile)
-    results: list[dict] = []
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"bench_indexer-{stamp}.json"
+    results = ResultsFile(path, {"environment": environment(), "topk": TOPK, "block_size": BLOCK})
     only = set(args.methods.split(",")) if args.methods else None
     run_prefill(parse(args.contexts), 64, deepseek_kernel, args.reps, results, only)
     run_prefill(parse(args.glm_contexts), 32, None, args.reps, results, only)
     run_decode(parse(args.decode_caches), parse(args.decode_batches), parse(args.decode_new_tokens), 64, args.reps,
                results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    payload = {"environment": environment(), "topk": TOPK, "block_size": BLOCK, "results": results}
-    (args.out / f"bench_indexer-{stamp}.json").write_text(json.dumps(payload, indent=1))
-    plot(results, args.out / f"bench_indexer-{stamp}.png")
-    print(f"wrote {args.out}/bench_indexer-{stamp}.json and .png")
+    results.finish()
+    plot(results, path.with_suffix(".png"))
+    print(f"wrote {path} and .png")
 
 
 if __name__ == "__main__":

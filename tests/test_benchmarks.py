@@ -35,6 +35,22 @@ def test_e2e_benchmark_rejects_unknown_modes(tmp_path):
         _load("bench_e2e").main(["--tiny", "--modes", "misa9", "--out", str(tmp_path)])
 
 
+def test_indexer_benchmark_keeps_each_row_as_it_is_measured(tmp_path):
+    """A run cut short (a device call's time limit) leaves the rows it measured, marked incomplete."""
+    import json
+
+    bench = _load("bench_indexer")
+    path = tmp_path / "results" / "bench_indexer-x.json"
+    results = bench.ResultsFile(path, {"topk": 2048})
+    assert json.loads(path.read_text()) == {"topk": 2048, "complete": False, "results": []}
+    results.append({"context": 32768})
+    assert json.loads(path.read_text())["results"] == [{"context": 32768}]
+    results.append({"context": 65536})
+    results.finish()
+    saved = json.loads(path.read_text())
+    assert saved["complete"] is True and [row["context"] for row in saved["results"]] == [32768, 65536]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_gpu_only_probe_imports_and_refuses_the_cpu(tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
