@@ -409,7 +409,10 @@ TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda h
                          route=tilelang_route,
                          narrow_keys=True, fused_select=tilelang_select_tokens,
                          # the re-rank gathers keys on chip: per candidate only its score, bias and position
-                         candidate_scratch_bytes=lambda heads, dim, candidates: 4 * candidates * 4)
+                         candidate_scratch_bytes=lambda heads, dim, candidates: 4 * candidates * 4,
+                         # whole query blocks of every interleaved head count (2 heads: the largest block), so that
+                         # `_logits` pads only the last chunk (padding costs each chunk 8 launches before its logits)
+                         query_multiple=queries_per_cta(2))
 
 # qk_format="fp8_e4m3": the token logits on the FP8 tensor cores. The indexer hands over q and keys already rounded
 # to FP8 (the reference's numerics), so quantizing them here is exact; the router and the re-rank keep bf16 inputs.

@@ -144,10 +144,13 @@ def test_query_chunks_follow_the_scorers_candidate_scratch(mode, monkeypatch):
 @pytest.mark.parametrize("num_queries,num_keys,min_width,block_size", [(1000, 1000, 0, 1), (300, 5000, 64, 128),
                                                                        (4, 131072, 2048, 128), (700, 700, 0, 1)])
 @pytest.mark.parametrize("fixed_bytes", [0, 30])
-def test_causal_query_chunks_grow_where_chunks_are_narrow(num_queries, num_keys, min_width, block_size, fixed_bytes):
+@pytest.mark.parametrize("multiple", [1, 64])
+def test_causal_query_chunks_grow_where_chunks_are_narrow(num_queries, num_keys, min_width, block_size, fixed_bytes,
+                                                          multiple):
     """Contiguous cover of the queries; each chunk's scratch (size x the per-query bytes at its own width, which may
     have a part that does not shrink with the width: candidate lists) within the budget unless it is a single
-    query; a chunk never smaller than the one after it (widths only grow)."""
+    query; a chunk never smaller than the one after it (widths only grow); every chunk but the last a whole number
+    of `multiple`s where it holds at least one."""
     from transformers_misa.ops.blocks import causal_query_chunks
 
     budget = 40_000 * (1 + fixed_bytes)
@@ -155,8 +158,10 @@ def test_causal_query_chunks_grow_where_chunks_are_narrow(num_queries, num_keys,
     def bytes_per_query(width):
         return width + fixed_bytes * num_keys
 
-    chunks = list(causal_query_chunks(num_queries, num_keys, bytes_per_query, budget, min_width, block_size))
+    chunks = list(causal_query_chunks(num_queries, num_keys, bytes_per_query, budget, min_width, block_size,
+                                      multiple))
     assert chunks[0].start == 0 and chunks[-1].stop == num_queries
+    assert all((c.stop - c.start) % multiple == 0 or c.stop - c.start < multiple for c in chunks[:-1])
     assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
     for chunk in chunks:
         width = min(num_keys, -(-max(num_keys - num_queries + chunk.stop, min_width) // block_size) * block_size)
@@ -211,13 +216,18 @@ def test_causal_chunks_keep_selections(mode, monkeypatch):
     assert sizes == [96]
     sizes.clear()
     chunked = run(scorer=dataclasses.replace(narrowing, chunk_budget=100_000))  # a few chunks
+    assert len(sizes) > 2 and sizes[0] > sizes[-2], sizes
+    sizes.clear()
+    aligned = run(scorer=dataclasses.replace(narrowing, chunk_budget=100_000, query_multiple=16))  # whole blocks
+    assert len(sizes) > 2 and sizes[0] >= 16, sizes
+    assert all(size % 16 == 0 or size < 16 for size in sizes[:-1]), sizes  # under one block: as many as fit
     monkeypatch.setattr(reference, "causal_query_chunks", real)
 
     def visible(picked):  # the first queries see fewer than k keys: which masked keys fill up carries no meaning
         return torch.where(picked <= torch.arange(96).view(1, -1, 1), picked, -1).sort(-1).values
 
     assert torch.equal(visible(chunked), visible(whole))
-    assert len(sizes) > 2 and sizes[0] > sizes[-2], sizes
+    assert torch.equal(visible(aligned), visible(whole))
 
 
 @pytest.mark.parametrize("mode", ["dsa", "misa"])

@@ -21,21 +21,28 @@ MASKED = float("-inf")
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
+def _whole_multiples(size: int, multiple: int) -> int:
+    """`size` rounded down to a multiple of `multiple`, unless that leaves nothing."""
+    return size if size < multiple else size // multiple * multiple
+
+
 def query_chunks(num_queries: int, bytes_per_query: int, chunk_size: int | None,
-                 budget: int = DEFAULT_CHUNK_BYTES) -> Iterator[slice]:
-    """Yields slices over the queries so that each chunk's scratch memory stays under `budget` bytes."""
+                 budget: int = DEFAULT_CHUNK_BYTES, multiple: int = 1) -> Iterator[slice]:
+    """Yields slices over the queries so that each chunk's scratch memory stays under `budget` bytes; sized by the
+    budget (no `chunk_size`), chunks hold whole `multiple`s of queries where they can."""
     if chunk_size is None:
-        chunk_size = max(1, budget // max(1, bytes_per_query))
+        chunk_size = _whole_multiples(max(1, budget // max(1, bytes_per_query)), multiple)
     for start in range(0, num_queries, chunk_size):
         yield slice(start, min(start + chunk_size, num_queries))
 
 
 def causal_query_chunks(num_queries: int, num_keys: int, bytes_per_query: Callable[[int], int], budget: int,
-                        min_width: int = 0, block_size: int = 1) -> Iterator[slice]:
+                        min_width: int = 0, block_size: int = 1, multiple: int = 1) -> Iterator[slice]:
     """`query_chunks` for a causal prefill whose chunks score only the keys up to their last query (queries at the
     last positions): chunk [a, b) sees max(T - S + b, min_width) keys (whole blocks) and needs (b - a) ·
     bytes_per_query(that width) of scratch, so the early, narrow chunks take more queries. Fewer chunks spend less
-    host time, and early chunks no longer leave the GPU waiting for the next launch."""
+    host time, and early chunks no longer leave the GPU waiting for the next launch. Every chunk but the last holds
+    whole `multiple`s of queries where the budget allows (a kernel's query blocks: no chunk needs padding)."""
     offset = num_keys - num_queries
 
     def width(stop: int) -> int:
@@ -50,6 +57,8 @@ def causal_query_chunks(num_queries: int, num_keys: int, bytes_per_query: Callab
                 low = size
             else:
                 high = size - 1
+        if start + low < num_queries:
+            low = _whole_multiples(low, multiple)
         yield slice(start, start + low)
         start += low
 

@@ -113,6 +113,8 @@ class Scorer:
     route: optional MISA routing in one step, (q, weights, keys, pooled, chunk mask, block_size, active_heads, scale,
         head_scale, router) -> (q_routed, w_routed) as `route_queries`, or None where it does not apply.
     chunk_budget: scratch memory one query chunk may use.
+    query_multiple: query chunks (all but the last) hold a multiple of this many queries where the budget allows, so
+        that a kernel working in blocks of queries pads no chunk but the last.
     narrow_keys: skip the keys past a chunk's last visible key (causal future, static-cache slack). The reference
         keeps every key, so that its matmuls have transformers' exact shapes and DSA stays bit-identical.
     fused_select: optional token_logits + topk in one step (same arguments plus k, and `out`, a [B, c, k] int32
@@ -132,6 +134,7 @@ class Scorer:
     fused_select: Callable[..., torch.Tensor] | None = None
     candidate_scratch_bytes: Callable[[int, int, int], int] = reference_candidate_scratch_bytes
     route: Callable[..., tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    query_multiple: int = 1
 
     def __post_init__(self) -> None:
         for name, default in (("head_importance", reference_head_importance),
@@ -174,9 +177,10 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
     out = torch.empty(batch, num_queries, k, dtype=torch.int32, device=q.device)
     if mask is None and scorer.narrow_keys and chunk_size is None:  # causal: chunks sized by their own width
         chunks = causal_query_chunks(num_queries, num_keys, lambda width: batch * bytes_per_query(width),
-                                     scorer.chunk_budget, max(k, min_width), block_size)
+                                     scorer.chunk_budget, max(k, min_width), block_size, scorer.query_multiple)
     else:
-        chunks = query_chunks(num_queries, batch * bytes_per_query(num_keys), chunk_size, scorer.chunk_budget)
+        chunks = query_chunks(num_queries, batch * bytes_per_query(num_keys), chunk_size, scorer.chunk_budget,
+                              scorer.query_multiple)
     for rows in chunks:
         chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device, sync_free=sync_free)
         width = num_keys if not scorer.narrow_keys else max(chunk.visible_end(), k, min_width)
