@@ -258,3 +258,64 @@ def test_fused_select_fills_each_chunks_slice_in_place(mode, batch):
     assert all(s.is_contiguous() for s in slices) == (batch == 1)
     assert sum(s.shape[1] for s in slices) == 96
     assert torch.equal(got, expected)
+
+
+def _causal(batch, num_queries, num_keys):
+    return blocks.ChunkMask(None, slice(0, num_queries), batch, num_queries, num_keys, torch.device("cpu")).visible
+
+
+@pytest.mark.parametrize("budget", [2**30, 3 * 2 * 50 * 3])  # one comparison chunk, or chunks of 3 queries
+def test_plain_causal_masks_are_recognised_exactly(budget):
+    """A model's causal mask (bool, or additive in its dtype, per sequence or broadcast) is what no mask means; any
+    other mask (left padding, static-cache slots past the written keys, one key more or less) is not."""
+    def check(mask, batch=2, num_queries=20, num_keys=50):
+        return blocks.is_plain_causal(mask, batch, num_queries, num_keys, budget)
+
+    causal = _causal(2, 20, 50).clone()
+    assert check(causal)
+    assert check(causal[:1])  # [1, S, T], broadcast over the batch
+    additive = torch.zeros(causal.shape, dtype=torch.bfloat16).masked_fill(~causal, torch.finfo(torch.bfloat16).min)
+    assert check(additive)
+    padded = causal.clone()
+    padded[1, :, :3] = False  # left padding
+    assert not check(padded)
+    slack = _causal(2, 20, 60)[..., :50].clone()  # queries not at the last positions (unwritten cache slots)
+    assert not check(slack)
+    for row, col, value in ((19, 3, False), (0, 31, True), (12, 49, True)):  # a hole, a future key, in a late chunk
+        changed = causal.clone()
+        changed[0, row, col] = value
+        assert not check(changed), (row, col)
+
+
+@pytest.mark.parametrize("mode", ["dsa", "misa", "misa_hierarchical", "hisa"])
+def test_a_plain_causal_mask_takes_the_maskless_path(mode, monkeypatch):
+    """With a scorer that narrows keys (the kernels), a model's causal mask is dropped after one check: the chunks
+    are the causal ones and the selection is the maskless one; a padded mask keeps the masked path."""
+    import dataclasses
+
+    q, keys, weights, _, scale = _random_problem(batch=2, num_queries=96, num_keys=96, pads=(0, 0), shift=1.0)
+    narrowing = dataclasses.replace(reference.REFERENCE, narrow_keys=True, chunk_budget=100_000)
+    run = {
+        "dsa": lambda **kw: dsa_topk(q, keys, weights, 8, softmax_scale=scale, scorer=narrowing, **kw),
+        "misa": lambda **kw: misa_topk(q, keys, weights, 8, softmax_scale=scale, active_heads=2, block_size=8,
+                                       scorer=narrowing, **kw),
+        "misa_hierarchical": lambda **kw: misa_hierarchical_topk(q, keys, weights, 8, softmax_scale=scale,
+                                                                 active_heads=2, block_size=8, candidate_factor=2,
+                                                                 scorer=narrowing, **kw),
+        "hisa": lambda **kw: hisa_topk(q, keys, weights, 8, softmax_scale=scale, block_size=8, keep_blocks=2,
+                                       scorer=narrowing, **kw),
+    }[mode]
+    paths = []
+    real_causal, real_plain = reference.causal_query_chunks, reference.query_chunks
+    monkeypatch.setattr(reference, "causal_query_chunks", lambda *a: paths.append("causal") or real_causal(*a))
+    monkeypatch.setattr(reference, "query_chunks", lambda *a: paths.append("masked") or real_plain(*a))
+    maskless = run()
+    causal = _causal(2, 96, 96)
+    additive = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert torch.equal(run(mask=additive), maskless)
+    assert set(paths) == {"causal"}, paths
+    paths.clear()
+    padded = causal.clone()
+    padded[1, :, :5] = False
+    run(mask=padded)
+    assert "masked" in paths and "causal" not in paths, paths

@@ -188,6 +188,23 @@ class ChunkMask:
         return self._memo(f"blocks{block_size}", build)
 
 
+def is_plain_causal(mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, budget: int) -> bool:
+    """Whether `mask` shows each query exactly the keys up to its own position (queries at the last positions), as
+    `mask=None` means: what transformers passes for a prefill without padding. One read of the mask, in query chunks
+    of at most `budget` bytes of comparison, and one read-back to the host; a padded or partly written cache is
+    told by the last query's row alone (it sees every real key, so it must see them all)."""
+    if num_queries == 0 or not bool(key_validity(mask, batch, num_keys, mask.device).all()):
+        return False
+    rows_per_chunk = max(1, budget // max(1, 3 * batch * num_keys))  # the given, causal and differing bools
+    differs = torch.zeros((), dtype=torch.bool, device=mask.device)
+    for start in range(0, num_queries, rows_per_chunk):
+        rows = slice(start, min(num_queries, start + rows_per_chunk))
+        given = ChunkMask(mask, rows, batch, num_queries, num_keys, mask.device).visible
+        causal = ChunkMask(None, rows, 1, num_queries, num_keys, mask.device).visible
+        differs |= (given != causal).any()
+    return not bool(differs)
+
+
 def key_validity(mask: torch.Tensor | None, batch: int, num_keys: int, device: torch.device) -> torch.Tensor:
     """[B, T] bool: keys that hold a real token (not padding, not an unfilled static-cache slot).
 
