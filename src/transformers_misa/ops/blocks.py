@@ -158,8 +158,9 @@ class ChunkMask:
                 return torch.zeros_like(ke), ke.contiguous(), True
             visible = self.visible
             any_visible = visible.any(-1)
-            ks = visible.int().argmax(-1)
-            ke = visible.shape[-1] - visible.flip(-1).int().argmax(-1)
+            as_bytes = visible.view(torch.uint8)  # argmax takes no bool; a byte view instead of a 4x wider copy
+            ks = as_bytes.argmax(-1)
+            ke = visible.shape[-1] - as_bytes.flip(-1).argmax(-1)
             ks, ke = torch.where(any_visible, ks, 0), torch.where(any_visible, ke, 0)
             contiguous = None if self.sync_free else bool(torch.equal(visible.sum(-1), ke - ks))
             return ks.to(torch.int32), ke.to(torch.int32), contiguous
