@@ -176,12 +176,13 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
     num_keys = keys.shape[1]
     k = min(topk, num_keys)
     out = torch.empty(batch, num_queries, k, dtype=torch.int32, device=q.device)
-    if (mask is not None and scorer.narrow_keys and chunk_size is None and not sync_free
+    causal_chunks = scorer.narrow_keys and chunk_size is None  # where a maskless prefill sizes chunks by width
+    if (causal_chunks and mask is not None and not sync_free
             and is_plain_causal(mask, batch, num_queries, num_keys, scorer.chunk_budget)):
         # The model's causal mask is what no mask means: take the maskless path (chunks sized by their own width,
         # key ranges known on the host) instead of reading every chunk's mask for its key ranges, with read-backs.
         mask = None
-    if mask is None and scorer.narrow_keys and chunk_size is None:  # causal: chunks sized by their own width
+    if causal_chunks and mask is None:
         chunks = causal_query_chunks(num_queries, num_keys, lambda width: batch * bytes_per_query(width),
                                      scorer.chunk_budget, max(k, min_width), block_size, scorer.query_multiple)
     else:
