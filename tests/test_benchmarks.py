@@ -35,6 +35,18 @@ def test_e2e_benchmark_rejects_unknown_modes(tmp_path):
         _load("bench_e2e").main(["--tiny", "--modes", "misa9", "--out", str(tmp_path)])
 
 
+def test_indexer_in_model_benchmark_smoke(tmp_path):
+    """The indexer call captured from a prefill runs with the model's mask and without, selecting the same keys."""
+    rows = _load("bench_indexer_in_model").main(["--tiny", "--context", "96", "--reps", "1", "--profile",
+                                                 "--out", str(tmp_path)])
+    assert [row["mode"] for row in rows] == ["dsa", "misa8"]
+    assert all(row["same_picks"] and row["with_mask_ms"] > 0 and row["no_mask_ms"] > 0 for row in rows)
+    assert all(row["mask"]["shape"][-1] == 96 and row["profile_top_ms"] for row in rows)
+    assert len(list(tmp_path.glob("bench_indexer_in_model-tiny-*.json"))) == 1
+    with pytest.raises(SystemExit):
+        _load("bench_indexer_in_model").main(["--tiny", "--modes", "unpatched", "--out", str(tmp_path)])
+
+
 def test_indexer_benchmark_keeps_each_row_as_it_is_measured(tmp_path):
     """A run cut short (a device call's time limit) leaves the rows it measured, marked incomplete."""
     import json

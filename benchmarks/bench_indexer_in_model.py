@@ -1,0 +1,137 @@
+"""One indexer call as a model makes it, with the model's attention mask and without one.
+
+A prefill through a model with DeepSeek-V3.2's attention and indexer dimensions (`bench_e2e.real_dims_model`)
+captures the patched indexer's inputs; the call is then timed alone, with the model's mask and with
+`attention_mask=None` (what `bench_indexer` times, from q, keys and weights on). The difference between this and
+`bench_indexer` is what the model path adds: projections, RoPE, the mask's handling. Each call gets a fresh cache.
+Prints one line per mode and writes JSON under benchmarks/results/; `--profile` adds each mode's largest kernels.
+
+    python benchmarks/bench_indexer_in_model.py                      # GPU: 1 layer, 32K prompt, dsa and misa8
+    python benchmarks/bench_indexer_in_model.py --profile
+    python benchmarks/bench_indexer_in_model.py --tiny --context 96  # CPU smoke test with the tiny test model
+"""
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import sys
+import time
+
+import torch
+from transformers import DynamicCache
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_e2e import MODES, RESULTS, real_dims_model  # noqa: E402  (this folder's end-to-end benchmark)
+from transformers_misa import patch_model  # noqa: E402
+from transformers_misa.indexer import MisaIndexer  # noqa: E402
+from transformers_misa.tiny import tiny_model  # noqa: E402
+
+INDEXER_ARGS = ("hidden_states", "q_resid", "position_embeddings", "attention_mask", "position_ids", "past_key_values")
+
+
+def wall_time_ms(fn, reps: int, device: str) -> float:
+    if device == "cuda":
+        from bench_indexer import cuda_time_ms
+
+        return cuda_time_ms(fn, reps)
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def captured_call(model, context: int, device: str) -> tuple[MisaIndexer, dict]:
+    """The first patched indexer and the keyword arguments of its call during a prefill of `context` tokens."""
+    indexer = next(module for module in model.modules() if isinstance(module, MisaIndexer))
+    captured = {}
+
+    def keep(module, args, kwargs):
+        captured.update(zip(INDEXER_ARGS, args), **kwargs)
+
+    handle = indexer.register_forward_pre_hook(keep, with_kwargs=True)
+    prompt = torch.randint(2, model.config.vocab_size, (1, context), device=device,
+                           generator=torch.Generator(device=device).manual_seed(1))
+    try:
+        model(input_ids=prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
+    finally:
+        handle.remove()
+    captured.pop("cache", None)
+    return indexer, captured
+
+
+def measure(name: str, args, device: str) -> dict:
+    model = (tiny_model("deepseek_v32") if args.tiny else real_dims_model(1, device)).to(device)
+    patch_model(model, mode={"misa8": "misa", "misa8_hier": "misa_hierarchical"}.get(name, name), **MODES[name])
+    indexer, inputs = captured_call(model, args.context, device)
+    mask = inputs["attention_mask"]
+
+    @torch.no_grad()
+    def call(with_mask: bool) -> torch.Tensor:
+        kwargs = dict(inputs, past_key_values=DynamicCache(config=model.config))
+        if not with_mask:
+            kwargs["attention_mask"] = None
+        return indexer(**kwargs)
+
+    # Rows that see fewer than k keys are filled up with masked columns in no fixed order: compare the others.
+    full_rows = slice(min(indexer.index_topk, args.context) - 1, None)
+    picks = [torch.sort(call(with_mask)[:, full_rows], -1).values for with_mask in (True, False)]
+    row = {"mode": name, "context": args.context,
+           "mask": None if mask is None else {"dtype": str(mask.dtype), "shape": list(mask.shape)},
+           "with_mask_ms": wall_time_ms(lambda: call(True), args.reps, device),
+           "no_mask_ms": wall_time_ms(lambda: call(False), args.reps, device),
+           "same_picks": bool(torch.equal(*picks))}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            call(True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda event: getattr(event, attribute), reverse=True)
+        row["profile_top_ms"] = {event.key[:60]: round(getattr(event, attribute) / 1e3, 3) for event in events[:15]}
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--modes", default="dsa,misa8", help=f"comma-separated, of {list(MODES)[1:]}")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also record each mode's 15 largest kernels / ops")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model on the CPU (smoke test)")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.modes.split(",")) - set(MODES) | ({"unpatched"} & set(args.modes.split(","))))
+    if unknown:
+        parser.error(f"unknown or unpatched modes {unknown}; choose from {list(MODES)[1:]}")
+    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    environment = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+                   "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"bench_indexer_in_model-{'tiny-' if args.tiny else ''}{stamp}.json"
+    rows = []
+    for name in args.modes.split(","):
+        rows.append(measure(name, args, device))
+        row = rows[-1]
+        print(f"{name:>10} at {args.context}: {row['with_mask_ms']:.2f} ms with the model's mask "
+              f"({row['mask']}), {row['no_mask_ms']:.2f} ms without; same picks: {row['same_picks']}", flush=True)
+        for kernel, ms in row.get("profile_top_ms", {}).items():
+            print(f"{'':>12}{ms:9.3f} ms  {kernel}")
+        path.write_text(json.dumps({"environment": environment, "results": rows}, indent=1))  # after every mode
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
