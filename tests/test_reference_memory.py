@@ -285,12 +285,6 @@ def test_plain_causal_masks_are_recognised_exactly(budget):
         changed = causal.clone()
         changed[0, row, col] = value
         assert not check(changed), (row, col)
-    moved = causal.clone()  # as many keys as causal, one of them moved into the future: only the order tells
-    moved[1, 15, 7], moved[1, 15, 40] = False, True
-    assert not check(moved)
-    full_row_hole = _causal(2, 20, 20).clone()  # queries at every position: the last row has no hidden key
-    full_row_hole[0, 5, 2] = False
-    assert not check(full_row_hole, num_keys=20)
 
 
 @pytest.mark.parametrize("mode", ["dsa", "misa", "misa_hierarchical", "hisa"])
