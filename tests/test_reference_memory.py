@@ -285,6 +285,34 @@ def test_plain_causal_masks_are_recognised_exactly(budget):
         changed = causal.clone()
         changed[0, row, col] = value
         assert not check(changed), (row, col)
+    moved = causal.clone()  # as many keys as causal, one of them moved into the future
+    moved[1, 15, 7], moved[1, 15, 40] = False, True
+    assert not check(moved)
+
+
+def test_plain_causal_answers_are_kept_per_mask_until_it_changes(monkeypatch):
+    """A model gives each layer a new view of one mask: the check runs once for all of them, again after an in-place
+    write to the mask (its version counter), and every time for inference-mode tensors (no version counter)."""
+    checks = []
+    real_compare = blocks._compare_with_causal
+    monkeypatch.setattr(blocks, "_compare_with_causal", lambda *a: checks.append(1) or real_compare(*a))
+    model_mask = _causal(2, 20, 50).clone().unsqueeze(1)  # [B, 1, S, T], as the attention gets it
+
+    def layer_check():
+        return blocks.is_plain_causal(model_mask[:, 0], 2, 20, 50, 2**30)
+
+    assert layer_check() and layer_check() and layer_check()
+    assert len(checks) == 1
+    assert blocks.is_plain_causal(model_mask[:1, 0], 2, 20, 50, 2**30) and len(checks) == 2  # another view
+    model_mask[1, 0, 4, 40] = True  # a future key (query 4 is at position 34), written in place
+    assert not layer_check() and not layer_check()
+    assert len(checks) == 3
+    with torch.inference_mode():
+        inference_mask = _causal(2, 20, 50).clone()
+        assert blocks.is_plain_causal(inference_mask, 2, 20, 50, 2**30)
+        inference_mask[0, 3, 40] = True
+        assert not blocks.is_plain_causal(inference_mask, 2, 20, 50, 2**30)
+    assert len(checks) == 5
 
 
 @pytest.mark.parametrize("mode", ["dsa", "misa", "misa_hierarchical", "hisa"])

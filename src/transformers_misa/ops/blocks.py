@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 # Score of a key a query may not see. Finite scores always rank above it.
 MASKED = float("-inf")
@@ -189,11 +190,33 @@ class ChunkMask:
         return self._memo(f"blocks{block_size}", build)
 
 
+# is_plain_causal's answers per mask. A model hands each layer's indexer a new view of one mask (e.g.
+# `attention_mask[:, 0]`), so they are keyed by the tensor the view comes from and kept while its version counter
+# (shared with its views, bumped by every in-place write) and the view's geometry are unchanged: a forward pays the
+# check once, not once per layer.
+_PLAIN_CAUSAL_ANSWERS = WeakIdKeyDictionary()
+
+
 def is_plain_causal(mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, budget: int) -> bool:
     """Whether `mask` shows each query exactly the keys up to its own position (queries at the last positions), as
     `mask=None` means: what transformers passes for a prefill without padding. One read of the mask, in query chunks
     of at most `budget` bytes of comparison, and one read-back to the host; a padded or partly written cache is
-    told by the last query's row alone (it sees every real key, so it must see them all)."""
+    told by the last query's row alone (it sees every real key, so it must see them all). Remembered per mask (see
+    `_PLAIN_CAUSAL_ANSWERS`; inference-mode tensors keep no version counter and are checked every time)."""
+    if mask.is_inference():
+        return _compare_with_causal(mask, batch, num_queries, num_keys, budget)
+    base = mask if mask._base is None else mask._base
+    view = (mask._version, tuple(mask.shape), mask.stride(), mask.storage_offset(), mask.dtype,
+            batch, num_queries, num_keys)
+    known = _PLAIN_CAUSAL_ANSWERS.get(base)
+    if known is not None and known[0] == view:
+        return known[1]
+    answer = _compare_with_causal(mask, batch, num_queries, num_keys, budget)
+    _PLAIN_CAUSAL_ANSWERS[base] = (view, answer)
+    return answer
+
+
+def _compare_with_causal(mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, budget: int) -> bool:
     if num_queries == 0 or not bool(key_validity(mask, batch, num_keys, mask.device).all()):
         return False
     rows_per_chunk = max(1, budget // max(1, 3 * batch * num_keys))  # the given, causal and differing bools
