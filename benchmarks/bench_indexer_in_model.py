@@ -2,7 +2,8 @@
 
 A prefill through a model with DeepSeek-V3.2's attention and indexer dimensions (`bench_e2e.real_dims_model`)
 captures the patched indexer's inputs; the call is then timed alone, with the model's mask and with
-`attention_mask=None` (what `bench_indexer` times, from q, keys and weights on). The difference between this and
+`attention_mask=None` (what `bench_indexer` times, from q, keys and weights on). With the mask, the first layer of a
+forward checks whether it is plain causal and the later layers reuse the answer: both are timed. The difference between this and
 `bench_indexer` is what the model path adds: projections, RoPE, the mask's handling. Each call gets a fresh cache.
 Prints one line per mode and writes JSON under benchmarks/results/; `--profile` adds each mode's largest kernels.
 
@@ -26,22 +27,31 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_e2e import MODES, RESULTS, real_dims_model  # noqa: E402  (this folder's end-to-end benchmark)
 from transformers_misa import patch_model  # noqa: E402
 from transformers_misa.indexer import MisaIndexer  # noqa: E402
+from transformers_misa.ops import blocks  # noqa: E402
 from transformers_misa.tiny import tiny_model  # noqa: E402
 
 INDEXER_ARGS = ("hidden_states", "q_resid", "position_embeddings", "attention_mask", "position_ids", "past_key_values")
 
 
-def wall_time_ms(fn, reps: int, device: str) -> float:
-    if device == "cuda":
-        from bench_indexer import cuda_time_ms
-
-        return cuda_time_ms(fn, reps)
-    fn()
+def wall_time_ms(fn, reps: int, device: str, before=None) -> float:
+    """Median time of `fn` after one warm-up call; `before` runs ahead of each call, untimed."""
+    before = before or (lambda: None)
     times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
+    for rep in range(reps + 1):
+        before()
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            start_s = time.perf_counter()
+            fn()
+            elapsed = (time.perf_counter() - start_s) * 1e3
+        if rep:  # the first call warms up
+            times.append(elapsed)
     return sorted(times)[len(times) // 2]
 
 
@@ -83,6 +93,9 @@ def measure(name: str, args, device: str) -> dict:
     picks = [torch.sort(call(with_mask)[:, full_rows], -1).values for with_mask in (True, False)]
     row = {"mode": name, "context": args.context,
            "mask": None if mask is None else {"dtype": str(mask.dtype), "shape": list(mask.shape)},
+           # A model's first layer checks whether the mask is plain causal; the later layers reuse the answer.
+           "first_layer_ms": wall_time_ms(lambda: call(True), args.reps, device,
+                                          before=blocks._PLAIN_CAUSAL_ANSWERS.clear),
            "with_mask_ms": wall_time_ms(lambda: call(True), args.reps, device),
            "no_mask_ms": wall_time_ms(lambda: call(False), args.reps, device),
            "same_picks": bool(torch.equal(*picks))}
@@ -122,8 +135,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in args.modes.split(","):
         rows.append(measure(name, args, device))
         row = rows[-1]
-        print(f"{name:>10} at {args.context}: {row['with_mask_ms']:.2f} ms with the model's mask "
-              f"({row['mask']}), {row['no_mask_ms']:.2f} ms without; same picks: {row['same_picks']}", flush=True)
+        print(f"{name:>10} at {args.context}: with the model's mask ({row['mask']}) {row['first_layer_ms']:.2f} ms in "
+              f"the first layer, {row['with_mask_ms']:.2f} ms in the others; {row['no_mask_ms']:.2f} ms without a "
+              f"mask; same picks: {row['same_picks']}", flush=True)
         for kernel, ms in row.get("profile_top_ms", {}).items():
             print(f"{'':>12}{ms:9.3f} ms  {kernel}")
         path.write_text(json.dumps({"environment": environment, "results": rows}, indent=1))  # after every mode

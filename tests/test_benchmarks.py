@@ -40,7 +40,8 @@ def test_indexer_in_model_benchmark_smoke(tmp_path):
     rows = _load("bench_indexer_in_model").main(["--tiny", "--context", "96", "--reps", "1", "--profile",
                                                  "--out", str(tmp_path)])
     assert [row["mode"] for row in rows] == ["dsa", "misa8"]
-    assert all(row["same_picks"] and row["with_mask_ms"] > 0 and row["no_mask_ms"] > 0 for row in rows)
+    assert all(row["same_picks"] and min(row["first_layer_ms"], row["with_mask_ms"], row["no_mask_ms"]) > 0
+               for row in rows)
     assert all(row["mask"]["shape"][-1] == 96 and row["profile_top_ms"] for row in rows)
     assert len(list(tmp_path.glob("bench_indexer_in_model-tiny-*.json"))) == 1
     with pytest.raises(SystemExit):
