@@ -315,6 +315,37 @@ def test_plain_causal_answers_are_kept_per_mask_until_it_changes(monkeypatch):
     assert len(checks) == 5
 
 
+@pytest.mark.parametrize("mode", ["dsa", "misa"])
+def test_a_padded_mask_is_read_in_the_first_layer_only(mode, monkeypatch):
+    """Each layer gets a new view of the model's padded mask: the query chunks' key ranges are read from it in the
+    first layer, the later layers reuse them and select the same; an in-place write to the mask reads them again."""
+    import dataclasses
+
+    q, keys, weights, padded, scale = _random_problem(batch=2, num_queries=96, num_keys=96, pads=(0, 7), shift=1.0)
+    model_mask = padded.unsqueeze(1)  # [B, 1, S, T], as the attention gets it
+    narrowing = dataclasses.replace(reference.REFERENCE, narrow_keys=True, chunk_budget=100_000)
+    select = {
+        "dsa": lambda mask: dsa_topk(q, keys, weights, 8, softmax_scale=scale, scorer=narrowing, mask=mask),
+        "misa": lambda mask: misa_topk(q, keys, weights, 8, softmax_scale=scale, active_heads=2, block_size=8,
+                                       scorer=narrowing, mask=mask),
+    }[mode]
+    reads = []
+    real_remembered = blocks.remembered
+    monkeypatch.setattr(blocks, "remembered",
+                        lambda mask, fact, read: real_remembered(mask, fact, lambda: reads.append(fact[0]) or read()))
+    first = select(model_mask[:, 0])
+    assert reads.count("key_range") > 1 and "plain_causal" in reads  # several chunks; not plain causal
+    reads.clear()
+    assert torch.equal(select(model_mask[:, 0]), first)
+    assert reads == []
+    model_mask[0, 0, 50, 3] = False  # a hole, written in place
+    select(model_mask[:, 0])
+    assert "key_range" in reads
+    reads.clear()  # sync-free chunks (decode steps a CUDA graph may capture) compute their own ranges every time
+    blocks.ChunkMask(model_mask[:, 0], slice(0, 10), 2, 96, 96, torch.device("cpu"), sync_free=True).key_range
+    assert reads == []
+
+
 @pytest.mark.parametrize("mode", ["dsa", "misa", "misa_hierarchical", "hisa"])
 def test_a_plain_causal_mask_takes_the_maskless_path(mode, monkeypatch):
     """With a scorer that narrows keys (the kernels), a model's causal mask is dropped after one check: the chunks

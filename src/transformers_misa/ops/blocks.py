@@ -112,6 +112,11 @@ class ChunkMask:
             narrow._cache["visible"] = self._cache["visible"][..., :width]
         return narrow
 
+    def _fact(self, name: str) -> tuple:
+        """The name under which `remembered` keeps a fact about this chunk of the mask (not its width: a narrowed
+        chunk sees the same key ranges)."""
+        return name, self.rows.start, self.rows.stop, self.batch, self.num_queries, self.num_keys
+
     def _memo(self, name: str, build):
         if name not in self._cache:
             self._cache[name] = build()
@@ -147,7 +152,7 @@ class ChunkMask:
             return self.rows.stop + self.num_keys - self.num_queries
         if self.sync_free:
             return self.width
-        return int(self.key_range[1].max())
+        return remembered(self.mask, self._fact("visible_end"), lambda: int(self.key_range[1].max()))
 
     @property
     def key_range(self) -> tuple[torch.Tensor, torch.Tensor, bool | None]:
@@ -165,7 +170,10 @@ class ChunkMask:
             ks, ke = torch.where(any_visible, ks, 0), torch.where(any_visible, ke, 0)
             contiguous = None if self.sync_free else bool(torch.equal(visible.sum(-1), ke - ks))
             return ks.to(torch.int32), ke.to(torch.int32), contiguous
-        return self._memo("key_range", build)
+        if self.mask is None or self.sync_free:  # sync-free steps may be captured: each must compute its own
+            return self._memo("key_range", build)
+        # The same chunk of the same mask in every layer: read from the mask once (the consumers never write ks / ke).
+        return self._memo("key_range", lambda: remembered(self.mask, self._fact("key_range"), build))
 
     def bias_at(self, positions: torch.Tensor) -> torch.Tensor:
         """The bias at per-query key positions [B, c, C], without building the whole [B, c, T] bias."""
@@ -190,30 +198,38 @@ class ChunkMask:
         return self._memo(f"blocks{block_size}", build)
 
 
-# is_plain_causal's answers per mask. A model hands each layer's indexer a new view of one mask (e.g.
-# `attention_mask[:, 0]`), so they are keyed by the tensor the view comes from and kept while its version counter
-# (shared with its views, bumped by every in-place write) and the view's geometry are unchanged: a forward pays the
-# check once, not once per layer.
-_PLAIN_CAUSAL_ANSWERS = WeakIdKeyDictionary()
+# What was read from a mask, kept across calls. A model hands each layer's indexer a new view of one mask (e.g.
+# `attention_mask[:, 0]`): each fact (whether it is plain causal, a query chunk's key ranges) is kept under the tensor
+# the view comes from, while its version counter (shared with its views, bumped by every in-place write) and the
+# view's geometry are unchanged, so a forward reads them from the mask in its first layer only. Inference-mode tensors
+# keep no version counter: their facts are read every time.
+_MASK_FACTS = WeakIdKeyDictionary()
+
+
+def remembered(mask: torch.Tensor, fact: tuple, read: Callable[[], object]) -> object:
+    """`read()` (a fact about `mask`, named by `fact`), or its value from an earlier call on the same, unchanged mask.
+    Never while a CUDA graph is captured: a graph replays only what it captured, so it must read the mask itself."""
+    if mask.is_inference() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return read()
+    base = mask if mask._base is None else mask._base
+    entry = _MASK_FACTS.get(base)
+    if entry is None or entry[0] != mask._version:  # new, or written since: nothing known holds
+        entry = _MASK_FACTS[base] = (mask._version, {})
+    view = (tuple(mask.shape), mask.stride(), mask.storage_offset(), mask.dtype)
+    facts = entry[1].setdefault(view, {})
+    if fact not in facts:
+        facts[fact] = read()
+    return facts[fact]
 
 
 def is_plain_causal(mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, budget: int) -> bool:
     """Whether `mask` shows each query exactly the keys up to its own position (queries at the last positions), as
     `mask=None` means: what transformers passes for a prefill without padding. One read of the mask, in query chunks
     of at most `budget` bytes of comparison, and one read-back to the host; a padded or partly written cache is
-    told by the last query's row alone (it sees every real key, so it must see them all). Remembered per mask (see
-    `_PLAIN_CAUSAL_ANSWERS`; inference-mode tensors keep no version counter and are checked every time)."""
-    if mask.is_inference():
-        return _compare_with_causal(mask, batch, num_queries, num_keys, budget)
-    base = mask if mask._base is None else mask._base
-    view = (mask._version, tuple(mask.shape), mask.stride(), mask.storage_offset(), mask.dtype,
-            batch, num_queries, num_keys)
-    known = _PLAIN_CAUSAL_ANSWERS.get(base)
-    if known is not None and known[0] == view:
-        return known[1]
-    answer = _compare_with_causal(mask, batch, num_queries, num_keys, budget)
-    _PLAIN_CAUSAL_ANSWERS[base] = (view, answer)
-    return answer
+    told by the last query's row alone (it sees every real key, so it must see them all). Read once per mask (see
+    `remembered`)."""
+    return remembered(mask, ("plain_causal", batch, num_queries, num_keys),
+                      lambda: _compare_with_causal(mask, batch, num_queries, num_keys, budget))
 
 
 def _compare_with_causal(mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, budget: int) -> bool:
