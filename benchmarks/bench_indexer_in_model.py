@@ -3,7 +3,8 @@
 A prefill through a model with DeepSeek-V3.2's attention and indexer dimensions (`bench_e2e.real_dims_model`)
 captures the patched indexer's inputs; the call is then timed alone, with the model's mask and with
 `attention_mask=None` (what `bench_indexer` times, from q, keys and weights on). With the mask, a forward's first
-layer checks whether it is plain causal and the later layers reuse the answer: both are timed. The difference from
+layer reads what it needs from it (whether it is plain causal; if not, as with `--pad`, each query chunk's key
+ranges) and the later layers reuse that: both are timed. The difference from
 `bench_indexer` is what the model path adds: projections, RoPE, the mask's handling. Each call gets a fresh cache.
 Prints one line per mode and writes JSON under benchmarks/results/; `--profile` adds each mode's largest kernels.
 
@@ -56,8 +57,9 @@ def wall_time_ms(fn, reps: int, device: str, before=None) -> float:
 
 
 @torch.no_grad()
-def captured_call(model, context: int, device: str) -> tuple[MisaIndexer, dict]:
-    """The first patched indexer and the keyword arguments of its call during a prefill of `context` tokens."""
+def captured_call(model, context: int, pad: int, device: str) -> tuple[MisaIndexer, dict]:
+    """The first patched indexer and the keyword arguments of its call during a prefill of `context` tokens (pad > 0:
+    two sequences, the second left-padded by `pad` tokens)."""
     indexer = next(module for module in model.modules() if isinstance(module, MisaIndexer))
     captured = {}
 
@@ -65,10 +67,14 @@ def captured_call(model, context: int, device: str) -> tuple[MisaIndexer, dict]:
         captured.update(zip(INDEXER_ARGS, args), **kwargs)
 
     handle = indexer.register_forward_pre_hook(keep, with_kwargs=True)
-    prompt = torch.randint(2, model.config.vocab_size, (1, context), device=device,
+    batch = 2 if pad else 1
+    prompt = torch.randint(2, model.config.vocab_size, (batch, context), device=device,
                            generator=torch.Generator(device=device).manual_seed(1))
+    attention_mask = torch.ones(batch, context, dtype=torch.long, device=device)
+    attention_mask[1:, :pad] = 0
     try:
-        model(input_ids=prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        model(input_ids=prompt, attention_mask=attention_mask, past_key_values=DynamicCache(config=model.config),
+              use_cache=True)
     finally:
         handle.remove()
     captured.pop("cache", None)
@@ -78,7 +84,7 @@ def captured_call(model, context: int, device: str) -> tuple[MisaIndexer, dict]:
 def measure(name: str, args, device: str) -> dict:
     model = (tiny_model("deepseek_v32") if args.tiny else real_dims_model(1, device)).to(device)
     patch_model(model, mode={"misa8": "misa", "misa8_hier": "misa_hierarchical"}.get(name, name), **MODES[name])
-    indexer, inputs = captured_call(model, args.context, device)
+    indexer, inputs = captured_call(model, args.context, args.pad, device)
     mask = inputs["attention_mask"]
 
     @torch.no_grad()
@@ -88,17 +94,19 @@ def measure(name: str, args, device: str) -> dict:
             kwargs["attention_mask"] = None
         return indexer(**kwargs)
 
-    # Rows that see fewer than k keys are filled up with masked columns in no fixed order: compare the others.
-    full_rows = slice(min(indexer.index_topk, args.context) - 1, None)
-    picks = [torch.sort(call(with_mask)[:, full_rows], -1).values for with_mask in (True, False)]
-    row = {"mode": name, "context": args.context,
+    # Rows that see fewer than k keys are filled up with masked columns in no fixed order: compare the others. With
+    # padding the maskless call is another problem: the first layer's picks are compared with a later layer's.
+    full_rows = slice(min(indexer.index_topk, args.context) - 1 + args.pad, None)
+    blocks._MASK_FACTS.clear()  # what a forward's first layer reads from the mask, forgotten
+    picks = [call(True), call(True) if args.pad else call(False)]
+    row = {"mode": name, "context": args.context, "pad": args.pad,
            "mask": None if mask is None else {"dtype": str(mask.dtype), "shape": list(mask.shape)},
-           # A model's first layer checks whether the mask is plain causal; the later layers reuse the answer.
+           # A forward's first layer reads the mask (plain causal? key ranges); the later layers reuse what it read.
            "first_layer_ms": wall_time_ms(lambda: call(True), args.reps, device,
-                                          before=blocks._PLAIN_CAUSAL_ANSWERS.clear),
+                                          before=blocks._MASK_FACTS.clear),
            "with_mask_ms": wall_time_ms(lambda: call(True), args.reps, device),
            "no_mask_ms": wall_time_ms(lambda: call(False), args.reps, device),
-           "same_picks": bool(torch.equal(*picks))}
+           "same_picks": bool(torch.equal(*[torch.sort(p[:, full_rows], -1).values for p in picks]))}
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -117,6 +125,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--modes", default="dsa,misa8", help="comma-separated patched modes of bench_e2e")
+    parser.add_argument("--pad", type=int, default=0, help="> 0: a batch of two, the second left-padded this much")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="also record each mode's 15 largest kernels / ops")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model on the CPU (smoke test)")
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = rows[-1]
         print(f"{name:>10} at {args.context}: with the model's mask ({row['mask']}) {row['first_layer_ms']:.2f} ms in "
               f"the first layer, {row['with_mask_ms']:.2f} ms in the others; {row['no_mask_ms']:.2f} ms without a "
-              f"mask; same picks: {row['same_picks']}", flush=True)
+              f"mask{' (unpadded)' if args.pad else ''}; same picks: {row['same_picks']}", flush=True)
         for kernel, ms in row.get("profile_top_ms", {}).items():
             print(f"{'':>12}{ms:9.3f} ms  {kernel}")
         path.write_text(json.dumps({"environment": environment, "results": rows}, indent=1))  # after every mode

@@ -44,6 +44,9 @@ def test_indexer_in_model_benchmark_smoke(tmp_path):
                for row in rows)
     assert all(row["mask"]["shape"][-1] == 96 and row["profile_top_ms"] for row in rows)
     assert len(list(tmp_path.glob("bench_indexer_in_model-tiny-*.json"))) == 1
+    padded = _load("bench_indexer_in_model").main(["--tiny", "--context", "96", "--pad", "20", "--reps", "1",
+                                                   "--modes", "misa8", "--out", str(tmp_path)])
+    assert padded[0]["same_picks"] and padded[0]["mask"]["shape"][0] == 2
     with pytest.raises(SystemExit):
         _load("bench_indexer_in_model").main(["--tiny", "--modes", "unpatched", "--out", str(tmp_path)])
 
