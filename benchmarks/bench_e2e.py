@@ -34,6 +34,22 @@ MODES = {
 }
 
 
+def patched(model, name: str):
+    """`model` patched as mode `name` of MODES says (unpatched: as it is)."""
+    if MODES[name] is not None:
+        patch_model(model, mode={"misa8": "misa", "misa8_hier": "misa_hierarchical"}.get(name, name), **MODES[name])
+    return model
+
+
+def results_file(out: pathlib.Path, script: str, tiny: bool, device: str) -> tuple[pathlib.Path, dict]:
+    """(the JSON path of this run under `out`, the environment it records)."""
+    environment = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+                   "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return out / f"{script}-{'tiny-' if tiny else ''}{stamp}.json", environment
+
+
 def real_dims_model(layers: int, device: str) -> DeepseekV32ForCausalLM:
     config = DeepseekV32Config(
         vocab_size=129280, hidden_size=7168, intermediate_size=2048, num_hidden_layers=layers,
@@ -160,10 +176,7 @@ def greedy_cuda_graph(model, prompt, new_tokens: int, cache_len: int | None = No
 
 def run_mode(name: str, args, device: str) -> dict:
     model = tiny_model("deepseek_v32") if args.tiny else real_dims_model(args.layers, device)
-    model = model.to(device)
-    if MODES[name] is not None:
-        mode = {"misa8": "misa", "misa8_hier": "misa_hierarchical"}.get(name, name)
-        patch_model(model, mode=mode, **MODES[name])
+    model = patched(model.to(device), name)
     prompt = torch.randint(2, model.config.vocab_size, (1, args.context), device=device,
                            generator=torch.Generator(device=device).manual_seed(1))
     row = {"mode": name, "context": args.context, "new_tokens": args.new_tokens}
@@ -213,12 +226,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         parser.error(f"unknown modes {unknown}; choose from {list(MODES)}")
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
-
-    environment = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-                   "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"bench_e2e-{'tiny-' if args.tiny else ''}{stamp}.json"
+    path, environment = results_file(args.out, "bench_e2e", args.tiny, device)
     rows = []
     for name in args.modes.split(","):
         if device == "cuda":

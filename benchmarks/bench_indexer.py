@@ -36,12 +36,16 @@ SCALE = DIM**-0.5
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def cuda_time_ms(fn, reps: int) -> float:
-    """Median wall time of `fn` on the GPU (events), after one warm-up call."""
+def cuda_time_ms(fn, reps: int, before=None) -> float:
+    """Median wall time of `fn` on the GPU (events), after one warm-up call; `before` runs ahead of each call,
+    untimed."""
+    before = before or (lambda: None)
+    before()
     fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
+        before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

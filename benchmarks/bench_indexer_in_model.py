@@ -14,10 +14,8 @@ Prints one line per mode and writes JSON under benchmarks/results/; `--profile` 
 """
 
 import argparse
-import datetime
 import json
 import pathlib
-import platform
 import sys
 import time
 
@@ -25,8 +23,8 @@ import torch
 from transformers import DynamicCache
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_e2e import MODES, RESULTS, real_dims_model  # noqa: E402  (this folder's end-to-end benchmark)
-from transformers_misa import patch_model  # noqa: E402
+# this folder's end-to-end benchmark: its model, modes and results files
+from bench_e2e import MODES, RESULTS, patched, real_dims_model, results_file  # noqa: E402
 from transformers_misa.indexer import MisaIndexer  # noqa: E402
 from transformers_misa.ops import blocks  # noqa: E402
 from transformers_misa.tiny import tiny_model  # noqa: E402
@@ -36,24 +34,18 @@ INDEXER_ARGS = ("hidden_states", "q_resid", "position_embeddings", "attention_ma
 
 def wall_time_ms(fn, reps: int, device: str, before=None) -> float:
     """Median time of `fn` after one warm-up call; `before` runs ahead of each call, untimed."""
+    if device == "cuda":
+        from bench_indexer import cuda_time_ms
+
+        return cuda_time_ms(fn, reps, before)
     before = before or (lambda: None)
     times = []
-    for rep in range(reps + 1):
+    for _ in range(reps + 1):
         before()
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(end)
-        else:
-            start_s = time.perf_counter()
-            fn()
-            elapsed = (time.perf_counter() - start_s) * 1e3
-        if rep:  # the first call warms up
-            times.append(elapsed)
-    return sorted(times)[len(times) // 2]
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times[1:])[(len(times) - 1) // 2]  # the first call warms up
 
 
 @torch.no_grad()
@@ -82,8 +74,7 @@ def captured_call(model, context: int, pad: int, device: str) -> tuple[MisaIndex
 
 
 def measure(name: str, args, device: str) -> dict:
-    model = (tiny_model("deepseek_v32") if args.tiny else real_dims_model(1, device)).to(device)
-    patch_model(model, mode={"misa8": "misa", "misa8_hier": "misa_hierarchical"}.get(name, name), **MODES[name])
+    model = patched((tiny_model("deepseek_v32") if args.tiny else real_dims_model(1, device)).to(device), name)
     indexer, inputs = captured_call(model, args.context, args.pad, device)
     mask = inputs["attention_mask"]
 
@@ -136,11 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if unknown:
         parser.error(f"unknown or unpatched modes {unknown}; choose from {patched_modes}")
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
-    environment = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-                   "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"bench_indexer_in_model-{'tiny-' if args.tiny else ''}{stamp}.json"
+    path, environment = results_file(args.out, "bench_indexer_in_model", args.tiny, device)
     rows = []
     for name in args.modes.split(","):
         rows.append(measure(name, args, device))
