@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import importlib
 import json
 import pathlib
 import platform
 import sys
 import time
+import types
 
+import tilelang
 import torch
 
 from transformers_misa.kernels.scorer import (TILELANG_FP8_SCORER, TILELANG_PIPELINED_SCORER,
@@ -143,6 +144,25 @@ def deepseek_fp8_index(kernel_module, q, keys, weights):
     logits = kernel_module.fp8_index(q8.contiguous(), (weights * SCALE).contiguous(), k8.contiguous(), k_scale)
     chunk = ChunkMask(None, slice(0, q.shape[1]), q.shape[0], q.shape[1], keys.shape[1], q.device)
     return (logits + chunk.bias).topk(min(TOPK, keys.shape[1]), dim=-1).indices
+
+
+# Pass configs that DeepSeek-V3.2-Exp's kernel.py names and later TileLang releases renamed (0.1.15: fast math became
+# opt-in): (as written there, the same setting as this TileLang spells it).
+RENAMED_PASS_CONFIGS = (("TL_DISABLE_FAST_MATH: True", "TL_ENABLE_FAST_MATH: False"),)
+
+
+def load_deepseek_kernel(checkout: pathlib.Path) -> types.ModuleType:
+    """DeepSeek-V3.2-Exp's inference/kernel.py from the user's checkout, as a module. Where this TileLang lacks a pass
+    config it names, the renamed key with the same meaning is used (the file is read, not copied or changed)."""
+    path = checkout / "inference" / "kernel.py"
+    source = path.read_text()
+    for written, current in RENAMED_PASS_CONFIGS:
+        if not hasattr(tilelang.PassConfigKey, written.split(":")[0]):
+            source = source.replace(written, current)
+    module = types.ModuleType("deepseek_v32_exp_kernel")
+    module.__file__ = str(path)
+    exec(compile(source, str(path), "exec"), module.__dict__)
+    return module
 
 
 def fits(method: str, batch: int, num_queries: int, num_keys: int, heads: int) -> bool:
@@ -395,11 +415,10 @@ def main(argv: list[str] | None = None) -> None:
     parse = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     deepseek_kernel = None
     if args.deepseek_ref:
-        sys.path.insert(0, str(args.deepseek_ref / "inference"))
         try:
-            deepseek_kernel = importlib.import_module("kernel")
-        except Exception as error:  # e.g. its pass configs are not in this TileLang release
-            print(f"cannot import DeepSeek's inference/kernel.py from {args.deepseek_ref} ({type(error).__name__}: "
+            deepseek_kernel = load_deepseek_kernel(args.deepseek_ref)
+        except Exception as error:  # e.g. a TileLang release that no longer has a pass config it names
+            print(f"cannot load DeepSeek's inference/kernel.py from {args.deepseek_ref} ({type(error).__name__}: "
                   f"{error}); timing without it", file=sys.stderr)
 
     if args.profile:

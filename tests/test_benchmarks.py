@@ -113,3 +113,20 @@ def test_logits_sweep_refuses_a_context_over_one_tma_descriptor(monkeypatch, cap
     with pytest.raises(SystemExit):
         _load("sweep_logits").main(["--context", "65536", "--heads", "64,16", "--variants", "default"])
     assert "[16] heads store through one TMA descriptor" in capsys.readouterr().err
+
+
+def test_deepseek_reference_kernel_loads_under_this_tilelang(tmp_path):
+    """--deepseek-ref reads the user's DeepSeek-V3.2-Exp checkout; a pass config that this TileLang renamed (fast math
+    became opt-in) is spelled as it is now, with the same meaning, and the checkout's file is left as it was."""
+    tilelang = pytest.importorskip("tilelang")
+    inference = tmp_path / "inference"
+    inference.mkdir()
+    written = ("import tilelang\n"
+               "pass_configs = {tilelang.PassConfigKey.TL_DISABLE_FAST_MATH: True}\n"
+               "def fp8_index(q, q_s, k, k_s):\n    return 'called'\n")
+    (inference / "kernel.py").write_text(written)
+    module = _load("bench_indexer").load_deepseek_kernel(tmp_path)
+    if hasattr(tilelang.PassConfigKey, "TL_ENABLE_FAST_MATH"):
+        assert module.pass_configs == {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False}
+    assert module.fp8_index(None, None, None, None) == "called"
+    assert (inference / "kernel.py").read_text() == written
