@@ -27,6 +27,11 @@ VARIANTS = {  # name -> build options
     "block_m32": dict(block_m=32),
     "rows256_threads512_block_m32": dict(rows_per_cta=256, threads=512, block_m=32),
     "rows256_threads256_block_m32": dict(rows_per_cta=256, threads=256, block_m=32),
+    # The same with registers capped for two CTAs per SM (the compiler's choice, 146 registers, leaves room for one:
+    # the queries' loads, tail blocks and head picks then never overlap another CTA's matmuls), and smaller CTAs.
+    "rows256_threads256_block_m32_2ctas": dict(rows_per_cta=256, threads=256, block_m=32, min_ctas_per_sm=2),
+    "rows128_threads128_block_m32_3ctas": dict(rows_per_cta=128, threads=128, block_m=32, min_ctas_per_sm=3),
+    "rows128_threads128_block_m64_2ctas": dict(rows_per_cta=128, threads=128, block_m=64, min_ctas_per_sm=2),
 }
 
 
@@ -48,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     variants = {name: VARIANTS[name] for name in chosen(VARIANTS, args.variants)}
     errors = compile_variants({name: (builder, (HEADS, DIM, BLOCK), dict(options, active_heads=ACTIVE))
                                for name, options in variants.items()}, args.workers)
-    workloads = {"prefill_64K": (1, 65536, 65536), "decode_128K_b32_q4": (32, 4, 131072)}
+    workloads = {"prefill_64K": (1, 65536, 65536), "prefill_32K": (1, 32768, 32768),
+                 "decode_128K_b32_q4": (32, 4, 131072)}
     rows = []
     for workload, shape in workloads.items():
         operands = routing_operands(*shape)

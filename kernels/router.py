@@ -34,11 +34,13 @@ def _tail_block(ks, ke, block_size: int):
 @functools.lru_cache(maxsize=None)
 def build_head_importance(heads: int, dim: int, block_size: int, active_heads: int = 0, block_m: int = 64,
                           num_stages: int = 2, threads: int = 256, rows_per_cta: int = ROWS_PER_CTA,
+                          min_ctas_per_sm: int = 0,
                           arch: str | None = None):
     """Compiles the router program for `heads` heads of width `dim` over keys pooled by `block_size`.
 
     Shape: `rows_per_cta` query rows (whole queries, at most 256: one wgmma N) per CTA of `threads`; pooled-key
-    tiles of `block_m` blocks in a `num_stages` pipeline.
+    tiles of `block_m` blocks in a `num_stages` pipeline. `min_ctas_per_sm` > 0 caps the registers so that this many
+    CTAs share an SM (0: the compiler's choice).
 
     (Q [B, S·H, D] bf16, Pooled [B, M, D] bf16, W [B, S, H] fp32, KS, KE [B, S] int32) -> Importance [B, S, H] fp32
     (without the softmax scale); the caller passes the full blocks' end as KE and adds the tail block itself.
@@ -64,6 +66,8 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
         @T.macro
         def body(Q, Pooled, Keys, W, HeadScale, KS, KE, Importance, QRouted=None, WRouted=None, Heads=None):
             with T.Kernel(T.ceildiv(num_queries, block_q), batch, threads=threads) as (bq, bb):
+                if min_ctas_per_sm:  # Python-level
+                    T.annotate_min_blocks_per_sm(min_ctas_per_sm)
                 q_shared = T.alloc_shared((rows, dim), T.bfloat16)
                 p_shared = T.alloc_shared((block_m, dim), T.bfloat16)
                 scores = T.alloc_fragment((block_m, rows), T.float32)
