@@ -137,13 +137,25 @@ def methods(heads: int, deepseek_kernel):
     return table
 
 
+# DeepSeek's fp8_index launches one CTA row per query on the grid's y axis, which CUDA caps at 65535: longer prefills
+# call it per chunk of this many queries (its per-query work is the same either way).
+DEEPSEEK_QUERY_CHUNK = 32768
+
+
 def deepseek_fp8_index(kernel_module, q, keys, weights):
-    """DeepSeek-V3.2-Exp's own fp8_index (full [S, T] logits, no causal skip) + torch.topk, timed as they ship it."""
-    q8, k8 = q.to(torch.float8_e4m3fn), keys.to(torch.float8_e4m3fn)
+    """DeepSeek-V3.2-Exp's own fp8_index (full [S, T] logits, no causal skip) + torch.topk, timed as they ship it,
+    per chunk of at most DEEPSEEK_QUERY_CHUNK queries."""
+    q8, k8 = q.to(torch.float8_e4m3fn), keys.to(torch.float8_e4m3fn).contiguous()
     k_scale = torch.ones(keys.shape[:2], device="cuda")
-    logits = kernel_module.fp8_index(q8.contiguous(), (weights * SCALE).contiguous(), k8.contiguous(), k_scale)
-    chunk = ChunkMask(None, slice(0, q.shape[1]), q.shape[0], q.shape[1], keys.shape[1], q.device)
-    return (logits + chunk.bias).topk(min(TOPK, keys.shape[1]), dim=-1).indices
+    scaled_weights = weights * SCALE
+    num_queries, picks = q.shape[1], []
+    for first in range(0, num_queries, DEEPSEEK_QUERY_CHUNK):
+        rows = slice(first, min(first + DEEPSEEK_QUERY_CHUNK, num_queries))
+        logits = kernel_module.fp8_index(q8[:, rows].contiguous(), scaled_weights[:, rows].contiguous(), k8, k_scale)
+        chunk = ChunkMask(None, rows, q.shape[0], num_queries, keys.shape[1], q.device)
+        picks.append((logits + chunk.bias).topk(min(TOPK, keys.shape[1]), dim=-1).indices)
+        del logits
+    return torch.cat(picks, dim=1)
 
 
 # Pass configs that DeepSeek-V3.2-Exp's kernel.py names and later TileLang releases renamed (0.1.15: fast math became

@@ -46,7 +46,10 @@ WIDE_CTA_MIN_HEADS = 32
 # two: half the CTAs, each with the same fixed costs (loading its queries, its tail block, the head pick).
 # `python benchmarks/sweep_router.py` on an H200 (64K prefill, sweep_router-20261128-122927.json): 1.83 ms against
 # 3.54 for 128 rows x 64 blocks; decode steps keep the default (0.037 ms against 0.050, batch 32 x 4 queries, 128K).
-WIDE_ROUTER = dict(rows_per_cta=256, threads=256, block_m=32)
+# Registers capped for two CTAs per SM (80, a few spills; the compiler alone takes 146, one CTA per SM), so that one
+# CTA's query load, tail block and head pick overlap the other's matmuls: sweep_router-20261203-103049.json, 64K / 32K
+# prefill 1.774 / 0.691 ms against 1.814 / 0.739, the same heads picked.
+WIDE_ROUTER = dict(rows_per_cta=256, threads=256, block_m=32, min_ctas_per_sm=2)
 OVERLAPPED_STAGES = 4  # key tiles in flight in the overlapped driver
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
 
