@@ -26,6 +26,16 @@ def test_routing_kernel_compiles_for_sm90a(heads, active_heads):
     assert "Keys" in source, "the tail block is read from the key cache inside the program"
 
 
+def test_wide_routing_kernel_compiles_for_sm90a():
+    """The prefill shape (`scorer.WIDE_ROUTER`: 256 query rows, registers capped for two CTAs per SM)."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels import scorer
+    from transformers_misa.kernels.router import build_head_importance
+
+    source = build_head_importance(64, 128, 128, active_heads=8, arch="sm_90a", **scorer.WIDE_ROUTER)()
+    assert f"__launch_bounds__(384, {scorer.WIDE_ROUTER['min_ctas_per_sm']})" in source.get_kernel_source()
+
+
 def test_routing_kernel_refuses_more_active_heads_than_heads():
     pytest.importorskip("tilelang", reason="TileLang is not installed")
     from transformers_misa.kernels.router import build_head_importance
@@ -111,11 +121,13 @@ def test_failing_fused_routing_falls_back_to_the_steps(monkeypatch):
     (32, 4, 8200, 64, 128, [0] * 32, False),  # decode: 4 new queries per sequence, T not a multiple of a block
     (3, 5, 4099, 32, 64, [0, 1, 4000], True),  # GLM-5's 32 heads
 ])
-@pytest.mark.parametrize("shape", [{}, dict(rows_per_cta=256, threads=256, block_m=32)], ids=["default", "wide"])
+@pytest.mark.parametrize("wide", [False, True], ids=["default", "wide"])
 def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_keys, heads, block_size, pads, scaled,
-                                                     shape):
+                                                     wide):
+    from transformers_misa.kernels import scorer
     from transformers_misa.kernels.router import build_head_importance
 
+    shape = scorer.WIDE_ROUTER if wide else {}  # the prefill shape, or the default (decode)
     active_heads = 8
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=4)
     mask = _padded_causal_mask(batch, num_queries, num_keys, pads)
