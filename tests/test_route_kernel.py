@@ -32,8 +32,8 @@ def test_wide_routing_kernel_compiles_for_sm90a():
     from transformers_misa.kernels import scorer
     from transformers_misa.kernels.router import build_head_importance
 
-    source = build_head_importance(64, 128, 128, active_heads=8, arch="sm_90a", **scorer.WIDE_ROUTER)()
-    assert f"__launch_bounds__(384, {scorer.WIDE_ROUTER['min_ctas_per_sm']})" in source.get_kernel_source()
+    kernel = build_head_importance(64, 128, 128, active_heads=8, arch="sm_90a", **scorer.WIDE_ROUTER)()
+    assert f"__launch_bounds__(384, {scorer.WIDE_ROUTER['min_ctas_per_sm']})" in kernel.get_kernel_source()
 
 
 def test_routing_kernel_refuses_more_active_heads_than_heads():
