@@ -225,8 +225,13 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
             if not chosen(name, heads, only) or not fits(name, 1, context, context, heads):
                 continue
             call = functools.partial(fn, q, keys, weights)
-            row[f"{name}_ms"] = cuda_time_ms(call, reps if context <= 32768 else max(1, reps // 2))
-            row[f"{name}_peak_gib"] = peak_extra_gib(call)
+            try:
+                row[f"{name}_ms"] = cuda_time_ms(call, reps if context <= 32768 else max(1, reps // 2))
+                row[f"{name}_peak_gib"] = peak_extra_gib(call)
+            except Exception as error:  # e.g. a launch the GPU refuses: report it, keep the other methods' numbers
+                row.pop(f"{name}_ms", None)
+                row[f"{name}_error"] = f"{type(error).__name__}: {error}"[:300]
+                print(f"{name} failed at {context} tokens: {row[f'{name}_error']}", file=sys.stderr, flush=True)
             torch.cuda.empty_cache()  # each method's cached blocks would crowd out the next one's
         row["scoring"] = scoring_tflops(heads, context, context, reps)
         row["scoring_pipelined"] = scoring_tflops(heads, context, context, reps, overlapped=False, num_stages=2)

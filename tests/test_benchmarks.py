@@ -130,3 +130,27 @@ def test_deepseek_reference_kernel_loads_under_this_tilelang(tmp_path):
         assert module.pass_configs == {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: False}
     assert module.fp8_index(None, None, None, None) == "called"
     assert (inference / "kernel.py").read_text() == written
+
+
+def test_indexer_benchmark_reports_a_failing_method_and_times_the_others(monkeypatch, tmp_path, capsys):
+    """A method that raises (DeepSeek's kernel refused a 64K launch on 2026-12-03 and ended the run) is recorded as
+    an error in its row; the other methods of the row are still timed and the row is kept."""
+    bench = _load("bench_indexer")
+
+    def refused(q, keys, weights):
+        raise RuntimeError("CUDALaunch Error: CUDA_ERROR_INVALID_VALUE")
+
+    monkeypatch.setattr(bench, "methods", lambda heads, kernel: {"dsa64_kernel": lambda q, k, w: q.sum(),
+                                                                 "deepseek_fp8_index": refused})
+    monkeypatch.setattr(bench, "inputs", lambda batch, queries, keys, heads: (torch.zeros(1), torch.zeros(1),
+                                                                              torch.zeros(1)))
+    monkeypatch.setattr(bench, "fits", lambda *args: True)
+    monkeypatch.setattr(bench, "cuda_time_ms", lambda fn, reps: (fn(), 1.5)[1])
+    monkeypatch.setattr(bench, "peak_extra_gib", lambda fn: (fn(), 0.25)[1])
+    monkeypatch.setattr(bench, "scoring_tflops", lambda *args, **kwargs: {"ms": 1.0, "tflops": 1.0})
+    results = bench.ResultsFile(tmp_path / "bench_indexer-x.json", {"topk": 2048})
+    bench.run_prefill([4096], 64, None, 1, results)
+    (row,) = results
+    assert row["dsa64_kernel_ms"] == 1.5 and row["dsa64_kernel_peak_gib"] == 0.25
+    assert "deepseek_fp8_index_ms" not in row and "CUDA_ERROR_INVALID_VALUE" in row["deepseek_fp8_index_error"]
+    assert "deepseek_fp8_index failed at 4096 tokens" in capsys.readouterr().err
