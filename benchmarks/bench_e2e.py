@@ -41,6 +41,20 @@ def patched(model, name: str):
     return model
 
 
+def chosen_modes(parser: argparse.ArgumentParser, text: str, allowed: list[str], refused: str = "unknown") -> list[str]:
+    """`--modes` as a list, each among `allowed`; otherwise a parser error naming the `refused` ones and the choices."""
+    modes = text.split(",")
+    unknown = sorted(set(modes) - set(allowed))
+    if unknown:
+        parser.error(f"{refused} modes {unknown}; choose from {allowed}")
+    return modes
+
+
+def run_device(tiny: bool) -> str:
+    """Where a benchmark runs: the GPU when there is one, the CPU for the tiny smoke test or without one."""
+    return "cpu" if tiny or not torch.cuda.is_available() else "cuda"
+
+
 def results_file(out: pathlib.Path, script: str, tiny: bool, device: str) -> tuple[pathlib.Path, dict]:
     """(the JSON path of this run under `out`, the environment it records)."""
     environment = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
@@ -222,13 +236,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (one prefill token, then decode steps)")
-    unknown = sorted(set(args.modes.split(",")) - set(MODES))
-    if unknown:
-        parser.error(f"unknown modes {unknown}; choose from {list(MODES)}")
-    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    modes = chosen_modes(parser, args.modes, list(MODES))
+    device = run_device(args.tiny)
     path, environment = results_file(args.out, "bench_e2e", args.tiny, device)
     rows = []
-    for name in args.modes.split(","):
+    for name in modes:
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

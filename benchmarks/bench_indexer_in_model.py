@@ -24,7 +24,8 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 # this folder's end-to-end benchmark: its model, modes and results files
-from bench_e2e import MODES, RESULTS, patched, real_dims_model, results_file  # noqa: E402
+from bench_e2e import (MODES, RESULTS, chosen_modes, patched, real_dims_model, results_file,  # noqa: E402
+                       run_device)
 from transformers_misa.indexer import MisaIndexer  # noqa: E402
 from transformers_misa.ops import blocks  # noqa: E402
 from transformers_misa.tiny import tiny_model  # noqa: E402
@@ -123,13 +124,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     patched_modes = [name for name in MODES if MODES[name] is not None]
-    unknown = sorted(set(args.modes.split(",")) - set(patched_modes))
-    if unknown:
-        parser.error(f"unknown or unpatched modes {unknown}; choose from {patched_modes}")
-    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    modes = chosen_modes(parser, args.modes, patched_modes, refused="unknown or unpatched")
+    device = run_device(args.tiny)
     path, environment = results_file(args.out, "bench_indexer_in_model", args.tiny, device)
     rows = []
-    for name in args.modes.split(","):
+    for name in modes:
         rows.append(measure(name, args, device))
         row = rows[-1]
         print(f"{name:>10} at {args.context}: with the model's mask ({row['mask']}) {row['first_layer_ms']:.2f} ms in "
