@@ -96,7 +96,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     its lowest value L, each with a column >= L, so the k-th largest column is >= L and only groups whose maximum
     reaches L are read, only their values >= L kept (on random rows ~1.3 k of them, in shared memory) and selected
     exactly on chip: the row is read about once, in part, instead of twice; the selected set is the same. A row whose
-    candidates overflow the buffer (or whose bound is -inf) takes the full path.
+    candidates overflow the buffer (or whose bound is -inf) takes the full path. Reference: `ops.threshold.group_bound_topk`.
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
