@@ -281,7 +281,7 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                            softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
                            interleaved: bool = True, overlapped: bool = True,
-                           out: torch.Tensor | None = None, grouped: bool = True) -> torch.Tensor:
+                           out: torch.Tensor | None = None, grouped: bool = False) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
     `grouped` (where the program applies, see `takes_group_maxima`): the logits program also writes group maxima and
