@@ -27,10 +27,8 @@ import torch
 from transformers_misa.kernels.scorer import (TILELANG_FP8_SCORER, TILELANG_PIPELINED_SCORER,
                                               TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
                                               TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_THRESHOLD_SCORER,
-                                              TILELANG_UNGROUPED_SCORER,
-                                              logits_options, takes_group_maxima)
+                                              logits_options)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
-from transformers_misa.kernels.topk import GROUP
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
 
@@ -124,9 +122,6 @@ def methods(heads: int, deepseek_kernel):
         "misa8_pipelined": _misa(reference.misa_topk, TILELANG_PIPELINED_SCORER),
         f"dsa{heads}_pipelined": _dsa(TILELANG_PIPELINED_SCORER),
         "misa8_stepwise_routing": _misa(reference.misa_topk, TILELANG_STEPWISE_ROUTING_SCORER),
-        # the top-k over whole rows (before the logits program's group maxima bounded it)
-        f"dsa{heads}_ungrouped": _dsa(TILELANG_UNGROUPED_SCORER),
-        "misa8_ungrouped": _misa(reference.misa_topk, TILELANG_UNGROUPED_SCORER),
         # the wide top-k via a sampled threshold
         f"dsa{heads}_threshold": _dsa(TILELANG_THRESHOLD_SCORER),
         "misa8_threshold": _misa(reference.misa_topk, TILELANG_THRESHOLD_SCORER),
@@ -196,16 +191,13 @@ def fits(method: str, batch: int, num_queries: int, num_keys: int, heads: int) -
 def scoring_tflops(heads: int, num_queries: int, num_keys: int, reps: int, **variant) -> dict:
     """The logits program alone over a causal prefill in one call, as achieved tensor-core throughput; as the
     indexer's top-k path runs it (its prefill CTA shape, each query's future left unwritten) unless `variant`
-    overrides program options (with the group maxima of the top-k's group path since 2026-12-03 12:00). (Before
-    2026-11-28 12:00 it took 128-row CTAs and wrote the future as -inf; before
+    overrides program options. (Before 2026-11-28 12:00 it took 128-row CTAs and wrote the future as -inf; before
     13:40 the same day, TileLang's pipeline instead of the overlapped driver.)"""
     q, keys, weights = inputs(1, num_queries, num_keys, heads)
     sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
     options = logits_options(heads, 1, num_queries, num_keys, sm_count, fill_future=False,
                              fp8=variant.get("fp8", False))
-    # the group maxima the top-k path asks for (see scorer.takes_group_maxima), unless the variant says otherwise
-    group = GROUP if takes_group_maxima(options, num_keys) else 0
-    kernel = build_weighted_relu_logits(heads, DIM, **{"group_max": group, **options, **variant})()
+    kernel = build_weighted_relu_logits(heads, DIM, **{**options, **variant})()
     chunk = ChunkMask(None, slice(0, num_queries), 1, num_queries, num_keys, q.device)
     ks, ke, _ = chunk.key_range
     if variant.get("fp8"):  # e4m3 inputs with their scales, as the FP8 scorer passes them
@@ -214,9 +206,7 @@ def scoring_tflops(heads: int, num_queries: int, num_keys: int, reps: int, **var
         ms = cuda_time_ms(lambda: kernel(flat_q8, keys8, key_scale, scaled, ks, ke), reps)
     else:
         flat_q = q.reshape(1, num_queries * heads, DIM)
-        maxima = ([torch.empty(1, num_queries, num_keys // GROUP, device=q.device)]
-                  if {"group_max": group, **variant}["group_max"] else [])
-        ms = cuda_time_ms(lambda: kernel(flat_q, keys, weights, ks, ke, *maxima), reps)
+        ms = cuda_time_ms(lambda: kernel(flat_q, keys, weights, ks, ke), reps)
     visible_pairs = float(ke.sum() - ks.sum())
     flops = 2.0 * heads * DIM * visible_pairs
     return {"ms": ms, "tflops": flops / ms / 1e9}

@@ -18,8 +18,7 @@ import torch
 from bench_indexer import DIM, SCALE, TOPK, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
-from transformers_misa.kernels.topk import (BUFFER, FEW_ROWS_SHAPE, GROUP, MANY_ROWS_SHAPE, UNROLL,
-                                            build_radix_topk)
+from transformers_misa.kernels.topk import BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, UNROLL, build_radix_topk
 
 VARIANTS = {  # name -> build options
     "default": {},
@@ -48,10 +47,6 @@ VARIANTS = {  # name -> build options
     "vector4_unroll2": dict(vector=4, unroll=2),
     "few_rows_vector4_unroll2": dict(FEW_ROWS_SHAPE, vector=4, unroll=2),
     "few_rows_vector4_unroll4": dict(FEW_ROWS_SHAPE, vector=4, unroll=4),
-    # the group path: each row's k-th key bounded by the maxima of 8 adjacent columns (the logits program's, here
-    # computed by torch from the same logits)
-    "many_rows_vector4_unroll1_grouped": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, group=GROUP),
-    "few_rows_vector4_unroll4_grouped": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, group=GROUP),
 }
 HEADS = 8
 
@@ -91,23 +86,19 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for workload, (scores, ends) in workloads().items():
         expected = visible_picks(build_radix_topk(TOPK)()(scores, ends), ends)
-        maxima = scores.view(scores.shape[0], -1, GROUP).amax(-1)  # groups past a row's end are never read
         read_gb = float(ends.clamp_max(scores.shape[1]).sum()) * 4 / 1e9
         for name, options in variants.items():
             row = {"workload": workload, "variant": name, "threads": options.get("threads", 512),
                    "unroll": options.get("unroll", UNROLL), "buffer": options.get("buffer", BUFFER),
                    "min_ctas_per_sm": options.get("min_ctas_per_sm", 0),
-                   "value_filter": options.get("value_filter", True), "vector": options.get("vector", 1),
-                   "group": options.get("group", 0)}
+                   "value_filter": options.get("value_filter", True), "vector": options.get("vector", 1)}
             if errors[name]:
                 row["error"] = errors[name]
             else:
                 kernel = build_radix_topk(TOPK, **options)()
-                operands = [scores.view(scores.shape[0], -1, row["vector"]) if row["vector"] > 1 else scores, ends]
-                if options.get("group"):
-                    operands.insert(1, maxima)
-                row["same_selection"] = bool(torch.equal(visible_picks(kernel(*operands), ends), expected))
-                row["ms"] = cuda_time_ms(lambda: kernel(*operands), args.reps)
+                rows_in = scores.view(scores.shape[0], -1, row["vector"]) if row["vector"] > 1 else scores
+                row["same_selection"] = bool(torch.equal(visible_picks(kernel(rows_in, ends), ends), expected))
+                row["ms"] = cuda_time_ms(lambda: kernel(rows_in, ends), args.reps)
                 row["GB_per_s_one_read"] = read_gb / row["ms"] * 1e3
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -147,63 +147,36 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
     applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: each
     tile's epilogue runs beside the next tile's matmul where `logits_options` takes it."""
-    return _logits_and_maxima(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved, overlapped)[0]
-
-
-def _logits_and_maxima(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor,
-                       ke: torch.Tensor, softmax_scale: float, fill_future: bool, fp8: bool = False,
-                       interleaved: bool = True, overlapped: bool = True,
-                       group_maxima: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`_logits`, plus (`group_maxima`, where `takes_group_maxima` says the program writes them) the maximum of every
-    `topk.GROUP` adjacent logits [B, S, T / GROUP] for the radix top-k's group path; None where not written."""
     batch, num_queries, heads, dim = q.shape
     block = queries_per_cta(heads)
     interleaved = interleaved and not fp8 and can_interleave(heads) and num_queries >= block
     # The TMA store's descriptor cannot span more elements than this: split the queries, in whole query blocks.
     per_call = max(block, (MAX_TMA_ELEMENTS - 1) // max(1, keys.shape[1]) // block * block)
     if num_queries > per_call:
-        parts = [_logits_and_maxima(q[:, i : i + per_call], weights[:, i : i + per_call], keys,
-                                    ks[:, i : i + per_call], ke[:, i : i + per_call], softmax_scale, fill_future, fp8,
-                                    interleaved, overlapped, group_maxima)
-                 for i in range(0, num_queries, per_call)]
-        maxima = [part[1] for part in parts]
-        return (torch.cat([part[0] for part in parts], dim=1),
-                torch.cat(maxima, dim=1) if all(m is not None for m in maxima) else None)
+        return torch.cat([_logits(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
+                                  ke[:, i : i + per_call], softmax_scale, fill_future, fp8, interleaved, overlapped)
+                          for i in range(0, num_queries, per_call)], dim=1)
     if interleaved and num_queries % block:  # the layout takes whole query blocks: pad with queries that see nothing
         pad = block - num_queries % block
         q, weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
                               for x in (q, weights, ks, ke))
-        logits, maxima = _logits_and_maxima(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved,
-                                            overlapped, group_maxima)
-        return logits[:, :num_queries], None if maxima is None else maxima[:, :num_queries]
+        return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved,
+                       overlapped)[:, :num_queries]
     options = logits_options(heads, batch, num_queries, keys.shape[1], _sm_count(q.device), fill_future, fp8,
                              interleaved, overlapped)
-    group_maxima = group_maxima and takes_group_maxima(options, keys.shape[1])
-    kernel = build_weighted_relu_logits(heads, dim, group_max=topk_program.GROUP if group_maxima else 0,
-                                        **options)()
+    kernel = build_weighted_relu_logits(heads, dim, **options)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
     weights = weights.float() * softmax_scale
     if fp8:
         q8, q_scale = fp8_e4m3_quantize(q)
         keys8, key_scale = fp8_e4m3_quantize(keys)
         return kernel(q8.reshape(batch, num_queries * heads, dim).contiguous(), keys8.contiguous(),
-                      key_scale.contiguous(), (weights * q_scale).contiguous(), ks.contiguous(), ke.contiguous()), None
+                      key_scale.contiguous(), (weights * q_scale).contiguous(), ks.contiguous(), ke.contiguous())
     q_rows = q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16)
     if interleaved:
         q_rows = interleave_query_rows(q_rows, heads)
-    operands = (q_rows.contiguous(), keys.to(torch.bfloat16).contiguous(), weights.contiguous(), ks.contiguous(),
-                ke.contiguous())
-    if not group_maxima:
-        return kernel(*operands), None
-    maxima = torch.empty(batch, num_queries, keys.shape[1] // topk_program.GROUP, device=q.device)
-    return kernel(*operands, maxima), maxima
-
-
-def takes_group_maxima(options: dict, num_keys: int) -> bool:
-    """Whether a logits call with these build options writes group maxima when asked: the overlapped bf16 prefill
-    programs (one CTA per query block), rows a whole number of groups wide."""
-    return (options["overlapped"] and options["key_splits"] == 1 and not options["fp8"]
-            and num_keys % topk_program.GROUP == 0)
+    return kernel(q_rows.contiguous(), keys.to(torch.bfloat16).contiguous(), weights.contiguous(), ks.contiguous(),
+                  ke.contiguous())
 
 
 def _candidates(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
@@ -281,12 +254,9 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                            softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
                            interleaved: bool = True, overlapped: bool = True,
-                           out: torch.Tensor | None = None, grouped: bool = False) -> torch.Tensor:
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
-    `grouped` (where the program applies, see `takes_group_maxima`): the logits program also writes group maxima and
-    the radix select bounds each wide row's k-th key with them, reading only the groups that can reach it
-    (`topk.build_radix_topk(group=)`; the same selection).
 
     `threshold=True` (TILELANG_THRESHOLD_SCORER) sends wide prefill rows (`uses_threshold_filter`) through the
     sampled threshold instead, which writes only a few thousand candidates per query (`ops.threshold`; the same
@@ -300,21 +270,18 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
         return radix_topk(logits, k, out=out)
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
-    logits, maxima = _logits_and_maxima(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8,
-                                        interleaved=interleaved, overlapped=overlapped,
-                                        group_maxima=grouped and k <= topk_program.BUFFER // 2)
-    return radix_topk(logits, k, ends=ke, out=out, group_maxima=maxima)
+    logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved,
+                     overlapped=overlapped)
+    return radix_topk(logits, k, ends=ke, out=out)
 
 
 def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
-               out: torch.Tensor | None = None, group_maxima: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Indices [..., k] of the k largest of each row (unordered), by the radix-select kernel on wide rows.
 
     ends [...]: each row's columns from `ends` on count as -inf and are never read (None: every column is read).
     out [..., k]: written in place and returned where the kernel runs and `out` is a contiguous int32 tensor (a
     query chunk's slice of the whole output: no copy afterwards); otherwise a new tensor comes back.
-    group_maxima [..., width / topk.GROUP]: each GROUP adjacent scores' maximum, as the logits program writes them
-    (`_logits_and_maxima`): wide rows then read only the groups that can hold their k largest (the same set).
     """
     width = scores.shape[-1]
     if width < RADIX_MIN_WIDTH or k > width:
@@ -330,14 +297,10 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
         row_ends = torch.full((rows.shape[0],), width, dtype=torch.int32, device=rows.device)
     else:
         row_ends = ends.to(torch.int32).reshape(-1).contiguous()
-    operands = [rows, row_ends]
-    if group_maxima is not None and shape.get("vector", 1) > 1 and width % topk_program.GROUP == 0:
-        shape["group"] = topk_program.GROUP
-        operands.insert(1, group_maxima.reshape(rows.shape[0], -1).contiguous())
     if out is not None and out.dtype == torch.int32 and out.is_contiguous() and out.shape == (*scores.shape[:-1], k):
-        build_radix_topk(k, caller_allocates_out=True, **shape)()(*operands, out.view(-1, k))
+        build_radix_topk(k, caller_allocates_out=True, **shape)()(rows, row_ends, out.view(-1, k))
         return out
-    return build_radix_topk(k, **shape)()(*operands).view(*scores.shape[:-1], k)
+    return build_radix_topk(k, **shape)()(rows, row_ends).view(*scores.shape[:-1], k)
 
 
 def radix_shape(num_rows: int, sm_count: int, vector_loads_fit: bool) -> dict:
@@ -478,11 +441,6 @@ TILELANG_PIPELINED_SCORER = dataclasses.replace(
 # the dense path.
 TILELANG_THRESHOLD_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-threshold", fused_select=functools.partial(tilelang_select_tokens, threshold=True))
-
-# The radix top-k over whole rows (no group maxima from the logits program): the top-k before the group path, kept so
-# that the benchmark times both side by side.
-TILELANG_UNGROUPED_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-ungrouped", fused_select=functools.partial(tilelang_select_tokens, grouped=False))
 
 # MISA's routing in separate launches (router program, tail block, head top-k and gathers in PyTorch): the path before
 # the fused routing program, kept so that the benchmark times both side by side.

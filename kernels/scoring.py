@@ -65,7 +65,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                threads: int = 256, key_splits: int = 1, fill_future: bool = True,
                                staged_stores: bool | None = None, rows_per_cta: int = ROWS_PER_CTA,
                                fp8: bool = False, capacity: int = 0, interleaved: bool = False,
-                               overlapped: bool = False, group_max: int = 0, arch: str | None = None):
+                               overlapped: bool = False, arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `staged_stores` (default: for 16 heads or fewer) writes each tile's logits through shared memory with one bulk
@@ -85,17 +85,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     block of `rows_per_cta` (the caller takes it only for whole query blocks), so that the head sum stays in registers.
     `overlapped` (bf16 dense programs): a producer warpgroup and two accumulators instead of TileLang's pipeline, so
     that each tile's epilogue runs during the next tile's wgmma; `num_stages` key tiles in flight.
-    `group_max` > 0 (bf16 dense programs, key_splits=1, dividing block_n): the program also writes the maximum of
-    every `group_max` adjacent logits of each computed tile, as written (-inf outside [ks, ke)), into GroupMax
-    [B, S, ceil(num_keys / group_max)], an argument before Logits: (Q, K, W, KS, KE, GroupMax) -> Logits. The
-    radix top-k bounds its k-th largest logit with them and reads only the groups that can hold it
-    (`topk.build_radix_topk(group=)`); a tile's logits go through shared memory for it (already staged with few heads).
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
-    if group_max and (fp8 or capacity or key_splits != 1 or block_n % group_max):
-        raise ValueError(f"group maxima are for the bf16 dense programs with key_splits=1 and groups dividing "
-                         f"block_n={block_n}; got group_max={group_max}, fp8={fp8}, capacity={capacity}, "
-                         f"key_splits={key_splits}")
     if overlapped and (fp8 or capacity):
         raise ValueError("the overlapped driver is for the bf16 dense programs (no fp8, no candidates)")
     if capacity and (fp8 or key_splits != 1 or capacity % block_n):
@@ -120,27 +111,12 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
         batch, num_queries, num_keys = T.dynamic("batch"), T.dynamic("num_queries"), T.dynamic("num_keys")
         qk_dtype = T.float8_e4m3fn if fp8 else T.bfloat16
 
-        def as_written(logits, tile, n, i, ks_local, ke_local):
-            """The logit of query i and the tile's key n as the program writes it: -inf outside [ks, ke)."""
-            key = tile * block_n + n
-            return T.if_then_else(T.And(key >= ks_local[i], key < ke_local[i]), logits[n, i], -T.infinity(T.float32))
-
-        @T.macro
-        def write_group_maxima(GroupMax, bb, q0, tile, logits_shared):
-            """Each `group_max` adjacent logits' maximum from the tile staged in shared memory, one thread per (query,
-            group)."""
-            for i, g in T.Parallel(block_q, block_n // group_max):
-                column_group = tile * (block_n // group_max) + g
-                if q0 + i < num_queries and column_group < T.ceildiv(num_keys, group_max):
-                    GroupMax[bb, q0 + i, column_group] = functools.reduce(
-                        T.max, [logits_shared[i, g * group_max + e] for e in range(group_max)])
-
         @T.macro
         def tile_epilogue(scores, tile, buffers):
             """One key tile's scores [block_n, rows] -> ReLU, head weights, head sum, then the tile's logits out (or
             its candidates appended): the same for both loop drivers."""
-            (Logits, KScale, CandVal, CandKey, GroupMax, bb, q0, weights, logits, head_pairs, logits_shared, ks_local,
-             ke_local, theta, appended) = buffers
+            (Logits, KScale, CandVal, CandKey, bb, q0, weights, logits, head_pairs, logits_shared, ks_local, ke_local,
+             theta, appended) = buffers
             for n, r in T.Parallel(block_n, rows):
                 scores[n, r] = T.max(scores[n, r], 0.0) * weights[r]
             if interleaved:  # Python-level: each (key, query) sums its heads within one thread
@@ -172,24 +148,17 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                     # the previous epilogue ran in another branch of the pair loop
                     T.sync_threads(barrier_id=3, arrive_count=threads)
                 for i, n in T.Parallel(block_q, block_n):
-                    logits_shared[i, n] = as_written(logits, tile, n, i, ks_local, ke_local)
-                if group_max:  # Python-level: read before the bulk store (TileLang puts the barrier before both)
-                    write_group_maxima(GroupMax, bb, q0, tile, logits_shared)
+                    key = tile * block_n + n
+                    logits_shared[i, n] = T.if_then_else(key >= ks_local[i] and key < ke_local[i], logits[n, i],
+                                                         -T.infinity(T.float32))
                 # Rows past num_queries and columns past num_keys fall outside the tensor: the TMA store clips them.
                 T.copy(logits_shared, Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n])
             else:
                 for i, n in T.Parallel(block_q, block_n):
                     key = tile * block_n + n
                     if q0 + i < num_queries and key < num_keys:
-                        Logits[bb, q0 + i, key] = as_written(logits, tile, n, i, ks_local, ke_local)
-                if group_max:  # Python-level: stage the tile as written, for its group maxima below
-                    if overlapped:  # Python-level: the previous tile's maxima are read (see the staged stores)
-                        T.sync_threads(barrier_id=3, arrive_count=threads)
-                    for i, n in T.Parallel(block_q, block_n):
-                        logits_shared[i, n] = as_written(logits, tile, n, i, ks_local, ke_local)
-                    if overlapped:  # Python-level: named barrier of the consumers (the producer never reaches it)
-                        T.sync_threads(barrier_id=3, arrive_count=threads)
-                    write_group_maxima(GroupMax, bb, q0, tile, logits_shared)
+                        Logits[bb, q0 + i, key] = T.if_then_else(key >= ks_local[i] and key < ke_local[i],
+                                                                 logits[n, i], -T.infinity(T.float32))
 
         @T.macro
         def load_query_block(W, KS, KE, Theta, bb, q0, weights, ks_local, ke_local, theta, appended):
@@ -236,8 +205,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             T.barrier_arrive(empty[step % num_stages])
 
         @T.macro
-        def logits_body(Q, K, KScale, W, KS, KE, Logits, Theta=None, CandVal=None, CandKey=None, Count=None,
-                        GroupMax=None):
+        def logits_body(Q, K, KScale, W, KS, KE, Logits, Theta=None, CandVal=None, CandKey=None, Count=None):
             cta_threads = threads + 128 if overlapped else threads  # overlapped: plus the producer warpgroup
             with T.Kernel(T.ceildiv(num_queries, block_q), batch, key_splits, threads=cta_threads) as (bq, bb, split):
                 q_shared = T.alloc_shared((rows, dim), qk_dtype)
@@ -254,8 +222,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 appended = T.alloc_fragment((block_q, segments), T.int32) if capacity else None  # one per thread
                 ke_max = T.alloc_var(T.int32)
                 q0 = bq * block_q
-                buffers = (Logits, KScale, CandVal, CandKey, GroupMax, bb, q0, weights, logits, head_pairs,
-                           logits_shared, ks_local, ke_local, theta, appended)
+                buffers = (Logits, KScale, CandVal, CandKey, bb, q0, weights, logits, head_pairs, logits_shared,
+                           ks_local, ke_local, theta, appended)
                 ke_max = 0
                 for i in T.serial(block_q):
                     ke_max = T.max(ke_max, T.if_then_else(q0 + i < num_queries,
@@ -349,20 +317,6 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 Logits: T.Tensor((batch, num_queries, num_keys), T.float32),
             ):
                 logits_body(Q, K, KScale, W, KS, KE, Logits)
-        elif group_max:
-            num_groups = T.dynamic("num_groups")
-
-            @T.prim_func
-            def weighted_relu_logits(
-                Q: T.Tensor((batch, num_queries * heads, dim), T.bfloat16),
-                K: T.Tensor((batch, num_keys, dim), T.bfloat16),
-                W: T.Tensor((batch, num_queries, heads), T.float32),
-                KS: T.Tensor((batch, num_queries), T.int32),
-                KE: T.Tensor((batch, num_queries), T.int32),
-                GroupMax: T.Tensor((batch, num_queries, num_groups), T.float32),
-                Logits: T.Tensor((batch, num_queries, num_keys), T.float32),
-            ):
-                logits_body(Q, K, None, W, KS, KE, Logits, GroupMax=GroupMax)
         else:
             @T.prim_func
             def weighted_relu_logits(

@@ -47,9 +47,6 @@ NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
 WARP_SCAN_OFFSETS = (1, 2, 4, 8, 16)
 # Shared-memory slots for the keys of the k-th key's first-level bin (8 bytes each); a fuller bin re-reads the row.
 BUFFER = 4096
-# Columns per group maximum that the logits program writes for the group path (`build_radix_topk(group=)`): on random
-# rows the bound then keeps ~1.3 k values of a row at least 8 k wide, and the maxima are an eighth of the row.
-GROUP = 8
 
 
 def _lowest_value_with_key(key):
@@ -77,7 +74,7 @@ def _order_key(value):
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
-                     caller_allocates_out: bool = False, vector: int = 1, group: int = 0, arch: str | None = None):
+                     caller_allocates_out: bool = False, vector: int = 1, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -89,20 +86,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     caller owns, e.g. a query chunk's slice of the whole output) instead of returning a new tensor.
     `vector` > 1: each thread loads `vector` adjacent floats at once (one 16-byte load for 4): Scores comes as
     [rows, width / vector, vector], so rows must be 16-byte aligned (width a multiple of 4); not with_keys.
-    `group` > 0 (a multiple of `vector` > 1): the program also takes GroupMax [rows, width / group], the maximum of
-    each `group` adjacent columns (as the logits program writes it, `scoring.build_weighted_relu_logits(group_max=)`),
-    as (Scores, GroupMax, Ends[, Out]); rows must then be a multiple of `group` wide. Wide rows (at least 1.25 k
-    groups before their end) first take the k-th largest group maximum's first-level bin: at least k groups reach
-    its lowest value L, each with a column >= L, so the k-th largest column is >= L and only groups whose maximum
-    reaches L are read, only their values >= L kept (on random rows ~1.3 k of them, in shared memory) and selected
-    exactly on chip: the row is read about once, in part, instead of twice; the selected set is the same. A row whose
-    candidates overflow the buffer (or whose bound is -inf) takes the full path. Reference: `ops.threshold.group_bound_topk`.
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
-    if group and (vector < 2 or group % vector or with_keys):
-        raise ValueError(f"group maxima take vector loads (vector > 1 dividing group, no keys); got group={group}, "
-                         f"vector={vector}, with_keys={with_keys}")
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
     per_thread = bins // threads
@@ -263,21 +249,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             take(Out, row, key, col, prefix, need, counters, lowest, slot)
 
         @T.macro
-        def buffer_group(Scores, row, g, end, floor, group_values, counters, buffer_keys, buffer_cols, slot):
-            """Group path: the values >= floor among group g's columns before `end` into the shared buffer (the slot
-            count keeps rising past the buffer's end, which tells an overflow)."""
-            for h in T.unroll(group // vector):
-                for v in T.vectorized(vector):
-                    group_values[h * vector + v] = Scores[row, T.min(g * (group // vector) + h, groups - 1), v]
-            for e in T.unroll(group):
-                if g * group + e < end and group_values[e] >= floor:
-                    slot = T.atomic_add(counters[2], 1, return_prev=True)
-                    if slot < buffer:
-                        buffer_keys[slot] = _order_key(group_values[e])
-                        buffer_cols[slot] = g * group + e
-
-        @T.macro
-        def select(Scores, Keys, GroupMax, Ends, Out):
+        def select(Scores, Keys, Ends, Out):
             with T.Kernel(rows, threads=threads) as row:
                 if min_ctas_per_sm:  # Python-level: caps the registers so that this many CTAs share an SM
                     T.annotate_min_blocks_per_sm(min_ctas_per_sm)
@@ -296,80 +268,42 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 wanted = T.alloc_var(T.int32)
                 lowest = T.alloc_var(T.uint32)  # tie-breaking threshold on column keys (0: every tie qualifies)
                 # the lowest value of the k-th key's first-level bin (None without the value filter)
-                floor = T.alloc_var(T.float32) if value_filter or group else None
+                floor = T.alloc_var(T.float32) if value_filter else None
                 slot = T.alloc_var(T.int32)
-                buffered = T.alloc_var(T.int32)
                 values = T.alloc_local((unroll * vector,), T.float32)
-                group_values = T.alloc_local((group,), T.float32) if group else None
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
                 source = (Scores, Keys, keys)
-                end = T.max(T.min(Ends[row], width), 0)
-
                 prefix = T.uint32(0)
                 lowest = T.uint32(0)
                 ties = 0
                 need = k
-                buffered = 0  # 1 once every key the finer levels need sits in the shared buffer
+                end = T.max(T.min(Ends[row], width), 0)
                 if tx == 0:
                     counters[0] = 0
                     counters[1] = 0
                     counters[2] = 0
 
-                if group:  # Python-level: the group path, where the row has groups enough for a tight bound
-                    if T.ceildiv(end, group) * 4 >= 5 * k:
-                        clear_histogram(hist, tx)
-                        for i in T.serial(T.ceildiv(T.ceildiv(end, group), threads)):
-                            if i * threads + tx < T.ceildiv(end, group):
-                                T.atomic_add(hist[T.cast(_order_key(GroupMax[row, i * threads + tx]) >> first_digit,
-                                                         T.int32)], 1)
-                        find_kth_bin(hist, suffix, found, tx, k)
-                        if T.cast(found[0], T.uint32) != T.uint32(NEG_INF_KEY >> first_digit):
-                            floor = _lowest_value_with_key(T.cast(found[0], T.uint32) << first_digit)
-                            for i in T.serial(T.ceildiv(T.ceildiv(end, group), threads)):
-                                if i * threads + tx < T.ceildiv(end, group):
-                                    if GroupMax[row, i * threads + tx] >= floor:
-                                        buffer_group(Scores, row, i * threads + tx, end, floor, group_values,
-                                                     counters, buffer_keys, buffer_cols, slot)
-                            T.sync_threads()
-                            in_bin = counters[2]
-                            T.sync_threads()
-                            if in_bin <= buffer:  # every value >= floor is buffered: its first level on chip
-                                clear_histogram(hist, tx)
-                                for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_first_digit, hist)
-                                find_kth_bin(hist, suffix, found, tx, need)
-                                prefix = T.cast(found[0], T.uint32)
-                                need = need - found[1]
-                                buffered = 1
-                            elif tx == 0:  # overflowed: the full path below starts over
-                                counters[2] = 0
-                        T.sync_threads()
+                # Level 1 over the whole row (from HBM).
+                clear_histogram(hist, tx)
+                for_each_key(source, row, tx, end, values, count_first_digit, hist)
+                if tx == 0 and end < width:  # the unread columns [end, width) are -inf
+                    T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
+                find_kth_bin(hist, suffix, found, tx, need)
+                prefix = T.cast(found[0], T.uint32)
+                need = need - found[1]
+                in_bin = found[2]
+                T.sync_threads()
 
-                if buffered == 0:
-                    # Level 1 over the whole row (from HBM).
-                    clear_histogram(hist, tx)
-                    for_each_key(source, row, tx, end, values, count_first_digit, hist)
-                    if tx == 0 and end < width:  # the unread columns [end, width) are -inf
-                        T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
-                    find_kth_bin(hist, suffix, found, tx, need)
-                    prefix = T.cast(found[0], T.uint32)
-                    need = need - found[1]
-                    in_bin = found[2]
+                if in_bin <= buffer and prefix != T.uint32(NEG_INF_KEY >> first_digit):
+                    # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
+                    # keys in shared memory; the finer levels and the ties are then resolved on chip.
+                    # With the value filter only values at or above the bin's lowest float are written or buffered:
+                    # one float compare per value instead of its key (a few thousand of a row's values pass).
+                    if value_filter:  # Python-level
+                        floor = _lowest_value_with_key(prefix << first_digit)
+                    for_each_key(source, row, tx, end, values, write_or_buffer,
+                                 (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor)
                     T.sync_threads()
-                    if in_bin <= buffer and prefix != T.uint32(NEG_INF_KEY >> first_digit):
-                        # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
-                        # keys in shared memory; the finer levels and the ties are then resolved on chip.
-                        # With the value filter only values at or above the bin's lowest float are written or
-                        # buffered: one float compare per value instead of its key (a few thousand of a row's
-                        # values pass).
-                        if value_filter:  # Python-level
-                            floor = _lowest_value_with_key(prefix << first_digit)
-                        for_each_key(source, row, tx, end, values, write_or_buffer,
-                                     (Out, row, prefix, counters, buffer_keys, buffer_cols, slot),
-                                     floor if value_filter else None)
-                        T.sync_threads()
-                        buffered = 1
-
-                if buffered == 1:  # the finer levels and the ties over the buffered keys, on chip
                     for bits, high_shift in later_levels:  # unrolled in Python
                         clear_histogram(hist, tx)
                         for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_digit,
@@ -432,33 +366,22 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             @T.prim_func
             def radix_topk_keys(Scores: T.Tensor((rows, width), T.float32), Keys: T.Tensor((rows, width), T.int32),
                                 Ends: T.Tensor((rows,), T.int32), Out: T.Tensor((rows, k), T.int32)):
-                select(Scores, Keys, None, Ends, Out)
+                select(Scores, Keys, Ends, Out)
 
             return radix_topk_keys
-
-        if group:
-            maxima = T.dynamic("maxima")
-
-            @T.prim_func
-            def radix_topk_grouped(Scores: T.Tensor((rows, groups, vector), T.float32),
-                                   GroupMax: T.Tensor((rows, maxima), T.float32), Ends: T.Tensor((rows,), T.int32),
-                                   Out: T.Tensor((rows, k), T.int32)):
-                select(Scores, None, GroupMax, Ends, Out)
-
-            return radix_topk_grouped
 
         if vector > 1:
             @T.prim_func
             def radix_topk_vector(Scores: T.Tensor((rows, groups, vector), T.float32), Ends: T.Tensor((rows,), T.int32),
                                   Out: T.Tensor((rows, k), T.int32)):
-                select(Scores, None, None, Ends, Out)
+                select(Scores, None, Ends, Out)
 
             return radix_topk_vector
 
         @T.prim_func
         def radix_topk(Scores: T.Tensor((rows, width), T.float32), Ends: T.Tensor((rows,), T.int32),
                        Out: T.Tensor((rows, k), T.int32)):
-            select(Scores, None, None, Ends, Out)
+            select(Scores, None, Ends, Out)
 
         return radix_topk
 

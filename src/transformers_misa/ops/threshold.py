@@ -151,26 +151,3 @@ def reference_threshold_ops(softmax_scale: float) -> ThresholdOps:
         return reference_candidates(q, weights, keys, ks, ke, theta, capacity, softmax_scale)
 
     return ThresholdOps(logits, reference_range_topk, candidates, reference_topk_of_candidates)
-
-
-# --- the group-maximum bound of the radix top-k's group path (kernels/topk.py `group`) -----------------------------
-
-def group_maxima(scores: torch.Tensor, group: int) -> torch.Tensor:
-    """The maximum of every `group` adjacent columns [..., N / group] (N a multiple of `group`), as the logits
-    program writes them beside the logits."""
-    return scores.unflatten(-1, (-1, group)).amax(-1)
-
-
-def group_bound(maxima: torch.Tensor, k: int) -> torch.Tensor:
-    """A lower bound [...] on each row's k-th largest score: the k-th largest group maximum. At least k groups reach
-    it, and each holds a score equal to its maximum, so at least k scores do. (The kernel takes the lowest value of
-    that maximum's first-level radix bin: lower still, and found with one histogram of the maxima.)"""
-    return maxima.topk(k, dim=-1).values[..., -1]
-
-
-def group_bound_topk(scores: torch.Tensor, k: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group path in PyTorch: (top-k columns, ties to the lowest column, chosen among the scores that reach the
-    bound only; how many reached it). Equal to the full row's top-k whenever the row has at least k groups."""
-    bound = group_bound(group_maxima(scores, group), k).unsqueeze(-1)
-    candidates = scores.masked_fill(scores < bound, MASKED)
-    return candidates.sort(dim=-1, descending=True, stable=True).indices[..., :k], (scores >= bound).sum(-1)
