@@ -16,6 +16,8 @@ import torch
 from bench_indexer import BLOCK, DIM, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.router import build_head_importance
+from transformers_misa.kernels.scorer import WIDE_ROUTER
+from transformers_misa.ops.blocks import ChunkMask, TailBlock
 
 HEADS, ACTIVE = 64, 8
 VARIANTS = {  # name -> build options
@@ -32,6 +34,14 @@ VARIANTS = {  # name -> build options
     "rows256_threads256_block_m32_2ctas": dict(rows_per_cta=256, threads=256, block_m=32, min_ctas_per_sm=2),
     "rows128_threads128_block_m32_3ctas": dict(rows_per_cta=128, threads=128, block_m=32, min_ctas_per_sm=3),
     "rows128_threads128_block_m64_2ctas": dict(rows_per_cta=128, threads=128, block_m=64, min_ctas_per_sm=2),
+    # The prefill shape (scorer.WIDE_ROUTER) with its tails as mean keys computed beforehand (what the indexer hands
+    # a prefill chunk), and with every tile's scores tested against each row's visible blocks (the program before
+    # the whole tiles skipped that test).
+    "wide_tail_means": dict(WIDE_ROUTER, tail_means=True),
+    "wide_every_tile_tested": dict(WIDE_ROUTER, split_tiles=False),
+    "wide_every_tile_tested_tail_means": dict(WIDE_ROUTER, split_tiles=False, tail_means=True),
+    "tail_means": dict(tail_means=True),
+    "every_tile_tested": dict(split_tiles=False),
 }
 
 
@@ -46,6 +56,15 @@ def routing_operands(batch: int, queries: int, num_keys: int) -> tuple:
             torch.ones(HEADS, device="cuda"), ks.contiguous(), ke.contiguous())
 
 
+def with_tail_means(operands: tuple) -> tuple:
+    """The same operands with each query's mean tail key in the place of the key cache (`tail_means` programs)."""
+    q_rows, pooled, keys, weights, scale, ks, ke = operands
+    batch, queries = weights.shape[:2]
+    chunk = ChunkMask(None, slice(0, queries), batch, queries, keys.shape[1], keys.device)
+    means = TailBlock(keys, chunk, BLOCK).means.to(torch.bfloat16).contiguous()
+    return q_rows, pooled, means, weights, scale, ks, ke
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = sweep_parser(__doc__, reps=10, workers=6)
     args = parser.parse_args(argv)
@@ -58,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for workload, shape in workloads.items():
         operands = routing_operands(*shape)
+        means_operands = with_tail_means(operands)
         _, _, heads_ref, importance_ref = build_head_importance(HEADS, DIM, BLOCK, active_heads=ACTIVE)()(*operands)
         for name, options in variants.items():
             row = {"workload": workload, "variant": name, **options}
@@ -65,14 +85,15 @@ def main(argv: list[str] | None = None) -> None:
                 row["error"] = errors[name]
             else:
                 kernel = build_head_importance(HEADS, DIM, BLOCK, active_heads=ACTIVE, **options)()
-                _, _, picked, importance = kernel(*operands)
+                inputs_of_variant = means_operands if options.get("tail_means") else operands
+                _, _, picked, importance = kernel(*inputs_of_variant)
                 row["same_heads"] = float((picked == heads_ref).float().mean())
                 row["importance_max_rel_diff"] = float(
                     ((importance - importance_ref).abs() / importance_ref.abs().clamp_min(1e-6)).max())
-                row["ms"] = cuda_time_ms(lambda: kernel(*operands), args.reps)
+                row["ms"] = cuda_time_ms(lambda: kernel(*inputs_of_variant), args.reps)
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del operands
+        del operands, means_operands
         torch.cuda.empty_cache()
     write_results(args.out, "sweep_router", {"environment": environment(), "results": rows})
 

@@ -9,9 +9,15 @@ with a cross-thread reduction per tile: the [S, H, M] block-score tensor is neve
 
 `active_heads` > 0 builds the whole routing step instead (what `ops.reference.route_queries` does in ~30 small
 launches, a decode step's largest cost after the logits): the full blocks as above, plus each query's partly
-visible last block (`ops.blocks.TailBlock`) read straight from the key cache — ReLU of the mean of q·k over the
-block's visible keys, i.e. q against the tail's mean key — then each query's `active_heads` most important heads
-(ties to the lowest head, ascending), and their query rows and weights written out ready for the token logits.
+visible last block (`ops.blocks.TailBlock`) — ReLU of the mean of q·k over the block's visible keys, i.e. q against
+the tail's mean key — then each query's `active_heads` most important heads (ties to the lowest head, ascending),
+and their query rows and weights written out ready for the token logits. The tail comes either straight from the key
+cache (a decode step's few queries) or, with `tail_means`, as each query's mean tail key computed beforehand from
+block-local prefix sums (a prefill: one small matmul per CTA instead of loading and multiplying up to a block of
+keys tile by tile, which TileLang 0.1.15 would not pipeline).
+
+Tiles of pooled blocks that every query of the CTA sees whole skip the per-score visibility test (with
+`split_tiles`): for a causal prefill that is all tiles but the last, and the test was most of the epilogue.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations.
@@ -34,7 +40,7 @@ def _tail_block(ks, ke, block_size: int):
 @functools.lru_cache(maxsize=None)
 def build_head_importance(heads: int, dim: int, block_size: int, active_heads: int = 0, block_m: int = 64,
                           num_stages: int = 2, threads: int = 256, rows_per_cta: int = ROWS_PER_CTA,
-                          min_ctas_per_sm: int = 0,
+                          min_ctas_per_sm: int = 0, tail_means: bool = False, split_tiles: bool = True,
                           arch: str | None = None):
     """Compiles the router program for `heads` heads of width `dim` over keys pooled by `block_size`.
 
@@ -47,9 +53,14 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
     `active_heads` > 0: the routing program, (Q, Pooled, Keys [B, T, D] bf16, W, HeadScale [H] fp32, KS, KE) ->
     (QRouted [B, S·A, D] bf16, WRouted [B, S, A] fp32, Heads [B, S, A] int32, Importance [B, S, H] fp32 with the
     tail and HeadScale, without the softmax scale), A = active_heads.
+    `tail_means` (routing only): TailMeans [B, S, D] bf16, each query's mean tail key (`TailBlock.means`, zero where
+    it has none), in the place of Keys.
+    `split_tiles`: fully visible tiles of pooled blocks skip the visibility test (False: every tile tests it).
     """
     if not 0 <= active_heads <= heads:
         raise ValueError(f"active_heads must lie in [0, heads={heads}], got {active_heads}")
+    if tail_means and not active_heads:
+        raise ValueError("tail_means is an input of the routing program (active_heads > 0)")
     target = compile_target(arch)
     block_q = queries_per_cta(heads, rows_per_cta)
     rows = block_q * heads
@@ -64,6 +75,22 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
         num_keys = T.dynamic("num_keys")
 
         @T.macro
+        def pooled_tile(Pooled, bb, tile, p_shared, q_shared, scores, running, first_block, end_block, tested):
+            """One tile of pooled blocks: ReLU scores added into `running`, each tested against its row's visible
+            blocks where `tested` (a condition, or True at Python level), else all of them (a tile every row of the
+            CTA sees whole)."""
+            T.copy(Pooled[bb, tile * block_m : (tile + 1) * block_m, :], p_shared)
+            T.gemm(p_shared, q_shared, scores, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullCol)
+            if tested:
+                for m, r in T.Parallel(block_m, rows):
+                    block = tile * block_m + m
+                    running[m, r] += T.if_then_else(block >= first_block[r] and block < end_block[r],
+                                                    T.max(scores[m, r], 0.0), 0.0)
+            else:
+                for m, r in T.Parallel(block_m, rows):
+                    running[m, r] += T.max(scores[m, r], 0.0)
+
+        @T.macro
         def body(Q, Pooled, Keys, W, HeadScale, KS, KE, Importance, QRouted=None, WRouted=None, Heads=None):
             with T.Kernel(T.ceildiv(num_queries, block_q), batch, threads=threads) as (bq, bb):
                 if min_ctas_per_sm:  # Python-level
@@ -76,12 +103,16 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                 first_block = T.alloc_fragment((rows,), T.int32)
                 end_block = T.alloc_fragment((rows,), T.int32)
                 last_end = T.alloc_var(T.int32)
+                first_lo = T.alloc_var(T.int32)  # the CTA's lowest / highest first visible block
+                first_hi = T.alloc_var(T.int32)
+                end_lo = T.alloc_var(T.int32)  # the CTA's lowest / highest end of the full visible blocks
+                end_hi = T.alloc_var(T.int32)
                 q0 = bq * block_q
                 if routing:  # Python-level: the tail block and the head pick
-                    k_shared = T.alloc_shared((block_m, dim), T.bfloat16)
+                    k_shared = T.alloc_shared((block_m, dim), T.bfloat16)  # tail keys, or the queries' tail means
                     tail_sum = T.alloc_fragment((rows,), T.float32)
-                    tail_first = T.alloc_fragment((rows,), T.int32)
-                    tail_end = T.alloc_fragment((rows,), T.int32)
+                    tail_first = None if tail_means else T.alloc_fragment((rows,), T.int32)
+                    tail_end = None if tail_means else T.alloc_fragment((rows,), T.int32)
                     rank = T.alloc_fragment((rows,), T.int32)
                     importance = T.alloc_shared((rows,), T.float32)
                     chosen = T.alloc_shared((rows,), T.int32)
@@ -97,32 +128,50 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     if routing:  # Python-level: the full blocks end where the tail block starts
                         start, has_tail = _tail_block(ks, ke, block_size)
                         full_end = T.if_then_else(has_tail, start, ke)
-                        tail_first[r] = T.if_then_else(has_tail, T.max(ks, start), 0)
-                        tail_end[r] = T.if_then_else(has_tail, ke, 0)
+                        if not tail_means:  # Python-level: the tail's keys, read from the cache below
+                            tail_first[r] = T.if_then_else(has_tail, T.max(ks, start), 0)
+                            tail_end[r] = T.if_then_else(has_tail, ke, 0)
                     first_block[r] = ks // block_size
                     end_block[r] = T.if_then_else(full_end > ks, T.ceildiv(full_end, block_size), 0)
                 T.clear(running)
                 last_end = 0
-                if routing:
+                first_lo = no_tail
+                first_hi = 0
+                end_lo = no_tail
+                end_hi = 0
+                if routing and not tail_means:
                     tail_lo = no_tail
                     tail_hi = 0
                 for i in T.serial(block_q):
                     query = T.min(q0 + i, num_queries - 1)
-                    last_end = T.max(last_end, T.ceildiv(KE[bb, query], block_size))
-                    if routing:  # Python-level: the key range holding the CTA's tail blocks
-                        start, has_tail = _tail_block(KS[bb, query], KE[bb, query], block_size)
-                        if has_tail:
-                            tail_lo = T.min(tail_lo, start)
-                            tail_hi = T.max(tail_hi, KE[bb, query])
+                    ks, ke = KS[bb, query], KE[bb, query]
+                    last_end = T.max(last_end, T.ceildiv(ke, block_size))
+                    full_end = ke
+                    if routing:  # Python-level
+                        start, has_tail = _tail_block(ks, ke, block_size)
+                        full_end = T.if_then_else(has_tail, start, ke)
+                        if not tail_means:  # Python-level: the key range holding the CTA's tail blocks
+                            if has_tail:
+                                tail_lo = T.min(tail_lo, start)
+                                tail_hi = T.max(tail_hi, ke)
+                    if split_tiles:  # Python-level: the blocks every query sees (none if one sees no full block)
+                        first_lo = T.min(first_lo, ks // block_size)
+                        first_hi = T.max(first_hi, ks // block_size)
+                        end = T.if_then_else(full_end > ks, T.ceildiv(full_end, block_size), 0)
+                        end_lo = T.min(end_lo, end)
+                        end_hi = T.max(end_hi, end)
 
-                for tile in T.Pipelined(T.ceildiv(last_end, block_m), num_stages=num_stages):
-                    T.copy(Pooled[bb, tile * block_m : (tile + 1) * block_m, :], p_shared)
-                    T.gemm(p_shared, q_shared, scores, transpose_B=True, clear_accum=True,
-                           policy=T.GemmWarpPolicy.FullCol)
-                    for m, r in T.Parallel(block_m, rows):
-                        block = tile * block_m + m
-                        running[m, r] += T.if_then_else(block >= first_block[r] and block < end_block[r],
-                                                        T.max(scores[m, r], 0.0), 0.0)
+                if split_tiles:  # Python-level
+                    # tiles [whole_from, whole_to) hold only blocks every row sees; the others test each score
+                    lead = first_lo // block_m
+                    whole_from = T.max(T.ceildiv(first_hi, block_m), lead)
+                    whole_to = T.max(end_lo // block_m, whole_from)
+                    for tile in T.Pipelined(lead, T.max(T.ceildiv(end_hi, block_m), whole_to), num_stages=num_stages):
+                        pooled_tile(Pooled, bb, tile, p_shared, q_shared, scores, running, first_block, end_block,
+                                    T.Or(tile < whole_from, tile >= whole_to))
+                else:
+                    for tile in T.Pipelined(T.ceildiv(last_end, block_m), num_stages=num_stages):
+                        pooled_tile(Pooled, bb, tile, p_shared, q_shared, scores, running, first_block, end_block, True)
                 T.reduce_sum(running, total, dim=0, clear=True)
 
                 if not routing:
@@ -131,21 +180,36 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                             Importance[bb, q0 + r // heads, r % heads] = total[r] * T.abs(
                                 W[bb, q0 + r // heads, r % heads])
                 else:
-                    # The tail: q·k summed over each row's visible keys of its last block (ReLU of the mean after).
                     T.clear(running)
-                    for tile in T.serial(T.ceildiv(T.max(tail_hi - tail_lo, 0), block_m)):
-                        T.copy(Keys[bb, tail_lo + tile * block_m : tail_lo + (tile + 1) * block_m, :], k_shared)
-                        T.gemm(k_shared, q_shared, scores, transpose_B=True, clear_accum=True,
-                               policy=T.GemmWarpPolicy.FullCol)
-                        for m, r in T.Parallel(block_m, rows):
-                            key = tail_lo + tile * block_m + m
-                            running[m, r] += T.if_then_else(key >= tail_first[r] and key < tail_end[r],
-                                                            scores[m, r], 0.0)
+                    if tail_means:  # Python-level: the CTA's queries' mean tail keys, one matmul per block_m queries
+                        for part in range(-(-block_q // block_m)):
+                            for m, d in T.Parallel(block_m, dim):
+                                query = q0 + part * block_m + m
+                                k_shared[m, d] = T.if_then_else(
+                                    part * block_m + m < block_q and query < num_queries,
+                                    Keys[bb, T.min(query, num_queries - 1), d], T.cast(0, T.bfloat16))
+                            T.gemm(k_shared, q_shared, scores, transpose_B=True, clear_accum=True,
+                                   policy=T.GemmWarpPolicy.FullCol)
+                            for m, r in T.Parallel(block_m, rows):
+                                running[m, r] += T.if_then_else(part * block_m + m == r // heads, scores[m, r], 0.0)
+                    else:
+                        # q·k summed over each row's visible keys of its last block (ReLU of the mean after).
+                        for tile in T.serial(T.ceildiv(T.max(tail_hi - tail_lo, 0), block_m)):
+                            T.copy(Keys[bb, tail_lo + tile * block_m : tail_lo + (tile + 1) * block_m, :], k_shared)
+                            T.gemm(k_shared, q_shared, scores, transpose_B=True, clear_accum=True,
+                                   policy=T.GemmWarpPolicy.FullCol)
+                            for m, r in T.Parallel(block_m, rows):
+                                key = tail_lo + tile * block_m + m
+                                running[m, r] += T.if_then_else(key >= tail_first[r] and key < tail_end[r],
+                                                                scores[m, r], 0.0)
                     T.reduce_sum(running, tail_sum, dim=0, clear=True)
                     for r in T.Parallel(rows):
                         query = T.min(q0 + r // heads, num_queries - 1)
-                        count = tail_end[r] - tail_first[r]
-                        tail = T.if_then_else(count > 0, T.max(tail_sum[r] / T.max(count, 1), 0.0), 0.0)
+                        if tail_means:  # Python-level: zero means where a query has no tail
+                            tail = T.max(tail_sum[r], 0.0)
+                        else:
+                            count = tail_end[r] - tail_first[r]
+                            tail = T.if_then_else(count > 0, T.max(tail_sum[r] / T.max(count, 1), 0.0), 0.0)
                         importance[r] = (total[r] + tail) * T.abs(W[bb, query, r % heads]) * HeadScale[r % heads]
                     # Rank of each head within its query (ties to the lowest head): the top `active_heads` are kept,
                     # and each kept head's slot is its rank among the kept heads by head index (ascending).
@@ -175,11 +239,14 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                             Importance[bb, q0 + r // heads, r % heads] = importance[r]
 
         if routing:
+            # the key cache, or with tail_means each query's mean tail key
+            tail_source = (batch, num_queries, dim) if tail_means else (batch, num_keys, dim)
+
             @T.prim_func
             def route_heads(
                 Q: T.Tensor((batch, num_queries * heads, dim), T.bfloat16),
                 Pooled: T.Tensor((batch, num_blocks, dim), T.bfloat16),
-                Keys: T.Tensor((batch, num_keys, dim), T.bfloat16),
+                Keys: T.Tensor(tail_source, T.bfloat16),
                 W: T.Tensor((batch, num_queries, heads), T.float32),
                 HeadScale: T.Tensor((heads,), T.float32),
                 KS: T.Tensor((batch, num_queries), T.int32),

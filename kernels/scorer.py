@@ -379,9 +379,13 @@ def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, p
     scale = _unit_head_scale(heads, q.device) if head_scale is None else head_scale.to(q.device, torch.float32)
     q_rows, pooled_bf16, weights_fp32 = _router_operands(q, pooled, weights)
     shape = router_shape(heads, batch, num_queries, q.device)
-    q_routed, w_routed, _, _ = build_head_importance(heads, dim, block_size, active_heads=active_heads, **shape)()(
-        q_rows, pooled_bf16, keys.to(torch.bfloat16).contiguous(), weights_fp32, scale.contiguous(), ks.contiguous(),
-        ke.contiguous())
+    # A prefill chunk's tails as mean keys from prefix sums (the reference's); a decode step's few queries read theirs
+    # from the key cache inside the program (no extra launches, graph-safe).
+    tail_means = TailBlock.uses_prefix_sums(chunk, keys.shape[1], block_size)
+    tails = TailBlock(keys, chunk, block_size).means if tail_means else keys
+    program = build_head_importance(heads, dim, block_size, active_heads=active_heads, tail_means=tail_means, **shape)
+    q_routed, w_routed, _, _ = program()(q_rows, pooled_bf16, tails.to(torch.bfloat16).contiguous(), weights_fp32,
+                                         scale.contiguous(), ks.contiguous(), ke.contiguous())
     return q_routed.view(batch, num_queries, active_heads, dim), w_routed
 
 

@@ -154,3 +154,25 @@ def test_indexer_benchmark_reports_a_failing_method_and_times_the_others(monkeyp
     assert row["dsa64_kernel_ms"] == 1.5 and row["dsa64_kernel_peak_gib"] == 0.25
     assert "deepseek_fp8_index_ms" not in row and "CUDA_ERROR_INVALID_VALUE" in row["deepseek_fp8_index_error"]
     assert "deepseek_fp8_index failed at 4096 tokens" in capsys.readouterr().err
+
+
+def test_timeline_finds_the_idle_stretches_between_kernels(monkeypatch):
+    """benchmarks/timeline.py: kernels laid on the GPU's timeline, overlaps merged, the gaps between them named."""
+    pytest.importorskip("tilelang", reason="TileLang is not installed")  # bench_indexer imports it
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports its folder's bench_indexer and sweeps by name
+    timeline = _load("timeline")
+    trace = {"traceEvents": [
+        {"name": timeline.CALL, "ph": "X", "cat": "user_annotation", "ts": 100.0, "dur": 500.0},
+        {"name": timeline.CALL, "ph": "X", "cat": "gpu_user_annotation", "ts": 90.0, "dur": 5.0},
+        {"name": "route_heads_kernel", "ph": "X", "cat": "kernel", "ts": 150.0, "dur": 50.0},
+        {"name": "weighted_relu_logits_kernel", "ph": "X", "cat": "kernel", "ts": 190.0, "dur": 100.0},  # overlaps
+        {"name": "radix_topk_kernel", "ph": "X", "cat": "kernel", "ts": 330.0, "dur": 70.0},
+        {"name": "cudaLaunchKernel", "ph": "X", "cat": "cuda_runtime", "ts": 120.0, "dur": 3.0},
+        {"name": "Memcpy DtoD", "ph": "X", "cat": "gpu_memcpy", "ts": 410.0, "dur": 10.0},
+    ]}
+    call_start, kernels = timeline.kernel_intervals(trace)
+    assert call_start == 100.0 and [name for *_, name in kernels][0] == "route_heads_kernel" and len(kernels) == 4
+    busy, gaps = timeline.idle_stretches(kernels)
+    assert busy == 140.0 + 70.0 + 10.0
+    assert [gap["us"] for gap in gaps] == [40.0, 10.0]
+    assert gaps[0]["after"] == "weighted_relu_logits_kernel" and gaps[0]["before"] == "radix_topk_kernel"

@@ -365,3 +365,21 @@ def test_wrong_pooled_block_count_is_rejected():
     with pytest.raises(ValueError, match="pooled keys have 4 blocks, the key cache needs 5"):
         misa_topk(q, keys, weights, 6, softmax_scale=scale, active_heads=2, block_size=8, mask=mask,
                   pooled=torch.zeros(2, 4, 16))
+
+
+@pytest.mark.parametrize("rows", [slice(0, 40), slice(17, 40), slice(24, 33)])
+def test_tail_block_sums_only_the_keys_its_tails_span(rows):
+    """Without a mask a chunk's tails lie in a window of the cache known on the host: summing only that window gives
+    the same means, bit for bit, as summing the whole cache (the block-local prefix sums restart at the same keys)."""
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 40, 16, generator=generator)
+    chunk = blocks.ChunkMask(None, rows, 2, 40, 40, keys.device)
+    assert blocks.TailBlock.uses_prefix_sums(chunk, 40, 8)
+    low, high = chunk.tail_key_window(8)
+    assert low % 8 == 0 and low <= rows.start + 1 and high == rows.stop
+    tail = blocks.TailBlock(keys, chunk, 8)
+    ks, ke, _ = chunk.key_range
+    start = ke.long() // 8 * 8
+    whole = tail._means_from_prefix_sums(keys, ks.long(), ke.long(), start, 8)
+    assert torch.equal(tail.means, whole)
+    assert tail.present.any()

@@ -27,13 +27,55 @@ def test_routing_kernel_compiles_for_sm90a(heads, active_heads):
 
 
 def test_wide_routing_kernel_compiles_for_sm90a():
-    """The prefill shape (`scorer.WIDE_ROUTER`: 256 query rows, registers capped for two CTAs per SM)."""
+    """The prefill shape (`scorer.WIDE_ROUTER`: 256 query rows, registers capped for two CTAs per SM), with the tail
+    means a prefill hands it; tiles every query sees whole skip the visibility test (a branch per tile)."""
     _tilelang_or_skip()
     from transformers_misa.kernels import scorer
     from transformers_misa.kernels.router import build_head_importance
 
-    kernel = build_head_importance(64, 128, 128, active_heads=8, arch="sm_90a", **scorer.WIDE_ROUTER)()
-    assert f"__launch_bounds__(384, {scorer.WIDE_ROUTER['min_ctas_per_sm']})" in kernel.get_kernel_source()
+    kernel = build_head_importance(64, 128, 128, active_heads=8, arch="sm_90a", tail_means=True,
+                                   **scorer.WIDE_ROUTER)()
+    source = kernel.get_kernel_source()
+    assert f"__launch_bounds__(384, {scorer.WIDE_ROUTER['min_ctas_per_sm']})" in source
+    assert "whole_from" in source and "whole_to" in source, "no split between whole and tested tiles"
+
+
+def test_tail_means_are_for_the_routing_program():
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels.router import build_head_importance
+
+    with pytest.raises(ValueError, match="tail_means is an input of the routing program"):
+        build_head_importance(8, 128, 64, tail_means=True)
+
+
+@pytest.mark.parametrize("rows,sync_free,expected", [(slice(0, 300), False, True), (slice(298, 300), True, False),
+                                                     (slice(298, 300), False, False)])
+def test_route_hands_prefill_chunks_their_tail_means(monkeypatch, rows, sync_free, expected):
+    """A prefill chunk's tails go in as mean keys (prefix sums over the chunk's window), a decode step's few queries
+    read their tail keys inside the program (nothing launched before it, graph-safe)."""
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels import scorer
+
+    seen = {}
+
+    def program(heads, dim, block_size, active_heads, tail_means, **shape):
+        def run(q_rows, pooled, tails, weights, scale, ks, ke):
+            seen.update(tail_means=tail_means, tails=tails)
+            batch, queries = weights.shape[:2]
+            return (torch.zeros(batch, queries * active_heads, dim), torch.zeros(batch, queries, active_heads),
+                    None, None)
+        return lambda: run
+
+    monkeypatch.setattr(scorer, "build_head_importance", program)
+    monkeypatch.setattr(scorer, "_sm_count", lambda device: 132)
+    generator = torch.Generator().manual_seed(0)
+    keys, count = torch.randn(1, 300, 128, generator=generator), rows.stop - rows.start
+    q, weights = torch.randn(1, count, 8, 128, generator=generator), torch.randn(1, count, 8, generator=generator)
+    chunk = ChunkMask(None, rows, 1, 300, 300, keys.device, sync_free=sync_free)
+    scorer.tilelang_route(q, weights, keys, reference.pooled_keys(keys, None, 16), chunk, 16, 2, SCALE)
+    assert seen["tail_means"] is expected
+    want = TailBlock(keys, chunk, 16).means if expected else keys
+    assert torch.equal(seen["tails"], want.to(torch.bfloat16))
 
 
 def test_routing_kernel_refuses_more_active_heads_than_heads():
@@ -122,8 +164,10 @@ def test_failing_fused_routing_falls_back_to_the_steps(monkeypatch):
     (3, 5, 4099, 32, 64, [0, 1, 4000], True),  # GLM-5's 32 heads
 ])
 @pytest.mark.parametrize("wide", [False, True], ids=["default", "wide"])
+@pytest.mark.parametrize("options", [{}, {"tail_means": True}, {"split_tiles": False}],
+                         ids=["tail-keys", "tail-means", "every-tile-tested"])
 def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_keys, heads, block_size, pads, scaled,
-                                                     wide):
+                                                     wide, options):
     from transformers_misa.kernels import scorer
     from transformers_misa.kernels.router import build_head_importance
 
@@ -135,11 +179,14 @@ def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_key
     head_scale = torch.rand(heads, device="cuda") + 0.5 if scaled else torch.ones(heads, device="cuda")
     chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
     ks, ke, _ = chunk.key_range
-    q_routed, w_routed, picked, importance = build_head_importance(heads, 128, block_size, active_heads, **shape)()(
-        q.reshape(batch, -1, 128).contiguous(), pooled.bfloat16().contiguous(), keys.contiguous(),
+    tail = TailBlock(keys, chunk, block_size)
+    tails = tail.means.bfloat16() if options.get("tail_means") else keys
+    program = build_head_importance(heads, 128, block_size, active_heads, **shape, **options)
+    q_routed, w_routed, picked, importance = program()(
+        q.reshape(batch, -1, 128).contiguous(), pooled.bfloat16().contiguous(), tails.contiguous(),
         weights.contiguous(), head_scale, ks.contiguous(), ke.contiguous())
     expected = reference.reference_head_importance(q, weights, pooled, chunk, block_size, SCALE,
-                                                   tail=TailBlock(keys, chunk, block_size)) * head_scale
+                                                   tail=tail) * head_scale
     torch.testing.assert_close(importance * SCALE, expected, rtol=3e-2, atol=3e-2)
     # The pick on the program's own scores: the top heads, ties to the lowest head, ascending.
     order = torch.sort(importance, dim=-1, descending=True, stable=True).indices[..., :active_heads]

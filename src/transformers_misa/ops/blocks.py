@@ -154,6 +154,14 @@ class ChunkMask:
             return self.width
         return remembered(self.mask, self._fact("visible_end"), lambda: int(self.key_range[1].max()))
 
+    def tail_key_window(self, block_size: int) -> tuple[int, int | None]:
+        """Keys [low, high) holding every query's tail block (see `TailBlock`): known on the host without a mask
+        (the queries' ends are consecutive), else the whole cache (0, None)."""
+        if self.mask is not None:
+            return 0, None
+        first_end = self.rows.start + self.num_keys - self.num_queries + 1
+        return first_end // block_size * block_size, self.visible_end()
+
     @property
     def key_range(self) -> tuple[torch.Tensor, torch.Tensor, bool | None]:
         """(ks, ke, contiguous): int32 [B, c] bounds of each query's visible keys, and whether they are exactly
@@ -354,11 +362,11 @@ class TailBlock:
         start = ke // block_size * block_size
         self.present = (ke > start) & (ke > ks)
         self.start = start.to(torch.int32)
-        num_queries = ks.shape[1]
-        if contiguous is True and num_queries * block_size > keys.shape[1]:
+        if self.uses_prefix_sums(chunk, keys.shape[1], block_size):
             # Many queries (prefill): sums from block-local prefix sums of the keys, read once, instead of a
-            # [B, c, block, D] gather (2 GiB for 32K queries).
-            self.means = self._means_from_prefix_sums(keys, ks, ke, start, block_size)
+            # [B, c, block, D] gather (2 GiB for 32K queries); without a mask only the keys the chunk's tails span.
+            window = chunk.tail_key_window(block_size)
+            self.means = self._means_from_prefix_sums(keys, ks, ke, start, block_size, *window)
             return
         positions = start.unsqueeze(-1) + torch.arange(block_size, device=keys.device)  # [B, c, block]
         inside = (positions >= ks.unsqueeze(-1)) & (positions < ke.unsqueeze(-1))
@@ -368,17 +376,31 @@ class TailBlock:
         block = gather_keys(keys, positions).float() * inside.unsqueeze(-1)  # [B, c, block, D]
         self.means = block.sum(-2) / inside.sum(-1, keepdim=True).clamp_min(1)
 
+    @staticmethod
+    def uses_prefix_sums(chunk: ChunkMask, num_keys: int, block_size: int) -> bool:
+        """Whether the means come from prefix sums over the keys (many queries, contiguous ranges): then the keys are
+        read once for the chunk, not once per query."""
+        return chunk.key_range[2] is True and (chunk.rows.stop - chunk.rows.start) * block_size > num_keys
+
     def _means_from_prefix_sums(self, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, start: torch.Tensor,
-                                block_size: int) -> torch.Tensor:
+                                block_size: int, low: int = 0, high: int | None = None) -> torch.Tensor:
         """Means over [max(ks, start), ke) for keys visible exactly on [ks, ke): prefix sums restart at every block,
-        so no sum spans more than one block (no cancellation between large partial sums)."""
+        so no sum spans more than one block (no cancellation between large partial sums). Only keys [low, high)
+        are summed (`low` a block start at or before every tail, `high` at or after every ke): the same sums."""
+        keys = keys[:, low:high]
         batch, num_keys, dim = keys.shape
+        if num_keys == 0:  # no query sees a key
+            return torch.zeros(*ke.shape, dim, dtype=torch.float32, device=keys.device)
         padded = -(-num_keys // block_size) * block_size
         local = torch.nn.functional.pad(keys.float(), (0, 0, 0, padded - num_keys))
         prefix = local.view(batch, -1, block_size, dim).cumsum(2).view(batch, padded, dim)
         first = torch.maximum(ks, start)
-        through_last = gather_keys(prefix, (ke - 1).clamp_min(0).unsqueeze(-1)).squeeze(-2)  # [B, c, D]
-        before_first = gather_keys(prefix, (first - 1).clamp_min(0).unsqueeze(-1)).squeeze(-2)
+
+        def at(position: torch.Tensor) -> torch.Tensor:  # prefix sum through a key, [B, c, D]
+            return gather_keys(prefix, (position - low).clamp(0, padded - 1).unsqueeze(-1)).squeeze(-2)
+
+        through_last = at(ke - 1)
+        before_first = at(first - 1)
         sums = through_last - before_first * (first > start).unsqueeze(-1)
         counts = (ke - first).clamp_min(1).unsqueeze(-1)
         return sums / counts * self.present.unsqueeze(-1)
