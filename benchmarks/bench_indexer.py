@@ -24,10 +24,10 @@ import types
 import tilelang
 import torch
 
-from transformers_misa.kernels.scorer import (TILELANG_FP8_SCORER, TILELANG_PIPELINED_SCORER,
-                                              TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
-                                              TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_THRESHOLD_SCORER,
-                                              logits_options)
+from transformers_misa.kernels.scorer import (TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FP8_SCORER,
+                                              TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
+                                              TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
+                                              TILELANG_THRESHOLD_SCORER, logits_options)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
@@ -122,6 +122,9 @@ def methods(heads: int, deepseek_kernel):
         "misa8_pipelined": _misa(reference.misa_topk, TILELANG_PIPELINED_SCORER),
         f"dsa{heads}_pipelined": _dsa(TILELANG_PIPELINED_SCORER),
         "misa8_stepwise_routing": _misa(reference.misa_topk, TILELANG_STEPWISE_ROUTING_SCORER),
+        # the routing program reading a prefill's tails from the key cache, and also testing every tile
+        "misa8_tail_keys": _misa(reference.misa_topk, TILELANG_TAIL_KEYS_SCORER),
+        "misa8_every_tile_tested": _misa(reference.misa_topk, TILELANG_EVERY_TILE_TESTED_SCORER),
         # the wide top-k via a sampled threshold
         f"dsa{heads}_threshold": _dsa(TILELANG_THRESHOLD_SCORER),
         "misa8_threshold": _misa(reference.misa_topk, TILELANG_THRESHOLD_SCORER),

@@ -274,3 +274,42 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
         return head_importance
 
     return program
+
+
+@functools.lru_cache(maxsize=None)
+def build_causal_tail_means(dim: int, block_size: int, arch: str | None = None):
+    """Compiles the tail means of a causal prefill chunk: (Keys [B, T, D] bf16, first_end int32, Means [B, c, D] bf16,
+    written in place), query i seeing keys [0, first_end + i); its mean over its partly visible last block, zero on a
+    block
+    boundary (`ops.blocks.TailBlock.means` of the chunk, summed in fp32). One CTA per key block: the block is staged
+    in shared memory and each thread keeps one dimension's running sum, writing the mean at every query's last key;
+    one launch where the PyTorch prefix sums took ~25."""
+    target = compile_target(arch)
+
+    @tilelang.jit(target=target)
+    def program():
+        batch, num_keys, num_queries = T.dynamic("batch"), T.dynamic("num_keys"), T.dynamic("num_queries")
+
+        @T.prim_func
+        def causal_tail_means(Keys: T.Tensor((batch, num_keys, dim), T.bfloat16), first_end: T.int32,
+                              Means: T.Tensor((batch, num_queries, dim), T.bfloat16)):
+            last_of_first = first_end - 1  # query 0's last visible key
+            with T.Kernel(T.ceildiv(last_of_first % block_size + num_queries, block_size), batch,
+                          threads=dim) as (bx, bb):
+                block = T.alloc_shared((block_size, dim), T.bfloat16)
+                running = T.alloc_var(T.float32)
+                d = T.get_thread_binding()
+                block_start = (last_of_first // block_size + bx) * block_size
+                T.copy(Keys[bb, block_start : block_start + block_size, :], block)
+                running = 0.0
+                for m in T.serial(block_size):
+                    running = running + T.cast(block[m, d], T.float32)
+                    query = block_start + m - last_of_first  # the query whose last visible key this is
+                    if query >= 0 and query < num_queries:
+                        # a query ending on the block's last key sees the whole block: no tail
+                        Means[bb, query, d] = T.cast(T.if_then_else(m + 1 < block_size, running / (m + 1), 0.0),
+                                                     T.bfloat16)
+
+        return causal_tail_means
+
+    return program

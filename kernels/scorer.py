@@ -23,7 +23,7 @@ from transformers_misa.ops.threshold import (
 
 from .common import ROWS_PER_CTA, queries_per_cta
 from .gathered import build_gathered_logits
-from .router import build_head_importance
+from .router import build_causal_tail_means, build_head_importance
 from .scoring import build_weighted_relu_logits, can_interleave, stages_stores
 from . import topk as topk_program
 from .topk import build_radix_topk
@@ -365,13 +365,29 @@ def _unit_head_scale(heads: int, device: torch.device) -> torch.Tensor:
     return torch.ones(heads, device=device)
 
 
+def causal_tail_means(keys: torch.Tensor, chunk: ChunkMask, block_size: int) -> torch.Tensor | None:
+    """Each query's mean tail key [B, c, D] bf16 (`TailBlock.means`) for a causal prefill chunk without a mask, by one
+    launch (`router.build_causal_tail_means`); None elsewhere (decode steps, masks): the routing program then reads
+    the tails from the key cache itself, which costs little for a few queries and launches nothing more."""
+    if chunk.mask is not None or chunk.sync_free or not TailBlock.uses_prefix_sums(chunk, keys.shape[1], block_size):
+        return None
+    batch, _, dim = keys.shape
+    means = torch.empty(batch, chunk.rows.stop - chunk.rows.start, dim, dtype=torch.bfloat16, device=keys.device)
+    first_end = chunk.rows.start + chunk.num_keys - chunk.num_queries + 1  # the chunk's first query sees [0, first_end)
+    build_causal_tail_means(dim, block_size)()(keys, first_end, means)
+    return means
+
+
 def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
                    block_size: int, active_heads: int, softmax_scale: float, head_scale: torch.Tensor | None = None,
-                   router: str = "sum") -> tuple[torch.Tensor, torch.Tensor] | None:
+                   router: str = "sum", tail_means: bool = True,
+                   split_tiles: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
     """MISA's whole routing step in one program (`router.build_head_importance` with `active_heads`): router
     score with the tail block, head pick and gathers. (q_routed [B, c, A, D] bf16, w_routed [B, c, A] fp32), or None
     where it does not apply (masks with holes, router="max"): then `route_queries` takes its steps one by one.
-    The softmax scale multiplies every importance alike, so the pick runs without it."""
+    The softmax scale multiplies every importance alike, so the pick runs without it. `tail_means`: a causal prefill
+    chunk's tails come in as mean keys (`causal_tail_means`; False: read by the program, the path before);
+    `split_tiles`: as in the program (False: every tile tested, the program before)."""
     ks, ke, contiguous = chunk.key_range
     if not _router_program_applies(contiguous, router):
         return None
@@ -379,12 +395,11 @@ def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, p
     scale = _unit_head_scale(heads, q.device) if head_scale is None else head_scale.to(q.device, torch.float32)
     q_rows, pooled_bf16, weights_fp32 = _router_operands(q, pooled, weights)
     shape = router_shape(heads, batch, num_queries, q.device)
-    # A prefill chunk's tails as mean keys from prefix sums (the reference's); a decode step's few queries read theirs
-    # from the key cache inside the program (no extra launches, graph-safe).
-    tail_means = TailBlock.uses_prefix_sums(chunk, keys.shape[1], block_size)
-    tails = TailBlock(keys, chunk, block_size).means if tail_means else keys
-    program = build_head_importance(heads, dim, block_size, active_heads=active_heads, tail_means=tail_means, **shape)
-    q_routed, w_routed, _, _ = program()(q_rows, pooled_bf16, tails.to(torch.bfloat16).contiguous(), weights_fp32,
+    keys_bf16 = keys.to(torch.bfloat16).contiguous()
+    means = causal_tail_means(keys_bf16, chunk, block_size) if tail_means else None
+    program = build_head_importance(heads, dim, block_size, active_heads=active_heads, tail_means=means is not None,
+                                    split_tiles=split_tiles, **shape)
+    q_routed, w_routed, _, _ = program()(q_rows, pooled_bf16, keys_bf16 if means is None else means, weights_fp32,
                                          scale.contiguous(), ks.contiguous(), ke.contiguous())
     return q_routed.view(batch, num_queries, active_heads, dim), w_routed
 
@@ -449,3 +464,11 @@ TILELANG_THRESHOLD_SCORER = dataclasses.replace(
 # MISA's routing in separate launches (router program, tail block, head top-k and gathers in PyTorch): the path before
 # the fused routing program, kept so that the benchmark times both side by side.
 TILELANG_STEPWISE_ROUTING_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-stepwise-routing", route=None)
+
+# The routing program as it was before a prefill's tails came in as mean keys (tails read by the program), and before
+# whole tiles skipped the visibility test as well, kept so that the benchmark times them side by side.
+TILELANG_TAIL_KEYS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-tail-keys",
+                                                route=functools.partial(tilelang_route, tail_means=False))
+TILELANG_EVERY_TILE_TESTED_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-every-tile-tested",
+    route=functools.partial(tilelang_route, tail_means=False, split_tiles=False))

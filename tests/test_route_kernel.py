@@ -48,17 +48,27 @@ def test_tail_means_are_for_the_routing_program():
         build_head_importance(8, 128, 64, tail_means=True)
 
 
-@pytest.mark.parametrize("rows,sync_free,expected", [(slice(0, 300), False, True), (slice(298, 300), True, False),
-                                                     (slice(298, 300), False, False)])
-def test_route_hands_prefill_chunks_their_tail_means(monkeypatch, rows, sync_free, expected):
-    """A prefill chunk's tails go in as mean keys (prefix sums over the chunk's window), a decode step's few queries
-    read their tail keys inside the program (nothing launched before it, graph-safe)."""
+@pytest.mark.parametrize("rows,sync_free,masked,expected", [
+    (slice(0, 300), False, False, True),  # a causal prefill chunk
+    (slice(298, 300), True, False, False),  # a graph-safe decode step
+    (slice(298, 300), False, False, False),  # a few queries
+    (slice(0, 300), False, True, False),  # a padded batch's mask
+])
+def test_route_hands_causal_prefill_chunks_their_tail_means(monkeypatch, rows, sync_free, masked, expected):
+    """A causal prefill chunk's tails go in as mean keys (one launch over the chunk's keys), elsewhere the program
+    reads its tail keys itself (nothing launched before it: decode steps stay graph-safe and cheap)."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")
     from transformers_misa.kernels import scorer
 
     seen = {}
 
-    def program(heads, dim, block_size, active_heads, tail_means, **shape):
+    def means_program(dim, block_size):
+        def run(keys, first_end, means):
+            seen["first_end"] = first_end
+            means.copy_(TailBlock(keys.float(), chunk, block_size).means)
+        return lambda: run
+
+    def routing_program(heads, dim, block_size, active_heads, tail_means, split_tiles, **shape):
         def run(q_rows, pooled, tails, weights, scale, ks, ke):
             seen.update(tail_means=tail_means, tails=tails)
             batch, queries = weights.shape[:2]
@@ -66,16 +76,33 @@ def test_route_hands_prefill_chunks_their_tail_means(monkeypatch, rows, sync_fre
                     None, None)
         return lambda: run
 
-    monkeypatch.setattr(scorer, "build_head_importance", program)
+    monkeypatch.setattr(scorer, "build_causal_tail_means", means_program)
+    monkeypatch.setattr(scorer, "build_head_importance", routing_program)
     monkeypatch.setattr(scorer, "_sm_count", lambda device: 132)
     generator = torch.Generator().manual_seed(0)
     keys, count = torch.randn(1, 300, 128, generator=generator), rows.stop - rows.start
     q, weights = torch.randn(1, count, 8, 128, generator=generator), torch.randn(1, count, 8, generator=generator)
-    chunk = ChunkMask(None, rows, 1, 300, 300, keys.device, sync_free=sync_free)
-    scorer.tilelang_route(q, weights, keys, reference.pooled_keys(keys, None, 16), chunk, 16, 2, SCALE)
+    mask = None
+    if masked:  # causal, the first 7 keys padding
+        mask = torch.ones(300, 300).tril().bool().unsqueeze(0)
+        mask[..., :7] = False
+    chunk = ChunkMask(mask, rows, 1, 300, 300, keys.device, sync_free=sync_free)
+    scorer.tilelang_route(q, weights, keys, reference.pooled_keys(keys, mask, 16), chunk, 16, 2, SCALE)
     assert seen["tail_means"] is expected
-    want = TailBlock(keys, chunk, 16).means if expected else keys
-    assert torch.equal(seen["tails"], want.to(torch.bfloat16))
+    if expected:
+        assert seen["first_end"] == rows.start + 1
+        expected_means = TailBlock(keys.bfloat16().float(), chunk, 16).means.bfloat16()
+        assert torch.equal(seen["tails"], expected_means)
+    else:
+        assert "first_end" not in seen and torch.equal(seen["tails"], keys.bfloat16())
+
+
+def test_causal_tail_means_program_compiles_for_sm90a():
+    _tilelang_or_skip()
+    from transformers_misa.kernels.router import build_causal_tail_means
+
+    source = build_causal_tail_means(128, 128, arch="sm_90a")().get_kernel_source()
+    assert "Means[" in source and "first_end" in source
 
 
 def test_routing_kernel_refuses_more_active_heads_than_heads():
@@ -198,6 +225,25 @@ def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_key
     stepwise = reference.route_heads(expected, active_heads)
     agree = (picked.unsqueeze(-1) == stepwise.unsqueeze(-2)).any(-1).float().mean()
     assert agree > 0.97, f"the program and the stepwise router agree on only {agree:.3f} of the heads"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,num_queries,num_keys,rows,block_size", [
+    (1, 1000, 1000, slice(0, 1000), 128),  # a whole prefill, T not a multiple of the block
+    (2, 700, 900, slice(130, 517), 64),  # a chunk starting inside a block, queries at the last positions
+    (1, 4096, 4096, slice(3968, 4096), 128),  # the last chunk, starting on a block boundary
+])
+def test_causal_tail_means_program_matches_the_tail_block(batch, num_queries, num_keys, rows, block_size):
+    from transformers_misa.kernels.scorer import causal_tail_means
+
+    _, keys, _ = _inputs(batch, num_queries, num_keys, 8, seed=7)
+    chunk = ChunkMask(None, rows, batch, num_queries, num_keys, keys.device)
+    means = causal_tail_means(keys.contiguous(), chunk, block_size)
+    expected = TailBlock(keys, chunk, block_size).means
+    assert means is not None and means.shape == expected.shape
+    torch.testing.assert_close(means.float(), expected, rtol=1e-2, atol=1e-2)
+    assert torch.equal(means == 0, expected.bfloat16() == 0)  # no tail exactly where the reference has none
 
 
 @gpu
