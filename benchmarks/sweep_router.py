@@ -16,7 +16,7 @@ import torch
 from bench_indexer import BLOCK, DIM, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.router import build_head_importance
-from transformers_misa.kernels.scorer import WIDE_ROUTER
+from transformers_misa.kernels.routing import WIDE_ROUTER
 from transformers_misa.ops.blocks import ChunkMask, TailBlock
 
 HEADS, ACTIVE = 64, 8
@@ -34,7 +34,7 @@ VARIANTS = {  # name -> build options
     "rows256_threads256_block_m32_2ctas": dict(rows_per_cta=256, threads=256, block_m=32, min_ctas_per_sm=2),
     "rows128_threads128_block_m32_3ctas": dict(rows_per_cta=128, threads=128, block_m=32, min_ctas_per_sm=3),
     "rows128_threads128_block_m64_2ctas": dict(rows_per_cta=128, threads=128, block_m=64, min_ctas_per_sm=2),
-    # The prefill shape (scorer.WIDE_ROUTER) with its tails as mean keys computed beforehand (what the indexer hands
+    # The prefill shape (routing.WIDE_ROUTER) with its tails as mean keys computed beforehand (what the indexer hands
     # a prefill chunk), and with every tile's scores tested against each row's visible blocks (the program before
     # the whole tiles skipped that test).
     "wide_tail_means": dict(WIDE_ROUTER, tail_means=True),

@@ -1,8 +1,9 @@
 """The TileLang `Scorer`: plugs the GPU programs into the reference algorithms of `transformers_misa.ops`.
 
 Every mode keeps its algorithm from `ops.reference` (routing, candidate re-rank, block filter); the heavy
-token-level stage runs in `scoring.build_weighted_relu_logits`. Imported only when tensors sit on a CUDA
-device of compute capability >= 9.0, so a CPU-only machine never touches TileLang.
+token-level stage runs in `scoring.build_weighted_relu_logits`, the top-k in `topk.build_radix_topk`, MISA's routing
+through `routing` (the host side of `router.py`). Imported only when tensors sit on a CUDA device of compute
+capability >= 9.0, so a CPU-only machine never touches TileLang.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import functools
 
 import torch
 
-from transformers_misa.ops.blocks import ChunkMask, TailBlock, fp8_e4m3_quantize, top_indices
-from transformers_misa.ops.reference import Scorer, reference_head_importance
+from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, top_indices
+from transformers_misa.ops.reference import Scorer
 from transformers_misa.ops.threshold import (
     CAPACITY_FACTOR,
     ThresholdOps,
@@ -21,9 +22,9 @@ from transformers_misa.ops.threshold import (
     threshold_select,
 )
 
-from .common import ROWS_PER_CTA, queries_per_cta
+from .common import ROWS_PER_CTA, _sm_count, queries_per_cta
 from .gathered import build_gathered_logits
-from .router import build_causal_tail_means, build_head_importance
+from .routing import bf16_head_scores, tilelang_head_importance, tilelang_route
 from .scoring import build_weighted_relu_logits, can_interleave, stages_stores
 from . import topk as topk_program
 from .topk import build_radix_topk
@@ -42,26 +43,8 @@ KEY_TILE = 128  # block_n of the logits program
 # 32 heads: 36.95 against 40.40 ms, both overlapped (sweep_logits-20261202-192711.json, 64K).
 WIDE_CTA = dict(rows_per_cta=256, block_n=64)
 WIDE_CTA_MIN_HEADS = 32
-# Router CTAs of 256 query rows (4 queries of 64 heads) over tiles of 32 pooled blocks where they still give every SM
-# two: half the CTAs, each with the same fixed costs (loading its queries, its tail block, the head pick).
-# `python benchmarks/sweep_router.py` on an H200 (64K prefill, sweep_router-20261128-122927.json): 1.83 ms against
-# 3.54 for 128 rows x 64 blocks; decode steps keep the default (0.037 ms against 0.050, batch 32 x 4 queries, 128K).
-# Registers capped for two CTAs per SM (80, a few spills; the compiler alone takes 146, one CTA per SM), so that one
-# CTA's query load, tail block and head pick overlap the other's matmuls: sweep_router-20261203-103049.json, 64K / 32K
-# prefill 1.774 / 0.691 ms against 1.814 / 0.739, the same heads picked.
-WIDE_ROUTER = dict(rows_per_cta=256, threads=256, block_m=32, min_ctas_per_sm=2)
 OVERLAPPED_STAGES = 4  # key tiles in flight in the overlapped driver
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of `device` (the current CUDA device when it names no index)."""
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def key_splits_for(device: torch.device, ctas: int, num_keys: int) -> int:
@@ -314,96 +297,6 @@ def radix_shape(num_rows: int, sm_count: int, vector_loads_fit: bool) -> dict:
     return dict(topk_program.FEW_ROWS_SHAPE if few else topk_program.MANY_ROWS_SHAPE)
 
 
-def _router_program_applies(contiguous: bool | None, router: str) -> bool:
-    """Whether the router programs take a chunk: they sum block scores over each query's range [ks, ke), which is
-    exact unless the mask has known holes (those take the reference's block visibility); unknown contiguity
-    (sync-free decode) routes over [ks, ke), as the dynamic path does for every causal / padding mask."""
-    return contiguous is not False and router == "sum"
-
-
-def _router_operands(q: torch.Tensor, pooled: torch.Tensor,
-                     weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q [B, c·H, D] bf16, Pooled bf16, W fp32), contiguous, as both router programs take them."""
-    batch, num_queries, heads, dim = q.shape
-    return (q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16).contiguous(),
-            pooled.to(torch.bfloat16).contiguous(), weights.float().contiguous())
-
-
-def router_shape(heads: int, batch: int, num_queries: int, device: torch.device) -> dict:
-    """Build options of the router programs for a call: WIDE_ROUTER when its CTAs fill the GPU, else the default."""
-    wide_ctas = batch * -(-num_queries // queries_per_cta(heads, WIDE_ROUTER["rows_per_cta"]))
-    fits = heads <= WIDE_ROUTER["rows_per_cta"]
-    return WIDE_ROUTER if fits and wide_ctas >= 2 * _sm_count(device) else {}
-
-
-def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
-                             block_size: int, softmax_scale: float, router: str = "sum",
-                             tail: TailBlock | None = None) -> torch.Tensor:
-    """MISA's router score [B, c, H], fused in one kernel (see `router.py`); masks with holes use the reference.
-
-    The fused program sums; router="max" runs the reference's steps on the tensor cores (bf16 matmul, then the max)
-    until a max variant of the program has been checked on a GPU. With a `tail`, the program sums the full blocks
-    only (each query's range ends at its tail block's start) and the tail block's own score is added here.
-    """
-    ks, ke, contiguous = chunk.key_range
-    if not _router_program_applies(contiguous, router):
-        return reference_head_importance(q, weights, pooled, chunk, block_size, softmax_scale, router,
-                                         scores_fn=bf16_head_scores, tail=tail)
-    heads, dim = q.shape[2:]
-    q_rows, pooled_bf16, weights_fp32 = _router_operands(q, pooled, weights)
-    full_block_ends = ke if tail is None else tail.full_block_ends(ke)
-    shape = router_shape(heads, q.shape[0], q.shape[1], q.device)
-    importance = build_head_importance(heads, dim, block_size, **shape)()(
-        q_rows, pooled_bf16, weights_fp32, ks.contiguous(), full_block_ends.contiguous())
-    if tail is not None:
-        importance = importance + tail.scores(q, bf16_head_scores, 1.0) * weights.abs()
-    return importance * softmax_scale  # ReLU(s·x) = s·ReLU(x): the scale is applied once at the end
-
-
-@functools.lru_cache(maxsize=None)
-def _unit_head_scale(heads: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(heads, device=device)
-
-
-def causal_tail_means(keys: torch.Tensor, chunk: ChunkMask, block_size: int) -> torch.Tensor | None:
-    """Each query's mean tail key [B, c, D] bf16 (`TailBlock.means`) for a causal prefill chunk without a mask, by one
-    launch (`router.build_causal_tail_means`); None elsewhere (decode steps, masks): the routing program then reads
-    the tails from the key cache itself, which costs little for a few queries and launches nothing more."""
-    if chunk.mask is not None or chunk.sync_free or not TailBlock.uses_prefix_sums(chunk, keys.shape[1], block_size):
-        return None
-    batch, _, dim = keys.shape
-    means = torch.empty(batch, chunk.rows.stop - chunk.rows.start, dim, dtype=torch.bfloat16, device=keys.device)
-    first_end = chunk.rows.start + chunk.num_keys - chunk.num_queries + 1  # the chunk's first query sees [0, first_end)
-    build_causal_tail_means(dim, block_size)()(keys, first_end, means)
-    return means
-
-
-def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
-                   block_size: int, active_heads: int, softmax_scale: float, head_scale: torch.Tensor | None = None,
-                   router: str = "sum", tail_means: bool = True,
-                   split_tiles: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """MISA's whole routing step in one program (`router.build_head_importance` with `active_heads`): router
-    score with the tail block, head pick and gathers. (q_routed [B, c, A, D] bf16, w_routed [B, c, A] fp32), or None
-    where it does not apply (masks with holes, router="max"): then `route_queries` takes its steps one by one.
-    The softmax scale multiplies every importance alike, so the pick runs without it. `tail_means`: a causal prefill
-    chunk's tails come in as mean keys (`causal_tail_means`; False: read by the program, the path before);
-    `split_tiles`: as in the program (False: every tile tested, the program before)."""
-    ks, ke, contiguous = chunk.key_range
-    if not _router_program_applies(contiguous, router):
-        return None
-    batch, num_queries, heads, dim = q.shape
-    scale = _unit_head_scale(heads, q.device) if head_scale is None else head_scale.to(q.device, torch.float32)
-    q_rows, pooled_bf16, weights_fp32 = _router_operands(q, pooled, weights)
-    shape = router_shape(heads, batch, num_queries, q.device)
-    keys_bf16 = keys.to(torch.bfloat16).contiguous()
-    means = causal_tail_means(keys_bf16, chunk, block_size) if tail_means else None
-    program = build_head_importance(heads, dim, block_size, active_heads=active_heads, tail_means=means is not None,
-                                    split_tiles=split_tiles, **shape)
-    q_routed, w_routed, _, _ = program()(q_rows, pooled_bf16, keys_bf16 if means is None else means, weights_fp32,
-                                         scale.contiguous(), ks.contiguous(), ke.contiguous())
-    return q_routed.view(batch, num_queries, active_heads, dim), w_routed
-
-
 def tilelang_candidate_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                               softmax_scale: float) -> torch.Tensor:
     """Full-head scores of each query's candidate keys [B, c, C], gathered on chip (see `gathered.py`)."""
@@ -417,12 +310,6 @@ def tilelang_candidate_logits(q: torch.Tensor, weights: torch.Tensor, keys: torc
         rows,
     )
     return logits.view(batch, num_queries, -1)
-
-
-def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """Per-head ReLU scores for the small steps (router, re-rank, block filter) on the tensor cores in bf16."""
-    scores = torch.matmul(q.to(torch.bfloat16), keys.to(torch.bfloat16).transpose(-1, -2))
-    return scores.float().mul_(softmax_scale).relu_()
 
 
 TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda heads, keys: 3 * keys * 4,

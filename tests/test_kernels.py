@@ -379,7 +379,7 @@ def test_fused_select_matches_reference(batch, num_queries, num_keys, heads, k, 
     (3, 5, 4099, 32, 64, [0, 1, 4000]),
 ])
 def test_router_kernel_matches_reference(batch, num_queries, num_keys, heads, block_size, pads):
-    from transformers_misa.kernels.scorer import tilelang_head_importance
+    from transformers_misa.kernels.routing import tilelang_head_importance
 
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=2)
     mask = _padded_causal_mask(batch, num_queries, num_keys, pads)

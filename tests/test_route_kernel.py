@@ -27,16 +27,16 @@ def test_routing_kernel_compiles_for_sm90a(heads, active_heads):
 
 
 def test_wide_routing_kernel_compiles_for_sm90a():
-    """The prefill shape (`scorer.WIDE_ROUTER`: 256 query rows, registers capped for two CTAs per SM), with the tail
+    """The prefill shape (`routing.WIDE_ROUTER`: 256 query rows, registers capped for two CTAs per SM), with the tail
     means a prefill hands it; tiles every query sees whole skip the visibility test (a branch per tile)."""
     _tilelang_or_skip()
-    from transformers_misa.kernels import scorer
+    from transformers_misa.kernels import routing
     from transformers_misa.kernels.router import build_head_importance
 
     kernel = build_head_importance(64, 128, 128, active_heads=8, arch="sm_90a", tail_means=True,
-                                   **scorer.WIDE_ROUTER)()
+                                   **routing.WIDE_ROUTER)()
     source = kernel.get_kernel_source()
-    assert f"__launch_bounds__(384, {scorer.WIDE_ROUTER['min_ctas_per_sm']})" in source
+    assert f"__launch_bounds__(384, {routing.WIDE_ROUTER['min_ctas_per_sm']})" in source
     assert "whole_from" in source and "whole_to" in source, "no split between whole and tested tiles"
 
 
@@ -58,7 +58,7 @@ def test_route_hands_causal_prefill_chunks_their_tail_means(monkeypatch, rows, s
     """A causal prefill chunk's tails go in as mean keys (one launch over the chunk's keys), elsewhere the program
     reads its tail keys itself (nothing launched before it: decode steps stay graph-safe and cheap)."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")
-    from transformers_misa.kernels import scorer
+    from transformers_misa.kernels import routing
 
     seen = {}
 
@@ -76,9 +76,9 @@ def test_route_hands_causal_prefill_chunks_their_tail_means(monkeypatch, rows, s
                     None, None)
         return lambda: run
 
-    monkeypatch.setattr(scorer, "build_causal_tail_means", means_program)
-    monkeypatch.setattr(scorer, "build_head_importance", routing_program)
-    monkeypatch.setattr(scorer, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(routing, "build_causal_tail_means", means_program)
+    monkeypatch.setattr(routing, "build_head_importance", routing_program)
+    monkeypatch.setattr(routing, "_sm_count", lambda device: 132)
     generator = torch.Generator().manual_seed(0)
     keys, count = torch.randn(1, 300, 128, generator=generator), rows.stop - rows.start
     q, weights = torch.randn(1, count, 8, 128, generator=generator), torch.randn(1, count, 8, generator=generator)
@@ -87,7 +87,7 @@ def test_route_hands_causal_prefill_chunks_their_tail_means(monkeypatch, rows, s
         mask = torch.ones(300, 300).tril().bool().unsqueeze(0)
         mask[..., :7] = False
     chunk = ChunkMask(mask, rows, 1, 300, 300, keys.device, sync_free=sync_free)
-    scorer.tilelang_route(q, weights, keys, reference.pooled_keys(keys, mask, 16), chunk, 16, 2, SCALE)
+    routing.tilelang_route(q, weights, keys, reference.pooled_keys(keys, mask, 16), chunk, 16, 2, SCALE)
     assert seen["tail_means"] is expected
     if expected:
         assert seen["first_end"] == rows.start + 1
@@ -115,13 +115,13 @@ def test_routing_kernel_refuses_more_active_heads_than_heads():
 
 def test_router_shape_is_wide_only_where_it_fills_the_gpu(monkeypatch):
     pytest.importorskip("tilelang", reason="TileLang is not installed")
-    from transformers_misa.kernels import scorer
+    from transformers_misa.kernels import routing
 
-    monkeypatch.setattr(scorer, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(routing, "_sm_count", lambda device: 132)
     cpu = torch.device("cpu")
-    assert scorer.router_shape(64, 1, 65536, cpu) == scorer.WIDE_ROUTER  # a prefill chunk
-    assert scorer.router_shape(64, 32, 4, cpu) == {}  # a decode step: 32 CTAs either way
-    assert scorer.router_shape(512, 1, 65536, cpu) == {}  # more heads than one wide CTA holds
+    assert routing.router_shape(64, 1, 65536, cpu) == routing.WIDE_ROUTER  # a prefill chunk
+    assert routing.router_shape(64, 32, 4, cpu) == {}  # a decode step: 32 CTAs either way
+    assert routing.router_shape(512, 1, 65536, cpu) == {}  # more heads than one wide CTA holds
 
 
 def test_router_refuses_a_cta_wider_than_one_wgmma():
@@ -195,10 +195,10 @@ def test_failing_fused_routing_falls_back_to_the_steps(monkeypatch):
                          ids=["tail-keys", "tail-means", "every-tile-tested"])
 def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_keys, heads, block_size, pads, scaled,
                                                      wide, options):
-    from transformers_misa.kernels import scorer
+    from transformers_misa.kernels import routing
     from transformers_misa.kernels.router import build_head_importance
 
-    shape = scorer.WIDE_ROUTER if wide else {}  # the prefill shape, or the default (decode)
+    shape = routing.WIDE_ROUTER if wide else {}  # the prefill shape, or the default (decode)
     active_heads = 8
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=4)
     mask = _padded_causal_mask(batch, num_queries, num_keys, pads)
@@ -235,7 +235,7 @@ def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_key
     (1, 4096, 4096, slice(3968, 4096), 128),  # the last chunk, starting on a block boundary
 ])
 def test_causal_tail_means_program_matches_the_tail_block(batch, num_queries, num_keys, rows, block_size):
-    from transformers_misa.kernels.scorer import causal_tail_means
+    from transformers_misa.kernels.routing import causal_tail_means
 
     _, keys, _ = _inputs(batch, num_queries, num_keys, 8, seed=7)
     chunk = ChunkMask(None, rows, batch, num_queries, num_keys, keys.device)
@@ -250,7 +250,7 @@ def test_causal_tail_means_program_matches_the_tail_block(batch, num_queries, nu
 @pytest.mark.gpu
 def test_fused_routing_replays_in_a_cuda_graph():
     """A decode step's routing has no host sync: captured once, replayed on new inputs, it routes as run eagerly."""
-    from transformers_misa.kernels.scorer import tilelang_route
+    from transformers_misa.kernels.routing import tilelang_route
 
     q, keys, weights = _inputs(4, 2, 3000, 64, seed=5)
     pooled = reference.pooled_keys(keys, None, 128)
