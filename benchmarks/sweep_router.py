@@ -34,9 +34,9 @@ VARIANTS = {  # name -> build options
     "rows256_threads256_block_m32_2ctas": dict(rows_per_cta=256, threads=256, block_m=32, min_ctas_per_sm=2),
     "rows128_threads128_block_m32_3ctas": dict(rows_per_cta=128, threads=128, block_m=32, min_ctas_per_sm=3),
     "rows128_threads128_block_m64_2ctas": dict(rows_per_cta=128, threads=128, block_m=64, min_ctas_per_sm=2),
-    # The prefill shape (routing.WIDE_ROUTER) with its tails as mean keys computed beforehand (what the indexer hands
-    # a prefill chunk), and with every tile's scores tested against each row's visible blocks (the program before
-    # the whole tiles skipped that test).
+    # The prefill shape (routing.WIDE_ROUTER) with its tails as mean keys computed beforehand (as a causal prefill
+    # chunk gets them; here from TailBlock, outside the timing), and with every tile's scores tested against each
+    # row's visible blocks (the program before whole tiles skipped that test).
     "wide_tail_means": dict(WIDE_ROUTER, tail_means=True),
     "wide_every_tile_tested": dict(WIDE_ROUTER, split_tiles=False),
     "wide_every_tile_tested_tail_means": dict(WIDE_ROUTER, split_tiles=False, tail_means=True),
