@@ -367,16 +367,19 @@ def test_wrong_pooled_block_count_is_rejected():
                   pooled=torch.zeros(2, 4, 16))
 
 
-@pytest.mark.parametrize("rows", [slice(0, 40), slice(17, 40), slice(24, 33)])
-def test_tail_block_sums_only_the_keys_its_tails_span(rows):
+@pytest.mark.parametrize("rows,num_queries", [(slice(0, 40), 40), (slice(17, 40), 40), (slice(24, 33), 40),
+                                              (slice(5, 30), 30)])
+def test_tail_block_sums_only_the_keys_its_tails_span(rows, num_queries):
     """Without a mask a chunk's tails lie in a window of the cache known on the host: summing only that window gives
-    the same means, bit for bit, as summing the whole cache (the block-local prefix sums restart at the same keys)."""
+    the same means, bit for bit, as summing the whole cache (the block-local prefix sums restart at the same keys).
+    The last case has 10 cached keys before its 30 queries."""
     generator = torch.Generator().manual_seed(3)
     keys = torch.randn(2, 40, 16, generator=generator)
-    chunk = blocks.ChunkMask(None, rows, 2, 40, 40, keys.device)
+    chunk = blocks.ChunkMask(None, rows, 2, num_queries, 40, keys.device)
     assert blocks.TailBlock.uses_prefix_sums(chunk, 40, 8)
     low, high = chunk.tail_key_window(8)
-    assert low % 8 == 0 and low <= rows.start + 1 and high == rows.stop
+    offset = 40 - num_queries
+    assert low % 8 == 0 and low <= offset + rows.start + 1 and high == offset + rows.stop
     tail = blocks.TailBlock(keys, chunk, 8)
     ks, ke, _ = chunk.key_range
     start = ke.long() // 8 * 8
