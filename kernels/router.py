@@ -39,6 +39,16 @@ def _tail_block(ks, ke, block_size: int):
     return start, T.And(ke > start, ke > ks)
 
 
+def _full_blocks(ks, ke, block_size: int, routing: bool):
+    """(first block, end block) of the pooled blocks a query seeing keys [ks, ke) sums; with `routing` (Python-level)
+    only its full blocks, ending where its tail block starts (the routing program adds the tail on its own)."""
+    full_end = ke
+    if routing:
+        start, has_tail = _tail_block(ks, ke, block_size)
+        full_end = T.if_then_else(has_tail, start, ke)
+    return ks // block_size, T.if_then_else(full_end > ks, T.ceildiv(full_end, block_size), 0)
+
+
 @functools.lru_cache(maxsize=None)
 def build_head_importance(heads: int, dim: int, block_size: int, active_heads: int = 0, block_m: int = 64,
                           num_stages: int = 2, threads: int = 256, rows_per_cta: int = ROWS_PER_CTA,
@@ -126,15 +136,13 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                 for r in T.Parallel(rows):
                     query = T.min(q0 + r // heads, num_queries - 1)
                     ks, ke = KS[bb, query], KE[bb, query]
-                    full_end = ke
-                    if routing:  # Python-level: the full blocks end where the tail block starts
+                    if routing and not tail_means:  # Python-level: the tail's keys, read from the cache below
                         start, has_tail = _tail_block(ks, ke, block_size)
-                        full_end = T.if_then_else(has_tail, start, ke)
-                        if not tail_means:  # Python-level: the tail's keys, read from the cache below
-                            tail_first[r] = T.if_then_else(has_tail, T.max(ks, start), 0)
-                            tail_end[r] = T.if_then_else(has_tail, ke, 0)
-                    first_block[r] = ks // block_size
-                    end_block[r] = T.if_then_else(full_end > ks, T.ceildiv(full_end, block_size), 0)
+                        tail_first[r] = T.if_then_else(has_tail, T.max(ks, start), 0)
+                        tail_end[r] = T.if_then_else(has_tail, ke, 0)
+                    first, end = _full_blocks(ks, ke, block_size, routing)
+                    first_block[r] = first
+                    end_block[r] = end
                 T.clear(running)
                 last_end = 0
                 first_lo = unset
@@ -148,18 +156,15 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     query = T.min(q0 + i, num_queries - 1)
                     ks, ke = KS[bb, query], KE[bb, query]
                     last_end = T.max(last_end, T.ceildiv(ke, block_size))
-                    full_end = ke
-                    if routing:  # Python-level
+                    if routing and not tail_means:  # Python-level: the key range holding the CTA's tail blocks
                         start, has_tail = _tail_block(ks, ke, block_size)
-                        full_end = T.if_then_else(has_tail, start, ke)
-                        if not tail_means:  # Python-level: the key range holding the CTA's tail blocks
-                            if has_tail:
-                                tail_lo = T.min(tail_lo, start)
-                                tail_hi = T.max(tail_hi, ke)
+                        if has_tail:
+                            tail_lo = T.min(tail_lo, start)
+                            tail_hi = T.max(tail_hi, ke)
                     if split_tiles:  # Python-level: the blocks every query sees (none if one sees no full block)
-                        first_lo = T.min(first_lo, ks // block_size)
-                        first_hi = T.max(first_hi, ks // block_size)
-                        end = T.if_then_else(full_end > ks, T.ceildiv(full_end, block_size), 0)
+                        first, end = _full_blocks(ks, ke, block_size, routing)
+                        first_lo = T.min(first_lo, first)
+                        first_hi = T.max(first_hi, first)
                         end_lo = T.min(end_lo, end)
                         end_hi = T.max(end_hi, end)
 
@@ -282,8 +287,7 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
 def build_causal_tail_means(dim: int, block_size: int, arch: str | None = None):
     """Compiles the tail means of a causal prefill chunk: (Keys [B, T, D] bf16, first_end int32, Means [B, c, D] bf16,
     written in place), query i seeing keys [0, first_end + i); its mean over its partly visible last block, zero on a
-    block
-    boundary (`ops.blocks.TailBlock.means` of the chunk, summed in fp32). One CTA per key block: the block is staged
+    block boundary (`ops.blocks.TailBlock.means` of the chunk, summed in fp32). One CTA per key block: the block is staged
     in shared memory and each thread keeps one dimension's running sum, writing the mean at every query's last key;
     one launch where the PyTorch prefix sums took ~25."""
     target = compile_target(arch)
