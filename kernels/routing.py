@@ -88,8 +88,7 @@ def causal_tail_means(keys: torch.Tensor, chunk: ChunkMask, block_size: int) -> 
         return None
     batch, _, dim = keys.shape
     means = torch.empty(batch, chunk.rows.stop - chunk.rows.start, dim, dtype=torch.bfloat16, device=keys.device)
-    first_end = chunk.rows.start + chunk.num_keys - chunk.num_queries + 1  # the chunk's first query sees [0, first_end)
-    build_causal_tail_means(dim, block_size)()(keys, first_end, means)
+    build_causal_tail_means(dim, block_size)()(keys, chunk.first_query_end(), means)
     return means
 
 

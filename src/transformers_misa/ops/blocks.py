@@ -154,13 +154,17 @@ class ChunkMask:
             return self.width
         return remembered(self.mask, self._fact("visible_end"), lambda: int(self.key_range[1].max()))
 
+    def first_query_end(self) -> int:
+        """Without a mask: one past the last key the chunk's first query sees (the queries sit at the last positions,
+        each seeing one key more than the one before)."""
+        return self.rows.start + self.num_keys - self.num_queries + 1
+
     def tail_key_window(self, block_size: int) -> tuple[int, int | None]:
         """Keys [low, high) holding every query's tail block (see `TailBlock`): known on the host without a mask
         (the queries' ends are consecutive), else the whole cache (0, None)."""
         if self.mask is not None:
             return 0, None
-        first_end = self.rows.start + self.num_keys - self.num_queries + 1
-        return first_end // block_size * block_size, self.visible_end()
+        return self.first_query_end() // block_size * block_size, self.visible_end()
 
     @property
     def key_range(self) -> tuple[torch.Tensor, torch.Tensor, bool | None]:
