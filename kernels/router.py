@@ -114,11 +114,12 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                 total = T.alloc_fragment((rows,), T.float32)
                 first_block = T.alloc_fragment((rows,), T.int32)
                 end_block = T.alloc_fragment((rows,), T.int32)
-                last_end = T.alloc_var(T.int32)
-                first_lo = T.alloc_var(T.int32)  # the CTA's lowest / highest first visible block
-                first_hi = T.alloc_var(T.int32)
-                end_lo = T.alloc_var(T.int32)  # the CTA's lowest / highest end of the full visible blocks
-                end_hi = T.alloc_var(T.int32)
+                last_end = None if split_tiles else T.alloc_var(T.int32)  # the tiles' end, every tile tested
+                if split_tiles:  # Python-level: the CTA's lowest / highest first block and end of full blocks
+                    first_lo = T.alloc_var(T.int32)
+                    first_hi = T.alloc_var(T.int32)
+                    end_lo = T.alloc_var(T.int32)
+                    end_hi = T.alloc_var(T.int32)
                 q0 = bq * block_q
                 if routing:  # Python-level: the tail block and the head pick
                     k_shared = T.alloc_shared((block_m, dim), T.bfloat16)  # tail keys, or the queries' tail means
@@ -144,18 +145,21 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     first_block[r] = first
                     end_block[r] = end
                 T.clear(running)
-                last_end = 0
-                first_lo = unset
-                first_hi = 0
-                end_lo = unset
-                end_hi = 0
+                if not split_tiles:  # Python-level
+                    last_end = 0
+                if split_tiles:  # Python-level
+                    first_lo = unset
+                    first_hi = 0
+                    end_lo = unset
+                    end_hi = 0
                 if routing and not tail_means:
                     tail_lo = unset
                     tail_hi = 0
                 for i in T.serial(block_q):
                     query = T.min(q0 + i, num_queries - 1)
                     ks, ke = KS[bb, query], KE[bb, query]
-                    last_end = T.max(last_end, T.ceildiv(ke, block_size))
+                    if not split_tiles:  # Python-level
+                        last_end = T.max(last_end, T.ceildiv(ke, block_size))
                     if routing and not tail_means:  # Python-level: the key range holding the CTA's tail blocks
                         start, has_tail = _tail_block(ks, ke, block_size)
                         if has_tail:
@@ -287,9 +291,9 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
 def build_causal_tail_means(dim: int, block_size: int, arch: str | None = None):
     """Compiles the tail means of a causal prefill chunk: (Keys [B, T, D] bf16, first_end int32, Means [B, c, D] bf16,
     written in place), query i seeing keys [0, first_end + i); its mean over its partly visible last block, zero on a
-    block boundary (`ops.blocks.TailBlock.means` of the chunk, summed in fp32). One CTA per key block: the block is staged
-    in shared memory and each thread keeps one dimension's running sum, writing the mean at every query's last key;
-    one launch where the PyTorch prefix sums took ~25."""
+    block boundary (`ops.blocks.TailBlock.means` of the chunk, summed in fp32). One CTA per key block: the block is
+    staged in shared memory and each thread keeps one dimension's running sum, writing the mean at every query's last
+    key; one launch where the PyTorch prefix sums took ~25."""
     target = compile_target(arch)
 
     @tilelang.jit(target=target)
