@@ -27,8 +27,7 @@ import torch
 from transformers_misa.kernels.scorer import (TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FP8_SCORER,
                                               TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
                                               TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
-                                              TILELANG_THRESHOLD_SCORER, TILELANG_TWO_PASS_TOPK_SCORER,
-                                              logits_options)
+                                              TILELANG_THRESHOLD_SCORER, logits_options)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
@@ -126,9 +125,6 @@ def methods(heads: int, deepseek_kernel):
         # the routing program reading a prefill's tails from the key cache, and also testing every tile
         "misa8_tail_keys": _misa(reference.misa_topk, TILELANG_TAIL_KEYS_SCORER),
         "misa8_every_tile_tested": _misa(reference.misa_topk, TILELANG_EVERY_TILE_TESTED_SCORER),
-        # the top-k reading every prefill row twice (before its one-read path)
-        f"dsa{heads}_two_pass_topk": _dsa(TILELANG_TWO_PASS_TOPK_SCORER),
-        "misa8_two_pass_topk": _misa(reference.misa_topk, TILELANG_TWO_PASS_TOPK_SCORER),
         # the wide top-k via a sampled threshold
         f"dsa{heads}_threshold": _dsa(TILELANG_THRESHOLD_SCORER),
         "misa8_threshold": _misa(reference.misa_topk, TILELANG_THRESHOLD_SCORER),
@@ -257,7 +253,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
             table = methods(heads, None)
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
                                 for name in (f"dsa{heads}_kernel", f"dsa{heads}_pipelined", "misa8", "misa8_pipelined",
-                                             "misa8_plain_layout", f"dsa{heads}_two_pass_topk", "misa8_two_pass_topk",
+                                             "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}
         results.append(row)

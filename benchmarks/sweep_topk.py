@@ -1,5 +1,4 @@
-"""Variant sweep of the radix top-k (threads per CTA, loads in flight per thread, two-pass or one-read path) on real
-indexer logits.
+"""Variant sweep of the radix top-k (threads per CTA, loads in flight per thread) on real indexer logits.
 
 Two workloads, the ones the indexer gives it: causal prefill rows of a 64K context (one row per 16th query, so the
 rows' widths average half the context, as a whole prefill's do) and decode rows (batch 32 x 1 and 4 queries, 128K
@@ -19,8 +18,7 @@ import torch
 from bench_indexer import DIM, SCALE, TOPK, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
-from transformers_misa.kernels.topk import (BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, MANY_ROWS_VECTOR_SHAPE,
-                                            STREAM_SHAPE, UNROLL, build_radix_topk)
+from transformers_misa.kernels.topk import BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, UNROLL, build_radix_topk
 
 VARIANTS = {  # name -> build options
     "default": {},
@@ -49,18 +47,6 @@ VARIANTS = {  # name -> build options
     "vector4_unroll2": dict(vector=4, unroll=2),
     "few_rows_vector4_unroll2": dict(FEW_ROWS_SHAPE, vector=4, unroll=2),
     "few_rows_vector4_unroll4": dict(FEW_ROWS_SHAPE, vector=4, unroll=4),
-    "many_rows_vector": dict(MANY_ROWS_VECTOR_SHAPE),
-    # the one-read path (topk_stream.py): shared slots, loop steps per floor update, CTAs per SM
-    "stream": dict(STREAM_SHAPE),
-    "stream_update1": dict(STREAM_SHAPE, update_every=1),
-    "stream_update8": dict(STREAM_SHAPE, update_every=8),
-    "stream_12k_round2": dict(vector=4, unroll=1, round_steps=2, stream_capacity=12288, min_ctas_per_sm=2),
-    "stream_12k_unroll2": dict(STREAM_SHAPE, unroll=2),
-    "stream_8k": dict(STREAM_SHAPE, stream_capacity=8192),
-    "stream_6k_ctas3": dict(STREAM_SHAPE, stream_capacity=6144, min_ctas_per_sm=3),
-    "stream_threads256_6k_ctas3": dict(STREAM_SHAPE, threads=256, unroll=2, stream_capacity=6144,
-                                       min_ctas_per_sm=3),
-    "stream_threads1024_16k": dict(STREAM_SHAPE, threads=1024, stream_capacity=16384, min_ctas_per_sm=0),
 }
 HEADS = 8
 
@@ -105,9 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             row = {"workload": workload, "variant": name, "threads": options.get("threads", 512),
                    "unroll": options.get("unroll", UNROLL), "buffer": options.get("buffer", BUFFER),
                    "min_ctas_per_sm": options.get("min_ctas_per_sm", 0),
-                   "value_filter": options.get("value_filter", True), "vector": options.get("vector", 1),
-                   "stream_capacity": options.get("stream_capacity", 0), "round_steps": options.get("round_steps", 2),
-                   "update_every": options.get("update_every", 1)}
+                   "value_filter": options.get("value_filter", True), "vector": options.get("vector", 1)}
             if errors[name]:
                 row["error"] = errors[name]
             else:

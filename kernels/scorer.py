@@ -237,35 +237,34 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                            softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
                            interleaved: bool = True, overlapped: bool = True,
-                           out: torch.Tensor | None = None, stream_topk: bool = True) -> torch.Tensor:
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
     `threshold=True` (TILELANG_THRESHOLD_SCORER) sends wide prefill rows (`uses_threshold_filter`) through the
     sampled threshold instead, which writes only a few thousand candidates per query (`ops.threshold`; the same
     selection). Off by default: on an H100 it measured slower than the dense path for MISA-8 (see the README).
-    `out`: where the radix select may write the indices (see `radix_topk`); `stream_topk`: its one-read path.
+    `out`: where the radix select may write the indices (see `radix_topk`).
     """
     ks, ke, contiguous = chunk.key_range
     width = keys.shape[1]
     if not contiguous or width < RADIX_MIN_WIDTH or k > width:
         logits = tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved, overlapped)
-        return radix_topk(logits, k, out=out, stream=stream_topk)
+        return radix_topk(logits, k, out=out)
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved,
                      overlapped=overlapped)
-    return radix_topk(logits, k, ends=ke, out=out, stream=stream_topk)
+    return radix_topk(logits, k, ends=ke, out=out)
 
 
 def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
-               out: torch.Tensor | None = None, stream: bool = True) -> torch.Tensor:
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Indices [..., k] of the k largest of each row (unordered), by the radix-select kernel on wide rows.
 
     ends [...]: each row's columns from `ends` on count as -inf and are never read (None: every column is read).
     out [..., k]: written in place and returned where the kernel runs and `out` is a contiguous int32 tensor (a
     query chunk's slice of the whole output: no copy afterwards); otherwise a new tensor comes back.
-    stream: many rows take the one-read path where `radix_shape` has one (False: the two-pass program).
     """
     width = scores.shape[-1]
     if width < RADIX_MIN_WIDTH or k > width:
@@ -274,7 +273,7 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
             scores = scores.masked_fill(columns >= ends.unsqueeze(-1), float("-inf"))
         return top_indices(scores, k)
     rows = scores.reshape(-1, width).float().contiguous()
-    shape = radix_shape(rows.shape[0], _sm_count(rows.device), width % 4 == 0 and rows.data_ptr() % 16 == 0, stream)
+    shape = radix_shape(rows.shape[0], _sm_count(rows.device), width % 4 == 0 and rows.data_ptr() % 16 == 0)
     if shape.get("vector", 1) > 1:
         rows = rows.view(rows.shape[0], -1, shape["vector"])
     if ends is None:
@@ -287,14 +286,11 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
     return build_radix_topk(k, **shape)()(rows, row_ends).view(*scores.shape[:-1], k)
 
 
-def radix_shape(num_rows: int, sm_count: int, vector_loads_fit: bool, stream: bool = True) -> dict:
+def radix_shape(num_rows: int, sm_count: int, vector_loads_fit: bool) -> dict:
     """The radix program's build options for `num_rows` rows: a decode step's few rows (one wave) take wide CTAs, a
     prefill's many rows four CTAs per SM; each with 16-byte loads where `vector_loads_fit` (rows 16-byte aligned, width
-    a multiple of 4) and that shape has a vector variant (`topk.*_VECTOR_SHAPE`); many rows with `stream` take the
-    one-read path where it has a shape (`topk.MANY_ROWS_STREAM_SHAPE`, vector loads too)."""
+    a multiple of 4) and that shape has a vector variant (`topk.*_VECTOR_SHAPE`)."""
     few = num_rows <= 2 * sm_count
-    if stream and not few and vector_loads_fit and topk_program.MANY_ROWS_STREAM_SHAPE is not None:
-        return dict(topk_program.MANY_ROWS_STREAM_SHAPE)
     vector = topk_program.FEW_ROWS_VECTOR_SHAPE if few else topk_program.MANY_ROWS_VECTOR_SHAPE
     if vector_loads_fit and vector is not None:
         return dict(vector)
@@ -363,8 +359,3 @@ TILELANG_TAIL_KEYS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-
 TILELANG_EVERY_TILE_TESTED_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-every-tile-tested",
     route=functools.partial(tilelang_route, tail_means=False, split_tiles=False))
-
-# The top-k's two-pass program for every row (before the one-read path), kept so that the benchmark times both.
-TILELANG_TWO_PASS_TOPK_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-two-pass-topk", topk=functools.partial(radix_topk, stream=False),
-    fused_select=functools.partial(tilelang_select_tokens, stream_topk=False))

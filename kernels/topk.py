@@ -24,8 +24,6 @@ import tilelang
 import tilelang.language as T
 
 from .common import compile_target
-from .topk_keys import NEG_INF_KEY, column_key, lowest_value_with_key, order_key
-from .topk_stream import build_stream, stream_shape_errors
 
 RADIX_BITS = (12, 12, 8)  # most significant first; sums to 32
 # Row elements each thread loads per loop step, all issued before any is used. Many rows (prefill) fill the GPU with
@@ -43,24 +41,43 @@ MANY_ROWS_SHAPE = dict(min_ctas_per_sm=4)
 # decode 128K, batch 32, 1 / 4 queries 0.0491 / 0.0607 against 0.0499 / 0.0637 ms; the same sets selected.
 FEW_ROWS_VECTOR_SHAPE: dict | None = dict(FEW_ROWS_SHAPE, vector=4, unroll=4)
 MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1)
-# The one-read path (`topk_stream.py`): 12288 shared slots (96 KiB) leave room for two CTAs per SM; the floor rises
-# after rounds 1, 2, 4, 8 and every 4th. Exact (GPU tests), but slower than the two-pass vector shape on every
-# workload of benchmarks/sweep_topk.py (H200, sweep_topk-20261203-153535-one-read-not-kept.json: 64K causal rows
-# 0.63-1.10 ms over nine shapes against 0.42), so no row count takes it (None).
-MANY_ROWS_STREAM_SHAPE: dict | None = None
-STREAM_SHAPE = dict(vector=4, unroll=1, round_steps=1, update_every=4, stream_capacity=12288, min_ctas_per_sm=2)
+# Tried and not kept (git 280dfb6): a one-read path keeping each row's values above a running floor in shared memory
+# instead of reading the row twice; exact, but 0.63-1.10 ms against 0.42 for 64K causal rows (H200,
+# sweep_topk-20261203-153535-one-read-not-kept.json): its slots leave room for two CTAs per SM, not four.
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
+NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
 WARP_SCAN_OFFSETS = (1, 2, 4, 8, 16)
 # Shared-memory slots for the keys of the k-th key's first-level bin (8 bytes each); a fuller bin re-reads the row.
 BUFFER = 4096
 
 
+def _lowest_value_with_key(key):
+    """uint32 order key -> the smallest float32 whose `_order_key` is at least `key` (key 0: -inf), so that a
+    float compare with it tells which values reach that key (the inverse of `_order_key`)."""
+    magnitude_bits = T.if_then_else(key >= T.uint32(0x80000000), key - T.uint32(0x80000000),
+                                    T.uint32(0x80000000) | (T.uint32(0x80000000) - key))
+    return T.if_then_else(key == T.uint32(0), -T.infinity(T.float32), T.reinterpret(magnitude_bits, T.float32))
+
+
+def _column_key(col):
+    """int32 column -> uint32 whose unsigned order is the reverse column order (the lowest column largest)."""
+    return ~T.cast(col, T.uint32)
+
+
+def _order_key(value):
+    """float32 -> uint32 whose unsigned order is the float order (-inf lowest), branch-free: 2^31 plus the value's
+    magnitude bits, negated for negative values, so that -0.0 and +0.0 share one key (they tie, as in torch)."""
+    bits = T.reinterpret(value, T.int32)
+    sign = bits >> 31  # 0, or -1 for negative values
+    signed_magnitude = ((bits & T.int32(0x7FFFFFFF)) ^ sign) - sign
+    return T.reinterpret(signed_magnitude, T.uint32) + T.uint32(0x80000000)
+
+
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
-                     caller_allocates_out: bool = False, vector: int = 1, stream_capacity: int = 0,
-                     round_steps: int = 2, update_every: int = 1, arch: str | None = None):
+                     caller_allocates_out: bool = False, vector: int = 1, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -72,19 +89,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     caller owns, e.g. a query chunk's slice of the whole output) instead of returning a new tensor.
     `vector` > 1: each thread loads `vector` adjacent floats at once (one 16-byte load for 4): Scores comes as
     [rows, width / vector, vector], so rows must be 16-byte aligned (width a multiple of 4); not with_keys.
-    `stream_capacity` > 0: rows of at least one round's columns (`round_steps` loop steps) take the one-read path
-    (`topk_stream.py`) with this many shared-memory slots, its floor rising after rounds 1, 2, 4, ... and every
-    `update_every`-th, the two-pass path where it cannot finish; not with_keys.
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
-    streaming = stream_capacity > 0
-    if streaming and with_keys:
-        raise ValueError("the one-read path is for the plain top-k (with_keys=False)")
-    if streaming and (errors := stream_shape_errors(threads, vector, unroll, round_steps, stream_capacity, k,
-                                                    update_every)):
-        raise ValueError("stream_capacity: " + "; ".join(errors))
-    slots = max(buffer, stream_capacity)  # the two-pass path's buffer shares the one-read path's slots
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
     per_thread = bins // threads
@@ -135,9 +142,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     tests = ([col < end] if checked else []) + ([values[i] >= floor] if floor is not None else [])
                     if len(tests) > 0:  # Python-level
                         if functools.reduce(T.And, tests):
-                            visit(order_key(values[i]), keys[j] if with_keys else col, context)
+                            visit(_order_key(values[i]), keys[j] if with_keys else col, context)
                     else:
-                        visit(order_key(values[i]), keys[j] if with_keys else col, context)
+                        visit(_order_key(values[i]), keys[j] if with_keys else col, context)
 
         @T.macro
         def for_each_key(source, row, tx, end, values, visit, context, floor=None):
@@ -194,7 +201,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             if key > prefix:
                 slot = T.atomic_add(counters[0], 1, return_prev=True)
                 Out[row, slot] = col
-            elif key == prefix and column_key(col) >= lowest:
+            elif key == prefix and _column_key(col) >= lowest:
                 slot = T.atomic_add(counters[1], 1, return_prev=True)
                 if slot < need:
                     Out[row, k - need + slot] = col
@@ -204,7 +211,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             """Histogram of one digit of the tied keys' column keys (lowest column = largest), within the column
             prefix found so far (a 64-bit shift: the first level's prefix is empty)."""
             hist, prefix, column_prefix, high_shift, shift, digit_mask = context
-            column = column_key(col)
+            column = _column_key(col)
             if key == prefix and (T.cast(column, T.uint64) >> high_shift) == T.cast(column_prefix, T.uint64):
                 T.atomic_add(hist[T.cast((column >> shift) & digit_mask, T.int32)], 1)
 
@@ -244,124 +251,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             Out, row, prefix, need, counters, lowest, slot = context
             take(Out, row, key, col, prefix, need, counters, lowest, slot)
 
-        stream, for_each_kept, per_round = None, None, 0
-        if streaming:
-            stream, for_each_kept, per_round = build_stream(threads, vector, unroll, round_steps, stream_capacity, k,
-                                                            update_every, first_digit, find_kth_bin, clear_histogram)
-
-        @T.macro
-        def resolve_kept(each, gate, Out, row, tx, hist, suffix, found, counters, buffer_keys, buffer_cols,
-                         first_prefix, first_need):
-            """The finer levels, the tie break and the output over keys kept in shared memory, from the k-th key's
-            first-level bin (`first_prefix`) and the keys still needed in it; `each(buffer_keys, buffer_cols, gate,
-            tx, visit, context)` visits the kept keys (`for_each_buffered` or the one-read path's `for_each_kept`)."""
-            prefix = T.alloc_var(T.uint32)
-            need = T.alloc_var(T.int32)
-            ties = T.alloc_var(T.int32)  # keys equal to the k-th key
-            wanted = T.alloc_var(T.int32)
-            lowest = T.alloc_var(T.uint32)  # tie-breaking threshold on column keys (0: every tie qualifies)
-            slot = T.alloc_var(T.int32)
-            prefix = first_prefix
-            need = first_need
-            lowest = T.uint32(0)
-            for bits, high_shift in later_levels:  # unrolled in Python
-                clear_histogram(hist, tx)
-                each(buffer_keys, buffer_cols, gate, tx, count_digit,
-                     (hist, prefix, high_shift, high_shift - bits, (1 << bits) - 1))
-                find_kth_bin(hist, suffix, found, tx, need)
-                prefix = (prefix << bits) | T.cast(found[0], T.uint32)
-                need = need - found[1]
-                ties = found[2]
-                T.sync_threads()
-            if ties > need:  # more ties than needed: the lowest columns win (same radix select)
-                wanted = need
-                for bits, high_shift in LEVELS:  # unrolled in Python
-                    clear_histogram(hist, tx)
-                    each(buffer_keys, buffer_cols, gate, tx, count_column_digit,
-                         (hist, prefix, lowest, high_shift, high_shift - bits, (1 << bits) - 1))
-                    find_kth_bin(hist, suffix, found, tx, wanted)
-                    lowest = (lowest << bits) | T.cast(found[0], T.uint32)
-                    wanted = wanted - found[1]
-                    T.sync_threads()
-            each(buffer_keys, buffer_cols, gate, tx, take_key, (Out, row, prefix, need, counters, lowest, slot))
-
-        @T.macro
-        def two_pass(source, Out, row, tx, end, hist, suffix, found, counters, buffer_keys, buffer_cols, values):
-            """The row read twice: a first-level histogram of every value, then the values at or above the k-th key's
-            bin (only its bin kept); a bin too full for the buffer re-reads the row at every finer level."""
-            prefix = T.alloc_var(T.uint32)
-            need = T.alloc_var(T.int32)
-            in_bin = T.alloc_var(T.int32)
-            ties = T.alloc_var(T.int32)  # keys equal to the k-th key
-            wanted = T.alloc_var(T.int32)
-            lowest = T.alloc_var(T.uint32)  # tie-breaking threshold on column keys (0: every tie qualifies)
-            # the lowest value of the k-th key's first-level bin (None without the value filter)
-            floor = T.alloc_var(T.float32) if value_filter else None
-            slot = T.alloc_var(T.int32)
-            prefix = T.uint32(0)
-            lowest = T.uint32(0)
-            ties = 0
-            need = k
-            # Level 1 over the whole row (from HBM).
-            clear_histogram(hist, tx)
-            for_each_key(source, row, tx, end, values, count_first_digit, hist)
-            if tx == 0 and end < width:  # the unread columns [end, width) are -inf
-                T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
-            find_kth_bin(hist, suffix, found, tx, need)
-            prefix = T.cast(found[0], T.uint32)
-            need = need - found[1]
-            in_bin = found[2]
-            T.sync_threads()
-
-            if in_bin <= buffer and prefix != T.uint32(NEG_INF_KEY >> first_digit):
-                # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
-                # keys in shared memory; the finer levels and the ties are then resolved on chip.
-                # With the value filter only values at or above the bin's lowest float are written or buffered:
-                # one float compare per value instead of its key (a few thousand of a row's values pass).
-                if value_filter:  # Python-level
-                    floor = lowest_value_with_key(prefix << first_digit)
-                for_each_key(source, row, tx, end, values, write_or_buffer,
-                             (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor)
-                T.sync_threads()
-                resolve_kept(for_each_buffered, in_bin, Out, row, tx, hist, suffix, found, counters, buffer_keys,
-                             buffer_cols, prefix, need)
-            else:
-                # The k-th key's bin is too full for the buffer (heavy ties) or is -inf: finer levels re-read
-                # the row, each restricted to the prefix found so far.
-                for bits, high_shift in later_levels:  # unrolled in Python
-                    shift = high_shift - bits
-                    digit_mask = (1 << bits) - 1
-                    clear_histogram(hist, tx)
-                    for_each_key(source, row, tx, end, values, count_digit,
-                                 (hist, prefix, high_shift, shift, digit_mask))
-                    if tx == 0 and end < width and T.uint32(NEG_INF_KEY >> high_shift) == prefix:
-                        T.atomic_add(hist[(NEG_INF_KEY >> shift) & digit_mask], width - end)
-                    find_kth_bin(hist, suffix, found, tx, need)
-                    prefix = (prefix << bits) | T.cast(found[0], T.uint32)
-                    need = need - found[1]
-                    ties = found[2]
-                    T.sync_threads()
-                # Ties at -inf are masked keys: which of them fill up carries no meaning.
-                if ties > need and prefix != T.uint32(NEG_INF_KEY):
-                    wanted = need
-                    for bits, high_shift in LEVELS:  # unrolled in Python
-                        clear_histogram(hist, tx)
-                        for_each_key(source, row, tx, end, values, count_column_digit,
-                                     (hist, prefix, lowest, high_shift, high_shift - bits, (1 << bits) - 1))
-                        find_kth_bin(hist, suffix, found, tx, wanted)
-                        lowest = (lowest << bits) | T.cast(found[0], T.uint32)
-                        wanted = wanted - found[1]
-                        T.sync_threads()
-                for_each_key(source, row, tx, end, values, take_key,
-                             (Out, row, prefix, need, counters, lowest, slot))
-                if prefix == T.uint32(NEG_INF_KEY):  # fewer than k keys above -inf: unread columns fill up
-                    for step in T.serial(T.ceildiv(width - end, threads)):
-                        col = end + step * threads + tx
-                        if col < width:
-                            slot = T.atomic_add(counters[1], 1, return_prev=True)
-                            if slot < need:
-                                Out[row, k - need + slot] = col
-
         @T.macro
         def select(Scores, Keys, Ends, Out):
             with T.Kernel(rows, threads=threads) as row:
@@ -372,39 +261,109 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 suffix = T.alloc_shared((warps,), T.int32)  # the warps' bin totals
                 found = T.alloc_shared((3,), T.int32)  # (bin of the k-th key, keys above that bin, keys in it)
                 counters = T.alloc_shared((3,), T.int32)  # (written above threshold, ties written, buffered)
-                buffer_keys = T.alloc_shared((slots,), T.uint32)
-                buffer_cols = T.alloc_shared((slots,), T.int32)
+                buffer_keys = T.alloc_shared((buffer,), T.uint32)
+                buffer_cols = T.alloc_shared((buffer,), T.int32)
+                prefix = T.alloc_var(T.uint32)
+                need = T.alloc_var(T.int32)
                 end = T.alloc_var(T.int32)
+                in_bin = T.alloc_var(T.int32)
+                ties = T.alloc_var(T.int32)  # keys equal to the k-th key
+                wanted = T.alloc_var(T.int32)
+                lowest = T.alloc_var(T.uint32)  # tie-breaking threshold on column keys (0: every tie qualifies)
+                # the lowest value of the k-th key's first-level bin (None without the value filter)
+                floor = T.alloc_var(T.float32) if value_filter else None
+                slot = T.alloc_var(T.int32)
                 values = T.alloc_local((unroll * vector,), T.float32)
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
                 source = (Scores, Keys, keys)
+                prefix = T.uint32(0)
+                lowest = T.uint32(0)
+                ties = 0
+                need = k
                 end = T.max(T.min(Ends[row], width), 0)
                 if tx == 0:
                     counters[0] = 0
                     counters[1] = 0
                     counters[2] = 0
-                if streaming:  # Python-level: the one-read path first, the two-pass path where it cannot finish
-                    failed = T.alloc_shared((1,), T.int32)  # a warp's segment ran out of room
-                    warp_counts = T.alloc_shared((warps,), T.int32)  # each warp's kept entries
-                    stored = T.alloc_local((1,), T.int32)  # this warp's kept entries (the same in each lane)
-                    stream_floor = T.alloc_local((1,), T.float32)
-                    if end >= per_round:
-                        stream(Scores, row, tx, end, hist, suffix, found, failed, buffer_keys, buffer_cols, values,
-                               stored, stream_floor)
-                        if tx % 32 == 0:
-                            warp_counts[tx // 32] = stored[0]
-                        find_kth_bin(hist, suffix, found, tx, k)
-                        if failed[0] == 0 and found[0] != NEG_INF_KEY >> first_digit:
-                            resolve_kept(for_each_kept, warp_counts, Out, row, tx, hist, suffix, found, counters,
-                                         buffer_keys, buffer_cols, T.cast(found[0], T.uint32), k - found[1])
-                        else:
-                            two_pass(source, Out, row, tx, end, hist, suffix, found, counters, buffer_keys,
-                                     buffer_cols, values)
-                    else:
-                        two_pass(source, Out, row, tx, end, hist, suffix, found, counters, buffer_keys, buffer_cols,
-                                 values)
+
+                # Level 1 over the whole row (from HBM).
+                clear_histogram(hist, tx)
+                for_each_key(source, row, tx, end, values, count_first_digit, hist)
+                if tx == 0 and end < width:  # the unread columns [end, width) are -inf
+                    T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
+                find_kth_bin(hist, suffix, found, tx, need)
+                prefix = T.cast(found[0], T.uint32)
+                need = need - found[1]
+                in_bin = found[2]
+                T.sync_threads()
+
+                if in_bin <= buffer and prefix != T.uint32(NEG_INF_KEY >> first_digit):
+                    # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
+                    # keys in shared memory; the finer levels and the ties are then resolved on chip.
+                    # With the value filter only values at or above the bin's lowest float are written or buffered:
+                    # one float compare per value instead of its key (a few thousand of a row's values pass).
+                    if value_filter:  # Python-level
+                        floor = _lowest_value_with_key(prefix << first_digit)
+                    for_each_key(source, row, tx, end, values, write_or_buffer,
+                                 (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor)
+                    T.sync_threads()
+                    for bits, high_shift in later_levels:  # unrolled in Python
+                        clear_histogram(hist, tx)
+                        for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_digit,
+                                          (hist, prefix, high_shift, high_shift - bits, (1 << bits) - 1))
+                        find_kth_bin(hist, suffix, found, tx, need)
+                        prefix = (prefix << bits) | T.cast(found[0], T.uint32)
+                        need = need - found[1]
+                        ties = found[2]
+                        T.sync_threads()
+                    if ties > need:  # more ties than needed: the lowest columns win (same radix select)
+                        wanted = need
+                        for bits, high_shift in LEVELS:  # unrolled in Python
+                            clear_histogram(hist, tx)
+                            for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_column_digit,
+                                              (hist, prefix, lowest, high_shift, high_shift - bits, (1 << bits) - 1))
+                            find_kth_bin(hist, suffix, found, tx, wanted)
+                            lowest = (lowest << bits) | T.cast(found[0], T.uint32)
+                            wanted = wanted - found[1]
+                            T.sync_threads()
+                    for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, take_key,
+                                      (Out, row, prefix, need, counters, lowest, slot))
                 else:
-                    two_pass(source, Out, row, tx, end, hist, suffix, found, counters, buffer_keys, buffer_cols, values)
+                    # The k-th key's bin is too full for the buffer (heavy ties) or is -inf: finer levels re-read
+                    # the row, each restricted to the prefix found so far.
+                    for bits, high_shift in later_levels:  # unrolled in Python
+                        shift = high_shift - bits
+                        digit_mask = (1 << bits) - 1
+                        clear_histogram(hist, tx)
+                        for_each_key(source, row, tx, end, values, count_digit,
+                                     (hist, prefix, high_shift, shift, digit_mask))
+                        if tx == 0 and end < width and T.uint32(NEG_INF_KEY >> high_shift) == prefix:
+                            T.atomic_add(hist[(NEG_INF_KEY >> shift) & digit_mask], width - end)
+                        find_kth_bin(hist, suffix, found, tx, need)
+                        prefix = (prefix << bits) | T.cast(found[0], T.uint32)
+                        need = need - found[1]
+                        ties = found[2]
+                        T.sync_threads()
+                    # Ties at -inf are masked keys: which of them fill up carries no meaning.
+                    if ties > need and prefix != T.uint32(NEG_INF_KEY):
+                        wanted = need
+                        for bits, high_shift in LEVELS:  # unrolled in Python
+                            clear_histogram(hist, tx)
+                            for_each_key(source, row, tx, end, values, count_column_digit,
+                                         (hist, prefix, lowest, high_shift, high_shift - bits, (1 << bits) - 1))
+                            find_kth_bin(hist, suffix, found, tx, wanted)
+                            lowest = (lowest << bits) | T.cast(found[0], T.uint32)
+                            wanted = wanted - found[1]
+                            T.sync_threads()
+                    for_each_key(source, row, tx, end, values, take_key,
+                                 (Out, row, prefix, need, counters, lowest, slot))
+                    if prefix == T.uint32(NEG_INF_KEY):  # fewer than k keys above -inf: unread columns fill up
+                        for step in T.serial(T.ceildiv(width - end, threads)):
+                            col = end + step * threads + tx
+                            if col < width:
+                                slot = T.atomic_add(counters[1], 1, return_prev=True)
+                                if slot < need:
+                                    Out[row, k - need + slot] = col
 
         if with_keys:
             @T.prim_func

@@ -33,33 +33,6 @@ def test_radix_topk_vector_loads_compile_to_16_byte_loads():
         build_radix_topk(2048, vector=4, with_keys=True)
 
 
-def test_one_read_path_compiles_for_sm90a():
-    """The one-read path: ballot-claimed slots in per-warp segments, no shared counter for them."""
-    _tilelang_or_skip()
-    from transformers_misa.kernels.topk import STREAM_SHAPE, build_radix_topk
-
-    source = build_radix_topk(2048, arch="sm_90a", **STREAM_SHAPE)().get_kernel_source()
-    assert "__ballot_sync" in source and "__popcll" in source
-    assert re.search(r"\*\(float4\*\)\(values \+ .*\) = \*\(float4\*\)\(Scores", source), "no 16-byte row loads"
-
-
-@pytest.mark.parametrize("options,message", [
-    (dict(stream_capacity=1000), "multiple of threads"),
-    (dict(stream_capacity=4096, vector=4, unroll=1, round_steps=2), "two rounds"),
-    (dict(stream_capacity=16384, threads=256, vector=1, unroll=1, round_steps=1), "at least k"),
-    (dict(stream_capacity=12288, with_keys=True), "plain top-k"),
-    (dict(stream_capacity=12288, vector=4, unroll=1, update_every=0), "update_every"),
-])
-def test_one_read_path_refuses_shapes_it_cannot_run(options, message):
-    """Options that would overflow a warp's segment within a round, or leave the first round without k values,
-    are refused when the program is built, with the reason."""
-    _tilelang_or_skip()
-    from transformers_misa.kernels.topk import build_radix_topk
-
-    with pytest.raises(ValueError, match=message):
-        build_radix_topk(2048, **options)
-
-
 def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
     _tilelang_or_skip()
     from transformers_misa.kernels import topk
@@ -69,23 +42,13 @@ def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
     monkeypatch.setattr(topk, "FEW_ROWS_VECTOR_SHAPE", dict(threads=1024, unroll=2, vector=4))
     assert radix_shape(32, 132, True) == dict(threads=1024, unroll=2, vector=4)  # a decode step's rows
     assert radix_shape(32, 132, False) == topk.FEW_ROWS_SHAPE  # misaligned rows or a width not a multiple of 4
-    monkeypatch.setattr(topk, "MANY_ROWS_STREAM_SHAPE", topk.STREAM_SHAPE)
-    assert radix_shape(20000, 132, True) == topk.STREAM_SHAPE  # many rows: the one-read path where it has a shape
-    assert radix_shape(20000, 132, True, stream=False) == topk.MANY_ROWS_SHAPE  # no vector variant for this shape
-    assert radix_shape(20000, 132, False) == topk.MANY_ROWS_SHAPE  # the one-read path takes vector loads only
-    monkeypatch.setattr(topk, "MANY_ROWS_STREAM_SHAPE", None)
-    assert radix_shape(20000, 132, True) == topk.MANY_ROWS_SHAPE
+    assert radix_shape(20000, 132, True) == topk.MANY_ROWS_SHAPE  # no vector variant for this shape
 
 
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", [dict(vector=4, unroll=1, min_ctas_per_sm=4), dict(vector=4, unroll=2),
-                                     dict(vector=4, unroll=4, threads=1024), dict(vector=2, unroll=2),
-                                     dict(vector=4, unroll=1, round_steps=1, update_every=4, stream_capacity=12288,
-                                          min_ctas_per_sm=2),
-                                     dict(vector=4, unroll=1, round_steps=2, stream_capacity=12288),
-                                     dict(vector=4, unroll=1, round_steps=1, stream_capacity=16384, threads=1024),
-                                     dict(vector=4, unroll=2, round_steps=1, stream_capacity=6144, threads=256)])
+                                     dict(vector=4, unroll=4, threads=1024), dict(vector=2, unroll=2)])
 @pytest.mark.parametrize("width", [70000, 4100])
 def test_radix_topk_vector_loads_select_the_same_set(options, width):
     """Rows read in groups of `vector` floats select exactly the scalar program's set: ends inside a group, shorter
@@ -190,9 +153,7 @@ def test_radix_topk_buffered_and_rereading_paths_agree(buffer):
                                      dict(threads=256, unroll=16), dict(unroll=16, buffer=16),
                                      dict(min_ctas_per_sm=3), dict(min_ctas_per_sm=4),
                                      dict(min_ctas_per_sm=4, buffer=2048), dict(min_ctas_per_sm=4, value_filter=False),
-                                     dict(threads=1024, unroll=8, value_filter=False),
-                                     dict(unroll=1, round_steps=4, stream_capacity=12288, min_ctas_per_sm=2),
-                                     dict(unroll=4, round_steps=1, stream_capacity=8192)])
+                                     dict(threads=1024, unroll=8, value_filter=False)])
 def test_radix_topk_variants_select_the_same_set(options):
     """Every load depth and CTA width (`sweep_topk.py` times them) selects exactly the default's set: ragged ends
     (shorter than one loop step, not a multiple of it), ties, garbage past the ends."""
@@ -233,40 +194,3 @@ def test_radix_topk_reads_each_row_only_up_to_its_end(rows, width, k):
     picked = truth.gather(-1, got.long())
     assert bool((picked >= kth).all()), "picked a key below the k-th largest"
     assert bool(((picked > kth).sum(-1) == (truth > kth).sum(-1)).all()), "missed a key above the k-th largest"
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("capacity,update_every", [(12288, 4), (12288, 1), (4096, 4)])
-def test_one_read_path_selects_the_two_pass_set_on_hard_rows(capacity, update_every):
-    """Rows that stress the one-read path select exactly the two-pass program's set: the largest values last (the
-    floor rises every round, so warps compact), the largest first, heavy ties at the k-th value (a segment cannot make
-    room: the row falls back to the two-pass path; with 4096 slots most rows do), -inf masks (bias-added logits) and
-    the k-th value -inf (fallback), ReLU-like zeros, negative rows."""
-    from transformers_misa.kernels.topk import build_radix_topk
-
-    width = 70000
-    generator = torch.Generator(device="cuda").manual_seed(capacity)
-    scores = torch.randn(10, width, device="cuda", generator=generator)
-    scores[0] = torch.arange(width, device="cuda", dtype=torch.float32)  # ascending: the floor rises every round
-    scores[1] = -torch.arange(width, device="cuda", dtype=torch.float32)  # descending: the first round holds all
-    scores[2] = (scores[2] * 2).round()  # ties at the k-th value
-    scores[3, :60000] = 1.0  # 60000 equal values straddle the k-th
-    scores[4, 3000:] = float("-inf")  # a masked tail: 3000 finite values
-    scores[5, 1000:] = float("-inf")  # fewer than k finite values: the k-th is -inf
-    scores[6] = torch.relu(scores[6] - 1.5)  # mostly zeros
-    scores[7] = -scores[7].abs()  # every value negative
-    scores[8] = torch.linspace(0, 1, width, device="cuda").flip(0).roll(width // 2)  # a ramp across the rounds
-    ends = torch.tensor([width, width, width, width, width, width, width, width, 65537, 4096], device="cuda",
-                        dtype=torch.int32)
-    rows = scores.view(10, -1, 4)
-    expected = build_radix_topk(2048, vector=4, unroll=1)()(rows, ends)
-    got = build_radix_topk(2048, vector=4, unroll=1, round_steps=1, stream_capacity=capacity,
-                           update_every=update_every)()(rows, ends)
-    for row, end in enumerate(ends.tolist()):
-        finite = torch.isfinite(scores[row])
-        want = {c for c in expected[row].tolist() if c < end and finite[c]}
-        have = {c for c in got[row].tolist() if c < end and finite[c]}
-        assert have == want, f"row {row}"
-        assert len(set(got[row].tolist())) == 2048, f"row {row}: repeated index"
-    _assert_lowest_columns_win_ties(got[:4], scores[:4])
