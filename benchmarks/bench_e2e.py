@@ -188,6 +188,11 @@ def greedy_cuda_graph(model, prompt, new_tokens: int, cache_len: int | None = No
     return dict(prefill_s=prefill_s, decode_s=time.perf_counter() - start, tokens=tokens[:new_tokens])
 
 
+def first_difference(tokens: list[int], others: list[int]) -> int | None:
+    """Index of the first generated token where two runs differ (None: none within the shorter run)."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, others)) if a != b), None)
+
+
 def run_mode(name: str, args, device: str) -> dict:
     model = tiny_model("deepseek_v32") if args.tiny else real_dims_model(args.layers, device)
     model = patched(model.to(device), name)
@@ -217,7 +222,8 @@ def run_mode(name: str, args, device: str) -> dict:
         else:
             row.update(graph_prefill_s=graphed["prefill_s"], graph_decode_s=graphed["decode_s"],
                        graph_decode_tokens_per_s=(args.new_tokens - 1) / graphed["decode_s"],
-                       graph_tokens_match=graphed["tokens"] == timings["tokens"])
+                       graph_tokens_match=graphed["tokens"] == timings["tokens"],
+                       graph_first_difference=first_difference(graphed["tokens"], timings["tokens"]))
     if device == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  f"{row['decode_s']:.2f} s)" if "error" not in row else row["error"])
         if "graph_decode_tokens_per_s" in row:
             speed += (f"; static cache + CUDA graph: decode {row['graph_decode_tokens_per_s']:.1f} tok/s, same tokens: "
-                      f"{row['graph_tokens_match']}")
+                      f"{row['graph_tokens_match']} (first difference at {row['graph_first_difference']})")
         elif "graph_error" in row:
             speed += f"; CUDA graph decode failed: {row['graph_error']}"
         print(f"{name:>11}: {speed}", flush=True)
