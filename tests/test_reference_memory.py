@@ -3,6 +3,8 @@ growing where rows are narrow), and chunking that never changes a selection."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -290,12 +292,64 @@ def test_plain_causal_masks_are_recognised_exactly(budget):
     assert not check(moved)
 
 
+def _static(batch, num_queries, written, slots):
+    """A static cache's mask: queries at the last of the `written` positions, unwritten slots up to `slots` hidden."""
+    return torch.nn.functional.pad(_causal(batch, num_queries, written), (0, slots - written), value=False)
+
+
+def test_causal_prefix_finds_a_static_caches_written_keys():
+    """A static cache's prompt (or a later chunk of it) is causal over the written keys with the unwritten slots
+    hidden: the prefix length is found; a visible slot past it, a hole, or rows that disagree give None."""
+    def prefix(mask, batch=2, num_queries=20, num_keys=50):
+        return blocks.causal_prefix(mask, batch, num_queries, num_keys, 3 * 2 * 50 * 3)  # chunks of 3 queries
+
+    assert prefix(_causal(2, 20, 50).clone()) == 50
+    assert prefix(_static(2, 20, 20, 50)) == 20  # the prompt of a 50-slot static cache
+    assert prefix(_static(1, 20, 33, 50)) == 33  # a second chunk of the prompt, queries at positions 13..32
+    additive = torch.zeros(2, 20, 50).masked_fill(~_static(2, 20, 33, 50), torch.finfo(torch.float32).min)
+    assert prefix(additive) == 33
+    for row, col, value in ((5, 40, True), (19, 40, True), (19, 3, False), (0, 20, True)):  # a slot, a hole, a future key
+        changed = _static(2, 20, 33, 50).clone()
+        changed[1, row, col] = value
+        assert prefix(changed) is None, (row, col, value)
+    assert prefix(torch.cat([_static(1, 20, 33, 50), _static(1, 20, 34, 50)])) is None  # rows disagree
+    assert prefix(_static(2, 20, 20, 50)[:, :, :19], num_keys=19) is None  # fewer keys than queries
+
+
+@pytest.mark.parametrize("mode", ["dsa", "misa", "misa_hierarchical"])
+def test_a_static_cache_prompt_is_selected_as_a_dynamic_caches(mode, monkeypatch):
+    """With the kernels' narrowing, a static cache's prompt (garbage in the unwritten slots, hidden by its mask) takes
+    the maskless path over its written keys: the same top-k as the dynamic cache's call, and no chunk reads a mask.
+    Fewer written keys than k keep the mask (the output keeps k columns)."""
+    narrowing = dataclasses.replace(reference.REFERENCE, narrow_keys=True)
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 40, 4, 16, generator=generator)
+    weights = torch.randn(1, 40, 4, generator=generator)
+    written = torch.randn(1, 40, 16, generator=generator)
+    slots = torch.cat([written, 1e3 * torch.randn(1, 24, 16, generator=generator)], dim=1)  # garbage past the prompt
+    options = dict(softmax_scale=0.25, scorer=narrowing)
+    if mode != "dsa":
+        options.update(active_heads=2, block_size=8)
+    if mode == "misa_hierarchical":
+        options.update(candidate_factor=2)
+    run = getattr(reference, f"{mode}_topk")
+    masks = []
+    real_chunk_mask = reference.ChunkMask
+    monkeypatch.setattr(reference, "ChunkMask", lambda mask, *a, **kw: masks.append(mask) or real_chunk_mask(mask, *a, **kw))
+    dynamic = run(q, written, weights, 8, mask=_causal(1, 40, 40), **options)
+    static = run(q, slots, weights, 8, mask=_static(1, 40, 40, 64), **options)
+    assert torch.equal(static, dynamic)
+    assert masks and all(mask is None for mask in masks)
+    short = run(q[:, :4], slots[:, :6], weights[:, :4], 8, mask=_static(1, 4, 4, 6)[:, :, :6], **options)
+    assert short.shape == (1, 4, 6) and any(mask is not None for mask in masks)
+
+
 def test_plain_causal_answers_are_kept_per_mask_until_it_changes(monkeypatch):
     """A model gives each layer a new view of one mask: the check runs once for all of them, again after an in-place
     write to the mask (its version counter), and every time for inference-mode tensors (no version counter)."""
     checks = []
-    real_compare = blocks._compare_with_causal
-    monkeypatch.setattr(blocks, "_compare_with_causal", lambda *a: checks.append(1) or real_compare(*a))
+    real_compare = blocks._causal_prefix_length
+    monkeypatch.setattr(blocks, "_causal_prefix_length", lambda *a: checks.append(1) or real_compare(*a))
     model_mask = _causal(2, 20, 50).clone().unsqueeze(1)  # [B, 1, S, T], as the attention gets it
 
     def layer_check():
@@ -334,7 +388,7 @@ def test_a_padded_mask_is_read_in_the_first_layer_only(mode, monkeypatch):
     monkeypatch.setattr(blocks, "remembered",
                         lambda mask, fact, read: real_remembered(mask, fact, lambda: reads.append(fact[0]) or read()))
     first = select(model_mask[:, 0])
-    assert reads.count("key_range") > 1 and "plain_causal" in reads  # several chunks; not plain causal
+    assert reads.count("key_range") > 1 and "causal_prefix" in reads  # several chunks; not plain causal
     reads.clear()
     assert torch.equal(select(model_mask[:, 0]), first)
     assert reads == []

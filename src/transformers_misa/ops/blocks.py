@@ -236,25 +236,36 @@ def remembered(mask: torch.Tensor, fact: tuple, read: Callable[[], object]) -> o
 
 def is_plain_causal(mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, budget: int) -> bool:
     """Whether `mask` shows each query exactly the keys up to its own position (queries at the last positions), as
-    `mask=None` means: what transformers passes for a prefill without padding. One read of the mask, in query chunks
-    of at most `budget` bytes of comparison, and one read-back to the host; a padded or partly written cache is
-    told by the last query's row alone (it sees every real key, so it must see them all). Read once per mask (see
-    `remembered`)."""
-    return remembered(mask, ("plain_causal", batch, num_queries, num_keys),
-                      lambda: _compare_with_causal(mask, batch, num_queries, num_keys, budget))
+    `mask=None` means: what transformers passes for a prefill without padding (see `causal_prefix`)."""
+    return causal_prefix(mask, batch, num_queries, num_keys, budget) == num_keys
 
 
-def _compare_with_causal(mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, budget: int) -> bool:
-    if num_queries == 0 or not bool(key_validity(mask, batch, num_keys, mask.device).all()):
-        return False
+def causal_prefix(mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, budget: int) -> int | None:
+    """The number of keys L over which `mask` is plain causal (each query sees exactly the keys up to its own
+    position, the queries at positions L - S .. L - 1) while no key from L on is visible; None for any other mask.
+    L = num_keys: what `mask=None` means; L < num_keys: a static cache's prompt or step, whose unwritten slots past
+    the written keys the mask hides. One read of the mask, in query chunks of at most `budget` bytes of comparison,
+    and two read-backs to the host (L, told by the last query's row, which sees every written key; then the
+    comparison). Read once per mask (see `remembered`)."""
+    return remembered(mask, ("causal_prefix", batch, num_queries, num_keys),
+                      lambda: _causal_prefix_length(mask, batch, num_queries, num_keys, budget))
+
+
+def _causal_prefix_length(mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, budget: int) -> int | None:
+    if num_queries == 0:
+        return None
+    valid = key_validity(mask, batch, num_keys, mask.device)
+    length = int(valid[0].sum())
+    if length < num_queries:
+        return None
+    differs = ~valid[:, :length].all() | valid[:, length:].any()  # the written keys must come first, in every row
     rows_per_chunk = max(1, budget // max(1, 3 * batch * num_keys))  # the given, causal and differing bools
-    differs = torch.zeros((), dtype=torch.bool, device=mask.device)
     for start in range(0, num_queries, rows_per_chunk):
         rows = slice(start, min(num_queries, start + rows_per_chunk))
         given = ChunkMask(mask, rows, batch, num_queries, num_keys, mask.device).visible
-        causal = ChunkMask(None, rows, 1, num_queries, num_keys, mask.device).visible
-        differs |= (given != causal).any()
-    return not bool(differs)
+        causal = ChunkMask(None, rows, 1, num_queries, length, mask.device).visible
+        differs |= (given[..., :length] != causal).any() | given[..., length:].any()
+    return None if bool(differs) else length
 
 
 def key_validity(mask: torch.Tensor | None, batch: int, num_keys: int, device: torch.device) -> torch.Tensor:

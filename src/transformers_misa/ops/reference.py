@@ -24,10 +24,10 @@ from .blocks import (
     MASKED,
     ChunkMask,
     TailBlock,
+    causal_prefix,
     causal_query_chunks,
     gather_keys,
     head_scores,
-    is_plain_causal,
     key_validity,
     mean_pool,
     pool_blocks,
@@ -177,11 +177,17 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
     k = min(topk, num_keys)
     out = torch.empty(batch, num_queries, k, dtype=torch.int32, device=q.device)
     causal_chunks = scorer.narrow_keys and chunk_size is None  # where a maskless prefill sizes chunks by width
-    if (causal_chunks and mask is not None and not sync_free
-            and is_plain_causal(mask, batch, num_queries, num_keys, scorer.chunk_budget)):
-        # The model's causal mask is what no mask means: take the maskless path (chunks sized by their own width,
-        # key ranges known on the host) instead of reading every chunk's mask for its key ranges, with read-backs.
-        mask = None
+    if causal_chunks and mask is not None and not sync_free:
+        written = causal_prefix(mask, batch, num_queries, num_keys, scorer.chunk_budget)
+        if written is not None and written >= k:
+            # The model's causal mask over the keys written so far is what no mask means over those keys: take the
+            # maskless path (chunks sized by their own width, key ranges known on the host) instead of reading every
+            # chunk's mask for its key ranges, with read-backs. A static cache's unwritten slots past them (hidden by
+            # the mask) are cut off, so that its prompt is scored and routed as a dynamic cache's is. (Fewer written
+            # keys than k keep the mask: the output keeps k columns, the unwritten slots filling up.)
+            mask = None
+            keys, num_keys = keys[:, :written], written
+            pooled = None if pooled is None else pooled[:, : math.ceil(written / block_size)]
     if causal_chunks and mask is None:
         chunks = causal_query_chunks(num_queries, num_keys, lambda width: batch * bytes_per_query(width),
                                      scorer.chunk_budget, max(k, min_width), block_size, scorer.query_multiple)
