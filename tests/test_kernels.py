@@ -183,6 +183,27 @@ def test_gathered_kernel_compiles_for_sm90a(heads):
     assert "wgmma" in build_gathered_logits(heads, 128, arch="sm_90a")().get_kernel_source()
 
 
+def test_checkout_kernels_folder_does_not_shadow_the_hub_kernels_library(tmp_path):
+    """From a source checkout's root (on sys.path first, as `python -m pytest` puts it), `import kernels` must reach the
+    Hub's `kernels` library, which transformers imports where it is installed, not this repository's folder; without
+    that library the folder stands in, empty."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    library = tmp_path / "site" / "kernels"
+    library.mkdir(parents=True)
+    (library / "__init__.py").write_text("CUDAProperties = 'the Hub library'\n")
+    probe = "import kernels; print(getattr(kernels, 'CUDAProperties', 'checkout'))"
+    for extra, expected in ((str(tmp_path / "site"), "the Hub library"), ("", "checkout")):
+        # -S: no site-packages, so that an installed Hub library cannot answer for the folder
+        result = subprocess.run([sys.executable, "-S", "-c", probe], cwd=root, capture_output=True, text=True,
+                                env={"PATH": "", "PYTHONPATH": extra, "PYTHONNOUSERSITE": "1"}, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected
+
+
 def test_dispatch_uses_reference_on_cpu():
     assert backend.select_scorer(torch.device("cpu")) is reference.REFERENCE
     assert "CUDA" in backend.kernel_unavailable_reason(torch.device("cpu"))
