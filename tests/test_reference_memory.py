@@ -271,7 +271,7 @@ def test_plain_causal_masks_are_recognised_exactly(budget):
     """A model's causal mask (bool, or additive in its dtype, per sequence or broadcast) is what no mask means; any
     other mask (left padding, static-cache slots past the written keys, one key more or less) is not."""
     def check(mask, batch=2, num_queries=20, num_keys=50):
-        return blocks.is_plain_causal(mask, batch, num_queries, num_keys, budget)
+        return blocks.causal_prefix(mask, batch, num_queries, num_keys, budget) == num_keys
 
     causal = _causal(2, 20, 50).clone()
     assert check(causal)
@@ -353,19 +353,19 @@ def test_plain_causal_answers_are_kept_per_mask_until_it_changes(monkeypatch):
     model_mask = _causal(2, 20, 50).clone().unsqueeze(1)  # [B, 1, S, T], as the attention gets it
 
     def layer_check():
-        return blocks.is_plain_causal(model_mask[:, 0], 2, 20, 50, 2**30)
+        return blocks.causal_prefix(model_mask[:, 0], 2, 20, 50, 2**30) == 50
 
     assert layer_check() and layer_check() and layer_check()
     assert len(checks) == 1
-    assert blocks.is_plain_causal(model_mask[:1, 0], 2, 20, 50, 2**30) and len(checks) == 2  # another view
+    assert blocks.causal_prefix(model_mask[:1, 0], 2, 20, 50, 2**30) == 50 and len(checks) == 2  # another view
     model_mask[1, 0, 4, 40] = True  # a future key (query 4 is at position 34), written in place
     assert not layer_check() and not layer_check()
     assert len(checks) == 3
     with torch.inference_mode():
         inference_mask = _causal(2, 20, 50).clone()
-        assert blocks.is_plain_causal(inference_mask, 2, 20, 50, 2**30)
+        assert blocks.causal_prefix(inference_mask, 2, 20, 50, 2**30) == 50
         inference_mask[0, 3, 40] = True
-        assert not blocks.is_plain_causal(inference_mask, 2, 20, 50, 2**30)
+        assert blocks.causal_prefix(inference_mask, 2, 20, 50, 2**30) != 50
     assert len(checks) == 5
 
 

@@ -234,16 +234,10 @@ def remembered(mask: torch.Tensor, fact: tuple, read: Callable[[], object]) -> o
     return facts[fact]
 
 
-def is_plain_causal(mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, budget: int) -> bool:
-    """Whether `mask` shows each query exactly the keys up to its own position (queries at the last positions), as
-    `mask=None` means: what transformers passes for a prefill without padding (see `causal_prefix`)."""
-    return causal_prefix(mask, batch, num_queries, num_keys, budget) == num_keys
-
-
 def causal_prefix(mask: torch.Tensor, batch: int, num_queries: int, num_keys: int, budget: int) -> int | None:
     """The number of keys L over which `mask` is plain causal (each query sees exactly the keys up to its own
     position, the queries at positions L - S .. L - 1) while no key from L on is visible; None for any other mask.
-    L = num_keys: what `mask=None` means; L < num_keys: a static cache's prompt or step, whose unwritten slots past
+    L = num_keys: what `mask=None` means (what transformers passes for a prefill without padding); L < num_keys: a static cache's prompt or step, whose unwritten slots past
     the written keys the mask hides. One read of the mask, in query chunks of at most `budget` bytes of comparison,
     and two read-backs to the host (L, told by the last query's row, which sees every written key; then the
     comparison). Read once per mask (see `remembered`)."""
@@ -258,7 +252,8 @@ def _causal_prefix_length(mask: torch.Tensor, batch: int, num_queries: int, num_
     length = int(valid[0].sum())
     if length < num_queries:
         return None
-    differs = ~valid[:, :length].all() | valid[:, length:].any()  # the written keys must come first, in every row
+    # Every row, the last one (`valid`) among them, is compared with causal over [0, L) and must hide [L, T).
+    differs = torch.zeros((), dtype=torch.bool, device=mask.device)
     rows_per_chunk = max(1, budget // max(1, 3 * batch * num_keys))  # the given, causal and differing bools
     for start in range(0, num_queries, rows_per_chunk):
         rows = slice(start, min(num_queries, start + rows_per_chunk))
