@@ -146,10 +146,11 @@ def greedy(model, prompt, new_tokens: int, device: str) -> dict:
 
 
 @torch.no_grad()
-def greedy_cuda_graph(model, prompt, new_tokens: int, cache_len: int | None = None) -> dict:
+def greedy_cuda_graph(model, prompt, new_tokens: int, cache_len: int | None = None, replay: bool = True) -> dict:
     """Prefill into a static cache, then decode with each 1-token step replayed from one captured CUDA graph (no
     Python, no kernel launches per step: what a serving loop with static caches pays). The first decode step runs
-    eagerly (warm-up), the rest are replays."""
+    eagerly (warm-up), the rest are replays. `replay=False`: every step runs eagerly on the same inputs (the same
+    tokens expected: a graph-safe step replays bit for bit what it computes eagerly)."""
     from transformers import StaticCache
 
     length = cache_len or prompt.shape[1] + new_tokens
@@ -172,14 +173,18 @@ def greedy_cuda_graph(model, prompt, new_tokens: int, cache_len: int | None = No
         next_token = model(**step).logits[:, -1:].argmax(-1)
     torch.cuda.current_stream().wait_stream(side)
     tokens.append(int(next_token))
-    graph = torch.cuda.CUDAGraph()
     step["input_ids"].copy_(next_token)
     position += 1
     visible[..., int(position)] = True
-    with torch.cuda.graph(graph):
-        captured = model(**step).logits[:, -1:].argmax(-1)
+    if replay:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(**step).logits[:, -1:].argmax(-1)
     for _ in range(new_tokens - 2):
-        graph.replay()
+        if replay:
+            graph.replay()
+        else:
+            captured = model(**step).logits[:, -1:].argmax(-1)
         tokens.append(int(captured))
         step["input_ids"].copy_(captured)
         position += 1
@@ -217,13 +222,19 @@ def run_mode(name: str, args, device: str) -> dict:
             # Warm-up with the timed run's cache length: the kernel variants it picks (e.g. staged stores) compile here.
             greedy_cuda_graph(model, prompt, 6, cache_len=args.context + args.new_tokens)
             graphed = greedy_cuda_graph(model, prompt, args.new_tokens)
+            static_eager = greedy_cuda_graph(model, prompt, args.new_tokens, replay=False)
         except Exception as error:  # report and go on with the other modes
             row["graph_error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         else:
+            # Against the dynamic cache's tokens the graph may part ways (the two caches' attention reduces in a
+            # different order); against the same static cache run eagerly it must not.
             row.update(graph_prefill_s=graphed["prefill_s"], graph_decode_s=graphed["decode_s"],
                        graph_decode_tokens_per_s=(args.new_tokens - 1) / graphed["decode_s"],
                        graph_tokens_match=graphed["tokens"] == timings["tokens"],
-                       graph_first_difference=first_difference(graphed["tokens"], timings["tokens"]))
+                       graph_first_difference=first_difference(graphed["tokens"], timings["tokens"]),
+                       static_eager_decode_tokens_per_s=(args.new_tokens - 1) / static_eager["decode_s"],
+                       graph_matches_static_eager=graphed["tokens"] == static_eager["tokens"],
+                       static_eager_first_difference=first_difference(graphed["tokens"], static_eager["tokens"]))
     if device == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
@@ -257,7 +268,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  f"{row['decode_s']:.2f} s)" if "error" not in row else row["error"])
         if "graph_decode_tokens_per_s" in row:
             speed += (f"; static cache + CUDA graph: decode {row['graph_decode_tokens_per_s']:.1f} tok/s, same tokens: "
-                      f"{row['graph_tokens_match']} (first difference at {row['graph_first_difference']})")
+                      f"{row['graph_tokens_match']} (first difference at {row['graph_first_difference']}); "
+                      f"as the static cache run eagerly: {row['graph_matches_static_eager']}")
         elif "graph_error" in row:
             speed += f"; CUDA graph decode failed: {row['graph_error']}"
         print(f"{name:>11}: {speed}", flush=True)
