@@ -204,10 +204,12 @@ def run_mode(name: str, args, device: str) -> dict:
     prompt = torch.randint(2, model.config.vocab_size, (1, args.context), device=device,
                            generator=torch.Generator(device=device).manual_seed(1))
     row = {"mode": name, "context": args.context, "new_tokens": args.new_tokens}
-    # Warm-up on the same prompt first: kernel JIT compilation (each kernel variant the prefill chunks and the decode
-    # steps of this length use) and library start-up stay out of the timings.
+    # Warm-up on the same prompt first, as many tokens as the timed run: kernel JIT compilation (each kernel variant
+    # the prefill chunks and the decode steps of this length use), library start-up and the caching allocator's
+    # growth (a dynamic cache takes a new size every step; with a 6-token warm-up the first mode of a process decoded
+    # ~3x slower than the next, whichever mode came first) stay out of the timings.
     try:
-        greedy(model, prompt, 6, device)
+        greedy(model, prompt, args.new_tokens, device)
     except torch.OutOfMemoryError as error:
         row["error"] = f"out of memory: {str(error).splitlines()[0]}"
         return row

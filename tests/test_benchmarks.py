@@ -145,14 +145,16 @@ def test_indexer_benchmark_reports_a_failing_method_and_times_the_others(monkeyp
     monkeypatch.setattr(bench, "inputs", lambda batch, queries, keys, heads: (torch.zeros(1), torch.zeros(1),
                                                                               torch.zeros(1)))
     monkeypatch.setattr(bench, "fits", lambda *args: True)
-    monkeypatch.setattr(bench, "cuda_time_ms", lambda fn, reps: (fn(), 1.5)[1])
+    monkeypatch.setattr(bench, "cuda_time_ms",
+                        lambda fn, reps, host_hidden=False: (fn(), 1.25 if host_hidden else 1.5)[1])
     monkeypatch.setattr(bench, "peak_extra_gib", lambda fn: (fn(), 0.25)[1])
     monkeypatch.setattr(bench, "scoring_tflops", lambda *args, **kwargs: {"ms": 1.0, "tflops": 1.0})
     results = bench.ResultsFile(tmp_path / "bench_indexer-x.json", {"topk": 2048})
     bench.run_prefill([4096], 64, None, 1, results)
     (row,) = results
-    assert row["dsa64_kernel_ms"] == 1.5 and row["dsa64_kernel_peak_gib"] == 0.25
-    assert "deepseek_fp8_index_ms" not in row and "CUDA_ERROR_INVALID_VALUE" in row["deepseek_fp8_index_error"]
+    assert row["dsa64_kernel_ms"] == 1.5 and row["dsa64_kernel_gpu_ms"] == 1.25
+    assert row["dsa64_kernel_peak_gib"] == 0.25
+    assert "deepseek_fp8_index_ms" not in row and "deepseek_fp8_index_gpu_ms" not in row and "CUDA_ERROR_INVALID_VALUE" in row["deepseek_fp8_index_error"]
     assert "deepseek_fp8_index failed at 4096 tokens" in capsys.readouterr().err
 
 
