@@ -30,6 +30,31 @@ def test_e2e_benchmark_smoke(tmp_path):
     assert len(list(tmp_path.glob("bench_e2e-tiny-*.json"))) == 1
 
 
+def test_graph_replay_check_records_every_indexer_field_and_names_the_first_difference(monkeypatch, tmp_path):
+    """benchmarks/graph_replay_check.py on the CPU (eager against eager: no graph): every step records each indexer's
+    inputs, projections and top-k, two runs agree, and a difference planted in one field is reported at its step and
+    layer as the first differing field (what precedes it in the computation being equal)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports its folder's bench_e2e by name
+    check = _load("graph_replay_check")
+    report = check.main(["--tiny", "--mode", "misa8", "--context", "300", "--steps", "3", "--out", str(tmp_path)])
+    assert report["steps"] == 3 and report["replayed_vs_eager"] == [] and report["eager_vs_eager"] == []
+    assert len(list(tmp_path.glob("graph_replay_check-tiny-*.json"))) == 1
+
+    from transformers_misa.tiny import tiny_model
+
+    model = check.patched(tiny_model("deepseek_v32"), "dsa")
+    prompt = torch.randint(2, 500, (1, 200), generator=torch.Generator().manual_seed(0))
+    records = check.decode_records(model, prompt, torch.tensor([5, 6, 7]), replay=False)
+    layers = model.config.num_hidden_layers
+    assert len(records) == 2 and all(set(r) == {"logits"} | {(layer, field) for layer in range(layers)
+                                                             for field in check.FIELDS} for r in records)
+    planted = [dict(r) for r in records]
+    planted[1][1, "wk"] = planted[1][1, "wk"] + 1
+    planted[1][1, "topk"] = planted[1][1, "topk"].flip(-1)
+    assert check.first_differences(planted, records) == [
+        {"step": 2, "logits_max_diff": 0.0, "first_differing_field": {"1": "wk"}}]
+
+
 def test_e2e_benchmark_rejects_unknown_modes(tmp_path):
     with pytest.raises(SystemExit):
         _load("bench_e2e").main(["--tiny", "--modes", "misa9", "--out", str(tmp_path)])

@@ -1,0 +1,152 @@
+"""Does a CUDA-graph-replayed static-cache decode step compute what the same step computes eagerly?
+
+bench_e2e's model (DeepSeek-V3.2's attention and indexer dimensions, random bf16 weights) prefills a prompt into a
+static cache and decodes teacher-forced (every run reads the same tokens, so one difference cannot change the next
+step's input): once eagerly, once replaying one captured graph per step, once eagerly again (run-to-run noise). Per
+step it compares the final logits and, per patched indexer, its inputs (hidden states, q_resid), its projections
+(wq_b, wk, k_norm, weights_proj) and its top-k set, bit for bit, and names the first place where they part. Forward
+hooks run at capture only; they keep the captured buffers, which every replay rewrites in place.
+
+    python benchmarks/graph_replay_check.py --mode dsa --context 32768 --steps 254
+    python benchmarks/graph_replay_check.py --mode dsa --tokens results/bench_e2e-....json   # its generated tokens
+    python benchmarks/graph_replay_check.py --tiny --context 300 --steps 4                    # CPU: eager twice
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import torch
+from transformers import StaticCache
+
+from bench_e2e import MODES, RESULTS, chosen_modes, patched, real_dims_model, results_file, run_device
+from transformers_misa.indexer import MisaIndexer
+from transformers_misa.tiny import tiny_model
+
+PROJECTIONS = ("wq_b", "wk", "k_norm", "weights_proj")
+# What each step records, in the order of the computation: a difference in an earlier entry explains the later ones.
+FIELDS = ("hidden_states", "q_resid") + PROJECTIONS + ("topk",)
+
+
+def record_hooks(model, sink: list) -> list:
+    """Hooks appending (layer, field, tensor) for every patched indexer's inputs, projections and output."""
+    handles = []
+    for layer, indexer in enumerate(m for m in model.modules() if isinstance(m, MisaIndexer)):
+        handles.append(indexer.register_forward_pre_hook(
+            lambda mod, args, kwargs, layer=layer: sink.extend(
+                [(layer, "hidden_states", args[0] if args else kwargs["hidden_states"]),
+                 (layer, "q_resid", args[1] if len(args) > 1 else kwargs["q_resid"])]), with_kwargs=True))
+        for name in PROJECTIONS:
+            handles.append(getattr(indexer, name).register_forward_hook(
+                lambda mod, args, out, layer=layer, name=name: sink.append((layer, name, out))))
+        handles.append(indexer.register_forward_hook(
+            lambda mod, args, out, layer=layer: sink.append((layer, "topk", out.sort(-1).values))))
+    return handles
+
+
+@torch.no_grad()
+def decode_records(model, prompt: torch.Tensor, forced: torch.Tensor, replay: bool) -> list[dict]:
+    """Per decode step after the warm-up step: {"logits": ..., (layer, field): ...} on the CPU, teacher-forced by
+    `forced` (step i reads forced[i], step 0 is the warm-up); `replay`: the steps replay one CUDA graph captured at
+    step 1, the warm-up ran on a side stream (as graph capture asks)."""
+    device, context = prompt.device, prompt.shape[1]
+    length = context + forced.numel() + 1  # as bench_e2e's static cache for as many steps (prompt + new tokens)
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    model(input_ids=prompt, past_key_values=cache)
+    position = torch.full((1, 1), context, device=device)
+    visible = torch.zeros(1, 1, 1, length, dtype=torch.bool, device=device)
+    visible[..., : context + 1] = True
+    step = dict(input_ids=forced[:1].view(1, 1).clone(), position_ids=position,
+                attention_mask={"indexed_attention": visible}, past_key_values=cache)
+    if replay:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(**step)
+        torch.cuda.current_stream().wait_stream(side)
+    else:
+        model(**step)
+    sink: list = []
+    handles = record_hooks(model, sink)
+    records, graph = [], None
+    try:
+        for i in range(1, forced.numel()):
+            step["input_ids"].copy_(forced[i].view(1, 1))
+            position += 1
+            visible[..., int(position)] = True
+            if replay:
+                if graph is None:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        logits = model(**step).logits
+                graph.replay()
+            else:
+                sink.clear()
+                logits = model(**step).logits
+            record = {(layer, field): tensor.float().cpu() for layer, field, tensor in sink}
+            record["logits"] = logits.float().cpu()
+            records.append(record)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records
+
+
+def first_differences(records: list[dict], others: list[dict]) -> list[dict]:
+    """Each step where two runs' records differ: the step, the largest logits difference and, per layer, the first
+    field (in computation order) that differs."""
+    found = []
+    for index, (record, other) in enumerate(zip(records, others)):
+        layers = sorted({key[0] for key in record if key != "logits"})
+        parted = {layer: next((field for field in FIELDS if (layer, field) in record and
+                               not torch.equal(record[layer, field], other[layer, field])), None) for layer in layers}
+        logits_diff = float((record["logits"] - other["logits"]).abs().max())
+        if logits_diff > 0 or any(parted.values()):
+            found.append({"step": index + 1, "logits_max_diff": logits_diff,
+                          "first_differing_field": {str(layer): field for layer, field in parted.items() if field}})
+    return found
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", default="dsa", help=f"one of {[m for m in MODES if m != 'unpatched']}")
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--steps", type=int, default=254, help="teacher-forced decode steps compared")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--tokens", type=pathlib.Path, help="a bench_e2e JSON: force the tokens it generated for --mode")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model on the CPU: eager against eager")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    (mode,) = chosen_modes(parser, args.mode, [m for m in MODES if m != "unpatched"])
+    device = run_device(args.tiny)
+    model = patched((tiny_model("deepseek_v32") if args.tiny else real_dims_model(args.layers, device)).to(device), mode)
+    prompt = torch.randint(2, model.config.vocab_size, (1, args.context), device=device,
+                           generator=torch.Generator(device=device).manual_seed(1))  # bench_e2e's prompt
+    if args.tokens:
+        row = next(r for r in json.loads(args.tokens.read_text())["results"] if r["mode"] == mode)
+        forced = torch.tensor(row["tokens"][: args.steps + 1], device=device)
+    else:
+        forced = torch.randint(2, model.config.vocab_size, (args.steps + 1,),
+                               generator=torch.Generator().manual_seed(2)).to(device)
+    eager = decode_records(model, prompt, forced, replay=False)
+    replayed = decode_records(model, prompt, forced, replay=device == "cuda")
+    eager_again = decode_records(model, prompt, forced, replay=False)
+    report = {"mode": mode, "context": args.context, "steps": len(eager),
+              "replayed_vs_eager": first_differences(replayed, eager),
+              "eager_vs_eager": first_differences(eager_again, eager)}
+    path, environment = results_file(args.out, "graph_replay_check", args.tiny, device)
+    path.write_text(json.dumps({"environment": environment, **report}, indent=1))
+    comparison = "replayed" if device == "cuda" else "eager (no GPU: no graph)"
+    print(f"{mode}: {report['steps']} steps; {comparison} vs eager differ at {len(report['replayed_vs_eager'])}, "
+          f"eager vs eager at {len(report['eager_vs_eager'])}")
+    for difference in report["replayed_vs_eager"][:10]:
+        print(f"  step {difference['step']}: logits differ by up to {difference['logits_max_diff']:.3g}; first "
+              f"differing field per layer {difference['first_differing_field']}")
+    print(f"wrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
