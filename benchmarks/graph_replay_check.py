@@ -115,13 +115,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=254, help="teacher-forced decode steps compared")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--tokens", type=pathlib.Path, help="a bench_e2e JSON: force the tokens it generated for --mode")
+    parser.add_argument("--tokens", type=pathlib.Path,
+                        help="a bench_e2e JSON: force the tokens it generated for --mode")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model on the CPU: eager against eager")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     (mode,) = chosen_modes(parser, args.mode, [m for m in MODES if m != "unpatched"])
     device = run_device(args.tiny)
-    model = patched((tiny_model("deepseek_v32") if args.tiny else real_dims_model(args.layers, device)).to(device), mode)
+    model = tiny_model("deepseek_v32") if args.tiny else real_dims_model(args.layers, device)
+    model = patched(model.to(device), mode)
     prompt = torch.randint(2, model.config.vocab_size, (1, args.context), device=device,
                            generator=torch.Generator(device=device).manual_seed(1))  # bench_e2e's prompt
     if args.tokens:
