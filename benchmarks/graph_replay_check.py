@@ -109,6 +109,25 @@ def first_differences(records: list[dict], others: list[dict]) -> list[dict]:
     return found
 
 
+def selection_faults(records: list[dict], context: int) -> list[dict]:
+    """Steps where an indexer's top-k repeats an index or picks a key the step cannot see (step s, after the warm-up
+    step, decodes position context + s and sees keys [0, context + s]): what an output slot left unwritten, or a
+    future slot's score not masked, would give."""
+    faults = []
+    for index, record in enumerate(records):
+        for key, picked in record.items():
+            if key == "logits" or key[1] != "topk":
+                continue
+            layer = key[0]
+            picked = picked.flatten()
+            distinct = int((picked[1:] != picked[:-1]).sum()) + 1  # sorted
+            unseen = int((picked > context + index + 1).sum())
+            if distinct < picked.numel() or unseen:
+                faults.append({"step": index + 1, "layer": layer, "distinct": distinct, "of": picked.numel(),
+                               "unseen_keys": unseen})
+    return faults
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", default="dsa", help=f"one of {[m for m in MODES if m != 'unpatched']}")
@@ -137,12 +156,16 @@ def main(argv: list[str] | None = None) -> dict:
     eager_again = decode_records(model, prompt, forced, replay=False)
     report = {"mode": mode, "context": args.context, "steps": len(eager),
               "replayed_vs_eager": first_differences(replayed, eager),
-              "eager_vs_eager": first_differences(eager_again, eager)}
+              "eager_vs_eager": first_differences(eager_again, eager),
+              "selection_faults": {"eager": selection_faults(eager, args.context),
+                                   "replayed": selection_faults(replayed, args.context)}}
     path, environment = results_file(args.out, "graph_replay_check", args.tiny, device)
     path.write_text(json.dumps({"environment": environment, **report}, indent=1))
     comparison = "replayed" if device == "cuda" else "eager (no GPU: no graph)"
     print(f"{mode}: {report['steps']} steps; {comparison} vs eager differ at {len(report['replayed_vs_eager'])}, "
-          f"eager vs eager at {len(report['eager_vs_eager'])}")
+          f"eager vs eager at {len(report['eager_vs_eager'])}; top-k with a repeated or unseen key: "
+          f"{len(report['selection_faults']['eager'])} eager, "
+          f"{len(report['selection_faults']['replayed'])} {comparison}")
     for difference in report["replayed_vs_eager"][:10]:
         print(f"  step {difference['step']}: logits differ by up to {difference['logits_max_diff']:.3g}; first "
               f"differing field per layer {difference['first_differing_field']}")

@@ -38,6 +38,7 @@ def test_graph_replay_check_records_every_indexer_field_and_names_the_first_diff
     check = _load("graph_replay_check")
     report = check.main(["--tiny", "--mode", "misa8", "--context", "300", "--steps", "3", "--out", str(tmp_path)])
     assert report["steps"] == 3 and report["replayed_vs_eager"] == [] and report["eager_vs_eager"] == []
+    assert report["selection_faults"] == {"eager": [], "replayed": []}
     assert len(list(tmp_path.glob("graph_replay_check-tiny-*.json"))) == 1
 
     from transformers_misa.tiny import tiny_model
@@ -53,6 +54,11 @@ def test_graph_replay_check_records_every_indexer_field_and_names_the_first_diff
     planted[1][1, "topk"] = planted[1][1, "topk"].flip(-1)
     assert check.first_differences(planted, records) == [
         {"step": 2, "logits_max_diff": 0.0, "first_differing_field": {"1": "wk"}}]
+    # Step 1 (after the warm-up step at position 200) decodes position 201 and sees keys 0..201: a repeated key and a
+    # key of the future are faults.
+    faulty = [dict(r) for r in records]
+    faulty[0][0, "topk"] = torch.tensor([[[3.0, 3.0, 202.0]]])
+    assert check.selection_faults(faulty, 200) == [{"step": 1, "layer": 0, "distinct": 2, "of": 3, "unseen_keys": 1}]
 
 
 def test_e2e_benchmark_rejects_unknown_modes(tmp_path):
