@@ -1,5 +1,6 @@
-"""Static-cache decode steps never read a tensor back to the host, so they can be captured in a CUDA graph (the
-capture itself runs on the GPU: tests/test_kernels_in_models.py). On the CPU every such read is trapped inside the indexers."""
+"""Decode steps never read a tensor back to the host: a static cache's can be captured in a CUDA graph (the capture
+itself runs on the GPU: tests/test_kernels_in_models.py), and an eager step never waits for the GPU. On the CPU every
+such read is trapped inside the indexers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
 from transformers_misa import MisaIndexer, patch_model
 from transformers_misa.indexer import GRAPH_SAFE_MAX_QUERIES
@@ -26,7 +27,7 @@ def trap_host_reads(monkeypatch, model):
     def guard(name, original):
         def call(*args, **kwargs):
             if active[0]:
-                raise AssertionError(f"host read-back inside a static-cache decode step: {name}")
+                raise AssertionError(f"host read-back inside a decode step: {name}")
             return original(*args, **kwargs)
         return call
 
@@ -55,11 +56,15 @@ def trap_host_reads(monkeypatch, model):
                                           ("misa_hierarchical", dict(active_heads=4, block_size=16)),
                                           ("hisa", dict(block_size=16, keep_blocks=2))])
 @pytest.mark.parametrize("prompt_len", [45, 12])  # 12: the prompt itself is a sync-free call (no pool yet)
-def test_static_cache_decode_never_reads_back(make_model, monkeypatch, family, mode, options, prompt_len):
+@pytest.mark.parametrize("cache_kind", ["static", "dynamic"])
+def test_decode_never_reads_back(make_model, monkeypatch, family, mode, options, prompt_len, cache_kind):
+    """Static caches (CUDA graphs) and dynamic ones (eager `generate`: a read-back stalls the host until the GPU
+    catches up) alike; the static cache generates the dynamic cache's tokens."""
     model = patch_model(make_model(family, index_topk=16), mode=mode, **options)
     ids, attn = left_padded_batch(2, prompt_len, [0, 9])
     expected = model.generate(ids, attention_mask=attn, max_new_tokens=6, do_sample=False)  # dynamic cache
-    cache = StaticCache(config=model.config, max_cache_len=96)
+    cache = (StaticCache(config=model.config, max_cache_len=96) if cache_kind == "static"
+             else DynamicCache(config=model.config))
     with trap_host_reads(monkeypatch, model) as trapped:
         got = model.generate(ids, attention_mask=attn, max_new_tokens=6, do_sample=False, past_key_values=cache)
     calls = 5 + (prompt_len <= GRAPH_SAFE_MAX_QUERIES)  # every decode step, and a short prompt

@@ -90,7 +90,7 @@ class ChunkMask:
     the queries at the last S positions. The kernels only need each query's visible key range [ks, ke) and never
     materialise the fp32 bias; the reference uses the bias, exactly as transformers applies the mask.
 
-    `sync_free`: never read the GPU back (CUDA-graph capture of static-cache decode steps): a mask's contiguity is
+    `sync_free`: never read the GPU back (decode steps; CUDA-graph capture of a static cache's): a mask's contiguity is
     then left unknown (None), so consumers apply it exactly, and `visible_end` is the full width.
     """
 

@@ -13,8 +13,9 @@ class IncrementalBlockPool:
     Blocks that were complete before the previous call are final and reused; each call re-pools only the
     blocks its new keys touch, O((new tokens + block_size)·D). Cache edits reach the pool through `attach`:
     a beam reorder / batch selection reorders the pooled rows (O(M·D)), anything else (crop, reset, repeat)
-    drops them for one full re-pool. As a second guard the last key of every final block is kept as a
-    fingerprint, so an edit made behind the cache's back is caught too.
+    drops them for one full re-pool. As a second guard `update` (longer calls) keeps the last key of every final
+    block as a fingerprint, so an edit made behind the cache's back is caught too; `update_in_place` (decode steps,
+    no read-back) checks only what the host knows: a dynamic cache's length.
     """
 
     def __init__(self, block_size: int) -> None:
@@ -23,6 +24,7 @@ class IncrementalBlockPool:
         self.counts: torch.Tensor | None = None  # [B, M] fp32
         self.final_blocks = 0  # blocks complete as of the previous call
         self.fingerprints: torch.Tensor | None = None  # [B, final_blocks, D]
+        self.pooled_keys: int | None = None  # how many cache positions the sums cover (host-known caches)
 
     # Cache-layer methods that change which keys sit where; their effect on the pool (see `attach`).
     _ROW_SELECTING = ("reorder_cache", "batch_select_indices")
@@ -47,14 +49,15 @@ class IncrementalBlockPool:
 
     def invalidate(self) -> None:
         """Forgets every pooled block: the next update re-pools the whole cache."""
-        self.sums = self.counts = self.fingerprints = None
+        self.sums = self.counts = self.fingerprints = self.pooled_keys = None
         self.final_blocks = 0
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Follows a beam reorder / batch selection of the cache rows."""
         rows = rows.to(self.sums.device)
         self.sums, self.counts = self.sums[rows], self.counts[rows]
-        self.fingerprints = self.fingerprints[rows]
+        if self.fingerprints is not None:  # none after an in-place (decode) update
+            self.fingerprints = self.fingerprints[rows]
 
     def _still_valid(self, keys: torch.Tensor, filled: int) -> bool:
         if self.sums is None or self.fingerprints is None:
@@ -81,22 +84,35 @@ class IncrementalBlockPool:
         sums = torch.nn.functional.pad(sums, (0, 0, 0, num_blocks - sums.shape[1]))
         counts = torch.nn.functional.pad(counts, (0, num_blocks - counts.shape[1]))
         self.sums, self.counts = sums, counts
+        self.pooled_keys = filled
         self.final_blocks = filled // self.block_size
         self.fingerprints = keys[:, self.block_size - 1 : self.final_blocks * self.block_size : self.block_size].clone()
         return mean_pool(sums, counts)
 
-    def update_in_place(self, keys: torch.Tensor, valid: torch.Tensor, written: torch.Tensor,
+    def update_in_place(self, keys: torch.Tensor, valid: torch.Tensor, written: torch.Tensor | int,
                         num_new: int) -> torch.Tensor:
-        """`update` for a static cache's decode step, without reading the GPU back (CUDA-graph safe).
+        """`update` for a decode step, without reading the GPU back (a static cache's step: CUDA-graph safe).
 
-        `written` is the cache's write offset as a 0-d GPU tensor, after this step's `num_new` keys. Only the blocks
-        those keys can touch are re-pooled, from a fixed-size window, and written into the running sums in place
-        (fixed addresses, so a captured graph replays them); with no sums yet, every block is pooled.
+        `written` is the cache's write offset after this step's `num_new` keys: a 0-d GPU tensor for a static cache,
+        the number of keys for a dynamic one. Only the blocks those keys can touch are re-pooled, from a fixed-size
+        window, and written into the running sums in place (fixed addresses, so a captured graph replays them); a
+        dynamic cache that grew into new blocks gets them as empty sums first; with no sums yet, every block is
+        pooled. No fingerprint check (a host read): cache edits reach the pool through `attach` only.
         """
         num_keys = keys.shape[1]
+        num_blocks = -(-num_keys // self.block_size)
         positions = torch.arange(num_keys, device=keys.device)
         real = valid & (positions < written)  # slots past the write offset hold no key yet
-        if self.sums is None or self.sums.shape[:2] != (keys.shape[0], -(-num_keys // self.block_size)):
+        if isinstance(written, int):  # a dynamic cache
+            if (self.sums is not None and self.pooled_keys == written - num_new and
+                    self.sums.shape[0] == keys.shape[0] and self.sums.shape[1] <= num_blocks):
+                grow = num_blocks - self.sums.shape[1]  # new blocks start empty; the window below fills them
+                self.sums = torch.nn.functional.pad(self.sums, (0, 0, 0, grow))
+                self.counts = torch.nn.functional.pad(self.counts, (0, grow))
+            else:  # the pool did not see the keys before this step's (known on the host): pool every block
+                self.sums = None
+            self.pooled_keys = written
+        if self.sums is None or self.sums.shape[:2] != (keys.shape[0], num_blocks):
             self.sums, self.counts = pool_blocks(keys, real, self.block_size)
             self.fingerprints, self.final_blocks = None, 0  # the fingerprint check needs a host read: off
             return mean_pool(self.sums, self.counts)

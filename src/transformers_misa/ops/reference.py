@@ -6,7 +6,7 @@ All of them walk the queries in chunks, so the extra memory is O(chunk·H·T + S
 
 Scores of keys a query may not see are -inf; where a query sees fewer than `topk` keys, the indices past
 its visible ones point at masked keys (as transformers' own `topk` over -inf does) and carry no meaning.
-`sync_free=True` (static-cache decode steps) never reads the GPU back, so the call can be captured in a CUDA graph:
+`sync_free=True` (decode steps) never reads the GPU back, so a static cache's call can be captured in a CUDA graph:
 the mask is then applied without checking its shape first, and no keys are cut off.
 """
 
