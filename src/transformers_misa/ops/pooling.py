@@ -101,8 +101,6 @@ class IncrementalBlockPool:
         """
         num_keys = keys.shape[1]
         num_blocks = -(-num_keys // self.block_size)
-        positions = torch.arange(num_keys, device=keys.device)
-        real = valid & (positions < written)  # slots past the write offset hold no key yet
         if isinstance(written, int):  # a dynamic cache
             if (self.sums is not None and self.pooled_keys == written - num_new and
                     self.sums.shape[0] == keys.shape[0] and self.sums.shape[1] <= num_blocks):
@@ -113,17 +111,21 @@ class IncrementalBlockPool:
                 self.sums = None
             self.pooled_keys = written
         if self.sums is None or self.sums.shape[:2] != (keys.shape[0], num_blocks):
+            real = valid & (torch.arange(num_keys, device=keys.device) < written)  # slots past it hold no key yet
             self.sums, self.counts = pool_blocks(keys, real, self.block_size)
             self.fingerprints, self.final_blocks = None, 0  # the fingerprint check needs a host read: off
             return mean_pool(self.sums, self.counts)
         last_block = self.sums.shape[1] - 1
         window = -(-num_new // self.block_size) + 1  # blocks the new keys can touch
-        blocks = ((written - num_new) // self.block_size + torch.arange(window, device=keys.device)).clamp_max(last_block)
+        blocks = (written - num_new) // self.block_size + torch.arange(window, device=keys.device)
+        blocks = blocks.clamp_max(last_block)
         slots = (blocks.unsqueeze(-1) * self.block_size + torch.arange(self.block_size, device=keys.device)).flatten()
-        in_cache = slots < num_keys  # a partial last block's slots past the buffer
-        slots = slots.clamp_max(num_keys - 1)
-        weight = (real[:, slots] & in_cache).float()
-        sums = (keys[:, slots].float() * weight.unsqueeze(-1)).view(keys.shape[0], window, self.block_size, -1).sum(2)
+        # Only the window's slots are tested (not the whole cache): real keys lie below the write offset, which also
+        # drops a partial last block's slots past the buffer (written <= num_keys).
+        in_buffer = slots.clamp_max(num_keys - 1)
+        weight = (valid[:, in_buffer] & (slots < written)).float()
+        sums = (keys[:, in_buffer].float() * weight.unsqueeze(-1)).view(keys.shape[0], window, self.block_size, -1)
+        sums = sums.sum(2)
         # A clamped repeat of the last block writes the same values twice: harmless.
         self.sums.index_copy_(1, blocks, sums)
         self.counts.index_copy_(1, blocks, weight.view(keys.shape[0], window, self.block_size).sum(2))
