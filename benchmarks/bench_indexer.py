@@ -16,14 +16,13 @@ import datetime
 import functools
 import json
 import pathlib
-import platform
 import sys
-import time
 import types
 
 import tilelang
 import torch
 
+from gpu_timing import cuda_time_ms, environment, graph_time_ms, peak_extra_gib, stage_ms  # this folder's timing
 from transformers_misa.kernels.scorer import (TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FP8_SCORER,
                                               TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
                                               TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
@@ -35,76 +34,6 @@ from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_
 DIM, TOPK, BLOCK = 128, 2048, 128
 SCALE = DIM**-0.5
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-
-
-def cuda_time_ms(fn, reps: int, before=None, host_hidden: bool = False) -> float:
-    """Median wall time of `fn` on the GPU (events: from the call to its last kernel, host launches included), after
-    one warm-up call; `before` runs ahead of each call, untimed.
-
-    `host_hidden`: each timed call is queued behind a GPU spin longer than the call's host time, so that its kernels
-    run back to back (as inside a model, whose earlier layers keep the GPU busy while the host launches the next
-    ones); a read-back inside `fn` still shows, as it would there."""
-    before = before or (lambda: None)
-    before()
-    fn()
-    torch.cuda.synchronize()
-    spin = 0
-    if host_hidden:
-        before()
-        started = time.perf_counter()
-        fn()
-        host_ms = (time.perf_counter() - started) * 1e3
-        torch.cuda.synchronize()
-        spin = int((2 * host_ms + 1) * _spin_cycles_per_ms())
-    times = []
-    for _ in range(reps):
-        before()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if spin:
-            torch.cuda._sleep(spin)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-@functools.lru_cache(maxsize=None)
-def _spin_cycles_per_ms() -> float:
-    """`torch.cuda._sleep` cycles per millisecond on this GPU, measured once."""
-    cycles = 10**7
-    torch.cuda._sleep(cycles)  # first launch out of the timing
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(cycles)
-    end.record()
-    torch.cuda.synchronize()
-    return cycles / start.elapsed_time(end)
-
-
-def graph_time_ms(fn, reps: int) -> float:
-    """Median time of one replay of `fn` captured in a CUDA graph: a decode step without its host overhead (Python,
-    kernel launches), as a static-cache decode loop with CUDA graphs runs it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graph capture asks
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return cuda_time_ms(graph.replay, reps)
-
-
-def peak_extra_gib(fn) -> float:
-    """Peak GPU memory `fn` allocates beyond what was allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def inputs(batch: int, num_queries: int, num_keys: int, heads: int, seed: int = 0):
@@ -350,38 +279,6 @@ def print_row(row: dict, heads: int) -> None:
               + f" other_top={stages.get('other_top')}", flush=True)
 
 
-STAGES = {"weighted_relu_logits": "logits", "weighted_relu_candidates": "candidates", "radix_topk": "topk",
-          "head_importance": "router", "route_heads": "router", "gathered_logits": "rerank"}
-
-
-def stage_ms(call) -> dict:
-    """GPU time of one call split by stage (torch.profiler kernel times; every other kernel counts as "other"), and
-    "host": how long the call takes to return, unprofiled (its launches; near the GPU time, the GPU waits on them)."""
-    call()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    call()
-    host_ms = (time.perf_counter() - start) * 1e3
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        call()
-        torch.cuda.synchronize()
-    totals: dict[str, float] = {}
-    others: dict[str, float] = {}
-    for event in prof.key_averages():
-        device_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
-        if device_us <= 0 or event.key.startswith(("cudaLaunch", "cudaMemcpy", "cudaStream", "cudaDevice")):
-            continue
-        stage = next((name for pattern, name in STAGES.items() if pattern in event.key), "other")
-        totals[stage] = totals.get(stage, 0.0) + device_us / 1e3
-        if stage == "other":
-            others[event.key[:50]] = device_us / 1e3
-    stages = {stage: round(ms, 3) for stage, ms in sorted(totals.items())}
-    stages["host"] = round(host_ms, 3)
-    stages["other_top"] = {name: round(ms, 3) for name, ms in sorted(others.items(), key=lambda kv: -kv[1])[:4]}
-    return stages
-
-
 def profile_misa(context: int) -> None:
     """Where MISA-8's time goes at one context (torch.profiler, CUDA time per op)."""
     q, keys, weights = inputs(1, context, context, 64)
@@ -391,17 +288,6 @@ def profile_misa(context: int) -> None:
         call(q, keys, weights)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
-
-
-def environment() -> dict:
-    import tilelang
-    import transformers
-
-    return {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "tilelang": tilelang.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-    }
 
 
 def plot(results: list[dict], path: pathlib.Path) -> None:

@@ -36,7 +36,7 @@ INDEXER_ARGS = ("hidden_states", "q_resid", "position_embeddings", "attention_ma
 def wall_time_ms(fn, reps: int, device: str, before=None) -> float:
     """Median time of `fn` after one warm-up call; `before` runs ahead of each call, untimed."""
     if device == "cuda":
-        from bench_indexer import cuda_time_ms
+        from gpu_timing import cuda_time_ms
 
         return cuda_time_ms(fn, reps, before)
     before = before or (lambda: None)

@@ -21,7 +21,8 @@ import warnings
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import bench_indexer  # noqa: E402  (the benchmark's inputs, methods and stage profile)
+import bench_indexer  # noqa: E402  (the benchmark's inputs and methods)
+import gpu_timing  # noqa: E402  (the stage profile and environment)
 from sweeps import write_results  # noqa: E402
 
 
@@ -67,12 +68,12 @@ def main(argv: list[str] | None = None) -> None:
         name, context = run.split("@")
         q, keys, weights = bench_indexer.inputs(1, int(context), int(context), 64)
         call = functools.partial(bench_indexer.methods(64, None)[name], q, keys, weights)
-        results[run] = {"host_vs_gpu": host_vs_gpu(call, args.reps), "stages": bench_indexer.stage_ms(call),
+        results[run] = {"host_vs_gpu": host_vs_gpu(call, args.reps), "stages": gpu_timing.stage_ms(call),
                         "syncs": host_syncs(call)}
         print(run, json.dumps(results[run]), flush=True)
         del q, keys, weights
         torch.cuda.empty_cache()
-    write_results(args.out, "host_probe", {"environment": bench_indexer.environment(), "results": results})
+    write_results(args.out, "host_probe", {"environment": gpu_timing.environment(), "results": results})
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from bench_indexer import DIM, cuda_time_ms, inputs  # this folder's indexer benchmark: same inputs and timing
+from bench_indexer import DIM, inputs  # this folder's indexer benchmark: same inputs and timing
+from gpu_timing import cuda_time_ms
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.common import ROWS_PER_CTA
 from transformers_misa.kernels.scorer import MAX_TMA_ELEMENTS

@@ -13,7 +13,8 @@ import json
 
 import torch
 
-from bench_indexer import BLOCK, DIM, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
+from bench_indexer import BLOCK, DIM, inputs  # this folder's indexer benchmark
+from gpu_timing import cuda_time_ms, environment
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.router import build_head_importance
 from transformers_misa.kernels.routing import WIDE_ROUTER

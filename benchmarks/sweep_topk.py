@@ -15,7 +15,8 @@ import json
 
 import torch
 
-from bench_indexer import DIM, SCALE, TOPK, cuda_time_ms, environment, inputs  # this folder's indexer benchmark
+from bench_indexer import DIM, SCALE, TOPK, inputs  # this folder's indexer benchmark
+from gpu_timing import cuda_time_ms, environment
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
 from transformers_misa.kernels.topk import BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, UNROLL, build_radix_topk

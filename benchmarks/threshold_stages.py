@@ -26,7 +26,8 @@ TOPK = 2048
 
 
 def measure(context: int, heads: int, reps: int) -> dict:
-    from bench_indexer import cuda_time_ms, inputs
+    from bench_indexer import inputs
+    from gpu_timing import cuda_time_ms
 
     from transformers_misa.kernels import scorer as kernels
     from transformers_misa.ops.threshold import sampled_thresholds

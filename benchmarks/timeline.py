@@ -19,7 +19,8 @@ import tempfile
 
 import torch
 
-from bench_indexer import environment, inputs, methods  # this folder's indexer benchmark
+from bench_indexer import inputs, methods  # this folder's indexer benchmark
+from gpu_timing import environment
 from sweeps import RESULTS, write_results
 
 CALL = "indexer_call"

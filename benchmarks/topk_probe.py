@@ -17,7 +17,7 @@ import tilelang
 import tilelang.language as T
 import torch
 
-from bench_indexer import cuda_time_ms, environment  # this folder's indexer benchmark
+from gpu_timing import cuda_time_ms, environment  # this folder's GPU timing
 from sweep_topk import workloads
 from sweeps import RESULTS, write_results
 from transformers_misa.kernels.common import compile_target

@@ -4,6 +4,7 @@ import importlib
 import importlib.util
 import pathlib
 import shutil
+import sys
 
 import pytest
 import torch
@@ -12,9 +13,15 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _load(name: str):
+    """A benchmark script as a module, imported with its folder first on sys.path, as `python benchmarks/NAME.py`
+    runs it (the scripts import their neighbours, e.g. gpu_timing, by name)."""
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
     return module
 
 
