@@ -114,6 +114,7 @@ def stage_ms(call) -> dict:
 
 
 def environment() -> dict:
+    """What a result file records of the run: GPU, torch / CUDA / TileLang / transformers / Python versions, date."""
     import tilelang
     import transformers
 
