@@ -99,10 +99,11 @@ class MisaIndexer(nn.Module):
             pool.attach(layer)
             setattr(layer, _POOL_ATTR, pool)
         valid = key_validity(mask, keys.shape[0], keys.shape[1], keys.device)
-        written = getattr(layer, "indexer_cumulative_length", None)  # static caches: the write offset
-        if sync_free:  # a dynamic cache holds exactly its written keys
-            return pool.update_in_place(keys, valid, keys.shape[1] if written is None else written, num_new)
-        return pool.update(keys, valid, keys.shape[1] if written is None else int(written))
+        # A static cache's write offset (a GPU tensor); a dynamic cache holds exactly its written keys.
+        written = getattr(layer, "indexer_cumulative_length", keys.shape[1])
+        if sync_free:
+            return pool.update_in_place(keys, valid, written, num_new)
+        return pool.update(keys, valid, int(written))
 
     def select(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None,
                pooled: torch.Tensor | None, config: MisaConfig | None = None, sync_free: bool = False) -> torch.Tensor:
