@@ -19,6 +19,7 @@ import time
 import torch
 from transformers import DeepseekV32Config, DeepseekV32ForCausalLM, DynamicCache
 
+from gpu_timing import outside_capture  # this folder's
 from transformers_misa import patch_model
 from transformers_misa.indexer import MisaIndexer
 from transformers_misa.registry import family_of
@@ -145,6 +146,27 @@ def greedy(model, prompt, new_tokens: int, device: str) -> dict:
                 prefill_indexer_s=prefill_indexer.seconds(), decode_indexer_s=decode_indexer.seconds())
 
 
+class StaticDecodeStep:
+    """The inputs of a 1-token decode step from a static cache that holds `context` tokens: the token, its position
+    and a prepared 4D mask over the cache's `length` slots, at fixed addresses, so that a captured CUDA graph replays
+    whatever `advance` writes into them."""
+
+    def __init__(self, cache, context: int, length: int, token: torch.Tensor) -> None:
+        self.at = context  # the step's position, on the host
+        self.position = torch.full((1, 1), context, device=token.device)
+        self.visible = torch.zeros(1, 1, 1, length, dtype=torch.bool, device=token.device)
+        self.visible[..., : context + 1] = True
+        self.inputs = dict(input_ids=token.view(1, 1).clone(), position_ids=self.position,
+                           attention_mask={"indexed_attention": self.visible}, past_key_values=cache)
+
+    def advance(self, token: torch.Tensor) -> None:
+        """In place: the next step's inputs, reading `token` one position further."""
+        self.inputs["input_ids"].copy_(token.view(1, 1))
+        self.at += 1
+        self.position += 1
+        self.visible[..., self.at] = True
+
+
 @torch.no_grad()
 def greedy_cuda_graph(model, prompt, new_tokens: int, cache_len: int | None = None, replay: bool = True) -> dict:
     """Prefill into a static cache, then decode with each 1-token step replayed from one captured CUDA graph (no
@@ -160,35 +182,23 @@ def greedy_cuda_graph(model, prompt, new_tokens: int, cache_len: int | None = No
     token = model(input_ids=prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - start
-    position = torch.full((1, 1), prompt.shape[1], device="cuda")
-    visible = torch.zeros(1, 1, 1, length, dtype=torch.bool, device="cuda")
-    visible[..., : prompt.shape[1] + 1] = True
-    step = dict(input_ids=token.clone(), position_ids=position, attention_mask={"indexed_attention": visible},
-                past_key_values=cache)
+    step = StaticDecodeStep(cache, prompt.shape[1], length, token)
     tokens = [int(token)]
     start = time.perf_counter()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up step (eager), as CUDA graph capture asks
-        next_token = model(**step).logits[:, -1:].argmax(-1)
-    torch.cuda.current_stream().wait_stream(side)
+    next_token = outside_capture(lambda: model(**step.inputs).logits[:, -1:].argmax(-1))  # warm-up step (eager)
     tokens.append(int(next_token))
-    step["input_ids"].copy_(next_token)
-    position += 1
-    visible[..., int(position)] = True
+    step.advance(next_token)
     if replay:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = model(**step).logits[:, -1:].argmax(-1)
+            captured = model(**step.inputs).logits[:, -1:].argmax(-1)
     for _ in range(new_tokens - 2):
         if replay:
             graph.replay()
         else:
-            captured = model(**step).logits[:, -1:].argmax(-1)
+            captured = model(**step.inputs).logits[:, -1:].argmax(-1)
         tokens.append(int(captured))
-        step["input_ids"].copy_(captured)
-        position += 1
-        visible[..., int(position)] = True
+        step.advance(captured)
     torch.cuda.synchronize()
     return dict(prefill_s=prefill_s, decode_s=time.perf_counter() - start, tokens=tokens[:new_tokens])
 

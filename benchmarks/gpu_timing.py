@@ -57,14 +57,20 @@ def _spin_cycles_per_ms() -> float:
     return cycles / start.elapsed_time(end)
 
 
+def outside_capture(fn):
+    """`fn()` on a side stream, ordered with the current one: the warm-up CUDA graph capture asks for before it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        result = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return result
+
+
 def graph_time_ms(fn, reps: int) -> float:
     """Median time of one replay of `fn` captured in a CUDA graph: a decode step without its host overhead (Python,
     kernel launches), as a static-cache decode loop with CUDA graphs runs it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graph capture asks
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
+    outside_capture(fn)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()

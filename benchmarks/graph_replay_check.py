@@ -21,7 +21,9 @@ import pathlib
 import torch
 from transformers import StaticCache
 
-from bench_e2e import MODES, RESULTS, chosen_modes, patched, real_dims_model, results_file, run_device
+from bench_e2e import (MODES, RESULTS, StaticDecodeStep, chosen_modes, patched, real_dims_model, results_file,
+                       run_device)
+from gpu_timing import outside_capture
 from transformers_misa.indexer import MisaIndexer
 from transformers_misa.tiny import tiny_model
 
@@ -51,40 +53,30 @@ def decode_records(model, prompt: torch.Tensor, forced: torch.Tensor, replay: bo
     """Per decode step after the warm-up step: {"logits": ..., (layer, field): ...} on the CPU, teacher-forced by
     `forced` (step i reads forced[i], step 0 is the warm-up); `replay`: the steps replay one CUDA graph captured at
     step 1, the warm-up ran on a side stream (as graph capture asks)."""
-    device, context = prompt.device, prompt.shape[1]
+    context = prompt.shape[1]
     length = context + forced.numel() + 1  # as bench_e2e's static cache for as many steps (prompt + new tokens)
     cache = StaticCache(config=model.config, max_cache_len=length)
     model(input_ids=prompt, past_key_values=cache)
-    position = torch.full((1, 1), context, device=device)
-    visible = torch.zeros(1, 1, 1, length, dtype=torch.bool, device=device)
-    visible[..., : context + 1] = True
-    step = dict(input_ids=forced[:1].view(1, 1).clone(), position_ids=position,
-                attention_mask={"indexed_attention": visible}, past_key_values=cache)
+    step = StaticDecodeStep(cache, context, length, forced[0])
     if replay:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            model(**step)
-        torch.cuda.current_stream().wait_stream(side)
+        outside_capture(lambda: model(**step.inputs))
     else:
-        model(**step)
+        model(**step.inputs)
     sink: list = []
     handles = record_hooks(model, sink)
     records, graph = [], None
     try:
         for i in range(1, forced.numel()):
-            step["input_ids"].copy_(forced[i].view(1, 1))
-            position += 1
-            visible[..., int(position)] = True
+            step.advance(forced[i])
             if replay:
                 if graph is None:
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
-                        logits = model(**step).logits
+                        logits = model(**step.inputs).logits
                 graph.replay()
             else:
                 sink.clear()
-                logits = model(**step).logits
+                logits = model(**step.inputs).logits
             record = {(layer, field): tensor.float().cpu() for layer, field, tensor in sink}
             record["logits"] = logits.float().cpu()
             records.append(record)
