@@ -7,16 +7,24 @@ step it compares the final logits and, per patched indexer, its inputs (hidden s
 (wq_b, wk, k_norm, weights_proj) and its top-k set, bit for bit, and names the first place where they part. Forward
 hooks run at capture only; they keep the captured buffers, which every replay rewrites in place.
 
+`--deterministic` runs all three under torch's deterministic algorithms (warn-only; cuBLAS given a fixed workspace
+config): the ops that have no deterministic implementation come back as `nondeterministic_ops`, and every tensor
+made by `torch.empty` is NaN-filled first, so that a read of memory nothing wrote would show.
+
     python benchmarks/graph_replay_check.py --mode dsa --context 32768 --steps 254
     python benchmarks/graph_replay_check.py --mode dsa --tokens results/bench_e2e-....json   # its generated tokens
+    python benchmarks/graph_replay_check.py --mode dsa --deterministic                        # noise sources
     python benchmarks/graph_replay_check.py --tiny --context 300 --steps 4                    # CPU: eager twice
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import pathlib
+import warnings
 
 import torch
 from transformers import StaticCache
@@ -120,6 +128,31 @@ def selection_faults(records: list[dict], context: int) -> list[dict]:
     return faults
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """Inside: torch's deterministic algorithms in warn-only mode (cuBLAS given the fixed workspace config it needs,
+    where the environment sets none; uninitialized memory NaN-filled). Yields the list it fills, on exit, with the
+    distinct warnings of ops that have no deterministic implementation (empty when not `enabled`)."""
+    found: list[str] = []
+    if not enabled:
+        yield found
+        return
+    set_workspace = "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield found
+        found.extend(dict.fromkeys(str(w.message).split(". ")[0] for w in caught
+                                   if "deterministic" in str(w.message)))
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        if set_workspace:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", default="dsa", help=f"one of {[m for m in MODES if m != 'unpatched']}")
@@ -127,8 +160,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=254, help="teacher-forced decode steps compared")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--tokens", type=pathlib.Path,
-                        help="a bench_e2e JSON: force the tokens it generated for --mode")
+                        help="a bench_e2e JSON: force the tokens it generated for --tokens-mode")
+    parser.add_argument("--tokens-mode", help="whose tokens in --tokens (default: --mode)")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model on the CPU: eager against eager")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="torch's deterministic algorithms (warn-only), NaN-filled torch.empty; lists the ops "
+                             "without a deterministic implementation")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     (mode,) = chosen_modes(parser, args.mode, [m for m in MODES if m != "unpatched"])
@@ -138,15 +175,22 @@ def main(argv: list[str] | None = None) -> dict:
     prompt = torch.randint(2, model.config.vocab_size, (1, args.context), device=device,
                            generator=torch.Generator(device=device).manual_seed(1))  # bench_e2e's prompt
     if args.tokens:
-        row = next(r for r in json.loads(args.tokens.read_text())["results"] if r["mode"] == mode)
+        rows = {r["mode"]: r for r in json.loads(args.tokens.read_text())["results"]}
+        tokens_mode = args.tokens_mode or mode
+        if tokens_mode not in rows:
+            parser.error(f"{args.tokens} has no tokens of mode {tokens_mode!r} (it has {sorted(rows)}): "
+                         f"pass --tokens-mode")
+        row = rows[tokens_mode]
         forced = torch.tensor(row["tokens"][: args.steps + 1], device=device)
     else:
         forced = torch.randint(2, model.config.vocab_size, (args.steps + 1,),
                                generator=torch.Generator().manual_seed(2)).to(device)
-    eager = decode_records(model, prompt, forced, replay=False)
-    replayed = decode_records(model, prompt, forced, replay=device == "cuda")
-    eager_again = decode_records(model, prompt, forced, replay=False)
-    report = {"mode": mode, "context": args.context, "steps": len(eager),
+    with deterministic_algorithms(args.deterministic) as nondeterministic_ops:
+        eager = decode_records(model, prompt, forced, replay=False)
+        replayed = decode_records(model, prompt, forced, replay=device == "cuda")
+        eager_again = decode_records(model, prompt, forced, replay=False)
+    report = {"mode": mode, "context": args.context, "steps": len(eager), "deterministic": args.deterministic,
+              "nondeterministic_ops": nondeterministic_ops,
               "replayed_vs_eager": first_differences(replayed, eager),
               "eager_vs_eager": first_differences(eager_again, eager),
               "selection_faults": {"eager": selection_faults(eager, args.context),
@@ -154,13 +198,17 @@ def main(argv: list[str] | None = None) -> dict:
     path, environment = results_file(args.out, "graph_replay_check", args.tiny, device)
     path.write_text(json.dumps({"environment": environment, **report}, indent=1))
     comparison = "replayed" if device == "cuda" else "eager (no GPU: no graph)"
-    print(f"{mode}: {report['steps']} steps; {comparison} vs eager differ at {len(report['replayed_vs_eager'])}, "
-          f"eager vs eager at {len(report['eager_vs_eager'])}; top-k with a repeated or unseen key: "
+    print(f"{mode}{' (deterministic algorithms)' if args.deterministic else ''}: {report['steps']} steps; "
+          f"{comparison} vs eager differ in {len(report['replayed_vs_eager'])} steps, eager vs eager in "
+          f"{len(report['eager_vs_eager'])}; top-k with a repeated or unseen key: "
           f"{len(report['selection_faults']['eager'])} eager, "
           f"{len(report['selection_faults']['replayed'])} {comparison}")
-    for difference in report["replayed_vs_eager"][:10]:
-        print(f"  step {difference['step']}: logits differ by up to {difference['logits_max_diff']:.3g}; first "
-              f"differing field per layer {difference['first_differing_field']}")
+    for op in nondeterministic_ops:
+        print(f"  no deterministic implementation: {op}")
+    for runs in ("replayed_vs_eager", "eager_vs_eager"):
+        for difference in report[runs][:5]:
+            print(f"  {runs}, step {difference['step']}: logits differ by up to {difference['logits_max_diff']:.3g}; "
+                  f"first differing field per layer {difference['first_differing_field']}")
     print(f"wrote {path}")
     return report
 

@@ -47,6 +47,11 @@ def test_graph_replay_check_records_every_indexer_field_and_names_the_first_diff
     assert report["steps"] == 3 and report["replayed_vs_eager"] == [] and report["eager_vs_eager"] == []
     assert report["selection_faults"] == {"eager": [], "replayed": []}
     assert len(list(tmp_path.glob("graph_replay_check-tiny-*.json"))) == 1
+    # Under deterministic algorithms (warn-only, NaN-filled torch.empty) the runs agree too; the settings come back.
+    report = check.main(["--tiny", "--mode", "dsa", "--context", "300", "--steps", "2", "--deterministic",
+                         "--out", str(tmp_path)])
+    assert report["deterministic"] and report["eager_vs_eager"] == [] and report["nondeterministic_ops"] == []
+    assert not torch.are_deterministic_algorithms_enabled()
 
     from transformers_misa.tiny import tiny_model
 
