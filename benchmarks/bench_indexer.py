@@ -23,8 +23,9 @@ import tilelang
 import torch
 
 from gpu_timing import cuda_time_ms, environment, graph_time_ms, peak_extra_gib, stage_ms  # this folder's timing
-from transformers_misa.kernels.scorer import (TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FP8_SCORER,
-                                              TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
+from transformers_misa.kernels.scorer import (TILELANG_BUDGET_CHUNKS_SCORER, TILELANG_EVERY_TILE_TESTED_SCORER,
+                                              TILELANG_FP8_SCORER, TILELANG_PIPELINED_SCORER,
+                                              TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
                                               TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
                                               TILELANG_THRESHOLD_SCORER, logits_options)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
@@ -81,6 +82,9 @@ def methods(heads: int, deepseek_kernel):
         # the routing program reading a prefill's tails from the key cache, and also testing every tile
         "misa8_tail_keys": _misa(reference.misa_topk, TILELANG_TAIL_KEYS_SCORER),
         "misa8_every_tile_tested": _misa(reference.misa_topk, TILELANG_EVERY_TILE_TESTED_SCORER),
+        # query chunks sized by the memory budget alone (before chunks of whole waves of logits CTAs)
+        f"dsa{heads}_budget_chunks": _dsa(TILELANG_BUDGET_CHUNKS_SCORER),
+        "misa8_budget_chunks": _misa(reference.misa_topk, TILELANG_BUDGET_CHUNKS_SCORER),
         # the wide top-k via a sampled threshold
         f"dsa{heads}_threshold": _dsa(TILELANG_THRESHOLD_SCORER),
         "misa8_threshold": _misa(reference.misa_topk, TILELANG_THRESHOLD_SCORER),
@@ -212,6 +216,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
             table = methods(heads, None)
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
                                 for name in (f"dsa{heads}_kernel", f"dsa{heads}_pipelined", "misa8", "misa8_pipelined",
+                                             "misa8_budget_chunks",
                                              "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}
@@ -261,7 +266,8 @@ def print_row(row: dict, heads: int) -> None:
         stem, timing = name.rsplit("_", 1) if name.endswith(("_graph", "_gpu")) else (name, "")
         suffix = f"_{timing}" if timing else ""
         bases = ([f"dsa{heads}_fp8"] if stem.endswith("_fp8") else
-                 [f"dsa{heads}_kernel", f"dsa{heads}_pipelined", f"dsa{heads}_threshold"])
+                 [f"dsa{heads}_kernel", f"dsa{heads}_pipelined", f"dsa{heads}_threshold",
+                  f"dsa{heads}_budget_chunks"])
         base = min((timings[n + suffix] for n in bases if n + suffix in timings), default=None)
         return f"({base / timings[name]:.1f}x)" if base and name.startswith(("misa", "hisa")) else ""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 
@@ -96,6 +97,16 @@ def prefill_shape(heads: int, fp8: bool = False) -> dict:
     if heads >= WIDE_CTA_MIN_HEADS and not fp8 and WIDE_CTA["rows_per_cta"] % heads == 0:
         return dict(WIDE_CTA)
     return dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)
+
+
+def logits_wave_queries(heads: int, batch: int, device: torch.device, fp8: bool = False) -> int:
+    """Queries (per sequence of `batch`) whose prefill logits CTAs number one per SM of `device`: query chunks of whole
+    such waves end no launch in a partly filled wave. At 128K a prefill's late query chunks are 3-5 waves of MISA-8's
+    16-query CTAs; H200, `chunk_probe-20261203-1913.json`: its logits stage 39.8 -> 36.0 ms, the whole indexer 66.6
+    -> 64.2 ms; at 64K 8.81 -> 8.62 ms."""
+    sm_count = _sm_count(device)
+    per_cta = queries_per_cta(heads, prefill_shape(heads, fp8)["rows_per_cta"])
+    return per_cta * sm_count // math.gcd(batch, sm_count)
 
 
 def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_count: int, fill_future: bool,
@@ -321,13 +332,14 @@ TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda h
                          candidate_scratch_bytes=lambda heads, dim, candidates: 4 * candidates * 4,
                          # whole query blocks of every interleaved head count (2 heads: the largest block), so that
                          # `_logits` pads only the last chunk (padding costs each chunk 8 launches before its logits)
-                         query_multiple=queries_per_cta(2))
+                         query_multiple=queries_per_cta(2), wave_queries=logits_wave_queries)
 
 # qk_format="fp8_e4m3": the token logits on the FP8 tensor cores. The indexer hands over q and keys already rounded
 # to FP8 (the reference's numerics), so quantizing them here is exact; the router and the re-rank keep bf16 inputs.
 TILELANG_FP8_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-fp8", token_logits=functools.partial(tilelang_token_logits, fp8=True),
-    fused_select=functools.partial(tilelang_select_tokens, fp8=True))
+    fused_select=functools.partial(tilelang_select_tokens, fp8=True),
+    wave_queries=functools.partial(logits_wave_queries, fp8=True))
 
 # The plain row order (query · heads + head) for every head count: the layout before the interleaved one, kept so
 # that the benchmark times both side by side.
@@ -359,3 +371,7 @@ TILELANG_TAIL_KEYS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-
 TILELANG_EVERY_TILE_TESTED_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-every-tile-tested",
     route=functools.partial(tilelang_route, tail_means=False, split_tiles=False))
+
+# Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
+# kept so that the benchmark times both side by side.
+TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-budget-chunks", wave_queries=None)

@@ -84,6 +84,22 @@ def test_logits_options_overlap_prefill_only():
     assert not options(8, 1, 8192, 65534)["staged_stores"]  # a TMA row stride must be a multiple of 16 bytes
 
 
+def test_logits_waves_hold_one_cta_per_sm(monkeypatch):
+    """Queries per wave of prefill logits CTAs (132 SMs): MISA-8's 16-query CTAs, DSA-64's wide 4-query ones (FP8: 2),
+    and per sequence of a batch whose CTAs share the wave."""
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels import scorer
+
+    monkeypatch.setattr(scorer, "_sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert scorer.logits_wave_queries(8, 1, cpu) == 16 * 132
+    assert scorer.logits_wave_queries(64, 1, cpu) == 4 * 132
+    assert scorer.logits_wave_queries(64, 1, cpu, fp8=True) == 2 * 132
+    assert scorer.logits_wave_queries(8, 2, cpu) == 16 * 66 and scorer.logits_wave_queries(8, 5, cpu) == 16 * 132
+    assert scorer.TILELANG_SCORER.wave_queries is scorer.logits_wave_queries
+    assert scorer.TILELANG_BUDGET_CHUNKS_SCORER.wave_queries is None
+
+
 def test_decode_rows_per_cta_fits_the_step_queries():
     pytest.importorskip("tilelang", reason="TileLang is not installed")
     from transformers_misa.kernels.scorer import decode_rows_per_cta

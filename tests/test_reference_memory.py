@@ -223,6 +223,14 @@ def test_causal_chunks_keep_selections(mode, monkeypatch):
     aligned = run(scorer=dataclasses.replace(narrowing, chunk_budget=100_000, query_multiple=16))  # whole blocks
     assert len(sizes) > 2 and sizes[0] >= 16, sizes
     assert all(size % 16 == 0 or size < 16 for size in sizes[:-1]), sizes  # under one block: as many as fit
+    sizes.clear()
+    waves = []  # whole waves of the token logits' CTAs: asked for with the heads each query's logits score
+    in_waves = run(scorer=dataclasses.replace(narrowing, chunk_budget=100_000, query_multiple=4,
+                                              wave_queries=lambda heads, batch, device: waves.append(heads) or 6))
+    # HISA's token stage scores gathered candidates (no logits launch to fill): whole multiples of 4 only
+    multiple = 4 if mode == "hisa" else 12  # lcm(4, 6)
+    assert len(sizes) > 2 and all(size % multiple == 0 or size < multiple for size in sizes[:-1]), sizes
+    assert set(waves) == {"dsa": {8}, "misa": {2}, "misa_hierarchical": {2}, "hisa": set()}[mode], waves
     monkeypatch.setattr(reference, "causal_query_chunks", real)
 
     def visible(picked):  # the first queries see fewer than k keys: which masked keys fill up carries no meaning
@@ -230,6 +238,7 @@ def test_causal_chunks_keep_selections(mode, monkeypatch):
 
     assert torch.equal(visible(chunked), visible(whole))
     assert torch.equal(visible(aligned), visible(whole))
+    assert torch.equal(visible(in_waves), visible(whole))
 
 
 @pytest.mark.parametrize("mode", ["dsa", "misa"])

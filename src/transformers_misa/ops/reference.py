@@ -116,6 +116,10 @@ class Scorer:
     chunk_budget: scratch memory one query chunk may use.
     query_multiple: query chunks (all but the last) hold a multiple of this many queries where the budget allows, so
         that a kernel working in blocks of queries pads no chunk but the last.
+    wave_queries: optional (heads, batch, device) -> how many queries' token logits, at `heads` heads per query,
+        occupy every SM of `device` once; chunks then hold whole such waves where the budget allows (with
+        `query_multiple`), so that no chunk's launch ends in a partly filled wave (a 128K prefill's late chunks are a
+        few waves each).
     narrow_keys: skip the keys past a chunk's last visible key (causal future, static-cache slack). The reference
         keeps every key, so that its matmuls have transformers' exact shapes and DSA stays bit-identical.
     fused_select: optional token_logits + topk in one step (same arguments plus k, and `out`, a [B, c, k] int32
@@ -136,6 +140,7 @@ class Scorer:
     candidate_scratch_bytes: Callable[[int, int, int], int] = reference_candidate_scratch_bytes
     route: Callable[..., tuple[torch.Tensor, torch.Tensor] | None] | None = None
     query_multiple: int = 1
+    wave_queries: Callable[[int, int, torch.device], int] | None = None
 
     def __post_init__(self) -> None:
         for name, default in (("head_importance", reference_head_importance),
@@ -165,9 +170,11 @@ ChunkSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tenso
 def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int,
                       mask: torch.Tensor | None, chunk_size: int | None, bytes_per_query: Callable[[int], int],
                       select: ChunkSelector, scorer: Scorer, pooled: torch.Tensor | None = None,
-                      block_size: int = 1, min_width: int = 0, sync_free: bool = False) -> torch.Tensor:
+                      block_size: int = 1, min_width: int = 0, sync_free: bool = False,
+                      scored_heads: int | None = None) -> torch.Tensor:
     """Runs `select` over query chunks. With `scorer.narrow_keys`, keys past a chunk's last visible key (the causal
     future) are cut off before scoring, keeping at least `min_width` (and k) so every top-k has enough entries.
+    scored_heads: heads per query of the chunk's token logits, for `scorer.wave_queries` (None: not used).
 
     bytes_per_query(width): one query's scratch when its chunk scores `width` keys. Chunks hold at most
     `scorer.chunk_budget` of it: sized at the full width, or, for a causal prefill without a mask whose keys are cut
@@ -188,12 +195,15 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
             mask = None
             keys, num_keys = keys[:, :written], written
             pooled = None if pooled is None else pooled[:, : math.ceil(written / block_size)]
+    multiple = scorer.query_multiple
+    if scorer.wave_queries is not None and scored_heads is not None:
+        multiple = math.lcm(multiple, scorer.wave_queries(scored_heads, batch, q.device))
     if causal_chunks and mask is None:
         chunks = causal_query_chunks(num_queries, num_keys, lambda width: batch * bytes_per_query(width),
-                                     scorer.chunk_budget, max(k, min_width), block_size, scorer.query_multiple)
+                                     scorer.chunk_budget, max(k, min_width), block_size, multiple)
     else:
         chunks = query_chunks(num_queries, batch * bytes_per_query(num_keys), chunk_size, scorer.chunk_budget,
-                              scorer.query_multiple)
+                              multiple)
     for rows in chunks:
         chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device, sync_free=sync_free)
         width = num_keys if not scorer.narrow_keys else max(chunk.visible_end(), k, min_width)
@@ -289,7 +299,8 @@ def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: i
         return scorer.select_tokens(q_c, w_c, keys_c, chunk, softmax_scale, k, out)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size,
-                             lambda width: scorer.scratch_bytes(num_heads, width), select, scorer, sync_free=sync_free)
+                             lambda width: scorer.scratch_bytes(num_heads, width), select, scorer, sync_free=sync_free,
+                             scored_heads=num_heads)
 
 
 def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
@@ -312,7 +323,7 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
         return scorer.select_tokens(q_routed, w_routed, keys_c, chunk, softmax_scale, k, out)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer,
-                             pooled, block_size, sync_free=sync_free)
+                             pooled, block_size, sync_free=sync_free, scored_heads=active_heads)
 
 
 def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *,
@@ -337,7 +348,8 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
         return rerank(q_c, w_c, keys_c, chunk, candidates, k, softmax_scale, scorer=scorer)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size, per_query, select, scorer,
-                             pooled, block_size, min_width=num_candidates, sync_free=sync_free)
+                             pooled, block_size, min_width=num_candidates, sync_free=sync_free,
+                             scored_heads=active_heads)
 
 
 def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
