@@ -101,9 +101,10 @@ def prefill_shape(heads: int, fp8: bool = False) -> dict:
 
 def logits_wave_queries(heads: int, batch: int, device: torch.device, fp8: bool = False) -> int:
     """Queries (per sequence of `batch`) whose prefill logits CTAs number one per SM of `device`: query chunks of whole
-    such waves end no launch in a partly filled wave. At 128K a prefill's late query chunks are 3-5 waves of MISA-8's
-    16-query CTAs; H200, `chunk_probe-20261203-1913.json`: its logits stage 39.8 -> 36.0 ms, the whole indexer 66.6
-    -> 64.2 ms; at 64K 8.81 -> 8.62 ms."""
+    such waves end no launch in a partly filled wave. At 128K a prefill's late query chunks are 2-5 waves of MISA-8's
+    16-query CTAs; H200, `bench_indexer-20261203-192012.json` against TILELANG_BUDGET_CHUNKS_SCORER: MISA-8's
+    logits stage 39.1 -> 35.5 ms, the whole indexer (host hidden) 66.0 -> 62.0 ms; DSA-64 297 -> 293 ms; 32K and
+    64K within noise. (Eagerly, the two extra chunks' host launches gave back the 4 ms: 66.2 / 66.9 ms.)"""
     sm_count = _sm_count(device)
     per_cta = queries_per_cta(heads, prefill_shape(heads, fp8)["rows_per_cta"])
     return per_cta * sm_count // math.gcd(batch, sm_count)
