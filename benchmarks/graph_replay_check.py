@@ -5,7 +5,9 @@ static cache and decodes teacher-forced (every run reads the same tokens, so one
 step's input): once eagerly, once replaying one captured graph per step, once eagerly again (run-to-run noise). Per
 step it compares the final logits and, per patched indexer, its inputs (hidden states, q_resid), its projections
 (wq_b, wk, k_norm, weights_proj) and its top-k set, bit for bit, and names the first place where they part. Forward
-hooks run at capture only; they keep the captured buffers, which every replay rewrites in place.
+hooks run at capture only; they keep the captured buffers, which every replay rewrites in place. Each run prefills
+anew: every tensor its cache holds after the prefill (main keys and values, indexer keys) is compared too, by a
+position-weighted sum of its bits, so that a step's difference can be told from a prefill's.
 
 `--deterministic` runs all three under torch's deterministic algorithms (warn-only; cuBLAS given a fixed workspace
 config): the ops that have no deterministic implementation come back as `nondeterministic_ops`, and every tensor
@@ -56,15 +58,35 @@ def record_hooks(model, sink: list) -> list:
     return handles
 
 
+def bit_fingerprint(tensor: torch.Tensor) -> int:
+    """A sum of the tensor's bit patterns weighted by position (int64, wrapping): any changed element changes it,
+    barring a collision; computed where the tensor lives, in slices (a cache layer holds gigabytes)."""
+    flat = tensor.detach().reshape(-1)
+    bits = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    total, step = 0, 1 << 26
+    for start in range(0, bits.numel(), step):
+        part = bits[start : start + step].long()
+        weight = torch.arange(start, start + part.numel(), device=part.device) % 1_000_003 + 1
+        total += int((part * weight).sum())
+    return total
+
+
+def cache_fingerprints(cache) -> dict[str, int]:
+    """`bit_fingerprint` of every tensor each layer of `cache` holds (main keys and values, indexer keys, ...)."""
+    return {f"layer {layer} {name}": bit_fingerprint(value) for layer, cached in enumerate(cache.layers)
+            for name, value in sorted(vars(cached).items()) if isinstance(value, torch.Tensor) and value.numel()}
+
+
 @torch.no_grad()
-def decode_records(model, prompt: torch.Tensor, forced: torch.Tensor, replay: bool) -> list[dict]:
-    """Per decode step after the warm-up step: {"logits": ..., (layer, field): ...} on the CPU, teacher-forced by
-    `forced` (step i reads forced[i], step 0 is the warm-up); `replay`: the steps replay one CUDA graph captured at
-    step 1, the warm-up ran on a side stream (as graph capture asks)."""
+def decode_records(model, prompt: torch.Tensor, forced: torch.Tensor, replay: bool) -> tuple[dict, list[dict]]:
+    """(`cache_fingerprints` after the prefill, per decode step after the warm-up step: {"logits": ..., (layer,
+    field): ...} on the CPU), teacher-forced by `forced` (step i reads forced[i], step 0 is the warm-up); `replay`:
+    the steps replay one CUDA graph captured at step 1, the warm-up ran on a side stream (as graph capture asks)."""
     context = prompt.shape[1]
     length = context + forced.numel() + 1  # as bench_e2e's static cache for as many steps (prompt + new tokens)
     cache = StaticCache(config=model.config, max_cache_len=length)
     model(input_ids=prompt, past_key_values=cache)
+    prefill = cache_fingerprints(cache)
     step = StaticDecodeStep(cache, context, length, forced[0])
     if replay:
         outside_capture(lambda: model(**step.inputs))
@@ -91,7 +113,7 @@ def decode_records(model, prompt: torch.Tensor, forced: torch.Tensor, replay: bo
     finally:
         for handle in handles:
             handle.remove()
-    return records
+    return prefill, records
 
 
 def first_differences(records: list[dict], others: list[dict]) -> list[dict]:
@@ -186,13 +208,17 @@ def main(argv: list[str] | None = None) -> dict:
         forced = torch.randint(2, model.config.vocab_size, (args.steps + 1,),
                                generator=torch.Generator().manual_seed(2)).to(device)
     with deterministic_algorithms(args.deterministic) as nondeterministic_ops:
-        eager = decode_records(model, prompt, forced, replay=False)
-        replayed = decode_records(model, prompt, forced, replay=device == "cuda")
-        eager_again = decode_records(model, prompt, forced, replay=False)
+        eager_prefill, eager = decode_records(model, prompt, forced, replay=False)
+        replayed_prefill, replayed = decode_records(model, prompt, forced, replay=device == "cuda")
+        eager_again_prefill, eager_again = decode_records(model, prompt, forced, replay=False)
     report = {"mode": mode, "context": args.context, "steps": len(eager), "deterministic": args.deterministic,
               "nondeterministic_ops": nondeterministic_ops,
               "replayed_vs_eager": first_differences(replayed, eager),
               "eager_vs_eager": first_differences(eager_again, eager),
+              # the cached tensors whose bits differ after the prefill (each run prefills anew, eagerly)
+              "prefill_cache_differs": {
+                  "replayed_run_vs_eager": sorted(k for k in eager_prefill if replayed_prefill[k] != eager_prefill[k]),
+                  "eager_vs_eager": sorted(k for k in eager_prefill if eager_again_prefill[k] != eager_prefill[k])},
               "selection_faults": {"eager": selection_faults(eager, args.context),
                                    "replayed": selection_faults(replayed, args.context)}}
     path, environment = results_file(args.out, "graph_replay_check", args.tiny, device)
@@ -203,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{len(report['eager_vs_eager'])}; top-k with a repeated or unseen key: "
           f"{len(report['selection_faults']['eager'])} eager, "
           f"{len(report['selection_faults']['replayed'])} {comparison}")
+    for runs, names in report["prefill_cache_differs"].items():
+        print(f"  after the prefill, {runs}: {', '.join(names) if names else 'the same cache'}")
     for op in nondeterministic_ops:
         print(f"  no deterministic implementation: {op}")
     for runs in ("replayed_vs_eager", "eager_vs_eager"):

@@ -45,6 +45,7 @@ def test_graph_replay_check_records_every_indexer_field_and_names_the_first_diff
     check = _load("graph_replay_check")
     report = check.main(["--tiny", "--mode", "misa8", "--context", "300", "--steps", "3", "--out", str(tmp_path)])
     assert report["steps"] == 3 and report["replayed_vs_eager"] == [] and report["eager_vs_eager"] == []
+    assert report["prefill_cache_differs"] == {"replayed_run_vs_eager": [], "eager_vs_eager": []}
     assert report["selection_faults"] == {"eager": [], "replayed": []}
     assert len(list(tmp_path.glob("graph_replay_check-tiny-*.json"))) == 1
     # Under deterministic algorithms (warn-only, NaN-filled torch.empty) the runs agree too; the settings come back.
@@ -57,7 +58,16 @@ def test_graph_replay_check_records_every_indexer_field_and_names_the_first_diff
 
     model = check.patched(tiny_model("deepseek_v32"), "dsa")
     prompt = torch.randint(2, 500, (1, 200), generator=torch.Generator().manual_seed(0))
-    records = check.decode_records(model, prompt, torch.tensor([5, 6, 7]), replay=False)
+    prefill, records = check.decode_records(model, prompt, torch.tensor([5, 6, 7]), replay=False)
+    # every layer's main keys / values and indexer keys, fingerprinted bit for bit
+    assert {f"layer {layer} {name}" for layer in range(model.config.num_hidden_layers)
+            for name in ("keys", "values", "indexer_keys")} <= set(prefill)
+    values = torch.randn(4, 5, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    fingerprint = check.bit_fingerprint(values)
+    assert check.bit_fingerprint(values.clone()) == fingerprint
+    values.view(-1)[3] = values.view(-1)[3].item() + 1
+    assert check.bit_fingerprint(values) != fingerprint
+    assert check.bit_fingerprint(values.flip(0)) != check.bit_fingerprint(values)  # the same elements elsewhere
     layers = model.config.num_hidden_layers
     assert len(records) == 2 and all(set(r) == {"logits"} | {(layer, field) for layer in range(layers)
                                                              for field in check.FIELDS} for r in records)
