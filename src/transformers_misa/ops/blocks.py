@@ -238,9 +238,9 @@ def causal_prefix(mask: torch.Tensor, batch: int, num_queries: int, num_keys: in
     """The number of keys L over which `mask` is plain causal (each query sees exactly the keys up to its own
     position, the queries at positions L - S .. L - 1) while no key from L on is visible; None for any other mask.
     L = num_keys: what `mask=None` means (what transformers passes for a prefill without padding); L < num_keys: a
-    static cache's prompt or step, whose unwritten slots past the written keys the mask hides. One read of the mask, in query chunks of at most `budget` bytes of comparison,
-    and two read-backs to the host (L, told by the last query's row, which sees every written key; then the
-    comparison). Read once per mask (see `remembered`)."""
+    static cache's prompt or step, whose unwritten slots past the written keys the mask hides. One read of the mask,
+    in query chunks of at most `budget` bytes of comparison, and two read-backs to the host (L, told by the last
+    query's row, which sees every written key; then the comparison). Read once per mask (see `remembered`)."""
     return remembered(mask, ("causal_prefix", batch, num_queries, num_keys),
                       lambda: _causal_prefix_length(mask, batch, num_queries, num_keys, budget))
 

@@ -196,7 +196,8 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
             keys, num_keys = keys[:, :written], written
             pooled = None if pooled is None else pooled[:, : math.ceil(written / block_size)]
     multiple = scorer.query_multiple
-    if scorer.wave_queries is not None and scored_heads is not None:
+    # Waves matter only where a chunk could hold more than `query_multiple` queries: not asked for in decode steps.
+    if scorer.wave_queries is not None and scored_heads is not None and num_queries > multiple:
         multiple = math.lcm(multiple, scorer.wave_queries(scored_heads, batch, q.device))
     if causal_chunks and mask is None:
         chunks = causal_query_chunks(num_queries, num_keys, lambda width: batch * bytes_per_query(width),
