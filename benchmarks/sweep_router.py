@@ -1,8 +1,9 @@
 """Variant sweep of MISA's fused routing program (`kernels.router` with active_heads): CTA shape and pipeline depth.
 
-Two workloads, the ones the indexer gives it: a causal prefill of a 64K context (B = 1, every query) and a decode
-step (batch 32 x 4 new queries, 128K cache), 64 heads of dim 128, blocks of 128 keys, 8 active heads. Each variant
-is checked against the default (heads picked, importance) and timed; compiles run in parallel processes first.
+The workloads the indexer gives it: a causal prefill of a 32K, 64K and 128K context (B = 1, every query) and a
+decode step (batch 32 x 4 new queries, 128K cache), 64 heads of dim 128, blocks of 128 keys, 8 active heads. Each
+variant is checked against the program's defaults (heads picked, importance) and timed; compiles run in parallel
+processes first.
 
     python benchmarks/sweep_router.py --out benchmarks/results
 """
@@ -21,28 +22,46 @@ from transformers_misa.kernels.routing import WIDE_ROUTER
 from transformers_misa.ops.blocks import ChunkMask, TailBlock
 
 HEADS, ACTIVE = 64, 8
-VARIANTS = {  # name -> build options
-    "default": {},
-    "rows256_threads512": dict(rows_per_cta=256, threads=512),
-    "rows256_threads256": dict(rows_per_cta=256, threads=256),
-    "stages3": dict(num_stages=3),
-    "rows256_threads512_stages3": dict(rows_per_cta=256, threads=512, num_stages=3),
-    "block_m32": dict(block_m=32),
-    "rows256_threads512_block_m32": dict(rows_per_cta=256, threads=512, block_m=32),
-    "rows256_threads256_block_m32": dict(rows_per_cta=256, threads=256, block_m=32),
+BLOCKS_AS_M = dict(rows_as_m=False)  # the programs before the query rows became the matmuls' M (rows_as_m)
+VARIANTS = {  # name -> build options; the reference of the check is the program's defaults
+    "default": dict(BLOCKS_AS_M),
+    "rows256_threads512": dict(BLOCKS_AS_M, rows_per_cta=256, threads=512),
+    "rows256_threads256": dict(BLOCKS_AS_M, rows_per_cta=256, threads=256),
+    "stages3": dict(BLOCKS_AS_M, num_stages=3),
+    "rows256_threads512_stages3": dict(BLOCKS_AS_M, rows_per_cta=256, threads=512, num_stages=3),
+    "block_m32": dict(BLOCKS_AS_M, block_m=32),
+    "rows256_threads512_block_m32": dict(BLOCKS_AS_M, rows_per_cta=256, threads=512, block_m=32),
+    "rows256_threads256_block_m32": dict(BLOCKS_AS_M, rows_per_cta=256, threads=256, block_m=32),
     # The same with registers capped for two CTAs per SM (the compiler's choice, 146 registers, leaves room for one:
     # the queries' loads, tail blocks and head picks then never overlap another CTA's matmuls), and smaller CTAs.
-    "rows256_threads256_block_m32_2ctas": dict(rows_per_cta=256, threads=256, block_m=32, min_ctas_per_sm=2),
-    "rows128_threads128_block_m32_3ctas": dict(rows_per_cta=128, threads=128, block_m=32, min_ctas_per_sm=3),
-    "rows128_threads128_block_m64_2ctas": dict(rows_per_cta=128, threads=128, block_m=64, min_ctas_per_sm=2),
+    "rows256_threads256_block_m32_2ctas": dict(BLOCKS_AS_M, rows_per_cta=256, threads=256, block_m=32,
+                                               min_ctas_per_sm=2),
+    "rows128_threads128_block_m32_3ctas": dict(BLOCKS_AS_M, rows_per_cta=128, threads=128, block_m=32,
+                                               min_ctas_per_sm=3),
+    "rows128_threads128_block_m64_2ctas": dict(BLOCKS_AS_M, rows_per_cta=128, threads=128, block_m=64,
+                                               min_ctas_per_sm=2),
     # The prefill shape (routing.WIDE_ROUTER) with its tails as mean keys computed beforehand (as a causal prefill
     # chunk gets them; here from TailBlock, outside the timing), and with every tile's scores tested against each
     # row's visible blocks (the program before whole tiles skipped that test).
-    "wide_tail_means": dict(WIDE_ROUTER, tail_means=True),
-    "wide_every_tile_tested": dict(WIDE_ROUTER, split_tiles=False),
-    "wide_every_tile_tested_tail_means": dict(WIDE_ROUTER, split_tiles=False, tail_means=True),
-    "tail_means": dict(tail_means=True),
-    "every_tile_tested": dict(split_tiles=False),
+    "wide_tail_means": dict(WIDE_ROUTER, **BLOCKS_AS_M, tail_means=True),
+    "wide_every_tile_tested": dict(WIDE_ROUTER, **BLOCKS_AS_M, split_tiles=False),
+    "wide_every_tile_tested_tail_means": dict(WIDE_ROUTER, **BLOCKS_AS_M, split_tiles=False, tail_means=True),
+    "tail_means": dict(BLOCKS_AS_M, tail_means=True),
+    "every_tile_tested": dict(BLOCKS_AS_M, split_tiles=False),
+    # The query rows as the matmuls' M (the programs' default since 2026-12-03; wgmma in every shape, where the blocks
+    # as M take mma.sync below 64 blocks per tile).
+    "rows_as_m": dict(rows_as_m=True),  # the default shape, as decode steps take it
+    "wide_tail_means_rows_as_m": dict(WIDE_ROUTER, tail_means=True, rows_as_m=True),
+    "wide_tail_means_rows_as_m_1cta": dict(WIDE_ROUTER, tail_means=True, rows_as_m=True, min_ctas_per_sm=0),
+    "wide_tail_means_rows_as_m_block_m64": dict(WIDE_ROUTER, tail_means=True, rows_as_m=True, block_m=64,
+                                                min_ctas_per_sm=0),
+    "wide_tail_means_rows_as_m_block_m64_stages3": dict(WIDE_ROUTER, tail_means=True, rows_as_m=True, block_m=64,
+                                                        min_ctas_per_sm=0, num_stages=3),
+    "wide_tail_means_rows_as_m_threads512_block_m64": dict(WIDE_ROUTER, tail_means=True, rows_as_m=True, block_m=64,
+                                                           threads=512, min_ctas_per_sm=0),
+    "wide_tail_means_rows_as_m_threads128": dict(WIDE_ROUTER, tail_means=True, rows_as_m=True, threads=128,
+                                                 min_ctas_per_sm=0),
+    "tail_means_rows_as_m_block_m64_2ctas": dict(tail_means=True, rows_as_m=True, block_m=64, min_ctas_per_sm=2),
 }
 
 
@@ -74,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     errors = compile_variants({name: (builder, (HEADS, DIM, BLOCK), dict(options, active_heads=ACTIVE))
                                for name, options in variants.items()}, args.workers)
     workloads = {"prefill_64K": (1, 65536, 65536), "prefill_32K": (1, 32768, 32768),
-                 "decode_128K_b32_q4": (32, 4, 131072)}
+                 "prefill_128K": (1, 131072, 131072), "decode_128K_b32_q4": (32, 4, 131072)}
     rows = []
     for workload, shape in workloads.items():
         operands = routing_operands(*shape)

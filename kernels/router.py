@@ -53,7 +53,7 @@ def _full_blocks(ks, ke, block_size: int, routing: bool):
 def build_head_importance(heads: int, dim: int, block_size: int, active_heads: int = 0, block_m: int = 64,
                           num_stages: int = 2, threads: int = 256, rows_per_cta: int = ROWS_PER_CTA,
                           min_ctas_per_sm: int = 0, tail_means: bool = False, split_tiles: bool = True,
-                          arch: str | None = None):
+                          rows_as_m: bool = True, arch: str | None = None):
     """Compiles the router program for `heads` heads of width `dim` over keys pooled by `block_size`.
 
     Shape: `rows_per_cta` query rows (whole queries, at most 256: one wgmma N) per CTA of `threads`; pooled-key
@@ -68,6 +68,12 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
     `tail_means` (routing only): TailMeans [B, S, D] bf16, each query's mean tail key (`TailBlock.means`, zero where
     it has none), in the place of Keys.
     `split_tiles`: fully visible tiles of pooled blocks skip the visibility test (False: every tile tests it).
+    `rows_as_m`: the query rows are the matmuls' M and the pooled blocks their N (scores [rows, block_m]): wgmma for
+    any block_m, and each row's block sum within a thread's registers and its lane quad. False: the blocks are M
+    (scores [block_m, rows]), the program before, which for block_m < 64 (the wide prefill shape) lowers to mma.sync.
+    H200, sweep_router-20261203-221219.json, routing a causal prefill, rows as M against blocks as M: wide shape with
+    tail means 0.42 / 1.08 / 3.34 ms against 0.53 / 1.51 / 4.88 at 32K / 64K / 128K; default shape 1.94 against 3.45
+    at 64K; a decode step (batch 32 x 4 queries, 128K) 0.033 against 0.035.
     """
     if not 0 <= active_heads <= heads:
         raise ValueError(f"active_heads must lie in [0, heads={heads}], got {active_heads}")
@@ -76,10 +82,13 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
     target = compile_target(arch)
     block_q = queries_per_cta(heads, rows_per_cta)
     rows = block_q * heads
-    if rows > 256:
+    if rows > 256:  # rows as N: one wgmma N; rows as M: kept to the same CTAs (not measured beyond)
         raise ValueError(f"a router CTA holds at most 256 query rows (one wgmma N), got {rows} ({heads} heads)")
     routing = active_heads > 0
     unset = 2**30  # the start of a running minimum (tail_lo of a CTA none of whose queries has a tail block)
+
+    score_shape = (rows, block_m) if rows_as_m else (block_m, rows)
+    block_axis = 1 if rows_as_m else 0  # the axis of `scores` and `running` that the sums run over
 
     @tilelang.jit(target=target, out_idx=[-4, -3, -2, -1] if routing else [-1])
     def program():
@@ -87,13 +96,33 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
         num_keys = T.dynamic("num_keys")
 
         @T.macro
+        def score_matmul(keys_shared, q_shared, scores):
+            """scores = the CTA's query rows against `block_m` keys (pooled blocks, tail keys or tail means), in the
+            orientation `rows_as_m` chose."""
+            if rows_as_m:  # Python-level
+                T.gemm(q_shared, keys_shared, scores, transpose_B=True, clear_accum=True,
+                       policy=T.GemmWarpPolicy.FullRow)
+            else:
+                T.gemm(keys_shared, q_shared, scores, transpose_B=True, clear_accum=True,
+                       policy=T.GemmWarpPolicy.FullCol)
+
+        @T.macro
         def pooled_tile(Pooled, bb, tile, p_shared, q_shared, scores, running, first_block, end_block, tested):
             """One tile of pooled blocks: ReLU scores added into `running`, each tested against its row's visible
             blocks where `tested` (a condition, or True at Python level), else all of them (a tile every row of the
             CTA sees whole)."""
             T.copy(Pooled[bb, tile * block_m : (tile + 1) * block_m, :], p_shared)
-            T.gemm(p_shared, q_shared, scores, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullCol)
-            if tested:
+            score_matmul(p_shared, q_shared, scores)
+            if rows_as_m:  # Python-level: the same sums over scores [rows, block_m]
+                if tested:
+                    for r, m in T.Parallel(rows, block_m):
+                        block = tile * block_m + m
+                        running[r, m] += T.if_then_else(block >= first_block[r] and block < end_block[r],
+                                                        T.max(scores[r, m], 0.0), 0.0)
+                else:
+                    for r, m in T.Parallel(rows, block_m):
+                        running[r, m] += T.max(scores[r, m], 0.0)
+            elif tested:
                 for m, r in T.Parallel(block_m, rows):
                     block = tile * block_m + m
                     running[m, r] += T.if_then_else(block >= first_block[r] and block < end_block[r],
@@ -109,8 +138,8 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     T.annotate_min_blocks_per_sm(min_ctas_per_sm)
                 q_shared = T.alloc_shared((rows, dim), T.bfloat16)
                 p_shared = T.alloc_shared((block_m, dim), T.bfloat16)
-                scores = T.alloc_fragment((block_m, rows), T.float32)
-                running = T.alloc_fragment((block_m, rows), T.float32)  # per-slot sums; reduced once at the end
+                scores = T.alloc_fragment(score_shape, T.float32)
+                running = T.alloc_fragment(score_shape, T.float32)  # per-slot sums; reduced once at the end
                 total = T.alloc_fragment((rows,), T.float32)
                 first_block = T.alloc_fragment((rows,), T.int32)
                 end_block = T.alloc_fragment((rows,), T.int32)
@@ -183,7 +212,7 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                 else:
                     for tile in T.Pipelined(T.ceildiv(last_end, block_m), num_stages=num_stages):
                         pooled_tile(Pooled, bb, tile, p_shared, q_shared, scores, running, first_block, end_block, True)
-                T.reduce_sum(running, total, dim=0, clear=True)
+                T.reduce_sum(running, total, dim=block_axis, clear=True)
 
                 if not routing:
                     for r in T.Parallel(rows):
@@ -199,21 +228,31 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                                 k_shared[m, d] = T.if_then_else(
                                     part * block_m + m < block_q and query < num_queries,
                                     Keys[bb, T.min(query, num_queries - 1), d], T.cast(0, T.bfloat16))
-                            T.gemm(k_shared, q_shared, scores, transpose_B=True, clear_accum=True,
-                                   policy=T.GemmWarpPolicy.FullCol)
-                            for m, r in T.Parallel(block_m, rows):
-                                running[m, r] += T.if_then_else(part * block_m + m == r // heads, scores[m, r], 0.0)
+                            score_matmul(k_shared, q_shared, scores)
+                            if rows_as_m:  # Python-level
+                                for r, m in T.Parallel(rows, block_m):
+                                    running[r, m] += T.if_then_else(part * block_m + m == r // heads, scores[r, m],
+                                                                    0.0)
+                            else:
+                                for m, r in T.Parallel(block_m, rows):
+                                    running[m, r] += T.if_then_else(part * block_m + m == r // heads, scores[m, r],
+                                                                    0.0)
                     else:
                         # q·k summed over each row's visible keys of its last block (ReLU of the mean after).
                         for tile in T.serial(T.ceildiv(T.max(tail_hi - tail_lo, 0), block_m)):
                             T.copy(Keys[bb, tail_lo + tile * block_m : tail_lo + (tile + 1) * block_m, :], k_shared)
-                            T.gemm(k_shared, q_shared, scores, transpose_B=True, clear_accum=True,
-                                   policy=T.GemmWarpPolicy.FullCol)
-                            for m, r in T.Parallel(block_m, rows):
-                                key = tail_lo + tile * block_m + m
-                                running[m, r] += T.if_then_else(key >= tail_first[r] and key < tail_end[r],
-                                                                scores[m, r], 0.0)
-                    T.reduce_sum(running, tail_sum, dim=0, clear=True)
+                            score_matmul(k_shared, q_shared, scores)
+                            if rows_as_m:  # Python-level
+                                for r, m in T.Parallel(rows, block_m):
+                                    key = tail_lo + tile * block_m + m
+                                    running[r, m] += T.if_then_else(key >= tail_first[r] and key < tail_end[r],
+                                                                    scores[r, m], 0.0)
+                            else:
+                                for m, r in T.Parallel(block_m, rows):
+                                    key = tail_lo + tile * block_m + m
+                                    running[m, r] += T.if_then_else(key >= tail_first[r] and key < tail_end[r],
+                                                                    scores[m, r], 0.0)
+                    T.reduce_sum(running, tail_sum, dim=block_axis, clear=True)
                     for r in T.Parallel(rows):
                         query = T.min(q0 + r // heads, num_queries - 1)
                         if tail_means:  # Python-level: zero means where a query has no tail

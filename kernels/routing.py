@@ -19,7 +19,9 @@ from .router import build_causal_tail_means, build_head_importance
 # 3.54 for 128 rows x 64 blocks; decode steps keep the default (0.037 ms against 0.050, batch 32 x 4 queries, 128K).
 # Registers capped for two CTAs per SM (80, a few spills; the compiler alone takes 146, one CTA per SM), so that one
 # CTA's query load, tail block and head pick overlap the other's matmuls: sweep_router-20261203-103049.json, 64K / 32K
-# prefill 1.774 / 0.691 ms against 1.814 / 0.739, the same heads picked.
+# prefill 1.774 / 0.691 ms against 1.814 / 0.739, the same heads picked. Both shapes multiply with the query rows as M
+# (`build_head_importance`'s rows_as_m): sweep_router-20261203-221219.json, this shape with tail means 1.08 against
+# 1.51 ms at 64K, 3.34 against 4.88 at 128K.
 WIDE_ROUTER = dict(rows_per_cta=256, threads=256, block_m=32, min_ctas_per_sm=2)
 
 
@@ -53,12 +55,13 @@ def router_shape(heads: int, batch: int, num_queries: int, device: torch.device)
 
 def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
                              block_size: int, softmax_scale: float, router: str = "sum",
-                             tail: TailBlock | None = None) -> torch.Tensor:
+                             tail: TailBlock | None = None, rows_as_m: bool = True) -> torch.Tensor:
     """MISA's router score [B, c, H], fused in one kernel (see `router.py`); masks with holes use the reference.
 
     The fused program sums; router="max" runs the reference's steps on the tensor cores (bf16 matmul, then the max)
     until a max variant of the program has been checked on a GPU. With a `tail`, the program sums the full blocks
     only (each query's range ends at its tail block's start) and the tail block's own score is added here.
+    `rows_as_m`: as in the program (False: the pooled blocks as the matmuls' M, the program before).
     """
     ks, ke, contiguous = chunk.key_range
     if not _router_program_applies(contiguous, router):
@@ -68,7 +71,7 @@ def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: tor
     q_rows, pooled_bf16, weights_fp32 = _router_operands(q, pooled, weights)
     full_block_ends = ke if tail is None else tail.full_block_ends(ke)
     shape = router_shape(heads, q.shape[0], q.shape[1], q.device)
-    importance = build_head_importance(heads, dim, block_size, **shape)()(
+    importance = build_head_importance(heads, dim, block_size, rows_as_m=rows_as_m, **shape)()(
         q_rows, pooled_bf16, weights_fp32, ks.contiguous(), full_block_ends.contiguous())
     if tail is not None:
         importance = importance + tail.scores(q, bf16_head_scores, 1.0) * weights.abs()
@@ -94,14 +97,15 @@ def causal_tail_means(keys: torch.Tensor, chunk: ChunkMask, block_size: int) -> 
 
 def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
                    block_size: int, active_heads: int, softmax_scale: float, head_scale: torch.Tensor | None = None,
-                   router: str = "sum", tail_means: bool = True,
-                   split_tiles: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   router: str = "sum", tail_means: bool = True, split_tiles: bool = True,
+                   rows_as_m: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
     """MISA's whole routing step in one program (`router.build_head_importance` with `active_heads`): router
     score with the tail block, head pick and gathers. (q_routed [B, c, A, D] bf16, w_routed [B, c, A] fp32), or None
     where it does not apply (masks with holes, router="max"): then `route_queries` takes its steps one by one.
     The softmax scale multiplies every importance alike, so the pick runs without it. `tail_means`: a causal prefill
     chunk's tails come in as mean keys (`causal_tail_means`; False: read by the program, the path before);
-    `split_tiles`: as in the program (False: every tile tested, the program before)."""
+    `split_tiles`, `rows_as_m`: as in the program (False: every tile tested; the pooled blocks as the matmuls' M; the
+    programs before)."""
     ks, ke, contiguous = chunk.key_range
     if not _router_program_applies(contiguous, router):
         return None
@@ -112,7 +116,7 @@ def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, p
     keys_bf16 = keys.to(torch.bfloat16).contiguous()
     means = causal_tail_means(keys_bf16, chunk, block_size) if tail_means else None
     program = build_head_importance(heads, dim, block_size, active_heads=active_heads, tail_means=means is not None,
-                                    split_tiles=split_tiles, **shape)
+                                    split_tiles=split_tiles, rows_as_m=rows_as_m, **shape)
     q_routed, w_routed, _, _ = program()(q_rows, pooled_bf16, keys_bf16 if means is None else means, weights_fp32,
                                          scale.contiguous(), ks.contiguous(), ke.contiguous())
     return q_routed.view(batch, num_queries, active_heads, dim), w_routed

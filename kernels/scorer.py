@@ -369,10 +369,17 @@ TILELANG_STEPWISE_ROUTING_SCORER = dataclasses.replace(TILELANG_SCORER, name="ti
 # The routing program as it was before a prefill's tails came in as mean keys (tails read by the program), and before
 # whole tiles skipped the visibility test as well, kept so that the benchmark times them side by side.
 TILELANG_TAIL_KEYS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-tail-keys",
-                                                route=functools.partial(tilelang_route, tail_means=False))
+                                                route=functools.partial(tilelang_route, tail_means=False,
+                                                                        rows_as_m=False))
 TILELANG_EVERY_TILE_TESTED_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-every-tile-tested",
-    route=functools.partial(tilelang_route, tail_means=False, split_tiles=False))
+    route=functools.partial(tilelang_route, tail_means=False, split_tiles=False, rows_as_m=False))
+
+# The router programs multiplying with the pooled blocks as M (before the query rows were, `router.py`'s rows_as_m),
+# kept so that the benchmark times both side by side.
+TILELANG_BLOCKS_AS_M_ROUTER_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-blocks-as-m-router", route=functools.partial(tilelang_route, rows_as_m=False),
+    head_importance=functools.partial(tilelang_head_importance, rows_as_m=False))
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.

@@ -28,7 +28,8 @@ def test_routing_kernel_compiles_for_sm90a(heads, active_heads):
 
 def test_wide_routing_kernel_compiles_for_sm90a():
     """The prefill shape (`routing.WIDE_ROUTER`: 256 query rows, registers capped for two CTAs per SM), with the tail
-    means a prefill hands it; tiles every query sees whole skip the visibility test (a branch per tile)."""
+    means a prefill hands it; tiles every query sees whole skip the visibility test (a branch per tile); its 32-block
+    tiles multiply on wgmma with the query rows as M (with the blocks as M they would take mma.sync)."""
     _tilelang_or_skip()
     from transformers_misa.kernels import routing
     from transformers_misa.kernels.router import build_head_importance
@@ -38,6 +39,10 @@ def test_wide_routing_kernel_compiles_for_sm90a():
     source = kernel.get_kernel_source()
     assert f"__launch_bounds__(384, {routing.WIDE_ROUTER['min_ctas_per_sm']})" in source
     assert "whole_from" in source and "whole_to" in source, "no split between whole and tested tiles"
+    assert "wgmma" in source
+    blocks_as_m = build_head_importance(64, 128, 128, active_heads=8, arch="sm_90a", tail_means=True, rows_as_m=False,
+                                        **routing.WIDE_ROUTER)().get_kernel_source()
+    assert "wgmma" not in blocks_as_m and "mma_sync" in blocks_as_m
 
 
 def test_tail_means_are_for_the_routing_program():
@@ -191,8 +196,8 @@ def test_failing_fused_routing_falls_back_to_the_steps(monkeypatch):
     (3, 5, 4099, 32, 64, [0, 1, 4000], True),  # GLM-5's 32 heads
 ])
 @pytest.mark.parametrize("wide", [False, True], ids=["default", "wide"])
-@pytest.mark.parametrize("options", [{}, {"tail_means": True}, {"split_tiles": False}],
-                         ids=["tail-keys", "tail-means", "every-tile-tested"])
+@pytest.mark.parametrize("options", [{}, {"tail_means": True}, {"split_tiles": False}, {"rows_as_m": False}],
+                         ids=["tail-keys", "tail-means", "every-tile-tested", "blocks-as-m"])
 def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_keys, heads, block_size, pads, scaled,
                                                      wide, options):
     from transformers_misa.kernels import routing
