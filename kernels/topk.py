@@ -44,6 +44,10 @@ MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1)
 # Tried and not kept (git 280dfb6): a one-read path keeping each row's values above a running floor in shared memory
 # instead of reading the row twice; exact, but 0.63-1.10 ms against 0.42 for 64K causal rows (H200,
 # sweep_topk-20261203-153535-one-read-not-kept.json): its slots leave room for two CTAs per SM, not four.
+# Also not kept (branch planes-not-kept, 27b4688): the logits written as two planes of 16-bit halves, both full passes
+# reading the high halves only (half the bytes): 0.450 against 0.429 ms (sweep_topk-20261203-230609-planes-not-kept
+# .json), and MISA-8's logits stage 9.19 against 8.73 ms at 64K with two stores per logit: the rows are not
+# bandwidth-bound.
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
