@@ -3,9 +3,9 @@
     importance[b, t, j] = |w[b, t, j]| · Σ_{m visible to t} ReLU(q[b, t, j] · k̄[b, m])
 
 A block m is visible to query t when it overlaps t's visible keys [ks, ke). A CTA takes `128 / heads` queries
-(all their heads: 128 query rows, one wgmma N), streams the pooled keys in tiles and adds each tile's masked
-ReLU scores into a register accumulator of the tile's shape, reduced over the blocks once at the end rather than
-with a cross-thread reduction per tile: the [S, H, M] block-score tensor is never written.
+(all their heads: 128 query rows, the matmuls' M; `rows_as_m`), streams the pooled keys in tiles and adds each tile's
+masked ReLU scores into a register accumulator of the tile's shape, reduced over the blocks once at the end rather
+than with a cross-thread reduction per tile: the [S, H, M] block-score tensor is never written.
 
 `active_heads` > 0 builds the whole routing step instead (what `ops.reference.route_queries` does in ~30 small
 launches, a decode step's largest cost after the logits): the full blocks as above, plus each query's partly
