@@ -90,6 +90,14 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
     score_shape = (rows, block_m) if rows_as_m else (block_m, rows)
     block_axis = 1 if rows_as_m else 0  # the axis of `scores` and `running` that the sums run over
 
+    def block_and_row(first, second):
+        """The loop variables over `score_shape`, in its order -> (block m, query row r)."""
+        return (second, first) if rows_as_m else (first, second)
+
+    def cell(m, r):
+        """(block m, query row r) -> its index in `scores` and `running`."""
+        return (r, m) if rows_as_m else (m, r)
+
     @tilelang.jit(target=target, out_idx=[-4, -3, -2, -1] if routing else [-1])
     def program():
         batch, num_queries, num_blocks = T.dynamic("batch"), T.dynamic("num_queries"), T.dynamic("num_blocks")
@@ -113,23 +121,16 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
             CTA sees whole)."""
             T.copy(Pooled[bb, tile * block_m : (tile + 1) * block_m, :], p_shared)
             score_matmul(p_shared, q_shared, scores)
-            if rows_as_m:  # Python-level: the same sums over scores [rows, block_m]
-                if tested:
-                    for r, m in T.Parallel(rows, block_m):
-                        block = tile * block_m + m
-                        running[r, m] += T.if_then_else(block >= first_block[r] and block < end_block[r],
-                                                        T.max(scores[r, m], 0.0), 0.0)
-                else:
-                    for r, m in T.Parallel(rows, block_m):
-                        running[r, m] += T.max(scores[r, m], 0.0)
-            elif tested:
-                for m, r in T.Parallel(block_m, rows):
+            if tested:
+                for first, second in T.Parallel(*score_shape):
+                    m, r = block_and_row(first, second)
                     block = tile * block_m + m
-                    running[m, r] += T.if_then_else(block >= first_block[r] and block < end_block[r],
-                                                    T.max(scores[m, r], 0.0), 0.0)
+                    running[cell(m, r)] += T.if_then_else(block >= first_block[r] and block < end_block[r],
+                                                          T.max(scores[cell(m, r)], 0.0), 0.0)
             else:
-                for m, r in T.Parallel(block_m, rows):
-                    running[m, r] += T.max(scores[m, r], 0.0)
+                for first, second in T.Parallel(*score_shape):
+                    m, r = block_and_row(first, second)
+                    running[cell(m, r)] += T.max(scores[cell(m, r)], 0.0)
 
         @T.macro
         def body(Q, Pooled, Keys, W, HeadScale, KS, KE, Importance, QRouted=None, WRouted=None, Heads=None):
@@ -229,29 +230,20 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                                     part * block_m + m < block_q and query < num_queries,
                                     Keys[bb, T.min(query, num_queries - 1), d], T.cast(0, T.bfloat16))
                             score_matmul(k_shared, q_shared, scores)
-                            if rows_as_m:  # Python-level
-                                for r, m in T.Parallel(rows, block_m):
-                                    running[r, m] += T.if_then_else(part * block_m + m == r // heads, scores[r, m],
-                                                                    0.0)
-                            else:
-                                for m, r in T.Parallel(block_m, rows):
-                                    running[m, r] += T.if_then_else(part * block_m + m == r // heads, scores[m, r],
-                                                                    0.0)
+                            for first, second in T.Parallel(*score_shape):
+                                m, r = block_and_row(first, second)
+                                running[cell(m, r)] += T.if_then_else(part * block_m + m == r // heads,
+                                                                      scores[cell(m, r)], 0.0)
                     else:
                         # q·k summed over each row's visible keys of its last block (ReLU of the mean after).
                         for tile in T.serial(T.ceildiv(T.max(tail_hi - tail_lo, 0), block_m)):
                             T.copy(Keys[bb, tail_lo + tile * block_m : tail_lo + (tile + 1) * block_m, :], k_shared)
                             score_matmul(k_shared, q_shared, scores)
-                            if rows_as_m:  # Python-level
-                                for r, m in T.Parallel(rows, block_m):
-                                    key = tail_lo + tile * block_m + m
-                                    running[r, m] += T.if_then_else(key >= tail_first[r] and key < tail_end[r],
-                                                                    scores[r, m], 0.0)
-                            else:
-                                for m, r in T.Parallel(block_m, rows):
-                                    key = tail_lo + tile * block_m + m
-                                    running[m, r] += T.if_then_else(key >= tail_first[r] and key < tail_end[r],
-                                                                    scores[m, r], 0.0)
+                            for first, second in T.Parallel(*score_shape):
+                                m, r = block_and_row(first, second)
+                                key = tail_lo + tile * block_m + m
+                                running[cell(m, r)] += T.if_then_else(key >= tail_first[r] and key < tail_end[r],
+                                                                      scores[cell(m, r)], 0.0)
                     T.reduce_sum(running, tail_sum, dim=block_axis, clear=True)
                     for r in T.Parallel(rows):
                         query = T.min(q0 + r // heads, num_queries - 1)
