@@ -1,5 +1,9 @@
 """Variant sweep of the radix top-k (threads per CTA, loads in flight per thread) on real indexer logits.
 
+Before each timed call the logits are rewritten in place (`--before-each rewrite`, the default; result files before
+2026-12-04 timed calls without it), so that the L2 holds what the logits program would leave there, not the previous
+call's last reads.
+
 Two workloads, the ones the indexer gives it: causal prefill rows of a 64K context (one row per 16th query, so the
 rows' widths average half the context, as a whole prefill's do) and decode rows (batch 32 x 1 and 4 queries, 128K
 cache). The logits come from the 8-head logits program on random inputs. Each variant must select exactly the
@@ -48,6 +52,13 @@ VARIANTS = {  # name -> build options
     "vector4_unroll2": dict(vector=4, unroll=2),
     "few_rows_vector4_unroll2": dict(FEW_ROWS_SHAPE, vector=4, unroll=2),
     "few_rows_vector4_unroll4": dict(FEW_ROWS_SHAPE, vector=4, unroll=4),
+    # the scorer's vector shapes with the second pass reading each row backward (starting where the L2 still holds
+    # what the first pass read last) and / or the rows taken in reverse order (the ones the logits wrote last first)
+    "many_rows_vector4_unroll1_backward": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, backward_second_pass=True),
+    "many_rows_vector4_unroll1_reverse_rows": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, reverse_rows=True),
+    "many_rows_vector4_unroll1_backward_reverse_rows": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
+                                                            backward_second_pass=True, reverse_rows=True),
+    "few_rows_vector4_unroll4_backward": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, backward_second_pass=True),
 }
 HEADS = 8
 
@@ -80,6 +91,8 @@ def visible_picks(picked: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     parser = sweep_parser(__doc__, reps=10, workers=8)
+    parser.add_argument("--before-each", choices=("rewrite", "nothing"), default="rewrite",
+                        help="rewrite: the logits rewritten in place before each timed call (untimed)")
     args = parser.parse_args(argv)
     builder = "transformers_misa.kernels.topk:build_radix_topk"
     variants = {name: VARIANTS[name] for name in chosen(VARIANTS, args.variants)}
@@ -88,8 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     for workload, (scores, ends) in workloads().items():
         expected = visible_picks(build_radix_topk(TOPK)()(scores, ends), ends)
         read_gb = float(ends.clamp_max(scores.shape[1]).sum()) * 4 / 1e9
+        before = (lambda: scores.mul_(1.0)) if args.before_each == "rewrite" else None  # the same values, rewritten
         for name, options in variants.items():
-            row = {"workload": workload, "variant": name, "threads": options.get("threads", 512),
+            row = {"workload": workload, "variant": name, "before_each": args.before_each,
+                   "threads": options.get("threads", 512),
                    "unroll": options.get("unroll", UNROLL), "buffer": options.get("buffer", BUFFER),
                    "min_ctas_per_sm": options.get("min_ctas_per_sm", 0),
                    "value_filter": options.get("value_filter", True), "vector": options.get("vector", 1)}
@@ -99,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                 kernel = build_radix_topk(TOPK, **options)()
                 rows_in = scores.view(scores.shape[0], -1, row["vector"]) if row["vector"] > 1 else scores
                 row["same_selection"] = bool(torch.equal(visible_picks(kernel(rows_in, ends), ends), expected))
-                row["ms"] = cuda_time_ms(lambda: kernel(rows_in, ends), args.reps)
+                row["ms"] = cuda_time_ms(lambda: kernel(rows_in, ends), args.reps, before=before)
                 row["GB_per_s_one_read"] = read_gb / row["ms"] * 1e3
             rows.append(row)
             print(json.dumps(row), flush=True)
