@@ -52,13 +52,6 @@ VARIANTS = {  # name -> build options
     "vector4_unroll2": dict(vector=4, unroll=2),
     "few_rows_vector4_unroll2": dict(FEW_ROWS_SHAPE, vector=4, unroll=2),
     "few_rows_vector4_unroll4": dict(FEW_ROWS_SHAPE, vector=4, unroll=4),
-    # the scorer's vector shapes with the second pass reading each row backward (starting where the L2 still holds
-    # what the first pass read last) and / or the rows taken in reverse order (the ones the logits wrote last first)
-    "many_rows_vector4_unroll1_backward": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, backward_second_pass=True),
-    "many_rows_vector4_unroll1_reverse_rows": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, reverse_rows=True),
-    "many_rows_vector4_unroll1_backward_reverse_rows": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
-                                                            backward_second_pass=True, reverse_rows=True),
-    "few_rows_vector4_unroll4_backward": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, backward_second_pass=True),
 }
 HEADS = 8
 

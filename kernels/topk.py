@@ -48,6 +48,10 @@ MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1)
 # reading the high halves only (half the bytes): 0.450 against 0.429 ms (sweep_topk-20261203-230609-planes-not-kept
 # .json), and MISA-8's logits stage 9.19 against 8.73 ms at 64K with two stores per logit: the rows are not
 # bandwidth-bound.
+# Also not kept (git 81f9364): the second pass reading each row backward (starting where the L2 still holds the first
+# pass's last reads) and the rows taken in reverse order (the ones the logits program wrote last first): 0.414 and
+# 0.438 ms (0.420 both) against 0.406 for 64K causal rows rewritten before each call (H200,
+# sweep_topk-20261203-235645-backward-not-kept.json; the same sets).
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
@@ -81,8 +85,7 @@ def _order_key(value):
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
-                     caller_allocates_out: bool = False, vector: int = 1, backward_second_pass: bool = False,
-                     reverse_rows: bool = False, arch: str | None = None):
+                     caller_allocates_out: bool = False, vector: int = 1, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -94,11 +97,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     caller owns, e.g. a query chunk's slice of the whole output) instead of returning a new tensor.
     `vector` > 1: each thread loads `vector` adjacent floats at once (one 16-byte load for 4): Scores comes as
     [rows, width / vector, vector], so rows must be 16-byte aligned (width a multiple of 4); not with_keys.
-    `backward_second_pass`: the second pass reads the row from its end to its start, so that it begins with the columns
-    the first pass read last, the ones most likely still in L2 (a causal 64K prefill's rows in flight on all SMs
-    outgrow the L2, so a forward second pass finds little there).
-    `reverse_rows`: CTA i takes row rows-1-i, so that the first rows read are the chunk's last, which the logits
-    program wrote last and may still sit in L2.
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
@@ -157,22 +155,14 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                         visit(_order_key(values[i]), keys[j] if with_keys else col, context)
 
         @T.macro
-        def for_each_key(source, row, tx, end, values, visit, context, floor=None, backward=False):
+        def for_each_key(source, row, tx, end, values, visit, context, floor=None):
             """visit(order key, column (with_keys: its key index), context) for every column before `end` (whose
-            value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None).
-            `backward` (Python-level): the loop steps from the row's end to its start (the partial step first)."""
+            value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None)."""
             per_step = threads * unroll * vector
-            if backward:  # Python-level
-                for step in T.serial(end // per_step, T.ceildiv(end, per_step)):
-                    visit_slice(source, row, step, tx, end, values, visit, context, True, floor)
-                for step in T.serial(end // per_step):
-                    visit_slice(source, row, end // per_step - 1 - step, tx, end, values, visit, context, False,
-                                floor)
-            else:
-                for step in T.serial(end // per_step):
-                    visit_slice(source, row, step, tx, end, values, visit, context, False, floor)
-                for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
-                    visit_slice(source, row, step, tx, end, values, visit, context, True, floor)
+            for step in T.serial(end // per_step):
+                visit_slice(source, row, step, tx, end, values, visit, context, False, floor)
+            for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
+                visit_slice(source, row, step, tx, end, values, visit, context, True, floor)
 
         @T.macro
         def clear_histogram(hist, tx):
@@ -271,8 +261,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
 
         @T.macro
         def select(Scores, Keys, Ends, Out):
-            with T.Kernel(rows, threads=threads) as block:
-                row = rows - 1 - block if reverse_rows else block  # Python-level choice
+            with T.Kernel(rows, threads=threads) as row:
                 if min_ctas_per_sm:  # Python-level: caps the registers so that this many CTAs share an SM
                     T.annotate_min_blocks_per_sm(min_ctas_per_sm)
                 tx = T.get_thread_binding()
@@ -324,8 +313,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     if value_filter:  # Python-level
                         floor = _lowest_value_with_key(prefix << first_digit)
                     for_each_key(source, row, tx, end, values, write_or_buffer,
-                                 (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor,
-                                 backward=backward_second_pass)
+                                 (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor)
                     T.sync_threads()
                     for bits, high_shift in later_levels:  # unrolled in Python
                         clear_histogram(hist, tx)

@@ -33,24 +33,6 @@ def test_radix_topk_vector_loads_compile_to_16_byte_loads():
         build_radix_topk(2048, vector=4, with_keys=True)
 
 
-def test_radix_topk_backward_pass_and_reversed_rows_compile():
-    """backward_second_pass: one pass whose row loads step down from the row's end; reverse_rows: CTA i reads row
-    rows-1-i. The default program does neither."""
-    _tilelang_or_skip()
-    from transformers_misa.kernels.topk import build_radix_topk
-
-    descending = r"\) - \(\(\(int64_t\)step\w*\) \* \(int64_t\)2048\)"  # a column falling with the step
-    reversed_rows = r"\(\(int64_t\)rows\) - \(\(int64_t\)\(\(int\)blockIdx\.x\)\)\) - \(int64_t\)1\)"
-    options = dict(vector=4, unroll=1, min_ctas_per_sm=4)
-    default = build_radix_topk(2048, arch="sm_90a", **options)().get_kernel_source()
-    backward = build_radix_topk(2048, backward_second_pass=True, arch="sm_90a", **options)().get_kernel_source()
-    both = build_radix_topk(2048, backward_second_pass=True, reverse_rows=True, arch="sm_90a",
-                            **options)().get_kernel_source()
-    assert not re.search(descending, default) and not re.search(reversed_rows, default)
-    assert len(re.findall(descending, backward)) == 1 and not re.search(reversed_rows, backward)
-    assert re.search(descending, both) and re.search(reversed_rows, both)
-
-
 def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
     _tilelang_or_skip()
     from transformers_misa.kernels import topk
@@ -66,10 +48,7 @@ def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", [dict(vector=4, unroll=1, min_ctas_per_sm=4), dict(vector=4, unroll=2),
-                                     dict(vector=4, unroll=4, threads=1024), dict(vector=2, unroll=2),
-                                     dict(vector=4, unroll=1, min_ctas_per_sm=4, backward_second_pass=True,
-                                          reverse_rows=True),
-                                     dict(vector=4, unroll=4, threads=1024, backward_second_pass=True)])
+                                     dict(vector=4, unroll=4, threads=1024), dict(vector=2, unroll=2)])
 @pytest.mark.parametrize("width", [70000, 4100])
 def test_radix_topk_vector_loads_select_the_same_set(options, width):
     """Rows read in groups of `vector` floats select exactly the scalar program's set: ends inside a group, shorter
@@ -174,9 +153,7 @@ def test_radix_topk_buffered_and_rereading_paths_agree(buffer):
                                      dict(threads=256, unroll=16), dict(unroll=16, buffer=16),
                                      dict(min_ctas_per_sm=3), dict(min_ctas_per_sm=4),
                                      dict(min_ctas_per_sm=4, buffer=2048), dict(min_ctas_per_sm=4, value_filter=False),
-                                     dict(threads=1024, unroll=8, value_filter=False),
-                                     dict(min_ctas_per_sm=4, backward_second_pass=True), dict(reverse_rows=True),
-                                     dict(unroll=16, buffer=16, backward_second_pass=True)])
+                                     dict(threads=1024, unroll=8, value_filter=False)])
 def test_radix_topk_variants_select_the_same_set(options):
     """Every load depth and CTA width (`sweep_topk.py` times them) selects exactly the default's set: ragged ends
     (shorter than one loop step, not a multiple of it), ties, garbage past the ends."""
