@@ -23,7 +23,7 @@ import tilelang
 import torch
 
 from gpu_timing import cuda_time_ms, environment, graph_time_ms, peak_extra_gib, stage_ms  # this folder's timing
-from transformers_misa.kernels.scorer import (TILELANG_ASYNC_TOPK_SCORER, TILELANG_BLOCKS_AS_M_ROUTER_SCORER, TILELANG_BUDGET_CHUNKS_SCORER,
+from transformers_misa.kernels.scorer import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER, TILELANG_BUDGET_CHUNKS_SCORER,
                                               TILELANG_EVERY_TILE_TESTED_SCORER,
                                               TILELANG_FP8_SCORER, TILELANG_PIPELINED_SCORER,
                                               TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
@@ -88,9 +88,6 @@ def methods(heads: int, deepseek_kernel):
         "misa8_budget_chunks": _misa(reference.misa_topk, TILELANG_BUDGET_CHUNKS_SCORER),
         # the router programs with the pooled blocks as the matmuls' M (before the query rows were)
         "misa8_blocks_as_m_router": _misa(reference.misa_topk, TILELANG_BLOCKS_AS_M_ROUTER_SCORER),
-        # the prefill top-k reading its rows through cp.async rings, both methods alike
-        f"dsa{heads}_async_topk": _dsa(TILELANG_ASYNC_TOPK_SCORER),
-        "misa8_async_topk": _misa(reference.misa_topk, TILELANG_ASYNC_TOPK_SCORER),
         # the wide top-k via a sampled threshold
         f"dsa{heads}_threshold": _dsa(TILELANG_THRESHOLD_SCORER),
         "misa8_threshold": _misa(reference.misa_topk, TILELANG_THRESHOLD_SCORER),
@@ -223,7 +220,6 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
                                 for name in (f"dsa{heads}_kernel", f"dsa{heads}_pipelined", "misa8", "misa8_pipelined",
                                              "misa8_budget_chunks", "misa8_blocks_as_m_router",
-                                             f"dsa{heads}_async_topk", "misa8_async_topk",
                                              "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}

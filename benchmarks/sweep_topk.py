@@ -52,13 +52,6 @@ VARIANTS = {  # name -> build options
     "vector4_unroll2": dict(vector=4, unroll=2),
     "few_rows_vector4_unroll2": dict(FEW_ROWS_SHAPE, vector=4, unroll=2),
     "few_rows_vector4_unroll4": dict(FEW_ROWS_SHAPE, vector=4, unroll=4),
-    # each thread's 16-byte groups through its own ring of cp.async slots (bytes in flight without registers)
-    "many_rows_async2_buffer2048": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, async_stages=2, buffer=2048),
-    "many_rows_async3_buffer2048": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, async_stages=3, buffer=2048),
-    "async4_buffer2048_ctas3": dict(vector=4, unroll=1, async_stages=4, buffer=2048, min_ctas_per_sm=3),
-    "async4_ctas2": dict(vector=4, unroll=1, async_stages=4, min_ctas_per_sm=2),
-    "few_rows_async4": dict(FEW_ROWS_SHAPE, vector=4, unroll=1, async_stages=4),
-    "few_rows_async8": dict(FEW_ROWS_SHAPE, vector=4, unroll=1, async_stages=8),
 }
 HEADS = 8
 

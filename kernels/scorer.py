@@ -250,35 +250,34 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                            softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
                            interleaved: bool = True, overlapped: bool = True,
-                           out: torch.Tensor | None = None, many_rows_shape: dict | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
     `threshold=True` (TILELANG_THRESHOLD_SCORER) sends wide prefill rows (`uses_threshold_filter`) through the
     sampled threshold instead, which writes only a few thousand candidates per query (`ops.threshold`; the same
     selection). Off by default: on an H100 it measured slower than the dense path for MISA-8 (see the README).
-    `out`: where the radix select may write the indices; `many_rows_shape`: see `radix_topk`.
+    `out`: where the radix select may write the indices (see `radix_topk`).
     """
     ks, ke, contiguous = chunk.key_range
     width = keys.shape[1]
     if not contiguous or width < RADIX_MIN_WIDTH or k > width:
         logits = tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved, overlapped)
-        return radix_topk(logits, k, out=out, many_rows_shape=many_rows_shape)
+        return radix_topk(logits, k, out=out)
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved,
                      overlapped=overlapped)
-    return radix_topk(logits, k, ends=ke, out=out, many_rows_shape=many_rows_shape)
+    return radix_topk(logits, k, ends=ke, out=out)
 
 
 def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
-               out: torch.Tensor | None = None, many_rows_shape: dict | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Indices [..., k] of the k largest of each row (unordered), by the radix-select kernel on wide rows.
 
     ends [...]: each row's columns from `ends` on count as -inf and are never read (None: every column is read).
     out [..., k]: written in place and returned where the kernel runs and `out` is a contiguous int32 tensor (a
     query chunk's slice of the whole output: no copy afterwards); otherwise a new tensor comes back.
-    many_rows_shape: the build options for many 16-byte-aligned rows in place of `topk.MANY_ROWS_VECTOR_SHAPE`.
     """
     width = scores.shape[-1]
     if width < RADIX_MIN_WIDTH or k > width:
@@ -287,8 +286,7 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
             scores = scores.masked_fill(columns >= ends.unsqueeze(-1), float("-inf"))
         return top_indices(scores, k)
     rows = scores.reshape(-1, width).float().contiguous()
-    shape = radix_shape(rows.shape[0], _sm_count(rows.device), width % 4 == 0 and rows.data_ptr() % 16 == 0,
-                        many_rows_shape)
+    shape = radix_shape(rows.shape[0], _sm_count(rows.device), width % 4 == 0 and rows.data_ptr() % 16 == 0)
     if shape.get("vector", 1) > 1:
         rows = rows.view(rows.shape[0], -1, shape["vector"])
     if ends is None:
@@ -301,12 +299,12 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
     return build_radix_topk(k, **shape)()(rows, row_ends).view(*scores.shape[:-1], k)
 
 
-def radix_shape(num_rows: int, sm_count: int, vector_loads_fit: bool, many_rows_vector: dict | None = None) -> dict:
+def radix_shape(num_rows: int, sm_count: int, vector_loads_fit: bool) -> dict:
     """The radix program's build options for `num_rows` rows: a decode step's few rows (one wave) take wide CTAs, a
     prefill's many rows four CTAs per SM; each with 16-byte loads where `vector_loads_fit` (rows 16-byte aligned, width
-    a multiple of 4) and that shape has a vector variant (`topk.*_VECTOR_SHAPE`, or `many_rows_vector` for many)."""
+    a multiple of 4) and that shape has a vector variant (`topk.*_VECTOR_SHAPE`)."""
     few = num_rows <= 2 * sm_count
-    vector = topk_program.FEW_ROWS_VECTOR_SHAPE if few else (many_rows_vector or topk_program.MANY_ROWS_VECTOR_SHAPE)
+    vector = topk_program.FEW_ROWS_VECTOR_SHAPE if few else topk_program.MANY_ROWS_VECTOR_SHAPE
     if vector_loads_fit and vector is not None:
         return dict(vector)
     return dict(topk_program.FEW_ROWS_SHAPE if few else topk_program.MANY_ROWS_SHAPE)
@@ -382,12 +380,6 @@ TILELANG_EVERY_TILE_TESTED_SCORER = dataclasses.replace(
 TILELANG_BLOCKS_AS_M_ROUTER_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-blocks-as-m-router", route=functools.partial(tilelang_route, rows_as_m=False),
     head_importance=functools.partial(tilelang_head_importance, rows_as_m=False))
-
-# A prefill's top-k reading its rows through per-thread cp.async rings (`topk.build_radix_topk`'s async_stages),
-# beside the default for the benchmark.
-TILELANG_ASYNC_TOPK_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-async-topk",
-    fused_select=functools.partial(tilelang_select_tokens, many_rows_shape=topk_program.MANY_ROWS_ASYNC_SHAPE))
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.

@@ -41,9 +41,6 @@ MANY_ROWS_SHAPE = dict(min_ctas_per_sm=4)
 # decode 128K, batch 32, 1 / 4 queries 0.0491 / 0.0607 against 0.0499 / 0.0637 ms; the same sets selected.
 FEW_ROWS_VECTOR_SHAPE: dict | None = dict(FEW_ROWS_SHAPE, vector=4, unroll=4)
 MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1)
-# The same with each thread's groups through a 2-slot cp.async ring (a smaller candidate buffer, so that four CTAs still
-# fit): no registers hold the bytes in flight; timed beside the default (benchmarks: *_async_topk).
-MANY_ROWS_ASYNC_SHAPE = dict(MANY_ROWS_VECTOR_SHAPE, async_stages=2, buffer=2048)
 # Tried and not kept (git 280dfb6): a one-read path keeping each row's values above a running floor in shared memory
 # instead of reading the row twice; exact, but 0.63-1.10 ms against 0.42 for 64K causal rows (H200,
 # sweep_topk-20261203-153535-one-read-not-kept.json): its slots leave room for two CTAs per SM, not four.
@@ -54,7 +51,10 @@ MANY_ROWS_ASYNC_SHAPE = dict(MANY_ROWS_VECTOR_SHAPE, async_stages=2, buffer=2048
 # Also not kept (git 81f9364): the second pass reading each row backward (starting where the L2 still holds the first
 # pass's last reads) and the rows taken in reverse order (the ones the logits program wrote last first): 0.414 and
 # 0.438 ms (0.420 both) against 0.406 for 64K causal rows rewritten before each call (H200,
-# sweep_topk-20261203-235645-backward-not-kept.json; the same sets).
+# sweep_topk-20261203-235645-backward-not-kept.json; the same sets). Nor (git b6322b7) each thread's 16-byte groups
+# arriving through its own ring of cp.async slots, 1-3 steps ahead (more bytes in flight without registers): 0.431 -
+# 0.506 ms over four shapes against 0.408 for 64K causal rows, decode rows no faster than the wide CTAs
+# (sweep_topk-20261204-001808-async-not-kept.json): bytes in flight do not bound the row passes either.
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
@@ -88,8 +88,7 @@ def _order_key(value):
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
-                     caller_allocates_out: bool = False, vector: int = 1, async_stages: int = 0,
-                     arch: str | None = None):
+                     caller_allocates_out: bool = False, vector: int = 1, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -101,15 +100,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     caller owns, e.g. a query chunk's slice of the whole output) instead of returning a new tensor.
     `vector` > 1: each thread loads `vector` adjacent floats at once (one 16-byte load for 4): Scores comes as
     [rows, width / vector, vector], so rows must be 16-byte aligned (width a multiple of 4); not with_keys.
-    `async_stages` > 1 (with vector=4, unroll=1): each thread's 16-byte groups come through its own ring of that many
-    shared-memory slots by cp.async, `async_stages` - 1 groups ahead of the one it visits, so that more bytes are in
-    flight than registers would hold (the row passes at 3.1 TB/s where a plain read of the same bytes reaches 3.8).
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
-    if async_stages and (async_stages < 2 or vector != 4 or unroll != 1):
-        raise ValueError(f"async_stages takes 2 or more stages with vector=4, unroll=1; got async_stages="
-                         f"{async_stages}, vector={vector}, unroll={unroll}")
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
     per_thread = bins // threads
@@ -138,7 +131,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             (several requests in flight). `checked` (Python-level): the row's last, partial step, whose columns are
             compared with `end`; the full steps before it skip that test (the top-k runs out of instruction issue,
             not bandwidth). `floor` (None at Python level: every value): only values at or above it are visited."""
-            Scores, Keys, keys, _ = source
+            Scores, Keys, keys = source
             for j in T.unroll(unroll):
                 col = (step * unroll + j) * threads + tx  # with vector > 1: the group of columns
                 if vector > 1:  # Python-level; a checked group past the width loads the last one (never visited)
@@ -165,54 +158,14 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                         visit(_order_key(values[i]), keys[j] if with_keys else col, context)
 
         @T.macro
-        def issue_group(Scores, ring, row, step, tx, end):
-            """cp.async of this thread's 16-byte group of loop step `step` into its ring slot for that step; a group
-            wholly past `end` (or a step past the last) is zero-filled without a read (src-size 0)."""
-            group = step * threads + tx
-            T.evaluate(T.ptx_cp_async(T.access_ptr(ring[((step % async_stages) * threads + tx) * vector], "w", vector),
-                                      T.access_ptr(Scores[row, T.min(group, groups - 1), 0], "r", vector), vector,
-                                      predicate=group * vector < end))
-            T.evaluate(T.ptx_commit_group())
-
-        @T.macro
-        def visit_staged(ring, row, step, tx, end, values, visit, context, checked, floor):
-            """visit_slice's second half for a group that came through the ring: the thread's own slot, read once its
-            copy has landed (each thread reads only what it copied: no barrier)."""
-            for v in T.vectorized(vector):
-                values[v] = ring[((step % async_stages) * threads + tx) * vector + v]
-            for v in T.unroll(vector):
-                col = (step * threads + tx) * vector + v
-                tests = ([col < end] if checked else []) + ([values[v] >= floor] if floor is not None else [])
-                if len(tests) > 0:  # Python-level
-                    if functools.reduce(T.And, tests):
-                        visit(_order_key(values[v]), col, context)
-                else:
-                    visit(_order_key(values[v]), col, context)
-
-        @T.macro
         def for_each_key(source, row, tx, end, values, visit, context, floor=None):
             """visit(order key, column (with_keys: its key index), context) for every column before `end` (whose
-            value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None, the
-            cp.async ring or None)."""
+            value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None)."""
             per_step = threads * unroll * vector
-            if async_stages:  # Python-level: the groups come through the ring, async_stages - 1 steps ahead
-                Scores, _, _, ring = source
-                for ahead in T.unroll(async_stages - 1):
-                    issue_group(Scores, ring, row, ahead, tx, end)
-                for step in T.serial(T.ceildiv(end, per_step)):
-                    issue_group(Scores, ring, row, step + async_stages - 1, tx, end)
-                    T.evaluate(T.ptx_wait_group(async_stages - 1))
-                    if (step + 1) * per_step <= end:
-                        visit_staged(ring, row, step, tx, end, values, visit, context, False, floor)
-                    else:
-                        visit_staged(ring, row, step, tx, end, values, visit, context, True, floor)
-                # the copies issued past the last step must land before the ring is written again
-                T.evaluate(T.ptx_wait_group(0))
-            else:
-                for step in T.serial(end // per_step):
-                    visit_slice(source, row, step, tx, end, values, visit, context, False, floor)
-                for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
-                    visit_slice(source, row, step, tx, end, values, visit, context, True, floor)
+            for step in T.serial(end // per_step):
+                visit_slice(source, row, step, tx, end, values, visit, context, False, floor)
+            for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
+                visit_slice(source, row, step, tx, end, values, visit, context, True, floor)
 
         @T.macro
         def clear_histogram(hist, tx):
@@ -333,8 +286,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 slot = T.alloc_var(T.int32)
                 values = T.alloc_local((unroll * vector,), T.float32)
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
-                ring = T.alloc_shared((async_stages * threads * vector,), T.float32) if async_stages else None
-                source = (Scores, Keys, keys, ring)
+                source = (Scores, Keys, keys)
                 prefix = T.uint32(0)
                 lowest = T.uint32(0)
                 ties = 0

@@ -33,20 +33,6 @@ def test_radix_topk_vector_loads_compile_to_16_byte_loads():
         build_radix_topk(2048, vector=4, with_keys=True)
 
 
-def test_radix_topk_async_stages_compile_to_cp_async():
-    """async_stages: each thread's groups arrive by cp.async (zero-filled past the row's end), waited on per thread."""
-    _tilelang_or_skip()
-    from transformers_misa.kernels.topk import MANY_ROWS_ASYNC_SHAPE, build_radix_topk
-
-    source = build_radix_topk(2048, arch="sm_90a", **MANY_ROWS_ASYNC_SHAPE)().get_kernel_source()
-    assert "cp_async_gs_conditional<16>" in source and "cp_async_wait<1>" in source
-    assert "cp_async" not in build_radix_topk(2048, arch="sm_90a", vector=4, unroll=1)().get_kernel_source()
-    for options in (dict(async_stages=2), dict(async_stages=1, vector=4, unroll=1),
-                    dict(async_stages=2, vector=4, unroll=2)):
-        with pytest.raises(ValueError, match="async_stages"):
-            build_radix_topk(2048, **options)
-
-
 def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
     _tilelang_or_skip()
     from transformers_misa.kernels import topk
@@ -57,16 +43,12 @@ def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
     assert radix_shape(32, 132, True) == dict(threads=1024, unroll=2, vector=4)  # a decode step's rows
     assert radix_shape(32, 132, False) == topk.FEW_ROWS_SHAPE  # misaligned rows or a width not a multiple of 4
     assert radix_shape(20000, 132, True) == topk.MANY_ROWS_SHAPE  # no vector variant for this shape
-    assert radix_shape(20000, 132, True, topk.MANY_ROWS_ASYNC_SHAPE) == topk.MANY_ROWS_ASYNC_SHAPE
-    assert radix_shape(32, 132, True, topk.MANY_ROWS_ASYNC_SHAPE) == dict(threads=1024, unroll=2, vector=4)
 
 
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", [dict(vector=4, unroll=1, min_ctas_per_sm=4), dict(vector=4, unroll=2),
-                                     dict(vector=4, unroll=4, threads=1024), dict(vector=2, unroll=2),
-                                     dict(vector=4, unroll=1, min_ctas_per_sm=4, async_stages=2, buffer=2048),
-                                     dict(vector=4, unroll=1, threads=1024, async_stages=8)])
+                                     dict(vector=4, unroll=4, threads=1024), dict(vector=2, unroll=2)])
 @pytest.mark.parametrize("width", [70000, 4100])
 def test_radix_topk_vector_loads_select_the_same_set(options, width):
     """Rows read in groups of `vector` floats select exactly the scalar program's set: ends inside a group, shorter
