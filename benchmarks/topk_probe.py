@@ -6,11 +6,18 @@ of the histogram (two 16-bit counters per word); `none` only loads and converts 
 as `sweep_topk.py`. If `atomic` costs what `none` costs, contention on the histogram is not what bounds the pass.
 
     python benchmarks/topk_probe.py --out benchmarks/results
+
+`--phases` instead times the scorer's own top-k (its shape for each workload) and reads, per row, the SM clock at the
+ends of its phases (`topk.build_radix_topk(phase_clock=True)`): the cycles each phase of a row takes, averaged over
+the rows taking the usual path, and how many do.
+
+    python benchmarks/topk_probe.py --phases --out benchmarks/results
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations.
 
 import argparse
+import json
 import pathlib
 
 import tilelang
@@ -18,9 +25,12 @@ import tilelang.language as T
 import torch
 
 from gpu_timing import cuda_time_ms, environment  # this folder's GPU timing
+from bench_indexer import TOPK  # this folder's indexer benchmark
 from sweep_topk import workloads
 from sweeps import RESULTS, write_results
 from transformers_misa.kernels.common import compile_target
+from transformers_misa.kernels.scorer import radix_shape
+from transformers_misa.kernels.topk import PHASE_MARKS, build_radix_topk
 
 BINS = 4096  # the top-k's first level (12 bits)
 COPIES = 8
@@ -77,11 +87,54 @@ def build_histogram_pass(mode: str, threads: int, unroll: int, arch: str | None 
     return program()
 
 
+def phase_cycles(clock: torch.Tensor) -> dict:
+    """Clock [rows, len(PHASE_MARKS)] from a clocked run -> the usual-path rows' mean cycles per phase and their share
+    of a row's cycles, and the fraction of rows on that path (the others leave the later marks at 0)."""
+    usual = (clock != 0).all(-1)
+    spans = (clock[usual, 1:] - clock[usual, :-1]).double()
+    mean = spans.mean(0)
+    return {"usual_path_rows": float(usual.double().mean()),
+            "mean_cycles": {phase: float(c) for phase, c in zip(PHASE_MARKS[1:], mean)},
+            "share": {phase: float(c / mean.sum()) for phase, c in zip(PHASE_MARKS[1:], mean)},
+            "mean_row_cycles": float(mean.sum())}
+
+
+def run_phases(workloads_: dict, reps: int) -> list[dict]:
+    """The scorer's top-k shape per workload, plain and clocked (time, then the phases of one clocked call)."""
+    rows = []
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    for workload, (scores, ends) in workloads_.items():
+        shape = radix_shape(scores.shape[0], sm_count, scores.shape[1] % 4 == 0)
+        if shape.get("vector", 1) == 1:
+            continue
+        grouped = scores.view(scores.shape[0], -1, shape["vector"])
+        plain = build_radix_topk(TOPK, **shape)()
+        clocked = build_radix_topk(TOPK, phase_clock=True, **shape)()
+        clock = torch.zeros(scores.shape[0], len(PHASE_MARKS), dtype=torch.int64, device=scores.device)
+        before = lambda: scores.mul_(1.0)  # the same values, rewritten (the L2 as the logits program leaves it)
+        row = {"workload": workload, "shape": shape,
+               "ms": cuda_time_ms(lambda: plain(grouped, ends), reps, before=before),
+               "clocked_ms": cuda_time_ms(lambda: clocked(grouped, ends, clock), reps, before=before)}
+        before()
+        clock.zero_()
+        clocked(grouped, ends, clock)
+        row.update(phase_cycles(clock))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--phases", action="store_true", help="the scorer's top-k, its phases by the SM clock")
     args = parser.parse_args(argv)
+    if args.phases:
+        rows = run_phases(workloads(), args.reps)
+        write_results(args.out, "topk_phases", {"environment": environment(), "topk": TOPK, "marks": PHASE_MARKS,
+                                                "results": rows})
+        return
     rows = []
     for workload, (scores, ends) in workloads().items():
         for mode in ("atomic", "private", "copies", "none"):

@@ -61,6 +61,9 @@ NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
 WARP_SCAN_OFFSETS = (1, 2, 4, 8, 16)
 # Shared-memory slots for the keys of the k-th key's first-level bin (8 bytes each); a fuller bin re-reads the row.
 BUFFER = 4096
+# Where `phase_clock` reads the SM clock in a row taking the usual path (a row taking the re-reading path leaves the
+# marks after the first level at 0).
+PHASE_MARKS = ("start", "first pass", "first level", "second pass", "later levels", "output")
 
 
 def _lowest_value_with_key(key):
@@ -88,7 +91,8 @@ def _order_key(value):
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
-                     caller_allocates_out: bool = False, vector: int = 1, arch: str | None = None):
+                     caller_allocates_out: bool = False, vector: int = 1, phase_clock: bool = False,
+                     arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -100,9 +104,14 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     caller owns, e.g. a query chunk's slice of the whole output) instead of returning a new tensor.
     `vector` > 1: each thread loads `vector` adjacent floats at once (one 16-byte load for 4): Scores comes as
     [rows, width / vector, vector], so rows must be 16-byte aligned (width a multiple of 4); not with_keys.
+    `phase_clock` (a probe, `benchmarks/topk_probe.py --phases`; vector > 1): the program also takes Clock [rows,
+    PHASE_MARKS] int64 (zeros from the caller) and records each row's SM clock at the ends of its phases (see
+    PHASE_MARKS), with a barrier before each mark so that it counts the slowest thread.
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
+    if phase_clock and vector == 1:
+        raise ValueError("phase_clock probes the vector program (vector > 1)")
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
     per_thread = bins // threads
@@ -263,7 +272,16 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             take(Out, row, key, col, prefix, need, counters, lowest, slot)
 
         @T.macro
-        def select(Scores, Keys, Ends, Out):
+        def mark(Clock, row, tx, phase):
+            """`phase_clock`: the SM clock at the end of `phase` (a name in PHASE_MARKS) once every thread got there."""
+            if phase_clock:  # Python-level
+                if phase != "start":  # Python-level
+                    T.sync_threads()
+                if tx == 0:
+                    Clock[row, PHASE_MARKS.index(phase)] = T.call_extern("int64", "clock64")
+
+        @T.macro
+        def select(Scores, Keys, Ends, Out, Clock=None):
             with T.Kernel(rows, threads=threads) as row:
                 if min_ctas_per_sm:  # Python-level: caps the registers so that this many CTAs share an SM
                     T.annotate_min_blocks_per_sm(min_ctas_per_sm)
@@ -296,10 +314,12 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     counters[0] = 0
                     counters[1] = 0
                     counters[2] = 0
+                mark(Clock, row, tx, "start")
 
                 # Level 1 over the whole row (from HBM).
                 clear_histogram(hist, tx)
                 for_each_key(source, row, tx, end, values, count_first_digit, hist)
+                mark(Clock, row, tx, "first pass")
                 if tx == 0 and end < width:  # the unread columns [end, width) are -inf
                     T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
                 find_kth_bin(hist, suffix, found, tx, need)
@@ -307,6 +327,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 need = need - found[1]
                 in_bin = found[2]
                 T.sync_threads()
+                mark(Clock, row, tx, "first level")
 
                 if in_bin <= buffer and prefix != T.uint32(NEG_INF_KEY >> first_digit):
                     # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
@@ -318,6 +339,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     for_each_key(source, row, tx, end, values, write_or_buffer,
                                  (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor)
                     T.sync_threads()
+                    mark(Clock, row, tx, "second pass")
                     for bits, high_shift in later_levels:  # unrolled in Python
                         clear_histogram(hist, tx)
                         for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_digit,
@@ -337,8 +359,10 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                             lowest = (lowest << bits) | T.cast(found[0], T.uint32)
                             wanted = wanted - found[1]
                             T.sync_threads()
+                    mark(Clock, row, tx, "later levels")
                     for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, take_key,
                                       (Out, row, prefix, need, counters, lowest, slot))
+                    mark(Clock, row, tx, "output")
                 else:
                     # The k-th key's bin is too full for the buffer (heavy ties) or is -inf: finer levels re-read
                     # the row, each restricted to the prefix found so far.
@@ -383,6 +407,16 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 select(Scores, Keys, Ends, Out)
 
             return radix_topk_keys
+
+        if vector > 1 and phase_clock:
+            @T.prim_func
+            def radix_topk_vector_clocked(Scores: T.Tensor((rows, groups, vector), T.float32),
+                                          Ends: T.Tensor((rows,), T.int32),
+                                          Clock: T.Tensor((rows, len(PHASE_MARKS)), T.int64),
+                                          Out: T.Tensor((rows, k), T.int32)):
+                select(Scores, None, Ends, Out, Clock)
+
+            return radix_topk_vector_clocked
 
         if vector > 1:
             @T.prim_func

@@ -232,3 +232,19 @@ def test_timeline_finds_the_idle_stretches_between_kernels(monkeypatch):
     assert busy == 140.0 + 70.0 + 10.0
     assert [gap["us"] for gap in gaps] == [40.0, 10.0]
     assert gaps[0]["after"] == "weighted_relu_logits_kernel" and gaps[0]["before"] == "radix_topk_kernel"
+
+
+def test_topk_phases_average_the_usual_path_rows(monkeypatch):
+    """benchmarks/topk_probe.py --phases: a row's cycles per phase from its clock marks; rows that took the re-reading
+    path (later marks 0) are counted out."""
+    pytest.importorskip("tilelang", reason="TileLang is not installed")  # the probe builds TileLang programs
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    probe = _load("topk_probe")
+    clock = torch.tensor([[100, 300, 310, 500, 520, 530],  # usual path: 200, 10, 190, 20, 10 cycles
+                          [1000, 1400, 1410, 1610, 1640, 1660],  # 400, 10, 200, 30, 20
+                          [50, 90, 95, 0, 0, 0]])  # re-reading path
+    phases = probe.phase_cycles(clock)
+    assert phases["usual_path_rows"] == pytest.approx(2 / 3)
+    assert phases["mean_cycles"] == {"first pass": 300.0, "first level": 10.0, "second pass": 195.0,
+                                     "later levels": 25.0, "output": 15.0}
+    assert phases["mean_row_cycles"] == 545.0 and sum(phases["share"].values()) == pytest.approx(1.0)

@@ -33,6 +33,18 @@ def test_radix_topk_vector_loads_compile_to_16_byte_loads():
         build_radix_topk(2048, vector=4, with_keys=True)
 
 
+def test_radix_topk_phase_clock_marks_each_phase():
+    """phase_clock (the probe): one SM-clock read per phase mark, behind a barrier; only for the vector program."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.topk import PHASE_MARKS, build_radix_topk
+
+    source = build_radix_topk(2048, vector=4, unroll=1, phase_clock=True, arch="sm_90a")().get_kernel_source()
+    assert source.count("clock64()") == len(PHASE_MARKS)
+    assert "clock64" not in build_radix_topk(2048, vector=4, unroll=1, arch="sm_90a")().get_kernel_source()
+    with pytest.raises(ValueError, match="phase_clock"):
+        build_radix_topk(2048, phase_clock=True)
+
+
 def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
     _tilelang_or_skip()
     from transformers_misa.kernels import topk
@@ -145,6 +157,22 @@ def test_radix_topk_buffered_and_rereading_paths_agree(buffer):
         picked = set(got[row].tolist())
         assert len(picked) == 2048
         assert set(expected[row, :visible].tolist()) <= picked  # random floats: no ties among visible keys
+
+
+@gpu
+@pytest.mark.gpu
+def test_radix_topk_phase_clock_selects_the_same_set_and_marks_in_order():
+    from transformers_misa.kernels.topk import PHASE_MARKS, build_radix_topk
+
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    scores = torch.randn(600, 70000, device="cuda", generator=generator)
+    ends = torch.randint(2049, 70001, (600,), device="cuda", generator=generator, dtype=torch.int32)
+    options = dict(vector=4, unroll=1, min_ctas_per_sm=4)
+    expected = build_radix_topk(2048, **options)()(scores.view(600, -1, 4), ends)
+    clock = torch.zeros(600, len(PHASE_MARKS), dtype=torch.int64, device="cuda")
+    got = build_radix_topk(2048, phase_clock=True, **options)()(scores.view(600, -1, 4), ends, clock)
+    assert torch.equal(got.sort(-1).values, expected.sort(-1).values)
+    assert bool((clock.diff(dim=-1) > 0).all()), "every row of random scores takes the usual path, marks in order"
 
 
 @gpu
