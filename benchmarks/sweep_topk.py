@@ -52,11 +52,6 @@ VARIANTS = {  # name -> build options
     "vector4_unroll2": dict(vector=4, unroll=2),
     "few_rows_vector4_unroll2": dict(FEW_ROWS_SHAPE, vector=4, unroll=2),
     "few_rows_vector4_unroll4": dict(FEW_ROWS_SHAPE, vector=4, unroll=4),
-    # the second pass claiming its slots once per warp and value slot (topk_probe --phases: that pass took 59% of a
-    # 64K causal row's cycles, 2.7x the first pass over the same bytes)
-    "many_rows_vector4_unroll1_warp_claims": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, warp_claims=True),
-    "vector4_unroll1_ctas3_warp_claims": dict(vector=4, unroll=1, min_ctas_per_sm=3, warp_claims=True),
-    "few_rows_vector4_unroll4_warp_claims": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, warp_claims=True),
 }
 HEADS = 8
 

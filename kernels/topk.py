@@ -55,6 +55,11 @@ MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1)
 # arriving through its own ring of cp.async slots, 1-3 steps ahead (more bytes in flight without registers): 0.431 -
 # 0.506 ms over four shapes against 0.408 for 64K causal rows, decode rows no faster than the wide CTAs
 # (sweep_topk-20261204-001808-async-not-kept.json): bytes in flight do not bound the row passes either.
+# The phase probe (phase_clock; topk_phases-20261204-002615.json) puts the second pass at 59% of a 64K causal row's
+# cycles, 2.7x the first pass over the same bytes. Claiming its slots once per warp (git 2c1aebc: ballots, one atomic
+# by the first lane, popcounts) made it slower, 0.490 against 0.407 ms (sweep_topk-20261204-003254-warp-claims-not-
+# kept.json), so the same-address atomics are not the cost; what differs from the first pass is each step's chain
+# (load, compare, an atomic whose result addresses a store) before the next step's load is issued.
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
@@ -91,8 +96,8 @@ def _order_key(value):
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
-                     caller_allocates_out: bool = False, vector: int = 1, warp_claims: bool = False,
-                     phase_clock: bool = False, arch: str | None = None):
+                     caller_allocates_out: bool = False, vector: int = 1, phase_clock: bool = False,
+                     arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -104,9 +109,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     caller owns, e.g. a query chunk's slice of the whole output) instead of returning a new tensor.
     `vector` > 1: each thread loads `vector` adjacent floats at once (one 16-byte load for 4): Scores comes as
     [rows, width / vector, vector], so rows must be 16-byte aligned (width a multiple of 4); not with_keys.
-    `warp_claims`: the second pass claims its output and buffer slots once per warp and value slot (a ballot, one
-    shared-memory atomic by the first lane, the lanes' offsets by popcount) instead of one atomic per passing value,
-    all on the same two counters.
     `phase_clock` (a probe, `benchmarks/topk_probe.py --phases`; vector > 1): the program also takes Clock [rows,
     PHASE_MARKS] int64 (zeros from the caller) and records each row's SM clock at the ends of its phases (see
     PHASE_MARKS), with a barrier before each mark so that it counts the slowest thread.
@@ -138,13 +140,11 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             width = T.dynamic("width")
 
         @T.macro
-        def visit_slice(source, row, step, tx, end, values, visit, context, checked, floor, by_warp=False):
+        def visit_slice(source, row, step, tx, end, values, visit, context, checked, floor):
             """One loop step: `unroll` columns (groups of `vector`) per thread, all loads issued before any is used
             (several requests in flight). `checked` (Python-level): the row's last, partial step, whose columns are
             compared with `end`; the full steps before it skip that test (the top-k runs out of instruction issue,
-            not bandwidth). `floor` (None at Python level: every value): only values at or above it are visited.
-            `by_warp` (Python-level): every lane runs `visit(value, column, whether it passes, context)` for each value
-            slot, so that the visit can act once per warp (`write_or_buffer_by_warp`)."""
+            not bandwidth). `floor` (None at Python level: every value): only values at or above it are visited."""
             Scores, Keys, keys = source
             for j in T.unroll(unroll):
                 col = (step * unroll + j) * threads + tx  # with vector > 1: the group of columns
@@ -165,25 +165,21 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     col = ((step * unroll + j) * threads + tx) * vector + v
                     i = j * vector + v
                     tests = ([col < end] if checked else []) + ([values[i] >= floor] if floor is not None else [])
-                    if by_warp:  # Python-level
-                        visit(values[i], keys[j] if with_keys else col,
-                              functools.reduce(T.And, tests) if len(tests) > 0 else True, context)
-                    elif len(tests) > 0:  # Python-level
+                    if len(tests) > 0:  # Python-level
                         if functools.reduce(T.And, tests):
                             visit(_order_key(values[i]), keys[j] if with_keys else col, context)
                     else:
                         visit(_order_key(values[i]), keys[j] if with_keys else col, context)
 
         @T.macro
-        def for_each_key(source, row, tx, end, values, visit, context, floor=None, by_warp=False):
+        def for_each_key(source, row, tx, end, values, visit, context, floor=None):
             """visit(order key, column (with_keys: its key index), context) for every column before `end` (whose
-            value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None).
-            `by_warp`: see `visit_slice`."""
+            value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None)."""
             per_step = threads * unroll * vector
             for step in T.serial(end // per_step):
-                visit_slice(source, row, step, tx, end, values, visit, context, False, floor, by_warp)
+                visit_slice(source, row, step, tx, end, values, visit, context, False, floor)
             for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
-                visit_slice(source, row, step, tx, end, values, visit, context, True, floor, by_warp)
+                visit_slice(source, row, step, tx, end, values, visit, context, True, floor)
 
         @T.macro
         def clear_histogram(hist, tx):
@@ -276,31 +272,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 buffer_cols[slot] = col
 
         @T.macro
-        def write_or_buffer_by_warp(value, col, passes, context):
-            """write_or_buffer for one value slot of every lane of a warp at once (`warp_claims`): the lanes whose key is
-            above the k-th key's bin, and those in it, each take consecutive slots claimed by the first lane."""
-            Out, row, prefix, counters, buffer_keys, buffer_cols, slot, tx, bases = context
-            key = _order_key(value)
-            above = T.And(passes, (key >> first_digit) > prefix)
-            inside = T.And(passes, (key >> first_digit) == prefix)
-            above_lanes = T.cast(T.ballot(above), T.uint32)
-            inside_lanes = T.cast(T.ballot(inside), T.uint32)
-            lower_lanes = (T.uint32(1) << T.cast(tx % 32, T.uint32)) - T.uint32(1)
-            if tx % 32 == 0:
-                if above_lanes != T.uint32(0):
-                    bases[0] = T.atomic_add(counters[0], T.cast(T.popcount(above_lanes), T.int32), return_prev=True)
-                if inside_lanes != T.uint32(0):
-                    bases[1] = T.atomic_add(counters[2], T.cast(T.popcount(inside_lanes), T.int32), return_prev=True)
-            bases[0] = T.shfl_sync(bases[0], 0)
-            bases[1] = T.shfl_sync(bases[1], 0)
-            if above:
-                Out[row, bases[0] + T.cast(T.popcount(above_lanes & lower_lanes), T.int32)] = col
-            if inside:
-                slot = bases[1] + T.cast(T.popcount(inside_lanes & lower_lanes), T.int32)
-                buffer_keys[slot] = key
-                buffer_cols[slot] = col
-
-        @T.macro
         def take_key(key, col, context):
             Out, row, prefix, need, counters, lowest, slot = context
             take(Out, row, key, col, prefix, need, counters, lowest, slot)
@@ -336,7 +307,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 # the lowest value of the k-th key's first-level bin (None without the value filter)
                 floor = T.alloc_var(T.float32) if value_filter else None
                 slot = T.alloc_var(T.int32)
-                bases = T.alloc_local((2,), T.int32) if warp_claims else None  # a warp's claimed first slots
                 values = T.alloc_local((unroll * vector,), T.float32)
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
                 source = (Scores, Keys, keys)
@@ -371,13 +341,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     # one float compare per value instead of its key (a few thousand of a row's values pass).
                     if value_filter:  # Python-level
                         floor = _lowest_value_with_key(prefix << first_digit)
-                    if warp_claims:  # Python-level
-                        for_each_key(source, row, tx, end, values, write_or_buffer_by_warp,
-                                     (Out, row, prefix, counters, buffer_keys, buffer_cols, slot, tx, bases), floor,
-                                     by_warp=True)
-                    else:
-                        for_each_key(source, row, tx, end, values, write_or_buffer,
-                                     (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor)
+                    for_each_key(source, row, tx, end, values, write_or_buffer,
+                                 (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor)
                     T.sync_threads()
                     mark(Clock, row, tx, "second pass")
                     for bits, high_shift in later_levels:  # unrolled in Python
