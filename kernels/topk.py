@@ -96,8 +96,8 @@ def _order_key(value):
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
-                     caller_allocates_out: bool = False, vector: int = 1, phase_clock: bool = False,
-                     arch: str | None = None):
+                     caller_allocates_out: bool = False, vector: int = 1, thread_claims: bool = False,
+                     phase_clock: bool = False, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -109,12 +109,17 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     caller owns, e.g. a query chunk's slice of the whole output) instead of returning a new tensor.
     `vector` > 1: each thread loads `vector` adjacent floats at once (one 16-byte load for 4): Scores comes as
     [rows, width / vector, vector], so rows must be 16-byte aligned (width a multiple of 4); not with_keys.
+    `thread_claims`: the second pass claims each thread's output and buffer slots for a whole loop step at once (one
+    shared-memory atomic per counter and step, after all its values are compared) instead of one atomic per passing
+    value, each of whose results addresses a store before the next value's atomic goes out.
     `phase_clock` (a probe, `benchmarks/topk_probe.py --phases`; vector > 1): the program also takes Clock [rows,
     PHASE_MARKS] int64 (zeros from the caller) and records each row's SM clock at the ends of its phases (see
     PHASE_MARKS), with a barrier before each mark so that it counts the slowest thread.
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
+    if thread_claims and with_keys:
+        raise ValueError("thread_claims is for the plain top-k (with_keys=False)")
     if phase_clock and vector == 1:
         raise ValueError("phase_clock probes the vector program (vector > 1)")
     target = compile_target(arch)
@@ -140,11 +145,13 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             width = T.dynamic("width")
 
         @T.macro
-        def visit_slice(source, row, step, tx, end, values, visit, context, checked, floor):
+        def visit_slice(source, row, step, tx, end, values, visit, context, checked, floor, per_step=False):
             """One loop step: `unroll` columns (groups of `vector`) per thread, all loads issued before any is used
             (several requests in flight). `checked` (Python-level): the row's last, partial step, whose columns are
             compared with `end`; the full steps before it skip that test (the top-k runs out of instruction issue,
-            not bandwidth). `floor` (None at Python level: every value): only values at or above it are visited."""
+            not bandwidth). `floor` (None at Python level: every value): only values at or above it are visited.
+            `per_step` (Python-level): `visit(values, step, checked, context)` once for the step's values instead of
+            `visit(key, column, context)` per value (`write_or_buffer_per_step`; not with_keys)."""
             Scores, Keys, keys = source
             for j in T.unroll(unroll):
                 col = (step * unroll + j) * threads + tx  # with vector > 1: the group of columns
@@ -160,26 +167,30 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     values[j] = Scores[row, col]
                     if with_keys:  # Python-level
                         keys[j] = Keys[row, col]
-            for j in T.unroll(unroll):
-                for v in T.unroll(vector):
-                    col = ((step * unroll + j) * threads + tx) * vector + v
-                    i = j * vector + v
-                    tests = ([col < end] if checked else []) + ([values[i] >= floor] if floor is not None else [])
-                    if len(tests) > 0:  # Python-level
-                        if functools.reduce(T.And, tests):
+            if per_step:  # Python-level
+                visit(values, step, checked, context)
+            else:
+                for j in T.unroll(unroll):
+                    for v in T.unroll(vector):
+                        col = ((step * unroll + j) * threads + tx) * vector + v
+                        i = j * vector + v
+                        tests = ([col < end] if checked else []) + ([values[i] >= floor] if floor is not None else [])
+                        if len(tests) > 0:  # Python-level
+                            if functools.reduce(T.And, tests):
+                                visit(_order_key(values[i]), keys[j] if with_keys else col, context)
+                        else:
                             visit(_order_key(values[i]), keys[j] if with_keys else col, context)
-                    else:
-                        visit(_order_key(values[i]), keys[j] if with_keys else col, context)
 
         @T.macro
-        def for_each_key(source, row, tx, end, values, visit, context, floor=None):
+        def for_each_key(source, row, tx, end, values, visit, context, floor=None, whole_steps=False):
             """visit(order key, column (with_keys: its key index), context) for every column before `end` (whose
-            value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None)."""
+            value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None).
+            `whole_steps`: `visit` takes a loop step's values at once (see `visit_slice`'s per_step)."""
             per_step = threads * unroll * vector
             for step in T.serial(end // per_step):
-                visit_slice(source, row, step, tx, end, values, visit, context, False, floor)
+                visit_slice(source, row, step, tx, end, values, visit, context, False, floor, whole_steps)
             for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
-                visit_slice(source, row, step, tx, end, values, visit, context, True, floor)
+                visit_slice(source, row, step, tx, end, values, visit, context, True, floor, whole_steps)
 
         @T.macro
         def clear_histogram(hist, tx):
@@ -272,6 +283,38 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 buffer_cols[slot] = col
 
         @T.macro
+        def write_or_buffer_per_step(values, step, checked, context):
+            """write_or_buffer for one loop step's values of a thread (`thread_claims`): every value compared first,
+            then one atomic per counter claims the thread's consecutive slots for all of them."""
+            Out, row, prefix, counters, buffer_keys, buffer_cols, tx, end, floor, claimed = context
+            above_count, inside_count, above_next, inside_next = claimed
+            above_count = 0
+            inside_count = 0
+            for i in T.unroll(unroll * vector):
+                col = ((step * unroll + i // vector) * threads + tx) * vector + i % vector
+                tests = ([col < end] if checked else []) + ([values[i] >= floor] if floor is not None else [])
+                passes = functools.reduce(T.And, tests) if len(tests) > 0 else True
+                digit = _order_key(values[i]) >> first_digit
+                above_count += T.if_then_else(T.And(passes, digit > prefix), 1, 0)
+                inside_count += T.if_then_else(T.And(passes, digit == prefix), 1, 0)
+            if above_count > 0:
+                above_next = T.atomic_add(counters[0], above_count, return_prev=True)
+            if inside_count > 0:
+                inside_next = T.atomic_add(counters[2], inside_count, return_prev=True)
+            for i in T.unroll(unroll * vector):
+                col = ((step * unroll + i // vector) * threads + tx) * vector + i % vector
+                tests = ([col < end] if checked else []) + ([values[i] >= floor] if floor is not None else [])
+                passes = functools.reduce(T.And, tests) if len(tests) > 0 else True
+                key = _order_key(values[i])
+                if T.And(passes, (key >> first_digit) > prefix):
+                    Out[row, above_next] = col
+                    above_next += 1
+                elif T.And(passes, (key >> first_digit) == prefix):
+                    buffer_keys[inside_next] = key
+                    buffer_cols[inside_next] = col
+                    inside_next += 1
+
+        @T.macro
         def take_key(key, col, context):
             Out, row, prefix, need, counters, lowest, slot = context
             take(Out, row, key, col, prefix, need, counters, lowest, slot)
@@ -307,6 +350,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 # the lowest value of the k-th key's first-level bin (None without the value filter)
                 floor = T.alloc_var(T.float32) if value_filter else None
                 slot = T.alloc_var(T.int32)
+                # thread_claims: a step's passing values above / in the k-th key's bin, and their next slots
+                claimed = tuple(T.alloc_var(T.int32) for _ in range(4)) if thread_claims else None
                 values = T.alloc_local((unroll * vector,), T.float32)
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
                 source = (Scores, Keys, keys)
@@ -341,8 +386,13 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     # one float compare per value instead of its key (a few thousand of a row's values pass).
                     if value_filter:  # Python-level
                         floor = _lowest_value_with_key(prefix << first_digit)
-                    for_each_key(source, row, tx, end, values, write_or_buffer,
-                                 (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor)
+                    if thread_claims:  # Python-level
+                        for_each_key(source, row, tx, end, values, write_or_buffer_per_step,
+                                     (Out, row, prefix, counters, buffer_keys, buffer_cols, tx, end, floor,
+                                      claimed), whole_steps=True)
+                    else:
+                        for_each_key(source, row, tx, end, values, write_or_buffer,
+                                     (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor)
                     T.sync_threads()
                     mark(Clock, row, tx, "second pass")
                     for bits, high_shift in later_levels:  # unrolled in Python
