@@ -48,18 +48,13 @@ MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1)
 # reading the high halves only (half the bytes): 0.450 against 0.429 ms (sweep_topk-20261203-230609-planes-not-kept
 # .json), and MISA-8's logits stage 9.19 against 8.73 ms at 64K with two stores per logit: the rows are not
 # bandwidth-bound.
-# Also not kept (git 81f9364): the second pass reading each row backward (starting where the L2 still holds the first
-# pass's last reads) and the rows taken in reverse order (the ones the logits program wrote last first): 0.414 and
-# 0.438 ms (0.420 both) against 0.406 for 64K causal rows rewritten before each call (H200,
-# sweep_topk-20261203-235645-backward-not-kept.json; the same sets). Nor (git b6322b7) each thread's 16-byte groups
-# arriving through its own ring of cp.async slots, 1-3 steps ahead (more bytes in flight without registers): 0.431 -
-# 0.506 ms over four shapes against 0.408 for 64K causal rows, decode rows no faster than the wide CTAs
-# (sweep_topk-20261204-001808-async-not-kept.json): bytes in flight do not bound the row passes either.
-# The phase probe (phase_clock; topk_phases-20261204-002615.json) puts the second pass at 59% of a 64K causal row's
-# cycles, 2.7x the first pass over the same bytes. Claiming its slots once per warp (git 2c1aebc: ballots, one atomic
-# by the first lane, popcounts) made it slower, 0.490 against 0.407 ms (sweep_topk-20261204-003254-warp-claims-not-
-# kept.json), so the same-address atomics are not the cost; what differs from the first pass is each step's chain
-# (load, compare, an atomic whose result addresses a store) before the next step's load is issued.
+# Also not kept, H200, 64K causal rows rewritten before each call, the same sets: the second pass read backward and / or
+# the rows in reverse order (git 81f9364; 0.414 / 0.438 / 0.420 ms against 0.406, sweep_topk-20261203-235645-backward-
+# not-kept.json); groups through per-thread cp.async rings (git b6322b7; 0.431-0.506 against 0.408, sweep_topk-
+# 20261204-001808-async-not-kept.json); the second pass's slots claimed once per warp (git 2c1aebc; 0.490 against
+# 0.407, sweep_topk-20261204-003254-warp-claims-not-kept.json). The phase probe (phase_clock, topk_phases-20261204-
+# 002615.json) puts the second pass at 59% of a row's cycles, 2.7x the first over the same bytes; neither L2 reuse,
+# bytes in flight nor same-address atomics explain it. `thread_claims` tests the next suspect (not yet on a GPU).
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
@@ -144,6 +139,16 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
         else:
             width = T.dynamic("width")
 
+        def column(step, j, v, tx):
+            """The column of a thread's value v of load j in loop step `step` (a TileLang expression)."""
+            return ((step * unroll + j) * threads + tx) * vector + v
+
+        def visit_condition(col, value, end, checked, floor):
+            """Whether a loaded value is visited: its column before the row's end (only in the `checked` step) and
+            the value at or above `floor` (unless None); True where every value is (composed at Python level)."""
+            tests = ([col < end] if checked else []) + ([value >= floor] if floor is not None else [])
+            return functools.reduce(T.And, tests) if tests else True
+
         @T.macro
         def visit_slice(source, row, step, tx, end, values, visit, context, checked, floor, per_step=False):
             """One loop step: `unroll` columns (groups of `vector`) per thread, all loads issued before any is used
@@ -172,11 +177,10 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             else:
                 for j in T.unroll(unroll):
                     for v in T.unroll(vector):
-                        col = ((step * unroll + j) * threads + tx) * vector + v
+                        col = column(step, j, v, tx)
                         i = j * vector + v
-                        tests = ([col < end] if checked else []) + ([values[i] >= floor] if floor is not None else [])
-                        if len(tests) > 0:  # Python-level
-                            if functools.reduce(T.And, tests):
+                        if checked or floor is not None:  # Python-level: a test per value
+                            if visit_condition(col, values[i], end, checked, floor):
                                 visit(_order_key(values[i]), keys[j] if with_keys else col, context)
                         else:
                             visit(_order_key(values[i]), keys[j] if with_keys else col, context)
@@ -291,9 +295,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             above_count = 0
             inside_count = 0
             for i in T.unroll(unroll * vector):
-                col = ((step * unroll + i // vector) * threads + tx) * vector + i % vector
-                tests = ([col < end] if checked else []) + ([values[i] >= floor] if floor is not None else [])
-                passes = functools.reduce(T.And, tests) if len(tests) > 0 else True
+                col = column(step, i // vector, i % vector, tx)
+                passes = visit_condition(col, values[i], end, checked, floor)
                 digit = _order_key(values[i]) >> first_digit
                 above_count += T.if_then_else(T.And(passes, digit > prefix), 1, 0)
                 inside_count += T.if_then_else(T.And(passes, digit == prefix), 1, 0)
@@ -302,9 +305,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             if inside_count > 0:
                 inside_next = T.atomic_add(counters[2], inside_count, return_prev=True)
             for i in T.unroll(unroll * vector):
-                col = ((step * unroll + i // vector) * threads + tx) * vector + i % vector
-                tests = ([col < end] if checked else []) + ([values[i] >= floor] if floor is not None else [])
-                passes = functools.reduce(T.And, tests) if len(tests) > 0 else True
+                col = column(step, i // vector, i % vector, tx)
+                passes = visit_condition(col, values[i], end, checked, floor)
                 key = _order_key(values[i])
                 if T.And(passes, (key >> first_digit) > prefix):
                     Out[row, above_next] = col
