@@ -28,7 +28,8 @@ from transformers_misa.kernels.scorer import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER
                                               TILELANG_FP8_SCORER, TILELANG_PIPELINED_SCORER,
                                               TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
                                               TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
-                                              TILELANG_THRESHOLD_SCORER, logits_options)
+                                              TILELANG_THREAD_CLAIMS_SCORER, TILELANG_THRESHOLD_SCORER,
+                                              logits_options)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
@@ -88,6 +89,9 @@ def methods(heads: int, deepseek_kernel):
         "misa8_budget_chunks": _misa(reference.misa_topk, TILELANG_BUDGET_CHUNKS_SCORER),
         # the router programs with the pooled blocks as the matmuls' M (before the query rows were)
         "misa8_blocks_as_m_router": _misa(reference.misa_topk, TILELANG_BLOCKS_AS_M_ROUTER_SCORER),
+        # the top-k's second pass claiming its slots once per thread and loop step, both methods alike
+        f"dsa{heads}_thread_claims": _dsa(TILELANG_THREAD_CLAIMS_SCORER),
+        "misa8_thread_claims": _misa(reference.misa_topk, TILELANG_THREAD_CLAIMS_SCORER),
         # the wide top-k via a sampled threshold
         f"dsa{heads}_threshold": _dsa(TILELANG_THRESHOLD_SCORER),
         "misa8_threshold": _misa(reference.misa_topk, TILELANG_THRESHOLD_SCORER),
@@ -220,6 +224,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
                                 for name in (f"dsa{heads}_kernel", f"dsa{heads}_pipelined", "misa8", "misa8_pipelined",
                                              "misa8_budget_chunks", "misa8_blocks_as_m_router",
+                                             f"dsa{heads}_thread_claims", "misa8_thread_claims",
                                              "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}

@@ -250,34 +250,36 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                            softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
                            interleaved: bool = True, overlapped: bool = True,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, topk_options: dict | None = None) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
     `threshold=True` (TILELANG_THRESHOLD_SCORER) sends wide prefill rows (`uses_threshold_filter`) through the
     sampled threshold instead, which writes only a few thousand candidates per query (`ops.threshold`; the same
     selection). Off by default: on an H100 it measured slower than the dense path for MISA-8 (see the README).
-    `out`: where the radix select may write the indices (see `radix_topk`).
+    `out`: where the radix select may write the indices; `topk_options`: its build options beyond the shape
+    (see `radix_topk`).
     """
     ks, ke, contiguous = chunk.key_range
     width = keys.shape[1]
     if not contiguous or width < RADIX_MIN_WIDTH or k > width:
         logits = tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved, overlapped)
-        return radix_topk(logits, k, out=out)
+        return radix_topk(logits, k, out=out, options=topk_options)
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved,
                      overlapped=overlapped)
-    return radix_topk(logits, k, ends=ke, out=out)
+    return radix_topk(logits, k, ends=ke, out=out, options=topk_options)
 
 
 def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, options: dict | None = None) -> torch.Tensor:
     """Indices [..., k] of the k largest of each row (unordered), by the radix-select kernel on wide rows.
 
     ends [...]: each row's columns from `ends` on count as -inf and are never read (None: every column is read).
     out [..., k]: written in place and returned where the kernel runs and `out` is a contiguous int32 tensor (a
     query chunk's slice of the whole output: no copy afterwards); otherwise a new tensor comes back.
+    options: build options of the program beyond the shape `radix_shape` picks (e.g. thread_claims=True).
     """
     width = scores.shape[-1]
     if width < RADIX_MIN_WIDTH or k > width:
@@ -287,6 +289,7 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
         return top_indices(scores, k)
     rows = scores.reshape(-1, width).float().contiguous()
     shape = radix_shape(rows.shape[0], _sm_count(rows.device), width % 4 == 0 and rows.data_ptr() % 16 == 0)
+    shape.update(options or {})
     if shape.get("vector", 1) > 1:
         rows = rows.view(rows.shape[0], -1, shape["vector"])
     if ends is None:
@@ -380,6 +383,12 @@ TILELANG_EVERY_TILE_TESTED_SCORER = dataclasses.replace(
 TILELANG_BLOCKS_AS_M_ROUTER_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-blocks-as-m-router", route=functools.partial(tilelang_route, rows_as_m=False),
     head_importance=functools.partial(tilelang_head_importance, rows_as_m=False))
+
+# The top-k's second pass claiming a thread's slots once per loop step (`topk.build_radix_topk`'s thread_claims),
+# beside the default for the benchmark.
+TILELANG_THREAD_CLAIMS_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-thread-claims",
+    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(thread_claims=True)))
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.

@@ -406,6 +406,9 @@ def test_fused_select_matches_reference(batch, num_queries, num_keys, heads, k, 
     assert tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k, out=out) is out
     # the same visible keys (the order, and which masked keys fill a row short of k visible ones, are the atomics')
     assert exact_fraction(out, ours, dense) == 1.0
+    # the top-k claiming its second pass's slots once per thread and step picks the same visible keys
+    claimed = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k, topk_options=dict(thread_claims=True))
+    assert exact_fraction(claimed, ours, dense) == 1.0
 
 
 @gpu
