@@ -12,6 +12,7 @@ ends of its phases (`topk.build_radix_topk(phase_clock=True)`): the cycles each 
 the rows taking the usual path, and how many do.
 
     python benchmarks/topk_probe.py --phases --out benchmarks/results
+    python benchmarks/topk_probe.py --phases --options '{"thread_claims": true}'
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations.
@@ -99,12 +100,13 @@ def phase_cycles(clock: torch.Tensor) -> dict:
             "mean_row_cycles": float(mean.sum())}
 
 
-def run_phases(workloads_: dict, reps: int) -> list[dict]:
-    """The scorer's top-k shape per workload, plain and clocked (time, then the phases of one clocked call)."""
+def run_phases(workloads_: dict, reps: int, options: dict | None = None) -> list[dict]:
+    """The scorer's top-k shape per workload (with `options` on top), plain and clocked (time, then the phases of one
+    clocked call)."""
     rows = []
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     for workload, (scores, ends) in workloads_.items():
-        shape = radix_shape(scores.shape[0], sm_count, scores.shape[1] % 4 == 0)
+        shape = {**radix_shape(scores.shape[0], sm_count, scores.shape[1] % 4 == 0), **(options or {})}
         if shape.get("vector", 1) == 1:
             continue
         grouped = scores.view(scores.shape[0], -1, shape["vector"])
@@ -129,11 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--phases", action="store_true", help="the scorer's top-k, its phases by the SM clock")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help="with --phases: build options (JSON) on top of the scorer's shape")
     args = parser.parse_args(argv)
     if args.phases:
-        rows = run_phases(workloads(), args.reps)
+        rows = run_phases(workloads(), args.reps, args.options)
         write_results(args.out, "topk_phases", {"environment": environment(), "topk": TOPK, "marks": PHASE_MARKS,
-                                                "results": rows})
+                                                "options": args.options, "results": rows})
         return
     rows = []
     for workload, (scores, ends) in workloads().items():
