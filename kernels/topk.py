@@ -92,7 +92,7 @@ def _order_key(value):
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
                      caller_allocates_out: bool = False, vector: int = 1, thread_claims: bool = False,
-                     phase_clock: bool = False, arch: str | None = None):
+                     phase_clock: bool = False, second_pass_writes: bool = True, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -109,7 +109,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     value, each of whose results addresses a store before the next value's atomic goes out.
     `phase_clock` (a probe, `benchmarks/topk_probe.py --phases`; vector > 1): the program also takes Clock [rows,
     PHASE_MARKS] int64 (zeros from the caller) and records each row's SM clock at the ends of its phases (see
-    PHASE_MARKS), with a barrier before each mark so that it counts the slowest thread.
+    PHASE_MARKS), with a barrier before each mark so that it counts the slowest thread. `second_pass_writes=False`
+    (probe only: the selection comes out wrong) makes the second pass count its passing values instead of claiming
+    slots and writing them, to tell the pass's reads and compares from its claims and writes.
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
@@ -117,6 +119,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
         raise ValueError("thread_claims is for the plain top-k (with_keys=False)")
     if phase_clock and vector == 1:
         raise ValueError("phase_clock probes the vector program (vector > 1)")
+    if not second_pass_writes and not phase_clock:
+        raise ValueError("second_pass_writes=False selects nothing right: it is for the phase probe (phase_clock)")
     target = compile_target(arch)
     bins = 1 << max(RADIX_BITS)
     per_thread = bins // threads
@@ -287,6 +291,12 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 buffer_cols[slot] = col
 
         @T.macro
+        def count_passing(key, col, context):
+            """second_pass_writes=False (probe): a value the second pass would write or buffer, counted."""
+            passing, prefix = context
+            passing[0] += T.if_then_else((key >> first_digit) >= prefix, 1, 0)
+
+        @T.macro
         def write_or_buffer_per_step(values, step, checked, context):
             """write_or_buffer for one loop step's values of a thread (`thread_claims`): every value compared first,
             then one atomic per counter claims the thread's consecutive slots for all of them."""
@@ -354,6 +364,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 slot = T.alloc_var(T.int32)
                 # thread_claims: a step's passing values above / in the k-th key's bin, and their next slots
                 claimed = tuple(T.alloc_var(T.int32) for _ in range(4)) if thread_claims else None
+                passing = None if second_pass_writes else T.alloc_local((1,), T.int32)  # the probe's count
                 values = T.alloc_local((unroll * vector,), T.float32)
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
                 source = (Scores, Keys, keys)
@@ -388,7 +399,11 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     # one float compare per value instead of its key (a few thousand of a row's values pass).
                     if value_filter:  # Python-level
                         floor = _lowest_value_with_key(prefix << first_digit)
-                    if thread_claims:  # Python-level
+                    if not second_pass_writes:  # Python-level: the probe's reads and compares only
+                        passing[0] = 0
+                        for_each_key(source, row, tx, end, values, count_passing, (passing, prefix), floor)
+                        T.atomic_add(counters[1], passing[0])  # keeps the count (and so the pass) alive
+                    elif thread_claims:  # Python-level
                         for_each_key(source, row, tx, end, values, write_or_buffer_per_step,
                                      (Out, row, prefix, counters, buffer_keys, buffer_cols, tx, end, floor,
                                       claimed), whole_steps=True)

@@ -56,6 +56,12 @@ def test_radix_topk_phase_clock_marks_each_phase():
     assert "clock64" not in build_radix_topk(2048, vector=4, unroll=1, arch="sm_90a")().get_kernel_source()
     with pytest.raises(ValueError, match="phase_clock"):
         build_radix_topk(2048, phase_clock=True)
+    # the probe's second pass without its claims and writes: it reads, compares and counts
+    counted = build_radix_topk(2048, vector=4, unroll=1, phase_clock=True, second_pass_writes=False,
+                               arch="sm_90a")().get_kernel_source()
+    assert "passing[0] = (passing[0] + " in counted and counted.count("clock64()") == len(PHASE_MARKS)
+    with pytest.raises(ValueError, match="phase probe"):
+        build_radix_topk(2048, vector=4, unroll=1, second_pass_writes=False)
 
 
 def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
