@@ -110,7 +110,9 @@ def run_phases(workloads_: dict, reps: int, options: dict | None = None) -> list
         if shape.get("vector", 1) == 1:
             continue
         grouped = scores.view(scores.shape[0], -1, shape["vector"])
-        plain = build_radix_topk(TOPK, **shape)()
+        # the plain program without the probe-only option (second_pass_writes=False selects wrongly: clock only)
+        plain = build_radix_topk(TOPK, **{name: value for name, value in shape.items()
+                                          if name != "second_pass_writes"})()
         clocked = build_radix_topk(TOPK, phase_clock=True, **shape)()
         clock = torch.zeros(scores.shape[0], len(PHASE_MARKS), dtype=torch.int64, device=scores.device)
         before = lambda: scores.mul_(1.0)  # the same values, rewritten (the L2 as the logits program leaves it)
