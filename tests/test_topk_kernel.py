@@ -81,6 +81,7 @@ def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
 @pytest.mark.parametrize("options", [dict(vector=4, unroll=1, min_ctas_per_sm=4), dict(vector=4, unroll=2),
                                      dict(vector=4, unroll=4, threads=1024), dict(vector=2, unroll=2),
                                      dict(vector=4, unroll=1, min_ctas_per_sm=4, thread_claims=True),
+                                     dict(vector=4, unroll=1, min_ctas_per_sm=4, buffer=16),
                                      dict(vector=4, unroll=4, threads=1024, thread_claims=True)])
 @pytest.mark.parametrize("width", [70000, 4100])
 def test_radix_topk_vector_loads_select_the_same_set(options, width):
