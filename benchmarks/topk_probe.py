@@ -27,7 +27,7 @@ import torch
 
 from gpu_timing import cuda_time_ms, environment  # this folder's GPU timing
 from bench_indexer import TOPK  # this folder's indexer benchmark
-from sweep_topk import workloads
+from sweep_topk import rewrite_before_each, workloads
 from sweeps import RESULTS, write_results
 from transformers_misa.kernels.common import compile_target
 from transformers_misa.kernels.scorer import radix_shape
@@ -115,7 +115,7 @@ def run_phases(workloads_: dict, reps: int, options: dict | None = None) -> list
                                           if name != "second_pass_writes"})()
         clocked = build_radix_topk(TOPK, phase_clock=True, **shape)()
         clock = torch.zeros(scores.shape[0], len(PHASE_MARKS), dtype=torch.int64, device=scores.device)
-        before = lambda: scores.mul_(1.0)  # the same values, rewritten (the L2 as the logits program leaves it)
+        before = rewrite_before_each(scores)
         row = {"workload": workload, "shape": shape,
                "ms": cuda_time_ms(lambda: plain(grouped, ends), reps, before=before),
                "clocked_ms": cuda_time_ms(lambda: clocked(grouped, ends, clock), reps, before=before)}

@@ -314,7 +314,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 above_next = T.atomic_add(counters[0], above_count, return_prev=True)
             if inside_count > 0:
                 inside_next = T.atomic_add(counters[2], inside_count, return_prev=True)
-            for i in T.unroll(unroll * vector):
+            for i in T.unroll(unroll * vector):  # the tests again rather than kept: registers are capped at 32
                 col = column(step, i // vector, i % vector, tx)
                 passes = visit_condition(col, values[i], end, checked, floor)
                 key = _order_key(values[i])
@@ -332,10 +332,11 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             take(Out, row, key, col, prefix, need, counters, lowest, slot)
 
         @T.macro
-        def mark(Clock, row, tx, phase):
-            """`phase_clock`: the SM clock at the end of `phase` (a name in PHASE_MARKS) once every thread got there."""
+        def mark(Clock, row, tx, phase, after_barrier=False):
+            """`phase_clock`: the SM clock at the end of `phase` (a name in PHASE_MARKS) once every thread got there
+            (behind a barrier of its own unless `after_barrier`: the program's last statement was one)."""
             if phase_clock:  # Python-level
-                if phase != "start":  # Python-level
+                if phase != "start" and not after_barrier:  # Python-level
                     T.sync_threads()
                 if tx == 0:
                     Clock[row, PHASE_MARKS.index(phase)] = T.call_extern("int64", "clock64")
@@ -390,7 +391,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 need = need - found[1]
                 in_bin = found[2]
                 T.sync_threads()
-                mark(Clock, row, tx, "first level")
+                mark(Clock, row, tx, "first level", after_barrier=True)
 
                 if in_bin <= buffer and prefix != T.uint32(NEG_INF_KEY >> first_digit):
                     # Usual case: one more pass writes the keys above the k-th key's bin and buffers that bin's
@@ -411,7 +412,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                         for_each_key(source, row, tx, end, values, write_or_buffer,
                                      (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor)
                     T.sync_threads()
-                    mark(Clock, row, tx, "second pass")
+                    mark(Clock, row, tx, "second pass", after_barrier=True)
                     for bits, high_shift in later_levels:  # unrolled in Python
                         clear_histogram(hist, tx)
                         for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_digit,
@@ -431,7 +432,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                             lowest = (lowest << bits) | T.cast(found[0], T.uint32)
                             wanted = wanted - found[1]
                             T.sync_threads()
-                    mark(Clock, row, tx, "later levels")
+                    mark(Clock, row, tx, "later levels", after_barrier=True)
                     for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, take_key,
                                       (Out, row, prefix, need, counters, lowest, slot))
                     mark(Clock, row, tx, "output")
