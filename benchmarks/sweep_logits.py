@@ -22,7 +22,7 @@ from bench_indexer import DIM, inputs  # this folder's indexer benchmark: same i
 from gpu_timing import cuda_time_ms
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.common import ROWS_PER_CTA
-from transformers_misa.kernels.scorer import MAX_TMA_ELEMENTS
+from transformers_misa.kernels.scorer import MAX_TMA_ELEMENTS, interleave_query_rows
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, can_interleave, stages_stores
 from transformers_misa.ops.blocks import ChunkMask
 
@@ -39,6 +39,12 @@ VARIANTS = {  # name -> build options on top of the defaults
     "overlapped_stages3": dict(overlapped=True, num_stages=3),
     "block_n64_rows256_overlapped": dict(block_n=64, rows_per_cta=256, overlapped=True, num_stages=4),
     "block_n64_rows256_overlapped_stages6": dict(block_n=64, rows_per_cta=256, overlapped=True, num_stages=6),
+    # the scorer's prefill shapes: 128 rows x 128 keys for few heads, the wide CTAs (`wide_few_heads` for 4-16 heads,
+    # interleaved over 128 rows per warpgroup)
+    "square_overlapped": dict(rows_per_cta=128, block_n=128, overlapped=True, num_stages=4),
+    "wide_overlapped": dict(rows_per_cta=256, block_n=64, overlapped=True, num_stages=4),
+    "wide_overlapped_stages6": dict(rows_per_cta=256, block_n=64, overlapped=True, num_stages=6),
+    "wide_overlapped_plain": dict(rows_per_cta=256, block_n=64, overlapped=True, num_stages=4, interleaved=False),
 }
 
 
@@ -46,29 +52,31 @@ def options(heads: int, variant: dict) -> dict:
     """The variant as the fused select builds it: future unwritten, staged stores and the interleaved layout where
     the scorer takes them."""
     interleaved = can_interleave(heads, variant.get("rows_per_cta", ROWS_PER_CTA), variant.get("threads", 256))
-    return dict(variant, fill_future=False, staged_stores=stages_stores(heads), interleaved=interleaved)
+    return dict(dict(variant, fill_future=False, staged_stores=stages_stores(heads)),
+                interleaved=variant.get("interleaved", interleaved))
 
 
 def run(heads: int, name: str, context: int, reps: int) -> dict:
     variant = options(heads, VARIANTS[name])
-    kernel = build_weighted_relu_logits(heads, DIM, **variant)()
-    reference = build_weighted_relu_logits(heads, DIM, **options(heads, {}))()
 
-    def call(kernel, num_queries, num_keys):
+    def call(build_options: dict, num_queries: int, num_keys: int):
+        kernel = build_weighted_relu_logits(heads, DIM, **build_options)()
         q, keys, weights = inputs(1, num_queries, num_keys, heads)
         ks, ke, _ = ChunkMask(None, slice(0, num_queries), 1, num_queries, num_keys, q.device).key_range
         flat_q = q.reshape(1, num_queries * heads, DIM)
+        if build_options["interleaved"]:  # the rows in the order that variant's layout reads them, as the scorer does
+            flat_q = interleave_query_rows(flat_q, heads, build_options.get("rows_per_cta", ROWS_PER_CTA)).contiguous()
         return lambda: kernel(flat_q, keys, weights, ks, ke), float(ke.sum() - ks.sum())
 
-    small, _ = call(kernel, 1000, 1000)
-    expected, _ = call(reference, 1000, 1000)
-    got, want = small(), expected()
-    visible = torch.arange(1000, device="cuda")[None, :] <= torch.arange(1000, device="cuda")[:, None]
+    small = 1024  # whole query blocks of every shape
+    got, want = call(variant, small, small)[0](), call(options(heads, {}), small, small)[0]()
+    visible = torch.arange(small, device="cuda")[None, :] <= torch.arange(small, device="cuda")[:, None]
     same = torch.allclose(got[0][visible], want[0][visible], rtol=1e-4, atol=1e-4)
-    fn, pairs = call(kernel, context, context)
+    fn, pairs = call(variant, context, context)
     ms = cuda_time_ms(fn, reps)
     return {"heads": heads, "variant": name, "rows_per_cta": variant.get("rows_per_cta", 128),
-            "matches_default": bool(same), "ms": ms, "tflops": 2.0 * heads * DIM * pairs / ms / 1e9}
+            "interleaved": variant["interleaved"], "matches_default": bool(same), "ms": ms,
+            "tflops": 2.0 * heads * DIM * pairs / ms / 1e9}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,6 +44,12 @@ KEY_TILE = 128  # block_n of the logits program
 # 32 heads: 36.95 against 40.40 ms, both overlapped (sweep_logits-20261202-192711.json, 64K).
 WIDE_CTA = dict(rows_per_cta=256, block_n=64)
 WIDE_CTA_MIN_HEADS = 32
+# `wide_few_heads`: 4-16 heads (MISA's routed rows) in the same CTAs, interleaved over 128 query rows per consumer
+# warpgroup: wgmma N = 128 instead of 64 (an N = 64 wgmma with both operands in shared memory needs all of the SM's
+# 128 B/clock of it) and each key tile read for 32 queries instead of 16 (half the keys' L2 traffic). Tried with
+# TileLang's pipeline before the overlapped driver existed (54513c8: not kept); timed beside the default here.
+# Two heads stay out: their 128-query block would not divide the scorers' query_multiple.
+WIDE_FEW_HEADS_MIN = 4
 OVERLAPPED_STAGES = 4  # key tiles in flight in the overlapped driver
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
 
@@ -63,14 +69,14 @@ def key_splits(sm_count: int, ctas: int, num_keys: int) -> int:
     return splits
 
 
-def interleave_query_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
-    """Plain query rows [B, n · ROWS_PER_CTA, D] (query · heads + head within each CTA's block) -> the interleaved
+def interleave_query_rows(rows: torch.Tensor, heads: int, rows_per_cta: int = ROWS_PER_CTA) -> torch.Tensor:
+    """Plain query rows [B, n · rows_per_cta, D] (query · heads + head within each CTA's block) -> the interleaved
     layout's order (`scoring.interleaved_query_head`), as one strided copy instead of a gather (an index kernel).
 
     A plain row's bits are (warpgroup, query group, lane quad m, head // 2, head % 2), an interleaved row's
     (warpgroup, query group, head // 2, m, head % 2): the layout swaps two bit fields."""
     batch, count, dim = rows.shape
-    fields = rows.reshape(batch, count // ROWS_PER_CTA, 2, 16 // heads, 4, heads // 2, 2, dim)
+    fields = rows.reshape(batch, count // rows_per_cta, 2, rows_per_cta // 8 // heads, 4, heads // 2, 2, dim)
     return fields.transpose(4, 5).reshape(batch, count, dim)
 
 
@@ -91,15 +97,23 @@ def overlaps(heads: int, fp8: bool = False) -> bool:
     return not fp8
 
 
-def prefill_shape(heads: int, fp8: bool = False) -> dict:
+def prefill_shape(heads: int, fp8: bool = False, wide_few_heads: bool = False) -> dict:
     """The logits program's CTA shape (rows_per_cta, block_n) for a prefill of `heads` query rows per token: WIDE_CTA
-    for many heads in bf16, 128 rows x 128 keys otherwise."""
-    if heads >= WIDE_CTA_MIN_HEADS and not fp8 and WIDE_CTA["rows_per_cta"] % heads == 0:
+    for many heads in bf16 (and for 4-16 interleaved heads with `wide_few_heads`, see `wide_few_heads_fit`), 128 rows
+    x 128 keys otherwise."""
+    wide = heads >= WIDE_CTA_MIN_HEADS or (wide_few_heads and wide_few_heads_fit(heads))
+    if wide and not fp8 and WIDE_CTA["rows_per_cta"] % heads == 0:
         return dict(WIDE_CTA)
     return dict(rows_per_cta=ROWS_PER_CTA, block_n=KEY_TILE)
 
 
-def logits_wave_queries(heads: int, batch: int, device: torch.device, fp8: bool = False) -> int:
+def wide_few_heads_fit(heads: int) -> bool:
+    """Whether `wide_few_heads` applies to `heads` heads: the interleaved layout in 128- and 256-row CTAs alike."""
+    return heads >= WIDE_FEW_HEADS_MIN and can_interleave(heads) and can_interleave(heads, WIDE_CTA["rows_per_cta"])
+
+
+def logits_wave_queries(heads: int, batch: int, device: torch.device, fp8: bool = False,
+                        wide_few_heads: bool = False) -> int:
     """Queries (per sequence of `batch`) whose prefill logits CTAs number one per SM of `device`: query chunks of whole
     such waves end no launch in a partly filled wave. At 128K a prefill's late query chunks are 2-5 waves of MISA-8's
     16-query CTAs; H200, `bench_indexer-20261203-192012.json` against TILELANG_BUDGET_CHUNKS_SCORER: MISA-8's
@@ -107,20 +121,22 @@ def logits_wave_queries(heads: int, batch: int, device: torch.device, fp8: bool 
     64K within noise. (Eagerly the gain did not show, 66.2 / 66.9 ms: the gaps the host left grew from 0.2 to 4.9
     ms, with 16 chunks instead of 14; why, not established.)"""
     sm_count = _sm_count(device)
-    per_cta = queries_per_cta(heads, prefill_shape(heads, fp8)["rows_per_cta"])
+    per_cta = queries_per_cta(heads, prefill_shape(heads, fp8, wide_few_heads)["rows_per_cta"])
     return per_cta * sm_count // math.gcd(batch, sm_count)
 
 
 def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_count: int, fill_future: bool,
-                   fp8: bool = False, interleaved: bool = False, overlapped: bool = True) -> dict:
-    """Build options of the logits program for one call (`interleaved` as `_logits` settled it): the CTA shape
-    (prefill, decode, or 128-row CTAs where keys are split over CTAs), key splits, staged stores, overlapped driver."""
+                   fp8: bool = False, interleaved: bool = False, overlapped: bool = True,
+                   wide_few_heads: bool = False) -> dict:
+    """Build options of the logits program for one call (`interleaved` and `wide_few_heads` as `_logits` settled
+    them): the CTA shape (prefill, decode, or 128-row CTAs where keys are split over CTAs), key splits, staged stores,
+    overlapped driver."""
     block = queries_per_cta(heads)
 
     def ctas(rows_per_cta: int) -> int:
         return -(-num_queries // queries_per_cta(heads, rows_per_cta)) * batch
 
-    shape = prefill_shape(heads, fp8)
+    shape = prefill_shape(heads, fp8, wide_few_heads)
     if num_queries < block:  # decode
         shape = dict(rows_per_cta=decode_rows_per_cta(heads, num_queries), block_n=KEY_TILE)
     elif key_splits(sm_count, ctas(shape["rows_per_cta"]), num_keys) > 1:
@@ -139,27 +155,31 @@ def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_c
 
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
             softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True,
-            overlapped: bool = True) -> torch.Tensor:
+            overlapped: bool = True, wide_few_heads: bool = False) -> torch.Tensor:
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
     applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: each
-    tile's epilogue runs beside the next tile's matmul where `logits_options` takes it."""
+    tile's epilogue runs beside the next tile's matmul where `logits_options` takes it; `wide_few_heads`: 4-16
+    interleaved heads in 256-row CTAs (see WIDE_FEW_HEADS_MIN) where a prefill has a whole such block."""
     batch, num_queries, heads, dim = q.shape
     block = queries_per_cta(heads)
     interleaved = interleaved and not fp8 and can_interleave(heads) and num_queries >= block
+    wide_block = queries_per_cta(heads, WIDE_CTA["rows_per_cta"])
+    wide_few_heads = wide_few_heads and interleaved and wide_few_heads_fit(heads) and num_queries >= wide_block
+    block = wide_block if wide_few_heads else block
     # The TMA store's descriptor cannot span more elements than this: split the queries, in whole query blocks.
     per_call = max(block, (MAX_TMA_ELEMENTS - 1) // max(1, keys.shape[1]) // block * block)
+    again = functools.partial(_logits, softmax_scale=softmax_scale, fill_future=fill_future, fp8=fp8,
+                              interleaved=interleaved, overlapped=overlapped, wide_few_heads=wide_few_heads)
     if num_queries > per_call:
-        return torch.cat([_logits(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
-                                  ke[:, i : i + per_call], softmax_scale, fill_future, fp8, interleaved, overlapped)
-                          for i in range(0, num_queries, per_call)], dim=1)
+        return torch.cat([again(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
+                                ke[:, i : i + per_call]) for i in range(0, num_queries, per_call)], dim=1)
     if interleaved and num_queries % block:  # the layout takes whole query blocks: pad with queries that see nothing
         pad = block - num_queries % block
         q, weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
                               for x in (q, weights, ks, ke))
-        return _logits(q, weights, keys, ks, ke, softmax_scale, fill_future, fp8, interleaved,
-                       overlapped)[:, :num_queries]
+        return again(q, weights, keys, ks, ke)[:, :num_queries]
     options = logits_options(heads, batch, num_queries, keys.shape[1], _sm_count(q.device), fill_future, fp8,
-                             interleaved, overlapped)
+                             interleaved, overlapped, wide_few_heads)
     kernel = build_weighted_relu_logits(heads, dim, **options)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
     weights = weights.float() * softmax_scale
@@ -170,7 +190,7 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
                       key_scale.contiguous(), (weights * q_scale).contiguous(), ks.contiguous(), ke.contiguous())
     q_rows = q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16)
     if interleaved:
-        q_rows = interleave_query_rows(q_rows, heads)
+        q_rows = interleave_query_rows(q_rows, heads, options["rows_per_cta"])
     return kernel(q_rows.contiguous(), keys.to(torch.bfloat16).contiguous(), weights.contiguous(), ks.contiguous(),
                   ke.contiguous())
 
@@ -234,14 +254,14 @@ def uses_threshold_filter(q: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
 
 def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                           softmax_scale: float, fp8: bool = False, interleaved: bool = True,
-                          overlapped: bool = True) -> torch.Tensor:
+                          overlapped: bool = True, wide_few_heads: bool = False) -> torch.Tensor:
     """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out; fp8: q and
     keys quantized to e4m3 with power-of-two row scales first, exact for inputs already rounded to FP8;
     interleaved: the head sum in registers where it applies, see `scoring.interleaved_query_head`; overlapped: the
-    logits program's overlapped driver where it applies, see `overlaps`)."""
+    logits program's overlapped driver where it applies, see `overlaps`; wide_few_heads: see `_logits`)."""
     ks, ke, contiguous = chunk.key_range
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True, fp8=fp8, interleaved=interleaved,
-                     overlapped=overlapped)
+                     overlapped=overlapped, wide_few_heads=wide_few_heads)
     if not contiguous:  # holes inside [ks, ke) (or unknown: sync-free): apply the mask exactly as the reference
         logits = logits + chunk.bias
     return logits
@@ -250,7 +270,8 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
 def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                            softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
                            interleaved: bool = True, overlapped: bool = True,
-                           out: torch.Tensor | None = None, topk_options: dict | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, topk_options: dict | None = None,
+                           wide_few_heads: bool = False) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
@@ -258,17 +279,18 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     sampled threshold instead, which writes only a few thousand candidates per query (`ops.threshold`; the same
     selection). Off by default: on an H100 it measured slower than the dense path for MISA-8 (see the README).
     `out`: where the radix select may write the indices; `topk_options`: its build options beyond the shape
-    (see `radix_topk`).
+    (see `radix_topk`); `wide_few_heads`: the logits' CTA shape (see `_logits`).
     """
     ks, ke, contiguous = chunk.key_range
     width = keys.shape[1]
     if not contiguous or width < RADIX_MIN_WIDTH or k > width:
-        logits = tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved, overlapped)
+        logits = tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved, overlapped,
+                                       wide_few_heads)
         return radix_topk(logits, k, out=out, options=topk_options)
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved,
-                     overlapped=overlapped)
+                     overlapped=overlapped, wide_few_heads=wide_few_heads)
     return radix_topk(logits, k, ends=ke, out=out, options=topk_options)
 
 
@@ -389,6 +411,14 @@ TILELANG_BLOCKS_AS_M_ROUTER_SCORER = dataclasses.replace(
 TILELANG_THREAD_CLAIMS_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-thread-claims",
     fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(thread_claims=True)))
+
+# 4-16 routed heads in the 256-row CTAs over 64-key tiles (`_logits`' wide_few_heads), beside the default for the
+# benchmark.
+TILELANG_WIDE_FEW_HEADS_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-wide-few-heads",
+    token_logits=functools.partial(tilelang_token_logits, wide_few_heads=True),
+    fused_select=functools.partial(tilelang_select_tokens, wide_few_heads=True),
+    wave_queries=functools.partial(logits_wave_queries, wide_few_heads=True))
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.

@@ -36,23 +36,26 @@ import tilelang.language as T
 from .common import ROWS_PER_CTA, compile_target, queries_per_cta
 
 
-def interleaved_query_head(row, heads: int):
+def interleaved_query_head(row, heads: int, rows_per_cta: int = ROWS_PER_CTA):
     """(query within the CTA's block, head) that query row `row` holds in the interleaved layout.
 
-    Each consumer warpgroup's wgmma accumulator gives a thread the columns 8j + 2m + e (j < 8, e < 2) of its 64, m
-    being the thread's lane % 4. The interleaved layout puts all heads of a query in those 16 columns of one
-    thread, so the head sum is register adds: no shuffles, and every logit is stored by one thread (the plain layout,
-    row = query * heads + head, splits a query's 8 heads over 4 lanes). Works on ints, torch tensors and TileLang
-    expressions alike, so the host's row permutation and the kernel read the same formula.
+    Each of the two consumer warpgroups multiplies G = rows_per_cta / 2 query rows (wgmma N = G); its accumulator gives
+    a thread the columns 8j + 2m + e (j < G / 8, e < 2) of its G, m being the thread's lane % 4. The interleaved layout
+    puts all heads of a query in those G / 4 columns of one thread, so the head sum is register adds: no shuffles, and
+    every logit is stored by one thread (the plain layout, row = query * heads + head, splits a query's 8 heads over
+    4 lanes). Works on ints, torch tensors and TileLang expressions alike, so the host's row permutation and the
+    kernel read the same formula.
     """
-    within = 2 * ((row % 64) // 8) + row % 2  # position among the thread's 16 columns
-    query = (row // 64) * (64 // heads) + (within // heads) * 4 + (row // 2) % 4
+    group = rows_per_cta // 2
+    within = 2 * ((row % group) // 8) + row % 2  # position among the thread's G / 4 columns
+    query = (row // group) * (group // heads) + (within // heads) * 4 + (row // 2) % 4
     return query, within % heads
 
 
 def can_interleave(heads: int, rows_per_cta: int = ROWS_PER_CTA, threads: int = 256) -> bool:
-    """Whether the interleaved layout applies: two consumer warpgroups of 64 query rows, whole queries per thread."""
-    return rows_per_cta == 128 and threads == 256 and heads % 2 == 0 and 16 % heads == 0
+    """Whether the interleaved layout applies: two consumer warpgroups of 64 or 128 query rows, whole queries per
+    thread (heads dividing the G / 4 columns a thread holds)."""
+    return rows_per_cta in (128, 256) and threads == 256 and heads % 2 == 0 and (rows_per_cta // 8) % heads == 0
 
 
 def stages_stores(heads: int) -> bool:
@@ -81,8 +84,9 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     Theta, CandVal [B, S, capacity] fp32 filled with -inf by the caller) -> (CandKey [B, S, capacity] int32, Count
     [B, S, segments] int32: keys passed per segment, more than capacity / segments where it overflowed); CandVal is
     written in place; unused slots keep -inf and hold any key.
-    `interleaved` (bf16, 2 to 16 heads, see `interleaved_query_head`): Q's rows come permuted within each CTA's
-    block of `rows_per_cta` (the caller takes it only for whole query blocks), so that the head sum stays in registers.
+    `interleaved` (bf16, 2 to 16 heads; up to 32 in 256-row CTAs; see `interleaved_query_head`): Q's rows come
+    permuted within each CTA's block of `rows_per_cta` (the caller takes it only for whole query blocks), so that the
+    head sum stays in registers.
     `overlapped` (bf16 dense programs): a producer warpgroup and two accumulators instead of TileLang's pipeline, so
     that each tile's epilogue runs during the next tile's wgmma; `num_stages` key tiles in flight.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
@@ -93,13 +97,14 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
         raise ValueError("the candidate variant is bf16 with key_splits=1 (its counters live in one CTA) and a "
                          f"capacity that is a multiple of block_n={block_n}")
     if interleaved and (fp8 or capacity or not can_interleave(heads, rows_per_cta, threads)):
-        raise ValueError(f"the interleaved layout is for the bf16 dense programs with 2-16 heads dividing 16, "
-                         f"{ROWS_PER_CTA} rows per CTA and 256 threads; got heads={heads}, fp8={fp8}, "
+        raise ValueError(f"the interleaved layout is for the bf16 dense programs with 256 threads and an even number of "
+                         f"heads dividing rows_per_cta / 8 (128 or 256 rows per CTA); got heads={heads}, fp8={fp8}, "
                          f"capacity={capacity}, rows_per_cta={rows_per_cta}, threads={threads}")
     target = compile_target(arch)
     block_q = queries_per_cta(heads, rows_per_cta)
     rows = block_q * heads
     segments = min(block_n, threads // block_q)  # candidate variant: one consumer thread per (query, segment)
+    thread_queries = rows_per_cta // 8 // heads  # interleaved: queries per thread and lane quad (see the epilogue)
     segment = capacity // segments
     if staged_stores is None:
         staged_stores = stages_stores(heads)
@@ -120,10 +125,10 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             for n, r in T.Parallel(block_n, rows):
                 scores[n, r] = T.max(scores[n, r], 0.0) * weights[r]
             if interleaved:  # Python-level: each (key, query) sums its heads within one thread
-                # scores' column 64g + 8(qi·heads/2 + jh) + 2m + e holds head 2jh + e of query (g, qi, m)
-                T.reduce_sum(T.reshape(scores, (block_n, 2, 16 // heads, heads // 2, 4, 2)), head_pairs, dim=5,
+                # scores' column Gg + 8(qi·heads/2 + jh) + 2m + e holds head 2jh + e of query (g, qi, m)
+                T.reduce_sum(T.reshape(scores, (block_n, 2, thread_queries, heads // 2, 4, 2)), head_pairs, dim=5,
                              clear=True)
-                T.reduce_sum(head_pairs, T.reshape(logits, (block_n, 2, 16 // heads, 4)), dim=3, clear=True)
+                T.reduce_sum(head_pairs, T.reshape(logits, (block_n, 2, thread_queries, 4)), dim=3, clear=True)
             else:
                 T.reduce_sum(T.reshape(scores, (block_n, block_q, heads)), logits, dim=-1, clear=True)
             if fp8:  # Python-level: each key's scale, after the head sum (read from global: no pipelining)
@@ -164,7 +169,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
         def load_query_block(W, KS, KE, Theta, bb, q0, weights, ks_local, ke_local, theta, appended):
             """The block's head weights, key ranges (and candidate thresholds) into the consumers' fragments."""
             for r in T.Parallel(rows):
-                query, head = interleaved_query_head(r, heads) if interleaved else (r // heads, r % heads)
+                query, head = (interleaved_query_head(r, heads, rows_per_cta) if interleaved
+                               else (r // heads, r % heads))
                 weights[r] = T.if_then_else(q0 + query < num_queries,
                                             W[bb, T.min(q0 + query, num_queries - 1), head], 0.0)
             for i in T.Parallel(block_q):
@@ -213,7 +219,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 logits = T.alloc_fragment((block_n, block_q), T.float32)
                 logits_shared = T.alloc_shared((block_q, block_n), T.float32)
                 # the head sum's first step (pairs of heads in adjacent columns)
-                head_pairs = (T.alloc_fragment((block_n, 2, 16 // heads, heads // 2, 4), T.float32)
+                head_pairs = (T.alloc_fragment((block_n, 2, thread_queries, heads // 2, 4), T.float32)
                               if interleaved else None)
                 weights = T.alloc_fragment((rows,), T.float32)
                 ks_local = T.alloc_fragment((block_q,), T.int32)

@@ -53,11 +53,19 @@ def test_wide_prefill_logits_kernel_compiles_for_sm90a():
     from transformers_misa.kernels.scorer import prefill_shape
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
 
-    assert prefill_shape(64) == prefill_shape(32) == dict(rows_per_cta=256, block_n=64)
+    wide = dict(rows_per_cta=256, block_n=64)
+    assert prefill_shape(64) == prefill_shape(32) == wide
     assert prefill_shape(8) == prefill_shape(16) == prefill_shape(64, fp8=True) == dict(rows_per_cta=128, block_n=128)
+    # wide_few_heads: 4-16 heads in the wide CTAs too (2 heads and FP8 keep the square ones)
+    assert prefill_shape(8, wide_few_heads=True) == prefill_shape(4, wide_few_heads=True) == wide
+    assert prefill_shape(2, wide_few_heads=True) == prefill_shape(8, fp8=True, wide_few_heads=True) != wide
     for heads in (64, 32):
         source = build_weighted_relu_logits(heads, 128, fill_future=False, arch="sm_90a", **prefill_shape(heads))()
         assert "wgmma" in source.get_kernel_source() and "tma_load" in source.get_kernel_source()
+    # 8 interleaved heads in a wide CTA: each consumer warpgroup multiplies 64 keys by 128 query rows (N = 128)
+    source = build_weighted_relu_logits(8, 128, fill_future=False, staged_stores=True, interleaved=True,
+                                        overlapped=True, num_stages=4, arch="sm_90a", **wide)().get_kernel_source()
+    assert "kFloat32, 64, 128, 16" in source and "shfl" not in source
 
 
 def test_logits_options_overlap_prefill_only():
@@ -120,25 +128,29 @@ def test_fp8_logits_kernel_compiles_for_sm90a(heads, staged):
     assert "kFloat8_e4m3" in source, "qk_format='fp8_e4m3' must run on the FP8 tensor cores"
 
 
-@pytest.mark.parametrize("heads", [2, 4, 8, 16])
-def test_interleaved_layout_puts_whole_queries_in_one_thread(heads):
-    """The row permutation behind `interleaved=True`: a bijection onto (query, head) pairs of the block, and the 16
-    accumulator columns a thread holds (warpgroup g, lane quad m: 64g + 8j + 2m + e) are whole queries."""
+@pytest.mark.parametrize("heads,rows_per_cta", [(2, 128), (4, 128), (8, 128), (16, 128), (4, 256), (8, 256),
+                                                 (16, 256), (32, 256)])
+def test_interleaved_layout_puts_whole_queries_in_one_thread(heads, rows_per_cta):
+    """The row permutation behind `interleaved=True`: a bijection onto (query, head) pairs of the block, and the G / 4
+    accumulator columns a thread holds (warpgroup g of G = rows_per_cta / 2 rows, lane quad m: Gg + 8j + 2m + e) are
+    whole queries."""
     _tilelang_or_skip()
     from transformers_misa.kernels.scorer import interleave_query_rows
     from transformers_misa.kernels.scoring import interleaved_query_head
 
-    query, head = interleaved_query_head(torch.arange(128), heads)
-    assert sorted(zip(query.tolist(), head.tolist())) == [(i, h) for i in range(128 // heads) for h in range(heads)]
-    plain = torch.arange(3 * 128 * 2).reshape(1, 3 * 128, 2)  # three CTA blocks; row p holds 2p, 2p + 1
-    order = torch.cat([block * 128 + query * heads + head for block in range(3)])
-    assert torch.equal(interleave_query_rows(plain, heads), plain[:, order])
+    group = rows_per_cta // 2
+    query, head = interleaved_query_head(torch.arange(rows_per_cta), heads, rows_per_cta)
+    assert sorted(zip(query.tolist(), head.tolist())) == [(i, h) for i in range(rows_per_cta // heads)
+                                                          for h in range(heads)]
+    plain = torch.arange(3 * rows_per_cta * 2).reshape(1, 3 * rows_per_cta, 2)  # three CTA blocks; row p: 2p, 2p + 1
+    order = torch.cat([block * rows_per_cta + query * heads + head for block in range(3)])
+    assert torch.equal(interleave_query_rows(plain, heads, rows_per_cta), plain[:, order])
     for g in range(2):
         for m in range(4):
             held: dict[int, set[int]] = {}
-            for column in (64 * g + 8 * j + 2 * m + e for j in range(8) for e in range(2)):
+            for column in (group * g + 8 * j + 2 * m + e for j in range(group // 8) for e in range(2)):
                 held.setdefault(int(query[column]), set()).add(int(head[column]))
-            assert len(held) == 16 // heads and all(heads_ == set(range(heads)) for heads_ in held.values())
+            assert len(held) == group // 4 // heads and all(heads_ == set(range(heads)) for heads_ in held.values())
 
 
 @pytest.mark.parametrize("heads", [4, 8, 16])
@@ -176,7 +188,8 @@ def test_interleaved_layout_refuses_what_it_cannot_hold():
     _tilelang_or_skip()
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
 
-    for variant in (dict(heads=64), dict(heads=8, fp8=True), dict(heads=8, capacity=1024)):
+    for variant in (dict(heads=64), dict(heads=64, rows_per_cta=256), dict(heads=32), dict(heads=8, fp8=True),
+                    dict(heads=8, capacity=1024)):
         heads = variant.pop("heads")
         with pytest.raises(ValueError, match="interleaved layout"):
             build_weighted_relu_logits(heads, 128, interleaved=True, arch="sm_90a", **variant)
@@ -299,18 +312,23 @@ def test_logits_kernel_matches_reference(batch, num_queries, num_keys, heads, pa
     (2, 64, 700, 16, [0, 9]),  # 16 heads
     (2, 100, 1024, 8, [0, 30]),  # a partial last block: padded with queries that see nothing
     (1, 12, 512, 8, [0]),  # fewer queries than a block (decode): the plain layout runs instead
+    (1, 20, 600, 8, [0]),  # one square block but not a wide one: the square CTAs, padded to two blocks
 ])
-def test_interleaved_logits_match_reference(batch, num_queries, num_keys, heads, pads):
+@pytest.mark.parametrize("wide_few_heads", [False, True])
+def test_interleaved_logits_match_reference(batch, num_queries, num_keys, heads, pads, wide_few_heads):
+    """The interleaved layout in the square CTAs, and (wide_few_heads) in the wide ones over 128 rows per
+    warpgroup where a whole wide block fits (8 heads: 32 queries), against the reference."""
     from transformers_misa.kernels.scorer import tilelang_select_tokens, tilelang_token_logits
 
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads)
     for mask in (None, _padded_causal_mask(batch, num_queries, num_keys, pads)):
         chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
-        ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5)  # interleaved where it applies
+        # interleaved where it applies
+        ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5, wide_few_heads=wide_few_heads)
         ref = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
         _assert_logits_match(ours, ref, tolerance=2e-2)
         k = min(256, num_keys)
-        picked = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k)
+        picked = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k, wide_few_heads=wide_few_heads)
         _assert_same_selection(picked, reference.top_indices(ref, k), ref, tolerance=5e-2)
 
 
