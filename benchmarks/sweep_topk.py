@@ -61,6 +61,10 @@ VARIANTS = {  # name -> build options
     # a 16-key buffer: (nearly) every row re-reads itself for the finer levels instead of buffering its k-th key's bin
     # (passes whose atomics return nothing; the output pass claims ~k slots), against the second pass's buffering
     "many_rows_vector4_unroll1_rereads": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, buffer=16),
+    # the same threads per SM as the prefill default in half as many (wider) rows: half the rows' bytes between the
+    # two passes of each row, for the L2 to keep
+    "threads1024_ctas2_vector4_unroll1": dict(threads=1024, min_ctas_per_sm=2, vector=4, unroll=1),
+    "threads1024_ctas2_vector4_unroll2": dict(threads=1024, min_ctas_per_sm=2, vector=4, unroll=2),
 }
 HEADS = 8
 
