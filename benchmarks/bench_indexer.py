@@ -28,8 +28,8 @@ from transformers_misa.kernels.scorer import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER
                                               TILELANG_FP8_SCORER, TILELANG_PIPELINED_SCORER,
                                               TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
                                               TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
-                                              TILELANG_THREAD_CLAIMS_SCORER, TILELANG_THRESHOLD_SCORER,
-                                              TILELANG_WIDE_FEW_HEADS_SCORER,
+                                              TILELANG_THRESHOLD_SCORER,
+                                              TILELANG_SQUARE_FEW_HEADS_SCORER,
                                               logits_options)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
@@ -91,9 +91,7 @@ def methods(heads: int, deepseek_kernel):
         # the router programs with the pooled blocks as the matmuls' M (before the query rows were)
         "misa8_blocks_as_m_router": _misa(reference.misa_topk, TILELANG_BLOCKS_AS_M_ROUTER_SCORER),
         # the top-k's second pass claiming its slots once per thread and loop step, both methods alike
-        f"dsa{heads}_thread_claims": _dsa(TILELANG_THREAD_CLAIMS_SCORER),
-        "misa8_thread_claims": _misa(reference.misa_topk, TILELANG_THREAD_CLAIMS_SCORER),
-        "misa8_wide": _misa(reference.misa_topk, TILELANG_WIDE_FEW_HEADS_SCORER),
+        "misa8_square": _misa(reference.misa_topk, TILELANG_SQUARE_FEW_HEADS_SCORER),
         # the wide top-k via a sampled threshold
         f"dsa{heads}_threshold": _dsa(TILELANG_THRESHOLD_SCORER),
         "misa8_threshold": _misa(reference.misa_topk, TILELANG_THRESHOLD_SCORER),
@@ -226,7 +224,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
                                 for name in (f"dsa{heads}_kernel", f"dsa{heads}_pipelined", "misa8", "misa8_pipelined",
                                              "misa8_budget_chunks", "misa8_blocks_as_m_router",
-                                             f"dsa{heads}_thread_claims", "misa8_thread_claims", "misa8_wide",
+                                             "misa8_square",
                                              "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}

@@ -52,12 +52,6 @@ VARIANTS = {  # name -> build options
     "vector4_unroll2": dict(vector=4, unroll=2),
     "few_rows_vector4_unroll2": dict(FEW_ROWS_SHAPE, vector=4, unroll=2),
     "few_rows_vector4_unroll4": dict(FEW_ROWS_SHAPE, vector=4, unroll=4),
-    # the second pass claiming a thread's slots once per loop step (topk_probe --phases: that pass took 59% of a 64K
-    # causal row's cycles, 2.7x the first pass over the same bytes)
-    "many_rows_vector4_unroll1_thread_claims": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, thread_claims=True),
-    "vector4_unroll1_ctas3_thread_claims": dict(vector=4, unroll=1, min_ctas_per_sm=3, thread_claims=True),
-    "many_rows_vector4_unroll2_thread_claims": dict(MANY_ROWS_SHAPE, vector=4, unroll=2, thread_claims=True),
-    "few_rows_vector4_unroll4_thread_claims": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, thread_claims=True),
     # a 16-key buffer: (nearly) every row re-reads itself for the finer levels instead of buffering its k-th key's bin
     # (passes whose atomics return nothing; the output pass claims ~k slots), against the second pass's buffering
     "many_rows_vector4_unroll1_rereads": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, buffer=16),

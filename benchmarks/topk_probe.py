@@ -12,7 +12,7 @@ ends of its phases (`topk.build_radix_topk(phase_clock=True)`): the cycles each 
 the rows taking the usual path, and how many do.
 
     python benchmarks/topk_probe.py --phases --out benchmarks/results
-    python benchmarks/topk_probe.py --phases --options '{"thread_claims": true}'
+    python benchmarks/topk_probe.py --phases --options '{"value_filter": false}'
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations.

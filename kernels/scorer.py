@@ -44,11 +44,15 @@ KEY_TILE = 128  # block_n of the logits program
 # 32 heads: 36.95 against 40.40 ms, both overlapped (sweep_logits-20261202-192711.json, 64K).
 WIDE_CTA = dict(rows_per_cta=256, block_n=64)
 WIDE_CTA_MIN_HEADS = 32
-# `wide_few_heads`: 4-16 heads (MISA's routed rows) in the same CTAs, interleaved over 128 query rows per consumer
-# warpgroup: wgmma N = 128 instead of 64 (an N = 64 wgmma with both operands in shared memory needs all of the SM's
-# 128 B/clock of it) and each key tile read for 32 queries instead of 16 (half the keys' L2 traffic). Tried with
-# TileLang's pipeline before the overlapped driver existed (54513c8: not kept); timed beside the default here.
-# Two heads stay out: their 128-query block would not divide the scorers' query_multiple.
+# `wide_few_heads` (the default): 4-16 heads (MISA's routed rows) in the same CTAs, interleaved over 128 query rows
+# per consumer warpgroup: wgmma N = 128 instead of 64 (an N = 64 wgmma with both operands in shared memory needs all
+# of the SM's 128 B/clock of it) and each key tile read for 32 queries instead of 16. H200, overlapped, 32K causal
+# logits (sweep_logits-20261204-021632.json): 8 heads 2.07 against 2.16 ms, 4 heads 1.37 / 1.45, 16 heads 3.70 /
+# 3.91; the whole MISA-8 indexer host hidden (bench_indexer-20261204-022103.json, TILELANG_SQUARE_FEW_HEADS_SCORER
+# beside it): 5.03 / 5.01 ms at 32K, 16.45 / 16.48 at 64K, 59.72 / 61.77 at 128K. (With TileLang's pipeline, before
+# the overlapped driver, it was not kept: 54513c8.) Two heads stay out: their 128-query block would not divide the
+# scorers' query_multiple.
+WIDE_FEW_HEADS = True
 WIDE_FEW_HEADS_MIN = 4
 OVERLAPPED_STAGES = 4  # key tiles in flight in the overlapped driver
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
@@ -113,10 +117,10 @@ def wide_few_heads_fit(heads: int) -> bool:
 
 
 def logits_wave_queries(heads: int, batch: int, device: torch.device, fp8: bool = False,
-                        wide_few_heads: bool = False) -> int:
+                        wide_few_heads: bool = WIDE_FEW_HEADS) -> int:
     """Queries (per sequence of `batch`) whose prefill logits CTAs number one per SM of `device`: query chunks of whole
-    such waves end no launch in a partly filled wave. At 128K a prefill's late query chunks are 2-5 waves of MISA-8's
-    16-query CTAs; H200, `bench_indexer-20261203-192012.json` against TILELANG_BUDGET_CHUNKS_SCORER: MISA-8's
+    such waves end no launch in a partly filled wave (`wide_few_heads`: 4-16 heads in 256-row CTAs, see `_logits`).
+    At 128K a prefill's late query chunks were 2-5 waves of MISA-8's (then) 16-query CTAs; H200, `bench_indexer-20261203-192012.json` against TILELANG_BUDGET_CHUNKS_SCORER: MISA-8's
     logits stage 39.1 -> 35.5 ms, the whole indexer (host hidden) 66.0 -> 62.0 ms; DSA-64 297 -> 293 ms; 32K and
     64K within noise. (Eagerly the gain did not show, 66.2 / 66.9 ms: the gaps the host left grew from 0.2 to 4.9
     ms, with 16 chunks instead of 14; why, not established.)"""
@@ -155,7 +159,7 @@ def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_c
 
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
             softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True,
-            overlapped: bool = True, wide_few_heads: bool = False) -> torch.Tensor:
+            overlapped: bool = True, wide_few_heads: bool = WIDE_FEW_HEADS) -> torch.Tensor:
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
     applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: each
     tile's epilogue runs beside the next tile's matmul where `logits_options` takes it; `wide_few_heads`: 4-16
@@ -254,7 +258,7 @@ def uses_threshold_filter(q: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
 
 def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                           softmax_scale: float, fp8: bool = False, interleaved: bool = True,
-                          overlapped: bool = True, wide_few_heads: bool = False) -> torch.Tensor:
+                          overlapped: bool = True, wide_few_heads: bool = WIDE_FEW_HEADS) -> torch.Tensor:
     """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out; fp8: q and
     keys quantized to e4m3 with power-of-two row scales first, exact for inputs already rounded to FP8;
     interleaved: the head sum in registers where it applies, see `scoring.interleaved_query_head`; overlapped: the
@@ -271,7 +275,7 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
                            softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
                            interleaved: bool = True, overlapped: bool = True,
                            out: torch.Tensor | None = None, topk_options: dict | None = None,
-                           wide_few_heads: bool = False) -> torch.Tensor:
+                           wide_few_heads: bool = WIDE_FEW_HEADS) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
@@ -301,7 +305,7 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
     ends [...]: each row's columns from `ends` on count as -inf and are never read (None: every column is read).
     out [..., k]: written in place and returned where the kernel runs and `out` is a contiguous int32 tensor (a
     query chunk's slice of the whole output: no copy afterwards); otherwise a new tensor comes back.
-    options: build options of the program beyond the shape `radix_shape` picks (e.g. thread_claims=True).
+    options: build options of the program beyond the shape `radix_shape` picks (e.g. value_filter=False).
     """
     width = scores.shape[-1]
     if width < RADIX_MIN_WIDTH or k > width:
@@ -406,19 +410,13 @@ TILELANG_BLOCKS_AS_M_ROUTER_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-blocks-as-m-router", route=functools.partial(tilelang_route, rows_as_m=False),
     head_importance=functools.partial(tilelang_head_importance, rows_as_m=False))
 
-# The top-k's second pass claiming a thread's slots once per loop step (`topk.build_radix_topk`'s thread_claims),
-# beside the default for the benchmark.
-TILELANG_THREAD_CLAIMS_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-thread-claims",
-    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(thread_claims=True)))
-
-# 4-16 routed heads in the 256-row CTAs over 64-key tiles (`_logits`' wide_few_heads), beside the default for the
-# benchmark.
-TILELANG_WIDE_FEW_HEADS_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-wide-few-heads",
-    token_logits=functools.partial(tilelang_token_logits, wide_few_heads=True),
-    fused_select=functools.partial(tilelang_select_tokens, wide_few_heads=True),
-    wave_queries=functools.partial(logits_wave_queries, wide_few_heads=True))
+# 4-16 routed heads in the 128-row CTAs over 128-key tiles (the shape before WIDE_FEW_HEADS), kept so that the
+# benchmark times both side by side.
+TILELANG_SQUARE_FEW_HEADS_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-square-few-heads",
+    token_logits=functools.partial(tilelang_token_logits, wide_few_heads=False),
+    fused_select=functools.partial(tilelang_select_tokens, wide_few_heads=False),
+    wave_queries=functools.partial(logits_wave_queries, wide_few_heads=False))
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.

@@ -52,9 +52,11 @@ MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1)
 # the rows in reverse order (git 81f9364; 0.414 / 0.438 / 0.420 ms against 0.406, sweep_topk-20261203-235645-backward-
 # not-kept.json); groups through per-thread cp.async rings (git b6322b7; 0.431-0.506 against 0.408, sweep_topk-
 # 20261204-001808-async-not-kept.json); the second pass's slots claimed once per warp (git 2c1aebc; 0.490 against
-# 0.407, sweep_topk-20261204-003254-warp-claims-not-kept.json). The phase probe (phase_clock, topk_phases-20261204-
-# 002615.json) puts the second pass at 59% of a row's cycles, 2.7x the first over the same bytes; neither L2 reuse,
-# bytes in flight nor same-address atomics explain it. `thread_claims` tests the next suspect (not yet on a GPU).
+# 0.407, sweep_topk-20261204-003254-warp-claims-not-kept.json) or once per thread and loop step (git c19e281; 0.4035
+# against 0.4064, but decode rows 0.063 / 0.066 against 0.052 / 0.053, sweep_topk-20261204-021730.json). The phase
+# probe (phase_clock, topk_phases-20261204-015736.json) puts the second pass at 56% of a row's cycles, yet a second
+# pass that neither claims nor writes leaves the whole program 10% faster at most (-015811); Nsight Compute (ncu-
+# 20261204-0225.txt): the L1/shared-memory pipe 84% busy, DRAM 43%, warps half diverged (16.7 active threads).
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
@@ -91,8 +93,8 @@ def _order_key(value):
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
-                     caller_allocates_out: bool = False, vector: int = 1, thread_claims: bool = False,
-                     phase_clock: bool = False, second_pass_writes: bool = True, arch: str | None = None):
+                     caller_allocates_out: bool = False, vector: int = 1, phase_clock: bool = False,
+                     second_pass_writes: bool = True, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -104,9 +106,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     caller owns, e.g. a query chunk's slice of the whole output) instead of returning a new tensor.
     `vector` > 1: each thread loads `vector` adjacent floats at once (one 16-byte load for 4): Scores comes as
     [rows, width / vector, vector], so rows must be 16-byte aligned (width a multiple of 4); not with_keys.
-    `thread_claims`: the second pass claims each thread's output and buffer slots for a whole loop step at once (one
-    shared-memory atomic per counter and step, after all its values are compared) instead of one atomic per passing
-    value, each of whose results addresses a store before the next value's atomic goes out.
     `phase_clock` (a probe, `benchmarks/topk_probe.py --phases`; vector > 1): the program also takes Clock [rows,
     PHASE_MARKS] int64 (zeros from the caller) and records each row's SM clock at the ends of its phases (see
     PHASE_MARKS), with a barrier before each mark so that it counts the slowest thread. `second_pass_writes=False`
@@ -115,8 +114,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
-    if thread_claims and with_keys:
-        raise ValueError("thread_claims is for the plain top-k (with_keys=False)")
     if phase_clock and vector == 1:
         raise ValueError("phase_clock probes the vector program (vector > 1)")
     if not second_pass_writes and not phase_clock:
@@ -154,13 +151,11 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             return functools.reduce(T.And, tests) if tests else True
 
         @T.macro
-        def visit_slice(source, row, step, tx, end, values, visit, context, checked, floor, per_step=False):
+        def visit_slice(source, row, step, tx, end, values, visit, context, checked, floor):
             """One loop step: `unroll` columns (groups of `vector`) per thread, all loads issued before any is used
             (several requests in flight). `checked` (Python-level): the row's last, partial step, whose columns are
             compared with `end`; the full steps before it skip that test (the top-k runs out of instruction issue,
-            not bandwidth). `floor` (None at Python level: every value): only values at or above it are visited.
-            `per_step` (Python-level): `visit(values, step, checked, context)` once for the step's values instead of
-            `visit(key, column, context)` per value (`write_or_buffer_per_step`; not with_keys)."""
+            not bandwidth). `floor` (None at Python level: every value): only values at or above it are visited."""
             Scores, Keys, keys = source
             for j in T.unroll(unroll):
                 col = (step * unroll + j) * threads + tx  # with vector > 1: the group of columns
@@ -176,29 +171,25 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     values[j] = Scores[row, col]
                     if with_keys:  # Python-level
                         keys[j] = Keys[row, col]
-            if per_step:  # Python-level
-                visit(values, step, checked, context)
-            else:
-                for j in T.unroll(unroll):
-                    for v in T.unroll(vector):
-                        col = column(step, j, v, tx)
-                        i = j * vector + v
-                        if checked or floor is not None:  # Python-level: a test per value
-                            if visit_condition(col, values[i], end, checked, floor):
-                                visit(_order_key(values[i]), keys[j] if with_keys else col, context)
-                        else:
+            for j in T.unroll(unroll):
+                for v in T.unroll(vector):
+                    col = column(step, j, v, tx)
+                    i = j * vector + v
+                    if checked or floor is not None:  # Python-level: a test per value
+                        if visit_condition(col, values[i], end, checked, floor):
                             visit(_order_key(values[i]), keys[j] if with_keys else col, context)
+                    else:
+                        visit(_order_key(values[i]), keys[j] if with_keys else col, context)
 
         @T.macro
-        def for_each_key(source, row, tx, end, values, visit, context, floor=None, whole_steps=False):
+        def for_each_key(source, row, tx, end, values, visit, context, floor=None):
             """visit(order key, column (with_keys: its key index), context) for every column before `end` (whose
-            value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None).
-            `whole_steps`: `visit` takes a loop step's values at once (see `visit_slice`'s per_step)."""
+            value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None)."""
             per_step = threads * unroll * vector
             for step in T.serial(end // per_step):
-                visit_slice(source, row, step, tx, end, values, visit, context, False, floor, whole_steps)
+                visit_slice(source, row, step, tx, end, values, visit, context, False, floor)
             for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
-                visit_slice(source, row, step, tx, end, values, visit, context, True, floor, whole_steps)
+                visit_slice(source, row, step, tx, end, values, visit, context, True, floor)
 
         @T.macro
         def clear_histogram(hist, tx):
@@ -297,36 +288,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             passing[0] += T.if_then_else((key >> first_digit) >= prefix, 1, 0)
 
         @T.macro
-        def write_or_buffer_per_step(values, step, checked, context):
-            """write_or_buffer for one loop step's values of a thread (`thread_claims`): every value compared first,
-            then one atomic per counter claims the thread's consecutive slots for all of them."""
-            Out, row, prefix, counters, buffer_keys, buffer_cols, tx, end, floor, claimed = context
-            above_count, inside_count, above_next, inside_next = claimed
-            above_count = 0
-            inside_count = 0
-            for i in T.unroll(unroll * vector):
-                col = column(step, i // vector, i % vector, tx)
-                passes = visit_condition(col, values[i], end, checked, floor)
-                digit = _order_key(values[i]) >> first_digit
-                above_count += T.if_then_else(T.And(passes, digit > prefix), 1, 0)
-                inside_count += T.if_then_else(T.And(passes, digit == prefix), 1, 0)
-            if above_count > 0:
-                above_next = T.atomic_add(counters[0], above_count, return_prev=True)
-            if inside_count > 0:
-                inside_next = T.atomic_add(counters[2], inside_count, return_prev=True)
-            for i in T.unroll(unroll * vector):  # the tests again rather than kept: registers are capped at 32
-                col = column(step, i // vector, i % vector, tx)
-                passes = visit_condition(col, values[i], end, checked, floor)
-                key = _order_key(values[i])
-                if T.And(passes, (key >> first_digit) > prefix):
-                    Out[row, above_next] = col
-                    above_next += 1
-                elif T.And(passes, (key >> first_digit) == prefix):
-                    buffer_keys[inside_next] = key
-                    buffer_cols[inside_next] = col
-                    inside_next += 1
-
-        @T.macro
         def take_key(key, col, context):
             Out, row, prefix, need, counters, lowest, slot = context
             take(Out, row, key, col, prefix, need, counters, lowest, slot)
@@ -363,8 +324,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 # the lowest value of the k-th key's first-level bin (None without the value filter)
                 floor = T.alloc_var(T.float32) if value_filter else None
                 slot = T.alloc_var(T.int32)
-                # thread_claims: a step's passing values above / in the k-th key's bin, and their next slots
-                claimed = tuple(T.alloc_var(T.int32) for _ in range(4)) if thread_claims else None
                 passing = None if second_pass_writes else T.alloc_local((1,), T.int32)  # the probe's count
                 values = T.alloc_local((unroll * vector,), T.float32)
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
@@ -404,10 +363,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                         passing[0] = 0
                         for_each_key(source, row, tx, end, values, count_passing, (passing, prefix), floor)
                         T.atomic_add(counters[1], passing[0])  # keeps the count (and so the pass) alive
-                    elif thread_claims:  # Python-level
-                        for_each_key(source, row, tx, end, values, write_or_buffer_per_step,
-                                     (Out, row, prefix, counters, buffer_keys, buffer_cols, tx, end, floor,
-                                      claimed), whole_steps=True)
                     else:
                         for_each_key(source, row, tx, end, values, write_or_buffer,
                                      (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor)

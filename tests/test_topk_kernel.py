@@ -33,19 +33,6 @@ def test_radix_topk_vector_loads_compile_to_16_byte_loads():
         build_radix_topk(2048, vector=4, with_keys=True)
 
 
-def test_radix_topk_thread_claims_claim_once_per_step():
-    """thread_claims: the second pass's slot claims are one atomic per counter and loop step, counted beforehand."""
-    _tilelang_or_skip()
-    from transformers_misa.kernels.topk import build_radix_topk
-
-    claimed = build_radix_topk(2048, vector=4, unroll=1, thread_claims=True, arch="sm_90a")().get_kernel_source()
-    assert re.search(r"AtomicAddRet\(\(&\(\(\(int\*\)counters\)\[0\]\)\), above_count\)", claimed)
-    default = build_radix_topk(2048, vector=4, unroll=1, arch="sm_90a")().get_kernel_source()
-    assert "above_count" not in default
-    with pytest.raises(ValueError, match="thread_claims"):
-        build_radix_topk(2048, with_keys=True, thread_claims=True)
-
-
 def test_radix_topk_phase_clock_marks_each_phase():
     """phase_clock (the probe): one SM-clock read per phase mark, behind a barrier; only for the vector program."""
     _tilelang_or_skip()
@@ -80,9 +67,8 @@ def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", [dict(vector=4, unroll=1, min_ctas_per_sm=4), dict(vector=4, unroll=2),
                                      dict(vector=4, unroll=4, threads=1024), dict(vector=2, unroll=2),
-                                     dict(vector=4, unroll=1, min_ctas_per_sm=4, thread_claims=True),
                                      dict(vector=4, unroll=1, min_ctas_per_sm=4, buffer=16),
-                                     dict(vector=4, unroll=4, threads=1024, thread_claims=True)])
+                                     dict(vector=4, unroll=1, threads=1024, min_ctas_per_sm=2)])
 @pytest.mark.parametrize("width", [70000, 4100])
 def test_radix_topk_vector_loads_select_the_same_set(options, width):
     """Rows read in groups of `vector` floats select exactly the scalar program's set: ends inside a group, shorter
@@ -203,10 +189,7 @@ def test_radix_topk_phase_clock_selects_the_same_set_and_marks_in_order():
                                      dict(threads=256, unroll=16), dict(unroll=16, buffer=16),
                                      dict(min_ctas_per_sm=3), dict(min_ctas_per_sm=4),
                                      dict(min_ctas_per_sm=4, buffer=2048), dict(min_ctas_per_sm=4, value_filter=False),
-                                     dict(threads=1024, unroll=8, value_filter=False),
-                                     dict(min_ctas_per_sm=4, thread_claims=True),
-                                     dict(unroll=16, buffer=16, thread_claims=True),
-                                     dict(min_ctas_per_sm=4, value_filter=False, thread_claims=True)])
+                                     dict(threads=1024, unroll=8, value_filter=False)])
 def test_radix_topk_variants_select_the_same_set(options):
     """Every load depth and CTA width (`sweep_topk.py` times them) selects exactly the default's set: ragged ends
     (shorter than one loop step, not a multiple of it), ties, garbage past the ends."""
