@@ -59,6 +59,14 @@ VARIANTS = {  # name -> build options
     # two passes of each row, for the L2 to keep
     "threads1024_ctas2_vector4_unroll1": dict(threads=1024, min_ctas_per_sm=2, vector=4, unroll=1),
     "threads1024_ctas2_vector4_unroll2": dict(threads=1024, min_ctas_per_sm=2, vector=4, unroll=2),
+    # fewer instructions (Nsight Compute, ncu-20261204-0231-detail.txt: ~120 per 16-byte load, issue-bound): the second
+    # pass visits only its passing values, and / or the bin search keeps a thread's counts in registers
+    "many_rows_vector4_unroll1_compact": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, compact_second_pass=True),
+    "many_rows_vector4_unroll1_bins_in_registers": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, bins_in_registers=True),
+    "many_rows_vector4_unroll1_compact_bins": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, compact_second_pass=True,
+                                                   bins_in_registers=True),
+    "few_rows_vector4_unroll4_compact_bins": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, compact_second_pass=True,
+                                                  bins_in_registers=True),
 }
 HEADS = 8
 

@@ -93,8 +93,9 @@ def _order_key(value):
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
-                     caller_allocates_out: bool = False, vector: int = 1, phase_clock: bool = False,
-                     second_pass_writes: bool = True, arch: str | None = None):
+                     caller_allocates_out: bool = False, vector: int = 1, compact_second_pass: bool = False,
+                     bins_in_registers: bool = False, phase_clock: bool = False, second_pass_writes: bool = True,
+                     arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -106,6 +107,14 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     caller owns, e.g. a query chunk's slice of the whole output) instead of returning a new tensor.
     `vector` > 1: each thread loads `vector` adjacent floats at once (one 16-byte load for 4): Scores comes as
     [rows, width / vector, vector], so rows must be 16-byte aligned (width a multiple of 4); not with_keys.
+    `compact_second_pass`: the second pass first marks which of a loop step's values pass (a bit each), then visits
+    only those, lowest bit first, so that a warp runs the write-or-buffer code as often as its busiest lane has passing
+    values in the step (about once) instead of once per value slot in which any lane has one (nearly every slot; Nsight
+    Compute: the program issues ~120 instructions per 16-byte load, warps half diverged). Not with_keys.
+    `bins_in_registers`: each level's search for the k-th key's bin keeps a thread's `bins / threads` adjacent counts
+    in registers between its two reads of them instead of reading shared memory twice (adjacent lanes' bins are 8
+    words apart: every such read is an 8-way bank conflict; Nsight Compute counted 73% of the program's shared-memory
+    load wavefronts as excess).
     `phase_clock` (a probe, `benchmarks/topk_probe.py --phases`; vector > 1): the program also takes Clock [rows,
     PHASE_MARKS] int64 (zeros from the caller) and records each row's SM clock at the ends of its phases (see
     PHASE_MARKS), with a barrier before each mark so that it counts the slowest thread. `second_pass_writes=False`
@@ -114,6 +123,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
+    if compact_second_pass and with_keys:
+        raise ValueError("compact_second_pass is for the plain top-k (with_keys=False)")
     if phase_clock and vector == 1:
         raise ValueError("phase_clock probes the vector program (vector > 1)")
     if not second_pass_writes and not phase_clock:
@@ -144,6 +155,16 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             """The column of a thread's value v of load j in loop step `step` (a TileLang expression)."""
             return ((step * unroll + j) * threads + tx) * vector + v
 
+        def value_at(values, position):
+            """values[position] for a position known only at run time, as selects (registers, not local memory)."""
+            return functools.reduce(lambda chosen, slot: T.if_then_else(position == slot, values[slot], chosen),
+                                    range(1, unroll * vector), values[0])
+
+        def bin_count(hist, thread_bins, tx, i):
+            """The count of a thread's i-th bin: from shared memory, or from its registers (`bins_in_registers`);
+            an expression, so that TileLang binds no variable of its own."""
+            return hist[tx * per_thread + i] if thread_bins is None else thread_bins[i]
+
         def visit_condition(col, value, end, checked, floor):
             """Whether a loaded value is visited: its column before the row's end (only in the `checked` step) and
             the value at or above `floor` (unless None); True where every value is (composed at Python level)."""
@@ -151,11 +172,13 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             return functools.reduce(T.And, tests) if tests else True
 
         @T.macro
-        def visit_slice(source, row, step, tx, end, values, visit, context, checked, floor):
+        def visit_slice(source, row, step, tx, end, values, visit, context, checked, floor, compact=None):
             """One loop step: `unroll` columns (groups of `vector`) per thread, all loads issued before any is used
             (several requests in flight). `checked` (Python-level): the row's last, partial step, whose columns are
             compared with `end`; the full steps before it skip that test (the top-k runs out of instruction issue,
-            not bandwidth). `floor` (None at Python level: every value): only values at or above it are visited."""
+            not bandwidth). `floor` (None at Python level: every value): only values at or above it are visited.
+            `compact` (None at Python level, or a thread's (mask, position) scratch variables): the passing values are
+            marked first and visited lowest bit first (`compact_second_pass`)."""
             Scores, Keys, keys = source
             for j in T.unroll(unroll):
                 col = (step * unroll + j) * threads + tx  # with vector > 1: the group of columns
@@ -171,6 +194,19 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     values[j] = Scores[row, col]
                     if with_keys:  # Python-level
                         keys[j] = Keys[row, col]
+            if compact is not None:  # Python-level
+                mask, position = compact
+                mask = 0
+                for i in T.unroll(unroll * vector):
+                    passes = visit_condition(column(step, i // vector, i % vector, tx), values[i], end, checked, floor)
+                    mask = mask | T.if_then_else(passes, 1 << i, 0)
+                for _ in T.unroll(unroll * vector):  # a warp runs this as often as its busiest lane needs
+                    if mask != 0:
+                        position = T.call_extern("int32", "__ffs", mask) - 1
+                        mask = mask & (mask - 1)
+                        visit(_order_key(value_at(values, position)),
+                              column(step, position // vector, position % vector, tx), context)
+                return
             for j in T.unroll(unroll):
                 for v in T.unroll(vector):
                     col = column(step, j, v, tx)
@@ -182,14 +218,15 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                         visit(_order_key(values[i]), keys[j] if with_keys else col, context)
 
         @T.macro
-        def for_each_key(source, row, tx, end, values, visit, context, floor=None):
+        def for_each_key(source, row, tx, end, values, visit, context, floor=None, compact=None):
             """visit(order key, column (with_keys: its key index), context) for every column before `end` (whose
-            value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None)."""
+            value reaches `floor`, unless None); source = (Scores, Keys or None, a thread's key slots or None).
+            `compact`: see `visit_slice`."""
             per_step = threads * unroll * vector
             for step in T.serial(end // per_step):
-                visit_slice(source, row, step, tx, end, values, visit, context, False, floor)
+                visit_slice(source, row, step, tx, end, values, visit, context, False, floor, compact)
             for step in T.serial(end // per_step, T.ceildiv(end, per_step)):  # the partial last step, if any
-                visit_slice(source, row, step, tx, end, values, visit, context, True, floor)
+                visit_slice(source, row, step, tx, end, values, visit, context, True, floor, compact)
 
         @T.macro
         def clear_histogram(hist, tx):
@@ -198,10 +235,11 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             T.sync_threads()
 
         @T.macro
-        def find_kth_bin(hist, suffix, found, tx, need):
+        def find_kth_bin(hist, suffix, found, tx, need, thread_bins=None):
             """After a histogram pass: found = (bin holding the need-th largest key, keys above it, keys in it).
             Each thread owns `per_thread` adjacent bins; the suffix sums over the threads run as a shuffle scan within
-            each warp plus one pass over the warps' totals (in `suffix`): three barriers in all."""
+            each warp plus one pass over the warps' totals (in `suffix`): three barriers in all. `thread_bins` (None,
+            or a thread's `per_thread` registers: `bins_in_registers`) keeps the thread's counts from the first read."""
             T.sync_threads()
             local_sum = T.alloc_var(T.int32)
             carry = T.alloc_var(T.int32)
@@ -209,7 +247,11 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             running = T.alloc_var(T.int32)
             local_sum = 0
             for i in T.serial(per_thread):
-                local_sum = local_sum + hist[tx * per_thread + i]
+                if thread_bins is not None:  # Python-level
+                    thread_bins[i] = hist[tx * per_thread + i]
+                    local_sum = local_sum + thread_bins[i]
+                else:
+                    local_sum = local_sum + hist[tx * per_thread + i]
             carry = local_sum  # becomes the keys in this lane's bins and every higher lane's of the warp
             for offset in WARP_SCAN_OFFSETS:  # unrolled in Python; every lane shuffles, the top lanes add nothing
                 other = T.shfl_down(carry, offset)
@@ -220,13 +262,13 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             running = carry - local_sum  # keys in the bins above this thread's, counted within the warp so far
             for w in T.serial(warps):
                 running = running + T.if_then_else(w > tx // 32, suffix[w], 0)
-            for i in T.serial(per_thread):
+            for i in (T.serial if thread_bins is None else T.unroll)(per_thread):  # registers: constant indices
                 b = tx * per_thread + per_thread - 1 - i
-                if running < need and running + hist[b] >= need:
+                if running < need and running + bin_count(hist, thread_bins, tx, per_thread - 1 - i) >= need:
                     found[0] = b
                     found[1] = running
-                    found[2] = hist[b]
-                running = running + hist[b]
+                    found[2] = bin_count(hist, thread_bins, tx, per_thread - 1 - i)
+                running = running + bin_count(hist, thread_bins, tx, per_thread - 1 - i)
             T.sync_threads()
 
         @T.macro
@@ -325,6 +367,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 floor = T.alloc_var(T.float32) if value_filter else None
                 slot = T.alloc_var(T.int32)
                 passing = None if second_pass_writes else T.alloc_local((1,), T.int32)  # the probe's count
+                # compact_second_pass: a loop step's passing values (a bit each) and the one visited next
+                compact = (T.alloc_var(T.int32), T.alloc_var(T.int32)) if compact_second_pass else None
+                thread_bins = T.alloc_local((per_thread,), T.int32) if bins_in_registers else None
                 values = T.alloc_local((unroll * vector,), T.float32)
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
                 source = (Scores, Keys, keys)
@@ -345,7 +390,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 mark(Clock, row, tx, "first pass")
                 if tx == 0 and end < width:  # the unread columns [end, width) are -inf
                     T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
-                find_kth_bin(hist, suffix, found, tx, need)
+                find_kth_bin(hist, suffix, found, tx, need, thread_bins)
                 prefix = T.cast(found[0], T.uint32)
                 need = need - found[1]
                 in_bin = found[2]
@@ -365,14 +410,14 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                         T.atomic_add(counters[1], passing[0])  # keeps the count (and so the pass) alive
                     else:
                         for_each_key(source, row, tx, end, values, write_or_buffer,
-                                     (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor)
+                                     (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor, compact)
                     T.sync_threads()
                     mark(Clock, row, tx, "second pass", after_barrier=True)
                     for bits, high_shift in later_levels:  # unrolled in Python
                         clear_histogram(hist, tx)
                         for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_digit,
                                           (hist, prefix, high_shift, high_shift - bits, (1 << bits) - 1))
-                        find_kth_bin(hist, suffix, found, tx, need)
+                        find_kth_bin(hist, suffix, found, tx, need, thread_bins)
                         prefix = (prefix << bits) | T.cast(found[0], T.uint32)
                         need = need - found[1]
                         ties = found[2]
@@ -383,7 +428,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                             clear_histogram(hist, tx)
                             for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_column_digit,
                                               (hist, prefix, lowest, high_shift, high_shift - bits, (1 << bits) - 1))
-                            find_kth_bin(hist, suffix, found, tx, wanted)
+                            find_kth_bin(hist, suffix, found, tx, wanted, thread_bins)
                             lowest = (lowest << bits) | T.cast(found[0], T.uint32)
                             wanted = wanted - found[1]
                             T.sync_threads()
@@ -402,7 +447,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                                      (hist, prefix, high_shift, shift, digit_mask))
                         if tx == 0 and end < width and T.uint32(NEG_INF_KEY >> high_shift) == prefix:
                             T.atomic_add(hist[(NEG_INF_KEY >> shift) & digit_mask], width - end)
-                        find_kth_bin(hist, suffix, found, tx, need)
+                        find_kth_bin(hist, suffix, found, tx, need, thread_bins)
                         prefix = (prefix << bits) | T.cast(found[0], T.uint32)
                         need = need - found[1]
                         ties = found[2]
@@ -414,7 +459,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                             clear_histogram(hist, tx)
                             for_each_key(source, row, tx, end, values, count_column_digit,
                                          (hist, prefix, lowest, high_shift, high_shift - bits, (1 << bits) - 1))
-                            find_kth_bin(hist, suffix, found, tx, wanted)
+                            find_kth_bin(hist, suffix, found, tx, wanted, thread_bins)
                             lowest = (lowest << bits) | T.cast(found[0], T.uint32)
                             wanted = wanted - found[1]
                             T.sync_threads()

@@ -33,6 +33,21 @@ def test_radix_topk_vector_loads_compile_to_16_byte_loads():
         build_radix_topk(2048, vector=4, with_keys=True)
 
 
+def test_radix_topk_compact_second_pass_and_bins_in_registers():
+    """compact_second_pass: a step's passing values as a bit mask, visited lowest bit first; bins_in_registers: the
+    bin search reads a thread's counts from shared memory once per level. Both off by default."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.topk import build_radix_topk
+
+    default = build_radix_topk(2048, vector=4, unroll=1, arch="sm_90a")().get_kernel_source()
+    compact = build_radix_topk(2048, vector=4, unroll=1, compact_second_pass=True, bins_in_registers=True,
+                               arch="sm_90a")().get_kernel_source()
+    assert "__ffs" in compact and "__ffs" not in default
+    assert "thread_bins" in compact and "thread_bins" not in default
+    with pytest.raises(ValueError, match="compact_second_pass"):
+        build_radix_topk(2048, with_keys=True, compact_second_pass=True)
+
+
 def test_radix_topk_phase_clock_marks_each_phase():
     """phase_clock (the probe): one SM-clock read per phase mark, behind a barrier; only for the vector program."""
     _tilelang_or_skip()
@@ -68,7 +83,11 @@ def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
 @pytest.mark.parametrize("options", [dict(vector=4, unroll=1, min_ctas_per_sm=4), dict(vector=4, unroll=2),
                                      dict(vector=4, unroll=4, threads=1024), dict(vector=2, unroll=2),
                                      dict(vector=4, unroll=1, min_ctas_per_sm=4, buffer=16),
-                                     dict(vector=4, unroll=1, threads=1024, min_ctas_per_sm=2)])
+                                     dict(vector=4, unroll=1, threads=1024, min_ctas_per_sm=2),
+                                     dict(vector=4, unroll=1, min_ctas_per_sm=4, compact_second_pass=True),
+                                     dict(vector=4, unroll=1, min_ctas_per_sm=4, bins_in_registers=True),
+                                     dict(vector=4, unroll=4, threads=1024, compact_second_pass=True,
+                                          bins_in_registers=True)])
 @pytest.mark.parametrize("width", [70000, 4100])
 def test_radix_topk_vector_loads_select_the_same_set(options, width):
     """Rows read in groups of `vector` floats select exactly the scalar program's set: ends inside a group, shorter
@@ -189,7 +208,10 @@ def test_radix_topk_phase_clock_selects_the_same_set_and_marks_in_order():
                                      dict(threads=256, unroll=16), dict(unroll=16, buffer=16),
                                      dict(min_ctas_per_sm=3), dict(min_ctas_per_sm=4),
                                      dict(min_ctas_per_sm=4, buffer=2048), dict(min_ctas_per_sm=4, value_filter=False),
-                                     dict(threads=1024, unroll=8, value_filter=False)])
+                                     dict(threads=1024, unroll=8, value_filter=False),
+                                     dict(min_ctas_per_sm=4, compact_second_pass=True, bins_in_registers=True),
+                                     dict(unroll=16, buffer=16, compact_second_pass=True, bins_in_registers=True),
+                                     dict(value_filter=False, compact_second_pass=True)])
 def test_radix_topk_variants_select_the_same_set(options):
     """Every load depth and CTA width (`sweep_topk.py` times them) selects exactly the default's set: ragged ends
     (shorter than one loop step, not a multiple of it), ties, garbage past the ends."""
