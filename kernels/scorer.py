@@ -120,10 +120,11 @@ def logits_wave_queries(heads: int, batch: int, device: torch.device, fp8: bool 
                         wide_few_heads: bool = WIDE_FEW_HEADS) -> int:
     """Queries (per sequence of `batch`) whose prefill logits CTAs number one per SM of `device`: query chunks of whole
     such waves end no launch in a partly filled wave (`wide_few_heads`: 4-16 heads in 256-row CTAs, see `_logits`).
-    At 128K a prefill's late query chunks were 2-5 waves of MISA-8's (then) 16-query CTAs; H200, `bench_indexer-20261203-192012.json` against TILELANG_BUDGET_CHUNKS_SCORER: MISA-8's
-    logits stage 39.1 -> 35.5 ms, the whole indexer (host hidden) 66.0 -> 62.0 ms; DSA-64 297 -> 293 ms; 32K and
-    64K within noise. (Eagerly the gain did not show, 66.2 / 66.9 ms: the gaps the host left grew from 0.2 to 4.9
-    ms, with 16 chunks instead of 14; why, not established.)"""
+    At 128K a prefill's late query chunks were 2-5 waves of MISA-8's (then) 16-query CTAs; H200,
+    `bench_indexer-20261203-192012.json` against TILELANG_BUDGET_CHUNKS_SCORER: MISA-8's logits stage 39.1 -> 35.5
+    ms, the whole indexer (host hidden) 66.0 -> 62.0 ms; DSA-64 297 -> 293 ms; 32K and 64K within noise. (Eagerly
+    the gain did not show, 66.2 / 66.9 ms: the gaps the host left grew from 0.2 to 4.9 ms, with 16 chunks instead
+    of 14; why, not established.)"""
     sm_count = _sm_count(device)
     per_cta = queries_per_cta(heads, prefill_shape(heads, fp8, wide_few_heads)["rows_per_cta"])
     return per_cta * sm_count // math.gcd(batch, sm_count)

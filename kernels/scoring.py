@@ -97,8 +97,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
         raise ValueError("the candidate variant is bf16 with key_splits=1 (its counters live in one CTA) and a "
                          f"capacity that is a multiple of block_n={block_n}")
     if interleaved and (fp8 or capacity or not can_interleave(heads, rows_per_cta, threads)):
-        raise ValueError(f"the interleaved layout is for the bf16 dense programs with 256 threads and an even number of "
-                         f"heads dividing rows_per_cta / 8 (128 or 256 rows per CTA); got heads={heads}, fp8={fp8}, "
+        raise ValueError(f"the interleaved layout is for the bf16 dense programs with 256 threads and an even number "
+                         f"of heads dividing rows_per_cta / 8 (128 or 256 rows per CTA); got heads={heads}, fp8={fp8}, "
                          f"capacity={capacity}, rows_per_cta={rows_per_cta}, threads={threads}")
     target = compile_target(arch)
     block_q = queries_per_cta(heads, rows_per_cta)

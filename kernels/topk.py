@@ -246,7 +246,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             other = T.alloc_var(T.int32)
             running = T.alloc_var(T.int32)
             local_sum = 0
-            for i in T.serial(per_thread):
+            for i in (T.serial if thread_bins is None else T.unroll)(per_thread):  # registers: constant indices
                 if thread_bins is not None:  # Python-level
                     thread_bins[i] = hist[tx * per_thread + i]
                     local_sum = local_sum + thread_bins[i]

@@ -102,7 +102,8 @@ def test_logits_waves_hold_one_cta_per_sm(monkeypatch):
     monkeypatch.setattr(scorer, "_sm_count", lambda device: 132)
     cpu = torch.device("cpu")
     assert scorer.logits_wave_queries(8, 1, cpu) == 32 * 132
-    assert scorer.logits_wave_queries(8, 1, cpu, fp8=True) == scorer.logits_wave_queries(8, 1, cpu, wide_few_heads=False)
+    square = scorer.logits_wave_queries(8, 1, cpu, wide_few_heads=False)
+    assert scorer.logits_wave_queries(8, 1, cpu, fp8=True) == square
     assert scorer.logits_wave_queries(8, 1, cpu, wide_few_heads=False) == 16 * 132
     assert scorer.logits_wave_queries(64, 1, cpu) == 4 * 132
     assert scorer.logits_wave_queries(64, 1, cpu, fp8=True) == 2 * 132
