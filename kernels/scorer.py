@@ -419,6 +419,13 @@ TILELANG_SQUARE_FEW_HEADS_SCORER = dataclasses.replace(
     fused_select=functools.partial(tilelang_select_tokens, wide_few_heads=False),
     wave_queries=functools.partial(logits_wave_queries, wide_few_heads=False))
 
+# The top-k with `compact_second_pass` and `bins_in_registers` (`topk.build_radix_topk`, fewer instructions per row),
+# beside the default for the benchmark; not yet run on a GPU.
+TILELANG_COMPACT_TOPK_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-compact-topk",
+    fused_select=functools.partial(tilelang_select_tokens,
+                                   topk_options=dict(compact_second_pass=True, bins_in_registers=True)))
+
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.
 TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-budget-chunks", wave_queries=None)

@@ -41,22 +41,11 @@ MANY_ROWS_SHAPE = dict(min_ctas_per_sm=4)
 # decode 128K, batch 32, 1 / 4 queries 0.0491 / 0.0607 against 0.0499 / 0.0637 ms; the same sets selected.
 FEW_ROWS_VECTOR_SHAPE: dict | None = dict(FEW_ROWS_SHAPE, vector=4, unroll=4)
 MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1)
-# Tried and not kept (git 280dfb6): a one-read path keeping each row's values above a running floor in shared memory
-# instead of reading the row twice; exact, but 0.63-1.10 ms against 0.42 for 64K causal rows (H200,
-# sweep_topk-20261203-153535-one-read-not-kept.json): its slots leave room for two CTAs per SM, not four.
-# Also not kept (branch planes-not-kept, 27b4688): the logits written as two planes of 16-bit halves, both full passes
-# reading the high halves only (half the bytes): 0.450 against 0.429 ms (sweep_topk-20261203-230609-planes-not-kept
-# .json), and MISA-8's logits stage 9.19 against 8.73 ms at 64K with two stores per logit: the rows are not
-# bandwidth-bound.
-# Also not kept, H200, 64K causal rows rewritten before each call, the same sets: the second pass read backward and / or
-# the rows in reverse order (git 81f9364; 0.414 / 0.438 / 0.420 ms against 0.406, sweep_topk-20261203-235645-backward-
-# not-kept.json); groups through per-thread cp.async rings (git b6322b7; 0.431-0.506 against 0.408, sweep_topk-
-# 20261204-001808-async-not-kept.json); the second pass's slots claimed once per warp (git 2c1aebc; 0.490 against
-# 0.407, sweep_topk-20261204-003254-warp-claims-not-kept.json) or once per thread and loop step (git c19e281; 0.4035
-# against 0.4064, but decode rows 0.063 / 0.066 against 0.052 / 0.053, sweep_topk-20261204-021730.json). The phase
-# probe (phase_clock, topk_phases-20261204-015736.json) puts the second pass at 56% of a row's cycles, yet a second
-# pass that neither claims nor writes leaves the whole program 10% faster at most (-015811); Nsight Compute (ncu-
-# 20261204-0225.txt): the L1/shared-memory pipe 84% busy, DRAM 43%, warps half diverged (16.7 active threads).
+# Tried on an H200 and not kept, each written up with its figures in the README's latest GPU section or in
+# benchmarks/RESULTS.md (search for the commit): a one-read path (280dfb6), 16-bit planes of the logits (27b4688), the
+# second pass read backward / rows reversed (81f9364), per-thread cp.async rings (b6322b7), slot claims once per warp
+# (2c1aebc) or per thread and loop step (c19e281). Nsight Compute (benchmarks/results/ncu-20261204-0231-detail.txt):
+# bound by instruction issue and the L1 / shared-memory pipe (84% busy), not DRAM (43%).
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000

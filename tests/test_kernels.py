@@ -431,6 +431,9 @@ def test_fused_select_matches_reference(batch, num_queries, num_keys, heads, k, 
     # build options reach the top-k: without the second pass's value filter, the same visible keys
     unfiltered = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k, topk_options=dict(value_filter=False))
     assert exact_fraction(unfiltered, ours, dense) == 1.0
+    compact = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k,
+                                     topk_options=dict(compact_second_pass=True, bins_in_registers=True))
+    assert exact_fraction(compact, ours, dense) == 1.0
 
 
 @gpu
