@@ -158,23 +158,40 @@ def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_c
                 interleaved=interleaved, overlapped=overlapped)
 
 
+def query_layout(heads: int, num_queries: int, fp8: bool, interleaved: bool, wide_few_heads: bool,
+                 interleaved_many_heads: bool) -> tuple[bool, bool, int]:
+    """(interleaved, wide_few_heads, query block) as `_logits` settles them for one call: the interleaved layout for
+    2-16 heads with a whole square block (and `wide_few_heads` with a whole wide one), or with
+    `interleaved_many_heads` for heads that fit it only in the wide CTAs (32) with a whole wide block; the block is
+    what the queries are padded to."""
+    square_block = queries_per_cta(heads)
+    wide_block = queries_per_cta(heads, WIDE_CTA["rows_per_cta"])
+    many = (interleaved_many_heads and heads >= WIDE_CTA_MIN_HEADS and num_queries >= wide_block
+            and can_interleave(heads, WIDE_CTA["rows_per_cta"]))
+    few = can_interleave(heads) and num_queries >= square_block
+    interleaved = interleaved and not fp8 and (few or many)
+    wide_few_heads = wide_few_heads and interleaved and few and wide_few_heads_fit(heads) and num_queries >= wide_block
+    return interleaved, wide_few_heads, wide_block if wide_few_heads or (interleaved and many) else square_block
+
+
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
             softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True,
-            overlapped: bool = True, wide_few_heads: bool = WIDE_FEW_HEADS) -> torch.Tensor:
+            overlapped: bool = True, wide_few_heads: bool = WIDE_FEW_HEADS,
+            interleaved_many_heads: bool = False) -> torch.Tensor:
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
     applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: each
     tile's epilogue runs beside the next tile's matmul where `logits_options` takes it; `wide_few_heads`: 4-16
-    interleaved heads in 256-row CTAs (see WIDE_FEW_HEADS_MIN) where a prefill has a whole such block."""
+    interleaved heads in 256-row CTAs (see WIDE_FEW_HEADS_MIN) where a prefill has a whole such block;
+    `interleaved_many_heads`: 32 heads interleaved in the wide CTAs too (a call whose keys are split over 128-row
+    CTAs keeps the plain layout). See `query_layout`."""
     batch, num_queries, heads, dim = q.shape
-    block = queries_per_cta(heads)
-    interleaved = interleaved and not fp8 and can_interleave(heads) and num_queries >= block
-    wide_block = queries_per_cta(heads, WIDE_CTA["rows_per_cta"])
-    wide_few_heads = wide_few_heads and interleaved and wide_few_heads_fit(heads) and num_queries >= wide_block
-    block = wide_block if wide_few_heads else block
+    interleaved, wide_few_heads, block = query_layout(heads, num_queries, fp8, interleaved, wide_few_heads,
+                                                      interleaved_many_heads)
     # The TMA store's descriptor cannot span more elements than this: split the queries, in whole query blocks.
     per_call = max(block, (MAX_TMA_ELEMENTS - 1) // max(1, keys.shape[1]) // block * block)
     again = functools.partial(_logits, softmax_scale=softmax_scale, fill_future=fill_future, fp8=fp8,
-                              interleaved=interleaved, overlapped=overlapped, wide_few_heads=wide_few_heads)
+                              interleaved=interleaved, overlapped=overlapped, wide_few_heads=wide_few_heads,
+                              interleaved_many_heads=interleaved_many_heads)
     if num_queries > per_call:
         return torch.cat([again(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
                                 ke[:, i : i + per_call]) for i in range(0, num_queries, per_call)], dim=1)
@@ -185,6 +202,9 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
         return again(q, weights, keys, ks, ke)[:, :num_queries]
     options = logits_options(heads, batch, num_queries, keys.shape[1], _sm_count(q.device), fill_future, fp8,
                              interleaved, overlapped, wide_few_heads)
+    if interleaved and not can_interleave(heads, options["rows_per_cta"]):  # many heads, keys split: 128-row CTAs
+        interleaved = False
+        options["interleaved"] = False
     kernel = build_weighted_relu_logits(heads, dim, **options)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
     weights = weights.float() * softmax_scale
@@ -259,14 +279,17 @@ def uses_threshold_filter(q: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
 
 def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                           softmax_scale: float, fp8: bool = False, interleaved: bool = True,
-                          overlapped: bool = True, wide_few_heads: bool = WIDE_FEW_HEADS) -> torch.Tensor:
+                          overlapped: bool = True, wide_few_heads: bool = WIDE_FEW_HEADS,
+                          interleaved_many_heads: bool = False) -> torch.Tensor:
     """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out; fp8: q and
     keys quantized to e4m3 with power-of-two row scales first, exact for inputs already rounded to FP8;
     interleaved: the head sum in registers where it applies, see `scoring.interleaved_query_head`; overlapped: the
-    logits program's overlapped driver where it applies, see `overlaps`; wide_few_heads: see `_logits`)."""
+    logits program's overlapped driver where it applies, see `overlaps`; wide_few_heads, interleaved_many_heads:
+    see `_logits`)."""
     ks, ke, contiguous = chunk.key_range
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True, fp8=fp8, interleaved=interleaved,
-                     overlapped=overlapped, wide_few_heads=wide_few_heads)
+                     overlapped=overlapped, wide_few_heads=wide_few_heads,
+                     interleaved_many_heads=interleaved_many_heads)
     if not contiguous:  # holes inside [ks, ke) (or unknown: sync-free): apply the mask exactly as the reference
         logits = logits + chunk.bias
     return logits
@@ -276,7 +299,8 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
                            softmax_scale: float, k: int, fp8: bool = False, threshold: bool = False,
                            interleaved: bool = True, overlapped: bool = True,
                            out: torch.Tensor | None = None, topk_options: dict | None = None,
-                           wide_few_heads: bool = WIDE_FEW_HEADS) -> torch.Tensor:
+                           wide_few_heads: bool = WIDE_FEW_HEADS,
+                           interleaved_many_heads: bool = False) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
@@ -284,18 +308,20 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     sampled threshold instead, which writes only a few thousand candidates per query (`ops.threshold`; the same
     selection). Off by default: on an H100 it measured slower than the dense path for MISA-8 (see the README).
     `out`: where the radix select may write the indices; `topk_options`: its build options beyond the shape
-    (see `radix_topk`); `wide_few_heads`: the logits' CTA shape (see `_logits`).
+    (see `radix_topk`); `wide_few_heads`, `interleaved_many_heads`: the logits' CTA shape and layout (see
+    `_logits`).
     """
     ks, ke, contiguous = chunk.key_range
     width = keys.shape[1]
     if not contiguous or width < RADIX_MIN_WIDTH or k > width:
         logits = tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved, overlapped,
-                                       wide_few_heads)
+                                       wide_few_heads, interleaved_many_heads)
         return radix_topk(logits, k, out=out, options=topk_options)
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved,
-                     overlapped=overlapped, wide_few_heads=wide_few_heads)
+                     overlapped=overlapped, wide_few_heads=wide_few_heads,
+                     interleaved_many_heads=interleaved_many_heads)
     return radix_topk(logits, k, ends=ke, out=out, options=topk_options)
 
 
@@ -418,6 +444,14 @@ TILELANG_SQUARE_FEW_HEADS_SCORER = dataclasses.replace(
     token_logits=functools.partial(tilelang_token_logits, wide_few_heads=False),
     fused_select=functools.partial(tilelang_select_tokens, wide_few_heads=False),
     wave_queries=functools.partial(logits_wave_queries, wide_few_heads=False))
+
+# 32 heads (GLM-5's DSA baseline) interleaved in the wide CTAs (`_logits`' interleaved_many_heads): H200, 32K causal
+# logits, 8.03 against 9.09 ms in the plain layout (sweep_logits-20261204-021632.json); beside the default for the
+# benchmark, not yet run through the scorer on a GPU.
+TILELANG_INTERLEAVED_MANY_HEADS_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-interleaved-many-heads",
+    token_logits=functools.partial(tilelang_token_logits, interleaved_many_heads=True),
+    fused_select=functools.partial(tilelang_select_tokens, interleaved_many_heads=True))
 
 # The top-k with `compact_second_pass` and `bins_in_registers` (`topk.build_radix_topk`, fewer instructions per row),
 # beside the default for the benchmark; not yet run on a GPU.

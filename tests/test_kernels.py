@@ -112,6 +112,24 @@ def test_logits_waves_hold_one_cta_per_sm(monkeypatch):
     assert scorer.TILELANG_BUDGET_CHUNKS_SCORER.wave_queries is None
 
 
+def test_query_layout_settles_interleaving_per_call():
+    """`_logits`' layout choice: interleaved 2-16 heads with a whole square block, wide for 4-16 heads with a whole
+    wide block; 32 heads interleaved only when asked (interleaved_many_heads) and with a whole wide block; never FP8
+    or 64 heads."""
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels.scorer import query_layout
+
+    def layout(heads, queries, fp8=False, wide=True, many=False):
+        return query_layout(heads, queries, fp8, True, wide, many)
+
+    assert layout(8, 100) == (True, True, 32) and layout(8, 20) == (True, False, 16) and layout(8, 12)[0] is False
+    assert layout(8, 100, wide=False) == (True, False, 16) and layout(2, 500) == (True, False, 64)
+    assert layout(8, 100, fp8=True)[0] is False
+    assert layout(32, 100) == (False, False, 4) and layout(32, 100, many=True) == (True, False, 8)
+    assert layout(32, 5, many=True)[0] is False and layout(64, 100, many=True)[0] is False
+    assert layout(32, 100, fp8=True, many=True)[0] is False
+
+
 def test_decode_rows_per_cta_fits_the_step_queries():
     pytest.importorskip("tilelang", reason="TileLang is not installed")
     from transformers_misa.kernels.scorer import decode_rows_per_cta
@@ -380,6 +398,29 @@ def test_overlapped_logits_match_the_pipelined_program(stages, case, batch, num_
     assert torch.equal(torch.isinf(overlapped[visible]), torch.isinf(pipelined[visible]))
     finite = visible & torch.isfinite(pipelined)
     torch.testing.assert_close(overlapped[finite], pipelined[finite], rtol=1e-5, atol=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,num_queries,num_keys,pads", [
+    (2, 96, 1024, [0, 30]),  # whole wide blocks (8 queries of 32 heads)
+    (1, 100, 1500, [0]),  # a partial last block: padded with queries that see nothing
+    (2, 5, 4100, [0, 7]),  # too few queries for a wide block: the plain layout
+    (1, 40, 70000, [0]),  # few CTAs: keys split over 128-row CTAs, where 32 heads keep the plain layout
+])
+def test_interleaved_many_heads_match_reference(batch, num_queries, num_keys, pads):
+    """GLM-5's 32 heads interleaved in the wide CTAs (interleaved_many_heads) against the reference."""
+    from transformers_misa.kernels.scorer import tilelang_select_tokens, tilelang_token_logits
+
+    q, keys, weights = _inputs(batch, num_queries, num_keys, 32)
+    for mask in (None, _padded_causal_mask(batch, num_queries, num_keys, pads)):
+        chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
+        ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5, interleaved_many_heads=True)
+        ref = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
+        _assert_logits_match(ours, ref, tolerance=2e-2)
+        k = min(256, num_keys)
+        picked = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k, interleaved_many_heads=True)
+        _assert_same_selection(picked, reference.top_indices(ref, k), ref, tolerance=5e-2)
 
 
 @gpu
