@@ -392,26 +392,27 @@ TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda h
                          # `_logits` pads only the last chunk (padding costs each chunk 8 launches before its logits)
                          query_multiple=queries_per_cta(2), wave_queries=logits_wave_queries)
 
+
+def _logits_variant(name: str, waves: bool = False, **options) -> Scorer:
+    """TILELANG_SCORER with `options` for the token logits and the fused select alike (and, with `waves`, for the waves
+    of logits CTAs that size its query chunks), so that the paths of one variant never disagree."""
+    wave_queries = {"wave_queries": functools.partial(logits_wave_queries, **options)} if waves else {}
+    return dataclasses.replace(TILELANG_SCORER, name=name,
+                               token_logits=functools.partial(tilelang_token_logits, **options),
+                               fused_select=functools.partial(tilelang_select_tokens, **options), **wave_queries)
+
+
 # qk_format="fp8_e4m3": the token logits on the FP8 tensor cores. The indexer hands over q and keys already rounded
 # to FP8 (the reference's numerics), so quantizing them here is exact; the router and the re-rank keep bf16 inputs.
-TILELANG_FP8_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-fp8", token_logits=functools.partial(tilelang_token_logits, fp8=True),
-    fused_select=functools.partial(tilelang_select_tokens, fp8=True),
-    wave_queries=functools.partial(logits_wave_queries, fp8=True))
+TILELANG_FP8_SCORER = _logits_variant("tilelang-fp8", waves=True, fp8=True)
 
 # The plain row order (query · heads + head) for every head count: the layout before the interleaved one, kept so
 # that the benchmark times both side by side.
-TILELANG_PLAIN_LAYOUT_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-plain-layout",
-    token_logits=functools.partial(tilelang_token_logits, interleaved=False),
-    fused_select=functools.partial(tilelang_select_tokens, interleaved=False))
+TILELANG_PLAIN_LAYOUT_SCORER = _logits_variant("tilelang-plain-layout", interleaved=False)
 
 # Prefill logits by TileLang's pipeline (each tile's epilogue after its wgmma, the driver before the overlapped
 # one), kept so that the benchmark times both side by side.
-TILELANG_PIPELINED_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-pipelined",
-    token_logits=functools.partial(tilelang_token_logits, overlapped=False),
-    fused_select=functools.partial(tilelang_select_tokens, overlapped=False))
+TILELANG_PIPELINED_SCORER = _logits_variant("tilelang-pipelined", overlapped=False)
 
 # Wide prefill top-k through the sampled threshold (`ops.threshold`): exact, opt-in; the benchmark times it beside
 # the dense path.
@@ -439,19 +440,12 @@ TILELANG_BLOCKS_AS_M_ROUTER_SCORER = dataclasses.replace(
 
 # 4-16 routed heads in the 128-row CTAs over 128-key tiles (the shape before WIDE_FEW_HEADS), kept so that the
 # benchmark times both side by side.
-TILELANG_SQUARE_FEW_HEADS_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-square-few-heads",
-    token_logits=functools.partial(tilelang_token_logits, wide_few_heads=False),
-    fused_select=functools.partial(tilelang_select_tokens, wide_few_heads=False),
-    wave_queries=functools.partial(logits_wave_queries, wide_few_heads=False))
+TILELANG_SQUARE_FEW_HEADS_SCORER = _logits_variant("tilelang-square-few-heads", waves=True, wide_few_heads=False)
 
 # 32 heads (GLM-5's DSA baseline) interleaved in the wide CTAs (`_logits`' interleaved_many_heads): H200, 32K causal
 # logits, 8.03 against 9.09 ms in the plain layout (sweep_logits-20261204-021632.json); beside the default for the
 # benchmark, not yet run through the scorer on a GPU.
-TILELANG_INTERLEAVED_MANY_HEADS_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-interleaved-many-heads",
-    token_logits=functools.partial(tilelang_token_logits, interleaved_many_heads=True),
-    fused_select=functools.partial(tilelang_select_tokens, interleaved_many_heads=True))
+TILELANG_INTERLEAVED_MANY_HEADS_SCORER = _logits_variant("tilelang-interleaved-many-heads", interleaved_many_heads=True)
 
 # The top-k with `compact_second_pass` and `bins_in_registers` (`topk.build_radix_topk`, fewer instructions per row),
 # beside the default for the benchmark; not yet run on a GPU.

@@ -340,17 +340,22 @@ def test_logits_kernel_matches_reference(batch, num_queries, num_keys, heads, pa
 def test_interleaved_logits_match_reference(batch, num_queries, num_keys, heads, pads, wide_few_heads):
     """The interleaved layout in the square CTAs, and (wide_few_heads) in the wide ones over 128 rows per
     warpgroup where a whole wide block fits (8 heads: 32 queries), against the reference."""
+    _assert_layout_matches_reference(batch, num_queries, num_keys, heads, pads, wide_few_heads=wide_few_heads)
+
+
+def _assert_layout_matches_reference(batch, num_queries, num_keys, heads, pads, **layout):
+    """The logits and the fused select under the scorer's layout options `layout` (interleaved where it applies)
+    against the reference, with and without a padded causal mask."""
     from transformers_misa.kernels.scorer import tilelang_select_tokens, tilelang_token_logits
 
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads)
     for mask in (None, _padded_causal_mask(batch, num_queries, num_keys, pads)):
         chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
-        # interleaved where it applies
-        ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5, wide_few_heads=wide_few_heads)
+        ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5, **layout)
         ref = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
         _assert_logits_match(ours, ref, tolerance=2e-2)
         k = min(256, num_keys)
-        picked = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k, wide_few_heads=wide_few_heads)
+        picked = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k, **layout)
         _assert_same_selection(picked, reference.top_indices(ref, k), ref, tolerance=5e-2)
 
 
@@ -410,17 +415,7 @@ def test_overlapped_logits_match_the_pipelined_program(stages, case, batch, num_
 ])
 def test_interleaved_many_heads_match_reference(batch, num_queries, num_keys, pads):
     """GLM-5's 32 heads interleaved in the wide CTAs (interleaved_many_heads) against the reference."""
-    from transformers_misa.kernels.scorer import tilelang_select_tokens, tilelang_token_logits
-
-    q, keys, weights = _inputs(batch, num_queries, num_keys, 32)
-    for mask in (None, _padded_causal_mask(batch, num_queries, num_keys, pads)):
-        chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
-        ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5, interleaved_many_heads=True)
-        ref = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
-        _assert_logits_match(ours, ref, tolerance=2e-2)
-        k = min(256, num_keys)
-        picked = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, k, interleaved_many_heads=True)
-        _assert_same_selection(picked, reference.top_indices(ref, k), ref, tolerance=5e-2)
+    _assert_layout_matches_reference(batch, num_queries, num_keys, 32, pads, interleaved_many_heads=True)
 
 
 @gpu
