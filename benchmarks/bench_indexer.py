@@ -29,8 +29,8 @@ from transformers_misa.kernels.scorer import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER
                                               TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_SCORER,
                                               TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
                                               TILELANG_THRESHOLD_SCORER,
-                                              TILELANG_SQUARE_FEW_HEADS_SCORER, TILELANG_COMPACT_TOPK_SCORER,
-                                              TILELANG_INTERLEAVED_MANY_HEADS_SCORER,
+                                              TILELANG_SQUARE_FEW_HEADS_SCORER, TILELANG_PLAIN_TOPK_SCORER,
+                                              TILELANG_PLAIN_MANY_HEADS_SCORER,
                                               logits_options)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
@@ -93,9 +93,11 @@ def methods(heads: int, deepseek_kernel):
         "misa8_blocks_as_m_router": _misa(reference.misa_topk, TILELANG_BLOCKS_AS_M_ROUTER_SCORER),
         # the top-k's second pass claiming its slots once per thread and loop step, both methods alike
         "misa8_square": _misa(reference.misa_topk, TILELANG_SQUARE_FEW_HEADS_SCORER),
-        f"dsa{heads}_compact_topk": _dsa(TILELANG_COMPACT_TOPK_SCORER),
-        f"dsa{heads}_interleaved": _dsa(TILELANG_INTERLEAVED_MANY_HEADS_SCORER),  # GLM-5's 32 heads (64: plain)
-        "misa8_compact_topk": _misa(reference.misa_topk, TILELANG_COMPACT_TOPK_SCORER),
+        # the prefill top-k without the compact second pass and counts in registers, both methods alike
+        f"dsa{heads}_plain_topk": _dsa(TILELANG_PLAIN_TOPK_SCORER),
+        "misa8_plain_topk": _misa(reference.misa_topk, TILELANG_PLAIN_TOPK_SCORER),
+        # GLM-5's 32 heads in the plain layout of the wide CTAs (64 heads: always plain)
+        f"dsa{heads}_plain_many_heads": _dsa(TILELANG_PLAIN_MANY_HEADS_SCORER),
         # the wide top-k via a sampled threshold
         f"dsa{heads}_threshold": _dsa(TILELANG_THRESHOLD_SCORER),
         "misa8_threshold": _misa(reference.misa_topk, TILELANG_THRESHOLD_SCORER),
@@ -228,8 +230,8 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
             row["stages"] = {name: stage_ms(functools.partial(table[name], q, keys, weights))
                                 for name in (f"dsa{heads}_kernel", f"dsa{heads}_pipelined", "misa8", "misa8_pipelined",
                                              "misa8_budget_chunks", "misa8_blocks_as_m_router",
-                                             "misa8_square", f"dsa{heads}_compact_topk", "misa8_compact_topk",
-                                             f"dsa{heads}_interleaved",
+                                             "misa8_square", f"dsa{heads}_plain_topk", "misa8_plain_topk",
+                                             f"dsa{heads}_plain_many_heads",
                                              "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}

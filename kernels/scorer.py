@@ -54,6 +54,12 @@ WIDE_CTA_MIN_HEADS = 32
 # scorers' query_multiple.
 WIDE_FEW_HEADS = True
 WIDE_FEW_HEADS_MIN = 4
+# `interleaved_many_heads` (the default): 32 heads (GLM-5's DSA baseline) interleaved in the wide CTAs too. H200:
+# 32K causal logits 8.03 against 9.09 ms (sweep_logits-20261204-021632.json); GLM-5's DSA-32 indexer host hidden
+# 10.89 / 39.71 ms at 32K / 64K against 11.69 / 43.63 (bench_indexer-20261204-044100.json, the plain layout as
+# TILELANG_PLAIN_MANY_HEADS_SCORER beside it), though the queries' permutation costs 0.4 / 0.8 ms of elementwise
+# kernels. 64 heads do not fit it (the plain wide CTAs).
+INTERLEAVED_MANY_HEADS = True
 OVERLAPPED_STAGES = 4  # key tiles in flight in the overlapped driver
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
 
@@ -177,7 +183,7 @@ def query_layout(heads: int, num_queries: int, fp8: bool, interleaved: bool, wid
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
             softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True,
             overlapped: bool = True, wide_few_heads: bool = WIDE_FEW_HEADS,
-            interleaved_many_heads: bool = False) -> torch.Tensor:
+            interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS) -> torch.Tensor:
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
     applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: each
     tile's epilogue runs beside the next tile's matmul where `logits_options` takes it; `wide_few_heads`: 4-16
@@ -280,7 +286,7 @@ def uses_threshold_filter(q: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
 def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                           softmax_scale: float, fp8: bool = False, interleaved: bool = True,
                           overlapped: bool = True, wide_few_heads: bool = WIDE_FEW_HEADS,
-                          interleaved_many_heads: bool = False) -> torch.Tensor:
+                          interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS) -> torch.Tensor:
     """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out; fp8: q and
     keys quantized to e4m3 with power-of-two row scales first, exact for inputs already rounded to FP8;
     interleaved: the head sum in registers where it applies, see `scoring.interleaved_query_head`; overlapped: the
@@ -300,7 +306,7 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
                            interleaved: bool = True, overlapped: bool = True,
                            out: torch.Tensor | None = None, topk_options: dict | None = None,
                            wide_few_heads: bool = WIDE_FEW_HEADS,
-                           interleaved_many_heads: bool = False) -> torch.Tensor:
+                           interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
@@ -442,17 +448,16 @@ TILELANG_BLOCKS_AS_M_ROUTER_SCORER = dataclasses.replace(
 # benchmark times both side by side.
 TILELANG_SQUARE_FEW_HEADS_SCORER = _logits_variant("tilelang-square-few-heads", waves=True, wide_few_heads=False)
 
-# 32 heads (GLM-5's DSA baseline) interleaved in the wide CTAs (`_logits`' interleaved_many_heads): H200, 32K causal
-# logits, 8.03 against 9.09 ms in the plain layout (sweep_logits-20261204-021632.json); beside the default for the
-# benchmark, not yet run through the scorer on a GPU.
-TILELANG_INTERLEAVED_MANY_HEADS_SCORER = _logits_variant("tilelang-interleaved-many-heads", interleaved_many_heads=True)
+# 32 heads in the plain layout of the wide CTAs (before INTERLEAVED_MANY_HEADS), kept so that the benchmark times both
+# side by side.
+TILELANG_PLAIN_MANY_HEADS_SCORER = _logits_variant("tilelang-plain-many-heads", interleaved_many_heads=False)
 
-# The top-k with `compact_second_pass` and `bins_in_registers` (`topk.build_radix_topk`, fewer instructions per row),
-# beside the default for the benchmark; not yet run on a GPU.
-TILELANG_COMPACT_TOPK_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-compact-topk",
+# The prefill top-k without `compact_second_pass` and `bins_in_registers` (before topk.MANY_ROWS_VECTOR_SHAPE took
+# them), kept so that the benchmark times both side by side.
+TILELANG_PLAIN_TOPK_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-plain-topk",
     fused_select=functools.partial(tilelang_select_tokens,
-                                   topk_options=dict(compact_second_pass=True, bins_in_registers=True)))
+                                   topk_options=dict(compact_second_pass=False, bins_in_registers=False)))
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.

@@ -40,7 +40,13 @@ MANY_ROWS_SHAPE = dict(min_ctas_per_sm=4)
 # H200, sweep_topk-20261202-221921.json, against the scalar shapes above: 64K causal rows 0.419 against 0.434 ms;
 # decode 128K, batch 32, 1 / 4 queries 0.0491 / 0.0607 against 0.0499 / 0.0637 ms; the same sets selected.
 FEW_ROWS_VECTOR_SHAPE: dict | None = dict(FEW_ROWS_SHAPE, vector=4, unroll=4)
-MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1)
+# Prefill rows also take `compact_second_pass` and `bins_in_registers` (fewer instructions per row, the program being
+# issue-bound): H200, sweep_topk-20261204-043751.json, 64K causal rows 0.362 against 0.406 ms, the same sets
+# selected; the MISA-8 indexer's top-k stage (bench_indexer-20261204-044100.json) 2.13 -> 1.75 ms at 32K, 6.26 ->
+# 5.52 at 64K, 20.99 -> 20.09 at 128K. A decode step's wide CTAs lose with them (128K, batch 32, 1 / 4 queries:
+# 0.0561 / 0.0690 against 0.0477 / 0.0548 ms) and keep the plain passes.
+MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1, compact_second_pass=True,
+                                           bins_in_registers=True)
 # Tried on an H200 and not kept, each written up with its figures in the README's latest GPU section or in
 # benchmarks/RESULTS.md (search for the commit): a one-read path (280dfb6), 16-bit planes of the logits (27b4688), the
 # second pass read backward / rows reversed (81f9364), per-thread cp.async rings (b6322b7), slot claims once per warp

@@ -114,9 +114,10 @@ def test_logits_waves_hold_one_cta_per_sm(monkeypatch):
 
 def test_query_layout_settles_interleaving_per_call():
     """`_logits`' layout choice: interleaved 2-16 heads with a whole square block, wide for 4-16 heads with a whole
-    wide block; 32 heads interleaved only when asked (interleaved_many_heads) and with a whole wide block; never FP8
-    or 64 heads."""
+    wide block; 32 heads interleaved with a whole wide block (interleaved_many_heads, the default; the kept plain
+    variant turns it off); never FP8 or 64 heads."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels import scorer
     from transformers_misa.kernels.scorer import query_layout
 
     def layout(heads, queries, fp8=False, wide=True, many=False):
@@ -128,6 +129,9 @@ def test_query_layout_settles_interleaving_per_call():
     assert layout(32, 100) == (False, False, 4) and layout(32, 100, many=True) == (True, False, 8)
     assert layout(32, 5, many=True)[0] is False and layout(64, 100, many=True)[0] is False
     assert layout(32, 100, fp8=True, many=True)[0] is False
+    assert scorer.INTERLEAVED_MANY_HEADS and not scorer.TILELANG_PLAIN_MANY_HEADS_SCORER.token_logits.keywords[
+        "interleaved_many_heads"] and not scorer.TILELANG_PLAIN_MANY_HEADS_SCORER.fused_select.keywords[
+        "interleaved_many_heads"]
 
 
 def test_decode_rows_per_cta_fits_the_step_queries():
@@ -413,9 +417,12 @@ def test_overlapped_logits_match_the_pipelined_program(stages, case, batch, num_
     (2, 5, 4100, [0, 7]),  # too few queries for a wide block: the plain layout
     (1, 40, 70000, [0]),  # few CTAs: keys split over 128-row CTAs, where 32 heads keep the plain layout
 ])
-def test_interleaved_many_heads_match_reference(batch, num_queries, num_keys, pads):
-    """GLM-5's 32 heads interleaved in the wide CTAs (interleaved_many_heads) against the reference."""
-    _assert_layout_matches_reference(batch, num_queries, num_keys, 32, pads, interleaved_many_heads=True)
+@pytest.mark.parametrize("interleaved_many_heads", [True, False])
+def test_many_heads_layouts_match_reference(batch, num_queries, num_keys, pads, interleaved_many_heads):
+    """GLM-5's 32 heads interleaved in the wide CTAs (interleaved_many_heads, the default) and in their plain layout
+    (the kept variant) against the reference."""
+    _assert_layout_matches_reference(batch, num_queries, num_keys, 32, pads,
+                                     interleaved_many_heads=interleaved_many_heads)
 
 
 @gpu
