@@ -67,6 +67,12 @@ VARIANTS = {  # name -> build options
                                                    bins_in_registers=True),
     "few_rows_vector4_unroll4_compact_bins": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, compact_second_pass=True,
                                                   bins_in_registers=True),
+    # three CTAs per SM (40 registers): the compact second pass without the spills it has at four (32 registers:
+    # 16 B spill stores, 96 B spill loads per thread, nvcc -Xptxas -v)
+    "many_rows_ctas3_vector4_unroll1_compact_bins": dict(MANY_ROWS_SHAPE, min_ctas_per_sm=3, vector=4, unroll=1,
+                                                         compact_second_pass=True, bins_in_registers=True),
+    "many_rows_ctas3_vector4_unroll2_compact_bins": dict(MANY_ROWS_SHAPE, min_ctas_per_sm=3, vector=4, unroll=2,
+                                                         compact_second_pass=True, bins_in_registers=True),
 }
 HEADS = 8
 
@@ -81,10 +87,13 @@ def logits_rows(batch: int, queries: int, num_keys: int, ends: torch.Tensor) -> 
     return logits.reshape(batch * queries, num_keys)
 
 
-def workloads() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    context = 65536
-    prefill_ends = torch.arange(16, context + 1, 16, dtype=torch.int32, device="cuda")
-    out = {"prefill_64K_causal": (logits_rows(1, prefill_ends.numel(), context, prefill_ends), prefill_ends)}
+def workloads(prefill_contexts: tuple[int, ...] = (65536,)) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Causal prefill rows (every 16th query of each context) and decode rows (128K cache, batch 32, 1 / 4 queries)."""
+    out = {}
+    for context in prefill_contexts:
+        prefill_ends = torch.arange(16, context + 1, 16, dtype=torch.int32, device="cuda")
+        out[f"prefill_{context // 1024}K_causal"] = (logits_rows(1, prefill_ends.numel(), context, prefill_ends),
+                                                     prefill_ends)
     for queries in (1, 4):
         ends = torch.full((32 * queries,), 131072, dtype=torch.int32, device="cuda")
         out[f"decode_128K_b32_q{queries}"] = (logits_rows(32, queries, 131072, ends), ends)
@@ -107,12 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = sweep_parser(__doc__, reps=10, workers=8)
     parser.add_argument("--before-each", choices=("rewrite", "nothing"), default="rewrite",
                         help="rewrite: the logits rewritten in place before each timed call (untimed)")
+    parser.add_argument("--prefill-contexts", default="65536", help="comma-separated causal prefill contexts")
     args = parser.parse_args(argv)
     builder = "transformers_misa.kernels.topk:build_radix_topk"
     variants = {name: VARIANTS[name] for name in chosen(VARIANTS, args.variants)}
     errors = compile_variants({name: (builder, (TOPK,), options) for name, options in variants.items()}, args.workers)
     rows = []
-    for workload, (scores, ends) in workloads().items():
+    for workload, (scores, ends) in workloads(tuple(map(int, args.prefill_contexts.split(",")))).items():
         expected = visible_picks(build_radix_topk(TOPK)()(scores, ends), ends)
         read_gb = float(ends.clamp_max(scores.shape[1]).sum()) * 4 / 1e9
         before = rewrite_before_each(scores) if args.before_each == "rewrite" else None
