@@ -86,8 +86,15 @@ def interleave_query_rows(rows: torch.Tensor, heads: int, rows_per_cta: int = RO
     A plain row's bits are (warpgroup, query group, lane quad m, head // 2, head % 2), an interleaved row's
     (warpgroup, query group, head // 2, m, head % 2): the layout swaps two bit fields."""
     batch, count, dim = rows.shape
-    fields = rows.reshape(batch, count // rows_per_cta, 2, rows_per_cta // 8 // heads, 4, heads // 2, 2, dim)
-    return fields.transpose(4, 5).reshape(batch, count, dim)
+    rows = rows.contiguous()
+    # The copy moves 8-byte words where a row allows it (fewer, wider elements for PyTorch's strided copy kernel,
+    # which moves one element per thread step).
+    itemsize = rows.element_size()
+    as_words = itemsize < 8 and dim * itemsize % 8 == 0 and rows.storage_offset() * itemsize % 8 == 0
+    words = rows.view(torch.int64) if as_words else rows
+    fields = words.reshape(batch, count // rows_per_cta, 2, rows_per_cta // 8 // heads, 4, heads // 2, 2, -1)
+    moved = fields.transpose(4, 5).reshape(batch, count, -1)
+    return moved.view(rows.dtype) if as_words else moved
 
 
 def decode_rows_per_cta(heads: int, num_queries: int) -> int:
@@ -458,6 +465,13 @@ TILELANG_PLAIN_TOPK_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-plain-topk",
     fused_select=functools.partial(tilelang_select_tokens,
                                    topk_options=dict(compact_second_pass=False, bins_in_registers=False)))
+
+# The prefill top-k at three CTAs per SM with two loads in flight (40 registers, no spills; four CTAs spill with the
+# compact second pass): H200 sweep_topk-20261204-051813.json, 128K causal rows 1.150 against 1.199 ms, 64K 0.371
+# against 0.363. Beside the default for the benchmark (its options apply to every row count: time prefills only).
+TILELANG_CTAS3_TOPK_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-ctas3-topk",
+    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(min_ctas_per_sm=3, unroll=2)))
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.

@@ -171,6 +171,10 @@ def test_interleaved_layout_puts_whole_queries_in_one_thread(heads, rows_per_cta
     plain = torch.arange(3 * rows_per_cta * 2).reshape(1, 3 * rows_per_cta, 2)  # three CTA blocks; row p: 2p, 2p + 1
     order = torch.cat([block * rows_per_cta + query * heads + head for block in range(3)])
     assert torch.equal(interleave_query_rows(plain, heads, rows_per_cta), plain[:, order])
+    # bf16 rows of 128 move as 8-byte words: the same order, values and dtype
+    rows = torch.randn(2, 3 * rows_per_cta, 128).to(torch.bfloat16)
+    assert torch.equal(interleave_query_rows(rows, heads, rows_per_cta), rows[:, order])
+    assert torch.equal(interleave_query_rows(rows[:, :, 1:-1], heads, rows_per_cta), rows[:, order, 1:-1])  # misaligned
     for g in range(2):
         for m in range(4):
             held: dict[int, set[int]] = {}
