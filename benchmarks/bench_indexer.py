@@ -92,7 +92,7 @@ def methods(heads: int, deepseek_kernel):
         "misa8_budget_chunks": _misa(reference.misa_topk, TILELANG_BUDGET_CHUNKS_SCORER),
         # the router programs with the pooled blocks as the matmuls' M (before the query rows were)
         "misa8_blocks_as_m_router": _misa(reference.misa_topk, TILELANG_BLOCKS_AS_M_ROUTER_SCORER),
-        # the top-k's second pass claiming its slots once per thread and loop step, both methods alike
+        # 4-16 routed heads in the square 128-row CTAs over 128-key tiles (before WIDE_FEW_HEADS)
         "misa8_square": _misa(reference.misa_topk, TILELANG_SQUARE_FEW_HEADS_SCORER),
         # the prefill top-k without the compact second pass and counts in registers, both methods alike
         f"dsa{heads}_plain_topk": _dsa(TILELANG_PLAIN_TOPK_SCORER),
@@ -235,7 +235,8 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
                                 for name in (f"dsa{heads}_kernel", f"dsa{heads}_pipelined", "misa8", "misa8_pipelined",
                                              "misa8_budget_chunks", "misa8_blocks_as_m_router",
                                              "misa8_square", f"dsa{heads}_plain_topk", "misa8_plain_topk",
-                                             f"dsa{heads}_plain_many_heads", f"dsa{heads}_ctas3_topk", "misa8_ctas3_topk",
+                                             f"dsa{heads}_plain_many_heads",
+                                             f"dsa{heads}_ctas3_topk", "misa8_ctas3_topk",
                                              "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}
