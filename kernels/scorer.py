@@ -317,7 +317,7 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
-    `threshold=True` (TILELANG_THRESHOLD_SCORER) sends wide prefill rows (`uses_threshold_filter`) through the
+    `threshold=True` (`variants.TILELANG_THRESHOLD_SCORER`) sends wide prefill rows (`uses_threshold_filter`) through the
     sampled threshold instead, which writes only a few thousand candidates per query (`ops.threshold`; the same
     selection). Off by default: on an H100 it measured slower than the dense path for MISA-8 (see the README).
     `out`: where the radix select may write the indices; `topk_options`: its build options beyond the shape
@@ -406,7 +406,7 @@ TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda h
                          query_multiple=queries_per_cta(2), wave_queries=logits_wave_queries)
 
 
-def _logits_variant(name: str, waves: bool = False, **options) -> Scorer:
+def logits_variant(name: str, waves: bool = False, **options) -> Scorer:
     """TILELANG_SCORER with `options` for the token logits and the fused select alike (and, with `waves`, for the waves
     of logits CTAs that size its query chunks), so that the paths of one variant never disagree."""
     wave_queries = {"wave_queries": functools.partial(logits_wave_queries, **options)} if waves else {}
@@ -417,62 +417,4 @@ def _logits_variant(name: str, waves: bool = False, **options) -> Scorer:
 
 # qk_format="fp8_e4m3": the token logits on the FP8 tensor cores. The indexer hands over q and keys already rounded
 # to FP8 (the reference's numerics), so quantizing them here is exact; the router and the re-rank keep bf16 inputs.
-TILELANG_FP8_SCORER = _logits_variant("tilelang-fp8", waves=True, fp8=True)
-
-# The plain row order (query · heads + head) for every head count: the layout before the interleaved one, kept so
-# that the benchmark times both side by side.
-TILELANG_PLAIN_LAYOUT_SCORER = _logits_variant("tilelang-plain-layout", interleaved=False)
-
-# Prefill logits by TileLang's pipeline (each tile's epilogue after its wgmma, the driver before the overlapped
-# one), kept so that the benchmark times both side by side.
-TILELANG_PIPELINED_SCORER = _logits_variant("tilelang-pipelined", overlapped=False)
-
-# Wide prefill top-k through the sampled threshold (`ops.threshold`): exact, opt-in; the benchmark times it beside
-# the dense path.
-TILELANG_THRESHOLD_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-threshold", fused_select=functools.partial(tilelang_select_tokens, threshold=True))
-
-# MISA's routing in separate launches (router program, tail block, head top-k and gathers in PyTorch): the path before
-# the fused routing program, kept so that the benchmark times both side by side.
-TILELANG_STEPWISE_ROUTING_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-stepwise-routing", route=None)
-
-# The routing program as it was before a prefill's tails came in as mean keys (tails read by the program), and before
-# whole tiles skipped the visibility test as well, kept so that the benchmark times them side by side.
-TILELANG_TAIL_KEYS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-tail-keys",
-                                                route=functools.partial(tilelang_route, tail_means=False,
-                                                                        rows_as_m=False))
-TILELANG_EVERY_TILE_TESTED_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-every-tile-tested",
-    route=functools.partial(tilelang_route, tail_means=False, split_tiles=False, rows_as_m=False))
-
-# The router programs multiplying with the pooled blocks as M (before the query rows were, `router.py`'s rows_as_m),
-# kept so that the benchmark times both side by side.
-TILELANG_BLOCKS_AS_M_ROUTER_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-blocks-as-m-router", route=functools.partial(tilelang_route, rows_as_m=False),
-    head_importance=functools.partial(tilelang_head_importance, rows_as_m=False))
-
-# 4-16 routed heads in the 128-row CTAs over 128-key tiles (the shape before WIDE_FEW_HEADS), kept so that the
-# benchmark times both side by side.
-TILELANG_SQUARE_FEW_HEADS_SCORER = _logits_variant("tilelang-square-few-heads", waves=True, wide_few_heads=False)
-
-# 32 heads in the plain layout of the wide CTAs (before INTERLEAVED_MANY_HEADS), kept so that the benchmark times both
-# side by side.
-TILELANG_PLAIN_MANY_HEADS_SCORER = _logits_variant("tilelang-plain-many-heads", interleaved_many_heads=False)
-
-# The prefill top-k without `compact_second_pass` and `bins_in_registers` (before topk.MANY_ROWS_VECTOR_SHAPE took
-# them), kept so that the benchmark times both side by side.
-TILELANG_PLAIN_TOPK_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-plain-topk",
-    fused_select=functools.partial(tilelang_select_tokens,
-                                   topk_options=dict(compact_second_pass=False, bins_in_registers=False)))
-
-# The prefill top-k at three CTAs per SM with two loads in flight (40 registers, no spills; four CTAs spill with the
-# compact second pass): H200 sweep_topk-20261204-051813.json, 128K causal rows 1.150 against 1.199 ms, 64K 0.371
-# against 0.363. Beside the default for the benchmark (its options apply to every row count: time prefills only).
-TILELANG_CTAS3_TOPK_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-ctas3-topk",
-    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(min_ctas_per_sm=3, unroll=2)))
-
-# Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
-# kept so that the benchmark times both side by side.
-TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-budget-chunks", wave_queries=None)
+TILELANG_FP8_SCORER = logits_variant("tilelang-fp8", waves=True, fp8=True)

@@ -97,7 +97,7 @@ def test_logits_waves_hold_one_cta_per_sm(monkeypatch):
     and the square-CTA scorer take them), DSA-64's wide 4-query ones (FP8: 2), and per sequence of a batch whose CTAs
     share the wave."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")
-    from transformers_misa.kernels import scorer
+    from transformers_misa.kernels import scorer, variants
 
     monkeypatch.setattr(scorer, "_sm_count", lambda device: 132)
     cpu = torch.device("cpu")
@@ -109,7 +109,7 @@ def test_logits_waves_hold_one_cta_per_sm(monkeypatch):
     assert scorer.logits_wave_queries(64, 1, cpu, fp8=True) == 2 * 132
     assert scorer.logits_wave_queries(8, 2, cpu) == 32 * 66 and scorer.logits_wave_queries(8, 5, cpu) == 32 * 132
     assert scorer.TILELANG_SCORER.wave_queries is scorer.logits_wave_queries
-    assert scorer.TILELANG_BUDGET_CHUNKS_SCORER.wave_queries is None
+    assert variants.TILELANG_BUDGET_CHUNKS_SCORER.wave_queries is None
 
 
 def test_query_layout_settles_interleaving_per_call():
@@ -117,7 +117,7 @@ def test_query_layout_settles_interleaving_per_call():
     wide block; 32 heads interleaved with a whole wide block (interleaved_many_heads, the default; the kept plain
     variant turns it off); never FP8 or 64 heads."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")
-    from transformers_misa.kernels import scorer
+    from transformers_misa.kernels import scorer, variants
     from transformers_misa.kernels.scorer import query_layout
 
     def layout(heads, queries, fp8=False, wide=True, many=False):
@@ -129,9 +129,9 @@ def test_query_layout_settles_interleaving_per_call():
     assert layout(32, 100) == (False, False, 4) and layout(32, 100, many=True) == (True, False, 8)
     assert layout(32, 5, many=True)[0] is False and layout(64, 100, many=True)[0] is False
     assert layout(32, 100, fp8=True, many=True)[0] is False
-    assert scorer.INTERLEAVED_MANY_HEADS and not scorer.TILELANG_PLAIN_MANY_HEADS_SCORER.token_logits.keywords[
-        "interleaved_many_heads"] and not scorer.TILELANG_PLAIN_MANY_HEADS_SCORER.fused_select.keywords[
-        "interleaved_many_heads"]
+    plain = variants.TILELANG_PLAIN_MANY_HEADS_SCORER
+    assert scorer.INTERLEAVED_MANY_HEADS and not plain.token_logits.keywords["interleaved_many_heads"]
+    assert not plain.fused_select.keywords["interleaved_many_heads"]
 
 
 def test_decode_rows_per_cta_fits_the_step_queries():

@@ -134,7 +134,8 @@ def test_threshold_select_equals_the_dense_kernel_path(batch, num_queries, num_k
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["dsa", "misa"])
 def test_indexers_select_the_same_with_and_without_the_threshold(mode):
-    from transformers_misa.kernels.scorer import TILELANG_SCORER, TILELANG_THRESHOLD_SCORER
+    from transformers_misa.kernels.scorer import TILELANG_SCORER
+    from transformers_misa.kernels.variants import TILELANG_THRESHOLD_SCORER
 
     q, keys, weights = _inputs(1, 6000, 20000, 64)
 

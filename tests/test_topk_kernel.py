@@ -82,14 +82,14 @@ def test_prefill_rows_take_the_compact_second_pass_and_decode_rows_do_not():
     """The default shapes as measured (topk.MANY_ROWS_VECTOR_SHAPE's comment): a prefill's rows with the compact second
     pass and counts in registers, a decode step's without; the kept plain-top-k scorer turns both off."""
     _tilelang_or_skip()
-    from transformers_misa.kernels import scorer
+    from transformers_misa.kernels import variants
     from transformers_misa.kernels.scorer import radix_shape
 
     prefill, decode = radix_shape(20000, 132, True), radix_shape(32, 132, True)
     assert prefill["compact_second_pass"] and prefill["bins_in_registers"] and prefill["vector"] == 4
     assert not decode.get("compact_second_pass") and not decode.get("bins_in_registers")
     assert not radix_shape(20000, 132, False).get("compact_second_pass")  # the scalar shape was not measured with it
-    plain = scorer.TILELANG_PLAIN_TOPK_SCORER.fused_select.keywords["topk_options"]
+    plain = variants.TILELANG_PLAIN_TOPK_SCORER.fused_select.keywords["topk_options"]
     assert {**prefill, **plain}["compact_second_pass"] is False and {**prefill, **plain}["bins_in_registers"] is False
 
 
