@@ -52,7 +52,7 @@ def options(heads: int, variant: dict) -> dict:
     """The variant as the fused select builds it: future unwritten, staged stores and the interleaved layout where
     the scorer takes them."""
     interleaved = can_interleave(heads, variant.get("rows_per_cta", ROWS_PER_CTA), variant.get("threads", 256))
-    return dict(dict(variant, fill_future=False, staged_stores=stages_stores(heads)),
+    return dict(variant, fill_future=False, staged_stores=stages_stores(heads),
                 interleaved=variant.get("interleaved", interleaved))
 
 

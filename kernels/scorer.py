@@ -148,7 +148,7 @@ def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_c
                    wide_few_heads: bool = False) -> dict:
     """Build options of the logits program for one call (`interleaved` and `wide_few_heads` as `_logits` settled
     them): the CTA shape (prefill, decode, or 128-row CTAs where keys are split over CTAs), key splits, staged stores,
-    overlapped driver."""
+    overlapped driver, and the interleaved layout where it fits that shape (32 heads lose it in 128-row CTAs)."""
     block = queries_per_cta(heads)
 
     def ctas(rows_per_cta: int) -> int:
@@ -168,7 +168,7 @@ def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_c
     if overlapped:
         shape["num_stages"] = OVERLAPPED_STAGES
     return dict(shape, key_splits=splits, fill_future=fill_future, staged_stores=staged, fp8=fp8,
-                interleaved=interleaved, overlapped=overlapped)
+                interleaved=interleaved and can_interleave(heads, shape["rows_per_cta"]), overlapped=overlapped)
 
 
 def query_layout(heads: int, num_queries: int, fp8: bool, interleaved: bool, wide_few_heads: bool,
@@ -215,9 +215,7 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
         return again(q, weights, keys, ks, ke)[:, :num_queries]
     options = logits_options(heads, batch, num_queries, keys.shape[1], _sm_count(q.device), fill_future, fp8,
                              interleaved, overlapped, wide_few_heads)
-    if interleaved and not can_interleave(heads, options["rows_per_cta"]):  # many heads, keys split: 128-row CTAs
-        interleaved = False
-        options["interleaved"] = False
+    interleaved = options["interleaved"]
     kernel = build_weighted_relu_logits(heads, dim, **options)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
     weights = weights.float() * softmax_scale

@@ -87,6 +87,10 @@ def test_logits_options_overlap_prefill_only():
     assert not decode["overlapped"] and decode["rows_per_cta"] == 32 and decode["key_splits"] > 1
     small_prefill = options(8, 1, 300, 5000, interleaved=True)  # 19 CTAs: keys split over CTAs, no overlap
     assert small_prefill["key_splits"] > 1 and not small_prefill["overlapped"]
+    # 32 heads keep the interleaved layout in the wide CTAs, not in the 128-row ones of a key-split call
+    assert options(32, 1, 8192, 65536, interleaved=True)["interleaved"]
+    split_many = options(32, 1, 40, 70000, interleaved=True)
+    assert split_many["key_splits"] > 1 and split_many["rows_per_cta"] == 128 and not split_many["interleaved"]
     assert not options(64, 1, 8192, 65536, fp8=True)["overlapped"]
     assert not options(8, 1, 8192, 65536, overlapped=False)["overlapped"]
     assert not options(8, 1, 8192, 65534)["staged_stores"]  # a TMA row stride must be a multiple of 16 bytes
