@@ -62,6 +62,25 @@ VARIANTS = {  # name -> build options; the reference of the check is the program
     "wide_tail_means_rows_as_m_threads128": dict(WIDE_ROUTER, tail_means=True, rows_as_m=True, threads=128,
                                                  min_ctas_per_sm=0),
     "tail_means_rows_as_m_block_m64_2ctas": dict(tail_means=True, rows_as_m=True, block_m=64, min_ctas_per_sm=2),
+    # The query rows in registers (wgmma reading A from registers: a 32-block tile re-reads them from shared memory per
+    # tile) and each tile's scores summed per row at once (no running [rows, block_m] sum): with the queries in
+    # registers the wide CTA needs ~150 registers, one CTA per SM; 128-row CTAs fit two to four per SM.
+    "wide_reduce_per_tile": dict(WIDE_ROUTER, tail_means=True, reduce_per_tile=True),
+    "wide_q_registers_1cta": dict(WIDE_ROUTER, tail_means=True, queries_in_registers=True, min_ctas_per_sm=0),
+    "wide_q_registers_reduce_1cta": dict(WIDE_ROUTER, tail_means=True, queries_in_registers=True,
+                                         reduce_per_tile=True, min_ctas_per_sm=0),
+    "wide_q_registers_reduce_1cta_stages3": dict(WIDE_ROUTER, tail_means=True, queries_in_registers=True,
+                                                 reduce_per_tile=True, min_ctas_per_sm=0, num_stages=3),
+    "wide_q_registers_reduce_2ctas": dict(WIDE_ROUTER, tail_means=True, queries_in_registers=True,
+                                          reduce_per_tile=True),
+    "rows128_q_registers_reduce_2ctas": dict(tail_means=True, rows_per_cta=128, threads=128, block_m=32,
+                                             min_ctas_per_sm=2, queries_in_registers=True, reduce_per_tile=True),
+    "rows128_reduce_3ctas": dict(tail_means=True, rows_per_cta=128, threads=128, block_m=32, min_ctas_per_sm=3,
+                                 reduce_per_tile=True),
+    "rows128_reduce_4ctas": dict(tail_means=True, rows_per_cta=128, threads=128, block_m=32, min_ctas_per_sm=4,
+                                 reduce_per_tile=True),
+    "rows128_q_registers_reduce_block_m64_1cta": dict(tail_means=True, rows_per_cta=128, threads=128, block_m=64,
+                                                      queries_in_registers=True, reduce_per_tile=True),
 }
 
 

@@ -53,7 +53,8 @@ def _full_blocks(ks, ke, block_size: int, routing: bool):
 def build_head_importance(heads: int, dim: int, block_size: int, active_heads: int = 0, block_m: int = 64,
                           num_stages: int = 2, threads: int = 256, rows_per_cta: int = ROWS_PER_CTA,
                           min_ctas_per_sm: int = 0, tail_means: bool = False, split_tiles: bool = True,
-                          rows_as_m: bool = True, arch: str | None = None):
+                          rows_as_m: bool = True, queries_in_registers: bool = False, reduce_per_tile: bool = False,
+                          arch: str | None = None):
     """Compiles the router program for `heads` heads of width `dim` over keys pooled by `block_size`.
 
     Shape: `rows_per_cta` query rows (whole queries, at most 256: one wgmma N) per CTA of `threads`; pooled-key
@@ -74,11 +75,19 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
     H200, sweep_router-20261203-221219.json, routing a causal prefill, rows as M against blocks as M: wide shape with
     tail means 0.42 / 1.08 / 3.34 ms against 0.53 / 1.51 / 4.88 at 32K / 64K / 128K; default shape 1.94 against 3.45
     at 64K; a decode step (batch 32 x 4 queries, 128K) 0.033 against 0.035.
+    `queries_in_registers` (rows as M only): the CTA's query rows are loaded into registers once and every matmul
+    reads them there (wgmma with A from registers), where from shared memory a narrow tile (32 pooled blocks) re-reads
+    them per tile: 3 KB per 16-cycle m64n32k16, above shared memory's ~128 bytes per cycle.
+    `reduce_per_tile`: each tile's ReLU scores are summed over its blocks at once (within each row's lane quad with
+    rows as M) into the row's total, instead of into a running [rows, block_m] sum reduced once at the end: a fragment
+    of registers less.
     """
     if not 0 <= active_heads <= heads:
         raise ValueError(f"active_heads must lie in [0, heads={heads}], got {active_heads}")
     if tail_means and not active_heads:
         raise ValueError("tail_means is an input of the routing program (active_heads > 0)")
+    if queries_in_registers and not rows_as_m:
+        raise ValueError("queries_in_registers needs rows_as_m (the query rows as the matmuls' A operand)")
     target = compile_target(arch)
     block_q = queries_per_cta(heads, rows_per_cta)
     rows = block_q * heads
@@ -104,33 +113,53 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
         num_keys = T.dynamic("num_keys")
 
         @T.macro
-        def score_matmul(keys_shared, q_shared, scores):
-            """scores = the CTA's query rows against `block_m` keys (pooled blocks, tail keys or tail means), in the
+        def score_matmul(keys_shared, q_shared, q_fragment, scores):
+            """scores = the CTA's query rows (from shared memory, or with `queries_in_registers` from their copy in
+            registers, `q_fragment`) against `block_m` keys (pooled blocks, tail keys or tail means), in the
             orientation `rows_as_m` chose."""
             if rows_as_m:  # Python-level
-                T.gemm(q_shared, keys_shared, scores, transpose_B=True, clear_accum=True,
-                       policy=T.GemmWarpPolicy.FullRow)
+                T.gemm(q_fragment if queries_in_registers else q_shared, keys_shared, scores, transpose_B=True,
+                       clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
             else:
                 T.gemm(keys_shared, q_shared, scores, transpose_B=True, clear_accum=True,
                        policy=T.GemmWarpPolicy.FullCol)
 
+        def take(scores, running, m, r, value):
+            """One masked score: added to its slot of `running` (reduced after the last tile), or with
+            `reduce_per_tile` left in `scores` for `add_row_sums`. A plain function, not a macro: the value goes in
+            as an expression, not a bound variable (the same program as before `reduce_per_tile` existed)."""
+            if reduce_per_tile:
+                T.buffer_store(scores, value, list(cell(m, r)))
+            else:
+                T.buffer_store(running, running[cell(m, r)] + value, list(cell(m, r)))
+
         @T.macro
-        def pooled_tile(Pooled, bb, tile, p_shared, q_shared, scores, running, first_block, end_block, tested):
-            """One tile of pooled blocks: ReLU scores added into `running`, each tested against its row's visible
-            blocks where `tested` (a condition, or True at Python level), else all of them (a tile every row of the
-            CTA sees whole)."""
+        def add_row_sums(scores, partial, sums):
+            """With `reduce_per_tile`: sums[r] += the tile's scores summed over its blocks (else nothing here)."""
+            if reduce_per_tile:  # Python-level
+                T.reduce_sum(scores, partial, dim=block_axis, clear=True)
+                for r in T.Parallel(rows):
+                    sums[r] += partial[r]
+
+        @T.macro
+        def pooled_tile(Pooled, bb, tile, p_shared, q_shared, q_fragment, scores, running, partial, total, first_block,
+                        end_block, tested):
+            """One tile of pooled blocks: ReLU scores added to the rows' sums (`take`), each tested against its row's
+            visible blocks where `tested` (a condition, or True at Python level), else all of them (a tile every row of
+            the CTA sees whole)."""
             T.copy(Pooled[bb, tile * block_m : (tile + 1) * block_m, :], p_shared)
-            score_matmul(p_shared, q_shared, scores)
+            score_matmul(p_shared, q_shared, q_fragment, scores)
             if tested:
                 for first, second in T.Parallel(*score_shape):
                     m, r = block_and_row(first, second)
                     block = tile * block_m + m
-                    running[cell(m, r)] += T.if_then_else(block >= first_block[r] and block < end_block[r],
-                                                          T.max(scores[cell(m, r)], 0.0), 0.0)
+                    take(scores, running, m, r, T.if_then_else(block >= first_block[r] and block < end_block[r],
+                                                               T.max(scores[cell(m, r)], 0.0), 0.0))
             else:
                 for first, second in T.Parallel(*score_shape):
                     m, r = block_and_row(first, second)
-                    running[cell(m, r)] += T.max(scores[cell(m, r)], 0.0)
+                    take(scores, running, m, r, T.max(scores[cell(m, r)], 0.0))
+            add_row_sums(scores, partial, total)
 
         @T.macro
         def body(Q, Pooled, Keys, W, HeadScale, KS, KE, Importance, QRouted=None, WRouted=None, Heads=None):
@@ -140,7 +169,9 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                 q_shared = T.alloc_shared((rows, dim), T.bfloat16)
                 p_shared = T.alloc_shared((block_m, dim), T.bfloat16)
                 scores = T.alloc_fragment(score_shape, T.float32)
-                running = T.alloc_fragment(score_shape, T.float32)  # per-slot sums; reduced once at the end
+                # per-slot sums reduced once at the end, or (reduce_per_tile) each tile's row sums
+                running = None if reduce_per_tile else T.alloc_fragment(score_shape, T.float32)
+                partial = T.alloc_fragment((rows,), T.float32) if reduce_per_tile else None
                 total = T.alloc_fragment((rows,), T.float32)
                 first_block = T.alloc_fragment((rows,), T.int32)
                 end_block = T.alloc_fragment((rows,), T.int32)
@@ -164,6 +195,9 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     tail_hi = T.alloc_var(T.int32)
 
                 T.copy(Q[bb, q0 * heads : q0 * heads + rows, :], q_shared)
+                q_fragment = T.alloc_fragment((rows, dim), T.bfloat16) if queries_in_registers else None
+                if queries_in_registers:  # Python-level
+                    T.copy(q_shared, q_fragment)
                 for r in T.Parallel(rows):
                     query = T.min(q0 + r // heads, num_queries - 1)
                     ks, ke = KS[bb, query], KE[bb, query]
@@ -174,7 +208,7 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     first, end = _full_blocks(ks, ke, block_size, routing)
                     first_block[r] = first
                     end_block[r] = end
-                T.clear(running)
+                T.clear(total if reduce_per_tile else running)
                 if not split_tiles:  # Python-level
                     last_end = 0
                 if split_tiles:  # Python-level
@@ -208,12 +242,15 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     whole_from = T.max(T.ceildiv(first_hi, block_m), lead)
                     whole_to = T.max(end_lo // block_m, whole_from)
                     for tile in T.Pipelined(lead, T.max(T.ceildiv(end_hi, block_m), whole_to), num_stages=num_stages):
-                        pooled_tile(Pooled, bb, tile, p_shared, q_shared, scores, running, first_block, end_block,
+                        pooled_tile(Pooled, bb, tile, p_shared, q_shared, q_fragment, scores, running, partial, total,
+                                    first_block, end_block,
                                     T.Or(tile < whole_from, tile >= whole_to))
                 else:
                     for tile in T.Pipelined(T.ceildiv(last_end, block_m), num_stages=num_stages):
-                        pooled_tile(Pooled, bb, tile, p_shared, q_shared, scores, running, first_block, end_block, True)
-                T.reduce_sum(running, total, dim=block_axis, clear=True)
+                        pooled_tile(Pooled, bb, tile, p_shared, q_shared, q_fragment, scores, running, partial, total,
+                                    first_block, end_block, True)
+                if not reduce_per_tile:  # Python-level
+                    T.reduce_sum(running, total, dim=block_axis, clear=True)
 
                 if not routing:
                     for r in T.Parallel(rows):
@@ -221,7 +258,7 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                             Importance[bb, q0 + r // heads, r % heads] = total[r] * T.abs(
                                 W[bb, q0 + r // heads, r % heads])
                 else:
-                    T.clear(running)
+                    T.clear(tail_sum if reduce_per_tile else running)
                     if tail_means:  # Python-level: the CTA's queries' mean tail keys, one matmul per block_m queries
                         for part in range(-(-block_q // block_m)):
                             for m, d in T.Parallel(block_m, dim):
@@ -229,22 +266,26 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                                 k_shared[m, d] = T.if_then_else(
                                     part * block_m + m < block_q and query < num_queries,
                                     Keys[bb, T.min(query, num_queries - 1), d], T.cast(0, T.bfloat16))
-                            score_matmul(k_shared, q_shared, scores)
+                            score_matmul(k_shared, q_shared, q_fragment, scores)
                             for first, second in T.Parallel(*score_shape):
                                 m, r = block_and_row(first, second)
-                                running[cell(m, r)] += T.if_then_else(part * block_m + m == r // heads,
-                                                                      scores[cell(m, r)], 0.0)
+                                take(scores, running, m, r,
+                                     T.if_then_else(part * block_m + m == r // heads, scores[cell(m, r)], 0.0))
+                            add_row_sums(scores, partial, tail_sum)
                     else:
                         # q·k summed over each row's visible keys of its last block (ReLU of the mean after).
                         for tile in T.serial(T.ceildiv(T.max(tail_hi - tail_lo, 0), block_m)):
                             T.copy(Keys[bb, tail_lo + tile * block_m : tail_lo + (tile + 1) * block_m, :], k_shared)
-                            score_matmul(k_shared, q_shared, scores)
+                            score_matmul(k_shared, q_shared, q_fragment, scores)
                             for first, second in T.Parallel(*score_shape):
                                 m, r = block_and_row(first, second)
                                 key = tail_lo + tile * block_m + m
-                                running[cell(m, r)] += T.if_then_else(key >= tail_first[r] and key < tail_end[r],
-                                                                      scores[cell(m, r)], 0.0)
-                    T.reduce_sum(running, tail_sum, dim=block_axis, clear=True)
+                                take(scores, running, m, r,
+                                     T.if_then_else(key >= tail_first[r] and key < tail_end[r], scores[cell(m, r)],
+                                                    0.0))
+                            add_row_sums(scores, partial, tail_sum)
+                    if not reduce_per_tile:  # Python-level
+                        T.reduce_sum(running, tail_sum, dim=block_axis, clear=True)
                     for r in T.Parallel(rows):
                         query = T.min(q0 + r // heads, num_queries - 1)
                         if tail_means:  # Python-level: zero means where a query has no tail

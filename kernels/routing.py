@@ -46,11 +46,14 @@ def _router_operands(q: torch.Tensor, pooled: torch.Tensor,
             pooled.to(torch.bfloat16).contiguous(), weights.float().contiguous())
 
 
-def router_shape(heads: int, batch: int, num_queries: int, device: torch.device) -> dict:
-    """Build options of the router programs for a call: WIDE_ROUTER when its CTAs fill the GPU, else the default."""
-    wide_ctas = batch * -(-num_queries // queries_per_cta(heads, WIDE_ROUTER["rows_per_cta"]))
-    fits = heads <= WIDE_ROUTER["rows_per_cta"]
-    return WIDE_ROUTER if fits and wide_ctas >= 2 * _sm_count(device) else {}
+def router_shape(heads: int, batch: int, num_queries: int, device: torch.device,
+                 wide: dict | None = None) -> dict:
+    """Build options of the router programs for a call: `wide` (default WIDE_ROUTER) when its CTAs fill the GPU
+    twice over, else the default shape."""
+    wide = WIDE_ROUTER if wide is None else wide
+    wide_ctas = batch * -(-num_queries // queries_per_cta(heads, wide["rows_per_cta"]))
+    fits = heads <= wide["rows_per_cta"]
+    return wide if fits and wide_ctas >= 2 * _sm_count(device) else {}
 
 
 def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
@@ -98,21 +101,21 @@ def causal_tail_means(keys: torch.Tensor, chunk: ChunkMask, block_size: int) -> 
 def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
                    block_size: int, active_heads: int, softmax_scale: float, head_scale: torch.Tensor | None = None,
                    router: str = "sum", tail_means: bool = True, split_tiles: bool = True,
-                   rows_as_m: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   rows_as_m: bool = True, wide_router: dict | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """MISA's whole routing step in one program (`router.build_head_importance` with `active_heads`): router
     score with the tail block, head pick and gathers. (q_routed [B, c, A, D] bf16, w_routed [B, c, A] fp32), or None
     where it does not apply (masks with holes, router="max"): then `route_queries` takes its steps one by one.
     The softmax scale multiplies every importance alike, so the pick runs without it. `tail_means`: a causal prefill
     chunk's tails come in as mean keys (`causal_tail_means`; False: read by the program, the path before);
     `split_tiles`, `rows_as_m`: as in the program (False: every tile tested; the pooled blocks as the matmuls' M; the
-    programs before)."""
+    programs before). `wide_router`: the build options where a call fills the GPU (default WIDE_ROUTER)."""
     ks, ke, contiguous = chunk.key_range
     if not _router_program_applies(contiguous, router):
         return None
     batch, num_queries, heads, dim = q.shape
     scale = _unit_head_scale(heads, q.device) if head_scale is None else head_scale.to(q.device, torch.float32)
     q_rows, pooled_bf16, weights_fp32 = _router_operands(q, pooled, weights)
-    shape = router_shape(heads, batch, num_queries, q.device)
+    shape = router_shape(heads, batch, num_queries, q.device, wide_router)
     keys_bf16 = keys.to(torch.bfloat16).contiguous()
     means = causal_tail_means(keys_bf16, chunk, block_size) if tail_means else None
     program = build_head_importance(heads, dim, block_size, active_heads=active_heads, tail_means=means is not None,

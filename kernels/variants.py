@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from .routing import tilelang_head_importance, tilelang_route
+from .routing import WIDE_ROUTER, tilelang_head_importance, tilelang_route
 from .scorer import TILELANG_SCORER, logits_variant, tilelang_select_tokens
 
 # The plain row order (query · heads + head) for every head count: the layout before the interleaved one, kept so
@@ -58,12 +58,17 @@ TILELANG_PLAIN_TOPK_SCORER = dataclasses.replace(
     fused_select=functools.partial(tilelang_select_tokens,
                                    topk_options=dict(compact_second_pass=False, bins_in_registers=False)))
 
-# The prefill top-k at three CTAs per SM with two loads in flight (40 registers, no spills; four CTAs spill with the
-# compact second pass): H200 sweep_topk-20261204-051813.json, 128K causal rows 1.150 against 1.199 ms, 64K 0.371
-# against 0.363. Beside the default for the benchmark (its options apply to every row count: time prefills only).
-TILELANG_CTAS3_TOPK_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-ctas3-topk",
-    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(min_ctas_per_sm=3, unroll=2)))
+# A prefill's routing program with each tile's scores summed per row at once (`router.build_head_importance`'s
+# reduce_per_tile): with the query rows in registers (queries_in_registers) in the wide CTAs, one per SM (~150
+# registers), or in 128-row CTAs, three per SM. Opt-in, timed beside the default by the benchmark.
+TILELANG_Q_REGISTERS_ROUTER_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-q-registers-router",
+    route=functools.partial(tilelang_route, wide_router=dict(WIDE_ROUTER, queries_in_registers=True,
+                                                             reduce_per_tile=True, min_ctas_per_sm=0)))
+TILELANG_ROWS128_ROUTER_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-rows128-router",
+    route=functools.partial(tilelang_route, wide_router=dict(rows_per_cta=128, threads=128, block_m=32,
+                                                             min_ctas_per_sm=3, reduce_per_tile=True)))
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.
