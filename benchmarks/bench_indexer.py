@@ -27,8 +27,8 @@ from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORE
 from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER, TILELANG_BUDGET_CHUNKS_SCORER,
                                                 TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_PIPELINED_SCORER,
                                                 TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_PLAIN_MANY_HEADS_SCORER,
-                                                TILELANG_PLAIN_TOPK_SCORER, TILELANG_Q_REGISTERS_ROUTER_SCORER,
-                                                TILELANG_ROWS128_ROUTER_SCORER, TILELANG_SQUARE_FEW_HEADS_SCORER,
+                                                TILELANG_PLAIN_TOPK_SCORER, TILELANG_RUNNING_SUM_ROUTER_SCORER,
+                                                TILELANG_SQUARE_FEW_HEADS_SCORER,
                                                 TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
                                                 TILELANG_THRESHOLD_SCORER)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
@@ -95,10 +95,8 @@ def methods(heads: int, deepseek_kernel):
         # the prefill top-k without the compact second pass and counts in registers, both methods alike
         f"dsa{heads}_plain_topk": _dsa(TILELANG_PLAIN_TOPK_SCORER),
         "misa8_plain_topk": _misa(reference.misa_topk, TILELANG_PLAIN_TOPK_SCORER),
-        # the prefill routing program summing each tile per row at once: with the query rows in registers in the
-        # wide CTAs (one per SM), or in 128-row CTAs (three per SM)
-        "misa8_q_registers_router": _misa(reference.misa_topk, TILELANG_Q_REGISTERS_ROUTER_SCORER),
-        "misa8_rows128_router": _misa(reference.misa_topk, TILELANG_ROWS128_ROUTER_SCORER),
+        # the prefill routing program with a running [rows, blocks] sum reduced at the end (before reduce_per_tile)
+        "misa8_running_sum_router": _misa(reference.misa_topk, TILELANG_RUNNING_SUM_ROUTER_SCORER),
         # GLM-5's 32 heads in the plain layout of the wide CTAs (64 heads: always plain)
         f"dsa{heads}_plain_many_heads": _dsa(TILELANG_PLAIN_MANY_HEADS_SCORER),
         # the wide top-k via a sampled threshold
@@ -235,7 +233,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
                                              "misa8_budget_chunks", "misa8_blocks_as_m_router",
                                              "misa8_square", f"dsa{heads}_plain_topk", "misa8_plain_topk",
                                              f"dsa{heads}_plain_many_heads",
-                                             "misa8_q_registers_router", "misa8_rows128_router",
+                                             "misa8_running_sum_router",
                                              "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}

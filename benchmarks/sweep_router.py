@@ -23,6 +23,7 @@ from transformers_misa.ops.blocks import ChunkMask, TailBlock
 
 HEADS, ACTIVE = 64, 8
 BLOCKS_AS_M = dict(rows_as_m=False)  # the programs before the query rows became the matmuls' M (rows_as_m)
+WIDE = dict(WIDE_ROUTER, reduce_per_tile=False)  # the prefill shape before it summed each tile at once
 VARIANTS = {  # name -> build options; the reference of the check is the program's defaults
     "default": dict(BLOCKS_AS_M),
     "rows256_threads512": dict(BLOCKS_AS_M, rows_per_cta=256, threads=512),
@@ -43,44 +44,33 @@ VARIANTS = {  # name -> build options; the reference of the check is the program
     # The prefill shape (routing.WIDE_ROUTER) with its tails as mean keys computed beforehand (as a causal prefill
     # chunk gets them; here from TailBlock, outside the timing), and with every tile's scores tested against each
     # row's visible blocks (the program before whole tiles skipped that test).
-    "wide_tail_means": dict(WIDE_ROUTER, **BLOCKS_AS_M, tail_means=True),
-    "wide_every_tile_tested": dict(WIDE_ROUTER, **BLOCKS_AS_M, split_tiles=False),
-    "wide_every_tile_tested_tail_means": dict(WIDE_ROUTER, **BLOCKS_AS_M, split_tiles=False, tail_means=True),
+    "wide_tail_means": dict(WIDE, **BLOCKS_AS_M, tail_means=True),
+    "wide_every_tile_tested": dict(WIDE, **BLOCKS_AS_M, split_tiles=False),
+    "wide_every_tile_tested_tail_means": dict(WIDE, **BLOCKS_AS_M, split_tiles=False, tail_means=True),
     "tail_means": dict(BLOCKS_AS_M, tail_means=True),
     "every_tile_tested": dict(BLOCKS_AS_M, split_tiles=False),
     # The query rows as the matmuls' M (the programs' default since 2026-12-03; wgmma in every shape, where the blocks
     # as M take mma.sync below 64 blocks per tile).
     "rows_as_m": dict(rows_as_m=True),  # the default shape, as decode steps take it
-    "wide_tail_means_rows_as_m": dict(WIDE_ROUTER, tail_means=True, rows_as_m=True),
-    "wide_tail_means_rows_as_m_1cta": dict(WIDE_ROUTER, tail_means=True, rows_as_m=True, min_ctas_per_sm=0),
-    "wide_tail_means_rows_as_m_block_m64": dict(WIDE_ROUTER, tail_means=True, rows_as_m=True, block_m=64,
+    "wide_tail_means_rows_as_m": dict(WIDE, tail_means=True, rows_as_m=True),
+    "wide_tail_means_rows_as_m_1cta": dict(WIDE, tail_means=True, rows_as_m=True, min_ctas_per_sm=0),
+    "wide_tail_means_rows_as_m_block_m64": dict(WIDE, tail_means=True, rows_as_m=True, block_m=64,
                                                 min_ctas_per_sm=0),
-    "wide_tail_means_rows_as_m_block_m64_stages3": dict(WIDE_ROUTER, tail_means=True, rows_as_m=True, block_m=64,
+    "wide_tail_means_rows_as_m_block_m64_stages3": dict(WIDE, tail_means=True, rows_as_m=True, block_m=64,
                                                         min_ctas_per_sm=0, num_stages=3),
-    "wide_tail_means_rows_as_m_threads512_block_m64": dict(WIDE_ROUTER, tail_means=True, rows_as_m=True, block_m=64,
+    "wide_tail_means_rows_as_m_threads512_block_m64": dict(WIDE, tail_means=True, rows_as_m=True, block_m=64,
                                                            threads=512, min_ctas_per_sm=0),
-    "wide_tail_means_rows_as_m_threads128": dict(WIDE_ROUTER, tail_means=True, rows_as_m=True, threads=128,
+    "wide_tail_means_rows_as_m_threads128": dict(WIDE, tail_means=True, rows_as_m=True, threads=128,
                                                  min_ctas_per_sm=0),
     "tail_means_rows_as_m_block_m64_2ctas": dict(tail_means=True, rows_as_m=True, block_m=64, min_ctas_per_sm=2),
-    # The query rows in registers (wgmma reading A from registers: a 32-block tile re-reads them from shared memory per
-    # tile) and each tile's scores summed per row at once (no running [rows, block_m] sum): with the queries in
-    # registers the wide CTA needs ~150 registers, one CTA per SM; 128-row CTAs fit two to four per SM.
-    "wide_reduce_per_tile": dict(WIDE_ROUTER, tail_means=True, reduce_per_tile=True),
-    "wide_q_registers_1cta": dict(WIDE_ROUTER, tail_means=True, queries_in_registers=True, min_ctas_per_sm=0),
-    "wide_q_registers_reduce_1cta": dict(WIDE_ROUTER, tail_means=True, queries_in_registers=True,
-                                         reduce_per_tile=True, min_ctas_per_sm=0),
-    "wide_q_registers_reduce_1cta_stages3": dict(WIDE_ROUTER, tail_means=True, queries_in_registers=True,
-                                                 reduce_per_tile=True, min_ctas_per_sm=0, num_stages=3),
-    "wide_q_registers_reduce_2ctas": dict(WIDE_ROUTER, tail_means=True, queries_in_registers=True,
-                                          reduce_per_tile=True),
-    "rows128_q_registers_reduce_2ctas": dict(tail_means=True, rows_per_cta=128, threads=128, block_m=32,
-                                             min_ctas_per_sm=2, queries_in_registers=True, reduce_per_tile=True),
+    # Each tile's scores summed per row at once (reduce_per_tile; no running [rows, block_m] sum), the wide shape's
+    # default since sweep_router-20261204-093250.json, and in 128-row CTAs. The query rows copied into registers once
+    # (wgmma reading A from registers) were tried in that sweep and dropped: slower where right, wrong in the wide CTAs.
+    "wide_reduce_per_tile": dict(WIDE, tail_means=True, reduce_per_tile=True),
     "rows128_reduce_3ctas": dict(tail_means=True, rows_per_cta=128, threads=128, block_m=32, min_ctas_per_sm=3,
                                  reduce_per_tile=True),
     "rows128_reduce_4ctas": dict(tail_means=True, rows_per_cta=128, threads=128, block_m=32, min_ctas_per_sm=4,
                                  reduce_per_tile=True),
-    "rows128_q_registers_reduce_block_m64_1cta": dict(tail_means=True, rows_per_cta=128, threads=128, block_m=64,
-                                                      queries_in_registers=True, reduce_per_tile=True),
 }
 
 

@@ -53,8 +53,7 @@ def _full_blocks(ks, ke, block_size: int, routing: bool):
 def build_head_importance(heads: int, dim: int, block_size: int, active_heads: int = 0, block_m: int = 64,
                           num_stages: int = 2, threads: int = 256, rows_per_cta: int = ROWS_PER_CTA,
                           min_ctas_per_sm: int = 0, tail_means: bool = False, split_tiles: bool = True,
-                          rows_as_m: bool = True, queries_in_registers: bool = False, reduce_per_tile: bool = False,
-                          arch: str | None = None):
+                          rows_as_m: bool = True, reduce_per_tile: bool = False, arch: str | None = None):
     """Compiles the router program for `heads` heads of width `dim` over keys pooled by `block_size`.
 
     Shape: `rows_per_cta` query rows (whole queries, at most 256: one wgmma N) per CTA of `threads`; pooled-key
@@ -75,19 +74,18 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
     H200, sweep_router-20261203-221219.json, routing a causal prefill, rows as M against blocks as M: wide shape with
     tail means 0.42 / 1.08 / 3.34 ms against 0.53 / 1.51 / 4.88 at 32K / 64K / 128K; default shape 1.94 against 3.45
     at 64K; a decode step (batch 32 x 4 queries, 128K) 0.033 against 0.035.
-    `queries_in_registers` (rows as M only): the CTA's query rows are loaded into registers once and every matmul
-    reads them there (wgmma with A from registers), where from shared memory a narrow tile (32 pooled blocks) re-reads
-    them per tile: 3 KB per 16-cycle m64n32k16, above shared memory's ~128 bytes per cycle.
     `reduce_per_tile`: each tile's ReLU scores are summed over its blocks at once (within each row's lane quad with
     rows as M) into the row's total, instead of into a running [rows, block_m] sum reduced once at the end: a fragment
-    of registers less.
+    of registers less (the wide prefill shape's few spills gone). H200, sweep_router-20261204-093250.json, routing a
+    causal prefill in the wide shape: 0.412 / 1.022 / 3.120 ms against 0.440 / 1.148 / 3.402 at 32K / 64K / 128K.
+    Tried and not kept (that sweep): the query rows copied once into registers (wgmma reading A from registers): 1.49
+    ms at 64K in 128-row CTAs (two per SM), and wrong heads picked in the wide CTAs (two consumer warpgroups; not
+    investigated further).
     """
     if not 0 <= active_heads <= heads:
         raise ValueError(f"active_heads must lie in [0, heads={heads}], got {active_heads}")
     if tail_means and not active_heads:
         raise ValueError("tail_means is an input of the routing program (active_heads > 0)")
-    if queries_in_registers and not rows_as_m:
-        raise ValueError("queries_in_registers needs rows_as_m (the query rows as the matmuls' A operand)")
     target = compile_target(arch)
     block_q = queries_per_cta(heads, rows_per_cta)
     rows = block_q * heads
@@ -113,13 +111,12 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
         num_keys = T.dynamic("num_keys")
 
         @T.macro
-        def score_matmul(keys_shared, q_shared, q_fragment, scores):
-            """scores = the CTA's query rows (from shared memory, or with `queries_in_registers` from their copy in
-            registers, `q_fragment`) against `block_m` keys (pooled blocks, tail keys or tail means), in the
+        def score_matmul(keys_shared, q_shared, scores):
+            """scores = the CTA's query rows against `block_m` keys (pooled blocks, tail keys or tail means), in the
             orientation `rows_as_m` chose."""
             if rows_as_m:  # Python-level
-                T.gemm(q_fragment if queries_in_registers else q_shared, keys_shared, scores, transpose_B=True,
-                       clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                T.gemm(q_shared, keys_shared, scores, transpose_B=True, clear_accum=True,
+                       policy=T.GemmWarpPolicy.FullRow)
             else:
                 T.gemm(keys_shared, q_shared, scores, transpose_B=True, clear_accum=True,
                        policy=T.GemmWarpPolicy.FullCol)
@@ -142,13 +139,13 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     sums[r] += partial[r]
 
         @T.macro
-        def pooled_tile(Pooled, bb, tile, p_shared, q_shared, q_fragment, scores, running, partial, total, first_block,
-                        end_block, tested):
+        def pooled_tile(Pooled, bb, tile, p_shared, q_shared, scores, running, partial, total, first_block, end_block,
+                        tested):
             """One tile of pooled blocks: ReLU scores added to the rows' sums (`take`), each tested against its row's
             visible blocks where `tested` (a condition, or True at Python level), else all of them (a tile every row of
             the CTA sees whole)."""
             T.copy(Pooled[bb, tile * block_m : (tile + 1) * block_m, :], p_shared)
-            score_matmul(p_shared, q_shared, q_fragment, scores)
+            score_matmul(p_shared, q_shared, scores)
             if tested:
                 for first, second in T.Parallel(*score_shape):
                     m, r = block_and_row(first, second)
@@ -195,9 +192,6 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     tail_hi = T.alloc_var(T.int32)
 
                 T.copy(Q[bb, q0 * heads : q0 * heads + rows, :], q_shared)
-                q_fragment = T.alloc_fragment((rows, dim), T.bfloat16) if queries_in_registers else None
-                if queries_in_registers:  # Python-level
-                    T.copy(q_shared, q_fragment)
                 for r in T.Parallel(rows):
                     query = T.min(q0 + r // heads, num_queries - 1)
                     ks, ke = KS[bb, query], KE[bb, query]
@@ -242,13 +236,12 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     whole_from = T.max(T.ceildiv(first_hi, block_m), lead)
                     whole_to = T.max(end_lo // block_m, whole_from)
                     for tile in T.Pipelined(lead, T.max(T.ceildiv(end_hi, block_m), whole_to), num_stages=num_stages):
-                        pooled_tile(Pooled, bb, tile, p_shared, q_shared, q_fragment, scores, running, partial, total,
-                                    first_block, end_block,
-                                    T.Or(tile < whole_from, tile >= whole_to))
+                        pooled_tile(Pooled, bb, tile, p_shared, q_shared, scores, running, partial, total, first_block,
+                                    end_block, T.Or(tile < whole_from, tile >= whole_to))
                 else:
                     for tile in T.Pipelined(T.ceildiv(last_end, block_m), num_stages=num_stages):
-                        pooled_tile(Pooled, bb, tile, p_shared, q_shared, q_fragment, scores, running, partial, total,
-                                    first_block, end_block, True)
+                        pooled_tile(Pooled, bb, tile, p_shared, q_shared, scores, running, partial, total, first_block,
+                                    end_block, True)
                 if not reduce_per_tile:  # Python-level
                     T.reduce_sum(running, total, dim=block_axis, clear=True)
 
@@ -266,7 +259,7 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                                 k_shared[m, d] = T.if_then_else(
                                     part * block_m + m < block_q and query < num_queries,
                                     Keys[bb, T.min(query, num_queries - 1), d], T.cast(0, T.bfloat16))
-                            score_matmul(k_shared, q_shared, q_fragment, scores)
+                            score_matmul(k_shared, q_shared, scores)
                             for first, second in T.Parallel(*score_shape):
                                 m, r = block_and_row(first, second)
                                 take(scores, running, m, r,
@@ -276,7 +269,7 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                         # q·k summed over each row's visible keys of its last block (ReLU of the mean after).
                         for tile in T.serial(T.ceildiv(T.max(tail_hi - tail_lo, 0), block_m)):
                             T.copy(Keys[bb, tail_lo + tile * block_m : tail_lo + (tile + 1) * block_m, :], k_shared)
-                            score_matmul(k_shared, q_shared, q_fragment, scores)
+                            score_matmul(k_shared, q_shared, scores)
                             for first, second in T.Parallel(*score_shape):
                                 m, r = block_and_row(first, second)
                                 key = tail_lo + tile * block_m + m

@@ -21,8 +21,9 @@ from .router import build_causal_tail_means, build_head_importance
 # CTA's query load, tail block and head pick overlap the other's matmuls: sweep_router-20261203-103049.json, 64K / 32K
 # prefill 1.774 / 0.691 ms against 1.814 / 0.739, the same heads picked. Both shapes multiply with the query rows as M
 # (`build_head_importance`'s rows_as_m): sweep_router-20261203-221219.json, this shape with tail means 1.08 against
-# 1.51 ms at 64K, 3.34 against 4.88 at 128K.
-WIDE_ROUTER = dict(rows_per_cta=256, threads=256, block_m=32, min_ctas_per_sm=2)
+# 1.51 ms at 64K, 3.34 against 4.88 at 128K. Each tile summed per row at once (reduce_per_tile, no spills left):
+# sweep_router-20261204-093250.json, 1.022 against 1.148 ms at 64K, 3.120 against 3.402 at 128K.
+WIDE_ROUTER = dict(rows_per_cta=256, threads=256, block_m=32, min_ctas_per_sm=2, reduce_per_tile=True)
 
 
 def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) -> torch.Tensor:
@@ -58,13 +59,15 @@ def router_shape(heads: int, batch: int, num_queries: int, device: torch.device,
 
 def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
                              block_size: int, softmax_scale: float, router: str = "sum",
-                             tail: TailBlock | None = None, rows_as_m: bool = True) -> torch.Tensor:
+                             tail: TailBlock | None = None, rows_as_m: bool = True,
+                             wide_router: dict | None = None) -> torch.Tensor:
     """MISA's router score [B, c, H], fused in one kernel (see `router.py`); masks with holes use the reference.
 
     The fused program sums; router="max" runs the reference's steps on the tensor cores (bf16 matmul, then the max)
     until a max variant of the program has been checked on a GPU. With a `tail`, the program sums the full blocks
     only (each query's range ends at its tail block's start) and the tail block's own score is added here.
-    `rows_as_m`: as in the program (False: the pooled blocks as the matmuls' M, the program before).
+    `rows_as_m`: as in the program (False: the pooled blocks as the matmuls' M, the program before). `wide_router`:
+    the build options where a call fills the GPU (default WIDE_ROUTER).
     """
     ks, ke, contiguous = chunk.key_range
     if not _router_program_applies(contiguous, router):
@@ -73,7 +76,7 @@ def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: tor
     heads, dim = q.shape[2:]
     q_rows, pooled_bf16, weights_fp32 = _router_operands(q, pooled, weights)
     full_block_ends = ke if tail is None else tail.full_block_ends(ke)
-    shape = router_shape(heads, q.shape[0], q.shape[1], q.device)
+    shape = router_shape(heads, q.shape[0], q.shape[1], q.device, wide_router)
     importance = build_head_importance(heads, dim, block_size, rows_as_m=rows_as_m, **shape)()(
         q_rows, pooled_bf16, weights_fp32, ks.contiguous(), full_block_ends.contiguous())
     if tail is not None:

@@ -51,8 +51,9 @@ MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1, 
 # benchmarks/RESULTS.md (search for the commit): a one-read path (280dfb6), 16-bit planes of the logits (27b4688), the
 # second pass read backward / rows reversed (81f9364), per-thread cp.async rings (b6322b7), slot claims once per warp
 # (2c1aebc) or per thread and loop step (c19e281), three CTAs per SM with one or two loads in flight (66ac447; in the
-# indexer, bench_indexer-20261204-090233.json: top-k stage 5.81 against 5.59 ms at 64K, 20.01 against 19.99 at 128K). Nsight Compute (benchmarks/results/ncu-20261204-0231-detail.txt):
-# bound by instruction issue and the L1 / shared-memory pipe (84% busy), not DRAM (43%).
+# indexer, bench_indexer-20261204-090233.json: top-k stage 5.81 against 5.59 ms at 64K, 20.01 against 19.99 at 128K).
+# Nsight Compute (benchmarks/results/ncu-20261204-0231-detail.txt): bound by instruction issue and the L1 /
+# shared-memory pipe (84% busy), not DRAM (43%).
 # (bits of this level, bit position above which the prefix is already fixed)
 LEVELS = tuple((bits, 32 - sum(RADIX_BITS[:i])) for i, bits in enumerate(RADIX_BITS))
 NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000

@@ -24,6 +24,10 @@ TILELANG_PIPELINED_SCORER = logits_variant("tilelang-pipelined", overlapped=Fals
 TILELANG_THRESHOLD_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-threshold", fused_select=functools.partial(tilelang_select_tokens, threshold=True))
 
+# The wide prefill router shape as it was before it summed each tile at once (reduce_per_tile), for the variants of
+# earlier routing programs below.
+_RUNNING_SUM = dict(WIDE_ROUTER, reduce_per_tile=False)
+
 # MISA's routing in separate launches (router program, tail block, head top-k and gathers in PyTorch): the path before
 # the fused routing program, kept so that the benchmark times both side by side.
 TILELANG_STEPWISE_ROUTING_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-stepwise-routing", route=None)
@@ -32,16 +36,18 @@ TILELANG_STEPWISE_ROUTING_SCORER = dataclasses.replace(TILELANG_SCORER, name="ti
 # whole tiles skipped the visibility test as well, kept so that the benchmark times them side by side.
 TILELANG_TAIL_KEYS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-tail-keys",
                                                 route=functools.partial(tilelang_route, tail_means=False,
-                                                                        rows_as_m=False))
+                                                                        rows_as_m=False, wide_router=_RUNNING_SUM))
 TILELANG_EVERY_TILE_TESTED_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-every-tile-tested",
-    route=functools.partial(tilelang_route, tail_means=False, split_tiles=False, rows_as_m=False))
+    route=functools.partial(tilelang_route, tail_means=False, split_tiles=False, rows_as_m=False,
+                            wide_router=_RUNNING_SUM))
 
 # The router programs multiplying with the pooled blocks as M (before the query rows were, `router.py`'s rows_as_m),
 # kept so that the benchmark times both side by side.
 TILELANG_BLOCKS_AS_M_ROUTER_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-blocks-as-m-router", route=functools.partial(tilelang_route, rows_as_m=False),
-    head_importance=functools.partial(tilelang_head_importance, rows_as_m=False))
+    TILELANG_SCORER, name="tilelang-blocks-as-m-router",
+    route=functools.partial(tilelang_route, rows_as_m=False, wide_router=_RUNNING_SUM),
+    head_importance=functools.partial(tilelang_head_importance, rows_as_m=False, wide_router=_RUNNING_SUM))
 
 # 4-16 routed heads in the 128-row CTAs over 128-key tiles (the shape before WIDE_FEW_HEADS), kept so that the
 # benchmark times both side by side.
@@ -58,17 +64,11 @@ TILELANG_PLAIN_TOPK_SCORER = dataclasses.replace(
     fused_select=functools.partial(tilelang_select_tokens,
                                    topk_options=dict(compact_second_pass=False, bins_in_registers=False)))
 
-# A prefill's routing program with each tile's scores summed per row at once (`router.build_head_importance`'s
-# reduce_per_tile): with the query rows in registers (queries_in_registers) in the wide CTAs, one per SM (~150
-# registers), or in 128-row CTAs, three per SM. Opt-in, timed beside the default by the benchmark.
-TILELANG_Q_REGISTERS_ROUTER_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-q-registers-router",
-    route=functools.partial(tilelang_route, wide_router=dict(WIDE_ROUTER, queries_in_registers=True,
-                                                             reduce_per_tile=True, min_ctas_per_sm=0)))
-TILELANG_ROWS128_ROUTER_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-rows128-router",
-    route=functools.partial(tilelang_route, wide_router=dict(rows_per_cta=128, threads=128, block_m=32,
-                                                             min_ctas_per_sm=3, reduce_per_tile=True)))
+# A prefill's routing program keeping a running [rows, block_m] sum reduced once at the end (before WIDE_ROUTER took
+# reduce_per_tile), kept so that the benchmark times both side by side.
+TILELANG_RUNNING_SUM_ROUTER_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-running-sum-router",
+    route=functools.partial(tilelang_route, wide_router=_RUNNING_SUM))
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.

@@ -45,27 +45,20 @@ def test_wide_routing_kernel_compiles_for_sm90a():
     assert "wgmma" not in blocks_as_m and "mma_sync" in blocks_as_m
 
 
-@pytest.mark.parametrize("rows_per_cta,threads,block_m", [(256, 256, 32), (128, 128, 64)])
-def test_routing_kernel_with_queries_in_registers_compiles_for_sm90a(rows_per_cta, threads, block_m):
-    """`queries_in_registers`: every matmul reads the query rows from registers (wgmma's register-A form) after one
-    copy from shared memory; with `reduce_per_tile` no running sum of the tile's shape is kept."""
+def test_wide_routing_kernel_sums_each_tile_at_once():
+    """The wide prefill shape sums each tile's scores per row at once (`reduce_per_tile`): a quad-lane reduction per
+    tile and no running [rows, block_m] fragment; the former program keeps it."""
     _tilelang_or_skip()
+    from transformers_misa.kernels import routing
     from transformers_misa.kernels.router import build_head_importance
 
+    assert routing.WIDE_ROUTER["reduce_per_tile"]
     source = build_head_importance(64, 128, 128, active_heads=8, arch="sm_90a", tail_means=True,
-                                   rows_per_cta=rows_per_cta, threads=threads, block_m=block_m,
-                                   queries_in_registers=True, reduce_per_tile=True)().get_kernel_source()
-    assert "wgmma_rs" in source and "wgmma_ss" not in source
-    assert "ldmatrix" in source, "the query rows are not copied from shared memory into registers"
-    assert "running" not in source
-
-
-def test_queries_in_registers_need_the_rows_as_m():
-    pytest.importorskip("tilelang", reason="TileLang is not installed")
-    from transformers_misa.kernels.router import build_head_importance
-
-    with pytest.raises(ValueError, match="queries_in_registers needs rows_as_m"):
-        build_head_importance(64, 128, 128, active_heads=8, rows_as_m=False, queries_in_registers=True)
+                                   **routing.WIDE_ROUTER)().get_kernel_source()
+    assert "AllReduce<tl::SumOp, 4, 1" in source and "running" not in source
+    before = build_head_importance(64, 128, 128, active_heads=8, arch="sm_90a", tail_means=True,
+                                   **dict(routing.WIDE_ROUTER, reduce_per_tile=False))().get_kernel_source()
+    assert "running" in before
 
 
 def test_tail_means_are_for_the_routing_program():
@@ -221,12 +214,9 @@ def test_failing_fused_routing_falls_back_to_the_steps(monkeypatch):
 @pytest.mark.parametrize("wide", [False, True], ids=["default", "wide"])
 @pytest.mark.parametrize("options", [
     {}, {"tail_means": True}, {"split_tiles": False}, {"rows_as_m": False}, {"reduce_per_tile": True},
-    {"queries_in_registers": True, "min_ctas_per_sm": 0},
-    {"queries_in_registers": True, "reduce_per_tile": True, "tail_means": True, "min_ctas_per_sm": 0},
-    {"rows_per_cta": 128, "threads": 128, "block_m": 32, "min_ctas_per_sm": 3, "reduce_per_tile": True,
-     "tail_means": True},
-], ids=["tail-keys", "tail-means", "every-tile-tested", "blocks-as-m", "reduce-per-tile", "q-registers",
-        "q-registers-reduce-tail-means", "rows128-reduce-3ctas"])
+    {"reduce_per_tile": False, "tail_means": True}, {"reduce_per_tile": True, "split_tiles": False},
+], ids=["tail-keys", "tail-means", "every-tile-tested", "blocks-as-m", "reduce-per-tile", "running-sum-tail-means",
+        "reduce-per-tile-every-tile-tested"])
 def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_keys, heads, block_size, pads, scaled,
                                                      wide, options):
     from transformers_misa.kernels import routing
