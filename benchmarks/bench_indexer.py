@@ -28,7 +28,7 @@ from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCOR
                                                 TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_PIPELINED_SCORER,
                                                 TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_PLAIN_MANY_HEADS_SCORER,
                                                 TILELANG_PLAIN_TOPK_SCORER, TILELANG_RUNNING_SUM_ROUTER_SCORER,
-                                                TILELANG_SQUARE_FEW_HEADS_SCORER,
+                                                TILELANG_SEGMENTED_TAIL_MEANS_SCORER, TILELANG_SQUARE_FEW_HEADS_SCORER,
                                                 TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
                                                 TILELANG_THRESHOLD_SCORER)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
@@ -97,6 +97,8 @@ def methods(heads: int, deepseek_kernel):
         "misa8_plain_topk": _misa(reference.misa_topk, TILELANG_PLAIN_TOPK_SCORER),
         # the prefill routing program with a running [rows, blocks] sum reduced at the end (before reduce_per_tile)
         "misa8_running_sum_router": _misa(reference.misa_topk, TILELANG_RUNNING_SUM_ROUTER_SCORER),
+        # a prefill's tail means summed in 8 runs of keys per block, one thread each (opt-in)
+        "misa8_segmented_tail_means": _misa(reference.misa_topk, TILELANG_SEGMENTED_TAIL_MEANS_SCORER),
         # GLM-5's 32 heads in the plain layout of the wide CTAs (64 heads: always plain)
         f"dsa{heads}_plain_many_heads": _dsa(TILELANG_PLAIN_MANY_HEADS_SCORER),
         # the wide top-k via a sampled threshold
@@ -233,7 +235,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
                                              "misa8_budget_chunks", "misa8_blocks_as_m_router",
                                              "misa8_square", f"dsa{heads}_plain_topk", "misa8_plain_topk",
                                              f"dsa{heads}_plain_many_heads",
-                                             "misa8_running_sum_router",
+                                             "misa8_running_sum_router", "misa8_segmented_tail_means",
                                              "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}

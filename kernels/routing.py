@@ -89,29 +89,33 @@ def _unit_head_scale(heads: int, device: torch.device) -> torch.Tensor:
     return torch.ones(heads, device=device)
 
 
-def causal_tail_means(keys: torch.Tensor, chunk: ChunkMask, block_size: int) -> torch.Tensor | None:
+def causal_tail_means(keys: torch.Tensor, chunk: ChunkMask, block_size: int,
+                      segments: int = 1) -> torch.Tensor | None:
     """Each query's mean tail key [B, c, D] bf16 (`TailBlock.means`) for a causal prefill chunk without a mask, by one
     launch (`router.build_causal_tail_means`); None elsewhere (decode steps, masks): the routing program then reads
-    the tails from the key cache itself, which costs little for a few queries and launches nothing more."""
+    the tails from the key cache itself, which costs little for a few queries and launches nothing more. `segments`:
+    runs of keys per block summed by threads of their own (`router.build_causal_tail_means`)."""
     if chunk.mask is not None or chunk.sync_free or not TailBlock.uses_prefix_sums(chunk, keys.shape[1], block_size):
         return None
     batch, _, dim = keys.shape
     means = torch.empty(batch, chunk.rows.stop - chunk.rows.start, dim, dtype=torch.bfloat16, device=keys.device)
-    build_causal_tail_means(dim, block_size)()(keys, chunk.first_query_end(), means)
+    build_causal_tail_means(dim, block_size, segments)()(keys, chunk.first_query_end(), means)
     return means
 
 
 def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
                    block_size: int, active_heads: int, softmax_scale: float, head_scale: torch.Tensor | None = None,
                    router: str = "sum", tail_means: bool = True, split_tiles: bool = True,
-                   rows_as_m: bool = True, wide_router: dict | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   rows_as_m: bool = True, wide_router: dict | None = None,
+                   tail_mean_segments: int = 1) -> tuple[torch.Tensor, torch.Tensor] | None:
     """MISA's whole routing step in one program (`router.build_head_importance` with `active_heads`): router
     score with the tail block, head pick and gathers. (q_routed [B, c, A, D] bf16, w_routed [B, c, A] fp32), or None
     where it does not apply (masks with holes, router="max"): then `route_queries` takes its steps one by one.
     The softmax scale multiplies every importance alike, so the pick runs without it. `tail_means`: a causal prefill
     chunk's tails come in as mean keys (`causal_tail_means`; False: read by the program, the path before);
     `split_tiles`, `rows_as_m`: as in the program (False: every tile tested; the pooled blocks as the matmuls' M; the
-    programs before). `wide_router`: the build options where a call fills the GPU (default WIDE_ROUTER)."""
+    programs before). `wide_router`: the build options where a call fills the GPU (default WIDE_ROUTER).
+    `tail_mean_segments`: as `causal_tail_means`'s segments."""
     ks, ke, contiguous = chunk.key_range
     if not _router_program_applies(contiguous, router):
         return None
@@ -120,7 +124,7 @@ def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, p
     q_rows, pooled_bf16, weights_fp32 = _router_operands(q, pooled, weights)
     shape = router_shape(heads, batch, num_queries, q.device, wide_router)
     keys_bf16 = keys.to(torch.bfloat16).contiguous()
-    means = causal_tail_means(keys_bf16, chunk, block_size) if tail_means else None
+    means = causal_tail_means(keys_bf16, chunk, block_size, tail_mean_segments) if tail_means else None
     program = build_head_importance(heads, dim, block_size, active_heads=active_heads, tail_means=means is not None,
                                     split_tiles=split_tiles, rows_as_m=rows_as_m, **shape)
     q_routed, w_routed, _, _ = program()(q_rows, pooled_bf16, keys_bf16 if means is None else means, weights_fp32,

@@ -70,6 +70,12 @@ TILELANG_RUNNING_SUM_ROUTER_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-running-sum-router",
     route=functools.partial(tilelang_route, wide_router=_RUNNING_SUM))
 
+# A causal prefill chunk's tail means summed in 8 runs of keys per block, one thread each
+# (`router.build_causal_tail_means`'s segments): opt-in, timed beside the default by the benchmark.
+TILELANG_SEGMENTED_TAIL_MEANS_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-segmented-tail-means",
+    route=functools.partial(tilelang_route, tail_mean_segments=8))
+
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.
 TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-budget-chunks", wave_queries=None)

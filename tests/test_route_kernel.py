@@ -83,7 +83,7 @@ def test_route_hands_causal_prefill_chunks_their_tail_means(monkeypatch, rows, s
 
     seen = {}
 
-    def means_program(dim, block_size):
+    def means_program(dim, block_size, segments=1):
         def run(keys, first_end, means):
             seen["first_end"] = first_end
             means.copy_(TailBlock(keys.float(), chunk, block_size).means)
@@ -124,6 +124,10 @@ def test_causal_tail_means_program_compiles_for_sm90a():
 
     source = build_causal_tail_means(128, 128, arch="sm_90a")().get_kernel_source()
     assert "Means[" in source and "first_end" in source
+    segmented = build_causal_tail_means(128, 128, segments=8, arch="sm_90a")().get_kernel_source()
+    assert "__launch_bounds__(1024" in segmented and "totals" in segmented and "__syncthreads" in segmented
+    with pytest.raises(ValueError, match="segments must divide block_size"):
+        build_causal_tail_means(128, 128, segments=3)
 
 
 def test_routing_kernel_refuses_more_active_heads_than_heads():
@@ -258,12 +262,13 @@ def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_key
     (2, 700, 900, slice(130, 517), 64),  # a chunk starting inside a block, queries at the last positions
     (1, 4096, 4096, slice(3968, 4096), 128),  # the last chunk, starting on a block boundary
 ])
-def test_causal_tail_means_program_matches_the_tail_block(batch, num_queries, num_keys, rows, block_size):
+@pytest.mark.parametrize("segments", [1, 8])
+def test_causal_tail_means_program_matches_the_tail_block(batch, num_queries, num_keys, rows, block_size, segments):
     from transformers_misa.kernels.routing import causal_tail_means
 
     _, keys, _ = _inputs(batch, num_queries, num_keys, 8, seed=7)
     chunk = ChunkMask(None, rows, batch, num_queries, num_keys, keys.device)
-    means = causal_tail_means(keys.contiguous(), chunk, block_size)
+    means = causal_tail_means(keys.contiguous(), chunk, block_size, segments)
     expected = TailBlock(keys, chunk, block_size).means
     assert means is not None and means.shape == expected.shape
     torch.testing.assert_close(means.float(), expected, rtol=1e-2, atol=1e-2)
