@@ -11,7 +11,8 @@ from transformers_misa.ops.blocks import ChunkMask, TailBlock
 from transformers_misa.ops.reference import reference_head_importance
 
 from .common import _sm_count, queries_per_cta
-from .router import build_causal_tail_means, build_head_importance
+from .router import build_head_importance
+from .tail_means import build_causal_tail_means
 
 # Router CTAs of 256 query rows (4 queries of 64 heads) over tiles of 32 pooled blocks where they still give every SM
 # two: half the CTAs, each with the same fixed costs (loading its queries, its tail block, the head pick).
@@ -92,9 +93,9 @@ def _unit_head_scale(heads: int, device: torch.device) -> torch.Tensor:
 def causal_tail_means(keys: torch.Tensor, chunk: ChunkMask, block_size: int,
                       segments: int = 1) -> torch.Tensor | None:
     """Each query's mean tail key [B, c, D] bf16 (`TailBlock.means`) for a causal prefill chunk without a mask, by one
-    launch (`router.build_causal_tail_means`); None elsewhere (decode steps, masks): the routing program then reads
+    launch (`tail_means.build_causal_tail_means`); None elsewhere (decode steps, masks): the routing program then reads
     the tails from the key cache itself, which costs little for a few queries and launches nothing more. `segments`:
-    runs of keys per block summed by threads of their own (`router.build_causal_tail_means`)."""
+    runs of keys per block summed by threads of their own (`tail_means.build_causal_tail_means`)."""
     if chunk.mask is not None or chunk.sync_free or not TailBlock.uses_prefix_sums(chunk, keys.shape[1], block_size):
         return None
     batch, _, dim = keys.shape

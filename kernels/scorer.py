@@ -315,8 +315,8 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
-    `threshold=True` (`variants.TILELANG_THRESHOLD_SCORER`) sends wide prefill rows (`uses_threshold_filter`) through the
-    sampled threshold instead, which writes only a few thousand candidates per query (`ops.threshold`; the same
+    `threshold=True` (`variants.TILELANG_THRESHOLD_SCORER`) sends wide prefill rows (`uses_threshold_filter`) through
+    the sampled threshold instead, which writes only a few thousand candidates per query (`ops.threshold`; the same
     selection). Off by default: on an H100 it measured slower than the dense path for MISA-8 (see the README).
     `out`: where the radix select may write the indices; `topk_options`: its build options beyond the shape
     (see `radix_topk`); `wide_few_heads`, `interleaved_many_heads`: the logits' CTA shape and layout (see

@@ -71,7 +71,7 @@ TILELANG_RUNNING_SUM_ROUTER_SCORER = dataclasses.replace(
     route=functools.partial(tilelang_route, wide_router=_RUNNING_SUM))
 
 # A causal prefill chunk's tail means summed in 8 runs of keys per block, one thread each
-# (`router.build_causal_tail_means`'s segments): opt-in, timed beside the default by the benchmark.
+# (`tail_means.build_causal_tail_means`' segments): opt-in, timed beside the default by the benchmark.
 TILELANG_SEGMENTED_TAIL_MEANS_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-segmented-tail-means",
     route=functools.partial(tilelang_route, tail_mean_segments=8))

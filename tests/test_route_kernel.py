@@ -120,7 +120,7 @@ def test_route_hands_causal_prefill_chunks_their_tail_means(monkeypatch, rows, s
 
 def test_causal_tail_means_program_compiles_for_sm90a():
     _tilelang_or_skip()
-    from transformers_misa.kernels.router import build_causal_tail_means
+    from transformers_misa.kernels.tail_means import build_causal_tail_means
 
     source = build_causal_tail_means(128, 128, arch="sm_90a")().get_kernel_source()
     assert "Means[" in source and "first_end" in source
