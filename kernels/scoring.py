@@ -207,7 +207,10 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             """Overlapped driver: waits for the step's wgmma (its accumulator readable from here on) and hands the
             stage back to the producer."""
             T.wait_wgmma(0)
-            T.warpgroup_fence_operand(scores)  # keeps nvcc from hoisting reads of the accumulator above the wait
+            # Keeps nvcc from hoisting reads of the accumulator above the wait. The count is the thread's registers:
+            # left to TileLang it is the whole fragment's shape (block_n * rows), and fencing that many "registers"
+            # reaches past this accumulator, which makes ptxas inject a wgmma wait (C7517).
+            T.warpgroup_fence_operand(scores, num_regs=block_n * rows // threads)
             T.barrier_arrive(empty[step % num_stages])
 
         @T.macro
@@ -283,6 +286,10 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                         for pair in T.serial(T.ceildiv(steps, 2)):
                             issue(scores, 2 * pair, k_shared, q_shared, full)
                             if pair > 0:
+                                # b's group is complete (retired last pair); saying so keeps ptxas from injecting a
+                                # full wait here (C7517: it does not carry the retire across the loop's back edge),
+                                # which would hold this epilogue until a's wgmma had finished: no overlap
+                                T.wait_wgmma(1)
                                 tile_epilogue(scores_b, first_tile + 2 * pair - 1, buffers)
                             retire(scores, 2 * pair, empty)
                             if 2 * pair + 1 < steps:

@@ -36,6 +36,43 @@ def test_logits_kernel_compiles_for_sm90a(heads):
     assert "tma_load" in source, "key tiles should stream through TMA"
 
 
+def _ptxas_report(source: str, folder) -> str:
+    """What ptxas says (-v) compiling a TileLang program's CUDA source for sm_90a with TileLang's headers."""
+    import os
+    import subprocess
+
+    import tilelang
+
+    root = os.path.dirname(tilelang.__file__)
+    path = folder / "program.cu"
+    path.write_text(source)
+    command = ["nvcc", "-cubin", "-o", str(folder / "program.cubin"), "-gencode=arch=compute_90a,code=sm_90a",
+               "-std=c++17", "-O3", "-w", f"-I{root}/src", f"-I{root}/3rdparty/cutlass/include",
+               f"-I{root}/3rdparty/tvm/include", "-DENABLE_BF16", "--expt-relaxed-constexpr", "-Xptxas", "-v",
+               str(path)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stderr
+
+
+@pytest.mark.parametrize("heads", [64, 8])
+def test_overlapped_logits_keep_the_next_wgmma_in_flight_during_an_epilogue(heads, tmp_path):
+    """The overlapped driver's point is tile t's epilogue running while tile t+1's wgmma is in flight. Where ptxas
+    cannot tell that an accumulator read is safe it injects a full wgmma wait (C7517: it did before every other
+    epilogue), which quietly serialises the two; the program states the wait it needs (one group in flight) and
+    fences only the thread's own accumulator registers (64, not the fragment's 16384 elements)."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.scorer import logits_options
+    from transformers_misa.kernels.scoring import build_weighted_relu_logits
+
+    options = logits_options(heads, 1, 65536, 65536, 132, False, interleaved=True, wide_few_heads=True)
+    assert options["overlapped"] and options["rows_per_cta"] == 256
+    source = build_weighted_relu_logits(heads, 128, arch="sm_90a", **options)().get_kernel_source()
+    assert "wait_wgmma<1>" in source and ", 16384)" not in source
+    report = _ptxas_report(source, tmp_path)
+    assert "C7517" not in report, report
+
+
 @pytest.mark.parametrize("heads,rows", [(8, 8), (8, 32), (64, 64)])
 def test_decode_logits_kernel_compiles_for_sm90a(heads, rows):
     """Decode steps take a narrower CTA (`decode_rows_per_cta`): still one wgmma of N = rows, no empty rows."""
