@@ -45,6 +45,12 @@ VARIANTS = {  # name -> build options on top of the defaults
     "wide_overlapped": dict(rows_per_cta=256, block_n=64, overlapped=True, num_stages=4),
     "wide_overlapped_stages6": dict(rows_per_cta=256, block_n=64, overlapped=True, num_stages=6),
     "wide_overlapped_plain": dict(rows_per_cta=256, block_n=64, overlapped=True, num_stages=4, interleaved=False),
+    # the wide overlapped programs before 3d9922f (ptxas injecting a full wgmma wait before every other epilogue),
+    # and with two shared-memory buffers for the staged stores (few heads)
+    "wide_overlapped_ptxas_wait": dict(rows_per_cta=256, block_n=64, overlapped=True, num_stages=4,
+                                       explicit_wgmma_wait=False),
+    "wide_overlapped_store_buffers2": dict(rows_per_cta=256, block_n=64, overlapped=True, num_stages=4,
+                                           store_buffers=2),
 }
 
 

@@ -68,7 +68,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                threads: int = 256, key_splits: int = 1, fill_future: bool = True,
                                staged_stores: bool | None = None, rows_per_cta: int = ROWS_PER_CTA,
                                fp8: bool = False, capacity: int = 0, interleaved: bool = False,
-                               overlapped: bool = False, arch: str | None = None):
+                               overlapped: bool = False, explicit_wgmma_wait: bool = True, store_buffers: int = 1,
+                               arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `staged_stores` (default: for 16 heads or fewer) writes each tile's logits through shared memory with one bulk
@@ -89,10 +90,18 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     head sum stays in registers.
     `overlapped` (bf16 dense programs): a producer warpgroup and two accumulators instead of TileLang's pipeline, so
     that each tile's epilogue runs during the next tile's wgmma; `num_stages` key tiles in flight.
+    `explicit_wgmma_wait` (overlapped): the program states the wgmma wait before each pair's second epilogue (one group
+    in flight); False builds the program before 3d9922f, where ptxas injected a full wait there (C7517), for the
+    sweep to time both. `store_buffers` (overlapped with staged stores): 2 alternates two shared-memory buffers for
+    the tiles' logits, so a tile's bulk store may still read one while the next tile fills the other (1: each store is
+    waited for before the next epilogue may start writing).
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     if overlapped and (fp8 or capacity):
         raise ValueError("the overlapped driver is for the bf16 dense programs (no fp8, no candidates)")
+    if store_buffers not in (1, 2) or (store_buffers == 2 and not overlapped):
+        raise ValueError(f"store_buffers is 1, or 2 with the overlapped driver; got {store_buffers} "
+                         f"(overlapped={overlapped})")
     if capacity and (fp8 or key_splits != 1 or capacity % block_n):
         raise ValueError("the candidate variant is bf16 with key_splits=1 (its counters live in one CTA) and a "
                          f"capacity that is a multiple of block_n={block_n}")
@@ -147,6 +156,20 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                 CandVal[bb, q0 + i, j * segment + appended[i, j]] = value
                                 CandKey[bb, q0 + i, j * segment + appended[i, j]] = key
                             appended[i, j] = appended[i, j] + 1
+            elif staged_stores and store_buffers == 2:  # Python-level: alternating buffers, explicit bulk stores
+                slot = tile % 2
+                # The store issued from this slot two tiles ago must have read it (the other slot's, one tile ago,
+                # may still run): only the thread that issued them has bulk groups to wait for.
+                T.tma_store_wait(1)
+                T.sync_threads(barrier_id=3, arrive_count=threads)
+                for i, n in T.Parallel(block_q, block_n):
+                    key = tile * block_n + n
+                    logits_shared[slot, i, n] = T.if_then_else(key >= ks_local[i] and key < ke_local[i],
+                                                               logits[n, i], -T.infinity(T.float32))
+                T.fence_proxy_async()  # the generic-proxy writes, before the bulk store (async proxy) reads them
+                T.sync_threads(barrier_id=3, arrive_count=threads)
+                T.tma_copy(logits_shared[slot, :, :],
+                           Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n])
             elif staged_stores:  # Python-level: one variant or the other is compiled
                 if overlapped:  # Python-level: the previous tile's bulk store may still be reading logits_shared (its
                     # elected thread waits for that; the others wait here), which TileLang's sync pass misses when
@@ -208,9 +231,11 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             stage back to the producer."""
             T.wait_wgmma(0)
             # Keeps nvcc from hoisting reads of the accumulator above the wait. The count is the thread's registers:
-            # left to TileLang it is the whole fragment's shape (block_n * rows), and fencing that many "registers"
-            # reaches past this accumulator, which makes ptxas inject a wgmma wait (C7517).
-            T.warpgroup_fence_operand(scores, num_regs=block_n * rows // threads)
+            # left to TileLang it is the whole fragment's shape (block_n * rows), past this accumulator.
+            if explicit_wgmma_wait:  # Python-level
+                T.warpgroup_fence_operand(scores, num_regs=block_n * rows // threads)
+            else:
+                T.warpgroup_fence_operand(scores)
             T.barrier_arrive(empty[step % num_stages])
 
         @T.macro
@@ -220,7 +245,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 q_shared = T.alloc_shared((rows, dim), qk_dtype)
                 scores = T.alloc_fragment((block_n, rows), T.float32)
                 logits = T.alloc_fragment((block_n, block_q), T.float32)
-                logits_shared = T.alloc_shared((block_q, block_n), T.float32)
+                logits_shared = T.alloc_shared(((store_buffers,) if store_buffers > 1 else ()) + (block_q, block_n),
+                                               T.float32)
                 # the head sum's first step (pairs of heads in adjacent columns)
                 head_pairs = (T.alloc_fragment((block_n, 2, thread_queries, heads // 2, 4), T.float32)
                               if interleaved else None)
@@ -289,7 +315,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                 # b's group is complete (retired last pair); saying so keeps ptxas from injecting a
                                 # full wait here (C7517: it does not carry the retire across the loop's back edge),
                                 # which would hold this epilogue until a's wgmma had finished: no overlap
-                                T.wait_wgmma(1)
+                                if explicit_wgmma_wait:  # Python-level
+                                    T.wait_wgmma(1)
                                 tile_epilogue(scores_b, first_tile + 2 * pair - 1, buffers)
                             retire(scores, 2 * pair, empty)
                             if 2 * pair + 1 < steps:
@@ -300,6 +327,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                 tile_epilogue(scores, first_tile + 2 * pair, buffers)
                         if steps > 0 and steps % 2 == 0:
                             tile_epilogue(scores_b, first_tile + steps - 1, buffers)
+                        if staged_stores and store_buffers == 2:  # Python-level: no CTA exits with a store reading
+                            T.tma_store_wait(0)
                         finish(Logits, Count, bb, q0, appended, live_tiles, first_tile, last_tile)
 
         if capacity:

@@ -73,6 +73,21 @@ def test_overlapped_logits_keep_the_next_wgmma_in_flight_during_an_epilogue(head
     assert "C7517" not in report, report
 
 
+def test_two_store_buffers_alternate_and_wait_for_one_store():
+    """`store_buffers=2`: the staged logits alternate between two shared-memory buffers; an epilogue waits only for
+    the store issued two tiles before (one may still read the other buffer), and the CTA for all before it exits."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.scorer import logits_options
+    from transformers_misa.kernels.scoring import build_weighted_relu_logits
+
+    options = logits_options(8, 1, 65536, 65536, 132, False, interleaved=True, wide_few_heads=True)
+    source = build_weighted_relu_logits(8, 128, arch="sm_90a", store_buffers=2, **options)().get_kernel_source()
+    assert "tma_store_wait<1, true>" in source and "tma_store_wait<0, true>" in source
+    assert source.count("tma_store_wait<0, true>") == 1, "one wait for every store, at the end only"
+    with pytest.raises(ValueError, match="store_buffers"):
+        build_weighted_relu_logits(8, 128, store_buffers=2)  # the pipelined driver keeps one buffer
+
+
 @pytest.mark.parametrize("heads,rows", [(8, 8), (8, 32), (64, 64)])
 def test_decode_logits_kernel_compiles_for_sm90a(heads, rows):
     """Decode steps take a narrower CTA (`decode_rows_per_cta`): still one wgmma of N = rows, no empty rows."""
@@ -410,6 +425,7 @@ def _assert_layout_matches_reference(batch, num_queries, num_keys, heads, pads, 
 
 OVERLAP_CASES = {  # name -> (heads, program options): the shapes the scorer runs, and the driver's other paths
     "few_heads": (8, dict(fill_future=False, staged_stores=True, interleaved=True)),
+    "few_heads_wide": (8, dict(fill_future=False, staged_stores=True, interleaved=True, rows_per_cta=256, block_n=64)),
     "four_heads": (4, dict(fill_future=False, staged_stores=True, interleaved=True)),
     "sixteen_heads": (16, dict(fill_future=False, staged_stores=True, interleaved=True)),
     "dsa64_wide": (64, dict(fill_future=False, rows_per_cta=256, block_n=64)),
@@ -419,6 +435,8 @@ OVERLAP_CASES = {  # name -> (heads, program options): the shapes the scorer run
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("driver", [{}, {"store_buffers": 2}, {"explicit_wgmma_wait": False}],
+                         ids=["default", "two-store-buffers", "ptxas-wait"])
 @pytest.mark.parametrize("stages", [2, 4])
 @pytest.mark.parametrize("case", sorted(OVERLAP_CASES))
 @pytest.mark.parametrize("batch,num_queries,num_keys,first_key", [
@@ -426,26 +444,32 @@ OVERLAP_CASES = {  # name -> (heads, program options): the shapes the scorer run
     (2, 100, 700, 600),  # a partial query block, keys not a multiple of the tile
     (2, 64, 900, 0),  # early queries see a single tile
 ])
-def test_overlapped_logits_match_the_pipelined_program(stages, case, batch, num_queries, num_keys, first_key):
+def test_overlapped_logits_match_the_pipelined_program(driver, stages, case, batch, num_queries, num_keys, first_key):
     """Same matmul, same epilogue, another schedule: the same -inf positions and the same logits (up to nvcc's
-    contraction of multiply-adds, which may differ between the two programs)."""
+    contraction of multiply-adds, which may differ between the two programs). `driver`: the overlapped program's own
+    options (two shared-memory buffers for the staged stores; the wgmma wait left to ptxas, the program before)."""
     from transformers_misa.kernels.scorer import interleave_query_rows
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
 
     heads, options = OVERLAP_CASES[case]
+    if "store_buffers" in driver and not options.get("staged_stores"):
+        pytest.skip("two store buffers are for the staged stores")
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=3)
     ke = (torch.arange(num_queries, device="cuda", dtype=torch.int32) + first_key + 1).clamp_max(num_keys)
     ke = ke.expand(batch, -1).contiguous()
     ks = torch.zeros_like(ke)
     ks[-1] = 7  # a left-padded row
     q_rows = q.reshape(batch, num_queries * heads, 128)
-    if options.get("interleaved"):  # whole 128-row blocks in the interleaved order (pad queries see nothing)
-        pad = -num_queries % (128 // heads)
-        q_rows = interleave_query_rows(torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).reshape(batch, -1, 128), heads)
+    if options.get("interleaved"):  # whole blocks of rows in the interleaved order (pad queries see nothing)
+        rows = options.get("rows_per_cta", 128)
+        pad = -num_queries % (rows // heads)
+        q_rows = interleave_query_rows(torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).reshape(batch, -1, 128), heads,
+                                       rows)
         weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (weights, ks, ke))
     args = (q_rows.contiguous(), keys, weights.contiguous(), ks.contiguous(), ke.contiguous())
     pipelined = build_weighted_relu_logits(heads, 128, **options)()(*args)
-    overlapped = build_weighted_relu_logits(heads, 128, num_stages=stages, overlapped=True, **options)()(*args)
+    overlapped = build_weighted_relu_logits(heads, 128, num_stages=stages, overlapped=True, **options,
+                                            **driver)()(*args)
     visible = torch.arange(num_keys, device="cuda") < ke.unsqueeze(-1)
     if options["fill_future"]:
         visible = torch.ones_like(visible)
