@@ -25,7 +25,8 @@ import torch
 from gpu_timing import cuda_time_ms, environment, graph_time_ms, peak_extra_gib, stage_ms  # this folder's timing
 from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER, logits_options
 from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER, TILELANG_BUDGET_CHUNKS_SCORER,
-                                                TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_PIPELINED_SCORER,
+                                                TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FAST_PICK_ROUTER_SCORER,
+                                                TILELANG_PIPELINED_SCORER,
                                                 TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_PLAIN_MANY_HEADS_SCORER,
                                                 TILELANG_PLAIN_TOPK_SCORER, TILELANG_RUNNING_SUM_ROUTER_SCORER,
                                                 TILELANG_SEGMENTED_TAIL_MEANS_SCORER, TILELANG_SQUARE_FEW_HEADS_SCORER,
@@ -97,6 +98,8 @@ def methods(heads: int, deepseek_kernel):
         "misa8_plain_topk": _misa(reference.misa_topk, TILELANG_PLAIN_TOPK_SCORER),
         # the prefill routing program with a running [rows, blocks] sum reduced at the end (before reduce_per_tile)
         "misa8_running_sum_router": _misa(reference.misa_topk, TILELANG_RUNNING_SUM_ROUTER_SCORER),
+        # the prefill routing program with the head pick's weights loaded early, its loops unrolled (opt-in)
+        "misa8_fast_pick_router": _misa(reference.misa_topk, TILELANG_FAST_PICK_ROUTER_SCORER),
         # a prefill's tail means summed in 8 runs of keys per block, one thread each (opt-in)
         "misa8_segmented_tail_means": _misa(reference.misa_topk, TILELANG_SEGMENTED_TAIL_MEANS_SCORER),
         # GLM-5's 32 heads in the plain layout of the wide CTAs (64 heads: always plain)
@@ -236,6 +239,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
                                              "misa8_square", f"dsa{heads}_plain_topk", "misa8_plain_topk",
                                              f"dsa{heads}_plain_many_heads",
                                              "misa8_running_sum_router", "misa8_segmented_tail_means",
+                                             "misa8_fast_pick_router",
                                              "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}
