@@ -80,10 +80,10 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
     of registers less (the wide prefill shape's few spills gone). H200, sweep_router-20261204-093250.json, routing a
     causal prefill in the wide shape: 0.412 / 1.022 / 3.120 ms against 0.440 / 1.148 / 3.402 at 32K / 64K / 128K.
     `fast_pick` (routing only): the head pick's inputs (each row's weight and head scale) go to shared memory before
-    the tiles, so their global loads are not waited for after the last tile (twice: the pick,
-    then the routed weights), and the pick's two loops over a query's heads are unrolled. A causal prefill's router
-    time fits ~0.63 ms per-CTA cost plus ~0.40 ms of tiles at 64K (from that sweep's 32K / 64K / 128K times:
-    CTAs x (fixed + tiles x per tile)), so the CTA's fixed steps are most of it.
+    the tiles, so their global loads are not waited for after the last tile (twice: the pick, then the routed
+    weights), and the pick's two loops over a query's heads are unrolled. A causal prefill's router time fits ~0.63 ms
+    of per-CTA cost plus ~0.40 ms of tiles at 64K (that sweep's 32K / 64K times as CTAs x (fixed + tiles x per tile);
+    10% under its 128K time), so the CTA's fixed steps are most of it.
     Tried and not kept (that sweep): the query rows copied once into registers (wgmma reading A from registers): 1.49
     ms at 64K in 128-row CTAs (two per SM), and wrong heads picked in the wide CTAs (two consumer warpgroups; not
     investigated further).
