@@ -26,9 +26,9 @@ from gpu_timing import cuda_time_ms, environment, graph_time_ms, peak_extra_gib,
 from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER, logits_options
 from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER, TILELANG_BUDGET_CHUNKS_SCORER,
                                                 TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FAST_PICK_ROUTER_SCORER,
-                                                TILELANG_PIPELINED_SCORER,
-                                                TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_PLAIN_MANY_HEADS_SCORER,
-                                                TILELANG_PLAIN_TOPK_SCORER, TILELANG_RUNNING_SUM_ROUTER_SCORER,
+                                                TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER,
+                                                TILELANG_PLAIN_MANY_HEADS_SCORER, TILELANG_PLAIN_TOPK_SCORER,
+                                                TILELANG_RUNNING_SUM_ROUTER_SCORER,
                                                 TILELANG_SEGMENTED_TAIL_MEANS_SCORER, TILELANG_SQUARE_FEW_HEADS_SCORER,
                                                 TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
                                                 TILELANG_THRESHOLD_SCORER)

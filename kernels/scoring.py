@@ -156,31 +156,28 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                 CandVal[bb, q0 + i, j * segment + appended[i, j]] = value
                                 CandKey[bb, q0 + i, j * segment + appended[i, j]] = key
                             appended[i, j] = appended[i, j] + 1
-            elif staged_stores and store_buffers == 2:  # Python-level: alternating buffers, explicit bulk stores
-                slot = tile % 2
-                # The store issued from this slot two tiles ago must have read it (the other slot's, one tile ago,
-                # may still run): only the thread that issued them has bulk groups to wait for.
-                T.tma_store_wait(1)
-                T.sync_threads(barrier_id=3, arrive_count=threads)
-                for i, n in T.Parallel(block_q, block_n):
-                    key = tile * block_n + n
-                    logits_shared[slot, i, n] = T.if_then_else(key >= ks_local[i] and key < ke_local[i],
-                                                               logits[n, i], -T.infinity(T.float32))
-                T.fence_proxy_async()  # the generic-proxy writes, before the bulk store (async proxy) reads them
-                T.sync_threads(barrier_id=3, arrive_count=threads)
-                T.tma_copy(logits_shared[slot, :, :],
-                           Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n])
             elif staged_stores:  # Python-level: one variant or the other is compiled
+                two_buffers = store_buffers == 2  # Python-level: this tile's buffer is tile % 2
+                if two_buffers:  # Python-level: the store issued from this tile's buffer two tiles ago must have
+                    # read it (the other buffer's, one tile ago, may still run); only its issuing thread waits
+                    T.tma_store_wait(1)
                 if overlapped:  # Python-level: the previous tile's bulk store may still be reading logits_shared (its
                     # elected thread waits for that; the others wait here), which TileLang's sync pass misses when
                     # the previous epilogue ran in another branch of the pair loop
                     T.sync_threads(barrier_id=3, arrive_count=threads)
                 for i, n in T.Parallel(block_q, block_n):
                     key = tile * block_n + n
-                    logits_shared[i, n] = T.if_then_else(key >= ks_local[i] and key < ke_local[i], logits[n, i],
-                                                         -T.infinity(T.float32))
+                    T.buffer_store(logits_shared, T.if_then_else(key >= ks_local[i] and key < ke_local[i],
+                                                                 logits[n, i], -T.infinity(T.float32)),
+                                   [tile % 2, i, n] if two_buffers else [i, n])
                 # Rows past num_queries and columns past num_keys fall outside the tensor: the TMA store clips them.
-                T.copy(logits_shared, Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n])
+                target = Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n]
+                if two_buffers:  # Python-level: the bulk store issued, not waited for
+                    T.fence_proxy_async()  # the generic-proxy writes, before the bulk store (async proxy) reads them
+                    T.sync_threads(barrier_id=3, arrive_count=threads)
+                    T.tma_copy(logits_shared[tile % 2, :, :], target)
+                else:
+                    T.copy(logits_shared, target)
             else:
                 for i, n in T.Parallel(block_q, block_n):
                     key = tile * block_n + n
