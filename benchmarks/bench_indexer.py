@@ -29,7 +29,7 @@ from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCOR
                                                 TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER,
                                                 TILELANG_PLAIN_MANY_HEADS_SCORER, TILELANG_PLAIN_TOPK_SCORER,
                                                 TILELANG_RUNNING_SUM_ROUTER_SCORER,
-                                                TILELANG_SEGMENTED_TAIL_MEANS_SCORER, TILELANG_SQUARE_FEW_HEADS_SCORER,
+                                                TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER, TILELANG_SQUARE_FEW_HEADS_SCORER,
                                                 TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
                                                 TILELANG_THRESHOLD_SCORER)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
@@ -101,7 +101,7 @@ def methods(heads: int, deepseek_kernel):
         # the prefill routing program with the head pick's weights loaded early, its loops unrolled (opt-in)
         "misa8_fast_pick_router": _misa(reference.misa_topk, TILELANG_FAST_PICK_ROUTER_SCORER),
         # a prefill's tail means summed in 8 runs of keys per block, one thread each (opt-in)
-        "misa8_segmented_tail_means": _misa(reference.misa_topk, TILELANG_SEGMENTED_TAIL_MEANS_SCORER),
+        "misa8_single_run_tail_means": _misa(reference.misa_topk, TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER),
         # GLM-5's 32 heads in the plain layout of the wide CTAs (64 heads: always plain)
         f"dsa{heads}_plain_many_heads": _dsa(TILELANG_PLAIN_MANY_HEADS_SCORER),
         # the wide top-k via a sampled threshold
@@ -238,7 +238,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
                                              "misa8_budget_chunks", "misa8_blocks_as_m_router",
                                              "misa8_square", f"dsa{heads}_plain_topk", "misa8_plain_topk",
                                              f"dsa{heads}_plain_many_heads",
-                                             "misa8_running_sum_router", "misa8_segmented_tail_means",
+                                             "misa8_running_sum_router", "misa8_single_run_tail_means",
                                              "misa8_fast_pick_router",
                                              "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",

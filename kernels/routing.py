@@ -25,6 +25,17 @@ from .tail_means import build_causal_tail_means
 # 1.51 ms at 64K, 3.34 against 4.88 at 128K. Each tile summed per row at once (reduce_per_tile, no spills left):
 # sweep_router-20261204-093250.json, 1.022 against 1.148 ms at 64K, 3.120 against 3.402 at 128K.
 WIDE_ROUTER = dict(rows_per_cta=256, threads=256, block_m=32, min_ctas_per_sm=2, reduce_per_tile=True)
+# A causal prefill chunk's tail means summed in runs of keys per block, one thread per (run, dimension): H200,
+# bench_indexer-20261204-121957.json (beside the single run, one thread per dimension): the means' program 0.037
+# against 0.083 ms at 64K, 0.12 against 0.28 at 128K. At most 1024 threads per CTA: fewer runs for wider keys.
+TAIL_MEAN_SEGMENTS = 8
+MAX_THREADS_PER_CTA = 1024
+
+
+def tail_mean_segments(dim: int, block_size: int, wanted: int = TAIL_MEAN_SEGMENTS) -> int:
+    """The most runs per block, up to `wanted`, that divide `block_size` and fit dim x runs threads in one CTA."""
+    return max(s for s in range(1, wanted + 1) if block_size % s == 0 and dim * s <= MAX_THREADS_PER_CTA) \
+        if dim <= MAX_THREADS_PER_CTA else 1
 
 
 def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) -> torch.Tensor:
@@ -91,16 +102,18 @@ def _unit_head_scale(heads: int, device: torch.device) -> torch.Tensor:
 
 
 def causal_tail_means(keys: torch.Tensor, chunk: ChunkMask, block_size: int,
-                      segments: int = 1) -> torch.Tensor | None:
+                      segments: int = TAIL_MEAN_SEGMENTS) -> torch.Tensor | None:
     """Each query's mean tail key [B, c, D] bf16 (`TailBlock.means`) for a causal prefill chunk without a mask, by one
     launch (`tail_means.build_causal_tail_means`); None elsewhere (decode steps, masks): the routing program then reads
     the tails from the key cache itself, which costs little for a few queries and launches nothing more. `segments`:
-    runs of keys per block summed by threads of their own (`tail_means.build_causal_tail_means`)."""
+    runs of keys per block summed by threads of their own (`tail_means.build_causal_tail_means`), at most as many as
+    fit the key width and divide the block (`tail_mean_segments`)."""
     if chunk.mask is not None or chunk.sync_free or not TailBlock.uses_prefix_sums(chunk, keys.shape[1], block_size):
         return None
     batch, _, dim = keys.shape
     means = torch.empty(batch, chunk.rows.stop - chunk.rows.start, dim, dtype=torch.bfloat16, device=keys.device)
-    build_causal_tail_means(dim, block_size, segments)()(keys, chunk.first_query_end(), means)
+    build_causal_tail_means(dim, block_size, tail_mean_segments(dim, block_size, segments))()(
+        keys, chunk.first_query_end(), means)
     return means
 
 
@@ -108,7 +121,7 @@ def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, p
                    block_size: int, active_heads: int, softmax_scale: float, head_scale: torch.Tensor | None = None,
                    router: str = "sum", tail_means: bool = True, split_tiles: bool = True,
                    rows_as_m: bool = True, wide_router: dict | None = None,
-                   tail_mean_segments: int = 1) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   tail_mean_segments: int = TAIL_MEAN_SEGMENTS) -> tuple[torch.Tensor, torch.Tensor] | None:
     """MISA's whole routing step in one program (`router.build_head_importance` with `active_heads`): router
     score with the tail block, head pick and gathers. (q_routed [B, c, A, D] bf16, w_routed [B, c, A] fp32), or None
     where it does not apply (masks with holes, router="max"): then `route_queries` takes its steps one by one.

@@ -76,11 +76,11 @@ TILELANG_FAST_PICK_ROUTER_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-fast-pick-router",
     route=functools.partial(tilelang_route, wide_router=dict(WIDE_ROUTER, fast_pick=True)))
 
-# A causal prefill chunk's tail means summed in 8 runs of keys per block, one thread each
-# (`tail_means.build_causal_tail_means`' segments): opt-in, timed beside the default by the benchmark.
-TILELANG_SEGMENTED_TAIL_MEANS_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-segmented-tail-means",
-    route=functools.partial(tilelang_route, tail_mean_segments=8))
+# A causal prefill chunk's tail means summed by one thread per dimension over each whole block (one run, the default
+# before `routing.TAIL_MEAN_SEGMENTS`), timed beside the default by the benchmark.
+TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-single-run-tail-means",
+    route=functools.partial(tilelang_route, tail_mean_segments=1))
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.

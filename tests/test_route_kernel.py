@@ -145,6 +145,20 @@ def test_causal_tail_means_program_compiles_for_sm90a():
         build_causal_tail_means(128, 128, segments=3)
 
 
+@pytest.mark.parametrize("dim,block_size,segments", [
+    (128, 128, 8),  # the default: 1024 threads
+    (128, 20, 5),  # the most runs that divide the block
+    (256, 128, 4),  # wider keys: fewer runs, still 1024 threads
+    (64, 96, 8),
+    (2048, 128, 1),  # keys wider than a CTA's threads: one run
+])
+def test_tail_mean_runs_divide_the_block_and_fit_one_cta(dim, block_size, segments):
+    from transformers_misa.kernels.routing import tail_mean_segments
+
+    assert tail_mean_segments(dim, block_size) == segments
+    assert tail_mean_segments(dim, block_size, wanted=1) == 1
+
+
 def test_routing_kernel_refuses_more_active_heads_than_heads():
     pytest.importorskip("tilelang", reason="TileLang is not installed")
     from transformers_misa.kernels.router import build_head_importance
