@@ -85,7 +85,3 @@ TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER = dataclasses.replace(
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.
 TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-budget-chunks", wave_queries=None)
-
-# A prefill's logits query blocks and top-k rows in launch order, first to last (before `scorer.LONGEST_FIRST`), kept
-# so that the benchmark times both side by side.
-TILELANG_FORWARD_ORDER_SCORER = logits_variant("tilelang-forward-order", longest_first=False)
