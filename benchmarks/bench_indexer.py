@@ -16,6 +16,7 @@ import datetime
 import functools
 import json
 import pathlib
+import statistics
 import sys
 import types
 
@@ -199,25 +200,43 @@ def chosen(name: str, heads: int, only: set[str] | None) -> bool:
     return only is None or name.replace(f"dsa{heads}", "dsa") in only
 
 
-def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None):
-    for context in contexts:
-        q, keys, weights = inputs(1, context, context, heads)
-        row = {"phase": "prefill", "heads": heads, "batch": 1, "context": context}
-        for name, fn in methods(heads, deepseek_kernel).items():
-            if not chosen(name, heads, only) or not fits(name, 1, context, context, heads):
+def time_in_rounds(calls: dict, reps: int, rounds: int, row: dict, context: int) -> None:
+    """Times the row's methods in turn, once per round (A B C, A B C, ...), and records each method's median over the
+    rounds, eager (`name_ms`) and host hidden (`name_gpu_ms`), its host-hidden time per round (`name_gpu_rounds`)
+    and its peak extra memory. Rounds spread the GPU's drift (clocks, heat: one method's time moved 5% between
+    runs of 2026-12-04) over every method alike, where timing each method's repetitions back to back left a ratio
+    to whichever method ran in a hot or a cool stretch. A method that raises is recorded as an error in the row
+    (e.g. a launch the GPU refuses) and left out of later rounds; the others are still timed."""
+    samples: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            if f"{name}_error" in row:
                 continue
-            call = functools.partial(fn, q, keys, weights)
             try:
-                timed_reps = reps if context <= 32768 else max(1, reps // 2)
-                row[f"{name}_ms"] = cuda_time_ms(call, timed_reps)
-                row[f"{name}_gpu_ms"] = cuda_time_ms(call, timed_reps, host_hidden=True)
-                row[f"{name}_peak_gib"] = peak_extra_gib(call)
-            except Exception as error:  # e.g. a launch the GPU refuses: report it, keep the other methods' numbers
-                row.pop(f"{name}_ms", None)
-                row.pop(f"{name}_gpu_ms", None)
+                samples[name][0].append(cuda_time_ms(call, reps))
+                samples[name][1].append(cuda_time_ms(call, reps, host_hidden=True))
+            except Exception as error:
                 row[f"{name}_error"] = f"{type(error).__name__}: {error}"[:300]
                 print(f"{name} failed at {context} tokens: {row[f'{name}_error']}", file=sys.stderr, flush=True)
             torch.cuda.empty_cache()  # each method's cached blocks would crowd out the next one's
+    for name, call in calls.items():
+        if f"{name}_error" in row:
+            continue
+        eager, hidden = samples[name]
+        row[f"{name}_ms"] = statistics.median(eager)
+        row[f"{name}_gpu_ms"] = statistics.median(hidden)
+        row[f"{name}_gpu_rounds"] = hidden
+        row[f"{name}_peak_gib"] = peak_extra_gib(call)
+        torch.cuda.empty_cache()
+
+
+def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None, rounds: int = 3):
+    for context in contexts:
+        q, keys, weights = inputs(1, context, context, heads)
+        row = {"phase": "prefill", "heads": heads, "batch": 1, "context": context, "rounds": rounds}
+        calls = {name: functools.partial(fn, q, keys, weights) for name, fn in methods(heads, deepseek_kernel).items()
+                 if chosen(name, heads, only) and fits(name, 1, context, context, heads)}
+        time_in_rounds(calls, reps if context <= 32768 else max(1, reps // 2), rounds, row, context)
         row["scoring"] = scoring_tflops(heads, context, context, reps)
         row["scoring_pipelined"] = scoring_tflops(heads, context, context, reps, overlapped=False, num_stages=2)
         if chosen(f"dsa{heads}_fp8", heads, only) and (not stages_stores(heads) or context <= 32768):
@@ -281,6 +300,20 @@ def run_decode(caches, batches, new_tokens_options, heads, reps, results):
                 torch.cuda.empty_cache()
 
 
+def round_ratio_ranges(row: dict, heads: int) -> list[tuple[str, str, float, float]]:
+    """(method, DSA kernel, lowest, highest) host-hidden speed-up over the rounds of a prefill row, each round's
+    DSA time over the same round's method time (`time_in_rounds`), for the MISA and HISA methods."""
+    base = f"dsa{heads}_kernel"
+    base_rounds = row.get(f"{base}_gpu_rounds", [])
+    ranges = []
+    for key, rounds in row.items():
+        name = key.removesuffix("_gpu_rounds")
+        if key.endswith("_gpu_rounds") and name.startswith(("misa", "hisa")) and len(rounds) == len(base_rounds) > 1:
+            paired = [dsa / method for dsa, method in zip(base_rounds, rounds)]
+            ranges.append((name, base, min(paired), max(paired)))
+    return ranges
+
+
 def print_row(row: dict, heads: int) -> None:
     timings = {k[:-3]: v for k, v in row.items() if k.endswith("_ms")}
 
@@ -301,6 +334,7 @@ def print_row(row: dict, heads: int) -> None:
     extra += f" scoring_fp8={row['scoring_fp8']['tflops']:.0f}TFLOP/s" if "scoring_fp8" in row else ""
     for variant, stats in row.get("routed8_logits", {}).items():
         extra += f" 8-head logits[{variant}]={stats['ms']:.2f}ms"
+    extra += "".join(f" {name}/{base}={low:.2f}-{high:.2f}x" for name, base, low, high in round_ratio_ranges(row, heads))
     queries = f" q={row['new_tokens']}" if "new_tokens" in row else ""
     print(f"{row['phase']:>7} H={heads} B={row['batch']:>2} T={row['context']:>6}{queries}: {cells}{extra}", flush=True)
     for name, stages in row.get("stages", {}).items():
@@ -367,7 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--glm-contexts", default="32768,65536", help="contexts for GLM-5's H=32 shape")
     parser.add_argument("--methods", default="", help="only these prefill methods, e.g. dsa_kernel,misa8,misa8_hier,"
                         "hisa (dsa_* for the DSA kernel of each head count); default: all")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=5, help="timed calls per method and round (half beyond 32K)")
+    parser.add_argument("--rounds", type=int, default=3, help="prefill: rounds over the methods in turn (medians)")
     parser.add_argument("--quick", action="store_true", help="small shapes only")
     parser.add_argument("--deepseek-ref", type=pathlib.Path, help="checkout of deepseek-ai/DeepSeek-V3.2-Exp")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
@@ -392,8 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     path = args.out / f"bench_indexer-{stamp}.json"
     results = ResultsFile(path, {"environment": environment(), "topk": TOPK, "block_size": BLOCK})
     only = set(args.methods.split(",")) if args.methods else None
-    run_prefill(parse(args.contexts), 64, deepseek_kernel, args.reps, results, only)
-    run_prefill(parse(args.glm_contexts), 32, None, args.reps, results, only)
+    run_prefill(parse(args.contexts), 64, deepseek_kernel, args.reps, results, only, args.rounds)
+    run_prefill(parse(args.glm_contexts), 32, None, args.reps, results, only, args.rounds)
     run_decode(parse(args.decode_caches), parse(args.decode_batches), parse(args.decode_new_tokens), 64, args.reps,
                results)
     results.finish()

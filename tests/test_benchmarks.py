@@ -212,6 +212,36 @@ def test_indexer_benchmark_reports_a_failing_method_and_times_the_others(monkeyp
     assert "deepseek_fp8_index failed at 4096 tokens" in capsys.readouterr().err
 
 
+def test_indexer_benchmark_times_the_methods_in_turn_over_rounds(monkeypatch, tmp_path, capsys):
+    """Each round times every method once (A B, A B, A B), the row keeps the medians and each round's host-hidden
+    time, and the printed row gives the per-round speed-up range against the DSA kernel."""
+    bench = _load("bench_indexer")
+    order = []
+    times = {"dsa64_kernel": iter([10.0, 10.0, 12.0, 12.0, 11.0, 11.0]), "misa8": iter([2.0, 2.0, 2.0, 2.0, 4.0, 4.0])}
+
+    def timed(fn, reps, host_hidden=False):
+        name = fn()
+        order.append(name)
+        return next(times[name])
+
+    monkeypatch.setattr(bench, "methods", lambda heads, kernel: {"dsa64_kernel": lambda q, k, w: "dsa64_kernel",
+                                                                 "misa8": lambda q, k, w: "misa8"})
+    monkeypatch.setattr(bench, "inputs", lambda batch, queries, keys, heads: (torch.zeros(1), torch.zeros(1),
+                                                                              torch.zeros(1)))
+    monkeypatch.setattr(bench, "fits", lambda *args: True)
+    monkeypatch.setattr(bench, "cuda_time_ms", timed)
+    monkeypatch.setattr(bench, "peak_extra_gib", lambda fn: 0.5)
+    monkeypatch.setattr(bench, "scoring_tflops", lambda *args, **kwargs: {"ms": 1.0, "tflops": 1.0})
+    results = bench.ResultsFile(tmp_path / "bench_indexer-x.json", {"topk": 2048})
+    bench.run_prefill([4096], 64, None, 1, results, rounds=3)
+    (row,) = results
+    assert order == ["dsa64_kernel", "dsa64_kernel", "misa8", "misa8"] * 3  # eager, then host hidden, per round
+    assert row["rounds"] == 3 and row["dsa64_kernel_gpu_rounds"] == [10.0, 12.0, 11.0]
+    assert row["dsa64_kernel_ms"] == row["dsa64_kernel_gpu_ms"] == 11.0 and row["misa8_gpu_ms"] == 2.0
+    assert bench.round_ratio_ranges(row, 64) == [("misa8", "dsa64_kernel", 2.75, 6.0)]
+    assert "misa8/dsa64_kernel=2.75-6.00x" in capsys.readouterr().out
+
+
 def test_timeline_finds_the_idle_stretches_between_kernels(monkeypatch):
     """benchmarks/timeline.py: kernels laid on the GPU's timeline, overlaps merged, the gaps between them named."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")  # bench_indexer imports it
