@@ -27,6 +27,7 @@ from gpu_timing import cuda_time_ms, environment, graph_time_ms, peak_extra_gib,
 from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER, logits_options
 from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER, TILELANG_BUDGET_CHUNKS_SCORER,
                                                 TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FAST_PICK_ROUTER_SCORER,
+                                                TILELANG_LONGEST_FIRST_SCORER,
                                                 TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER,
                                                 TILELANG_PLAIN_MANY_HEADS_SCORER, TILELANG_PLAIN_TOPK_SCORER,
                                                 TILELANG_RUNNING_SUM_ROUTER_SCORER,
@@ -101,7 +102,10 @@ def methods(heads: int, deepseek_kernel):
         "misa8_running_sum_router": _misa(reference.misa_topk, TILELANG_RUNNING_SUM_ROUTER_SCORER),
         # the prefill routing program with the head pick's weights loaded early, its loops unrolled (opt-in)
         "misa8_fast_pick_router": _misa(reference.misa_topk, TILELANG_FAST_PICK_ROUTER_SCORER),
-        # a prefill's tail means summed in 8 runs of keys per block, one thread each (opt-in)
+        # a prefill's logits query blocks and top-k rows last to first (opt-in, scorer.LONGEST_FIRST), both methods
+        f"dsa{heads}_longest_first": _dsa(TILELANG_LONGEST_FIRST_SCORER),
+        "misa8_longest_first": _misa(reference.misa_topk, TILELANG_LONGEST_FIRST_SCORER),
+        # a prefill's tail means summed by one thread per dimension over each whole block (before TAIL_MEAN_SEGMENTS)
         "misa8_single_run_tail_means": _misa(reference.misa_topk, TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER),
         # GLM-5's 32 heads in the plain layout of the wide CTAs (64 heads: always plain)
         f"dsa{heads}_plain_many_heads": _dsa(TILELANG_PLAIN_MANY_HEADS_SCORER),
@@ -258,7 +262,8 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None, roun
                                              "misa8_square", f"dsa{heads}_plain_topk", "misa8_plain_topk",
                                              f"dsa{heads}_plain_many_heads",
                                              "misa8_running_sum_router", "misa8_single_run_tail_means",
-                                             "misa8_fast_pick_router",
+                                             "misa8_fast_pick_router", f"dsa{heads}_longest_first",
+                                             "misa8_longest_first",
                                              "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}
@@ -334,7 +339,8 @@ def print_row(row: dict, heads: int) -> None:
     extra += f" scoring_fp8={row['scoring_fp8']['tflops']:.0f}TFLOP/s" if "scoring_fp8" in row else ""
     for variant, stats in row.get("routed8_logits", {}).items():
         extra += f" 8-head logits[{variant}]={stats['ms']:.2f}ms"
-    extra += "".join(f" {name}/{base}={low:.2f}-{high:.2f}x" for name, base, low, high in round_ratio_ranges(row, heads))
+    extra += "".join(f" {name}/{base}={low:.2f}-{high:.2f}x"
+                     for name, base, low, high in round_ratio_ranges(row, heads))
     queries = f" q={row['new_tokens']}" if "new_tokens" in row else ""
     print(f"{row['phase']:>7} H={heads} B={row['batch']:>2} T={row['context']:>6}{queries}: {cells}{extra}", flush=True)
     for name, stages in row.get("stages", {}).items():

@@ -60,6 +60,15 @@ WIDE_FEW_HEADS_MIN = 4
 # TILELANG_PLAIN_MANY_HEADS_SCORER beside it), though the queries' permutation costs 0.4 / 0.8 ms of elementwise
 # kernels. 64 heads do not fit it (the plain wide CTAs).
 INTERLEAVED_MANY_HEADS = True
+# `longest_first` (opt-in): a prefill's logits CTAs and its top-k's rows taken last to first, the longest (most
+# visible keys) first, so that the shortest fill each launch's last wave. A model of the launches (one CTA per SM at a
+# time, each as long as its visible keys, greedy in launch order over the indexer's query chunks) puts MISA-8's logits
+# in forward order 18% / 12% / 9% above an even spread at 32K / 64K / 128K and 5% / 6% / 7% longest first. Measured as
+# the default (H200, bench_indexer-20261204-123755-longest-first-not-kept.json, one run): DSA-64's logits 7% slower
+# (66.69 -> 71.35 ms at 64K), MISA-8's whole indexer host hidden 4.59 -> 4.41 / 15.25 -> 14.96 / 59.11 -> 57.88 ms at
+# 32K / 64K / 128K though its logits stage moved both ways; so it is off, and `variants.TILELANG_LONGEST_FIRST_SCORER`
+# times it beside the default (few heads only would be the candidate, on more than one run).
+LONGEST_FIRST = False
 OVERLAPPED_STAGES = 4  # key tiles in flight in the overlapped driver
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
 
@@ -145,10 +154,11 @@ def logits_wave_queries(heads: int, batch: int, device: torch.device, fp8: bool 
 
 def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_count: int, fill_future: bool,
                    fp8: bool = False, interleaved: bool = False, overlapped: bool = True,
-                   wide_few_heads: bool = False) -> dict:
+                   wide_few_heads: bool = False, longest_first: bool = LONGEST_FIRST) -> dict:
     """Build options of the logits program for one call (`interleaved` and `wide_few_heads` as `_logits` settled
     them): the CTA shape (prefill, decode, or 128-row CTAs where keys are split over CTAs), key splits, staged stores,
-    overlapped driver, and the interleaved layout where it fits that shape (32 heads lose it in 128-row CTAs)."""
+    overlapped driver, the interleaved layout where it fits that shape (32 heads lose it in 128-row CTAs), and the
+    query blocks last to first (`longest_first`) for a prefill (a decode step's blocks are one)."""
     block = queries_per_cta(heads)
 
     def ctas(rows_per_cta: int) -> int:
@@ -168,7 +178,8 @@ def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_c
     if overlapped:
         shape["num_stages"] = OVERLAPPED_STAGES
     return dict(shape, key_splits=splits, fill_future=fill_future, staged_stores=staged, fp8=fp8,
-                interleaved=interleaved and can_interleave(heads, shape["rows_per_cta"]), overlapped=overlapped)
+                interleaved=interleaved and can_interleave(heads, shape["rows_per_cta"]), overlapped=overlapped,
+                longest_first=longest_first and num_queries >= block)
 
 
 def query_layout(heads: int, num_queries: int, fp8: bool, interleaved: bool, wide_few_heads: bool,
@@ -190,13 +201,14 @@ def query_layout(heads: int, num_queries: int, fp8: bool, interleaved: bool, wid
 def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
             softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True,
             overlapped: bool = True, wide_few_heads: bool = WIDE_FEW_HEADS,
-            interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS) -> torch.Tensor:
+            interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS,
+            longest_first: bool = LONGEST_FIRST) -> torch.Tensor:
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
     applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: each
     tile's epilogue runs beside the next tile's matmul where `logits_options` takes it; `wide_few_heads`: 4-16
     interleaved heads in 256-row CTAs (see WIDE_FEW_HEADS_MIN) where a prefill has a whole such block;
     `interleaved_many_heads`: 32 heads interleaved in the wide CTAs too (a call whose keys are split over 128-row
-    CTAs keeps the plain layout). See `query_layout`."""
+    CTAs keeps the plain layout). See `query_layout`. `longest_first`: see `logits_options`."""
     batch, num_queries, heads, dim = q.shape
     interleaved, wide_few_heads, block = query_layout(heads, num_queries, fp8, interleaved, wide_few_heads,
                                                       interleaved_many_heads)
@@ -204,7 +216,7 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     per_call = max(block, (MAX_TMA_ELEMENTS - 1) // max(1, keys.shape[1]) // block * block)
     again = functools.partial(_logits, softmax_scale=softmax_scale, fill_future=fill_future, fp8=fp8,
                               interleaved=interleaved, overlapped=overlapped, wide_few_heads=wide_few_heads,
-                              interleaved_many_heads=interleaved_many_heads)
+                              interleaved_many_heads=interleaved_many_heads, longest_first=longest_first)
     if num_queries > per_call:
         return torch.cat([again(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
                                 ke[:, i : i + per_call]) for i in range(0, num_queries, per_call)], dim=1)
@@ -214,7 +226,7 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
                               for x in (q, weights, ks, ke))
         return again(q, weights, keys, ks, ke)[:, :num_queries]
     options = logits_options(heads, batch, num_queries, keys.shape[1], _sm_count(q.device), fill_future, fp8,
-                             interleaved, overlapped, wide_few_heads)
+                             interleaved, overlapped, wide_few_heads, longest_first)
     interleaved = options["interleaved"]
     kernel = build_weighted_relu_logits(heads, dim, **options)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
@@ -291,16 +303,17 @@ def uses_threshold_filter(q: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
 def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, chunk: ChunkMask,
                           softmax_scale: float, fp8: bool = False, interleaved: bool = True,
                           overlapped: bool = True, wide_few_heads: bool = WIDE_FEW_HEADS,
-                          interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS) -> torch.Tensor:
+                          interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS,
+                          longest_first: bool = LONGEST_FIRST) -> torch.Tensor:
     """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out; fp8: q and
     keys quantized to e4m3 with power-of-two row scales first, exact for inputs already rounded to FP8;
     interleaved: the head sum in registers where it applies, see `scoring.interleaved_query_head`; overlapped: the
     logits program's overlapped driver where it applies, see `overlaps`; wide_few_heads, interleaved_many_heads:
-    see `_logits`)."""
+    see `_logits`; longest_first: see `logits_options`)."""
     ks, ke, contiguous = chunk.key_range
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=True, fp8=fp8, interleaved=interleaved,
                      overlapped=overlapped, wide_few_heads=wide_few_heads,
-                     interleaved_many_heads=interleaved_many_heads)
+                     interleaved_many_heads=interleaved_many_heads, longest_first=longest_first)
     if not contiguous:  # holes inside [ks, ke) (or unknown: sync-free): apply the mask exactly as the reference
         logits = logits + chunk.bias
     return logits
@@ -311,7 +324,8 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
                            interleaved: bool = True, overlapped: bool = True,
                            out: torch.Tensor | None = None, topk_options: dict | None = None,
                            wide_few_heads: bool = WIDE_FEW_HEADS,
-                           interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS) -> torch.Tensor:
+                           interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS,
+                           longest_first: bool = LONGEST_FIRST) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
@@ -320,19 +334,22 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     selection). Off by default: on an H100 it measured slower than the dense path for MISA-8 (see the README).
     `out`: where the radix select may write the indices; `topk_options`: its build options beyond the shape
     (see `radix_topk`); `wide_few_heads`, `interleaved_many_heads`: the logits' CTA shape and layout (see
-    `_logits`).
+    `_logits`); `longest_first`: the logits' query blocks and the top-k's rows last to first (see `logits_options`).
     """
     ks, ke, contiguous = chunk.key_range
     width = keys.shape[1]
     if not contiguous or width < RADIX_MIN_WIDTH or k > width:
         logits = tilelang_token_logits(q, weights, keys, chunk, softmax_scale, fp8, interleaved, overlapped,
-                                       wide_few_heads, interleaved_many_heads)
+                                       wide_few_heads, interleaved_many_heads, longest_first)
         return radix_topk(logits, k, out=out, options=topk_options)
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved,
                      overlapped=overlapped, wide_few_heads=wide_few_heads,
-                     interleaved_many_heads=interleaved_many_heads)
+                     interleaved_many_heads=interleaved_many_heads, longest_first=longest_first)
+    topk_options = dict(topk_options or {})
+    if longest_first and q.shape[1] >= queries_per_cta(q.shape[2]):  # a prefill: its rows in the order its logits
+        topk_options.setdefault("longest_first", True)  # program wrote them, the longest first (`logits_options`)
     return radix_topk(logits, k, ends=ke, out=out, options=topk_options)
 
 

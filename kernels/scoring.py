@@ -69,7 +69,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                staged_stores: bool | None = None, rows_per_cta: int = ROWS_PER_CTA,
                                fp8: bool = False, capacity: int = 0, interleaved: bool = False,
                                overlapped: bool = False, explicit_wgmma_wait: bool = True, store_buffers: int = 1,
-                               arch: str | None = None):
+                               longest_first: bool = False, arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `staged_stores` (default: for 16 heads or fewer) writes each tile's logits through shared memory with one bulk
@@ -95,6 +95,9 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     sweep to time both. `store_buffers` (overlapped with staged stores): 2 alternates two shared-memory buffers for
     the tiles' logits, so a tile's bulk store may still read one while the next tile fills the other (1: each store is
     waited for before the next epilogue may start writing).
+    `longest_first`: the CTAs take the query blocks last to first. In a causal prefill the last queries see the most
+    keys, and the GPU starts CTAs in launch order, so the longest run first and the shortest fill the launch's last
+    wave instead of leaving SMs idle while the longest finish (the same logits).
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     if overlapped and (fp8 or capacity):
@@ -253,7 +256,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 theta = T.alloc_fragment((block_q,), T.float32) if capacity else None
                 appended = T.alloc_fragment((block_q, segments), T.int32) if capacity else None  # one per thread
                 ke_max = T.alloc_var(T.int32)
-                q0 = bq * block_q
+                q0 = ((T.ceildiv(num_queries, block_q) - 1 - bq) if longest_first else bq) * block_q
                 buffers = (Logits, KScale, CandVal, CandKey, bb, q0, weights, logits, head_pairs, logits_shared,
                            ks_local, ke_local, theta, appended)
                 ke_max = 0

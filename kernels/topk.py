@@ -92,7 +92,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
                      caller_allocates_out: bool = False, vector: int = 1, compact_second_pass: bool = False,
                      bins_in_registers: bool = False, phase_clock: bool = False, second_pass_writes: bool = True,
-                     arch: str | None = None):
+                     longest_first: bool = False, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -117,6 +117,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     PHASE_MARKS), with a barrier before each mark so that it counts the slowest thread. `second_pass_writes=False`
     (probe only: the selection comes out wrong) makes the second pass count its passing values instead of claiming
     slots and writing them, to tell the pass's reads and compares from its claims and writes.
+    `longest_first`: the CTAs take the rows last to first (a causal prefill's last rows are its longest, and the
+    logits program with its own `longest_first` writes them first); the same selection.
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
@@ -343,7 +345,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
 
         @T.macro
         def select(Scores, Keys, Ends, Out, Clock=None):
-            with T.Kernel(rows, threads=threads) as row:
+            with T.Kernel(rows, threads=threads) as cta:
+                row = rows - 1 - cta if longest_first else cta
                 if min_ctas_per_sm:  # Python-level: caps the registers so that this many CTAs share an SM
                     T.annotate_min_blocks_per_sm(min_ctas_per_sm)
                 tx = T.get_thread_binding()

@@ -85,3 +85,7 @@ TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER = dataclasses.replace(
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.
 TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-budget-chunks", wave_queries=None)
+
+# A prefill's logits query blocks and top-k rows last to first (`scorer.LONGEST_FIRST`): opt-in, timed beside the
+# default by the benchmark.
+TILELANG_LONGEST_FIRST_SCORER = logits_variant("tilelang-longest-first", longest_first=True)

@@ -120,6 +120,29 @@ def test_wide_prefill_logits_kernel_compiles_for_sm90a():
     assert "kFloat32, 64, 128, 16" in source and "shfl" not in source
 
 
+def _changed_lines(before: str, after: str) -> list[str]:
+    """Lines of `after` that `before` lacks and vice versa."""
+    import difflib
+
+    return [line for line in difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
+            if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+
+
+def test_longest_first_logits_take_the_query_blocks_last_to_first():
+    """`longest_first` changes only where a CTA's query block lies (every changed line indexes by the block), for the
+    scorer's few- and many-heads prefill programs."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.scoring import build_weighted_relu_logits
+
+    wide = dict(rows_per_cta=256, block_n=64, fill_future=False, overlapped=True, num_stages=4, arch="sm_90a")
+    for heads, options in ((8, dict(wide, staged_stores=True, interleaved=True)), (64, wide)):
+        forward = build_weighted_relu_logits(heads, 128, **options)().get_kernel_source()
+        longest_first = build_weighted_relu_logits(heads, 128, longest_first=True, **options)().get_kernel_source()
+        changed = _changed_lines(forward, longest_first)
+        assert changed and all("blockIdx.x" in line for line in changed)
+        assert any("num_queries + " in line for line in changed if line.startswith("+"))
+
+
 def test_logits_options_overlap_prefill_only():
     """Which program a call builds (H100/H200: 132 SMs): the overlapped driver for bf16 prefill chunks that fill the
     GPU without splitting keys, TileLang's pipeline for decode steps, key-split calls and FP8."""
@@ -131,12 +154,15 @@ def test_logits_options_overlap_prefill_only():
 
     misa_prefill = options(8, 1, 8192, 65536, interleaved=True)
     assert misa_prefill == dict(rows_per_cta=128, block_n=128, num_stages=OVERLAPPED_STAGES, key_splits=1,
-                                fill_future=False, staged_stores=True, fp8=False, interleaved=True, overlapped=True)
+                                fill_future=False, staged_stores=True, fp8=False, interleaved=True, overlapped=True,
+                                longest_first=False)
     dsa_prefill = options(64, 1, 8192, 65536)
     assert dsa_prefill["overlapped"] and (dsa_prefill["rows_per_cta"], dsa_prefill["block_n"]) == (256, 64)
     assert not dsa_prefill["staged_stores"]
     decode = options(8, 32, 4, 131072)
     assert not decode["overlapped"] and decode["rows_per_cta"] == 32 and decode["key_splits"] > 1
+    assert options(8, 1, 8192, 65536, longest_first=True)["longest_first"]  # a prefill's blocks last to first
+    assert not options(8, 32, 4, 131072, longest_first=True)["longest_first"]  # a decode step has one block
     small_prefill = options(8, 1, 300, 5000, interleaved=True)  # 19 CTAs: keys split over CTAs, no overlap
     assert small_prefill["key_splits"] > 1 and not small_prefill["overlapped"]
     # 32 heads keep the interleaved layout in the wide CTAs, not in the 128-row ones of a key-split call
@@ -476,6 +502,38 @@ def test_overlapped_logits_match_the_pipelined_program(driver, stages, case, bat
     assert torch.equal(torch.isinf(overlapped[visible]), torch.isinf(pipelined[visible]))
     finite = visible & torch.isfinite(pipelined)
     torch.testing.assert_close(overlapped[finite], pipelined[finite], rtol=1e-5, atol=1e-4)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["few_heads_wide", "dsa64_wide", "future_written_split_keys"])
+@pytest.mark.parametrize("batch,num_queries,num_keys,first_key", [(1, 300, 1280, 980), (2, 100, 700, 600)])
+def test_longest_first_logits_match_the_forward_order(case, batch, num_queries, num_keys, first_key):
+    """The query blocks taken last to first (`longest_first`) write the same logits, for the overlapped driver
+    (the scorer's prefill shapes) and TileLang's pipeline with keys split over CTAs."""
+    from transformers_misa.kernels.scorer import interleave_query_rows
+    from transformers_misa.kernels.scoring import build_weighted_relu_logits
+
+    heads, options = OVERLAP_CASES[case]
+    options = dict(options, overlapped=options.get("key_splits", 1) == 1)
+    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=4)
+    ke = (torch.arange(num_queries, device="cuda", dtype=torch.int32) + first_key + 1).clamp_max(num_keys)
+    ke = ke.expand(batch, -1).contiguous()
+    ks = torch.zeros_like(ke)
+    q_rows = q.reshape(batch, num_queries * heads, 128)
+    if options.get("interleaved"):  # whole blocks of rows in the interleaved order (pad queries see nothing)
+        rows = options.get("rows_per_cta", 128)
+        pad = -num_queries % (rows // heads)
+        q_rows = interleave_query_rows(torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).reshape(batch, -1, 128), heads,
+                                       rows)
+        weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (weights, ks, ke))
+    args = (q_rows.contiguous(), keys, weights.contiguous(), ks.contiguous(), ke.contiguous())
+    forward = build_weighted_relu_logits(heads, 128, **options)()(*args)
+    longest_first = build_weighted_relu_logits(heads, 128, longest_first=True, **options)()(*args)
+    visible = torch.arange(num_keys, device="cuda") < ke.unsqueeze(-1)
+    if options["fill_future"]:
+        visible = torch.ones_like(visible)
+    assert torch.equal(longest_first[visible], forward[visible])
 
 
 @gpu

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import exact_fraction
-from test_kernels import _tilelang_or_skip, gpu  # this folder's kernel tests: the GPU marker and the TileLang check
+from test_kernels import _changed_lines, _tilelang_or_skip, gpu  # this folder's kernel tests: GPU marker, helpers
 
 
 @pytest.mark.parametrize("k,unroll", [(2048, 4), (8192, 4), (2048, 8)])
@@ -46,6 +46,19 @@ def test_radix_topk_compact_second_pass_and_bins_in_registers():
     assert "thread_bins" in compact and "thread_bins" not in default
     with pytest.raises(ValueError, match="compact_second_pass"):
         build_radix_topk(2048, with_keys=True, compact_second_pass=True)
+
+
+def test_radix_topk_longest_first_takes_the_rows_last_to_first():
+    """`longest_first` changes only which row a CTA takes (every changed line indexes by the block)."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.topk import MANY_ROWS_VECTOR_SHAPE, build_radix_topk
+
+    forward = build_radix_topk(2048, arch="sm_90a", **MANY_ROWS_VECTOR_SHAPE)().get_kernel_source()
+    longest_first = build_radix_topk(2048, arch="sm_90a", longest_first=True,
+                                     **MANY_ROWS_VECTOR_SHAPE)().get_kernel_source()
+    changed = _changed_lines(forward, longest_first)
+    assert changed and all("blockIdx.x" in line for line in changed)
+    assert all("(int64_t)rows)" in line for line in changed if line.startswith("+"))
 
 
 def test_radix_topk_phase_clock_marks_each_phase():
@@ -226,7 +239,9 @@ def test_radix_topk_phase_clock_selects_the_same_set_and_marks_in_order():
                                      dict(threads=1024, unroll=8, value_filter=False),
                                      dict(min_ctas_per_sm=4, compact_second_pass=True, bins_in_registers=True),
                                      dict(unroll=16, buffer=16, compact_second_pass=True, bins_in_registers=True),
-                                     dict(value_filter=False, compact_second_pass=True)])
+                                     dict(value_filter=False, compact_second_pass=True),
+                                     dict(min_ctas_per_sm=4, compact_second_pass=True, bins_in_registers=True,
+                                          longest_first=True)])
 def test_radix_topk_variants_select_the_same_set(options):
     """Every load depth and CTA width (`sweep_topk.py` times them) selects exactly the default's set: ragged ends
     (shorter than one loop step, not a multiple of it), ties, garbage past the ends."""
