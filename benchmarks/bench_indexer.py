@@ -30,6 +30,7 @@ from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCOR
                                                 TILELANG_LONGEST_FIRST_SCORER,
                                                 TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER,
                                                 TILELANG_PLAIN_MANY_HEADS_SCORER, TILELANG_PLAIN_TOPK_SCORER,
+                                                TILELANG_REMAINDER_FIRST_SCORER,
                                                 TILELANG_RUNNING_SUM_ROUTER_SCORER,
                                                 TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER, TILELANG_SQUARE_FEW_HEADS_SCORER,
                                                 TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
@@ -105,6 +106,9 @@ def methods(heads: int, deepseek_kernel):
         # a prefill's logits query blocks and top-k rows last to first (opt-in, scorer.LONGEST_FIRST), both methods
         f"dsa{heads}_longest_first": _dsa(TILELANG_LONGEST_FIRST_SCORER),
         "misa8_longest_first": _misa(reference.misa_topk, TILELANG_LONGEST_FIRST_SCORER),
+        # a prefill's queries past whole waves of logits CTAs in its first query chunk, not its last (opt-in)
+        f"dsa{heads}_remainder_first": _dsa(TILELANG_REMAINDER_FIRST_SCORER),
+        "misa8_remainder_first": _misa(reference.misa_topk, TILELANG_REMAINDER_FIRST_SCORER),
         # a prefill's tail means summed by one thread per dimension over each whole block (before TAIL_MEAN_SEGMENTS)
         "misa8_single_run_tail_means": _misa(reference.misa_topk, TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER),
         # GLM-5's 32 heads in the plain layout of the wide CTAs (64 heads: always plain)
@@ -263,7 +267,8 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None, roun
                                              f"dsa{heads}_plain_many_heads",
                                              "misa8_running_sum_router", "misa8_single_run_tail_means",
                                              "misa8_fast_pick_router", f"dsa{heads}_longest_first",
-                                             "misa8_longest_first",
+                                             "misa8_longest_first", f"dsa{heads}_remainder_first",
+                                             "misa8_remainder_first",
                                              "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}

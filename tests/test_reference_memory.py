@@ -173,6 +173,31 @@ def test_causal_query_chunks_grow_where_chunks_are_narrow(num_queries, num_keys,
     assert all(a >= b for a, b in zip(sizes[:-2], sizes[1:-1])), sizes  # the last one takes what is left
 
 
+@pytest.mark.parametrize("num_queries,multiple", [(1000, 64), (32768, 4224), (131072, 4224), (4100, 4224), (640, 64)])
+def test_causal_query_chunks_put_the_remainder_first(num_queries, multiple):
+    """`remainder_first`: the first chunk holds the queries past whole multiples (S mod multiple) beside whole
+    multiples, every later chunk whole multiples, each within the budget; as many chunks as without it, or one more.
+    Fewer queries than one multiple, or none left over: the same chunks as without it."""
+    from transformers_misa.ops.blocks import causal_query_chunks
+
+    def bytes_per_query(width):
+        return 12 * width
+
+    budget = 12 * num_queries * num_queries // 5
+    plain = list(causal_query_chunks(num_queries, num_queries, bytes_per_query, budget, 0, 1, multiple))
+    chunks = list(causal_query_chunks(num_queries, num_queries, bytes_per_query, budget, 0, 1, multiple,
+                                      remainder_first=True))
+    assert chunks[0].start == 0 and chunks[-1].stop == num_queries
+    assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+    assert all((c.stop - c.start) * bytes_per_query(c.stop) <= budget for c in chunks)  # width: the last query + 1
+    if num_queries <= multiple or num_queries % multiple == 0:
+        assert chunks == plain
+        return
+    sizes = [c.stop - c.start for c in chunks]
+    assert sizes[0] % multiple == num_queries % multiple and all(size % multiple == 0 for size in sizes[1:]), sizes
+    assert len(plain) <= len(chunks) <= len(plain) + 1
+
+
 def test_causal_query_chunks_cost_one_bisection_per_chunk():
     """Cutting the chunks runs on the host before the first launch, with the GPU idle: each chunk costs one bisection
     over its size (~log2 S evaluations), nothing more. Balancing them by bisecting over the limit as well (4731579)
@@ -231,6 +256,10 @@ def test_causal_chunks_keep_selections(mode, monkeypatch):
     multiple = 4 if mode == "hisa" else 12  # lcm(4, 6)
     assert len(sizes) > 2 and all(size % multiple == 0 or size < multiple for size in sizes[:-1]), sizes
     assert set(waves) == {"dsa": {8}, "misa": {2}, "misa_hierarchical": {2}, "hisa": set()}[mode], waves
+    sizes.clear()
+    remainder_first = run(scorer=dataclasses.replace(narrowing, chunk_budget=100_000, query_multiple=20,
+                                                     remainder_first=True))  # 96 = 16 + 4 x 20
+    assert len(sizes) > 2 and sizes[0] >= 16 and all(size % 20 == 0 or size < 20 for size in sizes[1:]), sizes
     monkeypatch.setattr(reference, "causal_query_chunks", real)
 
     def visible(picked):  # the first queries see fewer than k keys: which masked keys fill up carries no meaning
@@ -239,6 +268,7 @@ def test_causal_chunks_keep_selections(mode, monkeypatch):
     assert torch.equal(visible(chunked), visible(whole))
     assert torch.equal(visible(aligned), visible(whole))
     assert torch.equal(visible(in_waves), visible(whole))
+    assert torch.equal(visible(remainder_first), visible(whole))
 
 
 @pytest.mark.parametrize("mode", ["dsa", "misa"])

@@ -38,13 +38,19 @@ def query_chunks(num_queries: int, bytes_per_query: int, chunk_size: int | None,
 
 
 def causal_query_chunks(num_queries: int, num_keys: int, bytes_per_query: Callable[[int], int], budget: int,
-                        min_width: int = 0, block_size: int = 1, multiple: int = 1) -> Iterator[slice]:
+                        min_width: int = 0, block_size: int = 1, multiple: int = 1,
+                        remainder_first: bool = False) -> Iterator[slice]:
     """`query_chunks` for a causal prefill whose chunks score only the keys up to their last query (queries at the
     last positions): chunk [a, b) sees max(T - S + b, min_width) keys (whole blocks) and needs (b - a) ·
     bytes_per_query(that width) of scratch, so the early, narrow chunks take more queries. Fewer chunks spend less
     host time, and early chunks no longer leave the GPU waiting for the next launch. Every chunk but the last holds
-    whole `multiple`s of queries where the budget allows (a kernel's query blocks: no chunk needs padding)."""
+    whole `multiple`s of queries where the budget allows (a kernel's query blocks: no chunk needs padding).
+
+    `remainder_first`: the queries past whole `multiple`s (S mod multiple) go to the first chunk instead of the last,
+    every other chunk holding whole multiples: where a multiple is a wave of CTAs, the partly filled wave is then made
+    of the prefill's shortest rows instead of its longest."""
     offset = num_keys - num_queries
+    remainder = num_queries % multiple if remainder_first and num_queries > multiple else 0
 
     def width(stop: int) -> int:
         return min(num_keys, math.ceil(max(offset + stop, min_width) / block_size) * block_size)
@@ -59,7 +65,10 @@ def causal_query_chunks(num_queries: int, num_keys: int, bytes_per_query: Callab
             else:
                 high = size - 1
         if start + low < num_queries:
-            low = _whole_multiples(low, multiple)
+            if start == 0 and remainder:  # the remainder plus the whole multiples that fit beside it
+                low = remainder + _whole_multiples(max(0, low - remainder), multiple) if low > remainder else low
+            else:
+                low = _whole_multiples(low, multiple)
         yield slice(start, start + low)
         start += low
 

@@ -120,6 +120,8 @@ class Scorer:
         occupy every SM of `device` once; chunks then hold whole such waves where the budget allows (with
         `query_multiple`), so that no chunk's launch ends in a partly filled wave (a 128K prefill's late chunks are a
         few waves each).
+    remainder_first: a causal prefill's queries past whole waves (or multiples) go to its first chunk instead of its
+        last (`causal_query_chunks`), so that the partly filled wave holds the shortest rows.
     narrow_keys: skip the keys past a chunk's last visible key (causal future, static-cache slack). The reference
         keeps every key, so that its matmuls have transformers' exact shapes and DSA stays bit-identical.
     fused_select: optional token_logits + topk in one step (same arguments plus k, and `out`, a [B, c, k] int32
@@ -141,6 +143,7 @@ class Scorer:
     route: Callable[..., tuple[torch.Tensor, torch.Tensor] | None] | None = None
     query_multiple: int = 1
     wave_queries: Callable[[int, int, torch.device], int] | None = None
+    remainder_first: bool = False
 
     def __post_init__(self) -> None:
         for name, default in (("head_importance", reference_head_importance),
@@ -201,7 +204,8 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
         multiple = math.lcm(multiple, scorer.wave_queries(scored_heads, batch, q.device))
     if causal_chunks and mask is None:
         chunks = causal_query_chunks(num_queries, num_keys, lambda width: batch * bytes_per_query(width),
-                                     scorer.chunk_budget, max(k, min_width), block_size, multiple)
+                                     scorer.chunk_budget, max(k, min_width), block_size, multiple,
+                                     scorer.remainder_first)
     else:
         chunks = query_chunks(num_queries, batch * bytes_per_query(num_keys), chunk_size, scorer.chunk_budget,
                               multiple)
