@@ -278,3 +278,14 @@ def test_topk_phases_average_the_usual_path_rows(monkeypatch):
     assert phases["mean_cycles"] == {"first pass": 300.0, "first level": 10.0, "second pass": 195.0,
                                      "later levels": 25.0, "output": 15.0}
     assert phases["mean_row_cycles"] == 545.0 and sum(phases["share"].values()) == pytest.approx(1.0)
+
+
+def test_launch_model_orders_the_tail_of_each_launch(capsys):
+    """The CPU launch model: an even spread has no excess; taking the longest CTAs first, or the queries past whole
+    waves first, leaves a shorter tail than the launch order where one launch's CTAs differ in length."""
+    model = _load("launch_model")
+    assert model.launch_time([5, 5, 5, 5], sms=2) == 10 and model.launch_time([1, 1, 4], sms=2) == 5
+    (row,) = model.main(["--contexts", "30000", "--heads", "8", "--sms", "16"])  # two query chunks
+    assert row["heads"] == 8 and row["context"] == 30000
+    assert 0 <= row["longest_first"] < row["forward"] and 0 <= row["remainder_first"] < row["forward"]
+    assert "remainder_first" in capsys.readouterr().out
