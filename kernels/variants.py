@@ -91,8 +91,8 @@ TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilel
 TILELANG_LONGEST_FIRST_SCORER = logits_variant("tilelang-longest-first", longest_first=True)
 
 # A causal prefill's queries past whole waves of logits CTAs in its first query chunk instead of its last
-# (`Scorer.remainder_first`): opt-in, timed beside the default by the benchmark. The launch model
-# (`python benchmarks/launch_model.py`) puts MISA-8's logits 13% / 6.5% / 3% above an even spread at 32K / 64K / 128K with it
+# (`Scorer.remainder_first`): opt-in, timed beside the default by the benchmark. The launch model (`python
+# benchmarks/launch_model.py`) puts MISA-8's logits 13% / 6.5% / 3% above an even spread at 32K / 64K / 128K with it
 # (18% / 12% / 9% without), DSA-64's 1.6% / 0.8% / 0.4% (4% / 2% / 1%); not yet run on a GPU.
 TILELANG_REMAINDER_FIRST_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-remainder-first",
                                                       remainder_first=True)
