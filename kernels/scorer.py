@@ -60,14 +60,14 @@ WIDE_FEW_HEADS_MIN = 4
 # TILELANG_PLAIN_MANY_HEADS_SCORER beside it), though the queries' permutation costs 0.4 / 0.8 ms of elementwise
 # kernels. 64 heads do not fit it (the plain wide CTAs).
 INTERLEAVED_MANY_HEADS = True
-# `longest_first` (opt-in): a prefill's logits CTAs and its top-k's rows taken last to first, the longest (most
-# visible keys) first, so that the shortest fill each launch's last wave. The launch model
-# (`python benchmarks/launch_model.py`) puts MISA-8's logits in forward order 18% / 12% / 9% above an even spread at
-# 32K / 64K / 128K and 5% / 6% / 7% longest first. Measured as
-# the default (H200, bench_indexer-20261204-123755-longest-first-not-kept.json, one run): DSA-64's logits 7% slower
-# (66.69 -> 71.35 ms at 64K), MISA-8's whole indexer host hidden 4.59 -> 4.41 / 15.25 -> 14.96 / 59.11 -> 57.88 ms at
-# 32K / 64K / 128K though its logits stage moved both ways; so it is off, and `variants.TILELANG_LONGEST_FIRST_SCORER`
-# times it beside the default (few heads only would be the candidate, on more than one run).
+# `longest_first` (opt-in): a prefill's logits CTAs and its top-k's rows taken last to first, the longest (most visible
+# keys) first, so that the shortest fill each launch's last wave. The launch model (`python benchmarks/launch_model.py`)
+# puts MISA-8's logits in forward order 18% / 12% / 9% above an even spread at 32K / 64K / 128K and 5% / 6% / 7% longest
+# first. Measured as the default (H200, bench_indexer-20261204-123755-longest-first-not-kept.json, one run): DSA-64's
+# logits 7% slower (66.69 -> 71.35 ms at 64K), MISA-8's whole indexer host hidden 4.59 -> 4.41 / 15.25 -> 14.96 / 59.11
+# -> 57.88 ms at 32K / 64K / 128K though its logits stage moved both ways; so it is off, and
+# `variants.TILELANG_LONGEST_FIRST_SCORER` times it beside the default (few heads only would be the candidate, on more
+# than one run).
 LONGEST_FIRST = False
 OVERLAPPED_STAGES = 4  # key tiles in flight in the overlapped driver
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)

@@ -66,7 +66,7 @@ def causal_query_chunks(num_queries: int, num_keys: int, bytes_per_query: Callab
                 high = size - 1
         if start + low < num_queries:
             if start == 0 and remainder:  # the remainder plus the whole multiples that fit beside it
-                low = remainder + _whole_multiples(max(0, low - remainder), multiple) if low > remainder else low
+                low = remainder + _whole_multiples(low - remainder, multiple) if low > remainder else low
             else:
                 low = _whole_multiples(low, multiple)
         yield slice(start, start + low)
