@@ -11,7 +11,7 @@ from transformers_misa import backend
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, TailBlock
 
-from test_kernels import _inputs, _padded_causal_mask, _tilelang_or_skip, gpu
+from kernel_helpers import _inputs, _padded_causal_mask, _tilelang_or_skip, gpu
 
 SCALE = 128**-0.5
 

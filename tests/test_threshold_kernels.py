@@ -10,7 +10,7 @@ import torch
 from transformers_misa.ops import reference
 from transformers_misa.ops.threshold import reference_topk_of_candidates, threshold_select
 
-from test_kernels import _inputs, _tilelang_or_skip, gpu
+from kernel_helpers import _inputs, _tilelang_or_skip, gpu
 
 SCALE = 128**-0.5
 

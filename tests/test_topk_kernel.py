@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import exact_fraction
-from test_kernels import _changed_lines, _tilelang_or_skip, gpu  # this folder's kernel tests: GPU marker, helpers
+from kernel_helpers import _changed_lines, _tilelang_or_skip, gpu  # this folder's kernel test helpers
 
 
 @pytest.mark.parametrize("k,unroll", [(2048, 4), (8192, 4), (2048, 8)])
