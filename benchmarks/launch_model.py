@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import math
 
 from transformers_misa.kernels.common import queries_per_cta
 from transformers_misa.ops.blocks import causal_query_chunks
 
 CHUNK_BUDGET = 8 * 2**30  # `scorer.TILELANG_SCORER.chunk_budget`
+QUERY_MULTIPLE = 64  # `scorer.TILELANG_SCORER.query_multiple`: chunks hold whole waves and whole such multiples
 ROWS_PER_CTA = 256  # the prefill CTAs of 64 heads and of 4-16 interleaved heads (`scorer.WIDE_CTA`)
 CTA_FIXED_KEYS = 256  # a CTA's fixed cost (queries, weights, its first tiles), in keys' worth of time
 
@@ -45,7 +47,7 @@ def excess(context: int, heads: int, sms: int, order: str) -> float:
     """Summed launch times over an even spread of the same CTA work, minus one (0.1: 10% longer)."""
     per_cta = queries_per_cta(heads, ROWS_PER_CTA)
     wave = per_cta * sms
-    chunks = causal_query_chunks(context, context, scratch_bytes, CHUNK_BUDGET, multiple=wave,
+    chunks = causal_query_chunks(context, context, scratch_bytes, CHUNK_BUDGET, multiple=math.lcm(wave, QUERY_MULTIPLE),
                                  remainder_first=order == "remainder_first")
     total = 0.0
     for chunk in chunks:
