@@ -47,8 +47,8 @@ def excess(context: int, heads: int, sms: int, order: str) -> float:
     """Summed launch times over an even spread of the same CTA work, minus one (0.1: 10% longer)."""
     per_cta = queries_per_cta(heads, ROWS_PER_CTA)
     wave = per_cta * sms
-    chunks = causal_query_chunks(context, context, scratch_bytes, CHUNK_BUDGET, multiple=math.lcm(wave, QUERY_MULTIPLE),
-                                 remainder_first=order == "remainder_first")
+    chunks = causal_query_chunks(context, context, scratch_bytes, CHUNK_BUDGET,
+                                 multiple=math.lcm(wave, QUERY_MULTIPLE), remainder_first=order == "remainder_first")
     total = 0.0
     for chunk in chunks:
         blocks = [min(start + per_cta, context) + CTA_FIXED_KEYS for start in range(chunk.start, chunk.stop, per_cta)]

@@ -336,6 +336,32 @@ OVERLAP_CASES = {  # name -> (heads, program options): the shapes the scorer run
 }
 
 
+def _causal_program_operands(batch, num_queries, num_keys, first_key, heads, options, seed, padded_row=False):
+    """The logits program's operands for queries at positions first_key.. of the cache (query i sees keys up to
+    first_key + i), rows in the interleaved order where `options` take it (whole blocks: pad queries see nothing),
+    and the visible positions to compare; `padded_row`: the last sequence left-padded by 7 keys."""
+    from transformers_misa.kernels.scorer import interleave_query_rows
+
+    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=seed)
+    ke = (torch.arange(num_queries, device="cuda", dtype=torch.int32) + first_key + 1).clamp_max(num_keys)
+    ke = ke.expand(batch, -1).contiguous()
+    ks = torch.zeros_like(ke)
+    if padded_row:
+        ks[-1] = 7
+    q_rows = q.reshape(batch, num_queries * heads, 128)
+    if options.get("interleaved"):
+        rows = options.get("rows_per_cta", 128)
+        pad = -num_queries % (rows // heads)
+        q_rows = interleave_query_rows(torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).reshape(batch, -1, 128), heads,
+                                       rows)
+        weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (weights, ks, ke))
+    args = (q_rows.contiguous(), keys, weights.contiguous(), ks.contiguous(), ke.contiguous())
+    visible = torch.arange(num_keys, device="cuda") < ke.unsqueeze(-1)
+    if options["fill_future"]:
+        visible = torch.ones_like(visible)
+    return args, visible
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("driver", [{}, {"store_buffers": 2}, {"explicit_wgmma_wait": False}],
@@ -351,31 +377,16 @@ def test_overlapped_logits_match_the_pipelined_program(driver, stages, case, bat
     """Same matmul, same epilogue, another schedule: the same -inf positions and the same logits (up to nvcc's
     contraction of multiply-adds, which may differ between the two programs). `driver`: the overlapped program's own
     options (two shared-memory buffers for the staged stores; the wgmma wait left to ptxas, the program before)."""
-    from transformers_misa.kernels.scorer import interleave_query_rows
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
 
     heads, options = OVERLAP_CASES[case]
     if "store_buffers" in driver and not options.get("staged_stores"):
         pytest.skip("two store buffers are for the staged stores")
-    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=3)
-    ke = (torch.arange(num_queries, device="cuda", dtype=torch.int32) + first_key + 1).clamp_max(num_keys)
-    ke = ke.expand(batch, -1).contiguous()
-    ks = torch.zeros_like(ke)
-    ks[-1] = 7  # a left-padded row
-    q_rows = q.reshape(batch, num_queries * heads, 128)
-    if options.get("interleaved"):  # whole blocks of rows in the interleaved order (pad queries see nothing)
-        rows = options.get("rows_per_cta", 128)
-        pad = -num_queries % (rows // heads)
-        q_rows = interleave_query_rows(torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).reshape(batch, -1, 128), heads,
-                                       rows)
-        weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (weights, ks, ke))
-    args = (q_rows.contiguous(), keys, weights.contiguous(), ks.contiguous(), ke.contiguous())
+    args, visible = _causal_program_operands(batch, num_queries, num_keys, first_key, heads, options, seed=3,
+                                             padded_row=True)
     pipelined = build_weighted_relu_logits(heads, 128, **options)()(*args)
     overlapped = build_weighted_relu_logits(heads, 128, num_stages=stages, overlapped=True, **options,
                                             **driver)()(*args)
-    visible = torch.arange(num_keys, device="cuda") < ke.unsqueeze(-1)
-    if options["fill_future"]:
-        visible = torch.ones_like(visible)
     assert torch.equal(torch.isinf(overlapped[visible]), torch.isinf(pipelined[visible]))
     finite = visible & torch.isfinite(pipelined)
     torch.testing.assert_close(overlapped[finite], pipelined[finite], rtol=1e-5, atol=1e-4)
@@ -388,28 +399,13 @@ def test_overlapped_logits_match_the_pipelined_program(driver, stages, case, bat
 def test_longest_first_logits_match_the_forward_order(case, batch, num_queries, num_keys, first_key):
     """The query blocks taken last to first (`longest_first`) write the same logits, for the overlapped driver
     (the scorer's prefill shapes) and TileLang's pipeline with keys split over CTAs."""
-    from transformers_misa.kernels.scorer import interleave_query_rows
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
 
     heads, options = OVERLAP_CASES[case]
     options = dict(options, overlapped=options.get("key_splits", 1) == 1)
-    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=4)
-    ke = (torch.arange(num_queries, device="cuda", dtype=torch.int32) + first_key + 1).clamp_max(num_keys)
-    ke = ke.expand(batch, -1).contiguous()
-    ks = torch.zeros_like(ke)
-    q_rows = q.reshape(batch, num_queries * heads, 128)
-    if options.get("interleaved"):  # whole blocks of rows in the interleaved order (pad queries see nothing)
-        rows = options.get("rows_per_cta", 128)
-        pad = -num_queries % (rows // heads)
-        q_rows = interleave_query_rows(torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).reshape(batch, -1, 128), heads,
-                                       rows)
-        weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (weights, ks, ke))
-    args = (q_rows.contiguous(), keys, weights.contiguous(), ks.contiguous(), ke.contiguous())
+    args, visible = _causal_program_operands(batch, num_queries, num_keys, first_key, heads, options, seed=4)
     forward = build_weighted_relu_logits(heads, 128, **options)()(*args)
     longest_first = build_weighted_relu_logits(heads, 128, longest_first=True, **options)()(*args)
-    visible = torch.arange(num_keys, device="cuda") < ke.unsqueeze(-1)
-    if options["fill_future"]:
-        visible = torch.ones_like(visible)
     assert torch.equal(longest_first[visible], forward[visible])
 
 
