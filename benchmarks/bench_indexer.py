@@ -27,10 +27,10 @@ from gpu_timing import cuda_time_ms, environment, graph_time_ms, peak_extra_gib,
 from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER, logits_options
 from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER, TILELANG_BUDGET_CHUNKS_SCORER,
                                                 TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FAST_PICK_ROUTER_SCORER,
+                                                TILELANG_FORWARD_ORDER_SCORER, TILELANG_LAST_REMAINDER_SCORER,
                                                 TILELANG_LONGEST_FIRST_SCORER,
                                                 TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER,
                                                 TILELANG_PLAIN_MANY_HEADS_SCORER, TILELANG_PLAIN_TOPK_SCORER,
-                                                TILELANG_REMAINDER_FIRST_SCORER,
                                                 TILELANG_RUNNING_SUM_ROUTER_SCORER,
                                                 TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER, TILELANG_SQUARE_FEW_HEADS_SCORER,
                                                 TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
@@ -103,12 +103,15 @@ def methods(heads: int, deepseek_kernel):
         "misa8_running_sum_router": _misa(reference.misa_topk, TILELANG_RUNNING_SUM_ROUTER_SCORER),
         # the prefill routing program with the head pick's weights loaded early, its loops unrolled (opt-in)
         "misa8_fast_pick_router": _misa(reference.misa_topk, TILELANG_FAST_PICK_ROUTER_SCORER),
-        # a prefill's logits query blocks and top-k rows last to first (opt-in, scorer.LONGEST_FIRST), both methods
+        # a prefill's logits query blocks and top-k rows last to first for many heads too (opt-in; the default for
+        # at most 16 heads, scorer.longest_first_for)
         f"dsa{heads}_longest_first": _dsa(TILELANG_LONGEST_FIRST_SCORER),
-        "misa8_longest_first": _misa(reference.misa_topk, TILELANG_LONGEST_FIRST_SCORER),
-        # a prefill's queries past whole waves of logits CTAs in its first query chunk, not its last (opt-in)
-        f"dsa{heads}_remainder_first": _dsa(TILELANG_REMAINDER_FIRST_SCORER),
-        "misa8_remainder_first": _misa(reference.misa_topk, TILELANG_REMAINDER_FIRST_SCORER),
+        # a prefill's queries past whole waves of logits CTAs in its last query chunk (before remainder_first)
+        f"dsa{heads}_last_remainder": _dsa(TILELANG_LAST_REMAINDER_SCORER),
+        "misa8_last_remainder": _misa(reference.misa_topk, TILELANG_LAST_REMAINDER_SCORER),
+        # launch order and the remainder last for every head count (the schedule before both)
+        f"dsa{heads}_forward_order": _dsa(TILELANG_FORWARD_ORDER_SCORER),
+        "misa8_forward_order": _misa(reference.misa_topk, TILELANG_FORWARD_ORDER_SCORER),
         # a prefill's tail means summed by one thread per dimension over each whole block (before TAIL_MEAN_SEGMENTS)
         "misa8_single_run_tail_means": _misa(reference.misa_topk, TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER),
         # GLM-5's 32 heads in the plain layout of the wide CTAs (64 heads: always plain)
@@ -267,8 +270,8 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None, roun
                                              f"dsa{heads}_plain_many_heads",
                                              "misa8_running_sum_router", "misa8_single_run_tail_means",
                                              "misa8_fast_pick_router", f"dsa{heads}_longest_first",
-                                             "misa8_longest_first", f"dsa{heads}_remainder_first",
-                                             "misa8_remainder_first",
+                                             f"dsa{heads}_last_remainder", "misa8_last_remainder",
+                                             f"dsa{heads}_forward_order", "misa8_forward_order",
                                              "misa8_plain_layout",
                                              f"dsa{heads}_threshold", "misa8_threshold",
                                              f"dsa{heads}_fp8", "misa8_fp8") if chosen(name, heads, only)}

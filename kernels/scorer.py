@@ -60,17 +60,22 @@ WIDE_FEW_HEADS_MIN = 4
 # TILELANG_PLAIN_MANY_HEADS_SCORER beside it), though the queries' permutation costs 0.4 / 0.8 ms of elementwise
 # kernels. 64 heads do not fit it (the plain wide CTAs).
 INTERLEAVED_MANY_HEADS = True
-# `longest_first` (opt-in): a prefill's logits CTAs and its top-k's rows taken last to first, the longest (most visible
-# keys) first, so that the shortest fill each launch's last wave. The launch model (`python benchmarks/launch_model.py`)
-# puts MISA-8's logits in forward order 18% / 12% / 9% above an even spread at 32K / 64K / 128K and 5% / 6% / 7% longest
-# first. Measured as the default (H200, bench_indexer-20261204-123755-longest-first-not-kept.json, one run): DSA-64's
-# logits 7% slower (66.69 -> 71.35 ms at 64K), MISA-8's whole indexer host hidden 4.59 -> 4.41 / 15.25 -> 14.96 / 59.11
-# -> 57.88 ms at 32K / 64K / 128K though its logits stage moved both ways; so it is off, and
-# `variants.TILELANG_LONGEST_FIRST_SCORER` times it beside the default (few heads only would be the candidate, on more
-# than one run).
-LONGEST_FIRST = False
+# `longest_first`: a prefill's logits CTAs and its top-k's rows taken last to first, the longest (most visible keys)
+# first, so that the shortest fill each launch's last wave; by head count (None: `longest_first_for`), for the few
+# routed heads only. H200: 8 heads' causal logits 3.99 -> 3.71 ms (sweep_logits-20261204-132617.json, 46K), MISA-8's
+# whole indexer host hidden 4.59 -> 4.42 / 15.40 -> 14.98 / 58.26 -> 58.22 ms at 32K / 64K / 128K
+# (bench_indexer-20261204-132142.json, medians of 3 rounds); DSA-64's logits 7% slower (66.69 -> 71.35 ms at 64K,
+# bench_indexer-20261204-123755-longest-first-not-kept.json), so many heads keep the launch order.
+LONGEST_FIRST: bool | None = None
+LONGEST_FIRST_MAX_HEADS = 16
 OVERLAPPED_STAGES = 4  # key tiles in flight in the overlapped driver
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
+
+
+def longest_first_for(heads: int, longest_first: bool | None = LONGEST_FIRST) -> bool:
+    """Whether a prefill of `heads` heads per query takes its logits' query blocks and its top-k's rows last to first:
+    `longest_first` where given, else for at most LONGEST_FIRST_MAX_HEADS heads (see LONGEST_FIRST)."""
+    return heads <= LONGEST_FIRST_MAX_HEADS if longest_first is None else longest_first
 
 
 def key_splits_for(device: torch.device, ctas: int, num_keys: int) -> int:
@@ -154,7 +159,7 @@ def logits_wave_queries(heads: int, batch: int, device: torch.device, fp8: bool 
 
 def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_count: int, fill_future: bool,
                    fp8: bool = False, interleaved: bool = False, overlapped: bool = True,
-                   wide_few_heads: bool = False, longest_first: bool = LONGEST_FIRST) -> dict:
+                   wide_few_heads: bool = False, longest_first: bool | None = LONGEST_FIRST) -> dict:
     """Build options of the logits program for one call (`interleaved` and `wide_few_heads` as `_logits` settled
     them): the CTA shape (prefill, decode, or 128-row CTAs where keys are split over CTAs), key splits, staged stores,
     overlapped driver, the interleaved layout where it fits that shape (32 heads lose it in 128-row CTAs), and the
@@ -179,7 +184,7 @@ def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_c
         shape["num_stages"] = OVERLAPPED_STAGES
     return dict(shape, key_splits=splits, fill_future=fill_future, staged_stores=staged, fp8=fp8,
                 interleaved=interleaved and can_interleave(heads, shape["rows_per_cta"]), overlapped=overlapped,
-                longest_first=longest_first and num_queries >= block)
+                longest_first=longest_first_for(heads, longest_first) and num_queries >= block)
 
 
 def query_layout(heads: int, num_queries: int, fp8: bool, interleaved: bool, wide_few_heads: bool,
@@ -202,7 +207,7 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
             softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True,
             overlapped: bool = True, wide_few_heads: bool = WIDE_FEW_HEADS,
             interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS,
-            longest_first: bool = LONGEST_FIRST) -> torch.Tensor:
+            longest_first: bool | None = LONGEST_FIRST) -> torch.Tensor:
     """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
     applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: each
     tile's epilogue runs beside the next tile's matmul where `logits_options` takes it; `wide_few_heads`: 4-16
@@ -304,7 +309,7 @@ def tilelang_token_logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
                           softmax_scale: float, fp8: bool = False, interleaved: bool = True,
                           overlapped: bool = True, wide_few_heads: bool = WIDE_FEW_HEADS,
                           interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS,
-                          longest_first: bool = LONGEST_FIRST) -> torch.Tensor:
+                          longest_first: bool | None = LONGEST_FIRST) -> torch.Tensor:
     """Same contract as `ops.reference.reference_token_logits`, on the tensor cores (bf16 in, fp32 out; fp8: q and
     keys quantized to e4m3 with power-of-two row scales first, exact for inputs already rounded to FP8;
     interleaved: the head sum in registers where it applies, see `scoring.interleaved_query_head`; overlapped: the
@@ -325,7 +330,7 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
                            out: torch.Tensor | None = None, topk_options: dict | None = None,
                            wide_few_heads: bool = WIDE_FEW_HEADS,
                            interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS,
-                           longest_first: bool = LONGEST_FIRST) -> torch.Tensor:
+                           longest_first: bool | None = LONGEST_FIRST) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
@@ -348,8 +353,9 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
                      overlapped=overlapped, wide_few_heads=wide_few_heads,
                      interleaved_many_heads=interleaved_many_heads, longest_first=longest_first)
     topk_options = dict(topk_options or {})
-    if longest_first and q.shape[1] >= queries_per_cta(q.shape[2]):  # a prefill: its rows in the order its logits
-        topk_options.setdefault("longest_first", True)  # program wrote them, the longest first (`logits_options`)
+    heads = q.shape[2]
+    if longest_first_for(heads, longest_first) and q.shape[1] >= queries_per_cta(heads):  # a prefill: its rows in
+        topk_options.setdefault("longest_first", True)  # the order its logits program wrote them (`logits_options`)
     return radix_topk(logits, k, ends=ke, out=out, options=topk_options)
 
 
@@ -418,7 +424,11 @@ TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda h
                          candidate_scratch_bytes=lambda heads, dim, candidates: 4 * candidates * 4,
                          # whole query blocks of every interleaved head count (2 heads: the largest block), so that
                          # `_logits` pads only the last chunk (padding costs each chunk 8 launches before its logits)
-                         query_multiple=queries_per_cta(2), wave_queries=logits_wave_queries)
+                         query_multiple=queries_per_cta(2), wave_queries=logits_wave_queries,
+                         # the partly filled wave of a causal prefill's logits CTAs holds its shortest rows: H200,
+                         # DSA-64 host hidden 17.94 -> 17.73 / 72.17 -> 70.13 / 282.12 -> 280.09 ms at 32K / 64K / 128K
+                         # (bench_indexer-20261204-132142.json, medians of 3 rounds)
+                         remainder_first=True)
 
 
 def logits_variant(name: str, waves: bool = False, **options) -> Scorer:

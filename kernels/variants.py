@@ -86,13 +86,16 @@ TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER = dataclasses.replace(
 # kept so that the benchmark times both side by side.
 TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-budget-chunks", wave_queries=None)
 
-# A prefill's logits query blocks and top-k rows last to first (`scorer.LONGEST_FIRST`): opt-in, timed beside the
-# default by the benchmark.
+# A prefill's logits query blocks and top-k rows last to first for every head count (the default takes it for the few
+# routed heads only, `scorer.longest_first_for`): opt-in, timed beside the default by the benchmark.
 TILELANG_LONGEST_FIRST_SCORER = logits_variant("tilelang-longest-first", longest_first=True)
 
-# A causal prefill's queries past whole waves of logits CTAs in its first query chunk instead of its last
-# (`Scorer.remainder_first`): opt-in, timed beside the default by the benchmark. The launch model (`python
-# benchmarks/launch_model.py`) puts MISA-8's logits 13% / 6.5% / 3% above an even spread at 32K / 64K / 128K with it
-# (18% / 12% / 9% without), DSA-64's 1.6% / 0.8% / 0.4% (4% / 2% / 1%); not yet run on a GPU.
-TILELANG_REMAINDER_FIRST_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-remainder-first",
-                                                      remainder_first=True)
+# A causal prefill's queries past whole waves of logits CTAs in its last query chunk (before `Scorer.remainder_first`
+# put them in its first), kept so that the benchmark times both side by side.
+TILELANG_LAST_REMAINDER_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-last-remainder",
+                                                     remainder_first=False)
+
+# Every head count's prefill in launch order with its remainder last: the schedule before `scorer.longest_first_for`
+# and `Scorer.remainder_first`, kept so that the benchmark times both side by side.
+TILELANG_FORWARD_ORDER_SCORER = dataclasses.replace(logits_variant("tilelang-forward-order", longest_first=False),
+                                                    remainder_first=False)

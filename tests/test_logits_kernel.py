@@ -116,14 +116,17 @@ def test_logits_options_overlap_prefill_only():
     misa_prefill = options(8, 1, 8192, 65536, interleaved=True)
     assert misa_prefill == dict(rows_per_cta=128, block_n=128, num_stages=OVERLAPPED_STAGES, key_splits=1,
                                 fill_future=False, staged_stores=True, fp8=False, interleaved=True, overlapped=True,
-                                longest_first=False)
+                                longest_first=True)  # few heads: the longest blocks first (longest_first_for)
     dsa_prefill = options(64, 1, 8192, 65536)
     assert dsa_prefill["overlapped"] and (dsa_prefill["rows_per_cta"], dsa_prefill["block_n"]) == (256, 64)
+    assert not dsa_prefill["longest_first"] and options(64, 1, 8192, 65536, longest_first=True)["longest_first"]
+    assert not options(8, 1, 8192, 65536, longest_first=False)["longest_first"]
     assert not dsa_prefill["staged_stores"]
     decode = options(8, 32, 4, 131072)
     assert not decode["overlapped"] and decode["rows_per_cta"] == 32 and decode["key_splits"] > 1
     assert options(8, 1, 8192, 65536, longest_first=True)["longest_first"]  # a prefill's blocks last to first
     assert not options(8, 32, 4, 131072, longest_first=True)["longest_first"]  # a decode step has one block
+    assert not options(8, 32, 4, 131072)["longest_first"]
     small_prefill = options(8, 1, 300, 5000, interleaved=True)  # 19 CTAs: keys split over CTAs, no overlap
     assert small_prefill["key_splits"] > 1 and not small_prefill["overlapped"]
     # 32 heads keep the interleaved layout in the wide CTAs, not in the 128-row ones of a key-split call
