@@ -62,10 +62,11 @@ WIDE_FEW_HEADS_MIN = 4
 INTERLEAVED_MANY_HEADS = True
 # `longest_first`: a prefill's logits CTAs and its top-k's rows taken last to first, the longest (most visible keys)
 # first, so that the shortest fill each launch's last wave; by head count (None: `longest_first_for`), for the few
-# routed heads only. H200: 8 heads' causal logits 3.99 -> 3.71 ms (sweep_logits-20261204-132617.json, 46K), MISA-8's
-# whole indexer host hidden 4.59 -> 4.42 / 15.40 -> 14.98 / 58.26 -> 58.22 ms at 32K / 64K / 128K
-# (bench_indexer-20261204-132142.json, medians of 3 rounds); DSA-64's logits 7% slower (66.69 -> 71.35 ms at 64K,
-# bench_indexer-20261204-123755-longest-first-not-kept.json), so many heads keep the launch order.
+# routed heads only. H200, causal logits at 46K in one launch (sweep_logits-20261204-132617 / -133936.json): 4 / 8 /
+# 16 heads 2.16 / 3.71 / 7.13 ms against 2.52 / 3.99 / 7.32 forward. In the indexer, host hidden, medians of 3 rounds:
+# MISA-8 4.27 / 15.00 / 58.52 ms at 32K / 64K / 128K with remainder_first against 4.60 / 15.44 / 59.05 for the former
+# schedule (bench_indexer-20261204-133942.json); DSA-64 74.58 against 69.45 ms at 64K and GLM-5's DSA-32 9.33 / 36.68
+# against 9.34 / 37.09 at 32K / 64K (bench_indexer-20261204-135048.json): many heads keep the launch order.
 LONGEST_FIRST: bool | None = None
 LONGEST_FIRST_MAX_HEADS = 16
 OVERLAPPED_STAGES = 4  # key tiles in flight in the overlapped driver
@@ -427,7 +428,8 @@ TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda h
                          query_multiple=queries_per_cta(2), wave_queries=logits_wave_queries,
                          # the partly filled wave of a causal prefill's logits CTAs holds its shortest rows: H200,
                          # DSA-64 host hidden 17.94 -> 17.73 / 72.17 -> 70.13 / 282.12 -> 280.09 ms at 32K / 64K / 128K
-                         # (bench_indexer-20261204-132142.json, medians of 3 rounds)
+                         # (bench_indexer-20261204-132142.json, medians of 3 rounds); MISA-8 (longest first) 4.45 ->
+                         # 4.27 / 15.06 -> 15.00 / 58.65 -> 58.52 (bench_indexer-20261204-133942.json)
                          remainder_first=True)
 
 
