@@ -71,8 +71,6 @@ VARIANTS = {  # name -> build options; the reference of the check is the program
                                  reduce_per_tile=True),
     "rows128_reduce_4ctas": dict(tail_means=True, rows_per_cta=128, threads=128, block_m=32, min_ctas_per_sm=4,
                                  reduce_per_tile=True),
-    # the head pick's weights loaded before the tiles and its loops unrolled (`fast_pick`)
-    "wide_reduce_per_tile_fast_pick": dict(WIDE, tail_means=True, reduce_per_tile=True, fast_pick=True),
 }
 
 

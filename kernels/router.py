@@ -53,8 +53,7 @@ def _full_blocks(ks, ke, block_size: int, routing: bool):
 def build_head_importance(heads: int, dim: int, block_size: int, active_heads: int = 0, block_m: int = 64,
                           num_stages: int = 2, threads: int = 256, rows_per_cta: int = ROWS_PER_CTA,
                           min_ctas_per_sm: int = 0, tail_means: bool = False, split_tiles: bool = True,
-                          rows_as_m: bool = True, reduce_per_tile: bool = False, fast_pick: bool = False,
-                          arch: str | None = None):
+                          rows_as_m: bool = True, reduce_per_tile: bool = False, arch: str | None = None):
     """Compiles the router program for `heads` heads of width `dim` over keys pooled by `block_size`.
 
     Shape: `rows_per_cta` query rows (whole queries, at most 256: one wgmma N) per CTA of `threads`; pooled-key
@@ -79,21 +78,19 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
     rows as M) into the row's total, instead of into a running [rows, block_m] sum reduced once at the end: a fragment
     of registers less (the wide prefill shape's few spills gone). H200, sweep_router-20261204-093250.json, routing a
     causal prefill in the wide shape: 0.412 / 1.022 / 3.120 ms against 0.440 / 1.148 / 3.402 at 32K / 64K / 128K.
-    `fast_pick` (routing only): the head pick's inputs (each row's weight and head scale) go to shared memory before
-    the tiles, so their global loads are not waited for after the last tile (twice: the pick, then the routed
-    weights), and the pick's two loops over a query's heads are unrolled. A causal prefill's router time fits ~0.63 ms
-    of per-CTA cost plus ~0.40 ms of tiles at 64K (that sweep's 32K / 64K times as CTAs x (fixed + tiles x per tile);
-    10% under its 128K time), so the CTA's fixed steps are most of it.
+    A causal prefill's router time fits ~0.63 ms of per-CTA cost plus ~0.40 ms of tiles at 64K (that sweep's 32K / 64K
+    times as CTAs x (fixed + tiles x per tile); 10% under its 128K time), so the CTA's fixed steps are most of it.
     Tried and not kept (that sweep): the query rows copied once into registers (wgmma reading A from registers): 1.49
     ms at 64K in 128-row CTAs (two per SM), and wrong heads picked in the wide CTAs (two consumer warpgroups; not
-    investigated further).
+    investigated further). The head pick's inputs (each row's weight and head scale) in shared memory before the tiles
+    and its loops over a query's heads unrolled (`fast_pick`, measured and removed): routing alone
+    0.389 / 1.010 / 3.150 ms against 0.455 / 1.026 / 3.066 at 32K / 64K / 128K (sweep_router-20261204-121937.json),
+    the indexer's router stage 0.40 / 1.07 / 3.62 against 0.39 / 1.08 / 3.63 (bench_indexer-20261204-121957.json).
     """
     if not 0 <= active_heads <= heads:
         raise ValueError(f"active_heads must lie in [0, heads={heads}], got {active_heads}")
     if tail_means and not active_heads:
         raise ValueError("tail_means is an input of the routing program (active_heads > 0)")
-    if fast_pick and not active_heads:
-        raise ValueError("fast_pick is an option of the routing program (active_heads > 0)")
     target = compile_target(arch)
     block_q = queries_per_cta(heads, rows_per_cta)
     rows = block_q * heads
@@ -196,9 +193,6 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     importance = T.alloc_shared((rows,), T.float32)
                     chosen = T.alloc_shared((rows,), T.int32)
                     source_row = T.alloc_shared((block_q * active_heads,), T.int32)
-                    # fast_pick: each row's weight and head scale, loaded before the tiles
-                    row_weight = T.alloc_shared((rows,), T.float32) if fast_pick else None
-                    row_scale = T.alloc_shared((rows,), T.float32) if fast_pick else None
                     tail_lo = T.alloc_var(T.int32)
                     tail_hi = T.alloc_var(T.int32)
 
@@ -213,11 +207,6 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     first, end = _full_blocks(ks, ke, block_size, routing)
                     first_block[r] = first
                     end_block[r] = end
-                if routing and fast_pick:  # Python-level
-                    for r in T.Parallel(rows):
-                        query = T.min(q0 + r // heads, num_queries - 1)
-                        row_weight[r] = W[bb, query, r % heads]
-                        row_scale[r] = HeadScale[r % heads]
                 T.clear(total if reduce_per_tile else running)
                 if not split_tiles:  # Python-level
                     last_end = 0
@@ -302,16 +291,12 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                         else:
                             count = tail_end[r] - tail_first[r]
                             tail = T.if_then_else(count > 0, T.max(tail_sum[r] / T.max(count, 1), 0.0), 0.0)
-                        if fast_pick:  # Python-level: the same product, its factors from shared memory
-                            importance[r] = (total[r] + tail) * T.abs(row_weight[r]) * row_scale[r]
-                        else:
-                            importance[r] = (total[r] + tail) * T.abs(W[bb, query, r % heads]) * HeadScale[r % heads]
+                        importance[r] = (total[r] + tail) * T.abs(W[bb, query, r % heads]) * HeadScale[r % heads]
                     # Rank of each head within its query (ties to the lowest head): the top `active_heads` are kept,
                     # and each kept head's slot is its rank among the kept heads by head index (ascending).
-                    head_loop = T.unroll if fast_pick else T.serial
                     for r in T.Parallel(rows):
                         rank[r] = 0
-                        for other in head_loop(heads):
+                        for other in T.serial(heads):
                             value = importance[r // heads * heads + other]
                             rank[r] += T.if_then_else(
                                 value > importance[r] or (value == importance[r] and other < r % heads), 1, 0)
@@ -319,12 +304,8 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     for r in T.Parallel(rows):
                         if chosen[r] == 1:
                             rank[r] = 0
-                            if fast_pick:  # Python-level: every head, the later ones counted as 0
-                                for other in T.unroll(heads):
-                                    rank[r] += T.if_then_else(other < r % heads, chosen[r // heads * heads + other], 0)
-                            else:
-                                for other in T.serial(r % heads):
-                                    rank[r] += chosen[r // heads * heads + other]
+                            for other in T.serial(r % heads):
+                                rank[r] += chosen[r // heads * heads + other]
                             source_row[r // heads * active_heads + rank[r]] = r
                     for i, d in T.Parallel(block_q * active_heads, dim):
                         if q0 + i // active_heads < num_queries:
@@ -332,8 +313,7 @@ def build_head_importance(heads: int, dim: int, block_size: int, active_heads: i
                     for i in T.Parallel(block_q * active_heads):
                         query = q0 + i // active_heads
                         if query < num_queries:
-                            WRouted[bb, query, i % active_heads] = (row_weight[source_row[i]] if fast_pick else
-                                                                    W[bb, query, source_row[i] % heads])
+                            WRouted[bb, query, i % active_heads] = W[bb, query, source_row[i] % heads]
                             Heads[bb, query, i % active_heads] = source_row[i] % heads
                     for r in T.Parallel(rows):
                         if q0 + r // heads < num_queries:

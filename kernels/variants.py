@@ -70,12 +70,6 @@ TILELANG_RUNNING_SUM_ROUTER_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-running-sum-router",
     route=functools.partial(tilelang_route, wide_router=_RUNNING_SUM))
 
-# A prefill's routing program with the head pick's weights loaded before the tiles and its loops unrolled
-# (`router.build_head_importance`'s fast_pick): opt-in, timed beside the default by the benchmark.
-TILELANG_FAST_PICK_ROUTER_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-fast-pick-router",
-    route=functools.partial(tilelang_route, wide_router=dict(WIDE_ROUTER, fast_pick=True)))
-
 # A causal prefill chunk's tail means summed by one thread per dimension over each whole block (one run, the default
 # before `routing.TAIL_MEAN_SEGMENTS`), timed beside the default by the benchmark.
 TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER = dataclasses.replace(

@@ -61,21 +61,6 @@ def test_wide_routing_kernel_sums_each_tile_at_once():
     assert "running" in before
 
 
-def test_fast_pick_loads_the_weights_before_the_tiles():
-    """`fast_pick`: each row's weight and head scale in shared memory before the tiles (the pick and the routed
-    weights read them there, not W after the last tile), the pick's loops over a query's heads unrolled."""
-    _tilelang_or_skip()
-    from transformers_misa.kernels import routing
-    from transformers_misa.kernels.router import build_head_importance
-
-    source = build_head_importance(64, 128, 128, active_heads=8, arch="sm_90a", tail_means=True, fast_pick=True,
-                                   **routing.WIDE_ROUTER)().get_kernel_source()
-    assert "row_weight" in source and "row_scale" in source
-    assert source.count("W[") == 1, "W is read once, before the tiles"
-    with pytest.raises(ValueError, match="fast_pick is an option of the routing program"):
-        build_head_importance(64, 128, 128, fast_pick=True)
-
-
 def test_tail_means_are_for_the_routing_program():
     pytest.importorskip("tilelang", reason="TileLang is not installed")
     from transformers_misa.kernels.router import build_head_importance
@@ -248,9 +233,8 @@ def test_failing_fused_routing_falls_back_to_the_steps(monkeypatch):
 @pytest.mark.parametrize("options", [
     {}, {"tail_means": True}, {"split_tiles": False}, {"rows_as_m": False}, {"reduce_per_tile": True},
     {"reduce_per_tile": False, "tail_means": True}, {"reduce_per_tile": True, "split_tiles": False},
-    {"fast_pick": True}, {"fast_pick": True, "tail_means": True},
 ], ids=["tail-keys", "tail-means", "every-tile-tested", "blocks-as-m", "reduce-per-tile", "running-sum-tail-means",
-        "reduce-per-tile-every-tile-tested", "fast-pick", "fast-pick-tail-means"])
+        "reduce-per-tile-every-tile-tested"])
 def test_routing_kernel_matches_the_stepwise_routing(batch, num_queries, num_keys, heads, block_size, pads, scaled,
                                                      wide, options):
     from transformers_misa.kernels import routing
