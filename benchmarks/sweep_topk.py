@@ -65,10 +65,6 @@ VARIANTS = {  # name -> build options
     "many_rows_vector4_unroll1_bins_in_registers": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, bins_in_registers=True),
     "many_rows_vector4_unroll1_compact_bins": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, compact_second_pass=True,
                                                    bins_in_registers=True),
-    # the finer levels skipped once the set is known (`resolve_early`), in the prefill shape
-    "many_rows_vector4_unroll1_compact_bins_resolve_early": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
-                                                                 compact_second_pass=True, bins_in_registers=True,
-                                                                 resolve_early=True),
     "few_rows_vector4_unroll4_compact_bins": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, compact_second_pass=True,
                                                   bins_in_registers=True),
     # three CTAs per SM (40 registers): the compact second pass without the spills it has at four (32 registers:

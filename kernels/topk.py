@@ -92,7 +92,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
                      caller_allocates_out: bool = False, vector: int = 1, compact_second_pass: bool = False,
                      bins_in_registers: bool = False, phase_clock: bool = False, second_pass_writes: bool = True,
-                     longest_first: bool = False, resolve_early: bool = False, arch: str | None = None):
+                     longest_first: bool = False, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -119,11 +119,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     slots and writing them, to tell the pass's reads and compares from its claims and writes.
     `longest_first`: the CTAs take the rows last to first (a causal prefill's last rows are its longest, and the
     logits program with its own `longest_first` writes them first); the same selection.
-    `resolve_early` (the buffered path): where every key of the k-th key's bin is needed (the bin holds exactly the
-    keys still wanted) before the last level, the finer levels are skipped and every key from the bin's lowest on is
-    taken: the same set. A 64K causal row's first-level bin holds ~1000 keys, spread over the second level's 4096
-    bins, so the k-th's second-level bin mostly holds it alone and the last level (a histogram cleared and scanned,
-    three barriers) is skipped.
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
@@ -372,7 +367,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 floor = T.alloc_var(T.float32) if value_filter else None
                 slot = T.alloc_var(T.int32)
                 passing = None if second_pass_writes else T.alloc_local((1,), T.int32)  # the probe's count
-                resolved = T.alloc_var(T.int32) if resolve_early else None  # the set known before the last level
                 # compact_second_pass: a loop step's passing values (a bit each) and the one visited next
                 compact = (T.alloc_var(T.int32), T.alloc_var(T.int32)) if compact_second_pass else None
                 thread_bins = T.alloc_local((per_thread,), T.int32) if bins_in_registers else None
@@ -419,28 +413,15 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                                      (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor, compact)
                     T.sync_threads()
                     mark(Clock, row, tx, "second pass", after_barrier=True)
-                    if resolve_early:  # Python-level: the whole first-level bin needed, no finer level to count
-                        resolved = T.if_then_else(in_bin == need and prefix > T.uint32(0), 1, 0)
-                        if resolved == 1:  # every buffered key is above the one below the bin's lowest key
-                            prefix = (prefix << first_digit) - T.uint32(1)
-                            need = 0
-                    for level, (bits, high_shift) in enumerate(later_levels):  # unrolled in Python
-                        if not resolve_early or resolved == 0:
-                            clear_histogram(hist, tx)
-                            for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_digit,
-                                              (hist, prefix, high_shift, high_shift - bits, (1 << bits) - 1))
-                            find_kth_bin(hist, suffix, found, tx, need, thread_bins)
-                            prefix = (prefix << bits) | T.cast(found[0], T.uint32)
-                            need = need - found[1]
-                            ties = found[2]
-                            T.sync_threads()
-                            if resolve_early and level < len(later_levels) - 1:  # Python-level
-                                if ties == need and prefix > T.uint32(0):  # the bin's keys all needed: every key
-                                    # from its lowest on is taken (prefix: the key just below it)
-                                    resolved = 1
-                                    prefix = (prefix << (high_shift - bits)) - T.uint32(1)
-                                    need = 0
-                                    ties = 0
+                    for bits, high_shift in later_levels:  # unrolled in Python
+                        clear_histogram(hist, tx)
+                        for_each_buffered(buffer_keys, buffer_cols, in_bin, tx, count_digit,
+                                          (hist, prefix, high_shift, high_shift - bits, (1 << bits) - 1))
+                        find_kth_bin(hist, suffix, found, tx, need, thread_bins)
+                        prefix = (prefix << bits) | T.cast(found[0], T.uint32)
+                        need = need - found[1]
+                        ties = found[2]
+                        T.sync_threads()
                     if ties > need:  # more ties than needed: the lowest columns win (same radix select)
                         wanted = need
                         for bits, high_shift in LEVELS:  # unrolled in Python

@@ -79,19 +79,6 @@ def test_radix_topk_phase_clock_marks_each_phase():
         build_radix_topk(2048, vector=4, unroll=1, second_pass_writes=False)
 
 
-def test_radix_topk_resolve_early_skips_the_finer_levels_behind_a_flag():
-    """`resolve_early`: the buffered path's finer levels run only while the set is not known (a flag every thread
-    holds alike, so that the barriers inside stay uniform); off, the program is unchanged."""
-    _tilelang_or_skip()
-    from transformers_misa.kernels.topk import MANY_ROWS_VECTOR_SHAPE, build_radix_topk
-
-    default = build_radix_topk(2048, arch="sm_90a", **MANY_ROWS_VECTOR_SHAPE)().get_kernel_source()
-    early = build_radix_topk(2048, arch="sm_90a", resolve_early=True, **MANY_ROWS_VECTOR_SHAPE)().get_kernel_source()
-    assert "resolved" not in default
-    assert "(resolved == 0)" in early and "resolved = 1;" in early
-    assert early.count("__syncthreads()") == default.count("__syncthreads()")
-
-
 def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
     _tilelang_or_skip()
     from transformers_misa.kernels import topk
@@ -128,9 +115,7 @@ def test_prefill_rows_take_the_compact_second_pass_and_decode_rows_do_not():
                                      dict(vector=4, unroll=1, min_ctas_per_sm=4, compact_second_pass=True),
                                      dict(vector=4, unroll=1, min_ctas_per_sm=4, bins_in_registers=True),
                                      dict(vector=4, unroll=4, threads=1024, compact_second_pass=True,
-                                          bins_in_registers=True),
-                                     dict(vector=4, unroll=1, min_ctas_per_sm=4, compact_second_pass=True,
-                                          bins_in_registers=True, resolve_early=True)])
+                                          bins_in_registers=True)])
 @pytest.mark.parametrize("width", [70000, 4100])
 def test_radix_topk_vector_loads_select_the_same_set(options, width):
     """Rows read in groups of `vector` floats select exactly the scalar program's set: ends inside a group, shorter
@@ -256,9 +241,7 @@ def test_radix_topk_phase_clock_selects_the_same_set_and_marks_in_order():
                                      dict(unroll=16, buffer=16, compact_second_pass=True, bins_in_registers=True),
                                      dict(value_filter=False, compact_second_pass=True),
                                      dict(min_ctas_per_sm=4, compact_second_pass=True, bins_in_registers=True,
-                                          longest_first=True),
-                                     dict(min_ctas_per_sm=4, resolve_early=True),
-                                     dict(unroll=16, buffer=16, resolve_early=True)])
+                                          longest_first=True)])
 def test_radix_topk_variants_select_the_same_set(options):
     """Every load depth and CTA width (`sweep_topk.py` times them) selects exactly the default's set: ragged ends
     (shorter than one loop step, not a multiple of it), ties, garbage past the ends."""
@@ -299,37 +282,3 @@ def test_radix_topk_reads_each_row_only_up_to_its_end(rows, width, k):
     picked = truth.gather(-1, got.long())
     assert bool((picked >= kth).all()), "picked a key below the k-th largest"
     assert bool(((picked > kth).sum(-1) == (truth > kth).sum(-1)).all()), "missed a key above the k-th largest"
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("options", [dict(), dict(vector=4, unroll=1, min_ctas_per_sm=4, compact_second_pass=True,
-                                                  bins_in_registers=True),
-                                     dict(threads=1024, unroll=4, vector=4)])
-def test_radix_topk_resolve_early_selects_the_same_set(options):
-    """`resolve_early` selects exactly the full program's set where it skips levels: distinct scores (the k-th key
-    alone in its second-level bin), a first-level bin holding exactly the keys still wanted (two rows built so), a
-    tie at the k-th key, heavy ties, ragged ends."""
-    from transformers_misa.kernels.topk import build_radix_topk
-
-    width, k = 20000, 2048
-    generator = torch.Generator(device="cuda").manual_seed(31)
-    scores = torch.randn(8, width, device="cuda", generator=generator)
-    in_bin = torch.rand(k, device="cuda", generator=generator) / 8  # [0, 1/8): one first-level bin above 1.0
-    scores[1] = -1.0 - torch.rand(width, device="cuda", generator=generator)
-    scores[1, 5000 : 5000 + k] = 1.0 + in_bin  # the k-th key's bin holds exactly k keys
-    scores[2] = -1.0 - torch.rand(width, device="cuda", generator=generator)
-    scores[2, :1000] = 4.0 + torch.rand(1000, device="cuda", generator=generator)  # above the bin
-    scores[2, 9000 : 9000 + k - 1000] = 1.0 + in_bin[: k - 1000]  # exactly the 1048 still wanted
-    scores[3, 100:110] = scores[3].topk(k).values[-1]  # ten ties at the k-th key
-    scores[4] = (scores[4] * 4).round()  # heavy ties
-    ends = torch.tensor([width, width, width, width, width, 19999, 4099, 2049], device="cuda", dtype=torch.int32)
-    scores = scores.masked_fill(torch.arange(width, device="cuda") >= ends.unsqueeze(-1), 1e30)
-    vector = options.get("vector", 1)
-    rows = scores.view(8, -1, vector) if vector > 1 else scores
-    expected = build_radix_topk(k, **options)()(rows, ends)
-    got = build_radix_topk(k, resolve_early=True, **options)()(rows, ends)
-    assert torch.equal(got.sort(-1).values, expected.sort(-1).values)
-    truth = scores.masked_fill(torch.arange(width, device="cuda") >= ends.unsqueeze(-1), float("-inf"))
-    for row in (0, 1, 2, 5):  # no ties at the k-th: torch.topk's set
-        assert set(got[row].tolist()) == set(truth[row].topk(k).indices.tolist()), row
