@@ -52,6 +52,9 @@ MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1, 
 # second pass read backward / rows reversed (81f9364), per-thread cp.async rings (b6322b7), slot claims once per warp
 # (2c1aebc) or per thread and loop step (c19e281), three CTAs per SM with one or two loads in flight (66ac447; in the
 # indexer, bench_indexer-20261204-090233.json: top-k stage 5.81 against 5.59 ms at 64K, 20.01 against 19.99 at 128K).
+# Skipping the buffered path's finer levels once the k-th key's bin holds exactly the keys still wanted (0565cac,
+# `resolve_early`; the same sets): 64K / 128K causal rows 0.387 / 1.312 against 0.363 / 1.204 ms
+# (sweep_topk-20261204-141514-resolve-early-not-kept.json).
 # Nsight Compute (benchmarks/results/ncu-20261204-0231-detail.txt): bound by instruction issue and the L1 /
 # shared-memory pipe (84% busy), not DRAM (43%).
 # (bits of this level, bit position above which the prefix is already fixed)
