@@ -138,6 +138,39 @@ def test_logits_options_overlap_prefill_only():
     assert not options(8, 1, 8192, 65534)["staged_stores"]  # a TMA row stride must be a multiple of 16 bytes
 
 
+@pytest.mark.parametrize("heads,num_queries,longest_first,expected", [
+    (8, 4096, None, True),  # the few routed heads of a prefill: longest first by default
+    (64, 4096, None, False),  # many heads keep the launch order
+    (64, 4096, True, True), (8, 4096, False, False),  # a scorer variant's choice wins
+    (8, 4, None, False),  # a decode step (fewer queries than a block) has one order
+])
+def test_fused_select_orders_the_top_k_rows_as_the_logits(monkeypatch, heads, num_queries, longest_first, expected):
+    """The fused select hands the top-k the logits' order (`longest_first_for`): the rows last to first exactly where
+    the logits program took its query blocks last to first (on the CPU: both programs replaced by recorders)."""
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels import scorer
+
+    calls = {}
+    monkeypatch.setattr(scorer, "_sm_count", lambda device: 132)
+
+    def fake_logits(q, weights, keys, ks, ke, softmax_scale, fill_future, **flags):
+        options = scorer.logits_options(q.shape[2], q.shape[0], q.shape[1], keys.shape[1], 132, fill_future,
+                                        longest_first=flags["longest_first"])
+        calls["logits"] = options["longest_first"]
+        return torch.zeros(q.shape[0], q.shape[1], keys.shape[1])
+
+    monkeypatch.setattr(scorer, "_logits", fake_logits)
+    monkeypatch.setattr(scorer, "radix_topk", lambda logits, k, ends=None, out=None, options=None: calls.setdefault(
+        "topk", dict(options or {})))
+    num_keys = 8192
+    q = torch.zeros(1, num_queries, heads, 128)
+    chunk = ChunkMask(None, slice(0, num_queries), 1, num_queries, num_keys, q.device)
+    scorer.tilelang_select_tokens(q, torch.zeros(1, num_queries, heads), torch.zeros(1, num_keys, 128), chunk,
+                                  128**-0.5, 2048, longest_first=longest_first)
+    assert calls["logits"] is expected
+    assert calls["topk"].get("longest_first", False) is expected
+
+
 def test_logits_waves_hold_one_cta_per_sm(monkeypatch):
     """Queries per wave of prefill logits CTAs (132 SMs): MISA-8's wide 32-query CTAs (16 in the square ones, as FP8
     and the square-CTA scorer take them), DSA-64's wide 4-query ones (FP8: 2), and per sequence of a batch whose CTAs
