@@ -12,7 +12,8 @@ the first chunk instead of the last (`remainder_first`).
 
 It cannot see what the GPU adds (L2 reuse between CTAs, clocks): on an H200 longest first measured slower for DSA-64
 (bench_indexer-20261204-123755-longest-first-not-kept.json) where this model says 2% faster. It says where the tail
-can matter, not what a change gains.
+can matter, not what a change gains. The indexer now takes longest first for at most 16 heads and the remainder
+first for every prefill (`scorer.longest_first_for`, `Scorer.remainder_first`), as measured.
 """
 
 from __future__ import annotations
