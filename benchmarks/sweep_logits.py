@@ -51,7 +51,8 @@ VARIANTS = {  # name -> build options on top of the defaults
                                        explicit_wgmma_wait=False),
     "wide_overlapped_store_buffers2": dict(rows_per_cta=256, block_n=64, overlapped=True, num_stages=4,
                                            store_buffers=2),
-    # the query blocks last to first (the scorer's `longest_first`, its default for at most 16 heads), here over one launch of the whole context
+    # the query blocks last to first (the scorer's `longest_first`, its default for at most 16 heads), here over one
+    # launch of the whole context
     "wide_overlapped_longest_first": dict(rows_per_cta=256, block_n=64, overlapped=True, num_stages=4,
                                           longest_first=True),
 }
