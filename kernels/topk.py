@@ -124,9 +124,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     logits program with its own `longest_first` writes them first); the same selection.
     `aggregate_first_pass`: the first pass's histogram takes one shared-memory atomic per distinct bin among a warp's
     lanes (matched with __match_any_sync, added by the lowest lane) instead of one per value. A row's first-level
-    keys fall into few bins (random 32K rows of 8 / 64 weighted-ReLU heads: 99 / 25 bins), so a warp's 32 atomics hit
-    the busiest address ~4 / ~7 times over, and same-address atomics replay in the shared-memory pipe (Nsight
-    Compute: 84% busy). The same counts, so the same selection.
+    keys fall into few bins (`python benchmarks/topk_conflicts.py`, a CPU model: random 32K rows of 8 / 64 weighted-ReLU
+    heads hold 167 / 24 bins, and a warp's 32 atomics hit their busiest address 3.5 / 6.8 times), and same-address
+    atomics replay in the shared-memory pipe (Nsight Compute: 84% busy). The same counts, so the same selection.
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")

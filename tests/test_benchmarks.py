@@ -289,3 +289,15 @@ def test_launch_model_orders_the_tail_of_each_launch(capsys):
     assert row["heads"] == 8 and row["context"] == 30000
     assert 0 <= row["longest_first"] < row["forward"] and 0 <= row["remainder_first"] < row["forward"]
     assert "remainder_first" in capsys.readouterr().out
+
+
+def test_topk_conflicts_model_counts_each_warp_instructions_busiest_address(capsys):
+    """The CPU model of the top-k's first-pass atomics: lanes in one bin counted per warp instruction (a constant row:
+    all 32 in one; distinct keys spread over bins: fewer), and rows of many heads concentrated in fewer bins."""
+    model = _load("topk_conflicts")
+    assert set(model.busiest_address_counts(torch.ones(4096).numpy()).tolist()) == {32}
+    spread = model.busiest_address_counts(torch.logspace(-30, 30, 4096).numpy())
+    assert spread.max() < 32
+    few, many = model.main(["--heads", "8,64", "--keys", "4096"])
+    assert 1 <= few["mean_busiest_address_count"] <= 32 and many["distinct_bins"] < few["distinct_bins"]
+    assert "mean_busiest_address_count" in capsys.readouterr().out
