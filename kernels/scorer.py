@@ -73,9 +73,12 @@ OVERLAPPED_STAGES = 4  # key tiles in flight in the overlapped driver
 MAX_TMA_ELEMENTS = 2**31  # one logits call writes fewer elements than this (its TMA descriptor's index range)
 
 
-def longest_first_for(heads: int, longest_first: bool | None = LONGEST_FIRST) -> bool:
-    """Whether a prefill of `heads` heads per query takes its logits' query blocks and its top-k's rows last to first:
+def longest_first_for(heads: int, num_queries: int, longest_first: bool | None = LONGEST_FIRST) -> bool:
+    """Whether a call of `num_queries` queries with `heads` heads each takes its logits' query blocks and its top-k's
+    rows last to first: only a prefill's (at least one query block; a decode step's blocks are one), then
     `longest_first` where given, else for at most LONGEST_FIRST_MAX_HEADS heads (see LONGEST_FIRST)."""
+    if num_queries < queries_per_cta(heads):
+        return False
     return heads <= LONGEST_FIRST_MAX_HEADS if longest_first is None else longest_first
 
 
@@ -185,7 +188,7 @@ def logits_options(heads: int, batch: int, num_queries: int, num_keys: int, sm_c
         shape["num_stages"] = OVERLAPPED_STAGES
     return dict(shape, key_splits=splits, fill_future=fill_future, staged_stores=staged, fp8=fp8,
                 interleaved=interleaved and can_interleave(heads, shape["rows_per_cta"]), overlapped=overlapped,
-                longest_first=longest_first_for(heads, longest_first) and num_queries >= block)
+                longest_first=longest_first_for(heads, num_queries, longest_first))
 
 
 def query_layout(heads: int, num_queries: int, fp8: bool, interleaved: bool, wide_few_heads: bool,
@@ -354,9 +357,8 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
                      overlapped=overlapped, wide_few_heads=wide_few_heads,
                      interleaved_many_heads=interleaved_many_heads, longest_first=longest_first)
     topk_options = dict(topk_options or {})
-    heads = q.shape[2]
-    if longest_first_for(heads, longest_first) and q.shape[1] >= queries_per_cta(heads):  # a prefill: its rows in
-        topk_options.setdefault("longest_first", True)  # the order its logits program wrote them (`logits_options`)
+    if longest_first_for(q.shape[2], q.shape[1], longest_first):  # the rows in the order the logits were written
+        topk_options.setdefault("longest_first", True)
     return radix_topk(logits, k, ends=ke, out=out, options=topk_options)
 
 
