@@ -23,17 +23,10 @@ import heapq
 import math
 
 from transformers_misa.kernels.common import queries_per_cta
+from transformers_misa.kernels.scorer import TILELANG_SCORER, WIDE_CTA
 from transformers_misa.ops.blocks import causal_query_chunks
 
-CHUNK_BUDGET = 8 * 2**30  # `scorer.TILELANG_SCORER.chunk_budget`
-QUERY_MULTIPLE = 64  # `scorer.TILELANG_SCORER.query_multiple`: chunks hold whole waves and whole such multiples
-ROWS_PER_CTA = 256  # the prefill CTAs of 64 heads and of 4-16 interleaved heads (`scorer.WIDE_CTA`)
 CTA_FIXED_KEYS = 256  # a CTA's fixed cost (queries, weights, its first tiles), in keys' worth of time
-
-
-def scratch_bytes(width: int) -> int:
-    """One query's scratch at `width` keys, as `TILELANG_SCORER.scratch_bytes` counts it."""
-    return 3 * width * 4
 
 
 def launch_time(blocks: list[int], sms: int) -> float:
@@ -46,10 +39,13 @@ def launch_time(blocks: list[int], sms: int) -> float:
 
 def excess(context: int, heads: int, sms: int, order: str) -> float:
     """Summed launch times over an even spread of the same CTA work, minus one (0.1: 10% longer)."""
-    per_cta = queries_per_cta(heads, ROWS_PER_CTA)
+    per_cta = queries_per_cta(heads, WIDE_CTA["rows_per_cta"])  # the prefill CTAs of 64 and of 4-16 routed heads
     wave = per_cta * sms
-    chunks = causal_query_chunks(context, context, scratch_bytes, CHUNK_BUDGET,
-                                 multiple=math.lcm(wave, QUERY_MULTIPLE), remainder_first=order == "remainder_first")
+    # the scorer's chunks: its memory budget, whole waves and whole query multiples
+    chunks = causal_query_chunks(context, context, lambda width: TILELANG_SCORER.scratch_bytes(heads, width),
+                                 TILELANG_SCORER.chunk_budget,
+                                 multiple=math.lcm(wave, TILELANG_SCORER.query_multiple),
+                                 remainder_first=order == "remainder_first")
     total = 0.0
     for chunk in chunks:
         blocks = [min(start + per_cta, context) + CTA_FIXED_KEYS for start in range(chunk.start, chunk.stop, per_cta)]
