@@ -17,7 +17,10 @@ import argparse
 import numpy as np
 import torch
 
-FIRST_DIGIT = 20  # 32 - 12: the first level's bin is the order key's top 12 bits
+from transformers_misa.kernels.topk import LEVELS
+
+(FIRST_BITS, FIRST_SHIFT), *_ = LEVELS
+FIRST_DIGIT = FIRST_SHIFT - FIRST_BITS  # the first level's bin is the order key above this bit (the top 12 bits)
 LANES, VECTOR = 32, 4  # a warp's lanes, floats per lane and load
 
 

@@ -34,8 +34,8 @@ MAX_THREADS_PER_CTA = 1024
 
 def tail_mean_segments(dim: int, block_size: int, wanted: int = TAIL_MEAN_SEGMENTS) -> int:
     """The most runs per block, up to `wanted`, that divide `block_size` and fit dim x runs threads in one CTA."""
-    return max(s for s in range(1, wanted + 1) if block_size % s == 0 and dim * s <= MAX_THREADS_PER_CTA) \
-        if dim <= MAX_THREADS_PER_CTA else 1
+    fitting = [runs for runs in range(2, wanted + 1) if block_size % runs == 0 and dim * runs <= MAX_THREADS_PER_CTA]
+    return max(fitting, default=1)
 
 
 def bf16_head_scores(q: torch.Tensor, keys: torch.Tensor, softmax_scale: float) -> torch.Tensor:
