@@ -69,9 +69,7 @@ VARIANTS = {  # name -> build options
     "many_rows_vector4_unroll1_compact_bins_aggregated": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
                                                               compact_second_pass=True, bins_in_registers=True,
                                                               aggregate_first_pass=True),
-    "few_rows_vector4_unroll4_compact_bins_aggregated": dict(FEW_ROWS_SHAPE, vector=4, unroll=4,
-                                                             compact_second_pass=True, bins_in_registers=True,
-                                                             aggregate_first_pass=True),
+    "few_rows_vector4_unroll4_aggregated": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, aggregate_first_pass=True),
     "few_rows_vector4_unroll4_compact_bins": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, compact_second_pass=True,
                                                   bins_in_registers=True),
     # three CTAs per SM (40 registers): the compact second pass without the spills it has at four (32 registers:
