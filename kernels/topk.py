@@ -316,7 +316,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
         def count_first_digit_per_warp(key, col, context):
             """`aggregate_first_pass`: the lanes counting into one bin in this step are matched, and the lowest of
             them adds their number (one atomic per distinct bin and warp instead of one per value)."""
-            hist, tx = context
+            hist, tx, peers = context
             peers = T.call_extern("uint32", "__match_any_sync", T.call_extern("uint32", "__activemask"),
                                   T.cast(key >> first_digit, T.int32))
             if T.call_extern("int32", "__ffs", peers) - 1 == tx % 32:
@@ -385,6 +385,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 floor = T.alloc_var(T.float32) if value_filter else None
                 slot = T.alloc_var(T.int32)
                 passing = None if second_pass_writes else T.alloc_local((1,), T.int32)  # the probe's count
+                peers = T.alloc_var(T.uint32) if aggregate_first_pass else None  # lanes sharing a value's bin
                 # compact_second_pass: a loop step's passing values (a bit each) and the one visited next
                 compact = (T.alloc_var(T.int32), T.alloc_var(T.int32)) if compact_second_pass else None
                 thread_bins = T.alloc_local((per_thread,), T.int32) if bins_in_registers else None
@@ -405,7 +406,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 # Level 1 over the whole row (from HBM).
                 clear_histogram(hist, tx)
                 if aggregate_first_pass:  # Python-level
-                    for_each_key(source, row, tx, end, values, count_first_digit_per_warp, (hist, tx))
+                    for_each_key(source, row, tx, end, values, count_first_digit_per_warp, (hist, tx, peers))
                 else:
                     for_each_key(source, row, tx, end, values, count_first_digit, hist)
                 mark(Clock, row, tx, "first pass")
