@@ -65,11 +65,6 @@ VARIANTS = {  # name -> build options
     "many_rows_vector4_unroll1_bins_in_registers": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, bins_in_registers=True),
     "many_rows_vector4_unroll1_compact_bins": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, compact_second_pass=True,
                                                    bins_in_registers=True),
-    # the first pass's atomics one per distinct bin and warp (`aggregate_first_pass`), in the prefill and decode shapes
-    "many_rows_vector4_unroll1_compact_bins_aggregated": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
-                                                              compact_second_pass=True, bins_in_registers=True,
-                                                              aggregate_first_pass=True),
-    "few_rows_vector4_unroll4_aggregated": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, aggregate_first_pass=True),
     "few_rows_vector4_unroll4_compact_bins": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, compact_second_pass=True,
                                                   bins_in_registers=True),
     # three CTAs per SM (40 registers): the compact second pass without the spills it has at four (32 registers:

@@ -95,7 +95,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
                      caller_allocates_out: bool = False, vector: int = 1, compact_second_pass: bool = False,
                      bins_in_registers: bool = False, phase_clock: bool = False, second_pass_writes: bool = True,
-                     longest_first: bool = False, aggregate_first_pass: bool = False, arch: str | None = None):
+                     longest_first: bool = False, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -122,11 +122,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     slots and writing them, to tell the pass's reads and compares from its claims and writes.
     `longest_first`: the CTAs take the rows last to first (a causal prefill's last rows are its longest, and the
     logits program with its own `longest_first` writes them first); the same selection.
-    `aggregate_first_pass`: the first pass's histogram takes one shared-memory atomic per distinct bin among a warp's
-    lanes (matched with __match_any_sync, added by the lowest lane) instead of one per value. A row's first-level
-    keys fall into few bins (`python benchmarks/topk_conflicts.py`, a CPU model: random 32K rows of 8 / 64 weighted-ReLU
-    heads hold 167 / 24 bins, and a warp's 32 atomics hit their busiest address 3.5 / 6.8 times), and same-address
-    atomics replay in the shared-memory pipe (Nsight Compute: 84% busy). The same counts, so the same selection.
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
@@ -313,16 +308,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             T.atomic_add(hist[T.cast(key >> first_digit, T.int32)], 1)
 
         @T.macro
-        def count_first_digit_per_warp(key, col, context):
-            """`aggregate_first_pass`: the lanes counting into one bin in this step are matched, and the lowest of
-            them adds their number (one atomic per distinct bin and warp instead of one per value)."""
-            hist, tx, peers = context
-            peers = T.call_extern("uint32", "__match_any_sync", T.call_extern("uint32", "__activemask"),
-                                  T.cast(key >> first_digit, T.int32))
-            if T.call_extern("int32", "__ffs", peers) - 1 == tx % 32:
-                T.atomic_add(hist[T.cast(key >> first_digit, T.int32)], T.call_extern("int32", "__popc", peers))
-
-        @T.macro
         def count_digit(key, col, context):
             hist, prefix, high_shift, shift, digit_mask = context
             if (key >> high_shift) == prefix:
@@ -385,7 +370,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 floor = T.alloc_var(T.float32) if value_filter else None
                 slot = T.alloc_var(T.int32)
                 passing = None if second_pass_writes else T.alloc_local((1,), T.int32)  # the probe's count
-                peers = T.alloc_var(T.uint32) if aggregate_first_pass else None  # lanes sharing a value's bin
                 # compact_second_pass: a loop step's passing values (a bit each) and the one visited next
                 compact = (T.alloc_var(T.int32), T.alloc_var(T.int32)) if compact_second_pass else None
                 thread_bins = T.alloc_local((per_thread,), T.int32) if bins_in_registers else None
@@ -405,10 +389,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
 
                 # Level 1 over the whole row (from HBM).
                 clear_histogram(hist, tx)
-                if aggregate_first_pass:  # Python-level
-                    for_each_key(source, row, tx, end, values, count_first_digit_per_warp, (hist, tx, peers))
-                else:
-                    for_each_key(source, row, tx, end, values, count_first_digit, hist)
+                for_each_key(source, row, tx, end, values, count_first_digit, hist)
                 mark(Clock, row, tx, "first pass")
                 if tx == 0 and end < width:  # the unread columns [end, width) are -inf
                     T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)

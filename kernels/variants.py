@@ -80,12 +80,6 @@ TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER = dataclasses.replace(
 # kept so that the benchmark times both side by side.
 TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-budget-chunks", wave_queries=None)
 
-# The top-k's first pass counting with one atomic per distinct bin and warp (`topk.build_radix_topk`'s
-# aggregate_first_pass): opt-in, timed beside the default by the benchmark.
-TILELANG_AGGREGATED_TOPK_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-aggregated-topk",
-    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(aggregate_first_pass=True)))
-
 # A prefill's logits query blocks and top-k rows last to first for every head count (the default takes it for the few
 # routed heads only, `scorer.longest_first_for`): opt-in, timed beside the default by the benchmark.
 TILELANG_LONGEST_FIRST_SCORER = logits_variant("tilelang-longest-first", longest_first=True)

@@ -79,19 +79,6 @@ def test_radix_topk_phase_clock_marks_each_phase():
         build_radix_topk(2048, vector=4, unroll=1, second_pass_writes=False)
 
 
-def test_radix_topk_aggregate_first_pass_matches_the_lanes_of_a_bin():
-    """`aggregate_first_pass`: the first pass's lanes counting into one bin matched, one atomic by the lowest of them
-    adding their number; off, the program has none of it."""
-    _tilelang_or_skip()
-    from transformers_misa.kernels.topk import MANY_ROWS_VECTOR_SHAPE, build_radix_topk
-
-    default = build_radix_topk(2048, arch="sm_90a", **MANY_ROWS_VECTOR_SHAPE)().get_kernel_source()
-    aggregated = build_radix_topk(2048, arch="sm_90a", aggregate_first_pass=True,
-                                  **MANY_ROWS_VECTOR_SHAPE)().get_kernel_source()
-    assert "__match_any_sync" not in default
-    assert "__match_any_sync(__activemask()" in aggregated and "__popc" in aggregated
-
-
 def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
     _tilelang_or_skip()
     from transformers_misa.kernels import topk
@@ -128,10 +115,7 @@ def test_prefill_rows_take_the_compact_second_pass_and_decode_rows_do_not():
                                      dict(vector=4, unroll=1, min_ctas_per_sm=4, compact_second_pass=True),
                                      dict(vector=4, unroll=1, min_ctas_per_sm=4, bins_in_registers=True),
                                      dict(vector=4, unroll=4, threads=1024, compact_second_pass=True,
-                                          bins_in_registers=True),
-                                     dict(vector=4, unroll=1, min_ctas_per_sm=4, compact_second_pass=True,
-                                          bins_in_registers=True, aggregate_first_pass=True),
-                                     dict(vector=4, unroll=4, threads=1024, aggregate_first_pass=True)])
+                                          bins_in_registers=True)])
 @pytest.mark.parametrize("width", [70000, 4100])
 def test_radix_topk_vector_loads_select_the_same_set(options, width):
     """Rows read in groups of `vector` floats select exactly the scalar program's set: ends inside a group, shorter
@@ -257,9 +241,7 @@ def test_radix_topk_phase_clock_selects_the_same_set_and_marks_in_order():
                                      dict(unroll=16, buffer=16, compact_second_pass=True, bins_in_registers=True),
                                      dict(value_filter=False, compact_second_pass=True),
                                      dict(min_ctas_per_sm=4, compact_second_pass=True, bins_in_registers=True,
-                                          longest_first=True),
-                                     dict(min_ctas_per_sm=4, aggregate_first_pass=True),
-                                     dict(unroll=16, buffer=16, aggregate_first_pass=True)])
+                                          longest_first=True)])
 def test_radix_topk_variants_select_the_same_set(options):
     """Every load depth and CTA width (`sweep_topk.py` times them) selects exactly the default's set: ragged ends
     (shorter than one loop step, not a multiple of it), ties, garbage past the ends."""
