@@ -55,6 +55,8 @@ MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1, 
 # Skipping the buffered path's finer levels once the k-th key's bin holds exactly the keys still wanted (0565cac,
 # `resolve_early`; the same sets): 64K / 128K causal rows 0.387 / 1.312 against 0.363 / 1.204 ms
 # (sweep_topk-20261204-141514-resolve-early-not-kept.json).
+# A warp-aggregated first pass (`__match_any_sync`, one atomic per distinct bin of a warp; 6fa3231, and on 2026-11-28):
+# 64K / 128K causal rows 1.003 / 3.695 against 0.363 / 1.206 ms (sweep_topk-20261204-145025.json).
 # Nsight Compute (benchmarks/results/ncu-20261204-0231-detail.txt): bound by instruction issue and the L1 /
 # shared-memory pipe (84% busy), not DRAM (43%).
 # (bits of this level, bit position above which the prefix is already fixed)
