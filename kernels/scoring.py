@@ -160,6 +160,9 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                 CandKey[bb, q0 + i, j * segment + appended[i, j]] = key
                             appended[i, j] = appended[i, j] + 1
             elif staged_stores:  # Python-level: one variant or the other is compiled
+                # Without the interleaved layout (FP8) a query's head sum is replicated across a lane quad and one lane
+                # of four stores it; TileLang 0.1.15 warns it hoists a sync out of that branch. The generated code is
+                # fenced on both sides (tests/test_logits_kernel.py, `_assert_quad_stores_fenced`).
                 two_buffers = store_buffers == 2  # Python-level: this tile's buffer is tile % 2
                 if two_buffers:  # Python-level: the store issued from this tile's buffer two tiles ago must have
                     # read it (the other buffer's, one tile ago, may still run); only its issuing thread waits
