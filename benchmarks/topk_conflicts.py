@@ -5,8 +5,8 @@ sign, exponent, three mantissa bits) with a shared-memory atomic; a warp's 32 la
 count one of the 4 values of each group per atomic instruction. Lanes hitting one address replay. This model builds
 causal-prefill-like rows (the weighted-ReLU score of random bf16 queries and keys, H heads) and reports the distinct
 bins of a row and the mean of each warp instruction's busiest-address count (the replay factor). A warp-aggregated
-first pass that removes it (`__match_any_sync`) was measured 2.8-3x slower on an H200 (README, sweep_topk-20261204-145025):
-the replays cost less than the match. It cannot see trained models' distributions.
+first pass that removes it (`__match_any_sync`) was 2.5-3x slower on an H200 (README, sweep_topk-20261204-145025): the
+replays cost less than the match. It cannot see trained models' distributions.
 
     python benchmarks/topk_conflicts.py                   # 8 and 64 heads, 32K keys
 """
