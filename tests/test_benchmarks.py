@@ -303,3 +303,20 @@ def test_topk_conflicts_model_counts_each_warp_instructions_busiest_address(caps
     few, many = model.main(["--heads", "8,64", "--keys", "4096"])
     assert 1 <= few["mean_busiest_address_count"] <= 32 and many["distinct_bins"] < few["distinct_bins"]
     assert "mean_busiest_address_count" in capsys.readouterr().out
+
+
+def test_topk_bound_model_keeps_at_least_k_and_no_bound_for_short_rows(capsys):
+    """The CPU model of a one-read top-k's bound (the k-th largest of a row's group maxima): it never keeps fewer than
+    k values (every one of the k groups has its maximum at or above it), gives no bound to rows of fewer than k
+    groups, and keeps fewer values the longer the row."""
+    model = _load("topk_bound_model")
+    row = torch.randn(64 * 1024, generator=torch.Generator().manual_seed(0))
+    assert model.kept_by_bound(row[: 16 * model.TOPK - 1], 16, model.TOPK) is None
+    kept_short, kept_long = model.kept_by_bound(row[:40960], 16, model.TOPK), model.kept_by_bound(row, 16, model.TOPK)
+    assert model.TOPK <= kept_long < kept_short
+    ascending = torch.arange(32768, dtype=torch.float32)  # exactly k groups: the bound is the first group's maximum
+    assert model.kept_by_bound(ascending, 16, model.TOPK) == 16 * (model.TOPK - 1) + 1
+    results = model.main(["--heads", "8", "--lengths", "16384,40960", "--contexts", "65536", "--rows", "1"])
+    kept = results["heads"][8]["kept"]
+    assert kept[16384] is None and kept[40960] >= model.TOPK
+    assert "keep at most" in capsys.readouterr().out

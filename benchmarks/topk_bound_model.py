@@ -1,0 +1,90 @@
+"""How far a lower bound from the logits program could cut the top-k's second read (CPU model, random inputs).
+
+The top-k reads each row twice (a histogram pass, then a pass keeping the values at or above the k-th value's bin);
+it is the same program for DSA-64 and MISA-8 and the largest part of MISA-8's time that is not its logits (README:
+"What 5x needs"). A one-read top-k needs, before its pass, a bound L <= the row's k-th value, so that it can keep
+every value >= L in shared memory as it reads and resolve the k-th value from them. The logits program could give
+one almost for free: the maximum of each group of `group` consecutive keys of a query (a warp's lanes of one lane
+residue hold 16 consecutive keys of a tile), written beside the logits (1/group of their bytes). The k-th largest of
+a row's group maxima is such a bound (k groups have a value at or above it), once the row has at least k groups.
+
+This model builds causal-prefill-like rows (the weighted-ReLU score of random bf16 queries and keys, H heads, signed
+weights, as `bench_indexer.py`'s inputs) and reports per row length: the values at or above the bound (what the
+one-read pass would keep; the prefill top-k has a 4096-key buffer), and, per causal context, the share of the top-k's
+bytes in rows whose bound keeps at most `buffer` values (rows the second read could be skipped for). It cannot see
+trained models' distributions.
+
+    python benchmarks/topk_bound_model.py                  # 8 and 64 heads, rows of 8K-128K keys
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+TOPK = 2048
+
+
+def row_scores(heads: int, num_keys: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """One query's weighted-ReLU scores over `num_keys` random keys."""
+    q = torch.randn(heads, dim, generator=generator).bfloat16().float()
+    keys = torch.randn(num_keys, dim, generator=generator).bfloat16().float()
+    weights = torch.randn(heads, generator=generator)
+    return (torch.relu(q @ keys.T) * weights[:, None]).sum(0)
+
+
+def kept_by_bound(row: torch.Tensor, group: int, k: int) -> int | None:
+    """Values >= the k-th largest maximum of the row's groups of `group` keys; None where the row has < k groups."""
+    groups = row.numel() // group
+    if groups < k:
+        return None
+    maxima = row[: groups * group].view(groups, group).amax(1)
+    if row.numel() > groups * group:  # a partial last group is a group too
+        maxima = torch.cat([maxima, row[groups * group:].amax().view(1)])
+    bound = maxima.topk(k).values[-1]
+    return int((row >= bound).sum())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heads", default="8,64")
+    parser.add_argument("--lengths", default="8192,16384,20480,24576,32768,40960,49152,65536,98304,131072")
+    parser.add_argument("--contexts", default="65536,131072")
+    parser.add_argument("--group", type=int, default=16)
+    parser.add_argument("--buffer", type=int, default=4096)
+    parser.add_argument("--rows", type=int, default=3, help="random rows per length (the median is reported)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    results = {"group": args.group, "buffer": args.buffer, "topk": TOPK, "heads": {}}
+    for heads in (int(h) for h in args.heads.split(",")):
+        generator = torch.Generator().manual_seed(heads)
+        kept = {}
+        for length in lengths:
+            counts = [kept_by_bound(row_scores(heads, length, args.dim, generator), args.group, TOPK)
+                      for _ in range(args.rows)]
+            kept[length] = None if counts[0] is None else sorted(counts)[len(counts) // 2]
+            print(f"H={heads:>2} row of {length:>6} keys: {kept[length]} values at or above the bound", flush=True)
+        # a causal prefill's rows: row t reads t values; a row shorter than the lengths measured counts as unbounded
+        shares = {}
+        for context in (int(c) for c in args.contexts.split(",")):
+            usable = [n for n in lengths if n <= context and kept[n] is not None and kept[n] <= args.buffer]
+            start = min(usable) if usable else context + 1  # rows from here on (between measured lengths: assumed)
+            bytes_all = context * (context + 1) / 2
+            bytes_bounded = sum(range(start, context + 1)) if start <= context else 0
+            shares[context] = round(bytes_bounded / bytes_all, 3)
+            print(f"H={heads:>2} causal {context:>6}: rows from {start} keys on ({shares[context]:.0%} of the top-k's "
+                  f"bytes) keep at most {args.buffer} values", flush=True)
+        results["heads"][heads] = {"kept": kept, "bytes_share_bounded": shares}
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
