@@ -8,7 +8,9 @@ Two workloads, the ones the indexer gives it: causal prefill rows of a 64K conte
 rows' widths average half the context, as a whole prefill's do) and decode rows (batch 32 x 1 and 4 queries, 128K
 cache). The logits come from the 8-head logits program on random inputs. Each variant must select exactly the
 default's set (ties break alike); its time is reported with the bandwidth of one read of the visible columns.
-Compiles run in parallel processes first.
+Compiles run in parallel processes first. The `*_bounded*` variants (`build_radix_topk(bounded=True)`) take each row's
+bound from `group_maxima_bounds` over groups of 16 or 8 columns, computed in PyTorch before the timed calls: their
+times leave out what producing the bound would cost (the most a bound from the logits program could give).
 
     python benchmarks/sweep_topk.py --out benchmarks/results
 """
@@ -23,7 +25,8 @@ from bench_indexer import DIM, SCALE, TOPK, inputs  # this folder's indexer benc
 from gpu_timing import cuda_time_ms, environment
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
-from transformers_misa.kernels.topk import BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, UNROLL, build_radix_topk
+from transformers_misa.kernels.topk import (BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, UNROLL, build_radix_topk,
+                                            group_maxima_bounds)
 
 VARIANTS = {  # name -> build options
     "default": {},
@@ -67,6 +70,13 @@ VARIANTS = {  # name -> build options
                                                    bins_in_registers=True),
     "few_rows_vector4_unroll4_compact_bins": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, compact_second_pass=True,
                                                   bins_in_registers=True),
+    # rows read once where a bound keeps their values at or above it within the buffer (`bounded`; BOUND_GROUPS)
+    "many_rows_vector4_unroll1_compact_bins_bounded16": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
+                                                             compact_second_pass=True, bins_in_registers=True,
+                                                             bounded=True),
+    "many_rows_vector4_unroll1_compact_bins_bounded8": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
+                                                            compact_second_pass=True, bins_in_registers=True,
+                                                            bounded=True),
     # three CTAs per SM (40 registers): the compact second pass without the spills it has at four (32 registers:
     # 16 B spill stores, 96 B spill loads per thread, nvcc -Xptxas -v)
     "many_rows_ctas3_vector4_unroll1_compact_bins": dict(MANY_ROWS_SHAPE, min_ctas_per_sm=3, vector=4, unroll=1,
@@ -75,6 +85,11 @@ VARIANTS = {  # name -> build options
                                                          compact_second_pass=True, bins_in_registers=True),
 }
 HEADS = 8
+
+
+# bounded variants: the group size of their bounds (`group_maxima_bounds`)
+BOUND_GROUPS = {"many_rows_vector4_unroll1_compact_bins_bounded16": 16,
+                "many_rows_vector4_unroll1_compact_bins_bounded8": 8}
 
 
 def logits_rows(batch: int, queries: int, num_keys: int, ends: torch.Tensor) -> torch.Tensor:
@@ -112,6 +127,14 @@ def visible_picks(picked: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     return torch.where(picked < ends.unsqueeze(-1), picked, -1).sort(-1).values
 
 
+def rows_read_once(scores: torch.Tensor, ends: torch.Tensor, bounds: torch.Tensor, buffer: int) -> float:
+    """The share of rows whose values at or above their bound number k to `buffer` (the bounded program reads them
+    once)."""
+    visible = torch.arange(scores.shape[1], device=scores.device) < ends.unsqueeze(-1)
+    kept = ((scores >= bounds.unsqueeze(-1)) & visible).sum(-1)
+    return float(((kept >= TOPK) & (kept <= buffer)).float().mean())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = sweep_parser(__doc__, reps=10, workers=8)
     parser.add_argument("--before-each", choices=("rewrite", "nothing"), default="rewrite",
@@ -137,8 +160,13 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 kernel = build_radix_topk(TOPK, **options)()
                 rows_in = scores.view(scores.shape[0], -1, row["vector"]) if row["vector"] > 1 else scores
-                row["same_selection"] = bool(torch.equal(visible_picks(kernel(rows_in, ends), ends), expected))
-                row["ms"] = cuda_time_ms(lambda: kernel(rows_in, ends), args.reps, before=before)
+                extra = ()
+                if name in BOUND_GROUPS:  # the bounds, untimed (the logits are unwritten past each row's end)
+                    row["bound_group"] = BOUND_GROUPS[name]
+                    extra = (group_maxima_bounds(scores, ends, TOPK, BOUND_GROUPS[name]),)
+                    row["rows_read_once"] = rows_read_once(scores, ends, extra[0], options.get("buffer", BUFFER))
+                row["same_selection"] = bool(torch.equal(visible_picks(kernel(rows_in, ends, *extra), ends), expected))
+                row["ms"] = cuda_time_ms(lambda: kernel(rows_in, ends, *extra), args.reps, before=before)
                 row["GB_per_s_one_read"] = read_gb / row["ms"] * 1e3
             rows.append(row)
             print(json.dumps(row), flush=True)

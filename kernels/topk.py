@@ -22,6 +22,7 @@ import functools
 
 import tilelang
 import tilelang.language as T
+import torch
 
 from .common import compile_target
 
@@ -92,12 +93,28 @@ def _order_key(value):
     return T.reinterpret(signed_magnitude, T.uint32) + T.uint32(0x80000000)
 
 
+def group_maxima_bounds(scores: torch.Tensor, ends: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """Bounds [rows] fp32 for `build_radix_topk(bounded=True)`: the k-th largest of each row's maxima over groups of
+    `group` consecutive columns before its end (each of k groups holds a value at or above it, so it is at most the
+    row's k-th value); -inf for a row of fewer than k groups. In PyTorch, from the logits (the logits program does not
+    write group maxima yet); scores [rows, width] fp32, ends [rows]."""
+    rows, width = scores.shape
+    padded = -(-width // group) * group
+    columns = torch.arange(padded, device=scores.device)
+    visible = torch.nn.functional.pad(scores, (0, padded - width), value=float("-inf"))
+    visible = visible.masked_fill(columns >= ends.reshape(-1, 1), float("-inf"))
+    maxima = visible.view(rows, padded // group, group).amax(-1)
+    if maxima.shape[1] < k:
+        return torch.full((rows,), float("-inf"), device=scores.device)
+    return maxima.topk(k, dim=-1).values[:, -1].contiguous()  # -inf where fewer than k groups are visible
+
+
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
                      caller_allocates_out: bool = False, vector: int = 1, compact_second_pass: bool = False,
                      bins_in_registers: bool = False, phase_clock: bool = False, second_pass_writes: bool = True,
-                     longest_first: bool = False, arch: str | None = None):
+                     longest_first: bool = False, bounded: bool = False, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -124,6 +141,13 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     slots and writing them, to tell the pass's reads and compares from its claims and writes.
     `longest_first`: the CTAs take the rows last to first (a causal prefill's last rows are its longest, and the
     logits program with its own `longest_first` writes them first); the same selection.
+    `bounded` (opt-in, vector > 1): the program also takes Bounds [rows] fp32, each at most its row's k-th value
+    (-inf: none), e.g. the k-th largest of the row's maxima over groups of keys (`benchmarks/topk_bound_model.py`).
+    The first pass then counts and keeps in shared memory only the values at or above the bound; where they all fit
+    the buffer, the finer levels and the output run on them and the row is read once instead of twice. A bound that
+    keeps fewer than k values (above the k-th value: the caller's mistake) is dropped for a plain first pass; one that
+    keeps more than the buffer holds leaves the second pass to read the row, comparing with the bound too. The same
+    selection as without it.
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
@@ -131,6 +155,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
         raise ValueError("compact_second_pass is for the plain top-k (with_keys=False)")
     if phase_clock and vector == 1:
         raise ValueError("phase_clock probes the vector program (vector > 1)")
+    if bounded and (vector == 1 or phase_clock or not value_filter):
+        raise ValueError("bounded is for the vector program (vector > 1) with the value filter, without phase_clock")
     if not second_pass_writes and not phase_clock:
         raise ValueError("second_pass_writes=False selects nothing right: it is for the phase probe (phase_clock)")
     target = compile_target(arch)
@@ -310,6 +336,17 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             T.atomic_add(hist[T.cast(key >> first_digit, T.int32)], 1)
 
         @T.macro
+        def count_and_keep(key, col, context):
+            """`bounded` first pass, per value at or above the bound: counted, and kept in shared memory while the
+            buffer has room (the count goes on past it: more than `buffer` sends the row to the second pass)."""
+            hist, counters, buffer_keys, buffer_cols, slot = context
+            T.atomic_add(hist[T.cast(key >> first_digit, T.int32)], 1)
+            slot = T.atomic_add(counters[2], 1, return_prev=True)
+            if slot < buffer:
+                buffer_keys[slot] = key
+                buffer_cols[slot] = col
+
+        @T.macro
         def count_digit(key, col, context):
             hist, prefix, high_shift, shift, digit_mask = context
             if (key >> high_shift) == prefix:
@@ -349,7 +386,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     Clock[row, PHASE_MARKS.index(phase)] = T.call_extern("int64", "clock64")
 
         @T.macro
-        def select(Scores, Keys, Ends, Out, Clock=None):
+        def select(Scores, Keys, Ends, Out, Clock=None, Bounds=None):
             with T.Kernel(rows, threads=threads) as cta:
                 row = rows - 1 - cta if longest_first else cta
                 if min_ctas_per_sm:  # Python-level: caps the registers so that this many CTAs share an SM
@@ -375,6 +412,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 # compact_second_pass: a loop step's passing values (a bit each) and the one visited next
                 compact = (T.alloc_var(T.int32), T.alloc_var(T.int32)) if compact_second_pass else None
                 thread_bins = T.alloc_local((per_thread,), T.int32) if bins_in_registers else None
+                # `bounded`: the row's bound (-inf once dropped) and the values at or above it (0: not used)
+                bound = T.alloc_var(T.float32) if bounded else None
+                kept = T.alloc_var(T.int32) if bounded else None
                 values = T.alloc_local((unroll * vector,), T.float32)
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
                 source = (Scores, Keys, keys)
@@ -391,10 +431,28 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
 
                 # Level 1 over the whole row (from HBM).
                 clear_histogram(hist, tx)
-                for_each_key(source, row, tx, end, values, count_first_digit, hist)
-                mark(Clock, row, tx, "first pass")
-                if tx == 0 and end < width:  # the unread columns [end, width) are -inf
-                    T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
+                if bounded:  # Python-level: only the values at or above the row's bound, counted and kept
+                    bound = Bounds[row]
+                    kept = 0
+                    if bound > -T.infinity(T.float32):
+                        for_each_key(source, row, tx, end, values, count_and_keep,
+                                     (hist, counters, buffer_keys, buffer_cols, slot), bound, compact)
+                        T.sync_threads()
+                        kept = counters[2]
+                        T.sync_threads()  # every thread has read the count before it is reset
+                        if tx == 0:
+                            counters[2] = 0
+                        if kept < k:  # a bound above the k-th value: every value counted instead
+                            kept = 0
+                            bound = -T.infinity(T.float32)
+                            clear_histogram(hist, tx)
+                # every value counted (True at Python level: the plain program)
+                counts_every_value = (kept == 0) if bounded else True
+                if counts_every_value:
+                    for_each_key(source, row, tx, end, values, count_first_digit, hist)
+                    mark(Clock, row, tx, "first pass")
+                    if tx == 0 and end < width:  # the unread columns [end, width) are -inf
+                        T.atomic_add(hist[NEG_INF_KEY >> first_digit], width - end)
                 find_kth_bin(hist, suffix, found, tx, need, thread_bins)
                 prefix = T.cast(found[0], T.uint32)
                 need = need - found[1]
@@ -409,13 +467,21 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     # one float compare per value instead of its key (a few thousand of a row's values pass).
                     if value_filter:  # Python-level
                         floor = _lowest_value_with_key(prefix << first_digit)
-                    if not second_pass_writes:  # Python-level: the probe's reads and compares only
-                        passing[0] = 0
-                        for_each_key(source, row, tx, end, values, count_passing, (passing, prefix), floor)
-                        T.atomic_add(counters[1], passing[0])  # keeps the count (and so the pass) alive
+                    if bounded:  # Python-level: level 1 counted only the values at or above the bound (-inf: all)
+                        floor = T.max(floor, bound)
+                    # the row read again (True at Python level: the plain program); else every value at or above
+                    # the bound is in the buffer already
+                    reads_again = T.Or(kept == 0, kept > buffer) if bounded else True
+                    if reads_again:
+                        if not second_pass_writes:  # Python-level: the probe's reads and compares only
+                            passing[0] = 0
+                            for_each_key(source, row, tx, end, values, count_passing, (passing, prefix), floor)
+                            T.atomic_add(counters[1], passing[0])  # keeps the count (and so the pass) alive
+                        else:
+                            for_each_key(source, row, tx, end, values, write_or_buffer,
+                                         (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor, compact)
                     else:
-                        for_each_key(source, row, tx, end, values, write_or_buffer,
-                                     (Out, row, prefix, counters, buffer_keys, buffer_cols, slot), floor, compact)
+                        in_bin = kept
                     T.sync_threads()
                     mark(Clock, row, tx, "second pass", after_barrier=True)
                     for bits, high_shift in later_levels:  # unrolled in Python
@@ -495,6 +561,15 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 select(Scores, None, Ends, Out, Clock)
 
             return radix_topk_vector_clocked
+
+        if vector > 1 and bounded:
+            @T.prim_func
+            def radix_topk_vector_bounded(Scores: T.Tensor((rows, groups, vector), T.float32),
+                                          Ends: T.Tensor((rows,), T.int32), Bounds: T.Tensor((rows,), T.float32),
+                                          Out: T.Tensor((rows, k), T.int32)):
+                select(Scores, None, Ends, Out, Bounds=Bounds)
+
+            return radix_topk_vector_bounded
 
         if vector > 1:
             @T.prim_func

@@ -106,6 +106,74 @@ def test_prefill_rows_take_the_compact_second_pass_and_decode_rows_do_not():
     assert {**prefill, **plain}["compact_second_pass"] is False and {**prefill, **plain}["bins_in_registers"] is False
 
 
+def test_radix_topk_bounded_compiles_and_takes_the_bounds():
+    """`bounded=True` (opt-in): the vector programs of both scorer shapes take Bounds and compile; other programs
+    refuse it with a message naming what it needs."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.topk import FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk
+
+    for shape in (MANY_ROWS_VECTOR_SHAPE, FEW_ROWS_VECTOR_SHAPE):
+        source = build_radix_topk(2048, arch="sm_90a", bounded=True, **shape)().get_kernel_source()
+        assert "const float* __restrict__ Bounds" in source and "reads_again" in source
+    for options in (dict(), dict(vector=4, phase_clock=True), dict(vector=4, value_filter=False)):
+        with pytest.raises(ValueError, match="bounded is for the vector program"):
+            build_radix_topk(2048, bounded=True, **options)
+
+
+def test_group_maxima_bounds_stay_at_or_below_the_kth_value():
+    """The bound is the k-th largest of the groups' maxima before each row's end: at most the row's k-th value, at
+    least k values reach it, -inf for rows of fewer than k groups; exact on a row whose k largest lie one per group."""
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels.topk import group_maxima_bounds
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 5000, generator=generator)
+    ends = torch.tensor([5000, 4099, 2000, 4001])
+    bounds = group_maxima_bounds(scores, ends, 1000, 4)
+    for row, end in enumerate(ends.tolist()):
+        visible = scores[row, :end]
+        if -(-end // 4) < 1000:
+            assert bounds[row] == float("-inf")
+            continue
+        assert bounds[row] <= visible.topk(1000).values[-1] and int((visible >= bounds[row]).sum()) >= 1000
+    spread = torch.full((1, 4000), -1.0)
+    spread[0, ::4] = torch.arange(1000, dtype=torch.float32)  # one large value per group of 4
+    assert group_maxima_bounds(spread, torch.tensor([4000]), 1000, 4)[0] == 0.0  # the k-th value itself
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["many", "few"])
+def test_radix_topk_bounded_selects_the_same_set_with_any_bound(shape):
+    """`bounded=True` selects exactly the plain program's set whatever the bound: the group-maxima bound (rows read
+    once, or read again where more values reach it than the buffer holds), the k-th value itself, a bound below every
+    value (the buffer overflows), one above the k-th value (dropped), -inf; heavy ties; rows shorter than k."""
+    from transformers_misa.kernels.topk import (FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk,
+                                                group_maxima_bounds)
+
+    options = MANY_ROWS_VECTOR_SHAPE if shape == "many" else FEW_ROWS_VECTOR_SHAPE
+    width, k = 70000, 2048
+    generator = torch.Generator(device="cuda").manual_seed(len(shape))
+    scores = torch.randn(12, width, device="cuda", generator=generator)
+    scores[3] = (scores[3] * 4).round()  # heavy ties at the k-th value
+    ends = torch.tensor([width, 65536, 48000, 60000, 40000, 33000, 70000, 70000, 70000, 70000, 2047, 9000],
+                        device="cuda", dtype=torch.int32)
+    garbage = torch.arange(width, device="cuda") >= ends.unsqueeze(-1)
+    scores = scores.masked_fill(garbage, 1e30)  # never read
+    bounds = group_maxima_bounds(scores.masked_fill(garbage, float("-inf")), ends, k, 16)
+    truth = scores.masked_fill(garbage, float("-inf"))
+    bounds[6] = truth[6].topk(k).values[-1]  # exactly the k-th value
+    bounds[7] = -1e9  # below every value: everything kept, the buffer overflows
+    bounds[8] = truth[8].topk(k).values[-1] + 0.01  # above the k-th value: fewer than k reach it, dropped
+    bounds[9] = float("-inf")
+    expected = build_radix_topk(k)()(scores, ends)
+    got = build_radix_topk(k, bounded=True, **options)()(scores.view(12, -1, options["vector"]), ends,
+                                                         bounds.contiguous())
+    for row, end in enumerate(ends.tolist()):
+        assert {c for c in got[row].tolist() if c < end} == {c for c in expected[row].tolist() if c < end}, row
+        assert len(set(got[row].tolist())) == k, f"row {row}: repeated index"
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("options", [dict(vector=4, unroll=1, min_ctas_per_sm=4), dict(vector=4, unroll=2),
