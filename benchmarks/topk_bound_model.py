@@ -35,16 +35,28 @@ def row_scores(heads: int, num_keys: int, dim: int, generator: torch.Generator) 
     return (torch.relu(q @ keys.T) * weights[:, None]).sum(0)
 
 
-def kept_by_bound(row: torch.Tensor, group: int, k: int) -> int | None:
-    """Values >= the k-th largest maximum of the row's groups of `group` keys; None where the row has < k groups."""
+def first_level_floor(value: float) -> float:
+    """The lowest float of `value`'s first-level bin in the radix top-k (the top 12 bits of its order key): a bound a
+    top-k can find with one histogram of the group maxima, without selecting their exact k-th value."""
+    bits = int(torch.tensor([value], dtype=torch.float32).view(torch.int32))
+    key = (bits + 2**31) if bits >= 0 else (2**31 - (bits & 0x7FFFFFFF))  # `topk._order_key`
+    low = key & ~(2**20 - 1)  # the bin's lowest key
+    magnitude = low - 2**31 if low >= 2**31 else 2**31 - low
+    floor = torch.tensor([magnitude], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+    return floor if low >= 2**31 else -floor
+
+
+def kept_by_bound(row: torch.Tensor, group: int, k: int, bin_floor: bool = False) -> int | None:
+    """Values >= the k-th largest maximum of the row's groups of `group` keys (`bin_floor`: >= the lowest float of
+    its first-level bin); None where the row has < k groups."""
     groups = row.numel() // group
     if groups < k:
         return None
     maxima = row[: groups * group].view(groups, group).amax(1)
     if row.numel() > groups * group:  # a partial last group is a group too
         maxima = torch.cat([maxima, row[groups * group:].amax().view(1)])
-    bound = maxima.topk(k).values[-1]
-    return int((row >= bound).sum())
+    bound = float(maxima.topk(k).values[-1])
+    return int((row >= (first_level_floor(bound) if bin_floor else bound)).sum())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,17 +66,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--contexts", default="65536,131072")
     parser.add_argument("--group", type=int, default=16)
     parser.add_argument("--buffer", type=int, default=4096)
+    parser.add_argument("--bin-floor", action="store_true",
+                        help="the bound lowered to the first-level bin floor of the k-th group maximum")
     parser.add_argument("--rows", type=int, default=3, help="random rows per length (the median is reported)")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
-    results = {"group": args.group, "buffer": args.buffer, "topk": TOPK, "heads": {}}
+    results = {"group": args.group, "buffer": args.buffer, "bin_floor": args.bin_floor, "topk": TOPK, "heads": {}}
     for heads in (int(h) for h in args.heads.split(",")):
         generator = torch.Generator().manual_seed(heads)
         kept = {}
         for length in lengths:
-            counts = [kept_by_bound(row_scores(heads, length, args.dim, generator), args.group, TOPK)
+            counts = [kept_by_bound(row_scores(heads, length, args.dim, generator), args.group, TOPK, args.bin_floor)
                       for _ in range(args.rows)]
             kept[length] = None if counts[0] is None else sorted(counts)[len(counts) // 2]
             print(f"H={heads:>2} row of {length:>6} keys: {kept[length]} values at or above the bound", flush=True)

@@ -316,6 +316,10 @@ def test_topk_bound_model_keeps_at_least_k_and_no_bound_for_short_rows(capsys):
     assert model.TOPK <= kept_long < kept_short
     ascending = torch.arange(32768, dtype=torch.float32)  # exactly k groups: the bound is the first group's maximum
     assert model.kept_by_bound(ascending, 16, model.TOPK) == 16 * (model.TOPK - 1) + 1
+    for value, floor in ((4.55, 4.5), (-2.2943, -2.5), (35.73, 32.0), (-0.0, 0.0), (6.5, 6.5)):
+        assert model.first_level_floor(value) == floor  # the lowest float of the value's 12-bit order-key bin
+    loose = model.kept_by_bound(row, 16, model.TOPK, bin_floor=True)
+    assert loose >= kept_long
     results = model.main(["--heads", "8", "--lengths", "16384,40960", "--contexts", "65536", "--rows", "1"])
     kept = results["heads"][8]["kept"]
     assert kept[16384] is None and kept[40960] >= model.TOPK
