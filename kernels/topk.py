@@ -142,7 +142,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     `longest_first`: the CTAs take the rows last to first (a causal prefill's last rows are its longest, and the
     logits program with its own `longest_first` writes them first); the same selection.
     `bounded` (opt-in, vector > 1): the program also takes Bounds [rows] fp32, each at most its row's k-th value
-    (-inf: none), e.g. the k-th largest of the row's maxima over groups of keys (`benchmarks/topk_bound_model.py`).
+    (-inf: none), e.g. the k-th largest of the row's maxima over groups of keys (`group_maxima_bounds`).
     The first pass then counts and keeps in shared memory only the values at or above the bound; where they all fit
     the buffer, the finer levels and the output run on them and the row is read once instead of twice. A bound that
     keeps fewer than k values (above the k-th value: the caller's mistake) is dropped for a plain first pass; one that
