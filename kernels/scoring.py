@@ -69,7 +69,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                staged_stores: bool | None = None, rows_per_cta: int = ROWS_PER_CTA,
                                fp8: bool = False, capacity: int = 0, interleaved: bool = False,
                                overlapped: bool = False, explicit_wgmma_wait: bool = True, store_buffers: int = 1,
-                               longest_first: bool = False, arch: str | None = None):
+                               longest_first: bool = False, group_max: int = 0, arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `staged_stores` (default: for 16 heads or fewer) writes each tile's logits through shared memory with one bulk
@@ -98,6 +98,10 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     `longest_first`: the CTAs take the query blocks last to first. In a causal prefill the last queries see the most
     keys, and the GPU starts CTAs in launch order, so the longest run first and the shortest fill the launch's last
     wave instead of leaving SMs idle while the longest finish (the same logits).
+    `group_max` > 0 (opt-in, dense programs; a divisor of block_n): the program also takes GroupMax [B, S,
+    ceil(num_keys / group_max)] fp32 and writes, per query, the largest logit of each group of `group_max` keys it can
+    see (-inf for none) over the tiles it computes: the groups before each query's end are all written, those past
+    the CTA's last tile are not. `topk.build_radix_topk(bound_from_maxima=...)` takes its bound from them.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     if overlapped and (fp8 or capacity):
@@ -108,6 +112,9 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     if capacity and (fp8 or key_splits != 1 or capacity % block_n):
         raise ValueError("the candidate variant is bf16 with key_splits=1 (its counters live in one CTA) and a "
                          f"capacity that is a multiple of block_n={block_n}")
+    if group_max and (capacity or fp8 or block_n % group_max):
+        raise ValueError(f"group_max is for the bf16 dense programs and must divide block_n={block_n}; got "
+                         f"group_max={group_max}, fp8={fp8}, capacity={capacity}")
     if interleaved and (fp8 or capacity or not can_interleave(heads, rows_per_cta, threads)):
         raise ValueError(f"the interleaved layout is for the bf16 dense programs with 256 threads and an even number "
                          f"of heads dividing rows_per_cta / 8 (128 or 256 rows per CTA); got heads={heads}, fp8={fp8}, "
@@ -133,7 +140,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             """One key tile's scores [block_n, rows] -> ReLU, head weights, head sum, then the tile's logits out (or
             its candidates appended): the same for both loop drivers."""
             (Logits, KScale, CandVal, CandKey, bb, q0, weights, logits, head_pairs, logits_shared, ks_local, ke_local,
-             theta, appended) = buffers
+             theta, appended, GroupMax, masked, maxima) = buffers
             for n, r in T.Parallel(block_n, rows):
                 scores[n, r] = T.max(scores[n, r], 0.0) * weights[r]
             if interleaved:  # Python-level: each (key, query) sums its heads within one thread
@@ -146,6 +153,15 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             if fp8:  # Python-level: each key's scale, after the head sum (read from global: no pipelining)
                 for n, i in T.Parallel(block_n, block_q):
                     logits[n, i] = logits[n, i] * KScale[bb, T.min(tile * block_n + n, num_keys - 1)]
+            if group_max:  # Python-level: each group's largest visible logit per query
+                for n, i in T.Parallel(block_n, block_q):
+                    key = tile * block_n + n
+                    masked[n, i] = T.if_then_else(key >= ks_local[i] and key < ke_local[i], logits[n, i],
+                                                  -T.infinity(T.float32))
+                T.reduce_max(T.reshape(masked, (block_n // group_max, group_max, block_q)), maxima, dim=1, clear=True)
+                for g, i in T.Parallel(block_n // group_max, block_q):
+                    if q0 + i < num_queries:
+                        GroupMax[bb, q0 + i, tile * (block_n // group_max) + g] = maxima[g, i]
             if capacity:
                 # Staged in shared memory, then each thread scans its own (query, key residue) segment.
                 for i, n in T.Parallel(block_q, block_n):
@@ -242,7 +258,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             T.barrier_arrive(empty[step % num_stages])
 
         @T.macro
-        def logits_body(Q, K, KScale, W, KS, KE, Logits, Theta=None, CandVal=None, CandKey=None, Count=None):
+        def logits_body(Q, K, KScale, W, KS, KE, Logits, Theta=None, CandVal=None, CandKey=None, Count=None,
+                        GroupMax=None):
             cta_threads = threads + 128 if overlapped else threads  # overlapped: plus the producer warpgroup
             with T.Kernel(T.ceildiv(num_queries, block_q), batch, key_splits, threads=cta_threads) as (bq, bb, split):
                 q_shared = T.alloc_shared((rows, dim), qk_dtype)
@@ -260,8 +277,10 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 appended = T.alloc_fragment((block_q, segments), T.int32) if capacity else None  # one per thread
                 ke_max = T.alloc_var(T.int32)
                 q0 = ((T.ceildiv(num_queries, block_q) - 1 - bq) if longest_first else bq) * block_q
+                masked = T.alloc_fragment((block_n, block_q), T.float32) if group_max else None
+                maxima = T.alloc_fragment((block_n // max(group_max, 1), block_q), T.float32) if group_max else None
                 buffers = (Logits, KScale, CandVal, CandKey, bb, q0, weights, logits, head_pairs, logits_shared,
-                           ks_local, ke_local, theta, appended)
+                           ks_local, ke_local, theta, appended, GroupMax, masked, maxima)
                 ke_max = 0
                 for i in T.serial(block_q):
                     ke_max = T.max(ke_max, T.if_then_else(q0 + i < num_queries,
@@ -362,6 +381,20 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 Logits: T.Tensor((batch, num_queries, num_keys), T.float32),
             ):
                 logits_body(Q, K, KScale, W, KS, KE, Logits)
+        elif group_max:
+            groups = T.dynamic("groups")
+
+            @T.prim_func
+            def weighted_relu_logits(
+                Q: T.Tensor((batch, num_queries * heads, dim), T.bfloat16),
+                K: T.Tensor((batch, num_keys, dim), T.bfloat16),
+                W: T.Tensor((batch, num_queries, heads), T.float32),
+                KS: T.Tensor((batch, num_queries), T.int32),
+                KE: T.Tensor((batch, num_queries), T.int32),
+                GroupMax: T.Tensor((batch, num_queries, groups), T.float32),
+                Logits: T.Tensor((batch, num_queries, num_keys), T.float32),
+            ):
+                logits_body(Q, K, None, W, KS, KE, Logits, GroupMax=GroupMax)
         else:
             @T.prim_func
             def weighted_relu_logits(

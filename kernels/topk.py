@@ -114,7 +114,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
                      caller_allocates_out: bool = False, vector: int = 1, compact_second_pass: bool = False,
                      bins_in_registers: bool = False, phase_clock: bool = False, second_pass_writes: bool = True,
-                     longest_first: bool = False, bounded: bool = False, arch: str | None = None):
+                     longest_first: bool = False, bounded: bool = False, maxima_group: int = 0,
+                     arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -148,6 +149,10 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     keeps fewer than k values (above the k-th value: the caller's mistake) is dropped for a plain first pass; one that
     keeps more than the buffer holds leaves the second pass to read the row, comparing with the bound too. The same
     selection as without it.
+    `maxima_group` > 0 (bounded, with its bound found in the program): instead of Bounds the program takes GroupMax
+    [rows, groups] fp32, each row's maxima over groups of `maxima_group` columns before its end (written by the logits
+    program with `group_max`; groups from ceil(end / maxima_group) on are not read). The bound is the lowest float of
+    the first-level bin holding the k-th largest maximum (one histogram of the maxima; -inf for fewer than k groups).
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
@@ -155,6 +160,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
         raise ValueError("compact_second_pass is for the plain top-k (with_keys=False)")
     if phase_clock and vector == 1:
         raise ValueError("phase_clock probes the vector program (vector > 1)")
+    bounded = bounded or maxima_group > 0
     if bounded and (vector == 1 or phase_clock or not value_filter):
         raise ValueError("bounded is for the vector program (vector > 1) with the value filter, without phase_clock")
     if not second_pass_writes and not phase_clock:
@@ -175,6 +181,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                                 tilelang.PassConfigKey.TL_DISABLE_SAFE_MEMORY_ACCESS: True})
     def program():
         rows = T.dynamic("rows")
+        maxima_width = T.dynamic("maxima_width") if maxima_group else None  # GroupMax's width (`maxima_group`)
         if vector > 1:  # Python-level: Scores as [rows, width / vector, vector], one wide load per group
             groups = T.dynamic("groups")
             width = groups * vector
@@ -386,7 +393,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     Clock[row, PHASE_MARKS.index(phase)] = T.call_extern("int64", "clock64")
 
         @T.macro
-        def select(Scores, Keys, Ends, Out, Clock=None, Bounds=None):
+        def select(Scores, Keys, Ends, Out, Clock=None, Bounds=None, GroupMax=None):
             with T.Kernel(rows, threads=threads) as cta:
                 row = rows - 1 - cta if longest_first else cta
                 if min_ctas_per_sm:  # Python-level: caps the registers so that this many CTAs share an SM
@@ -429,10 +436,23 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     counters[2] = 0
                 mark(Clock, row, tx, "start")
 
+                if maxima_group:  # Python-level: the bound from the row's group maxima (one histogram of them)
+                    bound = -T.infinity(T.float32)
+                    visible_groups = T.min(T.ceildiv(end, maxima_group), maxima_width)
+                    if visible_groups >= k:
+                        clear_histogram(hist, tx)
+                        for i in T.serial(T.ceildiv(visible_groups, threads)):
+                            if i * threads + tx < visible_groups:
+                                T.atomic_add(hist[T.cast(_order_key(GroupMax[row, i * threads + tx]) >> first_digit,
+                                                         T.int32)], 1)
+                        find_kth_bin(hist, suffix, found, tx, k, thread_bins)
+                        bound = _lowest_value_with_key(T.cast(found[0], T.uint32) << first_digit)
+
                 # Level 1 over the whole row (from HBM).
                 clear_histogram(hist, tx)
                 if bounded:  # Python-level: only the values at or above the row's bound, counted and kept
-                    bound = Bounds[row]
+                    if not maxima_group:  # Python-level: the caller's bound
+                        bound = Bounds[row]
                     kept = 0
                     if bound > -T.infinity(T.float32):
                         for_each_key(source, row, tx, end, values, count_and_keep,
@@ -561,6 +581,16 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 select(Scores, None, Ends, Out, Clock)
 
             return radix_topk_vector_clocked
+
+        if vector > 1 and maxima_group:
+            @T.prim_func
+            def radix_topk_vector_maxima(Scores: T.Tensor((rows, groups, vector), T.float32),
+                                         Ends: T.Tensor((rows,), T.int32),
+                                         GroupMax: T.Tensor((rows, maxima_width), T.float32),
+                                         Out: T.Tensor((rows, k), T.int32)):
+                select(Scores, None, Ends, Out, GroupMax=GroupMax)
+
+            return radix_topk_vector_maxima
 
         if vector > 1 and bounded:
             @T.prim_func

@@ -76,6 +76,13 @@ TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-single-run-tail-means",
     route=functools.partial(tilelang_route, tail_mean_segments=1))
 
+# The top-k reading each row once where it can (opt-in, not yet measured): the logits program also writes each
+# query's maxima over groups of 8 keys, and the top-k takes its bound from them (`topk.build_radix_topk(maxima_group)`,
+# `benchmarks/topk_bound_model.py`). Both methods alike, so DSA-64's top-k gains what MISA-8's does.
+TILELANG_ONE_READ_TOPK_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-one-read-topk",
+    fused_select=functools.partial(tilelang_select_tokens, maxima_group=8))
+
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.
 TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-budget-chunks", wave_queries=None)

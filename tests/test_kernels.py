@@ -122,6 +122,29 @@ def test_fused_select_matches_reference(batch, num_queries, num_keys, heads, k, 
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch,num_queries,num_keys,heads,pads", [
+    (1, 8448, 20000, 8, [0]),  # MISA-8's prefill programs (interleaved, 256-row CTAs, overlapped, staged stores)
+    (1, 1100, 30000, 64, [0]),  # DSA-64's (256-row CTAs, overlapped)
+    (1, 1200, 40000, 8, [0]),  # too few queries to fill the GPU: key tiles split over CTAs
+    (2, 700, 30000, 64, [0, 500]),  # the same with 64 heads, left padding (groups before it hold -inf)
+    (1, 2100, 20000, 32, [0]),  # GLM-5's 32 heads; rows of ~18K-20K keys: about as many groups as k
+])
+@pytest.mark.parametrize("group", [8, 16])
+def test_fused_select_with_the_logits_group_maxima_selects_the_same(batch, num_queries, num_keys, heads, pads, group):
+    """`maxima_group` (the logits program's group maxima bounding a top-k that reads rows once): exactly the default
+    fused select's keys (every row sees at least k keys: no fill-up columns, whose choice is the atomics')."""
+    from transformers_misa.kernels.scorer import tilelang_select_tokens
+
+    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=11)
+    mask = _padded_causal_mask(batch, num_queries, num_keys, pads)
+    chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
+    ours = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, 2048)
+    once = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, 2048, maxima_group=group)
+    assert torch.equal(once.sort(-1).values, ours.sort(-1).values)
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("batch,num_queries,num_keys,heads,block_size,pads", [
     (1, 33, 33, 64, 16, [0]),
     (2, 200, 1000, 64, 128, [0, 300]),

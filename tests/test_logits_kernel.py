@@ -251,6 +251,46 @@ def _assert_quad_stores_fenced(source: str) -> None:
     assert after < store < wait, "the bulk store must follow the barrier after the writes and be waited for"
 
 
+@pytest.mark.parametrize("heads,wide", [(8, True), (64, False)])
+def test_group_maxima_compile_beside_the_logits(heads, wide):
+    """`group_max` (opt-in): the MISA-8 and DSA-64 prefill programs also write each query's group maxima (a max over
+    the lanes holding a group's keys); refused for FP8, the candidate variant and groups not dividing the tile."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.scorer import logits_options
+    from transformers_misa.kernels.scoring import build_weighted_relu_logits
+
+    options = logits_options(heads, 1, 65536, 65536, 132, False, interleaved=True, wide_few_heads=wide)
+    source = build_weighted_relu_logits(heads, 128, arch="sm_90a", group_max=8, **options)().get_kernel_source()
+    assert "float* __restrict__ GroupMax" in source and "AllReduce<tl::MaxOp" in source
+    for bad in (dict(fp8=True), dict(capacity=1024, fill_future=False, staged_stores=False), dict(block_n=64,
+                                                                                                  group_max=48)):
+        with pytest.raises(ValueError, match="group_max"):
+            build_weighted_relu_logits(heads, 128, **{"group_max": 8, **bad})
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,num_queries,num_keys,pads", [(8, 1200, 40000, [0]), (64, 300, 9000, [0, 700])])
+@pytest.mark.parametrize("group", [8, 16])
+def test_group_maxima_are_the_largest_visible_logit_of_each_group(heads, num_queries, num_keys, pads, group):
+    """The logits program's group maxima equal the maxima of its own logits over each group of `group` keys a query
+    can see (-inf for groups with none), for every group before the query's end."""
+    from transformers_misa.kernels.scorer import _logits
+
+    batch = len(pads)
+    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=5)
+    mask = _padded_causal_mask(batch, num_queries, num_keys, pads)
+    ks, ke, _ = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device).key_range
+    logits, maxima = _logits(q, weights, keys, ks, ke, 128**-0.5, fill_future=False, group_max=group)
+    columns = torch.arange(num_keys, device="cuda")
+    visible = (columns >= ks.unsqueeze(-1)) & (columns < ke.unsqueeze(-1))
+    padded = -(-num_keys // group) * group
+    expected = torch.nn.functional.pad(logits.masked_fill(~visible, float("-inf")), (0, padded - num_keys),
+                                       value=float("-inf")).view(batch, num_queries, -1, group).amax(-1)
+    written = torch.arange(expected.shape[-1], device="cuda") < (ke.unsqueeze(-1) + group - 1) // group
+    assert torch.equal(maxima[written], expected[written])
+
+
 @pytest.mark.parametrize("heads,rows_per_cta", [(2, 128), (4, 128), (8, 128), (16, 128), (4, 256), (8, 256),
                                                  (16, 256), (32, 256)])
 def test_interleaved_layout_puts_whole_queries_in_one_thread(heads, rows_per_cta):

@@ -118,6 +118,8 @@ def test_radix_topk_bounded_compiles_and_takes_the_bounds():
     for options in (dict(), dict(vector=4, phase_clock=True), dict(vector=4, value_filter=False)):
         with pytest.raises(ValueError, match="bounded is for the vector program"):
             build_radix_topk(2048, bounded=True, **options)
+    source = build_radix_topk(2048, arch="sm_90a", maxima_group=8, **MANY_ROWS_VECTOR_SHAPE)().get_kernel_source()
+    assert "const float* __restrict__ GroupMax" in source and "Bounds" not in source  # the bound found in the program
 
 
 def test_group_maxima_bounds_stay_at_or_below_the_kth_value():
