@@ -128,6 +128,7 @@ def test_fused_select_matches_reference(batch, num_queries, num_keys, heads, k, 
     (1, 1200, 40000, 8, [0]),  # too few queries to fill the GPU: key tiles split over CTAs
     (2, 700, 30000, 64, [0, 500]),  # the same with 64 heads, left padding (groups before it hold -inf)
     (1, 2100, 20000, 32, [0]),  # GLM-5's 32 heads; rows of ~18K-20K keys: about as many groups as k
+    (8, 4, 30000, 8, [0] * 8),  # a decode step (4 speculative queries): the decode programs, wide top-k CTAs
 ])
 @pytest.mark.parametrize("group", [8, 16])
 def test_fused_select_with_the_logits_group_maxima_selects_the_same(batch, num_queries, num_keys, heads, pads, group):
