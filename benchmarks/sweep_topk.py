@@ -10,7 +10,9 @@ cache). The logits come from the 8-head logits program on random inputs. Each va
 default's set (ties break alike); its time is reported with the bandwidth of one read of the visible columns.
 Compiles run in parallel processes first. The `*_bounded*` variants (`build_radix_topk(bounded=True)`) take each row's
 bound from `group_maxima_bounds` over groups of 16 or 8 columns, computed in PyTorch before the timed calls: their
-times leave out what producing the bound would cost (the most a bound from the logits program could give).
+times leave out what producing the bound would cost (the most a bound from the logits program could give). The
+`*_maxima8` variant (`maxima_group=8`) takes the group maxima instead (computed beforehand, as the logits program
+would write them) and finds its bound itself: the top-k's whole share of the one-read path.
 
     python benchmarks/sweep_topk.py --out benchmarks/results
 """
@@ -26,7 +28,7 @@ from gpu_timing import cuda_time_ms, environment
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
 from transformers_misa.kernels.topk import (BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, UNROLL, build_radix_topk,
-                                            group_maxima_bounds)
+                                            group_maxima, group_maxima_bounds)
 
 VARIANTS = {  # name -> build options
     "default": {},
@@ -77,6 +79,9 @@ VARIANTS = {  # name -> build options
     "many_rows_vector4_unroll1_compact_bins_bounded8": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
                                                             compact_second_pass=True, bins_in_registers=True,
                                                             bounded=True),
+    "many_rows_vector4_unroll1_compact_bins_maxima8": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
+                                                           compact_second_pass=True, bins_in_registers=True,
+                                                           maxima_group=8),
     # three CTAs per SM (40 registers): the compact second pass without the spills it has at four (32 registers:
     # 16 B spill stores, 96 B spill loads per thread, nvcc -Xptxas -v)
     "many_rows_ctas3_vector4_unroll1_compact_bins": dict(MANY_ROWS_SHAPE, min_ctas_per_sm=3, vector=4, unroll=1,
@@ -165,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
                     row["bound_group"] = BOUND_GROUPS[name]
                     extra = (group_maxima_bounds(scores, ends, TOPK, BOUND_GROUPS[name]),)
                     row["rows_read_once"] = rows_read_once(scores, ends, extra[0], options.get("buffer", BUFFER))
+                elif options.get("maxima_group"):  # the group maxima, untimed (the logits program writes them)
+                    extra = (group_maxima(scores, ends, options["maxima_group"]),)
                 row["same_selection"] = bool(torch.equal(visible_picks(kernel(rows_in, ends, *extra), ends), expected))
                 row["ms"] = cuda_time_ms(lambda: kernel(rows_in, ends, *extra), args.reps, before=before)
                 row["GB_per_s_one_read"] = read_gb / row["ms"] * 1e3

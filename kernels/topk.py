@@ -93,19 +93,24 @@ def _order_key(value):
     return T.reinterpret(signed_magnitude, T.uint32) + T.uint32(0x80000000)
 
 
-def group_maxima_bounds(scores: torch.Tensor, ends: torch.Tensor, k: int, group: int) -> torch.Tensor:
-    """Bounds [rows] fp32 for `build_radix_topk(bounded=True)`: the k-th largest of each row's maxima over groups of
-    `group` consecutive columns before its end (each of k groups holds a value at or above it, so it is at most the
-    row's k-th value); -inf for a row of fewer than k groups. In PyTorch, from the logits (the logits program does not
-    write group maxima yet); scores [rows, width] fp32, ends [rows]."""
+def group_maxima(scores: torch.Tensor, ends: torch.Tensor, group: int) -> torch.Tensor:
+    """Each row's maxima over groups of `group` consecutive columns before its end (-inf for none): [rows,
+    ceil(width / group)] fp32, what the logits program writes with `group_max`. In PyTorch; scores [rows, width]."""
     rows, width = scores.shape
     padded = -(-width // group) * group
     columns = torch.arange(padded, device=scores.device)
     visible = torch.nn.functional.pad(scores, (0, padded - width), value=float("-inf"))
     visible = visible.masked_fill(columns >= ends.reshape(-1, 1), float("-inf"))
-    maxima = visible.view(rows, padded // group, group).amax(-1)
+    return visible.view(rows, padded // group, group).amax(-1)
+
+
+def group_maxima_bounds(scores: torch.Tensor, ends: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """Bounds [rows] fp32 for `build_radix_topk(bounded=True)`: the k-th largest of each row's `group_maxima` (each of
+    k groups holds a value at or above it, so it is at most the row's k-th value); -inf for a row of fewer than k
+    groups. In PyTorch; scores [rows, width] fp32, ends [rows]."""
+    maxima = group_maxima(scores, ends, group)
     if maxima.shape[1] < k:
-        return torch.full((rows,), float("-inf"), device=scores.device)
+        return torch.full((scores.shape[0],), float("-inf"), device=scores.device)
     return maxima.topk(k, dim=-1).values[:, -1].contiguous()  # -inf where fewer than k groups are visible
 
 

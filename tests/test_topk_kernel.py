@@ -149,9 +149,10 @@ def test_group_maxima_bounds_stay_at_or_below_the_kth_value():
 def test_radix_topk_bounded_selects_the_same_set_with_any_bound(shape):
     """`bounded=True` selects exactly the plain program's set whatever the bound: the group-maxima bound (rows read
     once, or read again where more values reach it than the buffer holds), the k-th value itself, a bound below every
-    value (the buffer overflows), one above the k-th value (dropped), -inf; heavy ties; rows shorter than k."""
+    value (the buffer overflows), one above the k-th value (dropped), -inf; heavy ties; rows shorter than k. So does
+    `maxima_group`, which finds its bound from the rows' group maxima."""
     from transformers_misa.kernels.topk import (FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk,
-                                                group_maxima_bounds)
+                                                group_maxima, group_maxima_bounds)
 
     options = MANY_ROWS_VECTOR_SHAPE if shape == "many" else FEW_ROWS_VECTOR_SHAPE
     width, k = 70000, 2048
@@ -171,9 +172,14 @@ def test_radix_topk_bounded_selects_the_same_set_with_any_bound(shape):
     expected = build_radix_topk(k)()(scores, ends)
     got = build_radix_topk(k, bounded=True, **options)()(scores.view(12, -1, options["vector"]), ends,
                                                          bounds.contiguous())
+    # the bound found by the program from the rows' group maxima (`maxima_group`), as the logits program writes them
+    maxima = group_maxima(truth, ends, 8)
+    from_maxima = build_radix_topk(k, maxima_group=8, **options)()(scores.view(12, -1, options["vector"]), ends,
+                                                                    maxima)
     for row, end in enumerate(ends.tolist()):
-        assert {c for c in got[row].tolist() if c < end} == {c for c in expected[row].tolist() if c < end}, row
-        assert len(set(got[row].tolist())) == k, f"row {row}: repeated index"
+        for picked in (got, from_maxima):
+            assert {c for c in picked[row].tolist() if c < end} == {c for c in expected[row].tolist() if c < end}, row
+            assert len(set(picked[row].tolist())) == k, f"row {row}: repeated index"
 
 
 @gpu
