@@ -213,9 +213,9 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
             interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS,
             longest_first: bool | None = LONGEST_FIRST, group_max: int = 0):
     """Logits [B, S, T] fp32 by the TileLang program (with `group_max`: and each query's group maxima [B, S,
-    ceil(T / group_max)], see `scoring.build_weighted_relu_logits`); `interleaved`: the head sum in registers wherever that layout
-    applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: each
-    tile's epilogue runs beside the next tile's matmul where `logits_options` takes it; `wide_few_heads`: 4-16
+    ceil(T / group_max)], see `scoring.build_weighted_relu_logits`); `interleaved`: the head sum in registers wherever
+    that layout applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`:
+    each tile's epilogue runs beside the next tile's matmul where `logits_options` takes it; `wide_few_heads`: 4-16
     interleaved heads in 256-row CTAs (see WIDE_FEW_HEADS_MIN) where a prefill has a whole such block;
     `interleaved_many_heads`: 32 heads interleaved in the wide CTAs too (a call whose keys are split over 128-row
     CTAs keeps the plain layout). See `query_layout`. `longest_first`: see `logits_options`."""

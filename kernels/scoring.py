@@ -101,7 +101,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     `group_max` > 0 (opt-in, dense programs; a divisor of block_n): the program also takes GroupMax [B, S,
     ceil(num_keys / group_max)] fp32 and writes, per query, the largest logit of each group of `group_max` keys it can
     see (-inf for none) over the tiles it computes: the groups before each query's end are all written, those past
-    the CTA's last tile are not. `topk.build_radix_topk(bound_from_maxima=...)` takes its bound from them.
+    the CTA's last tile are not. `topk.build_radix_topk(maxima_group=...)` takes its bound from them.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     if overlapped and (fp8 or capacity):
@@ -278,7 +278,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 ke_max = T.alloc_var(T.int32)
                 q0 = ((T.ceildiv(num_queries, block_q) - 1 - bq) if longest_first else bq) * block_q
                 masked = T.alloc_fragment((block_n, block_q), T.float32) if group_max else None
-                maxima = T.alloc_fragment((block_n // max(group_max, 1), block_q), T.float32) if group_max else None
+                maxima = T.alloc_fragment((block_n // group_max, block_q), T.float32) if group_max else None
                 buffers = (Logits, KScale, CandVal, CandKey, bb, q0, weights, logits, head_pairs, logits_shared,
                            ks_local, ke_local, theta, appended, GroupMax, masked, maxima)
                 ke_max = 0
