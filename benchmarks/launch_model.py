@@ -46,12 +46,15 @@ def excess(context: int, heads: int, sms: int, order: str) -> float:
                                  TILELANG_SCORER.chunk_budget,
                                  multiple=math.lcm(wave, TILELANG_SCORER.query_multiple),
                                  remainder_first=order == "remainder_first")
+
+    def cta_lengths(queries: range) -> list[int]:  # each CTA's visible keys (its last query's) plus its fixed cost
+        return [min(start + per_cta, context) + CTA_FIXED_KEYS for start in queries[::per_cta]]
+
     total = 0.0
     for chunk in chunks:
-        blocks = [min(start + per_cta, context) + CTA_FIXED_KEYS for start in range(chunk.start, chunk.stop, per_cta)]
+        blocks = cta_lengths(range(chunk.start, chunk.stop))
         total += launch_time(blocks[::-1] if order == "longest_first" else blocks, sms)
-    even = sum(min(start + per_cta, context) + CTA_FIXED_KEYS for start in range(0, context, per_cta)) / sms
-    return total / even - 1
+    return total / (sum(cta_lengths(range(context))) / sms) - 1
 
 
 ORDERS = ("forward", "longest_first", "remainder_first")

@@ -22,7 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import torch
+
+from topk_conflicts import order_keys  # this folder's model of the first pass
+from transformers_misa.kernels.topk import group_maxima_bounds
 
 TOPK = 2048
 
@@ -38,9 +42,7 @@ def row_scores(heads: int, num_keys: int, dim: int, generator: torch.Generator) 
 def first_level_floor(value: float) -> float:
     """The lowest float of `value`'s first-level bin in the radix top-k (the top 12 bits of its order key): a bound a
     top-k can find with one histogram of the group maxima, without selecting their exact k-th value."""
-    bits = int(torch.tensor([value], dtype=torch.float32).view(torch.int32))
-    key = (bits + 2**31) if bits >= 0 else (2**31 - (bits & 0x7FFFFFFF))  # `topk._order_key`
-    low = key & ~(2**20 - 1)  # the bin's lowest key
+    low = int(order_keys(np.array([value]))[0]) & ~(2**20 - 1)  # the bin's lowest key
     magnitude = low - 2**31 if low >= 2**31 else 2**31 - low
     floor = torch.tensor([magnitude], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
     return floor if low >= 2**31 else -floor
@@ -49,13 +51,9 @@ def first_level_floor(value: float) -> float:
 def kept_by_bound(row: torch.Tensor, group: int, k: int, bin_floor: bool = False) -> int | None:
     """Values >= the k-th largest maximum of the row's groups of `group` keys (`bin_floor`: >= the lowest float of
     its first-level bin); None where the row has < k groups."""
-    groups = row.numel() // group
-    if groups < k:
+    if row.numel() // group < k:  # fewer than k whole groups
         return None
-    maxima = row[: groups * group].view(groups, group).amax(1)
-    if row.numel() > groups * group:  # a partial last group is a group too
-        maxima = torch.cat([maxima, row[groups * group:].amax().view(1)])
-    bound = float(maxima.topk(k).values[-1])
+    bound = float(group_maxima_bounds(row.view(1, -1), torch.tensor([row.numel()]), k, group)[0])
     return int((row >= (first_level_floor(bound) if bin_floor else bound)).sum())
 
 

@@ -309,6 +309,7 @@ def test_topk_bound_model_keeps_at_least_k_and_no_bound_for_short_rows(capsys):
     """The CPU model of a one-read top-k's bound (the k-th largest of a row's group maxima): it never keeps fewer than
     k values (every one of the k groups has its maximum at or above it), gives no bound to rows of fewer than k
     groups, and keeps fewer values the longer the row."""
+    pytest.importorskip("tilelang", reason="the model takes the top-k's group_maxima_bounds")
     model = _load("topk_bound_model")
     row = torch.randn(64 * 1024, generator=torch.Generator().manual_seed(0))
     assert model.kept_by_bound(row[: 16 * model.TOPK - 1], 16, model.TOPK) is None
