@@ -213,7 +213,7 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
             interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS,
             longest_first: bool | None = LONGEST_FIRST, group_max: int = 0):
     """Logits [B, S, T] fp32 by the TileLang program (with `group_max`: and each query's group maxima [B, S,
-    ceil(T / group_max)], see `scoring.build_weighted_relu_logits`); `interleaved`: the head sum in registers wherever
+    ceil(T / group_max) padded to a multiple of 4], see `scoring.build_weighted_relu_logits`); `interleaved`: the head sum in registers wherever
     that layout applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`:
     each tile's epilogue runs beside the next tile's matmul where `logits_options` takes it; `wide_few_heads`: 4-16
     interleaved heads in 256-row CTAs (see WIDE_FEW_HEADS_MIN) where a prefill has a whole such block;
@@ -247,8 +247,9 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     interleaved = options["interleaved"]
     kernel = build_weighted_relu_logits(heads, dim, group_max=group_max, **options)()
     extra = ()
-    if group_max:  # written in place by the program (the groups past each query's end are left unwritten)
-        extra = (torch.empty(batch, num_queries, -(-keys.shape[1] // group_max), device=q.device),)
+    if group_max:  # written in place by the program (the groups past each query's end are left unwritten); a
+        # multiple of 4 wide, the row stride of a bulk store
+        extra = (torch.empty(batch, num_queries, -(-keys.shape[1] // (4 * group_max)) * 4, device=q.device),)
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
     weights = weights.float() * softmax_scale
     if fp8:
@@ -390,7 +391,7 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
     out [..., k]: written in place and returned where the kernel runs and `out` is a contiguous int32 tensor (a
     query chunk's slice of the whole output: no copy afterwards); otherwise a new tensor comes back.
     options: build options of the program beyond the shape `radix_shape` picks (e.g. value_filter=False).
-    maxima [..., ceil(width / maxima_group)]: each row's group maxima (`_logits` with `group_max`), for the bounded
+    maxima [..., >= ceil(width / maxima_group)]: each row's group maxima (`_logits` with `group_max`), for the bounded
     program where the vector shape applies (elsewhere, and without `ends`, they are not used).
     """
     width = scores.shape[-1]

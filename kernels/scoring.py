@@ -98,10 +98,13 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     `longest_first`: the CTAs take the query blocks last to first. In a causal prefill the last queries see the most
     keys, and the GPU starts CTAs in launch order, so the longest run first and the shortest fill the launch's last
     wave instead of leaving SMs idle while the longest finish (the same logits).
-    `group_max` > 0 (opt-in, dense programs; a divisor of block_n): the program also takes GroupMax [B, S,
-    ceil(num_keys / group_max)] fp32 and writes, per query, the largest logit of each group of `group_max` keys it can
-    see (-inf for none) over the tiles it computes: the groups before each query's end are all written, those past
-    the CTA's last tile are not. `topk.build_radix_topk(maxima_group=...)` takes its bound from them.
+    `group_max` G in (2, 4, 8, 16) (opt-in, bf16 dense programs, one store buffer): the program also takes GroupMax
+    [B, S, groups >= ceil(num_keys / G)] fp32 (staged stores: groups a multiple of 4, a bulk store's row stride) and
+    writes, per query, the largest logit it can see (-inf for none) of each group of G keys over the tiles it
+    computes: the groups before each query's end are all written. Group (16 / G)s + j
+    takes keys 16s + 8h + (G/2)j + r (h < 2, r < G/2): G/2 consecutive keys from each half-slab, what the
+    wgmma layout reduces cheapest (`topk.group_maxima` in PyTorch). Any disjoint groups give a valid bound;
+    `topk.build_radix_topk(maxima_group=...)` takes its bound from them.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     if overlapped and (fp8 or capacity):
@@ -112,9 +115,10 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     if capacity and (fp8 or key_splits != 1 or capacity % block_n):
         raise ValueError("the candidate variant is bf16 with key_splits=1 (its counters live in one CTA) and a "
                          f"capacity that is a multiple of block_n={block_n}")
-    if group_max and (capacity or fp8 or block_n % group_max):
-        raise ValueError(f"group_max is for the bf16 dense programs and must divide block_n={block_n}; got "
-                         f"group_max={group_max}, fp8={fp8}, capacity={capacity}")
+    if group_max and (capacity or fp8 or group_max not in (2, 4, 8, 16) or block_n % 16 or store_buffers != 1):
+        raise ValueError(f"group_max is 2, 4, 8 or 16 for the bf16 dense programs with block_n a multiple of 16 and one "
+                         f"store buffer; got group_max={group_max}, block_n={block_n}, fp8={fp8}, capacity={capacity}, "
+                         f"store_buffers={store_buffers}")
     if interleaved and (fp8 or capacity or not can_interleave(heads, rows_per_cta, threads)):
         raise ValueError(f"the interleaved layout is for the bf16 dense programs with 256 threads and an even number "
                          f"of heads dividing rows_per_cta / 8 (128 or 256 rows per CTA); got heads={heads}, fp8={fp8}, "
@@ -140,7 +144,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             """One key tile's scores [block_n, rows] -> ReLU, head weights, head sum, then the tile's logits out (or
             its candidates appended): the same for both loop drivers."""
             (Logits, KScale, CandVal, CandKey, bb, q0, weights, logits, head_pairs, logits_shared, ks_local, ke_local,
-             theta, appended, GroupMax, masked, maxima) = buffers
+             theta, appended, GroupMax, masked, half_maxima, maxima, maxima_shared) = buffers
             for n, r in T.Parallel(block_n, rows):
                 scores[n, r] = T.max(scores[n, r], 0.0) * weights[r]
             if interleaved:  # Python-level: each (key, query) sums its heads within one thread
@@ -153,15 +157,21 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             if fp8:  # Python-level: each key's scale, after the head sum (read from global: no pipelining)
                 for n, i in T.Parallel(block_n, block_q):
                     logits[n, i] = logits[n, i] * KScale[bb, T.min(tile * block_n + n, num_keys - 1)]
-            if group_max:  # Python-level: each group's largest visible logit per query
+            if group_max:  # Python-level: each group's largest visible logit per query (`group_max_key_order`)
                 for n, i in T.Parallel(block_n, block_q):
                     key = tile * block_n + n
                     masked[n, i] = T.if_then_else(key >= ks_local[i] and key < ke_local[i], logits[n, i],
                                                   -T.infinity(T.float32))
-                T.reduce_max(T.reshape(masked, (block_n // group_max, group_max, block_q)), maxima, dim=1, clear=True)
-                for g, i in T.Parallel(block_n // group_max, block_q):
-                    if q0 + i < num_queries:
-                        GroupMax[bb, q0 + i, tile * (block_n // group_max) + g] = maxima[g, i]
+                # Key n = 16s + 8h + (G/2)j + r: a group (s, j) is r over G/2 and h over 2. In the wgmma layout r and
+                # j are lane bits and h a register: one register max and log2(G/2) shuffles per group (not log2 G).
+                T.reduce_max(T.reshape(masked, (block_n // 16, 2, 16 // group_max, group_max // 2, block_q)),
+                             half_maxima, dim=3, clear=True)
+                T.reduce_max(half_maxima, maxima, dim=1, clear=True)
+                if not staged_stores:  # Python-level: staged: beside the logits' tile, see below
+                    for s, j, i in T.Parallel(block_n // 16, 16 // group_max, block_q):
+                        if q0 + i < num_queries:
+                            GroupMax[bb, q0 + i, tile * (block_n // group_max) + s * (16 // group_max) + j] = \
+                                maxima[s, j, i]
             if capacity:
                 # Staged in shared memory, then each thread scans its own (query, key residue) segment.
                 for i, n in T.Parallel(block_q, block_n):
@@ -192,6 +202,9 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                     T.buffer_store(logits_shared, T.if_then_else(key >= ks_local[i] and key < ke_local[i],
                                                                  logits[n, i], -T.infinity(T.float32)),
                                    [tile % 2, i, n] if two_buffers else [i, n])
+                if group_max:  # Python-level: after the same barrier as the logits, for one bulk store (coalesced)
+                    for s, j, i in T.Parallel(block_n // 16, 16 // group_max, block_q):
+                        maxima_shared[i, s * (16 // group_max) + j] = maxima[s, j, i]
                 # Rows past num_queries and columns past num_keys fall outside the tensor: the TMA store clips them.
                 target = Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n]
                 if two_buffers:  # Python-level: the bulk store issued, not waited for
@@ -200,6 +213,9 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                     T.tma_copy(logits_shared[tile % 2, :, :], target)
                 else:
                     T.copy(logits_shared, target)
+                    if group_max:  # Python-level: its row stride a multiple of 16 bytes (the caller pads it)
+                        T.copy(maxima_shared, GroupMax[bb, q0 : q0 + block_q,
+                                                       tile * (block_n // group_max) : (tile + 1) * (block_n // group_max)])
             else:
                 for i, n in T.Parallel(block_q, block_n):
                     key = tile * block_n + n
@@ -277,10 +293,15 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 appended = T.alloc_fragment((block_q, segments), T.int32) if capacity else None  # one per thread
                 ke_max = T.alloc_var(T.int32)
                 q0 = ((T.ceildiv(num_queries, block_q) - 1 - bq) if longest_first else bq) * block_q
-                masked = T.alloc_fragment((block_n, block_q), T.float32) if group_max else None
-                maxima = T.alloc_fragment((block_n // group_max, block_q), T.float32) if group_max else None
+                masked = half_maxima = maxima = maxima_shared = None
+                if group_max:  # Python-level
+                    masked = T.alloc_fragment((block_n, block_q), T.float32)
+                    half_maxima = T.alloc_fragment((block_n // 16, 2, 16 // group_max, block_q), T.float32)
+                    maxima = T.alloc_fragment((block_n // 16, 16 // group_max, block_q), T.float32)
+                    maxima_shared = (T.alloc_shared((block_q, block_n // group_max), T.float32) if staged_stores
+                                     else None)
                 buffers = (Logits, KScale, CandVal, CandKey, bb, q0, weights, logits, head_pairs, logits_shared,
-                           ks_local, ke_local, theta, appended, GroupMax, masked, maxima)
+                           ks_local, ke_local, theta, appended, GroupMax, masked, half_maxima, maxima, maxima_shared)
                 ke_max = 0
                 for i in T.serial(block_q):
                     ke_max = T.max(ke_max, T.if_then_else(q0 + i < num_queries,

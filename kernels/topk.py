@@ -94,14 +94,20 @@ def _order_key(value):
 
 
 def group_maxima(scores: torch.Tensor, ends: torch.Tensor, group: int) -> torch.Tensor:
-    """Each row's maxima over groups of `group` consecutive columns before its end (-inf for none): [rows,
-    ceil(width / group)] fp32, what the logits program writes with `group_max`. In PyTorch; scores [rows, width]."""
+    """Each row's maxima over its groups of `group` (2, 4, 8 or 16) columns before its end (-inf for none): [rows,
+    ceil(width / group)] fp32, what the logits program writes with `group_max`. Group (16 / group)·s + j takes columns
+    16s + 8h + (group / 2)·j + r (h < 2, r < group / 2): half from each half of a 16-column slab, the groups the
+    logits program's register layout reduces cheapest (16: 16 consecutive columns). In PyTorch; scores [rows, width]."""
+    if group not in (2, 4, 8, 16):
+        raise ValueError(f"group must be 2, 4, 8 or 16 (the logits program's groups); got {group}")
     rows, width = scores.shape
-    padded = -(-width // group) * group
+    padded = -(-width // 16) * 16
     columns = torch.arange(padded, device=scores.device)
     visible = torch.nn.functional.pad(scores, (0, padded - width), value=float("-inf"))
     visible = visible.masked_fill(columns >= ends.reshape(-1, 1), float("-inf"))
-    return visible.view(rows, padded // group, group).amax(-1)
+    # [rows, slab, h, j, r] -> [rows, slab, j, h, r]: each group's columns adjacent
+    slabs = visible.view(rows, padded // 16, 2, 16 // group, group // 2).transpose(2, 3)
+    return slabs.reshape(rows, padded // group, group).amax(-1)[:, : -(-width // group)]
 
 
 def group_maxima_bounds(scores: torch.Tensor, ends: torch.Tensor, k: int, group: int) -> torch.Tensor:

@@ -254,16 +254,21 @@ def _assert_quad_stores_fenced(source: str) -> None:
 @pytest.mark.parametrize("heads,wide", [(8, True), (64, False)])
 def test_group_maxima_compile_beside_the_logits(heads, wide):
     """`group_max` (opt-in): the MISA-8 and DSA-64 prefill programs also write each query's group maxima (a max over
-    the lanes holding a group's keys); refused for FP8, the candidate variant and groups not dividing the tile."""
+    the lanes holding a group's keys: two shuffle levels for groups of 8, not three); MISA-8's staged tile goes out
+    in one bulk store beside the logits'. Refused for FP8, the candidate variant, two store buffers, other groups."""
     _tilelang_or_skip()
     from transformers_misa.kernels.scorer import logits_options
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
 
     options = logits_options(heads, 1, 65536, 65536, 132, False, interleaved=True, wide_few_heads=wide)
     source = build_weighted_relu_logits(heads, 128, arch="sm_90a", group_max=8, **options)().get_kernel_source()
-    assert "float* __restrict__ GroupMax" in source and "AllReduce<tl::MaxOp" in source
-    for bad in (dict(fp8=True), dict(capacity=1024, fill_future=False, staged_stores=False), dict(block_n=64,
-                                                                                                  group_max=48)):
+    assert "AllReduce<tl::MaxOp, 16, 4," in source and "AllReduce<tl::MaxOp, 32," not in source
+    if wide:  # MISA-8: staged
+        assert "tma_store(GroupMax_desc" in source and "GroupMax[" not in source
+    else:
+        assert "float* __restrict__ GroupMax" in source
+    for bad in (dict(fp8=True), dict(capacity=1024, fill_future=False, staged_stores=False), dict(group_max=12),
+                dict(overlapped=True, store_buffers=2)):
         with pytest.raises(ValueError, match="group_max"):
             build_weighted_relu_logits(heads, 128, **{"group_max": 8, **bad})
 
@@ -274,8 +279,10 @@ def test_group_maxima_compile_beside_the_logits(heads, wide):
 @pytest.mark.parametrize("group", [8, 16])
 def test_group_maxima_are_the_largest_visible_logit_of_each_group(heads, num_queries, num_keys, pads, group):
     """The logits program's group maxima equal the maxima of its own logits over each group of `group` keys a query
-    can see (-inf for groups with none), for every group before the query's end."""
+    can see (-inf for groups with none; groups as `topk.group_maxima` takes them), for every group before the
+    query's end."""
     from transformers_misa.kernels.scorer import _logits
+    from transformers_misa.kernels.topk import group_maxima
 
     batch = len(pads)
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=5)
@@ -284,9 +291,10 @@ def test_group_maxima_are_the_largest_visible_logit_of_each_group(heads, num_que
     logits, maxima = _logits(q, weights, keys, ks, ke, 128**-0.5, fill_future=False, group_max=group)
     columns = torch.arange(num_keys, device="cuda")
     visible = (columns >= ks.unsqueeze(-1)) & (columns < ke.unsqueeze(-1))
-    padded = -(-num_keys // group) * group
-    expected = torch.nn.functional.pad(logits.masked_fill(~visible, float("-inf")), (0, padded - num_keys),
-                                       value=float("-inf")).view(batch, num_queries, -1, group).amax(-1)
+    expected = group_maxima(logits.masked_fill(~visible, float("-inf")).view(-1, num_keys), ke.view(-1),
+                            group).view(batch, num_queries, -1)
+    assert maxima.shape[-1] % 4 == 0 and maxima.shape[-1] >= expected.shape[-1]  # padded for a bulk store's stride
+    maxima = maxima[..., : expected.shape[-1]]
     written = torch.arange(expected.shape[-1], device="cuda") < (ke.unsqueeze(-1) + group - 1) // group
     assert torch.equal(maxima[written], expected[written])
 

@@ -139,7 +139,8 @@ def test_group_maxima_bounds_stay_at_or_below_the_kth_value():
             continue
         assert bounds[row] <= visible.topk(1000).values[-1] and int((visible >= bounds[row]).sum()) >= 1000
     spread = torch.full((1, 4000), -1.0)
-    spread[0, ::4] = torch.arange(1000, dtype=torch.float32)  # one large value per group of 4
+    group = torch.arange(1000)  # group 4s + j of 4 starts at column 16s + 2j (`group_maxima`)
+    spread[0, group // 4 * 16 + group % 4 * 2] = group.float()  # one large value per group of 4
     assert group_maxima_bounds(spread, torch.tensor([4000]), 1000, 4)[0] == 0.0  # the k-th value itself
 
 
@@ -358,3 +359,18 @@ def test_radix_topk_reads_each_row_only_up_to_its_end(rows, width, k):
     picked = truth.gather(-1, got.long())
     assert bool((picked >= kth).all()), "picked a key below the k-th largest"
     assert bool(((picked > kth).sum(-1) == (truth > kth).sum(-1)).all()), "missed a key above the k-th largest"
+
+
+def test_group_maxima_take_half_of_each_group_from_each_half_slab():
+    """`group_maxima`'s groups are the logits program's: group (16 / G)s + j holds columns 16s + 8h + (G / 2)j + r
+    (h < 2, r < G / 2); 16 is plain consecutive columns; columns at or past a row's end count as -inf."""
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels.topk import group_maxima
+
+    row = torch.arange(40, dtype=torch.float32).reshape(1, 40)
+    assert group_maxima(row, torch.tensor([40]), 8).tolist() == [[11, 15, 27, 31, 35]]
+    assert group_maxima(row, torch.tensor([6]), 8).tolist() == [[3, 5] + [float("-inf")] * 3]
+    assert group_maxima(row, torch.tensor([40]), 16).tolist() == [[15, 31, 39]]
+    assert group_maxima(row, torch.tensor([40]), 2)[0, :8].tolist() == [8, 9, 10, 11, 12, 13, 14, 15]
+    with pytest.raises(ValueError, match="2, 4, 8 or 16"):
+        group_maxima(row, torch.tensor([40]), 32)
