@@ -157,21 +157,20 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             if fp8:  # Python-level: each key's scale, after the head sum (read from global: no pipelining)
                 for n, i in T.Parallel(block_n, block_q):
                     logits[n, i] = logits[n, i] * KScale[bb, T.min(tile * block_n + n, num_keys - 1)]
-            if group_max:  # Python-level: each group's largest visible logit per query (`group_max_key_order`)
+            if group_max:  # Python-level: each group's largest visible logit per query (`topk.group_maxima`'s groups)
+                # Key n = 16s + 8h + l; group (16 / G)s + j takes h < 2 and l in [(G/2)j, (G/2)(j + 1)). In the wgmma
+                # layout h is a register and l a lane bit: one register max, then log2(G/2) shuffles (not log2 G).
                 for n, i in T.Parallel(block_n, block_q):
                     key = tile * block_n + n
                     masked[n, i] = T.if_then_else(key >= ks_local[i] and key < ke_local[i], logits[n, i],
                                                   -T.infinity(T.float32))
-                # Key n = 16s + 8h + (G/2)j + r: a group (s, j) is r over G/2 and h over 2. In the wgmma layout r and
-                # j are lane bits and h a register: one register max and log2(G/2) shuffles per group (not log2 G).
-                T.reduce_max(T.reshape(masked, (block_n // 16, 2, 16 // group_max, group_max // 2, block_q)),
-                             half_maxima, dim=3, clear=True)
-                T.reduce_max(half_maxima, maxima, dim=1, clear=True)
+                T.reduce_max(T.reshape(masked, (block_n // 16, 2, 8, block_q)), half_maxima, dim=1, clear=True)
+                T.reduce_max(T.reshape(half_maxima, (block_n // group_max, group_max // 2, block_q)), maxima, dim=1,
+                             clear=True)
                 if not staged_stores:  # Python-level: staged: beside the logits' tile, see below
-                    for s, j, i in T.Parallel(block_n // 16, 16 // group_max, block_q):
+                    for g, i in T.Parallel(block_n // group_max, block_q):
                         if q0 + i < num_queries:
-                            GroupMax[bb, q0 + i, tile * (block_n // group_max) + s * (16 // group_max) + j] = \
-                                maxima[s, j, i]
+                            GroupMax[bb, q0 + i, tile * (block_n // group_max) + g] = maxima[g, i]
             if capacity:
                 # Staged in shared memory, then each thread scans its own (query, key residue) segment.
                 for i, n in T.Parallel(block_q, block_n):
@@ -203,8 +202,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                                                  logits[n, i], -T.infinity(T.float32)),
                                    [tile % 2, i, n] if two_buffers else [i, n])
                 if group_max:  # Python-level: after the same barrier as the logits, for one bulk store (coalesced)
-                    for s, j, i in T.Parallel(block_n // 16, 16 // group_max, block_q):
-                        maxima_shared[i, s * (16 // group_max) + j] = maxima[s, j, i]
+                    for g, i in T.Parallel(block_n // group_max, block_q):
+                        maxima_shared[i, g] = maxima[g, i]
                 # Rows past num_queries and columns past num_keys fall outside the tensor: the TMA store clips them.
                 target = Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n]
                 if two_buffers:  # Python-level: the bulk store issued, not waited for
@@ -296,8 +295,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 masked = half_maxima = maxima = maxima_shared = None
                 if group_max:  # Python-level
                     masked = T.alloc_fragment((block_n, block_q), T.float32)
-                    half_maxima = T.alloc_fragment((block_n // 16, 2, 16 // group_max, block_q), T.float32)
-                    maxima = T.alloc_fragment((block_n // 16, 16 // group_max, block_q), T.float32)
+                    half_maxima = T.alloc_fragment((block_n // 16, 8, block_q), T.float32)
+                    maxima = T.alloc_fragment((block_n // group_max, block_q), T.float32)
                     maxima_shared = (T.alloc_shared((block_q, block_n // group_max), T.float32) if staged_stores
                                      else None)
                 buffers = (Logits, KScale, CandVal, CandKey, bb, q0, weights, logits, head_pairs, logits_shared,

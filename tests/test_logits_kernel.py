@@ -273,6 +273,24 @@ def test_group_maxima_compile_beside_the_logits(heads, wide):
             build_weighted_relu_logits(heads, 128, **{"group_max": 8, **bad})
 
 
+@pytest.mark.parametrize("heads,num_queries,num_keys", [
+    (8, 1200, 40000),  # MISA-8, too few queries to fill the GPU: 128-row CTAs, keys split, pipelined driver
+    (64, 300, 9000),  # DSA-64's the same
+    (8, 4, 30000),  # a decode step: 32-row CTAs
+    (32, 2100, 20000),  # GLM-5's 32 heads: 128-row CTAs, overlapped, plain layout
+])
+def test_group_maxima_compile_for_the_other_program_shapes(heads, num_queries, num_keys):
+    """`group_max` in every other program shape the one-read select reaches (each lays the logits out its own way;
+    TileLang's layout inference refused a first form of the group reduction in all of these)."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.scorer import logits_options
+    from transformers_misa.kernels.scoring import build_weighted_relu_logits
+
+    options = logits_options(heads, 1, num_queries, num_keys, 132, False, interleaved=True, wide_few_heads=True)
+    source = build_weighted_relu_logits(heads, 128, arch="sm_90a", group_max=8, **options)().get_kernel_source()
+    assert "GroupMax" in source and "AllReduce<tl::MaxOp" in source
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads,num_queries,num_keys,pads", [(8, 1200, 40000, [0]), (64, 300, 9000, [0, 700])])
