@@ -58,6 +58,9 @@ MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1, 
 # (sweep_topk-20261204-141514-resolve-early-not-kept.json).
 # A warp-aggregated first pass (`__match_any_sync`, one atomic per distinct bin of a warp; 6fa3231, and on 2026-11-28):
 # 64K / 128K causal rows 1.003 / 3.695 against 0.363 / 1.206 ms (sweep_topk-20261204-145025.json).
+# Reading rows once from the logits program's group maxima (`maxima_group`) is kept opt-in, not the default: the top-k
+# gains (64K / 128K rows 0.327 / 0.916 against 0.363 / 1.205 ms, sweep_topk-20261204-162655.json) about what the
+# maxima cost the logits program at 64K, a little more at 128K (see variants.TILELANG_ONE_READ_TOPK_SCORER).
 # Nsight Compute (benchmarks/results/ncu-20261204-0231-detail.txt): bound by instruction issue and the L1 /
 # shared-memory pipe (84% busy), not DRAM (43%).
 # (bits of this level, bit position above which the prefix is already fixed)
