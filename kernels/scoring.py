@@ -198,8 +198,10 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                     T.sync_threads(barrier_id=3, arrive_count=threads)
                 for i, n in T.Parallel(block_q, block_n):
                     key = tile * block_n + n
-                    T.buffer_store(logits_shared, T.if_then_else(key >= ks_local[i] and key < ke_local[i],
-                                                                 logits[n, i], -T.infinity(T.float32)),
+                    T.buffer_store(logits_shared,
+                                   masked[n, i] if group_max else  # Python-level: already masked for the maxima
+                                   T.if_then_else(key >= ks_local[i] and key < ke_local[i], logits[n, i],
+                                                  -T.infinity(T.float32)),
                                    [tile % 2, i, n] if two_buffers else [i, n])
                 if group_max:  # Python-level: after the same barrier as the logits, for one bulk store (coalesced)
                     for g, i in T.Parallel(block_n // group_max, block_q):
@@ -210,11 +212,23 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                     T.fence_proxy_async()  # the generic-proxy writes, before the bulk store (async proxy) reads them
                     T.sync_threads(barrier_id=3, arrive_count=threads)
                     T.tma_copy(logits_shared[tile % 2, :, :], target)
+                elif group_max:
+                    # Its row stride a multiple of 16 bytes (the caller pads it). Overlapped: both bulk stores in
+                    # flight together and one wait (the next epilogue's barrier keeps its writes after it); the
+                    # pipelined driver leaves that barrier to TileLang's sync pass, which sees only T.copy's reads.
+                    maxima_target = GroupMax[bb, q0 : q0 + block_q,
+                                             tile * (block_n // group_max) : (tile + 1) * (block_n // group_max)]
+                    if overlapped:  # Python-level
+                        T.fence_proxy_async()
+                        T.sync_threads(barrier_id=3, arrive_count=threads)
+                        T.tma_copy(logits_shared, target)
+                        T.tma_copy(maxima_shared, maxima_target)
+                        T.tma_store_wait(0)
+                    else:
+                        T.copy(logits_shared, target)
+                        T.copy(maxima_shared, maxima_target)
                 else:
                     T.copy(logits_shared, target)
-                    if group_max:  # Python-level: its row stride a multiple of 16 bytes (the caller pads it)
-                        T.copy(maxima_shared, GroupMax[bb, q0 : q0 + block_q,
-                                                       tile * (block_n // group_max) : (tile + 1) * (block_n // group_max)])
             else:
                 for i, n in T.Parallel(block_q, block_n):
                     key = tile * block_n + n

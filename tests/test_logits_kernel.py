@@ -263,8 +263,10 @@ def test_group_maxima_compile_beside_the_logits(heads, wide):
     options = logits_options(heads, 1, 65536, 65536, 132, False, interleaved=True, wide_few_heads=wide)
     source = build_weighted_relu_logits(heads, 128, arch="sm_90a", group_max=8, **options)().get_kernel_source()
     assert "AllReduce<tl::MaxOp, 16, 4," in source and "AllReduce<tl::MaxOp, 32," not in source
-    if wide:  # MISA-8: staged
+    if wide:  # MISA-8: staged; overlapped: both bulk stores in flight before one wait
         assert "tma_store(GroupMax_desc" in source and "GroupMax[" not in source
+        logits_store = source.index("tma_store(Logits_desc")
+        assert "tma_store_wait" not in source[logits_store : source.index("tma_store(GroupMax_desc", logits_store)]
     else:
         assert "float* __restrict__ GroupMax" in source
     for bad in (dict(fp8=True), dict(capacity=1024, fill_future=False, staged_stores=False), dict(group_max=12),
