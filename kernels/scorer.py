@@ -213,12 +213,12 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
             interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS,
             longest_first: bool | None = LONGEST_FIRST, group_max: int = 0):
     """Logits [B, S, T] fp32 by the TileLang program (with `group_max`: and each query's group maxima [B, S,
-    ceil(T / group_max) padded to a multiple of 4], see `scoring.build_weighted_relu_logits`); `interleaved`: the head sum in registers wherever
-    that layout applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`:
-    each tile's epilogue runs beside the next tile's matmul where `logits_options` takes it; `wide_few_heads`: 4-16
-    interleaved heads in 256-row CTAs (see WIDE_FEW_HEADS_MIN) where a prefill has a whole such block;
-    `interleaved_many_heads`: 32 heads interleaved in the wide CTAs too (a call whose keys are split over 128-row
-    CTAs keeps the plain layout). See `query_layout`. `longest_first`: see `logits_options`."""
+    ceil(T / group_max) rounded up to a multiple of 4], see `scoring.build_weighted_relu_logits`); `interleaved`: the
+    head sum in registers wherever that layout applies (bf16, 2-16 heads, at least one whole query block), the plain
+    layout elsewhere; `overlapped`: each tile's epilogue runs beside the next tile's matmul where `logits_options`
+    takes it; `wide_few_heads`: 4-16 interleaved heads in 256-row CTAs (see WIDE_FEW_HEADS_MIN) where a prefill has a
+    whole such block; `interleaved_many_heads`: 32 heads interleaved in the wide CTAs too (a call whose keys are split
+    over 128-row CTAs keeps the plain layout). See `query_layout`. `longest_first`: see `logits_options`."""
     batch, num_queries, heads, dim = q.shape
     interleaved, wide_few_heads, block = query_layout(heads, num_queries, fp8, interleaved, wide_few_heads,
                                                       interleaved_many_heads)

@@ -101,10 +101,10 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     `group_max` G in (2, 4, 8, 16) (opt-in, bf16 dense programs, one store buffer): the program also takes GroupMax
     [B, S, groups >= ceil(num_keys / G)] fp32 (staged stores: groups a multiple of 4, a bulk store's row stride) and
     writes, per query, the largest logit it can see (-inf for none) of each group of G keys over the tiles it
-    computes: the groups before each query's end are all written. Group (16 / G)s + j
-    takes keys 16s + 8h + (G/2)j + r (h < 2, r < G/2): G/2 consecutive keys from each half-slab, what the
-    wgmma layout reduces cheapest (`topk.group_maxima` in PyTorch). Any disjoint groups give a valid bound;
-    `topk.build_radix_topk(maxima_group=...)` takes its bound from them.
+    computes: the groups before each query's end are all written. Group (16 / G)s + j takes keys 16s + 8h + (G/2)j + r
+    (h < 2, r < G/2): G/2 consecutive keys from each half of a 16-key slab, what the wgmma layout reduces cheapest
+    (`topk.group_maxima` in PyTorch; any disjoint groups bound alike). `topk.build_radix_topk(maxima_group=...)` takes
+    its bound from them.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     if overlapped and (fp8 or capacity):
@@ -116,9 +116,9 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
         raise ValueError("the candidate variant is bf16 with key_splits=1 (its counters live in one CTA) and a "
                          f"capacity that is a multiple of block_n={block_n}")
     if group_max and (capacity or fp8 or group_max not in (2, 4, 8, 16) or block_n % 16 or store_buffers != 1):
-        raise ValueError(f"group_max is 2, 4, 8 or 16 for the bf16 dense programs with block_n a multiple of 16 and one "
-                         f"store buffer; got group_max={group_max}, block_n={block_n}, fp8={fp8}, capacity={capacity}, "
-                         f"store_buffers={store_buffers}")
+        raise ValueError(f"group_max is 2, 4, 8 or 16 for the bf16 dense programs with block_n a multiple of 16 and "
+                         f"one store buffer; got group_max={group_max}, block_n={block_n}, fp8={fp8}, "
+                         f"capacity={capacity}, store_buffers={store_buffers}")
     if interleaved and (fp8 or capacity or not can_interleave(heads, rows_per_cta, threads)):
         raise ValueError(f"the interleaved layout is for the bf16 dense programs with 256 threads and an even number "
                          f"of heads dividing rows_per_cta / 8 (128 or 256 rows per CTA); got heads={heads}, fp8={fp8}, "
