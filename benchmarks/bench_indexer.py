@@ -28,7 +28,7 @@ from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORE
 from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER, TILELANG_BUDGET_CHUNKS_SCORER,
                                                 TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FORWARD_ORDER_SCORER,
                                                 TILELANG_LAST_REMAINDER_SCORER, TILELANG_LONGEST_FIRST_SCORER,
-                                                TILELANG_ONE_READ_TOPK_SCORER,
+                                                TILELANG_ONE_READ_TOPK_SCORER, TILELANG_SAMPLED_TOPK_SCORER,
                                                 TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER,
                                                 TILELANG_PLAIN_MANY_HEADS_SCORER, TILELANG_PLAIN_TOPK_SCORER,
                                                 TILELANG_RUNNING_SUM_ROUTER_SCORER,
@@ -104,6 +104,9 @@ def methods(heads: int, deepseek_kernel):
         # the top-k reading each row once where the logits' group maxima bound it (opt-in, both methods alike)
         f"dsa{heads}_one_read_topk": _dsa(TILELANG_ONE_READ_TOPK_SCORER),
         "misa8_one_read_topk": _misa(reference.misa_topk, TILELANG_ONE_READ_TOPK_SCORER),
+        # the same with the bound from a sample of each row (opt-in, both methods alike; nothing added to the logits)
+        f"dsa{heads}_sampled_topk": _dsa(TILELANG_SAMPLED_TOPK_SCORER),
+        "misa8_sampled_topk": _misa(reference.misa_topk, TILELANG_SAMPLED_TOPK_SCORER),
         # a prefill's logits query blocks and top-k rows last to first for many heads too (opt-in; the default for
         # at most 16 heads, scorer.longest_first_for)
         f"dsa{heads}_longest_first": _dsa(TILELANG_LONGEST_FIRST_SCORER),
@@ -271,7 +274,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None, roun
                                              f"dsa{heads}_plain_many_heads",
                                              "misa8_running_sum_router", "misa8_single_run_tail_means",
                                              f"dsa{heads}_longest_first", f"dsa{heads}_one_read_topk",
-                                             "misa8_one_read_topk",
+                                             "misa8_one_read_topk", f"dsa{heads}_sampled_topk", "misa8_sampled_topk",
                                              f"dsa{heads}_last_remainder", "misa8_last_remainder",
                                              f"dsa{heads}_forward_order", "misa8_forward_order",
                                              "misa8_plain_layout",
@@ -317,15 +320,19 @@ def run_decode(caches, batches, new_tokens_options, heads, reps, results):
 
 def round_ratio_ranges(row: dict, heads: int) -> list[tuple[str, str, float, float]]:
     """(method, DSA kernel, lowest, highest) host-hidden speed-up over the rounds of a prefill row, each round's
-    DSA time over the same round's method time (`time_in_rounds`), for the MISA and HISA methods."""
-    base = f"dsa{heads}_kernel"
-    base_rounds = row.get(f"{base}_gpu_rounds", [])
+    DSA time over the same round's method time (`time_in_rounds`), for the MISA and HISA methods; a variant timed for
+    both methods (misa8_X beside dsa{heads}_X) also against its own DSA variant."""
     ranges = []
     for key, rounds in row.items():
         name = key.removesuffix("_gpu_rounds")
-        if key.endswith("_gpu_rounds") and name.startswith(("misa", "hisa")) and len(rounds) == len(base_rounds) > 1:
-            paired = [dsa / method for dsa, method in zip(base_rounds, rounds)]
-            ranges.append((name, base, min(paired), max(paired)))
+        if not (key.endswith("_gpu_rounds") and name.startswith(("misa", "hisa"))):
+            continue
+        variant = f"dsa{heads}_{name.removeprefix('misa8_')}"
+        for base in (f"dsa{heads}_kernel",) + ((variant,) if name.startswith("misa8_") else ()):
+            base_rounds = row.get(f"{base}_gpu_rounds", [])
+            if len(rounds) == len(base_rounds) > 1:
+                paired = [dsa / method for dsa, method in zip(base_rounds, rounds)]
+                ranges.append((name, base, min(paired), max(paired)))
     return ranges
 
 

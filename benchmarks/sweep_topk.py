@@ -12,7 +12,8 @@ Compiles run in parallel processes first. The `*_bounded*` variants (`build_radi
 bound from `group_maxima_bounds` over groups of 16 or 8 columns, computed in PyTorch before the timed calls: their
 times leave out what producing the bound would cost (the most a bound from the logits program could give). The
 `*_maxima8` variant (`maxima_group=8`) takes the group maxima instead (computed beforehand, as the logits program
-would write them) and finds its bound itself: the top-k's whole share of the one-read path.
+would write them) and finds its bound itself: the top-k's whole share of the one-read path. The `*_sampled16`
+variants (`sample_every=16`) find their bound from a sample of each row itself: the whole cost of that path.
 
     python benchmarks/sweep_topk.py --out benchmarks/results
 """
@@ -28,7 +29,7 @@ from gpu_timing import cuda_time_ms, environment
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
 from transformers_misa.kernels.topk import (BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, UNROLL, build_radix_topk,
-                                            group_maxima, group_maxima_bounds)
+                                            group_maxima, group_maxima_bounds, sampled_bounds)
 
 VARIANTS = {  # name -> build options
     "default": {},
@@ -82,6 +83,13 @@ VARIANTS = {  # name -> build options
     "many_rows_vector4_unroll1_compact_bins_maxima8": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
                                                            compact_second_pass=True, bins_in_registers=True,
                                                            maxima_group=8),
+    # the bound from a sample of each row itself (`sample_every`): the whole cost of this one-read path
+    "many_rows_vector4_unroll1_compact_bins_sampled16": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
+                                                             compact_second_pass=True, bins_in_registers=True,
+                                                             sample_every=16),
+    "few_rows_vector4_unroll4_compact_bins_sampled16": dict(FEW_ROWS_SHAPE, vector=4, unroll=4,
+                                                            compact_second_pass=True, bins_in_registers=True,
+                                                            sample_every=16),
     # three CTAs per SM (40 registers): the compact second pass without the spills it has at four (32 registers:
     # 16 B spill stores, 96 B spill loads per thread, nvcc -Xptxas -v)
     "many_rows_ctas3_vector4_unroll1_compact_bins": dict(MANY_ROWS_SHAPE, min_ctas_per_sm=3, vector=4, unroll=1,
@@ -133,11 +141,11 @@ def visible_picks(picked: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
 
 
 def rows_read_once(scores: torch.Tensor, ends: torch.Tensor, bounds: torch.Tensor, buffer: int) -> float:
-    """The share of rows whose values at or above their bound number k to `buffer` (the bounded program reads them
-    once)."""
+    """The share of rows with a bound (not -inf) whose values at or above it number k to `buffer` (the bounded
+    program reads them once; a row without one takes the plain two reads)."""
     visible = torch.arange(scores.shape[1], device=scores.device) < ends.unsqueeze(-1)
     kept = ((scores >= bounds.unsqueeze(-1)) & visible).sum(-1)
-    return float(((kept >= TOPK) & (kept <= buffer)).float().mean())
+    return float(((kept >= TOPK) & (kept <= buffer) & (bounds > float("-inf"))).float().mean())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
                     row["rows_read_once"] = rows_read_once(scores, ends, extra[0], options.get("buffer", BUFFER))
                 elif options.get("maxima_group"):  # the group maxima, untimed (the logits program writes them)
                     extra = (group_maxima(scores, ends, options["maxima_group"]),)
+                elif options.get("sample_every"):  # the program finds its bound: the share it reads once
+                    row["rows_read_once"] = rows_read_once(scores, ends, sampled_bounds(
+                        scores, ends, TOPK, options["sample_every"]), options.get("buffer", BUFFER))
                 row["same_selection"] = bool(torch.equal(visible_picks(kernel(rows_in, ends, *extra), ends), expected))
                 row["ms"] = cuda_time_ms(lambda: kernel(rows_in, ends, *extra), args.reps, before=before)
                 row["GB_per_s_one_read"] = read_gb / row["ms"] * 1e3

@@ -15,7 +15,11 @@ one-read pass would keep; the prefill top-k has a 4096-key buffer), and, per cau
 bytes in rows whose bound keeps at most `buffer` values (rows the second read could be skipped for). It cannot see
 trained models' distributions.
 
+`--sample S` models the bound the top-k can find from the row itself instead (`build_radix_topk(sample_every=S)`,
+`topk.sampled_bounds`: a histogram of one 32-byte sector of every S, nothing asked of the logits program).
+
     python benchmarks/topk_bound_model.py                  # 8 and 64 heads, rows of 8K-128K keys
+    python benchmarks/topk_bound_model.py --sample 16      # the bound from a 1/16 sample of each row
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 
 from topk_conflicts import order_keys  # this folder's model of the first pass
-from transformers_misa.kernels.topk import group_maxima_bounds
+from transformers_misa.kernels.topk import group_maxima_bounds, sampled_bounds
 
 TOPK = 2048
 
@@ -49,9 +53,13 @@ def first_level_floor(value: float) -> float:
     return floor if low >= 2**31 else -floor
 
 
-def kept_by_bound(row: torch.Tensor, group: int, k: int, bin_floor: bool = False) -> int | None:
+def kept_by_bound(row: torch.Tensor, group: int, k: int, bin_floor: bool = False, sample: int = 0) -> int | None:
     """Values >= the k-th largest maximum of the row's groups of `group` keys (`bin_floor`: >= the lowest float of
-    its first-level bin); None where the row has < k groups."""
+    its first-level bin); None where the row has < k groups. `sample` S > 0: >= the bound the top-k finds from a
+    sample of the row itself instead (`topk.sampled_bounds`; None where the row is too short to sample)."""
+    if sample:
+        bound = float(sampled_bounds(row.view(1, -1), torch.tensor([row.numel()]), k, sample)[0])
+        return None if bound == float("-inf") else int((row >= bound).sum())
     if row.numel() // group < k:  # fewer than k whole groups
         return None
     bound = float(group_maxima_bounds(row.view(1, -1), torch.tensor([row.numel()]), k, group)[0])
@@ -67,18 +75,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--buffer", type=int, default=4096)
     parser.add_argument("--bin-floor", action="store_true",
                         help="the bound lowered to the first-level bin floor of the k-th group maximum")
+    parser.add_argument("--sample", type=int, default=0,
+                        help="S > 0: the bound from a sample of 1/S of the row (`build_radix_topk(sample_every=S)`)")
     parser.add_argument("--rows", type=int, default=3, help="random rows per length (the median is reported)")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
-    results = {"group": args.group, "buffer": args.buffer, "bin_floor": args.bin_floor, "topk": TOPK, "heads": {}}
+    results = {"group": args.group, "buffer": args.buffer, "bin_floor": args.bin_floor, "sample": args.sample,
+               "topk": TOPK, "heads": {}}
     for heads in (int(h) for h in args.heads.split(",")):
         generator = torch.Generator().manual_seed(heads)
         kept = {}
         for length in lengths:
-            counts = [kept_by_bound(row_scores(heads, length, args.dim, generator), args.group, TOPK, args.bin_floor)
-                      for _ in range(args.rows)]
+            counts = [kept_by_bound(row_scores(heads, length, args.dim, generator), args.group, TOPK, args.bin_floor,
+                                    args.sample) for _ in range(args.rows)]
             kept[length] = None if counts[0] is None else sorted(counts)[len(counts) // 2]
             print(f"H={heads:>2} row of {length:>6} keys: {kept[length]} values at or above the bound", flush=True)
         # a causal prefill's rows: row t reads t values; a row shorter than the lengths measured counts as unbounded

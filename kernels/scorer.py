@@ -390,7 +390,8 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
     ends [...]: each row's columns from `ends` on count as -inf and are never read (None: every column is read).
     out [..., k]: written in place and returned where the kernel runs and `out` is a contiguous int32 tensor (a
     query chunk's slice of the whole output: no copy afterwards); otherwise a new tensor comes back.
-    options: build options of the program beyond the shape `radix_shape` picks (e.g. value_filter=False).
+    options: build options of the program beyond the shape `radix_shape` picks (e.g. value_filter=False;
+    `sample_every` is dropped where that shape has no vector loads).
     maxima [..., >= ceil(width / maxima_group)]: each row's group maxima (`_logits` with `group_max`), for the bounded
     program where the vector shape applies (elsewhere, and without `ends`, they are not used).
     """
@@ -403,6 +404,8 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
     rows = scores.reshape(-1, width).float().contiguous()
     shape = radix_shape(rows.shape[0], _sm_count(rows.device), width % 4 == 0 and rows.data_ptr() % 16 == 0)
     shape.update(options or {})
+    if shape.get("vector", 1) == 1:  # a bound from a sample of the row is for the vector programs
+        shape.pop("sample_every", None)
     if shape.get("vector", 1) > 1:
         rows = rows.view(rows.shape[0], -1, shape["vector"])
     if ends is None:

@@ -19,6 +19,7 @@ what comes out and what breaks ties, so the result equals the top-k of the full 
 # No `from __future__ import annotations`: TileLang evaluates the T.Tensor annotations.
 
 import functools
+import math
 
 import tilelang
 import tilelang.language as T
@@ -69,6 +70,11 @@ NEG_INF_KEY = 0x00800000  # _order_key(-inf): 2^31 - 0x7F800000
 WARP_SCAN_OFFSETS = (1, 2, 4, 8, 16)
 # Shared-memory slots for the keys of the k-th key's first-level bin (8 bytes each); a fuller bin re-reads the row.
 BUFFER = 4096
+# `sample_every`: the rank taken in the sample, as a multiple of the k / S its values would hold at the k-th value
+# (above 1: the bound stays below the k-th value despite the sample's spread; the kept values stay within BUFFER);
+# rows shorter than this many times k take no bound (their sample would be too small, their read short anyway).
+SAMPLE_MARGIN = 1.25
+SAMPLE_MIN_KEYS_PER_K = 4
 # Where `phase_clock` reads the SM clock in a row taking the usual path (a row taking the re-reading path leaves the
 # marks after the first level at 0).
 PHASE_MARKS = ("start", "first pass", "first level", "second pass", "later levels", "output")
@@ -123,13 +129,35 @@ def group_maxima_bounds(scores: torch.Tensor, ends: torch.Tensor, k: int, group:
     return maxima.topk(k, dim=-1).values[:, -1].contiguous()  # -inf where fewer than k groups are visible
 
 
+def sampled_bounds(scores: torch.Tensor, ends: torch.Tensor, k: int, sample_every: int) -> torch.Tensor:
+    """Bounds [rows] fp32 as `build_radix_topk(sample_every=...)` finds them (PyTorch, for models and tests): the
+    lowest float of the first-level bin holding the ceil(SAMPLE_MARGIN · k / sample_every)-th largest of the row's
+    sampled values (columns c < end with c mod (8 · sample_every) < 8: one 32-byte sector of every `sample_every`);
+    -inf for rows shorter than SAMPLE_MIN_KEYS_PER_K · k. Not a sure bound (see `build_radix_topk`)."""
+    columns = torch.arange(scores.shape[1], device=scores.device)
+    sampled = (columns % (8 * sample_every) < 8) & (columns < ends.reshape(-1, 1))
+    bits = scores.float().contiguous().view(torch.int32).to(torch.int64)
+    sign = bits >> 31
+    first_level = ((((bits & 0x7FFFFFFF) ^ sign) - sign) + 2**31) >> (32 - RADIX_BITS[0])
+    rank = math.ceil(SAMPLE_MARGIN * k / sample_every)
+    if sampled.sum(-1).min() < rank:  # only rows too short to sample lack `rank` samples
+        first_level = torch.nn.functional.pad(first_level, (0, rank))
+        sampled = torch.nn.functional.pad(sampled, (0, rank))
+    low_key = torch.where(sampled, first_level, -1).topk(rank, dim=-1).values[:, -1] << (32 - RADIX_BITS[0])
+    signed_magnitude = low_key - 2**31  # `_lowest_value_with_key`, in PyTorch
+    bits = torch.where(signed_magnitude >= 0, signed_magnitude, -signed_magnitude + 2**31)
+    bounds = (bits - (bits >= 2**31).long() * 2**32).to(torch.int32).view(torch.float32)
+    short = (ends.reshape(-1) < SAMPLE_MIN_KEYS_PER_K * k) | (low_key <= 0)
+    return bounds.masked_fill(short, float("-inf")).contiguous()
+
+
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
                      caller_allocates_out: bool = False, vector: int = 1, compact_second_pass: bool = False,
                      bins_in_registers: bool = False, phase_clock: bool = False, second_pass_writes: bool = True,
                      longest_first: bool = False, bounded: bool = False, maxima_group: int = 0,
-                     arch: str | None = None):
+                     sample_every: int = 0, arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -167,6 +195,11 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     [rows, groups] fp32, each row's maxima over groups of `maxima_group` columns before its end (written by the logits
     program with `group_max`; groups from ceil(end / maxima_group) on are not read). The bound is the lowest float of
     the first-level bin holding the k-th largest maximum (one histogram of the maxima; -inf for fewer than k groups).
+    `sample_every` S > 0 (bounded, with its bound found in the program from the row itself; no extra input): a row of
+    at least SAMPLE_MIN_KEYS_PER_K · k keys first reads one 32-byte sector of every S (1/S of its values, spread over
+    the row), and its bound is the lowest float of the first-level bin holding the sample's SAMPLE_MARGIN · k / S-th
+    largest value: about SAMPLE_MARGIN · k of the row's values reach it. Not a sure bound: where fewer than k do, the
+    first pass runs again unbounded (the same selection, one more read).
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
@@ -174,7 +207,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
         raise ValueError("compact_second_pass is for the plain top-k (with_keys=False)")
     if phase_clock and vector == 1:
         raise ValueError("phase_clock probes the vector program (vector > 1)")
-    bounded = bounded or maxima_group > 0
+    if maxima_group and sample_every:
+        raise ValueError("maxima_group and sample_every are two sources of the bound: take one")
+    bounded = bounded or maxima_group > 0 or sample_every > 0
     if bounded and (vector == 1 or phase_clock or not value_filter):
         raise ValueError("bounded is for the vector program (vector > 1) with the value filter, without phase_clock")
     if not second_pass_writes and not phase_clock:
@@ -461,11 +496,27 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                                                          T.int32)], 1)
                         find_kth_bin(hist, suffix, found, tx, k, thread_bins)
                         bound = _lowest_value_with_key(T.cast(found[0], T.uint32) << first_digit)
+                if sample_every:  # Python-level: the bound from a sample of the row (one histogram of it)
+                    bound = -T.infinity(T.float32)
+                    if end >= SAMPLE_MIN_KEYS_PER_K * k:
+                        clear_histogram(hist, tx)
+                        sector = max(1, 32 // (4 * vector))  # vector loads per 32-byte sector
+                        sampled = T.ceildiv(T.ceildiv(end, vector), sector * sample_every) * sector
+                        for i in T.serial(T.ceildiv(sampled, threads)):
+                            load = i * threads + tx  # the sample's load: sector `load // sector` of the sample
+                            group = load // sector * (sector * sample_every) + load % sector
+                            if load < sampled:
+                                for v in T.unroll(vector):
+                                    if group * vector + v < end:
+                                        T.atomic_add(hist[T.cast(_order_key(Scores[row, group, v]) >> first_digit,
+                                                                 T.int32)], 1)
+                        find_kth_bin(hist, suffix, found, tx, math.ceil(SAMPLE_MARGIN * k / sample_every), thread_bins)
+                        bound = _lowest_value_with_key(T.cast(found[0], T.uint32) << first_digit)
 
                 # Level 1 over the whole row (from HBM).
                 clear_histogram(hist, tx)
                 if bounded:  # Python-level: only the values at or above the row's bound, counted and kept
-                    if not maxima_group:  # Python-level: the caller's bound
+                    if not (maxima_group or sample_every):  # Python-level: the caller's bound
                         bound = Bounds[row]
                     kept = 0
                     if bound > -T.infinity(T.float32):
@@ -606,7 +657,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
 
             return radix_topk_vector_maxima
 
-        if vector > 1 and bounded:
+        if vector > 1 and bounded and not sample_every:
             @T.prim_func
             def radix_topk_vector_bounded(Scores: T.Tensor((rows, groups, vector), T.float32),
                                           Ends: T.Tensor((rows,), T.int32), Bounds: T.Tensor((rows,), T.float32),

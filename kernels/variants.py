@@ -85,6 +85,12 @@ TILELANG_ONE_READ_TOPK_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-one-read-topk",
     fused_select=functools.partial(tilelang_select_tokens, maxima_group=8))
 
+# The top-k reading each row once where it can, its bound from a sample of the row itself (1/16 of its values, read
+# first; `topk.build_radix_topk(sample_every)`): no work added to the logits program. Opt-in, not yet measured.
+TILELANG_SAMPLED_TOPK_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-sampled-topk",
+    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(sample_every=16)))
+
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.
 TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-budget-chunks", wave_queries=None)

@@ -240,6 +240,10 @@ def test_indexer_benchmark_times_the_methods_in_turn_over_rounds(monkeypatch, tm
     assert row["dsa64_kernel_ms"] == row["dsa64_kernel_gpu_ms"] == 11.0 and row["misa8_gpu_ms"] == 2.0
     assert bench.round_ratio_ranges(row, 64) == [("misa8", "dsa64_kernel", 2.75, 6.0)]
     assert "misa8/dsa64_kernel=2.75-6.00x" in capsys.readouterr().out
+    variants = {"dsa64_kernel_gpu_rounds": [10.0, 12.0], "misa8_x_gpu_rounds": [2.0, 3.0],
+                "dsa64_x_gpu_rounds": [9.0, 8.0]}
+    assert bench.round_ratio_ranges(variants, 64) == [("misa8_x", "dsa64_kernel", 4.0, 5.0),  # also its own DSA's
+                                                      ("misa8_x", "dsa64_x", 2.6666666666666665, 4.5)]
 
 
 def test_timeline_finds_the_idle_stretches_between_kernels(monkeypatch):
@@ -325,3 +329,9 @@ def test_topk_bound_model_keeps_at_least_k_and_no_bound_for_short_rows(capsys):
     kept = results["heads"][8]["kept"]
     assert kept[16384] is None and kept[40960] >= model.TOPK
     assert "keep at most" in capsys.readouterr().out
+    # --sample: the bound the top-k finds from a 1/16 sample of the row (`topk.sampled_bounds`); none for short rows
+    assert model.kept_by_bound(row[:8191], 16, model.TOPK, sample=16) is None
+    assert model.TOPK <= model.kept_by_bound(row, 16, model.TOPK, sample=16) <= 4096
+    sampled = model.main(["--heads", "8", "--lengths", "8192,40960", "--contexts", "65536", "--rows", "1",
+                          "--sample", "16"])
+    assert sampled["sample"] == 16 and all(model.TOPK <= n <= 4096 for n in sampled["heads"][8]["kept"].values())

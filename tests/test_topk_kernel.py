@@ -185,6 +185,42 @@ def test_radix_topk_bounded_selects_the_same_set_with_any_bound(shape):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["many", "few"])
+def test_radix_topk_sampled_bound_selects_the_same_set(shape):
+    """`sample_every` (the bound from a sample of the row itself) selects exactly the plain program's set: rows read
+    once, rows whose sample holds their largest values (the bound too high: the first pass again, unbounded), rows
+    whose values crowd one first-level bin (more reach the bound than the buffer holds: read again), heavy ties,
+    rows too short to sample, ends inside a sampled sector."""
+    from transformers_misa.kernels.topk import (FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk,
+                                                sampled_bounds)
+
+    options = MANY_ROWS_VECTOR_SHAPE if shape == "many" else FEW_ROWS_VECTOR_SHAPE
+    width, k = 70000, 2048
+    generator = torch.Generator(device="cuda").manual_seed(3 + len(shape))
+    scores = torch.randn(10, width, device="cuda", generator=generator)
+    columns = torch.arange(width, device="cuda")
+    sampled = columns % (8 * 16) < 8
+    scores[1] = torch.where(sampled, scores[1] + 10, scores[1])  # the sample holds the row's largest values
+    scores[2] = -1 - torch.rand(width, device="cuda", generator=generator)  # one first-level bin holds 1/8 of them
+    scores[3] = (scores[3] * 4).round()  # heavy ties at the k-th value
+    ends = torch.tensor([width, 65536, 48000, 60000, 8191, 8192, 2047, 40004, 33000, 70000], device="cuda",
+                        dtype=torch.int32)
+    garbage = columns >= ends.unsqueeze(-1)
+    scores = scores.masked_fill(garbage, 1e30)  # never read
+    truth = scores.masked_fill(garbage, float("-inf"))
+    bounds = sampled_bounds(truth, ends, k, 16)
+    kept = (truth >= bounds.unsqueeze(-1)).sum(-1)
+    assert kept[1] < k and kept[2] > 4096 and k <= kept[0] <= 4096  # the cases above do arise
+    assert bounds[4] == float("-inf") and bounds[6] == float("-inf") and bounds[5] > float("-inf")
+    expected = build_radix_topk(k)()(scores, ends)
+    got = build_radix_topk(k, sample_every=16, **options)()(scores.view(10, -1, options["vector"]), ends)
+    for row, end in enumerate(ends.tolist()):
+        assert {c for c in got[row].tolist() if c < end} == {c for c in expected[row].tolist() if c < end}, row
+        assert len(set(got[row].tolist())) == k, f"row {row}: repeated index"
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("options", [dict(vector=4, unroll=1, min_ctas_per_sm=4), dict(vector=4, unroll=2),
                                      dict(vector=4, unroll=4, threads=1024), dict(vector=2, unroll=2),
                                      dict(vector=4, unroll=1, min_ctas_per_sm=4, buffer=16),
@@ -374,3 +410,35 @@ def test_group_maxima_take_half_of_each_group_from_each_half_slab():
     assert group_maxima(row, torch.tensor([40]), 2)[0, :8].tolist() == [8, 9, 10, 11, 12, 13, 14, 15]
     with pytest.raises(ValueError, match="2, 4, 8 or 16"):
         group_maxima(row, torch.tensor([40]), 32)
+
+
+def test_sampled_bounds_keep_about_the_margin_times_k():
+    """`sampled_bounds` (the program's `sample_every` bound, in PyTorch) samples one 32-byte sector of every S, takes
+    the first-level bin floor of the ceil(SAMPLE_MARGIN·k/S)-th largest sample: on random rows it keeps between k and
+    the 4096-value buffer; -inf for rows shorter than SAMPLE_MIN_KEYS_PER_K·k; a sample holding the row's largest
+    values gives a bound above the k-th value (the program then reads the row unbounded)."""
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels.topk import SAMPLE_MIN_KEYS_PER_K, sampled_bounds
+
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randn(5, 65536, generator=generator)
+    ends = torch.tensor([65536, 40000, 20000, SAMPLE_MIN_KEYS_PER_K * 2048, SAMPLE_MIN_KEYS_PER_K * 2048 - 1])
+    bounds = sampled_bounds(scores, ends, 2048, 16)
+    visible = torch.arange(65536) < ends.unsqueeze(-1)
+    kept = ((scores >= bounds.unsqueeze(-1)) & visible).sum(-1)
+    assert bool(((kept[:4] >= 2048) & (kept[:4] <= 4096)).all()) and bounds[4] == float("-inf"), kept
+    lifted = torch.where(torch.arange(65536) % 128 < 8, scores[0] + 10, scores[0]).unsqueeze(0)
+    assert sampled_bounds(lifted, ends[:1], 2048, 16)[0] > lifted[0].topk(2048).values[-1]
+
+
+def test_sampled_bound_program_compiles_with_the_plain_signature():
+    """`sample_every` needs no input beyond the plain vector program's (Scores, Ends); it is one source of the bound
+    (not with `maxima_group`)."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels.topk import FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk
+
+    for shape in (MANY_ROWS_VECTOR_SHAPE, FEW_ROWS_VECTOR_SHAPE):
+        source = build_radix_topk(2048, arch="sm_90a", sample_every=16, **shape)().get_kernel_source()
+        assert "Bounds" not in source and "GroupMax" not in source and "(8192 <= end)" in source
+    with pytest.raises(ValueError, match="two sources of the bound"):
+        build_radix_topk(2048, sample_every=16, maxima_group=8, **MANY_ROWS_VECTOR_SHAPE)
