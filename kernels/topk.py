@@ -505,11 +505,12 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                         for i in T.serial(T.ceildiv(sampled, threads)):
                             load = i * threads + tx  # the sample's load: sector `load // sector` of the sample
                             group = load // sector * (sector * sample_every) + load % sector
-                            if load < sampled:
+                            if load < sampled and group * vector < end:  # one 16-byte load (group < groups)
+                                for v in T.vectorized(vector):
+                                    values[v] = Scores[row, group, v]
                                 for v in T.unroll(vector):
                                     if group * vector + v < end:
-                                        T.atomic_add(hist[T.cast(_order_key(Scores[row, group, v]) >> first_digit,
-                                                                 T.int32)], 1)
+                                        T.atomic_add(hist[T.cast(_order_key(values[v]) >> first_digit, T.int32)], 1)
                         find_kth_bin(hist, suffix, found, tx, math.ceil(SAMPLE_MARGIN * k / sample_every), thread_bins)
                         bound = _lowest_value_with_key(T.cast(found[0], T.uint32) << first_digit)
 
