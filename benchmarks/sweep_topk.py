@@ -28,8 +28,8 @@ from bench_indexer import DIM, SCALE, TOPK, inputs  # this folder's indexer benc
 from gpu_timing import cuda_time_ms, environment
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
-from transformers_misa.kernels.topk import (BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, UNROLL, build_radix_topk,
-                                            group_maxima, group_maxima_bounds, sampled_bounds)
+from transformers_misa.kernels.topk import BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, UNROLL, build_radix_topk
+from transformers_misa.kernels.topk_bounds import group_maxima, group_maxima_bounds, sampled_bounds
 
 VARIANTS = {  # name -> build options
     "default": {},

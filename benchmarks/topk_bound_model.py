@@ -5,7 +5,7 @@ it is the same program for DSA-64 and MISA-8 and the largest part of MISA-8's ti
 "What 5x needs"). A one-read top-k needs, before its pass, a bound L <= the row's k-th value, so that it can keep
 every value >= L in shared memory as it reads and resolve the k-th value from them. The logits program could give
 one almost for free: the maximum of each group of `group` keys of a query, written beside the logits (1/group of
-their bytes; the groups as the logits program forms them, `topk.group_maxima`: 16 consecutive keys, or for 8 four
+their bytes; the groups as the logits program forms them, `topk_bounds.group_maxima`: 16 consecutive keys, or for 8 four
 consecutive keys from each half of a 16-key slab; on these random rows any grouping bounds alike). The k-th largest of
 a row's group maxima is such a bound (k groups have a value at or above it), once the row has at least k groups.
 
@@ -16,7 +16,7 @@ bytes in rows whose bound keeps at most `buffer` values (rows the second read co
 trained models' distributions.
 
 `--sample S` models the bound the top-k can find from the row itself instead (`build_radix_topk(sample_every=S)`,
-`topk.sampled_bounds`: a histogram of one 32-byte sector of every S, nothing asked of the logits program).
+`topk_bounds.sampled_bounds`: a histogram of one 32-byte sector of every S, nothing asked of the logits program).
 
     python benchmarks/topk_bound_model.py                  # 8 and 64 heads, rows of 8K-128K keys
     python benchmarks/topk_bound_model.py --sample 16      # the bound from a 1/16 sample of each row
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from topk_conflicts import order_keys  # this folder's model of the first pass
-from transformers_misa.kernels.topk import group_maxima_bounds, sampled_bounds
+from transformers_misa.kernels.topk_bounds import group_maxima_bounds, sampled_bounds
 
 TOPK = 2048
 
@@ -56,7 +56,7 @@ def first_level_floor(value: float) -> float:
 def kept_by_bound(row: torch.Tensor, group: int, k: int, bin_floor: bool = False, sample: int = 0) -> int | None:
     """Values >= the k-th largest maximum of the row's groups of `group` keys (`bin_floor`: >= the lowest float of
     its first-level bin); None where the row has < k groups. `sample` S > 0: >= the bound the top-k finds from a
-    sample of the row itself instead (`topk.sampled_bounds`; None where the row is too short to sample)."""
+    sample of the row itself instead (`topk_bounds.sampled_bounds`; None where the row is too short to sample)."""
     if sample:
         bound = float(sampled_bounds(row.view(1, -1), torch.tensor([row.numel()]), k, sample)[0])
         return None if bound == float("-inf") else int((row >= bound).sum())

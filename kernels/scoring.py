@@ -103,8 +103,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     writes, per query, the largest logit it can see (-inf for none) of each group of G keys over the tiles it
     computes: the groups before each query's end are all written. Group (16 / G)s + j takes keys 16s + 8h + (G/2)j + r
     (h < 2, r < G/2): G/2 consecutive keys from each half of a 16-key slab, what the wgmma layout reduces cheapest
-    (`topk.group_maxima` in PyTorch; any disjoint groups bound alike). `topk.build_radix_topk(maxima_group=...)` takes
-    its bound from them.
+    (`topk_bounds.group_maxima` in PyTorch; any disjoint groups bound alike). `topk.build_radix_topk(maxima_group=...)`
+    takes its bound from them.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     if overlapped and (fp8 or capacity):
@@ -157,7 +157,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             if fp8:  # Python-level: each key's scale, after the head sum (read from global: no pipelining)
                 for n, i in T.Parallel(block_n, block_q):
                     logits[n, i] = logits[n, i] * KScale[bb, T.min(tile * block_n + n, num_keys - 1)]
-            if group_max:  # Python-level: each group's largest visible logit per query (`topk.group_maxima`'s groups)
+            if group_max:  # Python-level: each group's largest visible logit per query (`topk_bounds.group_maxima`)
                 # Key n = 16s + 8h + l; group (16 / G)s + j takes h < 2 and l in [(G/2)j, (G/2)(j + 1)). In the wgmma
                 # layout h is a register and l a lane bit: one register max, then log2(G/2) shuffles (not log2 G).
                 for n, i in T.Parallel(block_n, block_q):

@@ -23,7 +23,6 @@ import math
 
 import tilelang
 import tilelang.language as T
-import torch
 
 from .common import compile_target
 
@@ -102,55 +101,6 @@ def _order_key(value):
     return T.reinterpret(signed_magnitude, T.uint32) + T.uint32(0x80000000)
 
 
-def group_maxima(scores: torch.Tensor, ends: torch.Tensor, group: int) -> torch.Tensor:
-    """Each row's maxima over its groups of `group` (2, 4, 8 or 16) columns before its end (-inf for none): [rows,
-    ceil(width / group)] fp32, what the logits program writes with `group_max`. Group (16 / group)·s + j takes columns
-    16s + 8h + (group / 2)·j + r (h < 2, r < group / 2): half from each half of a 16-column slab, the groups the
-    logits program's register layout reduces cheapest (16: 16 consecutive columns). In PyTorch; scores [rows, width]."""
-    if group not in (2, 4, 8, 16):
-        raise ValueError(f"group must be 2, 4, 8 or 16 (the logits program's groups); got {group}")
-    rows, width = scores.shape
-    padded = -(-width // 16) * 16
-    columns = torch.arange(padded, device=scores.device)
-    visible = torch.nn.functional.pad(scores, (0, padded - width), value=float("-inf"))
-    visible = visible.masked_fill(columns >= ends.reshape(-1, 1), float("-inf"))
-    # [rows, slab, h, j, r] -> [rows, slab, j, h, r]: each group's columns adjacent
-    slabs = visible.view(rows, padded // 16, 2, 16 // group, group // 2).transpose(2, 3)
-    return slabs.reshape(rows, padded // group, group).amax(-1)[:, : -(-width // group)]
-
-
-def group_maxima_bounds(scores: torch.Tensor, ends: torch.Tensor, k: int, group: int) -> torch.Tensor:
-    """Bounds [rows] fp32 for `build_radix_topk(bounded=True)`: the k-th largest of each row's `group_maxima` (each of
-    k groups holds a value at or above it, so it is at most the row's k-th value); -inf for a row of fewer than k
-    groups. In PyTorch; scores [rows, width] fp32, ends [rows]."""
-    maxima = group_maxima(scores, ends, group)
-    if maxima.shape[1] < k:
-        return torch.full((scores.shape[0],), float("-inf"), device=scores.device)
-    return maxima.topk(k, dim=-1).values[:, -1].contiguous()  # -inf where fewer than k groups are visible
-
-
-def sampled_bounds(scores: torch.Tensor, ends: torch.Tensor, k: int, sample_every: int) -> torch.Tensor:
-    """Bounds [rows] fp32 as `build_radix_topk(sample_every=...)` finds them (PyTorch, for models and tests): the
-    lowest float of the first-level bin holding the ceil(SAMPLE_MARGIN · k / sample_every)-th largest of the row's
-    sampled values (columns c < end with c mod (8 · sample_every) < 8: one 32-byte sector of every `sample_every`);
-    -inf for rows shorter than SAMPLE_MIN_KEYS_PER_K · k. Not a sure bound (see `build_radix_topk`)."""
-    columns = torch.arange(scores.shape[1], device=scores.device)
-    sampled = (columns % (8 * sample_every) < 8) & (columns < ends.reshape(-1, 1))
-    bits = scores.float().contiguous().view(torch.int32).to(torch.int64)
-    sign = bits >> 31
-    first_level = ((((bits & 0x7FFFFFFF) ^ sign) - sign) + 2**31) >> (32 - RADIX_BITS[0])
-    rank = math.ceil(SAMPLE_MARGIN * k / sample_every)
-    if sampled.sum(-1).min() < rank:  # only rows too short to sample lack `rank` samples
-        first_level = torch.nn.functional.pad(first_level, (0, rank))
-        sampled = torch.nn.functional.pad(sampled, (0, rank))
-    low_key = torch.where(sampled, first_level, -1).topk(rank, dim=-1).values[:, -1] << (32 - RADIX_BITS[0])
-    signed_magnitude = low_key - 2**31  # `_lowest_value_with_key`, in PyTorch
-    bits = torch.where(signed_magnitude >= 0, signed_magnitude, -signed_magnitude + 2**31)
-    bounds = (bits - (bits >= 2**31).long() * 2**32).to(torch.int32).view(torch.float32)
-    short = (ends.reshape(-1) < SAMPLE_MIN_KEYS_PER_K * k) | (low_key <= 0)
-    return bounds.masked_fill(short, float("-inf")).contiguous()
-
-
 @functools.lru_cache(maxsize=None)
 def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys: bool = False,
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
@@ -185,7 +135,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     `longest_first`: the CTAs take the rows last to first (a causal prefill's last rows are its longest, and the
     logits program with its own `longest_first` writes them first); the same selection.
     `bounded` (opt-in, vector > 1): the program also takes Bounds [rows] fp32, each at most its row's k-th value
-    (-inf: none), e.g. the k-th largest of the row's maxima over groups of keys (`group_maxima_bounds`).
+    (-inf: none), e.g. the k-th largest of the row's maxima over groups of keys (`topk_bounds.group_maxima_bounds`).
     The first pass then counts and keeps in shared memory only the values at or above the bound; where they all fit
     the buffer, the finer levels and the output run on them and the row is read once instead of twice. A bound that
     keeps fewer than k values (above the k-th value: the caller's mistake) is dropped for a plain first pass; one that

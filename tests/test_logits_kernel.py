@@ -299,10 +299,10 @@ def test_group_maxima_compile_for_the_other_program_shapes(heads, num_queries, n
 @pytest.mark.parametrize("group", [8, 16])
 def test_group_maxima_are_the_largest_visible_logit_of_each_group(heads, num_queries, num_keys, pads, group):
     """The logits program's group maxima equal the maxima of its own logits over each group of `group` keys a query
-    can see (-inf for groups with none; groups as `topk.group_maxima` takes them), for every group before the
+    can see (-inf for groups with none; groups as `topk_bounds.group_maxima` takes them), for every group before the
     query's end."""
     from transformers_misa.kernels.scorer import _logits
-    from transformers_misa.kernels.topk import group_maxima
+    from transformers_misa.kernels.topk_bounds import group_maxima
 
     batch = len(pads)
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=5)

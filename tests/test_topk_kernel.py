@@ -126,7 +126,7 @@ def test_group_maxima_bounds_stay_at_or_below_the_kth_value():
     """The bound is the k-th largest of the groups' maxima before each row's end: at most the row's k-th value, at
     least k values reach it, -inf for rows of fewer than k groups; exact on a row whose k largest lie one per group."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")
-    from transformers_misa.kernels.topk import group_maxima_bounds
+    from transformers_misa.kernels.topk_bounds import group_maxima_bounds
 
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(4, 5000, generator=generator)
@@ -401,7 +401,7 @@ def test_group_maxima_take_half_of_each_group_from_each_half_slab():
     """`group_maxima`'s groups are the logits program's: group (16 / G)s + j holds columns 16s + 8h + (G / 2)j + r
     (h < 2, r < G / 2); 16 is plain consecutive columns; columns at or past a row's end count as -inf."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")
-    from transformers_misa.kernels.topk import group_maxima
+    from transformers_misa.kernels.topk_bounds import group_maxima
 
     row = torch.arange(40, dtype=torch.float32).reshape(1, 40)
     assert group_maxima(row, torch.tensor([40]), 8).tolist() == [[11, 15, 27, 31, 35]]
@@ -418,7 +418,8 @@ def test_sampled_bounds_keep_about_the_margin_times_k():
     the 4096-value buffer; -inf for rows shorter than SAMPLE_MIN_KEYS_PER_K·k; a sample holding the row's largest
     values gives a bound above the k-th value (the program then reads the row unbounded)."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")
-    from transformers_misa.kernels.topk import SAMPLE_MIN_KEYS_PER_K, sampled_bounds
+    from transformers_misa.kernels.topk import SAMPLE_MIN_KEYS_PER_K
+    from transformers_misa.kernels.topk_bounds import sampled_bounds
 
     generator = torch.Generator().manual_seed(1)
     scores = torch.randn(5, 65536, generator=generator)
