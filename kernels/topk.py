@@ -159,6 +159,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
         raise ValueError("phase_clock probes the vector program (vector > 1)")
     if maxima_group and sample_every:
         raise ValueError("maxima_group and sample_every are two sources of the bound: take one")
+    if sample_every and (sample_every < 0 or 8 % vector):
+        raise ValueError(f"sample_every samples whole 32-byte sectors: vector 2, 4 or 8 and sample_every > 0; got "
+                         f"vector={vector}, sample_every={sample_every}")
     bounded = bounded or maxima_group > 0 or sample_every > 0
     if bounded and (vector == 1 or phase_clock or not value_filter):
         raise ValueError("bounded is for the vector program (vector > 1) with the value filter, without phase_clock")
@@ -450,7 +453,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     bound = -T.infinity(T.float32)
                     if end >= SAMPLE_MIN_KEYS_PER_K * k:
                         clear_histogram(hist, tx)
-                        sector = max(1, 32 // (4 * vector))  # vector loads per 32-byte sector
+                        sector = 8 // vector  # vector loads per 32-byte sector
                         sampled = T.ceildiv(T.ceildiv(end, vector), sector * sample_every) * sector
                         for i in T.serial(T.ceildiv(sampled, threads)):
                             load = i * threads + tx  # the sample's load: sector `load // sector` of the sample

@@ -443,3 +443,7 @@ def test_sampled_bound_program_compiles_with_the_plain_signature():
         assert "Bounds" not in source and "GroupMax" not in source and "(8192 <= end)" in source
     with pytest.raises(ValueError, match="two sources of the bound"):
         build_radix_topk(2048, sample_every=16, maxima_group=8, **MANY_ROWS_VECTOR_SHAPE)
+    with pytest.raises(ValueError, match="32-byte sectors"):
+        build_radix_topk(2048, sample_every=16, **dict(MANY_ROWS_VECTOR_SHAPE, vector=16))
+    with pytest.raises(ValueError, match="vector program"):
+        build_radix_topk(2048, sample_every=16)  # no vector loads
