@@ -122,32 +122,6 @@ def test_fused_select_matches_reference(batch, num_queries, num_keys, heads, k, 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch,num_queries,num_keys,heads,pads", [
-    (1, 8448, 20000, 8, [0]),  # MISA-8's prefill programs (interleaved, 256-row CTAs, overlapped, staged stores)
-    (1, 1100, 30000, 64, [0]),  # DSA-64's (256-row CTAs, overlapped)
-    (1, 1200, 40000, 8, [0]),  # too few queries to fill the GPU: key tiles split over CTAs
-    (2, 700, 30000, 64, [0, 500]),  # the same with 64 heads, left padding (groups before it hold -inf)
-    (1, 2100, 20000, 32, [0]),  # GLM-5's 32 heads; rows of ~18K-20K keys: about as many groups as k
-    (8, 4, 30000, 8, [0] * 8),  # a decode step (4 speculative queries): the decode programs, wide top-k CTAs
-])
-@pytest.mark.parametrize("bound", [dict(maxima_group=8), dict(maxima_group=16),
-                                   dict(topk_options=dict(sample_every=16))], ids=["maxima8", "maxima16", "sampled16"])
-def test_fused_select_with_a_one_read_bound_selects_the_same(batch, num_queries, num_keys, heads, pads, bound):
-    """The one-read top-k's bounds (`maxima_group`: the logits program's group maxima; `sample_every`: a sample of
-    each row, the decode programs' few-row shape included): exactly the default fused select's keys (every row sees
-    at least k keys: no fill-up columns, whose choice is the atomics')."""
-    from transformers_misa.kernels.scorer import tilelang_select_tokens
-
-    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=11)
-    mask = _padded_causal_mask(batch, num_queries, num_keys, pads)
-    chunk = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device)
-    ours = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, 2048)
-    once = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, 2048, **bound)
-    assert torch.equal(once.sort(-1).values, ours.sort(-1).values)
-
-
-@gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("batch,num_queries,num_keys,heads,block_size,pads", [
     (1, 33, 33, 64, 16, [0]),
     (2, 200, 1000, 64, 128, [0, 300]),
@@ -242,4 +216,3 @@ def test_narrowing_to_live_keys_keeps_selections(mode):
         return
     assert torch.equal(finite_full, finite_narrow)
     assert torch.equal(full.sort(-1).values[finite_full.all(-1)], narrow.sort(-1).values[finite_narrow.all(-1)])
-

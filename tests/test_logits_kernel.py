@@ -251,74 +251,6 @@ def _assert_quad_stores_fenced(source: str) -> None:
     assert after < store < wait, "the bulk store must follow the barrier after the writes and be waited for"
 
 
-@pytest.mark.parametrize("heads,wide", [(8, True), (64, False)])
-def test_group_maxima_compile_beside_the_logits(heads, wide):
-    """`group_max` (opt-in): the MISA-8 and DSA-64 prefill programs also write each query's group maxima (a max over
-    the lanes holding a group's keys: two shuffle levels for groups of 8, not three); MISA-8's staged tile goes out
-    in one bulk store beside the logits'. Refused for FP8, the candidate variant, two store buffers, other groups."""
-    _tilelang_or_skip()
-    from transformers_misa.kernels.scorer import logits_options
-    from transformers_misa.kernels.scoring import build_weighted_relu_logits
-
-    options = logits_options(heads, 1, 65536, 65536, 132, False, interleaved=True, wide_few_heads=wide)
-    source = build_weighted_relu_logits(heads, 128, arch="sm_90a", group_max=8, **options)().get_kernel_source()
-    assert "AllReduce<tl::MaxOp, 16, 4," in source and "AllReduce<tl::MaxOp, 32," not in source
-    if wide:  # MISA-8: staged; overlapped: both bulk stores in flight before one wait
-        assert "tma_store(GroupMax_desc" in source and "GroupMax[" not in source
-        logits_store = source.index("tma_store(Logits_desc")
-        assert "tma_store_wait" not in source[logits_store : source.index("tma_store(GroupMax_desc", logits_store)]
-    else:
-        assert "float* __restrict__ GroupMax" in source
-    for bad in (dict(fp8=True), dict(capacity=1024, fill_future=False, staged_stores=False), dict(group_max=12),
-                dict(overlapped=True, store_buffers=2)):
-        with pytest.raises(ValueError, match="group_max"):
-            build_weighted_relu_logits(heads, 128, **{"group_max": 8, **bad})
-
-
-@pytest.mark.parametrize("heads,num_queries,num_keys", [
-    (8, 1200, 40000),  # MISA-8, too few queries to fill the GPU: 128-row CTAs, keys split, pipelined driver
-    (64, 300, 9000),  # DSA-64's the same
-    (8, 4, 30000),  # a decode step: 32-row CTAs
-    (32, 2100, 20000),  # GLM-5's 32 heads: 128-row CTAs, overlapped, plain layout
-])
-def test_group_maxima_compile_for_the_other_program_shapes(heads, num_queries, num_keys):
-    """`group_max` in every other program shape the one-read select reaches (each lays the logits out its own way;
-    TileLang's layout inference refused a first form of the group reduction in all of these)."""
-    _tilelang_or_skip()
-    from transformers_misa.kernels.scorer import logits_options
-    from transformers_misa.kernels.scoring import build_weighted_relu_logits
-
-    options = logits_options(heads, 1, num_queries, num_keys, 132, False, interleaved=True, wide_few_heads=True)
-    source = build_weighted_relu_logits(heads, 128, arch="sm_90a", group_max=8, **options)().get_kernel_source()
-    assert "GroupMax" in source and "AllReduce<tl::MaxOp" in source
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("heads,num_queries,num_keys,pads", [(8, 1200, 40000, [0]), (64, 300, 9000, [0, 700])])
-@pytest.mark.parametrize("group", [8, 16])
-def test_group_maxima_are_the_largest_visible_logit_of_each_group(heads, num_queries, num_keys, pads, group):
-    """The logits program's group maxima equal the maxima of its own logits over each group of `group` keys a query
-    can see (-inf for groups with none; groups as `topk_bounds.group_maxima` takes them), for every group before the
-    query's end."""
-    from transformers_misa.kernels.scorer import _logits
-    from transformers_misa.kernels.topk_bounds import group_maxima
-
-    batch = len(pads)
-    q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=5)
-    mask = _padded_causal_mask(batch, num_queries, num_keys, pads)
-    ks, ke, _ = ChunkMask(mask, slice(0, num_queries), batch, num_queries, num_keys, q.device).key_range
-    logits, maxima = _logits(q, weights, keys, ks, ke, 128**-0.5, fill_future=False, group_max=group)
-    columns = torch.arange(num_keys, device="cuda")
-    visible = (columns >= ks.unsqueeze(-1)) & (columns < ke.unsqueeze(-1))
-    expected = group_maxima(logits.masked_fill(~visible, float("-inf")).view(-1, num_keys), ke.view(-1),
-                            group).view(batch, num_queries, -1)
-    assert maxima.shape[-1] % 4 == 0 and maxima.shape[-1] >= expected.shape[-1]  # padded for a bulk store's stride
-    maxima = maxima[..., : expected.shape[-1]]
-    written = torch.arange(expected.shape[-1], device="cuda") < (ke.unsqueeze(-1) + group - 1) // group
-    assert torch.equal(maxima[written], expected[written])
-
-
 @pytest.mark.parametrize("heads,rows_per_cta", [(2, 128), (4, 128), (8, 128), (16, 128), (4, 256), (8, 256),
                                                  (16, 256), (32, 256)])
 def test_interleaved_layout_puts_whole_queries_in_one_thread(heads, rows_per_cta):
@@ -582,4 +514,3 @@ def test_fp8_logits_kernel_matches_reference_on_fp8_inputs(batch, num_queries, n
         ours = tilelang_token_logits(q, weights, keys, chunk, 128**-0.5, fp8=True)
         ref = reference.reference_token_logits(q, weights, keys, chunk, 128**-0.5)
         _assert_logits_match(ours, ref, tolerance=1e-2)
-
