@@ -286,8 +286,11 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None, roun
         torch.cuda.empty_cache()
 
 
-def run_decode(caches, batches, new_tokens_options, heads, reps, results):
+def run_decode(caches, batches, new_tokens_options, heads, reps, results, only=None):
+    """One decode step per (cache, batch, new tokens): the DSA kernel, MISA-8 and MISA-8 with stepwise routing always;
+    the sampled-bound top-k for both methods where `--methods` names them."""
     common = dict(softmax_scale=SCALE, scorer=TILELANG_SCORER, sync_free=True)  # as static-cache decode runs
+    sampled = dict(common, scorer=TILELANG_SAMPLED_TOPK_SCORER)
     for cache in caches:
         for batch in batches:
             for new_tokens in new_tokens_options:
@@ -301,7 +304,12 @@ def run_decode(caches, batches, new_tokens_options, heads, reps, results):
                     "misa8_stepwise_routing": lambda: reference.misa_topk(
                         q, keys, weights, TOPK, active_heads=8, block_size=BLOCK, pooled=pooled,
                         **dict(common, scorer=TILELANG_STEPWISE_ROUTING_SCORER)),
+                    f"dsa{heads}_sampled_topk": lambda: reference.dsa_topk(q, keys, weights, TOPK, **sampled),
+                    "misa8_sampled_topk": lambda: reference.misa_topk(q, keys, weights, TOPK, active_heads=8,
+                                                                      block_size=BLOCK, pooled=pooled, **sampled),
                 }
+                calls = {name: call for name, call in calls.items()
+                         if "sampled" not in name or (only is not None and chosen(name, heads, only))}
                 for name, call in calls.items():
                     row[f"{name}_ms"] = cuda_time_ms(call, reps)
                 for name, call in calls.items():
@@ -453,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
     run_prefill(parse(args.contexts), 64, deepseek_kernel, args.reps, results, only, args.rounds)
     run_prefill(parse(args.glm_contexts), 32, None, args.reps, results, only, args.rounds)
     run_decode(parse(args.decode_caches), parse(args.decode_batches), parse(args.decode_new_tokens), 64, args.reps,
-               results)
+               results, only)
     results.finish()
     plot(results, path.with_suffix(".png"))
     print(f"wrote {path} and .png")

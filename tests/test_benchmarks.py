@@ -246,6 +246,24 @@ def test_indexer_benchmark_times_the_methods_in_turn_over_rounds(monkeypatch, tm
                                                       ("misa8_x", "dsa64_x", 2.6666666666666665, 4.5)]
 
 
+def test_decode_benchmark_times_the_sampled_top_k_only_when_asked(monkeypatch, tmp_path):
+    """The decode rows always time the DSA kernel, MISA-8 and its stepwise routing; the sampled-bound top-k of both
+    methods only where `--methods` names it (opt-in, as in the prefill rows)."""
+    bench = _load("bench_indexer")
+    monkeypatch.setattr(bench, "inputs", lambda batch, queries, keys, heads: (
+        torch.zeros(batch, queries, heads, 4), torch.zeros(batch, keys, 4), torch.zeros(batch, queries, heads)))
+    monkeypatch.setattr(bench, "cuda_time_ms", lambda call, reps: 1.0)  # nothing runs: the calls are only counted
+    monkeypatch.setattr(bench, "graph_time_ms", lambda call, reps: 0.5)
+    monkeypatch.setattr(bench, "stage_ms", lambda call: {})
+    monkeypatch.setattr(bench, "print_row", lambda row, heads: None)
+    for only, sampled in ((None, False), ({"misa8", "dsa_sampled_topk", "misa8_sampled_topk"}, True)):
+        rows = []
+        bench.run_decode([256], [1], [1], 64, 1, rows, only)
+        (row,) = rows
+        assert {"dsa64_kernel_ms", "misa8_ms", "misa8_stepwise_routing_ms"} <= set(row)
+        assert ("dsa64_sampled_topk_ms" in row) == ("misa8_sampled_topk_graph_ms" in row) == sampled
+
+
 def test_timeline_finds_the_idle_stretches_between_kernels(monkeypatch):
     """benchmarks/timeline.py: kernels laid on the GPU's timeline, overlaps merged, the gaps between them named."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")  # bench_indexer imports it
