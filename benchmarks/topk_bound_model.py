@@ -27,11 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import torch
 
-from topk_conflicts import order_keys  # this folder's model of the first pass
-from transformers_misa.kernels.topk_bounds import group_maxima_bounds, sampled_bounds
+from topk_conflicts import FIRST_DIGIT  # this folder's model of the first pass
+from transformers_misa.kernels.topk_bounds import (group_maxima_bounds, lowest_values_with_keys, order_keys,
+                                                   sampled_bounds)
 
 TOPK = 2048
 
@@ -47,10 +47,8 @@ def row_scores(heads: int, num_keys: int, dim: int, generator: torch.Generator) 
 def first_level_floor(value: float) -> float:
     """The lowest float of `value`'s first-level bin in the radix top-k (the top 12 bits of its order key): a bound a
     top-k can find with one histogram of the group maxima, without selecting their exact k-th value."""
-    low = int(order_keys(np.array([value]))[0]) & ~(2**20 - 1)  # the bin's lowest key
-    magnitude = low - 2**31 if low >= 2**31 else 2**31 - low
-    floor = torch.tensor([magnitude], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
-    return floor if low >= 2**31 else -floor
+    low = order_keys(torch.tensor([value])) >> FIRST_DIGIT << FIRST_DIGIT  # the bin's lowest key
+    return lowest_values_with_keys(low).item()
 
 
 def kept_by_bound(row: torch.Tensor, group: int, k: int, bin_floor: bool = False, sample: int = 0) -> int | None:

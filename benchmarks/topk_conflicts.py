@@ -19,22 +19,16 @@ import numpy as np
 import torch
 
 from transformers_misa.kernels.topk import LEVELS
+from transformers_misa.kernels.topk_bounds import order_keys
 
 (FIRST_BITS, FIRST_SHIFT), *_ = LEVELS
 FIRST_DIGIT = FIRST_SHIFT - FIRST_BITS  # the first level's bin is the order key above this bit (the top 12 bits)
 LANES, VECTOR = 32, 4  # a warp's lanes, floats per lane and load
 
 
-def order_keys(values: np.ndarray) -> np.ndarray:
-    """float32 -> the top-k's order key (`topk._order_key`), as int64."""
-    bits = values.astype(np.float32).view(np.int32).astype(np.int64)
-    sign = bits >> 31
-    return (((bits & 0x7FFFFFFF) ^ sign) - sign) + 2**31
-
-
 def busiest_address_counts(row: np.ndarray) -> np.ndarray:
     """Per warp atomic instruction: how many of its lanes count into its busiest bin."""
-    bins = order_keys(row) >> FIRST_DIGIT
+    bins = order_keys(torch.from_numpy(row)).numpy() >> FIRST_DIGIT
     usable = len(bins) // (LANES * VECTOR) * LANES * VECTOR
     per_instruction = bins[:usable].reshape(-1, LANES, VECTOR).transpose(0, 2, 1).reshape(-1, LANES)
     return np.array([np.bincount(lanes - lanes.min()).max() for lanes in per_instruction])
@@ -54,7 +48,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         weights = torch.randn(heads, generator=generator).abs()
         row = ((torch.relu(q @ keys.T) * weights[:, None]).sum(0) * args.dim**-0.5).numpy()
         counts = busiest_address_counts(row)
-        distinct = int(len(np.unique(order_keys(row) >> FIRST_DIGIT)))
+        distinct = int(len(np.unique(order_keys(torch.from_numpy(row)).numpy() >> FIRST_DIGIT)))
         result = {"heads": heads, "keys": args.keys, "distinct_bins": distinct,
                   "mean_busiest_address_count": round(float(counts.mean()), 2)}
         print(result)

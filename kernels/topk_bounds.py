@@ -9,6 +9,21 @@ import torch
 from .topk import RADIX_BITS, SAMPLE_MARGIN, SAMPLE_MIN_KEYS_PER_K
 
 
+def order_keys(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> the top-k's order key (`topk._order_key`: unsigned order is the float order), as int64."""
+    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
+    sign = bits >> 31
+    return (((bits & 0x7FFFFFFF) ^ sign) - sign) + 2**31
+
+
+def lowest_values_with_keys(keys: torch.Tensor) -> torch.Tensor:
+    """int64 order keys -> the smallest float32 with each key (`topk._lowest_value_with_key`; key 0: -inf)."""
+    signed_magnitude = keys - 2**31
+    bits = torch.where(signed_magnitude >= 0, signed_magnitude, -signed_magnitude + 2**31)
+    values = (bits - (bits >= 2**31).long() * 2**32).to(torch.int32).view(torch.float32)
+    return values.masked_fill(keys == 0, float("-inf"))
+
+
 def group_maxima(scores: torch.Tensor, ends: torch.Tensor, group: int) -> torch.Tensor:
     """Each row's maxima over its groups of `group` (2, 4, 8 or 16) columns before its end (-inf for none): [rows,
     ceil(width / group)] fp32, what the logits program writes with `group_max`. Group (16 / group)·s + j takes columns
@@ -43,16 +58,11 @@ def sampled_bounds(scores: torch.Tensor, ends: torch.Tensor, k: int, sample_ever
     -inf for rows shorter than SAMPLE_MIN_KEYS_PER_K · k. Not a sure bound (see `build_radix_topk`)."""
     columns = torch.arange(scores.shape[1], device=scores.device)
     sampled = (columns % (8 * sample_every) < 8) & (columns < ends.reshape(-1, 1))
-    bits = scores.float().contiguous().view(torch.int32).to(torch.int64)
-    sign = bits >> 31
-    first_level = ((((bits & 0x7FFFFFFF) ^ sign) - sign) + 2**31) >> (32 - RADIX_BITS[0])
+    first_level = order_keys(scores) >> (32 - RADIX_BITS[0])
     rank = math.ceil(SAMPLE_MARGIN * k / sample_every)
     if sampled.sum(-1).min() < rank:  # only rows too short to sample lack `rank` samples
         first_level = torch.nn.functional.pad(first_level, (0, rank))
         sampled = torch.nn.functional.pad(sampled, (0, rank))
     low_key = torch.where(sampled, first_level, -1).topk(rank, dim=-1).values[:, -1] << (32 - RADIX_BITS[0])
-    signed_magnitude = low_key - 2**31  # `_lowest_value_with_key`, in PyTorch
-    bits = torch.where(signed_magnitude >= 0, signed_magnitude, -signed_magnitude + 2**31)
-    bounds = (bits - (bits >= 2**31).long() * 2**32).to(torch.int32).view(torch.float32)
     short = (ends.reshape(-1) < SAMPLE_MIN_KEYS_PER_K * k) | (low_key <= 0)
-    return bounds.masked_fill(short, float("-inf")).contiguous()
+    return lowest_values_with_keys(low_key).masked_fill(short, float("-inf")).contiguous()

@@ -269,3 +269,16 @@ def test_fused_select_with_a_one_read_bound_selects_the_same(batch, num_queries,
     ours = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, 2048)
     once = tilelang_select_tokens(q, weights, keys, chunk, 128**-0.5, 2048, **bound)
     assert torch.equal(once.sort(-1).values, ours.sort(-1).values)
+
+
+def test_order_keys_and_lowest_values_invert_each_other():
+    """`topk_bounds.order_keys` orders as the floats do (-inf lowest, -0.0 and +0.0 one key) and
+    `lowest_values_with_keys` maps each key back to its float (key 0: -inf), as the program's pair does."""
+    pytest.importorskip("tilelang", reason="TileLang is not installed")
+    from transformers_misa.kernels.topk_bounds import lowest_values_with_keys, order_keys
+
+    values = torch.tensor([float("-inf"), -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.25, float("inf")])
+    keys = order_keys(values)
+    assert bool((keys[1:] >= keys[:-1]).all()) and keys[3] == keys[4] == 2**31
+    assert torch.equal(lowest_values_with_keys(keys), values.masked_fill(values == 0, 0.0))
+    assert lowest_values_with_keys(torch.tensor([0])).item() == float("-inf")
