@@ -87,12 +87,13 @@ def test_radix_topk_bounded_compiles_and_takes_the_bounds():
     from transformers_misa.kernels.topk import FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk
 
     for shape in (MANY_ROWS_VECTOR_SHAPE, FEW_ROWS_VECTOR_SHAPE):
-        source = build_radix_topk(2048, arch="sm_90a", bounded=True, **shape)().get_kernel_source()
+        source = build_radix_topk(2048, arch="sm_90a", bounded=True, **dict(shape, sample_every=0))().get_kernel_source()
         assert "const float* __restrict__ Bounds" in source and "reads_again" in source
     for options in (dict(), dict(vector=4, phase_clock=True), dict(vector=4, value_filter=False)):
         with pytest.raises(ValueError, match="bounded is for the vector program"):
             build_radix_topk(2048, bounded=True, **options)
-    source = build_radix_topk(2048, arch="sm_90a", maxima_group=8, **MANY_ROWS_VECTOR_SHAPE)().get_kernel_source()
+    source = build_radix_topk(2048, arch="sm_90a", **dict(MANY_ROWS_VECTOR_SHAPE, sample_every=0, maxima_group=8)
+                              )().get_kernel_source()
     assert "const float* __restrict__ GroupMax" in source and "Bounds" not in source  # the bound found in the program
 
 
@@ -160,12 +161,12 @@ def test_sampled_bound_program_compiles_with_the_plain_signature():
     from transformers_misa.kernels.topk import FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk
 
     for shape in (MANY_ROWS_VECTOR_SHAPE, FEW_ROWS_VECTOR_SHAPE):
-        source = build_radix_topk(2048, arch="sm_90a", sample_every=16, **shape)().get_kernel_source()
+        source = build_radix_topk(2048, arch="sm_90a", **dict(shape, sample_every=16))().get_kernel_source()
         assert "Bounds" not in source and "GroupMax" not in source and "(8192 <= end)" in source
     with pytest.raises(ValueError, match="two sources of the bound"):
-        build_radix_topk(2048, sample_every=16, maxima_group=8, **MANY_ROWS_VECTOR_SHAPE)
+        build_radix_topk(2048, **dict(MANY_ROWS_VECTOR_SHAPE, sample_every=16, maxima_group=8))
     with pytest.raises(ValueError, match="32-byte sectors"):
-        build_radix_topk(2048, sample_every=16, **dict(MANY_ROWS_VECTOR_SHAPE, vector=16))
+        build_radix_topk(2048, **dict(MANY_ROWS_VECTOR_SHAPE, sample_every=16, vector=16))
     with pytest.raises(ValueError, match="vector program"):
         build_radix_topk(2048, sample_every=16)  # no vector loads
 
@@ -178,10 +179,10 @@ def test_radix_topk_bounded_selects_the_same_set_with_any_bound(shape):
     once, or read again where more values reach it than the buffer holds), the k-th value itself, a bound below every
     value (the buffer overflows), one above the k-th value (dropped), -inf; heavy ties; rows shorter than k. So does
     `maxima_group`, which finds its bound from the rows' group maxima."""
-    from transformers_misa.kernels.topk import (FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk,
-                                                group_maxima, group_maxima_bounds)
+    from transformers_misa.kernels.topk import FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk
+    from transformers_misa.kernels.topk_bounds import group_maxima, group_maxima_bounds
 
-    options = MANY_ROWS_VECTOR_SHAPE if shape == "many" else FEW_ROWS_VECTOR_SHAPE
+    options = dict(MANY_ROWS_VECTOR_SHAPE if shape == "many" else FEW_ROWS_VECTOR_SHAPE, sample_every=0)
     width, k = 70000, 2048
     generator = torch.Generator(device="cuda").manual_seed(len(shape))
     scores = torch.randn(12, width, device="cuda", generator=generator)
@@ -217,10 +218,10 @@ def test_radix_topk_sampled_bound_selects_the_same_set(shape):
     once, rows whose sample holds their largest values (the bound too high: the first pass again, unbounded), rows
     whose values crowd one first-level bin (more reach the bound than the buffer holds: read again), heavy ties,
     rows too short to sample, ends inside a sampled sector."""
-    from transformers_misa.kernels.topk import (FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk,
-                                                sampled_bounds)
+    from transformers_misa.kernels.topk import FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk
+    from transformers_misa.kernels.topk_bounds import sampled_bounds
 
-    options = MANY_ROWS_VECTOR_SHAPE if shape == "many" else FEW_ROWS_VECTOR_SHAPE
+    options = dict(MANY_ROWS_VECTOR_SHAPE if shape == "many" else FEW_ROWS_VECTOR_SHAPE, sample_every=16)
     width, k = 70000, 2048
     generator = torch.Generator(device="cuda").manual_seed(3 + len(shape))
     scores = torch.randn(10, width, device="cuda", generator=generator)
@@ -239,7 +240,7 @@ def test_radix_topk_sampled_bound_selects_the_same_set(shape):
     assert kept[1] < k and kept[2] > 4096 and k <= kept[0] <= 4096  # the cases above do arise
     assert bounds[4] == float("-inf") and bounds[6] == float("-inf") and bounds[5] > float("-inf")
     expected = build_radix_topk(k)()(scores, ends)
-    got = build_radix_topk(k, sample_every=16, **options)()(scores.view(10, -1, options["vector"]), ends)
+    got = build_radix_topk(k, **options)()(scores.view(10, -1, options["vector"]), ends)
     for row, end in enumerate(ends.tolist()):
         assert {c for c in got[row].tolist() if c < end} == {c for c in expected[row].tolist() if c < end}, row
         assert len(set(got[row].tolist())) == k, f"row {row}: repeated index"
