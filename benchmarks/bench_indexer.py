@@ -29,6 +29,7 @@ from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCOR
                                                 TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FORWARD_ORDER_SCORER,
                                                 TILELANG_LAST_REMAINDER_SCORER, TILELANG_LONGEST_FIRST_SCORER,
                                                 TILELANG_ONE_READ_TOPK_SCORER, TILELANG_SAMPLED_TOPK_SCORER,
+                                                TILELANG_UNSAMPLED_TOPK_SCORER,
                                                 TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER,
                                                 TILELANG_PLAIN_MANY_HEADS_SCORER, TILELANG_PLAIN_TOPK_SCORER,
                                                 TILELANG_RUNNING_SUM_ROUTER_SCORER,
@@ -104,9 +105,9 @@ def methods(heads: int, deepseek_kernel):
         # the top-k reading each row once where the logits' group maxima bound it (opt-in, both methods alike)
         f"dsa{heads}_one_read_topk": _dsa(TILELANG_ONE_READ_TOPK_SCORER),
         "misa8_one_read_topk": _misa(reference.misa_topk, TILELANG_ONE_READ_TOPK_SCORER),
-        # the same with the bound from a sample of each row (opt-in, both methods alike; nothing added to the logits)
-        f"dsa{heads}_sampled_topk": _dsa(TILELANG_SAMPLED_TOPK_SCORER),
-        "misa8_sampled_topk": _misa(reference.misa_topk, TILELANG_SAMPLED_TOPK_SCORER),
+        # the prefill top-k reading every row twice (before its bound from a sample of the row), both methods alike
+        f"dsa{heads}_unsampled_topk": _dsa(TILELANG_UNSAMPLED_TOPK_SCORER),
+        "misa8_unsampled_topk": _misa(reference.misa_topk, TILELANG_UNSAMPLED_TOPK_SCORER),
         # a prefill's logits query blocks and top-k rows last to first for many heads too (opt-in; the default for
         # at most 16 heads, scorer.longest_first_for)
         f"dsa{heads}_longest_first": _dsa(TILELANG_LONGEST_FIRST_SCORER),
@@ -274,7 +275,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None, roun
                                              f"dsa{heads}_plain_many_heads",
                                              "misa8_running_sum_router", "misa8_single_run_tail_means",
                                              f"dsa{heads}_longest_first", f"dsa{heads}_one_read_topk",
-                                             "misa8_one_read_topk", f"dsa{heads}_sampled_topk", "misa8_sampled_topk",
+                                             "misa8_one_read_topk", f"dsa{heads}_unsampled_topk", "misa8_unsampled_topk",
                                              f"dsa{heads}_last_remainder", "misa8_last_remainder",
                                              f"dsa{heads}_forward_order", "misa8_forward_order",
                                              "misa8_plain_layout",
@@ -288,7 +289,8 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None, roun
 
 def run_decode(caches, batches, new_tokens_options, heads, reps, results, only=None):
     """One decode step per (cache, batch, new tokens): the DSA kernel, MISA-8 and MISA-8 with stepwise routing always;
-    the sampled-bound top-k for both methods where `--methods` names them."""
+    the sampled-bound top-k (the prefill default, opt-in for a decode step's wide CTAs) for both methods where
+    `--methods` names them."""
     common = dict(softmax_scale=SCALE, scorer=TILELANG_SCORER, sync_free=True)  # as static-cache decode runs
     sampled = dict(common, scorer=TILELANG_SAMPLED_TOPK_SCORER)
     for cache in caches:

@@ -404,8 +404,8 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
     rows = scores.reshape(-1, width).float().contiguous()
     shape = radix_shape(rows.shape[0], _sm_count(rows.device), width % 4 == 0 and rows.data_ptr() % 16 == 0)
     shape.update(options or {})
-    if shape.get("vector", 1) == 1:  # a bound from a sample of the row is for the vector programs
-        shape.pop("sample_every", None)
+    if shape.get("vector", 1) == 1 or not shape.get("value_filter", True) or shape.get("phase_clock"):
+        shape.pop("sample_every", None)  # a bound from a sample of the row is for the vector programs with the filter
     if shape.get("vector", 1) > 1:
         rows = rows.view(rows.shape[0], -1, shape["vector"])
     if ends is None:
@@ -414,7 +414,8 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
         row_ends = ends.to(torch.int32).reshape(-1).contiguous()
     extra = ()
     if maxima is not None and maxima_group and ends is not None and shape.get("vector", 1) > 1:
-        shape["maxima_group"] = maxima_group
+        shape["maxima_group"] = maxima_group  # the bound from the maxima, in place of the shape's sampled one
+        shape.pop("sample_every", None)
         extra = (maxima.reshape(rows.shape[0], -1).contiguous(),)
     if out is not None and out.dtype == torch.int32 and out.is_contiguous() and out.shape == (*scores.shape[:-1], k):
         build_radix_topk(k, caller_allocates_out=True, **shape)()(rows, row_ends, *extra, out.view(-1, k))

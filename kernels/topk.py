@@ -46,8 +46,13 @@ FEW_ROWS_VECTOR_SHAPE: dict | None = dict(FEW_ROWS_SHAPE, vector=4, unroll=4)
 # selected; the MISA-8 indexer's top-k stage (bench_indexer-20261204-044100.json) 2.13 -> 1.75 ms at 32K, 6.26 ->
 # 5.52 at 64K, 20.99 -> 20.09 at 128K. A decode step's wide CTAs lose with them (128K, batch 32, 1 / 4 queries:
 # 0.0561 / 0.0690 against 0.0477 / 0.0548 ms) and keep the plain passes.
+# They also take `sample_every=16` (each row's bound from a sample of itself, most rows read once; the same sets):
+# H200, sweep_topk-20261204-174833.json, 64K / 128K causal rows 0.329 / 0.957 against 0.363 / 1.267 ms; in the
+# indexer (bench_indexer-20261204-174851.json) MISA-8 15.34 / 56.43 against 15.81 / 60.84 ms at 64K / 128K, DSA-64
+# 71.08 / 279.40 against 72.15 / 286.18, 32K even (5.09 against 5.02 ms). The decode shape keeps the plain first pass
+# (128K, batch 32, 1 / 4 queries: 0.048 / 0.074 against 0.056 / 0.065 ms; in the indexer's decode step even).
 MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1, compact_second_pass=True,
-                                           bins_in_registers=True)
+                                           bins_in_registers=True, sample_every=16)
 # Tried on an H200 and not kept, each written up with its figures in the README's latest GPU section or in
 # benchmarks/RESULTS.md (search for the commit): a one-read path (280dfb6), 16-bit planes of the logits (27b4688), the
 # second pass read backward / rows reversed (81f9364), per-thread cp.async rings (b6322b7), slot claims once per warp
@@ -60,7 +65,8 @@ MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1, 
 # 64K / 128K causal rows 1.003 / 3.695 against 0.363 / 1.206 ms (sweep_topk-20261204-145025.json).
 # Reading rows once from the logits program's group maxima (`maxima_group`) is kept opt-in, not the default: the top-k
 # gains (64K / 128K rows 0.327 / 0.916 against 0.363 / 1.205 ms, sweep_topk-20261204-162655.json) about what the
-# maxima cost the logits program at 64K, a little more at 128K (see variants.TILELANG_ONE_READ_TOPK_SCORER).
+# maxima cost the logits program at 64K, a little more at 128K (see variants.TILELANG_ONE_READ_TOPK_SCORER); the
+# sampled bound (`sample_every`, the prefill default) reads rows once at no cost to the logits program.
 # Nsight Compute (benchmarks/results/ncu-20261204-0231-detail.txt): bound by instruction issue and the L1 /
 # shared-memory pipe (84% busy), not DRAM (43%).
 # (bits of this level, bit position above which the prefix is already fixed)

@@ -58,11 +58,11 @@ TILELANG_SQUARE_FEW_HEADS_SCORER = logits_variant("tilelang-square-few-heads", w
 TILELANG_PLAIN_MANY_HEADS_SCORER = logits_variant("tilelang-plain-many-heads", interleaved_many_heads=False)
 
 # The prefill top-k without `compact_second_pass` and `bins_in_registers` (before topk.MANY_ROWS_VECTOR_SHAPE took
-# them), kept so that the benchmark times both side by side.
+# them, and its sampled bound), kept so that the benchmark times both side by side.
 TILELANG_PLAIN_TOPK_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-plain-topk",
-    fused_select=functools.partial(tilelang_select_tokens,
-                                   topk_options=dict(compact_second_pass=False, bins_in_registers=False)))
+    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(
+        compact_second_pass=False, bins_in_registers=False, sample_every=0)))
 
 # A prefill's routing program keeping a running [rows, block_m] sum reduced once at the end (before WIDE_ROUTER took
 # reduce_per_tile), kept so that the benchmark times both side by side.
@@ -85,8 +85,14 @@ TILELANG_ONE_READ_TOPK_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-one-read-topk",
     fused_select=functools.partial(tilelang_select_tokens, maxima_group=8))
 
-# The top-k reading each row once where it can, its bound from a sample of the row itself (1/16 of its values, read
-# first; `topk.build_radix_topk(sample_every)`): no work added to the logits program. Opt-in, not yet measured.
+# The prefill top-k reading every row twice (before topk.MANY_ROWS_VECTOR_SHAPE took `sample_every`, its bound from
+# a sample of the row), kept so that the benchmark times both side by side.
+TILELANG_UNSAMPLED_TOPK_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-unsampled-topk",
+    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(sample_every=0)))
+
+# The sampled bound in a decode step's top-k too (its wide-CTA shape, topk.FEW_ROWS_VECTOR_SHAPE, reads rows twice by
+# default; a prefill's rows take the bound already): opt-in, timed beside the default by the benchmark's decode rows.
 TILELANG_SAMPLED_TOPK_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-sampled-topk",
     fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(sample_every=16)))

@@ -93,17 +93,43 @@ def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
 
 def test_prefill_rows_take_the_compact_second_pass_and_decode_rows_do_not():
     """The default shapes as measured (topk.MANY_ROWS_VECTOR_SHAPE's comment): a prefill's rows with the compact second
-    pass and counts in registers, a decode step's without; the kept plain-top-k scorer turns both off."""
+    pass, counts in registers and the sampled bound, a decode step's without; the kept plain-top-k scorer turns all
+    three off, the unsampled one the bound."""
     _tilelang_or_skip()
     from transformers_misa.kernels import variants
     from transformers_misa.kernels.scorer import radix_shape
 
     prefill, decode = radix_shape(20000, 132, True), radix_shape(32, 132, True)
     assert prefill["compact_second_pass"] and prefill["bins_in_registers"] and prefill["vector"] == 4
+    assert prefill["sample_every"] == 16 and not decode.get("sample_every")
     assert not decode.get("compact_second_pass") and not decode.get("bins_in_registers")
     assert not radix_shape(20000, 132, False).get("compact_second_pass")  # the scalar shape was not measured with it
-    plain = variants.TILELANG_PLAIN_TOPK_SCORER.fused_select.keywords["topk_options"]
-    assert {**prefill, **plain}["compact_second_pass"] is False and {**prefill, **plain}["bins_in_registers"] is False
+    plain = {**prefill, **variants.TILELANG_PLAIN_TOPK_SCORER.fused_select.keywords["topk_options"]}
+    assert plain["compact_second_pass"] is False and plain["bins_in_registers"] is False and plain["sample_every"] == 0
+    unsampled = {**prefill, **variants.TILELANG_UNSAMPLED_TOPK_SCORER.fused_select.keywords["topk_options"]}
+    assert unsampled == dict(prefill, sample_every=0)
+
+
+@pytest.mark.parametrize("options,sampled", [(None, True), (dict(value_filter=False), False),
+                                             (dict(phase_clock=True), False), (dict(sample_every=0), False)])
+@pytest.mark.parametrize("maxima", [False, True])
+def test_radix_topk_drops_the_sampled_bound_where_the_options_rule_it_out(monkeypatch, options, sampled, maxima):
+    """A prefill's rows take the sampled bound by default; `radix_topk` leaves it out where the caller's options ask
+    for a program it does not build with (no value filter, the phase probe) and where the logits' group maxima give the
+    bound instead, rather than raising inside `generate`."""
+    _tilelang_or_skip()
+    from transformers_misa.kernels import scorer
+
+    built = []
+    monkeypatch.setattr(scorer, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(scorer, "build_radix_topk", lambda k, **shape: built.append(shape) or (
+        lambda: lambda rows, ends, *rest: torch.zeros(rows.shape[0], k, dtype=torch.int32)))
+    scores, ends = torch.zeros(400, 9000), torch.full((400,), 9000)
+    extra = dict(maxima=torch.zeros(400, 1125), maxima_group=8) if maxima else {}
+    scorer.radix_topk(scores, 2048, ends=ends, options=options, **extra)
+    (shape,) = built
+    assert bool(shape.get("sample_every")) == (sampled and not maxima)
+    assert shape.get("maxima_group", 0) == (8 if maxima else 0)
 
 
 @gpu
