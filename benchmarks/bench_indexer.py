@@ -28,14 +28,13 @@ from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORE
 from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER, TILELANG_BUDGET_CHUNKS_SCORER,
                                                 TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FORWARD_ORDER_SCORER,
                                                 TILELANG_LAST_REMAINDER_SCORER, TILELANG_LONGEST_FIRST_SCORER,
-                                                TILELANG_ONE_READ_TOPK_SCORER, TILELANG_SAMPLED_TOPK_SCORER,
-                                                TILELANG_UNSAMPLED_TOPK_SCORER,
                                                 TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER,
                                                 TILELANG_PLAIN_MANY_HEADS_SCORER, TILELANG_PLAIN_TOPK_SCORER,
-                                                TILELANG_RUNNING_SUM_ROUTER_SCORER,
-                                                TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER, TILELANG_SQUARE_FEW_HEADS_SCORER,
-                                                TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
-                                                TILELANG_THRESHOLD_SCORER)
+                                                TILELANG_RUNNING_SUM_ROUTER_SCORER, TILELANG_SAMPLED_TOPK_SCORER,
+                                                TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER,
+                                                TILELANG_SQUARE_FEW_HEADS_SCORER, TILELANG_STEPWISE_ROUTING_SCORER,
+                                                TILELANG_TAIL_KEYS_SCORER, TILELANG_THRESHOLD_SCORER,
+                                                TILELANG_UNSAMPLED_TOPK_SCORER)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
@@ -102,9 +101,6 @@ def methods(heads: int, deepseek_kernel):
         "misa8_plain_topk": _misa(reference.misa_topk, TILELANG_PLAIN_TOPK_SCORER),
         # the prefill routing program with a running [rows, blocks] sum reduced at the end (before reduce_per_tile)
         "misa8_running_sum_router": _misa(reference.misa_topk, TILELANG_RUNNING_SUM_ROUTER_SCORER),
-        # the top-k reading each row once where the logits' group maxima bound it (opt-in, both methods alike)
-        f"dsa{heads}_one_read_topk": _dsa(TILELANG_ONE_READ_TOPK_SCORER),
-        "misa8_one_read_topk": _misa(reference.misa_topk, TILELANG_ONE_READ_TOPK_SCORER),
         # the prefill top-k reading every row twice (before its bound from a sample of the row), both methods alike
         f"dsa{heads}_unsampled_topk": _dsa(TILELANG_UNSAMPLED_TOPK_SCORER),
         "misa8_unsampled_topk": _misa(reference.misa_topk, TILELANG_UNSAMPLED_TOPK_SCORER),
@@ -274,8 +270,8 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None, roun
                                              "misa8_square", f"dsa{heads}_plain_topk", "misa8_plain_topk",
                                              f"dsa{heads}_plain_many_heads",
                                              "misa8_running_sum_router", "misa8_single_run_tail_means",
-                                             f"dsa{heads}_longest_first", f"dsa{heads}_one_read_topk",
-                                             "misa8_one_read_topk", f"dsa{heads}_unsampled_topk", "misa8_unsampled_topk",
+                                             f"dsa{heads}_longest_first",
+                                             f"dsa{heads}_unsampled_topk", "misa8_unsampled_topk",
                                              f"dsa{heads}_last_remainder", "misa8_last_remainder",
                                              f"dsa{heads}_forward_order", "misa8_forward_order",
                                              "misa8_plain_layout",

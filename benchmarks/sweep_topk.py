@@ -10,10 +10,9 @@ cache). The logits come from the 8-head logits program on random inputs. Each va
 default's set (ties break alike); its time is reported with the bandwidth of one read of the visible columns.
 Compiles run in parallel processes first. The `*_bounded*` variants (`build_radix_topk(bounded=True)`) take each row's
 bound from `group_maxima_bounds` over groups of 16 or 8 columns, computed in PyTorch before the timed calls: their
-times leave out what producing the bound would cost (the most a bound from the logits program could give). The
-`*_maxima8` variant (`maxima_group=8`) takes the group maxima instead (computed beforehand, as the logits program
-would write them) and finds its bound itself: the top-k's whole share of the one-read path. The `*_sampled16`
-variants (`sample_every=16`) find their bound from a sample of each row itself: the whole cost of that path.
+times leave out what producing the bound would cost (the most a bound could give). The `*_sampled16` variants
+(`sample_every=16`, the prefill default's bound) find their bound from a sample of each row itself: the whole cost of
+that path.
 
     python benchmarks/sweep_topk.py --out benchmarks/results
 """
@@ -29,7 +28,7 @@ from gpu_timing import cuda_time_ms, environment
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.scoring import build_weighted_relu_logits
 from transformers_misa.kernels.topk import BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, UNROLL, build_radix_topk
-from transformers_misa.kernels.topk_bounds import group_maxima, group_maxima_bounds, sampled_bounds
+from transformers_misa.kernels.topk_bounds import group_maxima_bounds, sampled_bounds
 
 VARIANTS = {  # name -> build options
     "default": {},
@@ -80,9 +79,6 @@ VARIANTS = {  # name -> build options
     "many_rows_vector4_unroll1_compact_bins_bounded8": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
                                                             compact_second_pass=True, bins_in_registers=True,
                                                             bounded=True),
-    "many_rows_vector4_unroll1_compact_bins_maxima8": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
-                                                           compact_second_pass=True, bins_in_registers=True,
-                                                           maxima_group=8),
     # the bound from a sample of each row itself (`sample_every`): the whole cost of this one-read path
     "many_rows_vector4_unroll1_compact_bins_sampled16": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
                                                              compact_second_pass=True, bins_in_registers=True,
@@ -178,8 +174,6 @@ def main(argv: list[str] | None = None) -> None:
                     row["bound_group"] = BOUND_GROUPS[name]
                     extra = (group_maxima_bounds(scores, ends, TOPK, BOUND_GROUPS[name]),)
                     row["rows_read_once"] = rows_read_once(scores, ends, extra[0], options.get("buffer", BUFFER))
-                elif options.get("maxima_group"):  # the group maxima, untimed (the logits program writes them)
-                    extra = (group_maxima(scores, ends, options["maxima_group"]),)
                 elif options.get("sample_every"):  # the program finds its bound: the share it reads once
                     row["rows_read_once"] = rows_read_once(scores, ends, sampled_bounds(
                         scores, ends, TOPK, options["sample_every"]), options.get("buffer", BUFFER))

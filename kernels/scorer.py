@@ -211,14 +211,13 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
             softmax_scale: float, fill_future: bool, fp8: bool = False, interleaved: bool = True,
             overlapped: bool = True, wide_few_heads: bool = WIDE_FEW_HEADS,
             interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS,
-            longest_first: bool | None = LONGEST_FIRST, group_max: int = 0):
-    """Logits [B, S, T] fp32 by the TileLang program (with `group_max`: and each query's group maxima [B, S,
-    ceil(T / group_max) rounded up to a multiple of 4], see `scoring.build_weighted_relu_logits`); `interleaved`: the
-    head sum in registers wherever that layout applies (bf16, 2-16 heads, at least one whole query block), the plain
-    layout elsewhere; `overlapped`: each tile's epilogue runs beside the next tile's matmul where `logits_options`
-    takes it; `wide_few_heads`: 4-16 interleaved heads in 256-row CTAs (see WIDE_FEW_HEADS_MIN) where a prefill has a
-    whole such block; `interleaved_many_heads`: 32 heads interleaved in the wide CTAs too (a call whose keys are split
-    over 128-row CTAs keeps the plain layout). See `query_layout`. `longest_first`: see `logits_options`."""
+            longest_first: bool | None = LONGEST_FIRST) -> torch.Tensor:
+    """Logits [B, S, T] fp32 by the TileLang program; `interleaved`: the head sum in registers wherever that layout
+    applies (bf16, 2-16 heads, at least one whole query block), the plain layout elsewhere; `overlapped`: each
+    tile's epilogue runs beside the next tile's matmul where `logits_options` takes it; `wide_few_heads`: 4-16
+    interleaved heads in 256-row CTAs (see WIDE_FEW_HEADS_MIN) where a prefill has a whole such block;
+    `interleaved_many_heads`: 32 heads interleaved in the wide CTAs too (a call whose keys are split over 128-row
+    CTAs keeps the plain layout). See `query_layout`. `longest_first`: see `logits_options`."""
     batch, num_queries, heads, dim = q.shape
     interleaved, wide_few_heads, block = query_layout(heads, num_queries, fp8, interleaved, wide_few_heads,
                                                       interleaved_many_heads)
@@ -226,30 +225,19 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     per_call = max(block, (MAX_TMA_ELEMENTS - 1) // max(1, keys.shape[1]) // block * block)
     again = functools.partial(_logits, softmax_scale=softmax_scale, fill_future=fill_future, fp8=fp8,
                               interleaved=interleaved, overlapped=overlapped, wide_few_heads=wide_few_heads,
-                              interleaved_many_heads=interleaved_many_heads, longest_first=longest_first,
-                              group_max=group_max)
+                              interleaved_many_heads=interleaved_many_heads, longest_first=longest_first)
     if num_queries > per_call:
-        parts = [again(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
-                       ke[:, i : i + per_call]) for i in range(0, num_queries, per_call)]
-        if group_max:
-            return tuple(torch.cat(outputs, dim=1) for outputs in zip(*parts))
-        return torch.cat(parts, dim=1)
+        return torch.cat([again(q[:, i : i + per_call], weights[:, i : i + per_call], keys, ks[:, i : i + per_call],
+                                ke[:, i : i + per_call]) for i in range(0, num_queries, per_call)], dim=1)
     if interleaved and num_queries % block:  # the layout takes whole query blocks: pad with queries that see nothing
         pad = block - num_queries % block
         q, weights, ks, ke = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
                               for x in (q, weights, ks, ke))
-        padded = again(q, weights, keys, ks, ke)
-        if group_max:
-            return tuple(output[:, :num_queries] for output in padded)
-        return padded[:, :num_queries]
+        return again(q, weights, keys, ks, ke)[:, :num_queries]
     options = logits_options(heads, batch, num_queries, keys.shape[1], _sm_count(q.device), fill_future, fp8,
                              interleaved, overlapped, wide_few_heads, longest_first)
     interleaved = options["interleaved"]
-    kernel = build_weighted_relu_logits(heads, dim, group_max=group_max, **options)()
-    extra = ()
-    if group_max:  # written in place by the program (the groups past each query's end are left unwritten); a
-        # multiple of 4 wide, the row stride of a bulk store
-        extra = (torch.empty(batch, num_queries, -(-keys.shape[1] // (4 * group_max)) * 4, device=q.device),)
+    kernel = build_weighted_relu_logits(heads, dim, **options)()
     # ReLU(s·x) = s·ReLU(x) for s > 0: the softmax scale (and FP8's per-query-head scales) fold into the weights.
     weights = weights.float() * softmax_scale
     if fp8:
@@ -260,9 +248,8 @@ def _logits(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torc
     q_rows = q.reshape(batch, num_queries * heads, dim).to(torch.bfloat16)
     if interleaved:
         q_rows = interleave_query_rows(q_rows, heads, options["rows_per_cta"])
-    logits = kernel(q_rows.contiguous(), keys.to(torch.bfloat16).contiguous(), weights.contiguous(), ks.contiguous(),
-                    ke.contiguous(), *extra)
-    return (logits, *extra) if group_max else logits
+    return kernel(q_rows.contiguous(), keys.to(torch.bfloat16).contiguous(), weights.contiguous(), ks.contiguous(),
+                  ke.contiguous())
 
 
 def _candidates(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
@@ -347,7 +334,7 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
                            out: torch.Tensor | None = None, topk_options: dict | None = None,
                            wide_few_heads: bool = WIDE_FEW_HEADS,
                            interleaved_many_heads: bool = INTERLEAVED_MANY_HEADS,
-                           longest_first: bool | None = LONGEST_FIRST, maxima_group: int = 0) -> torch.Tensor:
+                           longest_first: bool | None = LONGEST_FIRST) -> torch.Tensor:
     """Top-k keys by the weighted-ReLU score: the logits program leaves each query's future unwritten and the
     radix select reads each row only up to that query's last visible key (half the traffic of a causal prefill).
 
@@ -357,8 +344,6 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
     `out`: where the radix select may write the indices; `topk_options`: its build options beyond the shape
     (see `radix_topk`); `wide_few_heads`, `interleaved_many_heads`: the logits' CTA shape and layout (see
     `_logits`); `longest_first`: the logits' query blocks and the top-k's rows last to first (see `logits_options`).
-    `maxima_group` > 0 (opt-in, bf16): the logits program also writes each query's maxima over groups of that many
-    keys, and the top-k takes its bound from them and reads the rows it can once (`topk.build_radix_topk`).
     """
     ks, ke, contiguous = chunk.key_range
     width = keys.shape[1]
@@ -368,32 +353,24 @@ def tilelang_select_tokens(q: torch.Tensor, weights: torch.Tensor, keys: torch.T
         return radix_topk(logits, k, out=out, options=topk_options)
     if threshold and not fp8 and uses_threshold_filter(q, keys, k):
         return threshold_select(q, weights, keys, ks, ke, k, threshold_ops(softmax_scale), candidate_capacity(k))
-    group_max = 0 if fp8 else maxima_group
     logits = _logits(q, weights, keys, ks, ke, softmax_scale, fill_future=False, fp8=fp8, interleaved=interleaved,
                      overlapped=overlapped, wide_few_heads=wide_few_heads,
-                     interleaved_many_heads=interleaved_many_heads, longest_first=longest_first, group_max=group_max)
-    bound_from = {}  # the group maxima, for the top-k's bound
-    if group_max:
-        logits, maxima = logits
-        bound_from = dict(maxima=maxima, maxima_group=group_max)
+                     interleaved_many_heads=interleaved_many_heads, longest_first=longest_first)
     topk_options = dict(topk_options or {})
     if longest_first_for(q.shape[2], q.shape[1], longest_first):  # the rows in the order the logits were written
         topk_options.setdefault("longest_first", True)
-    return radix_topk(logits, k, ends=ke, out=out, options=topk_options, **bound_from)
+    return radix_topk(logits, k, ends=ke, out=out, options=topk_options)
 
 
 def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
-               out: torch.Tensor | None = None, options: dict | None = None, maxima: torch.Tensor | None = None,
-               maxima_group: int = 0) -> torch.Tensor:
+               out: torch.Tensor | None = None, options: dict | None = None) -> torch.Tensor:
     """Indices [..., k] of the k largest of each row (unordered), by the radix-select kernel on wide rows.
 
     ends [...]: each row's columns from `ends` on count as -inf and are never read (None: every column is read).
     out [..., k]: written in place and returned where the kernel runs and `out` is a contiguous int32 tensor (a
     query chunk's slice of the whole output: no copy afterwards); otherwise a new tensor comes back.
-    options: build options of the program beyond the shape `radix_shape` picks (e.g. value_filter=False;
-    `sample_every` is dropped where that shape has no vector loads).
-    maxima [..., >= ceil(width / maxima_group)]: each row's group maxima (`_logits` with `group_max`), for the bounded
-    program where the vector shape applies (elsewhere, and without `ends`, they are not used).
+    options: build options of the program beyond the shape `radix_shape` picks (e.g. value_filter=False; the
+    shape's `sample_every` is left out where the program has no vector loads, no value filter or the phase probe).
     """
     width = scores.shape[-1]
     if width < RADIX_MIN_WIDTH or k > width:
@@ -412,15 +389,10 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
         row_ends = torch.full((rows.shape[0],), width, dtype=torch.int32, device=rows.device)
     else:
         row_ends = ends.to(torch.int32).reshape(-1).contiguous()
-    extra = ()
-    if maxima is not None and maxima_group and ends is not None and shape.get("vector", 1) > 1:
-        shape["maxima_group"] = maxima_group  # the bound from the maxima, in place of the shape's sampled one
-        shape.pop("sample_every", None)
-        extra = (maxima.reshape(rows.shape[0], -1).contiguous(),)
     if out is not None and out.dtype == torch.int32 and out.is_contiguous() and out.shape == (*scores.shape[:-1], k):
-        build_radix_topk(k, caller_allocates_out=True, **shape)()(rows, row_ends, *extra, out.view(-1, k))
+        build_radix_topk(k, caller_allocates_out=True, **shape)()(rows, row_ends, out.view(-1, k))
         return out
-    return build_radix_topk(k, **shape)()(rows, row_ends, *extra).view(*scores.shape[:-1], k)
+    return build_radix_topk(k, **shape)()(rows, row_ends).view(*scores.shape[:-1], k)
 
 
 def radix_shape(num_rows: int, sm_count: int, vector_loads_fit: bool) -> dict:

@@ -69,7 +69,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                                staged_stores: bool | None = None, rows_per_cta: int = ROWS_PER_CTA,
                                fp8: bool = False, capacity: int = 0, interleaved: bool = False,
                                overlapped: bool = False, explicit_wgmma_wait: bool = True, store_buffers: int = 1,
-                               longest_first: bool = False, group_max: int = 0, arch: str | None = None):
+                               longest_first: bool = False, arch: str | None = None):
     """Compiles the logits program for `heads` query rows per token of width `dim`; cached per shape.
 
     `staged_stores` (default: for 16 heads or fewer) writes each tile's logits through shared memory with one bulk
@@ -98,13 +98,6 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     `longest_first`: the CTAs take the query blocks last to first. In a causal prefill the last queries see the most
     keys, and the GPU starts CTAs in launch order, so the longest run first and the shortest fill the launch's last
     wave instead of leaving SMs idle while the longest finish (the same logits).
-    `group_max` G in (2, 4, 8, 16) (opt-in, bf16 dense programs, one store buffer): the program also takes GroupMax
-    [B, S, groups >= ceil(num_keys / G)] fp32 (staged stores: groups a multiple of 4, a bulk store's row stride) and
-    writes, per query, the largest logit it can see (-inf for none) of each group of G keys over the tiles it
-    computes: the groups before each query's end are all written. Group (16 / G)s + j takes keys 16s + 8h + (G/2)j + r
-    (h < 2, r < G/2): G/2 consecutive keys from each half of a 16-key slab, what the wgmma layout reduces cheapest
-    (`topk_bounds.group_maxima` in PyTorch; any disjoint groups bound alike). `topk.build_radix_topk(maxima_group=...)`
-    takes its bound from them.
     `arch` (e.g. "sm_90a") compiles for that GPU without one present (CI); None targets the current device.
     """
     if overlapped and (fp8 or capacity):
@@ -115,10 +108,6 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
     if capacity and (fp8 or key_splits != 1 or capacity % block_n):
         raise ValueError("the candidate variant is bf16 with key_splits=1 (its counters live in one CTA) and a "
                          f"capacity that is a multiple of block_n={block_n}")
-    if group_max and (capacity or fp8 or group_max not in (2, 4, 8, 16) or block_n % 16 or store_buffers != 1):
-        raise ValueError(f"group_max is 2, 4, 8 or 16 for the bf16 dense programs with block_n a multiple of 16 and "
-                         f"one store buffer; got group_max={group_max}, block_n={block_n}, fp8={fp8}, "
-                         f"capacity={capacity}, store_buffers={store_buffers}")
     if interleaved and (fp8 or capacity or not can_interleave(heads, rows_per_cta, threads)):
         raise ValueError(f"the interleaved layout is for the bf16 dense programs with 256 threads and an even number "
                          f"of heads dividing rows_per_cta / 8 (128 or 256 rows per CTA); got heads={heads}, fp8={fp8}, "
@@ -144,7 +133,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             """One key tile's scores [block_n, rows] -> ReLU, head weights, head sum, then the tile's logits out (or
             its candidates appended): the same for both loop drivers."""
             (Logits, KScale, CandVal, CandKey, bb, q0, weights, logits, head_pairs, logits_shared, ks_local, ke_local,
-             theta, appended, GroupMax, masked, half_maxima, maxima, maxima_shared) = buffers
+             theta, appended) = buffers
             for n, r in T.Parallel(block_n, rows):
                 scores[n, r] = T.max(scores[n, r], 0.0) * weights[r]
             if interleaved:  # Python-level: each (key, query) sums its heads within one thread
@@ -157,20 +146,6 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             if fp8:  # Python-level: each key's scale, after the head sum (read from global: no pipelining)
                 for n, i in T.Parallel(block_n, block_q):
                     logits[n, i] = logits[n, i] * KScale[bb, T.min(tile * block_n + n, num_keys - 1)]
-            if group_max:  # Python-level: each group's largest visible logit per query (`topk_bounds.group_maxima`)
-                # Key n = 16s + 8h + l; group (16 / G)s + j takes h < 2 and l in [(G/2)j, (G/2)(j + 1)). In the wgmma
-                # layout h is a register and l a lane bit: one register max, then log2(G/2) shuffles (not log2 G).
-                for n, i in T.Parallel(block_n, block_q):
-                    key = tile * block_n + n
-                    masked[n, i] = T.if_then_else(key >= ks_local[i] and key < ke_local[i], logits[n, i],
-                                                  -T.infinity(T.float32))
-                T.reduce_max(T.reshape(masked, (block_n // 16, 2, 8, block_q)), half_maxima, dim=1, clear=True)
-                T.reduce_max(T.reshape(half_maxima, (block_n // group_max, group_max // 2, block_q)), maxima, dim=1,
-                             clear=True)
-                if not staged_stores:  # Python-level: staged: beside the logits' tile, see below
-                    for g, i in T.Parallel(block_n // group_max, block_q):
-                        if q0 + i < num_queries:
-                            GroupMax[bb, q0 + i, tile * (block_n // group_max) + g] = maxima[g, i]
             if capacity:
                 # Staged in shared memory, then each thread scans its own (query, key residue) segment.
                 for i, n in T.Parallel(block_q, block_n):
@@ -198,35 +173,15 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                     T.sync_threads(barrier_id=3, arrive_count=threads)
                 for i, n in T.Parallel(block_q, block_n):
                     key = tile * block_n + n
-                    T.buffer_store(logits_shared,
-                                   masked[n, i] if group_max else  # Python-level: already masked for the maxima
-                                   T.if_then_else(key >= ks_local[i] and key < ke_local[i], logits[n, i],
-                                                  -T.infinity(T.float32)),
+                    T.buffer_store(logits_shared, T.if_then_else(key >= ks_local[i] and key < ke_local[i],
+                                                                 logits[n, i], -T.infinity(T.float32)),
                                    [tile % 2, i, n] if two_buffers else [i, n])
-                if group_max:  # Python-level: after the same barrier as the logits, for one bulk store (coalesced)
-                    for g, i in T.Parallel(block_n // group_max, block_q):
-                        maxima_shared[i, g] = maxima[g, i]
                 # Rows past num_queries and columns past num_keys fall outside the tensor: the TMA store clips them.
                 target = Logits[bb, q0 : q0 + block_q, tile * block_n : (tile + 1) * block_n]
                 if two_buffers:  # Python-level: the bulk store issued, not waited for
                     T.fence_proxy_async()  # the generic-proxy writes, before the bulk store (async proxy) reads them
                     T.sync_threads(barrier_id=3, arrive_count=threads)
                     T.tma_copy(logits_shared[tile % 2, :, :], target)
-                elif group_max:
-                    # Its row stride a multiple of 16 bytes (the caller pads it). Overlapped: both bulk stores in
-                    # flight together and one wait (the next epilogue's barrier keeps its writes after it); the
-                    # pipelined driver leaves that barrier to TileLang's sync pass, which sees only T.copy's reads.
-                    maxima_target = GroupMax[bb, q0 : q0 + block_q,
-                                             tile * (block_n // group_max) : (tile + 1) * (block_n // group_max)]
-                    if overlapped:  # Python-level
-                        T.fence_proxy_async()
-                        T.sync_threads(barrier_id=3, arrive_count=threads)
-                        T.tma_copy(logits_shared, target)
-                        T.tma_copy(maxima_shared, maxima_target)
-                        T.tma_store_wait(0)
-                    else:
-                        T.copy(logits_shared, target)
-                        T.copy(maxima_shared, maxima_target)
                 else:
                     T.copy(logits_shared, target)
             else:
@@ -287,8 +242,7 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
             T.barrier_arrive(empty[step % num_stages])
 
         @T.macro
-        def logits_body(Q, K, KScale, W, KS, KE, Logits, Theta=None, CandVal=None, CandKey=None, Count=None,
-                        GroupMax=None):
+        def logits_body(Q, K, KScale, W, KS, KE, Logits, Theta=None, CandVal=None, CandKey=None, Count=None):
             cta_threads = threads + 128 if overlapped else threads  # overlapped: plus the producer warpgroup
             with T.Kernel(T.ceildiv(num_queries, block_q), batch, key_splits, threads=cta_threads) as (bq, bb, split):
                 q_shared = T.alloc_shared((rows, dim), qk_dtype)
@@ -306,15 +260,8 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 appended = T.alloc_fragment((block_q, segments), T.int32) if capacity else None  # one per thread
                 ke_max = T.alloc_var(T.int32)
                 q0 = ((T.ceildiv(num_queries, block_q) - 1 - bq) if longest_first else bq) * block_q
-                masked = half_maxima = maxima = maxima_shared = None
-                if group_max:  # Python-level
-                    masked = T.alloc_fragment((block_n, block_q), T.float32)
-                    half_maxima = T.alloc_fragment((block_n // 16, 8, block_q), T.float32)
-                    maxima = T.alloc_fragment((block_n // group_max, block_q), T.float32)
-                    maxima_shared = (T.alloc_shared((block_q, block_n // group_max), T.float32) if staged_stores
-                                     else None)
                 buffers = (Logits, KScale, CandVal, CandKey, bb, q0, weights, logits, head_pairs, logits_shared,
-                           ks_local, ke_local, theta, appended, GroupMax, masked, half_maxima, maxima, maxima_shared)
+                           ks_local, ke_local, theta, appended)
                 ke_max = 0
                 for i in T.serial(block_q):
                     ke_max = T.max(ke_max, T.if_then_else(q0 + i < num_queries,
@@ -415,20 +362,6 @@ def build_weighted_relu_logits(heads: int, dim: int, block_n: int = 128, num_sta
                 Logits: T.Tensor((batch, num_queries, num_keys), T.float32),
             ):
                 logits_body(Q, K, KScale, W, KS, KE, Logits)
-        elif group_max:
-            groups = T.dynamic("groups")
-
-            @T.prim_func
-            def weighted_relu_logits(
-                Q: T.Tensor((batch, num_queries * heads, dim), T.bfloat16),
-                K: T.Tensor((batch, num_keys, dim), T.bfloat16),
-                W: T.Tensor((batch, num_queries, heads), T.float32),
-                KS: T.Tensor((batch, num_queries), T.int32),
-                KE: T.Tensor((batch, num_queries), T.int32),
-                GroupMax: T.Tensor((batch, num_queries, groups), T.float32),
-                Logits: T.Tensor((batch, num_queries, num_keys), T.float32),
-            ):
-                logits_body(Q, K, None, W, KS, KE, Logits, GroupMax=GroupMax)
         else:
             @T.prim_func
             def weighted_relu_logits(

@@ -63,10 +63,10 @@ MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1, 
 # (sweep_topk-20261204-141514-resolve-early-not-kept.json).
 # A warp-aggregated first pass (`__match_any_sync`, one atomic per distinct bin of a warp; 6fa3231, and on 2026-11-28):
 # 64K / 128K causal rows 1.003 / 3.695 against 0.363 / 1.206 ms (sweep_topk-20261204-145025.json).
-# Reading rows once from the logits program's group maxima (`maxima_group`) is kept opt-in, not the default: the top-k
-# gains (64K / 128K rows 0.327 / 0.916 against 0.363 / 1.205 ms, sweep_topk-20261204-162655.json) about what the
-# maxima cost the logits program at 64K, a little more at 128K (see variants.TILELANG_ONE_READ_TOPK_SCORER); the
-# sampled bound (`sample_every`, the prefill default) reads rows once at no cost to the logits program.
+# Reading rows once with a bound from the logits program's maxima over groups of 8 keys (fc6a672 - 18553dc, removed
+# in favour of the sampled bound): the top-k gained (64K / 128K rows 0.327 / 0.916 against 0.363 / 1.205 ms,
+# sweep_topk-20261204-162655.json) about what the maxima cost the logits program; in the indexer MISA-8 16.20 /
+# 58.97 ms against the sampled bound's 15.34 / 56.43 at 64K / 128K (bench_indexer-20261204-174851.json).
 # Nsight Compute (benchmarks/results/ncu-20261204-0231-detail.txt): bound by instruction issue and the L1 /
 # shared-memory pipe (84% busy), not DRAM (43%).
 # (bits of this level, bit position above which the prefix is already fixed)
@@ -112,8 +112,8 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                      unroll: int = UNROLL, min_ctas_per_sm: int = 0, value_filter: bool = True,
                      caller_allocates_out: bool = False, vector: int = 1, compact_second_pass: bool = False,
                      bins_in_registers: bool = False, phase_clock: bool = False, second_pass_writes: bool = True,
-                     longest_first: bool = False, bounded: bool = False, maxima_group: int = 0,
-                     sample_every: int = 0, arch: str | None = None):
+                     longest_first: bool = False, bounded: bool = False, sample_every: int = 0,
+                     arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -147,10 +147,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     keeps fewer than k values (above the k-th value: the caller's mistake) is dropped for a plain first pass; one that
     keeps more than the buffer holds leaves the second pass to read the row, comparing with the bound too. The same
     selection as without it.
-    `maxima_group` > 0 (bounded, with its bound found in the program): instead of Bounds the program takes GroupMax
-    [rows, groups] fp32, each row's maxima over groups of `maxima_group` columns before its end (written by the logits
-    program with `group_max`; groups from ceil(end / maxima_group) on are not read). The bound is the lowest float of
-    the first-level bin holding the k-th largest maximum (one histogram of the maxima; -inf for fewer than k groups).
     `sample_every` S > 0 (bounded, with its bound found in the program from the row itself; no extra input): a row of
     at least SAMPLE_MIN_KEYS_PER_K · k keys first reads one 32-byte sector of every S (1/S of its values, spread over
     the row), and its bound is the lowest float of the first-level bin holding the sample's SAMPLE_MARGIN · k / S-th
@@ -163,12 +159,10 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
         raise ValueError("compact_second_pass is for the plain top-k (with_keys=False)")
     if phase_clock and vector == 1:
         raise ValueError("phase_clock probes the vector program (vector > 1)")
-    if maxima_group and sample_every:
-        raise ValueError("maxima_group and sample_every are two sources of the bound: take one")
     if sample_every and (sample_every < 0 or 8 % vector):
         raise ValueError(f"sample_every samples whole 32-byte sectors: vector 2, 4 or 8 and sample_every > 0; got "
                          f"vector={vector}, sample_every={sample_every}")
-    bounded = bounded or maxima_group > 0 or sample_every > 0
+    bounded = bounded or sample_every > 0
     if bounded and (vector == 1 or phase_clock or not value_filter):
         raise ValueError("bounded is for the vector program (vector > 1) with the value filter, without phase_clock")
     if not second_pass_writes and not phase_clock:
@@ -189,7 +183,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                                 tilelang.PassConfigKey.TL_DISABLE_SAFE_MEMORY_ACCESS: True})
     def program():
         rows = T.dynamic("rows")
-        maxima_width = T.dynamic("maxima_width") if maxima_group else None  # GroupMax's width (`maxima_group`)
         if vector > 1:  # Python-level: Scores as [rows, width / vector, vector], one wide load per group
             groups = T.dynamic("groups")
             width = groups * vector
@@ -401,7 +394,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     Clock[row, PHASE_MARKS.index(phase)] = T.call_extern("int64", "clock64")
 
         @T.macro
-        def select(Scores, Keys, Ends, Out, Clock=None, Bounds=None, GroupMax=None):
+        def select(Scores, Keys, Ends, Out, Clock=None, Bounds=None):
             with T.Kernel(rows, threads=threads) as cta:
                 row = rows - 1 - cta if longest_first else cta
                 if min_ctas_per_sm:  # Python-level: caps the registers so that this many CTAs share an SM
@@ -444,17 +437,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     counters[2] = 0
                 mark(Clock, row, tx, "start")
 
-                if maxima_group:  # Python-level: the bound from the row's group maxima (one histogram of them)
-                    bound = -T.infinity(T.float32)
-                    visible_groups = T.min(T.ceildiv(end, maxima_group), maxima_width)
-                    if visible_groups >= k:
-                        clear_histogram(hist, tx)
-                        for i in T.serial(T.ceildiv(visible_groups, threads)):
-                            if i * threads + tx < visible_groups:
-                                T.atomic_add(hist[T.cast(_order_key(GroupMax[row, i * threads + tx]) >> first_digit,
-                                                         T.int32)], 1)
-                        find_kth_bin(hist, suffix, found, tx, k, thread_bins)
-                        bound = _lowest_value_with_key(T.cast(found[0], T.uint32) << first_digit)
                 if sample_every:  # Python-level: the bound from a sample of the row (one histogram of it)
                     bound = -T.infinity(T.float32)
                     if end >= SAMPLE_MIN_KEYS_PER_K * k:
@@ -476,7 +458,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 # Level 1 over the whole row (from HBM).
                 clear_histogram(hist, tx)
                 if bounded:  # Python-level: only the values at or above the row's bound, counted and kept
-                    if not (maxima_group or sample_every):  # Python-level: the caller's bound
+                    if not sample_every:  # Python-level: the caller's bound
                         bound = Bounds[row]
                     kept = 0
                     if bound > -T.infinity(T.float32):
@@ -606,16 +588,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 select(Scores, None, Ends, Out, Clock)
 
             return radix_topk_vector_clocked
-
-        if vector > 1 and maxima_group:
-            @T.prim_func
-            def radix_topk_vector_maxima(Scores: T.Tensor((rows, groups, vector), T.float32),
-                                         Ends: T.Tensor((rows,), T.int32),
-                                         GroupMax: T.Tensor((rows, maxima_width), T.float32),
-                                         Out: T.Tensor((rows, k), T.int32)):
-                select(Scores, None, Ends, Out, GroupMax=GroupMax)
-
-            return radix_topk_vector_maxima
 
         if vector > 1 and bounded and not sample_every:
             @T.prim_func

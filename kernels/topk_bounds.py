@@ -1,6 +1,6 @@
-"""The one-read top-k's bounds in PyTorch: what the logits program's `group_max` writes (`group_maxima`) and the
-bounds `topk.build_radix_topk` takes (`bounded`: `group_maxima_bounds`) or finds itself (`sample_every`:
-`sampled_bounds`), for the models in benchmarks/ and the tests."""
+"""The one-read top-k's bounds in PyTorch: bounds given to `topk.build_radix_topk(bounded=True)` (the k-th largest of
+a row's group maxima, `group_maxima_bounds`: what a free bound would give) and the one it finds itself
+(`sample_every`: `sampled_bounds`), for the models in benchmarks/ and the tests."""
 
 import math
 
@@ -25,20 +25,16 @@ def lowest_values_with_keys(keys: torch.Tensor) -> torch.Tensor:
 
 
 def group_maxima(scores: torch.Tensor, ends: torch.Tensor, group: int) -> torch.Tensor:
-    """Each row's maxima over its groups of `group` (2, 4, 8 or 16) columns before its end (-inf for none): [rows,
-    ceil(width / group)] fp32, what the logits program writes with `group_max`. Group (16 / group)·s + j takes columns
-    16s + 8h + (group / 2)·j + r (h < 2, r < group / 2): half from each half of a 16-column slab, the groups the
-    logits program's register layout reduces cheapest (16: 16 consecutive columns). In PyTorch; scores [rows, width]."""
-    if group not in (2, 4, 8, 16):
-        raise ValueError(f"group must be 2, 4, 8 or 16 (the logits program's groups); got {group}")
+    """Each row's maxima over its groups of `group` consecutive columns before its end (-inf for none): [rows,
+    ceil(width / group)] fp32. In PyTorch; scores [rows, width], ends [rows]."""
+    if group < 1:
+        raise ValueError(f"group must be at least 1; got {group}")
     rows, width = scores.shape
-    padded = -(-width // 16) * 16
+    padded = -(-width // group) * group
     columns = torch.arange(padded, device=scores.device)
     visible = torch.nn.functional.pad(scores, (0, padded - width), value=float("-inf"))
     visible = visible.masked_fill(columns >= ends.reshape(-1, 1), float("-inf"))
-    # [rows, slab, h, j, r] -> [rows, slab, j, h, r]: each group's columns adjacent
-    slabs = visible.view(rows, padded // 16, 2, 16 // group, group // 2).transpose(2, 3)
-    return slabs.reshape(rows, padded // group, group).amax(-1)[:, : -(-width // group)]
+    return visible.view(rows, padded // group, group).amax(-1)
 
 
 def group_maxima_bounds(scores: torch.Tensor, ends: torch.Tensor, k: int, group: int) -> torch.Tensor:

@@ -76,15 +76,6 @@ TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-single-run-tail-means",
     route=functools.partial(tilelang_route, tail_mean_segments=1))
 
-# The top-k reading each row once where it can (opt-in): the logits program also writes each query's maxima over
-# groups of 8 keys, and the top-k takes its bound from them (`topk.build_radix_topk(maxima_group)`,
-# `benchmarks/topk_bound_model.py`). Both methods alike. Not the default: H200, bench_indexer-20261204-165743.json,
-# MISA-8 15.29 against 14.70 ms at 64K, 56.44 against 57.82 at 128K (top-k -0.54 / -4.50 ms, logits +1.04 / +3.08);
-# DSA-64 slower at both (75.03 / 296.80 against 69.48 / 276.74: its unstaged maxima stores).
-TILELANG_ONE_READ_TOPK_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-one-read-topk",
-    fused_select=functools.partial(tilelang_select_tokens, maxima_group=8))
-
 # The prefill top-k reading every row twice (before topk.MANY_ROWS_VECTOR_SHAPE took `sample_every`, its bound from
 # a sample of the row), kept so that the benchmark times both side by side.
 TILELANG_UNSAMPLED_TOPK_SCORER = dataclasses.replace(

@@ -112,11 +112,9 @@ def test_prefill_rows_take_the_compact_second_pass_and_decode_rows_do_not():
 
 @pytest.mark.parametrize("options,sampled", [(None, True), (dict(value_filter=False), False),
                                              (dict(phase_clock=True), False), (dict(sample_every=0), False)])
-@pytest.mark.parametrize("maxima", [False, True])
-def test_radix_topk_drops_the_sampled_bound_where_the_options_rule_it_out(monkeypatch, options, sampled, maxima):
+def test_radix_topk_drops_the_sampled_bound_where_the_options_rule_it_out(monkeypatch, options, sampled):
     """A prefill's rows take the sampled bound by default; `radix_topk` leaves it out where the caller's options ask
-    for a program it does not build with (no value filter, the phase probe) and where the logits' group maxima give the
-    bound instead, rather than raising inside `generate`."""
+    for a program it does not build with (no value filter, the phase probe), rather than raising inside `generate`."""
     _tilelang_or_skip()
     from transformers_misa.kernels import scorer
 
@@ -124,12 +122,9 @@ def test_radix_topk_drops_the_sampled_bound_where_the_options_rule_it_out(monkey
     monkeypatch.setattr(scorer, "_sm_count", lambda device: 132)
     monkeypatch.setattr(scorer, "build_radix_topk", lambda k, **shape: built.append(shape) or (
         lambda: lambda rows, ends, *rest: torch.zeros(rows.shape[0], k, dtype=torch.int32)))
-    scores, ends = torch.zeros(400, 9000), torch.full((400,), 9000)
-    extra = dict(maxima=torch.zeros(400, 1125), maxima_group=8) if maxima else {}
-    scorer.radix_topk(scores, 2048, ends=ends, options=options, **extra)
+    scorer.radix_topk(torch.zeros(400, 9000), 2048, ends=torch.full((400,), 9000), options=options)
     (shape,) = built
-    assert bool(shape.get("sample_every")) == (sampled and not maxima)
-    assert shape.get("maxima_group", 0) == (8 if maxima else 0)
+    assert bool(shape.get("sample_every")) == sampled
 
 
 @gpu
