@@ -50,7 +50,8 @@ FEW_ROWS_VECTOR_SHAPE: dict | None = dict(FEW_ROWS_SHAPE, vector=4, unroll=4)
 # H200, sweep_topk-20261204-174833.json, 64K / 128K causal rows 0.329 / 0.957 against 0.363 / 1.267 ms; in the
 # indexer (bench_indexer-20261204-174851.json) MISA-8 15.34 / 56.43 against 15.81 / 60.84 ms at 64K / 128K, DSA-64
 # 71.08 / 279.40 against 72.15 / 286.18, 32K even (5.09 against 5.02 ms). The decode shape keeps the plain first pass
-# (128K, batch 32, 1 / 4 queries: 0.048 / 0.074 against 0.056 / 0.065 ms; in the indexer's decode step even).
+# (128K, batch 32, 1 / 4 queries, wide CTAs with the compact second pass: 0.048 / 0.074 against 0.056 / 0.065 ms;
+# the indexer's decode step even either way, bench_indexer-20261204-175227.json).
 MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1, compact_second_pass=True,
                                            bins_in_registers=True, sample_every=16)
 # Tried on an H200 and not kept, each written up with its figures in the README's latest GPU section or in
