@@ -111,11 +111,11 @@ def stage_ms(call) -> dict:
             continue
         stage = next((name for pattern, name in STAGES.items() if pattern in event.key), "other")
         totals[stage] = totals.get(stage, 0.0) + device_us / 1e3
-        if stage == "other":
-            others[event.key[:50]] = device_us / 1e3
+        if stage == "other":  # the whole name (a PyTorch kernel's functor comes late in it) and its launch count
+            others[f"{event.key[:240]} x{event.count}"] = device_us / 1e3
     stages = {stage: round(ms, 3) for stage, ms in sorted(totals.items())}
     stages["host"] = round(host_ms, 3)
-    stages["other_top"] = {name: round(ms, 3) for name, ms in sorted(others.items(), key=lambda kv: -kv[1])[:4]}
+    stages["other_top"] = {name: round(ms, 3) for name, ms in sorted(others.items(), key=lambda kv: -kv[1])[:6]}
     return stages
 
 

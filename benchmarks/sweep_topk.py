@@ -86,6 +86,13 @@ VARIANTS = {  # name -> build options
     "few_rows_vector4_unroll4_compact_bins_sampled16": dict(FEW_ROWS_SHAPE, vector=4, unroll=4,
                                                             compact_second_pass=True, bins_in_registers=True,
                                                             sample_every=16),
+    # a sparser / denser sample: fewer sample sectors read, a bound of more spread (`topk_bound_model.py --sample`)
+    "many_rows_vector4_unroll1_compact_bins_sampled32": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
+                                                             compact_second_pass=True, bins_in_registers=True,
+                                                             sample_every=32),
+    "many_rows_vector4_unroll1_compact_bins_sampled8": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
+                                                            compact_second_pass=True, bins_in_registers=True,
+                                                            sample_every=8),
     # three CTAs per SM (40 registers): the compact second pass without the spills it has at four (32 registers:
     # 16 B spill stores, 96 B spill loads per thread, nvcc -Xptxas -v)
     "many_rows_ctas3_vector4_unroll1_compact_bins": dict(MANY_ROWS_SHAPE, min_ctas_per_sm=3, vector=4, unroll=1,

@@ -1,13 +1,13 @@
-"""How far a lower bound from the logits program could cut the top-k's second read (CPU model, random inputs).
+"""How far a lower bound on each row's k-th value cuts the top-k's second read (CPU model, random inputs).
 
-The top-k reads each row twice (a histogram pass, then a pass keeping the values at or above the k-th value's bin);
-it is the same program for DSA-64 and MISA-8 and the largest part of MISA-8's time that is not its logits (README:
-"What 5x needs"). A one-read top-k needs, before its pass, a bound L <= the row's k-th value, so that it can keep
-every value >= L in shared memory as it reads and resolve the k-th value from them. The logits program could give
-one: the maximum of each group of `group` consecutive keys of a query, written beside the logits (1/group of their
-bytes, `topk_bounds.group_maxima`; tried in fc6a672 - 18553dc and removed: it cost the logits program about what it
-saved the top-k). The k-th largest of a row's group maxima is such a bound (k groups have a value at or above it),
-once the row has at least k groups.
+The two-pass top-k reads each row twice (a histogram pass, then a pass keeping the values at or above the k-th
+value's bin); it is the same program for DSA-64 and MISA-8 and the largest part of MISA-8's time that is not its
+logits. A one-read top-k (a prefill's default since c81196d, with the `--sample` bound below) needs, before its
+pass, a bound L <= the row's k-th value, so that it can keep every value >= L in shared memory as it reads and resolve
+the k-th value from them. The logits program could give one: the maximum of each group of `group` consecutive keys
+of a query, written beside the logits (1/group of their bytes, `topk_bounds.group_maxima`; tried in fc6a672 - 18553dc
+and removed: it cost the logits program about what it saved the top-k). The k-th largest of a row's group maxima is
+such a bound (k groups have a value at or above it), once the row has at least k groups.
 
 This model builds causal-prefill-like rows (the weighted-ReLU score of random bf16 queries and keys, H heads, signed
 weights, as `bench_indexer.py`'s inputs) and reports per row length: the values at or above the bound (what the
