@@ -48,10 +48,10 @@ FEW_ROWS_VECTOR_SHAPE: dict | None = dict(FEW_ROWS_SHAPE, vector=4, unroll=4)
 # 0.0561 / 0.0690 against 0.0477 / 0.0548 ms) and keep the plain passes.
 # They also take `sample_every=16` (each row's bound from a sample of itself, most rows read once; the same sets):
 # H200, sweep_topk-20261204-174833.json, 64K / 128K causal rows 0.329 / 0.957 against 0.363 / 1.267 ms; in the
-# indexer (bench_indexer-20261204-174851.json) MISA-8 15.34 / 56.43 against 15.81 / 60.84 ms at 64K / 128K, DSA-64
-# 71.08 / 279.40 against 72.15 / 286.18, 32K even (5.09 against 5.02 ms). The decode shape keeps the plain first pass
-# (128K, batch 32, 1 / 4 queries, wide CTAs with the compact second pass: 0.048 / 0.074 against 0.056 / 0.065 ms;
-# the indexer's decode step even either way, bench_indexer-20261204-175227.json).
+# indexer, host hidden (bench_indexer-20261204-180516.json), MISA-8 4.22 / 13.99 / 52.76 against 4.28 / 15.22 / 57.63
+# ms at 32K / 64K / 128K, DSA-64 17.64 / 69.22 / 272.36 against 17.90 / 70.58 / 280.11. The decode shape keeps the
+# plain first pass (128K, batch 32, 1 / 4 queries, wide CTAs with the compact second pass: 0.048 / 0.074 against
+# 0.056 / 0.065 ms; the indexer's decode step even either way, bench_indexer-20261204-175227.json).
 MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1, compact_second_pass=True,
                                            bins_in_registers=True, sample_every=16)
 # Tried on an H200 and not kept, each written up with its figures in the README's latest GPU section or in
@@ -66,8 +66,8 @@ MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1, 
 # 64K / 128K causal rows 1.003 / 3.695 against 0.363 / 1.206 ms (sweep_topk-20261204-145025.json).
 # Reading rows once with a bound from the logits program's maxima over groups of 8 keys (fc6a672 - 18553dc, removed
 # in favour of the sampled bound): the top-k gained (64K / 128K rows 0.327 / 0.916 against 0.363 / 1.205 ms,
-# sweep_topk-20261204-162655.json) about what the maxima cost the logits program; in the indexer MISA-8 16.20 /
-# 58.97 ms against the sampled bound's 15.34 / 56.43 at 64K / 128K (bench_indexer-20261204-174851.json).
+# sweep_topk-20261204-162655.json) about what the maxima cost the logits program; in the indexer MISA-8 15.33 /
+# 57.03 ms against the sampled bound's 14.27 / 54.39 at 64K / 128K, host hidden (bench_indexer-20261204-174851.json).
 # Nsight Compute (benchmarks/results/ncu-20261204-0231-detail.txt): bound by instruction issue and the L1 /
 # shared-memory pipe (84% busy), not DRAM (43%).
 # (bits of this level, bit position above which the prefix is already fixed)
