@@ -82,11 +82,12 @@ TILELANG_UNSAMPLED_TOPK_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-unsampled-topk",
     fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(sample_every=0)))
 
-# The sampled bound in a decode step's top-k too (its wide-CTA shape, topk.FEW_ROWS_VECTOR_SHAPE, reads rows twice by
-# default; a prefill's rows take the bound already): opt-in, timed beside the default by the benchmark's decode rows.
-TILELANG_SAMPLED_TOPK_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-sampled-topk",
-    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(sample_every=16)))
+# A sparser sample for the top-k's bound (one 32-byte sector of every 32, not 16) in every vector shape, a decode
+# step's wide CTAs included (they take no bound by default: with 1/16 it measured even in the indexer's decode step,
+# bench_indexer-20261204-175227.json). Opt-in, not yet run on a GPU; timed beside the default by the benchmark.
+TILELANG_SAMPLED32_TOPK_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-sampled32-topk",
+    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(sample_every=32)))
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.

@@ -256,12 +256,12 @@ def test_decode_benchmark_times_the_sampled_top_k_only_when_asked(monkeypatch, t
     monkeypatch.setattr(bench, "graph_time_ms", lambda call, reps: 0.5)
     monkeypatch.setattr(bench, "stage_ms", lambda call: {})
     monkeypatch.setattr(bench, "print_row", lambda row, heads: None)
-    for only, sampled in ((None, False), ({"misa8", "dsa_sampled_topk", "misa8_sampled_topk"}, True)):
+    for only, sampled in ((None, False), ({"misa8", "dsa_sampled32_topk", "misa8_sampled32_topk"}, True)):
         rows = []
         bench.run_decode([256], [1], [1], 64, 1, rows, only)
         (row,) = rows
         assert {"dsa64_kernel_ms", "misa8_ms", "misa8_stepwise_routing_ms"} <= set(row)
-        assert ("dsa64_sampled_topk_ms" in row) == ("misa8_sampled_topk_graph_ms" in row) == sampled
+        assert ("dsa64_sampled32_topk_ms" in row) == ("misa8_sampled32_topk_graph_ms" in row) == sampled
 
 
 def test_timeline_finds_the_idle_stretches_between_kernels(monkeypatch):
