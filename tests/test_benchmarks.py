@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.util
+import json
 import pathlib
 import shutil
 import sys
@@ -353,3 +354,24 @@ def test_topk_bound_model_keeps_at_least_k_and_no_bound_for_short_rows(capsys):
     sampled = model.main(["--heads", "8", "--lengths", "8192,40960", "--contexts", "65536", "--rows", "1",
                           "--sample", "16"])
     assert sampled["sample"] == 16 and all(model.TOPK <= n <= 4096 for n in sampled["heads"][8]["kept"].values())
+
+
+def test_program_hashes_tell_changed_programs_apart(tmp_path, capsys):
+    """benchmarks/program_hashes.py: every program the indexers build by default is in its table; hashing one writes
+    its hash, a comparison with the same hashes passes and one with a changed or missing program fails, naming it."""
+    pytest.importorskip("tilelang", reason="the programs are TileLang's")
+    tool = _load("program_hashes")
+    names = set(tool.programs())
+    assert {"topk prefill vector", "topk decode vector", "routing h64 a8 prefill", "candidates h64",
+            "logits h8 b1 q65536 k65536 bf16", "logits h64 b1 q65536 k65536 fp8"} <= names
+    assert tool.differences({"a": "1", "b": "2"}, {"a": "1", "c": "3"}) == ["b", "c"]
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is absent: TileLang cannot compile CUDA here")
+    out = tmp_path / "after.json"
+    assert tool.main(["--only", "tail means", "--out", str(out)]) == 0
+    (name, value), = json.loads(out.read_text()).items()
+    assert name == "tail means" and len(value) == 16
+    assert tool.main(["--only", "tail means", "--compare", str(out)]) == 0
+    (tmp_path / "before.json").write_text(json.dumps({name: "0" * 16, "elsewhere": "1" * 16}))
+    assert tool.main(["--only", "tail means", "--compare", str(tmp_path / "before.json")]) == 1
+    assert "changed or missing: ['tail means']" in capsys.readouterr().out
