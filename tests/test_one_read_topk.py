@@ -87,8 +87,10 @@ def test_sampled_bound_program_compiles_with_the_plain_signature():
     _tilelang_or_skip()
     from transformers_misa.kernels.topk import FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk
 
-    for shape in (MANY_ROWS_VECTOR_SHAPE, FEW_ROWS_VECTOR_SHAPE):
-        source = build_radix_topk(2048, arch="sm_90a", **dict(shape, sample_every=16))().get_kernel_source()
+    for shape, sample_every in ((MANY_ROWS_VECTOR_SHAPE, 16), (FEW_ROWS_VECTOR_SHAPE, 16),
+                                (MANY_ROWS_VECTOR_SHAPE, 32)):
+        program = build_radix_topk(2048, arch="sm_90a", **dict(shape, sample_every=sample_every))()
+        source = program.get_kernel_source()
         assert "Bounds" not in source and "(8192 <= end)" in source
     with pytest.raises(ValueError, match="32-byte sectors"):
         build_radix_topk(2048, **dict(MANY_ROWS_VECTOR_SHAPE, sample_every=16, vector=16))
@@ -132,7 +134,8 @@ def test_radix_topk_bounded_selects_the_same_set_with_any_bound(shape):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", ["many", "few"])
-def test_radix_topk_sampled_bound_selects_the_same_set(shape):
+@pytest.mark.parametrize("sample_every", [16, 32])
+def test_radix_topk_sampled_bound_selects_the_same_set(shape, sample_every):
     """`sample_every` (the bound from a sample of the row itself) selects exactly the plain program's set: rows read
     once, rows whose sample holds their largest values (the bound too high: the first pass again, unbounded), rows
     whose values crowd one first-level bin (more reach the bound than the buffer holds: read again), heavy ties,
@@ -140,12 +143,12 @@ def test_radix_topk_sampled_bound_selects_the_same_set(shape):
     from transformers_misa.kernels.topk import FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk
     from transformers_misa.kernels.topk_bounds import sampled_bounds
 
-    options = dict(MANY_ROWS_VECTOR_SHAPE if shape == "many" else FEW_ROWS_VECTOR_SHAPE, sample_every=16)
+    options = dict(MANY_ROWS_VECTOR_SHAPE if shape == "many" else FEW_ROWS_VECTOR_SHAPE, sample_every=sample_every)
     width, k = 70000, 2048
     generator = torch.Generator(device="cuda").manual_seed(3 + len(shape))
     scores = torch.randn(10, width, device="cuda", generator=generator)
     columns = torch.arange(width, device="cuda")
-    sampled = columns % (8 * 16) < 8
+    sampled = columns % (8 * sample_every) < 8  # the sampled sectors (8 floats each)
     scores[1] = torch.where(sampled, scores[1] + 10, scores[1])  # the sample holds the row's largest values
     scores[2] = -1 - torch.rand(width, device="cuda", generator=generator)  # one first-level bin holds 1/8 of them
     scores[3] = (scores[3] * 4).round()  # heavy ties at the k-th value
@@ -154,7 +157,7 @@ def test_radix_topk_sampled_bound_selects_the_same_set(shape):
     garbage = columns >= ends.unsqueeze(-1)
     scores = scores.masked_fill(garbage, 1e30)  # never read
     truth = scores.masked_fill(garbage, float("-inf"))
-    bounds = sampled_bounds(truth, ends, k, 16)
+    bounds = sampled_bounds(truth, ends, k, sample_every)
     kept = (truth >= bounds.unsqueeze(-1)).sum(-1)
     assert kept[1] < k and kept[2] > 4096 and k <= kept[0] <= 4096  # the cases above do arise
     assert bounds[4] == float("-inf") and bounds[6] == float("-inf") and bounds[5] > float("-inf")
@@ -175,11 +178,11 @@ def test_radix_topk_sampled_bound_selects_the_same_set(shape):
     (1, 2100, 20000, 32, [0]),  # GLM-5's 32 heads; rows of 2K-20K keys, some too short to sample
     (8, 4, 30000, 8, [0] * 8),  # a decode step (4 speculative queries): the decode programs, wide top-k CTAs
 ])
-@pytest.mark.parametrize("sample_every", [0, 16])
+@pytest.mark.parametrize("sample_every", [0, 16, 32])
 def test_fused_select_with_a_one_read_bound_selects_the_same(batch, num_queries, num_keys, heads, pads, sample_every):
     """The default fused select (the sampled bound for a prefill's rows, none for a decode step's) selects exactly the
-    keys of the same select with the bound forced off (0) or on (16, the decode programs' few-row shape included),
-    every row seeing at least k keys (no fill-up columns, whose choice is the atomics')."""
+    keys of the same select with the bound forced off (0) or on (1/16, 1/32 of each row; the decode programs' few-row
+    shape included), every row seeing at least k keys (no fill-up columns, whose choice is the atomics')."""
     from transformers_misa.kernels.scorer import tilelang_select_tokens
 
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=11)
