@@ -93,6 +93,16 @@ VARIANTS = {  # name -> build options
     "many_rows_vector4_unroll1_compact_bins_sampled8": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
                                                             compact_second_pass=True, bins_in_registers=True,
                                                             sample_every=8),
+    # the sample's loads issued in rounds of 2 / 4, the first round before the histogram is cleared (`sample_unroll`)
+    "many_rows_vector4_unroll1_compact_bins_sampled16_loads2": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
+                                                                    compact_second_pass=True, bins_in_registers=True,
+                                                                    sample_every=16, sample_unroll=2),
+    "many_rows_vector4_unroll1_compact_bins_sampled16_loads4": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
+                                                                    compact_second_pass=True, bins_in_registers=True,
+                                                                    sample_every=16, sample_unroll=4),
+    "many_rows_vector4_unroll1_compact_bins_sampled32_loads2": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
+                                                                    compact_second_pass=True, bins_in_registers=True,
+                                                                    sample_every=32, sample_unroll=2),
     # three CTAs per SM (40 registers): the compact second pass without the spills it has at four (32 registers:
     # 16 B spill stores, 96 B spill loads per thread, nvcc -Xptxas -v)
     "many_rows_ctas3_vector4_unroll1_compact_bins": dict(MANY_ROWS_SHAPE, min_ctas_per_sm=3, vector=4, unroll=1,
