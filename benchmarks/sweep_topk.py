@@ -30,6 +30,11 @@ from transformers_misa.kernels.scoring import build_weighted_relu_logits
 from transformers_misa.kernels.topk import BUFFER, FEW_ROWS_SHAPE, MANY_ROWS_SHAPE, UNROLL, build_radix_topk
 from transformers_misa.kernels.topk_bounds import group_maxima_bounds, sampled_bounds
 
+# The compact second pass with counts in registers over 16-byte loads, in both CTA shapes: the base of the bounded and
+# sampled variants below
+MANY_COMPACT_BINS = dict(MANY_ROWS_SHAPE, vector=4, unroll=1, compact_second_pass=True, bins_in_registers=True)
+FEW_COMPACT_BINS = dict(FEW_ROWS_SHAPE, vector=4, unroll=4, compact_second_pass=True, bins_in_registers=True)
+
 VARIANTS = {  # name -> build options
     "default": {},
     "unroll2": dict(unroll=2),
@@ -68,41 +73,24 @@ VARIANTS = {  # name -> build options
     # pass visits only its passing values, and / or the bin search keeps a thread's counts in registers
     "many_rows_vector4_unroll1_compact": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, compact_second_pass=True),
     "many_rows_vector4_unroll1_bins_in_registers": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, bins_in_registers=True),
-    "many_rows_vector4_unroll1_compact_bins": dict(MANY_ROWS_SHAPE, vector=4, unroll=1, compact_second_pass=True,
-                                                   bins_in_registers=True),
-    "few_rows_vector4_unroll4_compact_bins": dict(FEW_ROWS_SHAPE, vector=4, unroll=4, compact_second_pass=True,
-                                                  bins_in_registers=True),
+    "many_rows_vector4_unroll1_compact_bins": MANY_COMPACT_BINS,
+    "few_rows_vector4_unroll4_compact_bins": FEW_COMPACT_BINS,
     # rows read once where a bound keeps their values at or above it within the buffer (`bounded`; BOUND_GROUPS)
-    "many_rows_vector4_unroll1_compact_bins_bounded16": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
-                                                             compact_second_pass=True, bins_in_registers=True,
-                                                             bounded=True),
-    "many_rows_vector4_unroll1_compact_bins_bounded8": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
-                                                            compact_second_pass=True, bins_in_registers=True,
-                                                            bounded=True),
+    "many_rows_vector4_unroll1_compact_bins_bounded16": dict(MANY_COMPACT_BINS, bounded=True),
+    "many_rows_vector4_unroll1_compact_bins_bounded8": dict(MANY_COMPACT_BINS, bounded=True),
     # the bound from a sample of each row itself (`sample_every`): the whole cost of this one-read path
-    "many_rows_vector4_unroll1_compact_bins_sampled16": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
-                                                             compact_second_pass=True, bins_in_registers=True,
-                                                             sample_every=16),
-    "few_rows_vector4_unroll4_compact_bins_sampled16": dict(FEW_ROWS_SHAPE, vector=4, unroll=4,
-                                                            compact_second_pass=True, bins_in_registers=True,
-                                                            sample_every=16),
+    "many_rows_vector4_unroll1_compact_bins_sampled16": dict(MANY_COMPACT_BINS, sample_every=16),
+    "few_rows_vector4_unroll4_compact_bins_sampled16": dict(FEW_COMPACT_BINS, sample_every=16),
     # a sparser / denser sample: fewer sample sectors read, a bound of more spread (`topk_bound_model.py --sample`)
-    "many_rows_vector4_unroll1_compact_bins_sampled32": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
-                                                             compact_second_pass=True, bins_in_registers=True,
-                                                             sample_every=32),
-    "many_rows_vector4_unroll1_compact_bins_sampled8": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
-                                                            compact_second_pass=True, bins_in_registers=True,
-                                                            sample_every=8),
+    "many_rows_vector4_unroll1_compact_bins_sampled32": dict(MANY_COMPACT_BINS, sample_every=32),
+    "many_rows_vector4_unroll1_compact_bins_sampled8": dict(MANY_COMPACT_BINS, sample_every=8),
     # the sample's loads issued in rounds of 2 / 4, the first round before the histogram is cleared (`sample_unroll`)
-    "many_rows_vector4_unroll1_compact_bins_sampled16_loads2": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
-                                                                    compact_second_pass=True, bins_in_registers=True,
-                                                                    sample_every=16, sample_unroll=2),
-    "many_rows_vector4_unroll1_compact_bins_sampled16_loads4": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
-                                                                    compact_second_pass=True, bins_in_registers=True,
-                                                                    sample_every=16, sample_unroll=4),
-    "many_rows_vector4_unroll1_compact_bins_sampled32_loads2": dict(MANY_ROWS_SHAPE, vector=4, unroll=1,
-                                                                    compact_second_pass=True, bins_in_registers=True,
-                                                                    sample_every=32, sample_unroll=2),
+    "many_rows_vector4_unroll1_compact_bins_sampled16_loads2": dict(MANY_COMPACT_BINS, sample_every=16,
+                                                                    sample_unroll=2),
+    "many_rows_vector4_unroll1_compact_bins_sampled16_loads4": dict(MANY_COMPACT_BINS, sample_every=16,
+                                                                    sample_unroll=4),
+    "many_rows_vector4_unroll1_compact_bins_sampled32_loads2": dict(MANY_COMPACT_BINS, sample_every=32,
+                                                                    sample_unroll=2),
     # three CTAs per SM (40 registers): the compact second pass without the spills it has at four (32 registers:
     # 16 B spill stores, 96 B spill loads per thread, nvcc -Xptxas -v)
     "many_rows_ctas3_vector4_unroll1_compact_bins": dict(MANY_ROWS_SHAPE, min_ctas_per_sm=3, vector=4, unroll=1,
