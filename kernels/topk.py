@@ -180,6 +180,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     warps = threads // 32
     (first_bits, first_shift), later_levels = LEVELS[0], LEVELS[1:]
     first_digit = first_shift - first_bits  # bits below the first level's digit
+    sector = 8 // vector  # `sample_every`: vector loads per 32-byte sector
 
     # Every barrier is written out below; TileLang's own pass would add one per loop step, as it cannot see that
     # atomically claimed slots never collide. Every global access is in bounds by construction (columns below the
@@ -279,15 +280,27 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 hist[tx * per_thread + i] = 0
             T.sync_threads()
 
+        def sample_group(load):
+            """The vector group read by the sample's `load`-th load: sector `load // sector` of the sample, one 32-byte
+            sector (`sector` loads) of every `sample_every`."""
+            return load // sector * (sector * sample_every) + load % sector
+
+        @T.macro
+        def count_sample_values(sample, offset, group, end, hist):
+            """Counts one load's values (sample[offset : offset + vector], from `group`) before the row's end into the
+            first-level histogram."""
+            for v in T.unroll(vector):
+                if group * vector + v < end:
+                    T.atomic_add(hist[T.cast(_order_key(sample[offset + v]) >> first_digit, T.int32)], 1)
+
         @T.macro
         def count_sample_round(Scores, row, tx, end, sampled, sample_values, hist, round_index, clears_first):
-            """`sample_unroll`: one round of a thread's sample loads (sector `load // sector` of the sample each), all
-            issued before any is counted into the first-level histogram; `clears_first`: the histogram is cleared
-            (with its barrier) between the loads and the counts."""
-            sector = 8 // vector
+            """`sample_unroll`: one round of a thread's sample loads, all issued before any is counted into the
+            first-level histogram; `clears_first`: the histogram is cleared (with its barrier) between the loads and
+            the counts."""
             for u in T.unroll(sample_unroll):
                 load = (round_index * sample_unroll + u) * threads + tx
-                group = load // sector * (sector * sample_every) + load % sector
+                group = sample_group(load)
                 if load < sampled and group * vector < end:  # one 16-byte load (group < groups)
                     for v in T.vectorized(vector):
                         sample_values[u * vector + v] = Scores[row, group, v]
@@ -295,12 +308,9 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 clear_histogram(hist, tx)
             for u in T.unroll(sample_unroll):
                 load = (round_index * sample_unroll + u) * threads + tx
-                group = load // sector * (sector * sample_every) + load % sector
+                group = sample_group(load)
                 if load < sampled and group * vector < end:
-                    for v in T.unroll(vector):
-                        if group * vector + v < end:
-                            T.atomic_add(hist[T.cast(_order_key(sample_values[u * vector + v]) >> first_digit,
-                                                     T.int32)], 1)
+                    count_sample_values(sample_values, u * vector, group, end, hist)
 
         @T.macro
         def find_kth_bin(hist, suffix, found, tx, need, thread_bins=None):
@@ -471,7 +481,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 if sample_every:  # Python-level: the bound from a sample of the row (one histogram of it)
                     bound = -T.infinity(T.float32)
                     if end >= SAMPLE_MIN_KEYS_PER_K * k:
-                        sector = 8 // vector  # vector loads per 32-byte sector
                         sampled = T.ceildiv(T.ceildiv(end, vector), sector * sample_every) * sector
                         if sample_unroll:  # Python-level: loads issued in rounds, the first before the clearing
                             count_sample_round(Scores, row, tx, end, sampled, sample_values, hist, 0, True)
@@ -479,16 +488,13 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                                 count_sample_round(Scores, row, tx, end, sampled, sample_values, hist, r, False)
                         else:
                             clear_histogram(hist, tx)
-                            for i in T.serial(T.ceildiv(sampled, threads)):
-                                load = i * threads + tx  # the sample's load: sector `load // sector` of the sample
-                                group = load // sector * (sector * sample_every) + load % sector
+                            for i in T.serial(T.ceildiv(sampled, threads)):  # a load, then its count
+                                load = i * threads + tx
+                                group = sample_group(load)
                                 if load < sampled and group * vector < end:  # one 16-byte load (group < groups)
                                     for v in T.vectorized(vector):
                                         values[v] = Scores[row, group, v]
-                                    for v in T.unroll(vector):
-                                        if group * vector + v < end:
-                                            T.atomic_add(hist[T.cast(_order_key(values[v]) >> first_digit,
-                                                                     T.int32)], 1)
+                                    count_sample_values(values, 0, group, end, hist)
                         find_kth_bin(hist, suffix, found, tx, math.ceil(SAMPLE_MARGIN * k / sample_every), thread_bins)
                         bound = _lowest_value_with_key(T.cast(found[0], T.uint32) << first_digit)
 
