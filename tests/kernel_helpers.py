@@ -78,3 +78,10 @@ def _assert_same_selection(ours, ref_idx, scores, tolerance):
     finite_rows = torch.isfinite(kth).squeeze(-1)
     assert bool((picked[finite_rows] >= kth[finite_rows] - tolerance).all())
 
+
+def _assert_same_visible_columns(got, expected, ends, k):
+    """Each row's picked columns before its end are the expected ones, and its k columns are distinct (a row seeing
+    fewer than k keys fills up with any columns past its end)."""
+    for row, end in enumerate(ends.tolist()):
+        assert {c for c in got[row].tolist() if c < end} == {c for c in expected[row].tolist() if c < end}, row
+        assert len(set(got[row].tolist())) == k, f"row {row}: repeated index"

@@ -348,7 +348,8 @@ def test_topk_bound_model_keeps_at_least_k_and_no_bound_for_short_rows(capsys):
     kept = results["heads"][8]["kept"]
     assert kept[16384] is None and kept[40960] >= model.TOPK
     assert "keep at most" in capsys.readouterr().out
-    # --sample: the bound the top-k finds from a 1/16 sample of the row (`topk_bounds.sampled_bounds`); none for short rows
+    # --sample: the bound the top-k finds from a 1/16 sample of the row (`topk_bounds.sampled_bounds`); none for short
+    # rows
     assert model.kept_by_bound(row[:8191], 16, model.TOPK, sample=16) is None
     assert model.TOPK <= model.kept_by_bound(row, 16, model.TOPK, sample=16) <= 4096
     sampled = model.main(["--heads", "8", "--lengths", "8192,40960", "--contexts", "65536", "--rows", "1",
