@@ -30,7 +30,8 @@ from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCOR
                                                 TILELANG_LAST_REMAINDER_SCORER, TILELANG_LONGEST_FIRST_SCORER,
                                                 TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER,
                                                 TILELANG_PLAIN_MANY_HEADS_SCORER, TILELANG_PLAIN_TOPK_SCORER,
-                                                TILELANG_RUNNING_SUM_ROUTER_SCORER, TILELANG_SAMPLED32_TOPK_SCORER,
+                                                TILELANG_RUNNING_SUM_ROUTER_SCORER, TILELANG_SAMPLE_LOADS2_TOPK_SCORER,
+                                                TILELANG_SAMPLED32_TOPK_SCORER,
                                                 TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER,
                                                 TILELANG_SQUARE_FEW_HEADS_SCORER, TILELANG_STEPWISE_ROUTING_SCORER,
                                                 TILELANG_TAIL_KEYS_SCORER, TILELANG_THRESHOLD_SCORER,
@@ -107,6 +108,9 @@ def methods(heads: int, deepseek_kernel):
         # the top-k's bound from a sparser sample (1/32 of each row), a decode step's rows too (opt-in)
         f"dsa{heads}_sampled32_topk": _dsa(TILELANG_SAMPLED32_TOPK_SCORER),
         "misa8_sampled32_topk": _misa(reference.misa_topk, TILELANG_SAMPLED32_TOPK_SCORER),
+        # the prefill sample's loads issued two at a time before they are counted (opt-in)
+        f"dsa{heads}_sample_loads2_topk": _dsa(TILELANG_SAMPLE_LOADS2_TOPK_SCORER),
+        "misa8_sample_loads2_topk": _misa(reference.misa_topk, TILELANG_SAMPLE_LOADS2_TOPK_SCORER),
         # a prefill's logits query blocks and top-k rows last to first for many heads too (opt-in; the default for
         # at most 16 heads, scorer.longest_first_for)
         f"dsa{heads}_longest_first": _dsa(TILELANG_LONGEST_FIRST_SCORER),
