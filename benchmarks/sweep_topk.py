@@ -84,13 +84,8 @@ VARIANTS = {  # name -> build options
     # a sparser / denser sample: fewer sample sectors read, a bound of more spread (`topk_bound_model.py --sample`)
     "many_rows_vector4_unroll1_compact_bins_sampled32": dict(MANY_COMPACT_BINS, sample_every=32),
     "many_rows_vector4_unroll1_compact_bins_sampled8": dict(MANY_COMPACT_BINS, sample_every=8),
-    # the sample's loads issued in rounds of 2 / 4, the first round before the histogram is cleared (`sample_unroll`)
-    "many_rows_vector4_unroll1_compact_bins_sampled16_loads2": dict(MANY_COMPACT_BINS, sample_every=16,
-                                                                    sample_unroll=2),
-    "many_rows_vector4_unroll1_compact_bins_sampled16_loads4": dict(MANY_COMPACT_BINS, sample_every=16,
-                                                                    sample_unroll=4),
-    "many_rows_vector4_unroll1_compact_bins_sampled32_loads2": dict(MANY_COMPACT_BINS, sample_every=32,
-                                                                    sample_unroll=2),
+    # (the sample's loads issued in rounds of 2 / 4 before the histogram's clearing, `sample_unroll` of 721f245, lost:
+    # sweep_topk-20261204-190305.json, 64K / 128K rows 0.336 / 0.984 and 0.334 / 0.983 against 0.329 / 0.957; removed)
     # three CTAs per SM (40 registers): the compact second pass without the spills it has at four (32 registers:
     # 16 B spill stores, 96 B spill loads per thread, nvcc -Xptxas -v)
     "many_rows_ctas3_vector4_unroll1_compact_bins": dict(MANY_ROWS_SHAPE, min_ctas_per_sm=3, vector=4, unroll=1,

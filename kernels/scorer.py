@@ -370,8 +370,7 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
     out [..., k]: written in place and returned where the kernel runs and `out` is a contiguous int32 tensor (a
     query chunk's slice of the whole output: no copy afterwards); otherwise a new tensor comes back.
     options: build options of the program beyond the shape `radix_shape` picks (e.g. value_filter=False; the
-    shape's `sample_every`, and `sample_unroll` with it, is left out where the program has no vector loads, no value
-    filter or the phase probe).
+    shape's `sample_every` is left out where the program has no vector loads, no value filter or the phase probe).
     """
     width = scores.shape[-1]
     if width < RADIX_MIN_WIDTH or k > width:
@@ -384,8 +383,6 @@ def radix_topk(scores: torch.Tensor, k: int, ends: torch.Tensor | None = None,
     shape.update(options or {})
     if shape.get("vector", 1) == 1 or not shape.get("value_filter", True) or shape.get("phase_clock"):
         shape.pop("sample_every", None)  # a bound from a sample of the row is for the vector programs with the filter
-    if not shape.get("sample_every"):
-        shape.pop("sample_unroll", None)
     if shape.get("vector", 1) > 1:
         rows = rows.view(rows.shape[0], -1, shape["vector"])
     if ends is None:

@@ -114,7 +114,7 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                      caller_allocates_out: bool = False, vector: int = 1, compact_second_pass: bool = False,
                      bins_in_registers: bool = False, phase_clock: bool = False, second_pass_writes: bool = True,
                      longest_first: bool = False, bounded: bool = False, sample_every: int = 0,
-                     sample_unroll: int = 0, arch: str | None = None):
+                     arch: str | None = None):
     """Compiles the top-`k` selector for fp32 rows of any width >= k; cached per k.
 
     The program takes (Scores [rows, width] fp32, Ends [rows] int32) and returns Out [rows, k] int32 columns;
@@ -153,9 +153,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     the row), and its bound is the lowest float of the first-level bin holding the sample's SAMPLE_MARGIN · k / S-th
     largest value: about SAMPLE_MARGIN · k of the row's values reach it. Not a sure bound: where fewer than k do, the
     first pass runs again unbounded (the same selection, one more read).
-    `sample_unroll` U > 0 (opt-in, with `sample_every`): a thread issues its sample loads U at a time before it counts
-    them (0: one at a time, each counted before the next is issued), and the first U before the histogram is cleared,
-    so that their latency overlaps the clearing and its barrier. The same bound.
     """
     if vector > 1 and with_keys:
         raise ValueError("vector loads are for the plain top-k (with_keys=False)")
@@ -166,9 +163,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
     if sample_every and (sample_every < 0 or 8 % vector):
         raise ValueError(f"sample_every samples whole 32-byte sectors: vector 2, 4 or 8 and sample_every > 0; got "
                          f"vector={vector}, sample_every={sample_every}")
-    if sample_unroll and (sample_unroll < 0 or not sample_every):
-        raise ValueError(f"sample_unroll is for the sampled bound (sample_every > 0) and at least 0; got "
-                         f"sample_unroll={sample_unroll}, sample_every={sample_every}")
     bounded = bounded or sample_every > 0
     if bounded and (vector == 1 or phase_clock or not value_filter):
         raise ValueError("bounded is for the vector program (vector > 1) with the value filter, without phase_clock")
@@ -279,38 +273,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
             for i in T.serial(per_thread):
                 hist[tx * per_thread + i] = 0
             T.sync_threads()
-
-        def sample_group(load):
-            """The vector group read by the sample's `load`-th load: sector `load // sector` of the sample, one 32-byte
-            sector (`sector` loads) of every `sample_every`."""
-            return load // sector * (sector * sample_every) + load % sector
-
-        @T.macro
-        def count_sample_values(sample, offset, group, end, hist):
-            """Counts one load's values (sample[offset : offset + vector], from `group`) before the row's end into the
-            first-level histogram."""
-            for v in T.unroll(vector):
-                if group * vector + v < end:
-                    T.atomic_add(hist[T.cast(_order_key(sample[offset + v]) >> first_digit, T.int32)], 1)
-
-        @T.macro
-        def count_sample_round(Scores, row, tx, end, sampled, sample_values, hist, round_index, clears_first):
-            """`sample_unroll`: one round of a thread's sample loads, all issued before any is counted into the
-            first-level histogram; `clears_first`: the histogram is cleared (with its barrier) between the loads and
-            the counts."""
-            for u in T.unroll(sample_unroll):
-                load = (round_index * sample_unroll + u) * threads + tx
-                group = sample_group(load)
-                if load < sampled and group * vector < end:  # one 16-byte load (group < groups)
-                    for v in T.vectorized(vector):
-                        sample_values[u * vector + v] = Scores[row, group, v]
-            if clears_first:  # Python-level
-                clear_histogram(hist, tx)
-            for u in T.unroll(sample_unroll):
-                load = (round_index * sample_unroll + u) * threads + tx
-                group = sample_group(load)
-                if load < sampled and group * vector < end:
-                    count_sample_values(sample_values, u * vector, group, end, hist)
 
         @T.macro
         def find_kth_bin(hist, suffix, found, tx, need, thread_bins=None):
@@ -464,7 +426,6 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                 bound = T.alloc_var(T.float32) if bounded else None
                 kept = T.alloc_var(T.int32) if bounded else None
                 values = T.alloc_local((unroll * vector,), T.float32)
-                sample_values = T.alloc_local((sample_unroll * vector,), T.float32) if sample_unroll else None
                 keys = T.alloc_local((unroll,), T.int32) if with_keys else None
                 source = (Scores, Keys, keys)
                 prefix = T.uint32(0)
@@ -482,19 +443,16 @@ def build_radix_topk(k: int, threads: int = 512, buffer: int = BUFFER, with_keys
                     bound = -T.infinity(T.float32)
                     if end >= SAMPLE_MIN_KEYS_PER_K * k:
                         sampled = T.ceildiv(T.ceildiv(end, vector), sector * sample_every) * sector
-                        if sample_unroll:  # Python-level: loads issued in rounds, the first before the clearing
-                            count_sample_round(Scores, row, tx, end, sampled, sample_values, hist, 0, True)
-                            for r in T.serial(1, T.ceildiv(sampled, threads * sample_unroll)):
-                                count_sample_round(Scores, row, tx, end, sampled, sample_values, hist, r, False)
-                        else:
-                            clear_histogram(hist, tx)
-                            for i in T.serial(T.ceildiv(sampled, threads)):  # a load, then its count
-                                load = i * threads + tx
-                                group = sample_group(load)
-                                if load < sampled and group * vector < end:  # one 16-byte load (group < groups)
-                                    for v in T.vectorized(vector):
-                                        values[v] = Scores[row, group, v]
-                                    count_sample_values(values, 0, group, end, hist)
+                        clear_histogram(hist, tx)
+                        for i in T.serial(T.ceildiv(sampled, threads)):  # a load, then its count
+                            load = i * threads + tx
+                            group = load // sector * (sector * sample_every) + load % sector  # 1 sector of every S
+                            if load < sampled and group * vector < end:  # one 16-byte load (group < groups)
+                                for v in T.vectorized(vector):
+                                    values[v] = Scores[row, group, v]
+                                for v in T.unroll(vector):
+                                    if group * vector + v < end:
+                                        T.atomic_add(hist[T.cast(_order_key(values[v]) >> first_digit, T.int32)], 1)
                         find_kth_bin(hist, suffix, found, tx, math.ceil(SAMPLE_MARGIN * k / sample_every), thread_bins)
                         bound = _lowest_value_with_key(T.cast(found[0], T.uint32) << first_digit)
 

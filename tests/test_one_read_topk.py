@@ -93,13 +93,6 @@ def test_sampled_bound_program_compiles_with_the_plain_signature():
         program = build_radix_topk(2048, arch="sm_90a", **dict(shape, sample_every=sample_every))()
         source = program.get_kernel_source()
         assert "Bounds" not in source and "(8192 <= end)" in source
-    # `sample_unroll`: a round's loads all issued before the histogram is cleared (their latency under the barrier)
-    program = build_radix_topk(2048, arch="sm_90a", **dict(MANY_ROWS_VECTOR_SHAPE, sample_unroll=2))()
-    source = program.get_kernel_source()
-    sample = source[source.index("(8192 <= end)") :]
-    assert sample.index("sample_values + (u * 4)) = *(float4*)(Scores") < sample.index("__syncthreads()")
-    with pytest.raises(ValueError, match="sample_unroll"):
-        build_radix_topk(2048, **dict(MANY_ROWS_VECTOR_SHAPE, sample_every=0, sample_unroll=2))
     with pytest.raises(ValueError, match="32-byte sectors"):
         build_radix_topk(2048, **dict(MANY_ROWS_VECTOR_SHAPE, sample_every=16, vector=16))
     with pytest.raises(ValueError, match="vector program"):
@@ -140,18 +133,16 @@ def test_radix_topk_bounded_selects_the_same_set_with_any_bound(shape):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", ["many", "few"])
-@pytest.mark.parametrize("sample_every,sample_unroll", [(16, 0), (32, 0), (16, 2), (16, 4)])
-def test_radix_topk_sampled_bound_selects_the_same_set(shape, sample_every, sample_unroll):
+@pytest.mark.parametrize("sample_every", [16, 32])
+def test_radix_topk_sampled_bound_selects_the_same_set(shape, sample_every):
     """`sample_every` (the bound from a sample of the row itself) selects exactly the plain program's set: rows read
     once, rows whose sample holds their largest values (the bound too high: the first pass again, unbounded), rows
     whose values crowd one first-level bin (more reach the bound than the buffer holds: read again), heavy ties,
-    rows too short to sample, ends inside a sampled sector; with the sample's loads one at a time or in rounds
-    (`sample_unroll`)."""
+    rows too short to sample, ends inside a sampled sector."""
     from transformers_misa.kernels.topk import FEW_ROWS_VECTOR_SHAPE, MANY_ROWS_VECTOR_SHAPE, build_radix_topk
     from transformers_misa.kernels.topk_bounds import sampled_bounds
 
-    options = dict(MANY_ROWS_VECTOR_SHAPE if shape == "many" else FEW_ROWS_VECTOR_SHAPE, sample_every=sample_every,
-                   sample_unroll=sample_unroll)
+    options = dict(MANY_ROWS_VECTOR_SHAPE if shape == "many" else FEW_ROWS_VECTOR_SHAPE, sample_every=sample_every)
     width, k = 70000, 2048
     generator = torch.Generator(device="cuda").manual_seed(3 + len(shape))
     scores = torch.randn(10, width, device="cuda", generator=generator)

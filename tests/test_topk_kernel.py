@@ -111,9 +111,7 @@ def test_prefill_rows_take_the_compact_second_pass_and_decode_rows_do_not():
 
 
 @pytest.mark.parametrize("options,sampled", [(None, True), (dict(value_filter=False), False),
-                                             (dict(phase_clock=True), False), (dict(sample_every=0), False),
-                                             (dict(sample_unroll=2, value_filter=False), False),
-                                             (dict(sample_unroll=2), True)])
+                                             (dict(phase_clock=True), False), (dict(sample_every=0), False)])
 def test_radix_topk_drops_the_sampled_bound_where_the_options_rule_it_out(monkeypatch, options, sampled):
     """A prefill's rows take the sampled bound by default; `radix_topk` leaves it out where the caller's options ask
     for a program it does not build with (no value filter, the phase probe), rather than raising inside `generate`."""
@@ -127,7 +125,6 @@ def test_radix_topk_drops_the_sampled_bound_where_the_options_rule_it_out(monkey
     scorer.radix_topk(torch.zeros(400, 9000), 2048, ends=torch.full((400,), 9000), options=options)
     (shape,) = built
     assert bool(shape.get("sample_every")) == sampled
-    assert shape.get("sample_unroll", 0) == ((options or {}).get("sample_unroll", 0) if sampled else 0)
 
 
 @gpu
