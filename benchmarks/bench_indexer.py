@@ -30,8 +30,7 @@ from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCOR
                                                 TILELANG_LAST_REMAINDER_SCORER, TILELANG_LONGEST_FIRST_SCORER,
                                                 TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER,
                                                 TILELANG_PLAIN_MANY_HEADS_SCORER, TILELANG_PLAIN_TOPK_SCORER,
-                                                TILELANG_RUNNING_SUM_ROUTER_SCORER, TILELANG_SAMPLE_LOADS2_TOPK_SCORER,
-                                                TILELANG_SAMPLED32_TOPK_SCORER,
+                                                TILELANG_RUNNING_SUM_ROUTER_SCORER, TILELANG_SAMPLED16_TOPK_SCORER,
                                                 TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER,
                                                 TILELANG_SQUARE_FEW_HEADS_SCORER, TILELANG_STEPWISE_ROUTING_SCORER,
                                                 TILELANG_TAIL_KEYS_SCORER, TILELANG_THRESHOLD_SCORER,
@@ -105,12 +104,9 @@ def methods(heads: int, deepseek_kernel):
         # the prefill top-k reading every row twice (before its bound from a sample of the row), both methods alike
         f"dsa{heads}_unsampled_topk": _dsa(TILELANG_UNSAMPLED_TOPK_SCORER),
         "misa8_unsampled_topk": _misa(reference.misa_topk, TILELANG_UNSAMPLED_TOPK_SCORER),
-        # the top-k's bound from a sparser sample (1/32 of each row), a decode step's rows too (opt-in)
-        f"dsa{heads}_sampled32_topk": _dsa(TILELANG_SAMPLED32_TOPK_SCORER),
-        "misa8_sampled32_topk": _misa(reference.misa_topk, TILELANG_SAMPLED32_TOPK_SCORER),
-        # the prefill sample's loads issued two at a time before they are counted (opt-in)
-        f"dsa{heads}_sample_loads2_topk": _dsa(TILELANG_SAMPLE_LOADS2_TOPK_SCORER),
-        "misa8_sample_loads2_topk": _misa(reference.misa_topk, TILELANG_SAMPLE_LOADS2_TOPK_SCORER),
+        # the prefill top-k's bound from a denser sample (1/16 of each row, before 1/32), both methods alike
+        f"dsa{heads}_sampled16_topk": _dsa(TILELANG_SAMPLED16_TOPK_SCORER),
+        "misa8_sampled16_topk": _misa(reference.misa_topk, TILELANG_SAMPLED16_TOPK_SCORER),
         # a prefill's logits query blocks and top-k rows last to first for many heads too (opt-in; the default for
         # at most 16 heads, scorer.longest_first_for)
         f"dsa{heads}_longest_first": _dsa(TILELANG_LONGEST_FIRST_SCORER),
@@ -279,7 +275,7 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None, roun
                                              "misa8_running_sum_router", "misa8_single_run_tail_means",
                                              f"dsa{heads}_longest_first",
                                              f"dsa{heads}_unsampled_topk", "misa8_unsampled_topk",
-                                             f"dsa{heads}_sampled32_topk", "misa8_sampled32_topk",
+                                             f"dsa{heads}_sampled16_topk", "misa8_sampled16_topk",
                                              f"dsa{heads}_last_remainder", "misa8_last_remainder",
                                              f"dsa{heads}_forward_order", "misa8_forward_order",
                                              "misa8_plain_layout",
@@ -291,12 +287,9 @@ def run_prefill(contexts, heads, deepseek_kernel, reps, results, only=None, roun
         torch.cuda.empty_cache()
 
 
-def run_decode(caches, batches, new_tokens_options, heads, reps, results, only=None):
-    """One decode step per (cache, batch, new tokens): the DSA kernel, MISA-8 and MISA-8 with stepwise routing always;
-    the top-k with a bound from a 1/32 sample of each row (opt-in; a decode step's rows take no bound by default) for
-    both methods where `--methods` names them."""
+def run_decode(caches, batches, new_tokens_options, heads, reps, results):
+    """One decode step per (cache, batch, new tokens): the DSA kernel, MISA-8 and MISA-8 with stepwise routing."""
     common = dict(softmax_scale=SCALE, scorer=TILELANG_SCORER, sync_free=True)  # as static-cache decode runs
-    sampled = dict(common, scorer=TILELANG_SAMPLED32_TOPK_SCORER)
     for cache in caches:
         for batch in batches:
             for new_tokens in new_tokens_options:
@@ -310,12 +303,7 @@ def run_decode(caches, batches, new_tokens_options, heads, reps, results, only=N
                     "misa8_stepwise_routing": lambda: reference.misa_topk(
                         q, keys, weights, TOPK, active_heads=8, block_size=BLOCK, pooled=pooled,
                         **dict(common, scorer=TILELANG_STEPWISE_ROUTING_SCORER)),
-                    f"dsa{heads}_sampled32_topk": lambda: reference.dsa_topk(q, keys, weights, TOPK, **sampled),
-                    "misa8_sampled32_topk": lambda: reference.misa_topk(q, keys, weights, TOPK, active_heads=8,
-                                                                        block_size=BLOCK, pooled=pooled, **sampled),
                 }
-                calls = {name: call for name, call in calls.items()
-                         if "sampled" not in name or (only is not None and chosen(name, heads, only))}
                 for name, call in calls.items():
                     row[f"{name}_ms"] = cuda_time_ms(call, reps)
                 for name, call in calls.items():
@@ -467,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     run_prefill(parse(args.contexts), 64, deepseek_kernel, args.reps, results, only, args.rounds)
     run_prefill(parse(args.glm_contexts), 32, None, args.reps, results, only, args.rounds)
     run_decode(parse(args.decode_caches), parse(args.decode_batches), parse(args.decode_new_tokens), 64, args.reps,
-               results, only)
+               results)
     results.finish()
     plot(results, path.with_suffix(".png"))
     print(f"wrote {path} and .png")

@@ -46,14 +46,17 @@ FEW_ROWS_VECTOR_SHAPE: dict | None = dict(FEW_ROWS_SHAPE, vector=4, unroll=4)
 # selected; the MISA-8 indexer's top-k stage (bench_indexer-20261204-044100.json) 2.13 -> 1.75 ms at 32K, 6.26 ->
 # 5.52 at 64K, 20.99 -> 20.09 at 128K. A decode step's wide CTAs lose with them (128K, batch 32, 1 / 4 queries:
 # 0.0561 / 0.0690 against 0.0477 / 0.0548 ms) and keep the plain passes.
-# They also take `sample_every=16` (each row's bound from a sample of itself, most rows read once; the same sets):
-# H200, sweep_topk-20261204-174833.json, 64K / 128K causal rows 0.329 / 0.957 against 0.363 / 1.267 ms; in the
+# They also take `sample_every` (each row's bound from a sample of itself, most rows read once; the same sets).
+# 1/16: H200, sweep_topk-20261204-174833.json, 64K / 128K causal rows 0.329 / 0.957 against 0.363 / 1.267 ms; in the
 # indexer, host hidden (bench_indexer-20261204-180516.json), MISA-8 4.22 / 13.99 / 52.76 against 4.28 / 15.22 / 57.63
-# ms at 32K / 64K / 128K, DSA-64 17.64 / 69.22 / 272.36 against 17.90 / 70.58 / 280.11. The decode shape keeps the
-# plain first pass (128K, batch 32, 1 / 4 queries, wide CTAs with the compact second pass: 0.048 / 0.074 against
-# 0.056 / 0.065 ms; the indexer's decode step even either way, bench_indexer-20261204-175227.json).
+# ms at 32K / 64K / 128K, DSA-64 17.64 / 69.22 / 272.36 against 17.90 / 70.58 / 280.11. 1/32 (fewer sectors read for
+# a bound of a little more spread; 87% / 92% of rows read once against 87% / 93%): sweep_topk-20261204-190305.json,
+# 0.331 / 0.927 against 0.329 / 0.957 ms (1/8: 0.345 / 1.039); in the indexer (bench_indexer-20261204-190326.json,
+# host hidden) MISA-8 14.07 / 52.37 against 14.30 / 52.71 ms at 64K / 128K. The decode shape keeps the plain first
+# pass (128K, batch 32, 1 / 4 queries, wide CTAs with the compact second pass: 0.048 / 0.074 against 0.056 / 0.065 ms;
+# the indexer's decode step even either way, bench_indexer-20261204-175227.json).
 MANY_ROWS_VECTOR_SHAPE: dict | None = dict(MANY_ROWS_SHAPE, vector=4, unroll=1, compact_second_pass=True,
-                                           bins_in_registers=True, sample_every=16)
+                                           bins_in_registers=True, sample_every=32)
 # Tried on an H200 and not kept, each written up with its figures in the README's latest GPU section or in
 # benchmarks/RESULTS.md (search for the commit): a one-read path (280dfb6), 16-bit planes of the logits (27b4688), the
 # second pass read backward / rows reversed (81f9364), per-thread cp.async rings (b6322b7), slot claims once per warp

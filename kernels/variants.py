@@ -82,19 +82,11 @@ TILELANG_UNSAMPLED_TOPK_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-unsampled-topk",
     fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(sample_every=0)))
 
-# A sparser sample for the top-k's bound (one 32-byte sector of every 32, not 16) in every vector shape, a decode
-# step's wide CTAs included (they take no bound by default: with 1/16 it measured even in the indexer's decode step,
-# bench_indexer-20261204-175227.json). Opt-in, not yet run on a GPU; timed beside the default by the benchmark.
-TILELANG_SAMPLED32_TOPK_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-sampled32-topk",
-    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(sample_every=32)))
-
-# The prefill's sample loads issued two at a time before they are counted, the first round before the histogram is
-# cleared (`build_radix_topk(sample_unroll=2)`; the default issues one, counts it, then the next). Opt-in, not yet
-# run in the indexer; timed beside the default by the benchmark.
-TILELANG_SAMPLE_LOADS2_TOPK_SCORER = dataclasses.replace(
-    TILELANG_SCORER, name="tilelang-sample-loads2-topk",
-    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(sample_unroll=2)))
+# The prefill top-k's bound from a denser sample (one 32-byte sector of every 16, before topk.MANY_ROWS_VECTOR_SHAPE
+# took 1/32), kept so that the benchmark times both side by side.
+TILELANG_SAMPLED16_TOPK_SCORER = dataclasses.replace(
+    TILELANG_SCORER, name="tilelang-sampled16-topk",
+    fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(sample_every=16)))
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.

@@ -247,9 +247,8 @@ def test_indexer_benchmark_times_the_methods_in_turn_over_rounds(monkeypatch, tm
                                                       ("misa8_x", "dsa64_x", 2.6666666666666665, 4.5)]
 
 
-def test_decode_benchmark_times_the_sampled_top_k_only_when_asked(monkeypatch, tmp_path):
-    """The decode rows always time the DSA kernel, MISA-8 and its stepwise routing; the sampled-bound top-k of both
-    methods only where `--methods` names it (opt-in, as in the prefill rows)."""
+def test_decode_benchmark_times_its_three_methods_eager_and_graph_replayed(monkeypatch, tmp_path):
+    """A decode row times the DSA kernel, MISA-8 and its stepwise routing, eager and replayed from a CUDA graph."""
     bench = _load("bench_indexer")
     monkeypatch.setattr(bench, "inputs", lambda batch, queries, keys, heads: (
         torch.zeros(batch, queries, heads, 4), torch.zeros(batch, keys, 4), torch.zeros(batch, queries, heads)))
@@ -257,12 +256,12 @@ def test_decode_benchmark_times_the_sampled_top_k_only_when_asked(monkeypatch, t
     monkeypatch.setattr(bench, "graph_time_ms", lambda call, reps: 0.5)
     monkeypatch.setattr(bench, "stage_ms", lambda call: {})
     monkeypatch.setattr(bench, "print_row", lambda row, heads: None)
-    for only, sampled in ((None, False), ({"misa8", "dsa_sampled32_topk", "misa8_sampled32_topk"}, True)):
-        rows = []
-        bench.run_decode([256], [1], [1], 64, 1, rows, only)
-        (row,) = rows
-        assert {"dsa64_kernel_ms", "misa8_ms", "misa8_stepwise_routing_ms"} <= set(row)
-        assert ("dsa64_sampled32_topk_ms" in row) == ("misa8_sampled32_topk_graph_ms" in row) == sampled
+    rows = []
+    bench.run_decode([256], [1], [1], 64, 1, rows)
+    (row,) = rows
+    methods = ("dsa64_kernel", "misa8", "misa8_stepwise_routing")
+    assert {key for key in row if key.endswith("_ms")} == {f"{name}{timing}_ms" for name in methods
+                                                          for timing in ("", "_graph")}
 
 
 def test_timeline_finds_the_idle_stretches_between_kernels(monkeypatch):

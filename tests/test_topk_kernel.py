@@ -94,20 +94,22 @@ def test_radix_shape_takes_vector_loads_only_where_rows_allow(monkeypatch):
 def test_prefill_rows_take_the_compact_second_pass_and_decode_rows_do_not():
     """The default shapes as measured (topk.MANY_ROWS_VECTOR_SHAPE's comment): a prefill's rows with the compact second
     pass, counts in registers and the sampled bound, a decode step's without; the kept plain-top-k scorer turns all
-    three off, the unsampled one the bound."""
+    three off, the unsampled one the bound, the 1/16 one samples twice as densely."""
     _tilelang_or_skip()
     from transformers_misa.kernels import variants
     from transformers_misa.kernels.scorer import radix_shape
 
     prefill, decode = radix_shape(20000, 132, True), radix_shape(32, 132, True)
     assert prefill["compact_second_pass"] and prefill["bins_in_registers"] and prefill["vector"] == 4
-    assert prefill["sample_every"] == 16 and not decode.get("sample_every")
+    assert prefill["sample_every"] == 32 and not decode.get("sample_every")
     assert not decode.get("compact_second_pass") and not decode.get("bins_in_registers")
     assert not radix_shape(20000, 132, False).get("compact_second_pass")  # the scalar shape was not measured with it
     plain = {**prefill, **variants.TILELANG_PLAIN_TOPK_SCORER.fused_select.keywords["topk_options"]}
     assert plain["compact_second_pass"] is False and plain["bins_in_registers"] is False and plain["sample_every"] == 0
     unsampled = {**prefill, **variants.TILELANG_UNSAMPLED_TOPK_SCORER.fused_select.keywords["topk_options"]}
     assert unsampled == dict(prefill, sample_every=0)
+    denser = {**prefill, **variants.TILELANG_SAMPLED16_TOPK_SCORER.fused_select.keywords["topk_options"]}
+    assert denser == dict(prefill, sample_every=16)
 
 
 @pytest.mark.parametrize("options,sampled", [(None, True), (dict(value_filter=False), False),
