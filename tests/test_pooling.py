@@ -10,8 +10,9 @@ from conftest import FAMILIES, left_padded_batch
 from transformers_misa import patch_model
 from transformers_misa.indexer import _POOL_ATTR, MisaIndexer
 from transformers_misa.ops import pooling
-from transformers_misa.ops.blocks import mean_pool
+from transformers_misa.ops.blocks import mean_pool, pool_blocks
 from transformers_misa.ops.reference import pooled_keys
+
 
 def _scratch(keys: torch.Tensor, valid: torch.Tensor, block_size: int) -> torch.Tensor:
     """Pooled keys recomputed from nothing (valid [B, T]: real, written keys)."""
@@ -52,6 +53,24 @@ def _grow(pool, keys, valid, steps, block_size, static_len=None):
 
 
 STEPS = [37] + [1] * 20 + [3] + [1] * 9  # prefill, decode, a 3-token step, decode
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_keys,first_block", [(256, 0), (250, 0), (250, 2), (64, 0)])
+def test_pool_blocks_sums_the_real_keys_of_each_block_in_fp32(dtype, num_keys, first_block):
+    """Per-block sums (fp32, of the keys as stored) and counts of the real keys from `first_block` on, a partial last
+    block included; padding and unwritten slots count for nothing, whatever they hold."""
+    generator = torch.Generator().manual_seed(num_keys + first_block)
+    keys = torch.randn(2, num_keys, 8, generator=generator).to(dtype)
+    valid = torch.rand(2, num_keys, generator=generator) > 0.3
+    keys = keys.masked_fill(~valid.unsqueeze(-1), 1e4)  # must not leak into any sum
+    sums, counts = pool_blocks(keys, valid, 64, first_block=first_block)
+    assert sums.dtype == counts.dtype == torch.float32 and sums.shape == (2, -(-num_keys // 64) - first_block, 8)
+    for block in range(sums.shape[1]):
+        span = slice((first_block + block) * 64, (first_block + block + 1) * 64)
+        real = valid[:, span].unsqueeze(-1)
+        torch.testing.assert_close(sums[:, block], (keys[:, span].float() * real).sum(1), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(counts[:, block], real.sum((1, 2)).float())
 
 
 @pytest.mark.parametrize("static_len", [None, 96])

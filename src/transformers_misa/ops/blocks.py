@@ -317,11 +317,12 @@ def pool_blocks(keys: torch.Tensor, valid: torch.Tensor, block_size: int,
     start = first_block * block_size
     num_blocks = math.ceil(num_keys / block_size) - first_block
     pad = start + num_blocks * block_size - num_keys
-    tail_keys = torch.nn.functional.pad(keys[:, start:].float(), (0, 0, 0, pad))
-    tail_valid = torch.nn.functional.pad(valid[:, start:], (0, pad), value=False).float()
-    tail_keys = tail_keys * tail_valid.unsqueeze(-1)
-    sums = tail_keys.view(batch, num_blocks, block_size, dim).sum(2)
-    counts = tail_valid.view(batch, num_blocks, block_size).sum(2)
+    tail_valid = torch.nn.functional.pad(valid[:, start:].bool(), (0, pad), value=False)
+    # Zeroing is exact in the keys' own dtype, and the sum accumulates in fp32 as it reads them: no fp32 copy of the
+    # keys and no multiply by a float mask (two full passes over [B, T, D] fp32 on a long prefill).
+    tail_keys = torch.nn.functional.pad(keys[:, start:], (0, 0, 0, pad)).masked_fill(~tail_valid.unsqueeze(-1), 0)
+    sums = tail_keys.view(batch, num_blocks, block_size, dim).sum(2, dtype=torch.float32)
+    counts = tail_valid.view(batch, num_blocks, block_size).sum(2, dtype=torch.float32)
     return sums, counts
 
 
