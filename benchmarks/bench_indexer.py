@@ -34,7 +34,7 @@ from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCOR
                                                 TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER,
                                                 TILELANG_SQUARE_FEW_HEADS_SCORER, TILELANG_STEPWISE_ROUTING_SCORER,
                                                 TILELANG_TAIL_KEYS_SCORER, TILELANG_THRESHOLD_SCORER,
-                                                TILELANG_UNSAMPLED_TOPK_SCORER)
+                                                TILELANG_TWO_STREAMS_SCORER, TILELANG_UNSAMPLED_TOPK_SCORER)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
@@ -107,6 +107,9 @@ def methods(heads: int, deepseek_kernel):
         # the prefill top-k's bound from a denser sample (1/16 of each row, before 1/32), both methods alike
         f"dsa{heads}_sampled16_topk": _dsa(TILELANG_SAMPLED16_TOPK_SCORER),
         "misa8_sampled16_topk": _misa(reference.misa_topk, TILELANG_SAMPLED16_TOPK_SCORER),
+        # the query chunks taking two CUDA streams in turn (one chunk's top-k beside the next one's logits; opt-in)
+        f"dsa{heads}_two_streams": _dsa(TILELANG_TWO_STREAMS_SCORER),
+        "misa8_two_streams": _misa(reference.misa_topk, TILELANG_TWO_STREAMS_SCORER),
         # a prefill's logits query blocks and top-k rows last to first for many heads too (opt-in; the default for
         # at most 16 heads, scorer.longest_first_for)
         f"dsa{heads}_longest_first": _dsa(TILELANG_LONGEST_FIRST_SCORER),

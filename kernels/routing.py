@@ -3,8 +3,6 @@ prefill chunk's tail means, and the router score / routing step as `Scorer` entr
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from transformers_misa.ops.blocks import ChunkMask, TailBlock
@@ -96,11 +94,6 @@ def tilelang_head_importance(q: torch.Tensor, weights: torch.Tensor, pooled: tor
     return importance * softmax_scale  # ReLU(s·x) = s·ReLU(x): the scale is applied once at the end
 
 
-@functools.lru_cache(maxsize=None)
-def _unit_head_scale(heads: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(heads, device=device)
-
-
 def causal_tail_means(keys: torch.Tensor, chunk: ChunkMask, block_size: int,
                       segments: int = TAIL_MEAN_SEGMENTS) -> torch.Tensor | None:
     """Each query's mean tail key [B, c, D] bf16 (`TailBlock.means`) for a causal prefill chunk without a mask, by one
@@ -134,7 +127,9 @@ def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, p
     if not _router_program_applies(contiguous, router):
         return None
     batch, num_queries, heads, dim = q.shape
-    scale = _unit_head_scale(heads, q.device) if head_scale is None else head_scale.to(q.device, torch.float32)
+    # Made per call on the current stream: a tensor cached across calls could be read by a chunk on another stream
+    # (`ops.chunk_streams`) before the stream that made it had filled it.
+    scale = torch.ones(heads, device=q.device) if head_scale is None else head_scale.to(q.device, torch.float32)
     q_rows, pooled_bf16, weights_fp32 = _router_operands(q, pooled, weights)
     shape = router_shape(heads, batch, num_queries, q.device, wide_router)
     keys_bf16 = keys.to(torch.bfloat16).contiguous()

@@ -88,6 +88,11 @@ TILELANG_SAMPLED16_TOPK_SCORER = dataclasses.replace(
     TILELANG_SCORER, name="tilelang-sampled16-topk",
     fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(sample_every=16)))
 
+# A prefill's query chunks taking two CUDA streams in turn (`Scorer.chunk_streams`), so that one chunk's top-k can
+# run beside the next chunk's routing and logits; twice the chunks' scratch alive. Opt-in, not yet run on a GPU; timed
+# beside the default by the benchmark, both methods alike.
+TILELANG_TWO_STREAMS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-two-streams", chunk_streams=2)
+
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.
 TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-budget-chunks", wave_queries=None)

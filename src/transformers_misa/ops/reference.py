@@ -35,6 +35,7 @@ from .blocks import (
     top_indices,
     weighted_head_sum,
 )
+from .chunk_streams import ChunkStreams
 
 _FP32 = 4
 
@@ -127,6 +128,8 @@ class Scorer:
     fused_select: optional token_logits + topk in one step (same arguments plus k, and `out`, a [B, c, k] int32
         tensor it may write the indices into and return), free to skip what a top-k never needs (the kernels leave
         each causal query's future unwritten); None: the two steps in turn.
+    chunk_streams: CUDA streams the query chunks take in turn (`ChunkStreams`: one chunk's top-k beside the next
+        one's routing and logits; up to this many chunks' scratch alive at once); 1: every chunk on the caller's.
     """
 
     name: str
@@ -144,6 +147,7 @@ class Scorer:
     query_multiple: int = 1
     wave_queries: Callable[[int, int, torch.device], int] | None = None
     remainder_first: bool = False
+    chunk_streams: int = 1
 
     def __post_init__(self) -> None:
         for name, default in (("head_importance", reference_head_importance),
@@ -209,19 +213,21 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
     else:
         chunks = query_chunks(num_queries, batch * bytes_per_query(num_keys), chunk_size, scorer.chunk_budget,
                               multiple)
-    for rows in chunks:
-        chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device, sync_free=sync_free)
-        width = num_keys if not scorer.narrow_keys else max(chunk.visible_end(), k, min_width)
-        width = min(num_keys, math.ceil(width / block_size) * block_size)  # whole pooled blocks
-        live_keys, live_pooled = keys, pooled
-        if width < num_keys:
-            chunk = chunk.narrowed(width)
-            live_keys = keys[:, :width]
-            live_pooled = None if pooled is None else pooled[:, : math.ceil(width / block_size)]
-        target = out[:, rows]
-        picked = select(q[:, rows], weights[:, rows], live_keys, live_pooled, chunk, k, target)
-        if picked is not target:  # not written in place (a kernel that can, writes its slice and returns it)
-            target.copy_(picked)
+    with ChunkStreams(scorer.chunk_streams, q.device) as streams:
+        for index, rows in enumerate(chunks):
+            with streams.turn(index):
+                chunk = ChunkMask(mask, rows, batch, num_queries, num_keys, q.device, sync_free=sync_free)
+                width = num_keys if not scorer.narrow_keys else max(chunk.visible_end(), k, min_width)
+                width = min(num_keys, math.ceil(width / block_size) * block_size)  # whole pooled blocks
+                live_keys, live_pooled = keys, pooled
+                if width < num_keys:
+                    chunk = chunk.narrowed(width)
+                    live_keys = keys[:, :width]
+                    live_pooled = None if pooled is None else pooled[:, : math.ceil(width / block_size)]
+                target = out[:, rows]
+                picked = select(q[:, rows], weights[:, rows], live_keys, live_pooled, chunk, k, target)
+                if picked is not target:  # not written in place (a kernel that can writes its slice, returns it)
+                    target.copy_(picked)
     return out
 
 
