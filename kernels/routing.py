@@ -110,6 +110,12 @@ def causal_tail_means(keys: torch.Tensor, chunk: ChunkMask, block_size: int,
     return means
 
 
+def route_scratch_bytes(heads: int, active_heads: int, dim: int) -> int:
+    """Per query, what `tilelang_route` writes for a chunk (the [S, H, M] block scores and the tail block's keys stay
+    on chip): its mean tail key and routed query rows (bf16), routed weights and heads, and every head's importance."""
+    return 2 * dim + 2 * active_heads * dim + 8 * active_heads + 4 * heads
+
+
 def tilelang_route(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pooled: torch.Tensor, chunk: ChunkMask,
                    block_size: int, active_heads: int, softmax_scale: float, head_scale: torch.Tensor | None = None,
                    router: str = "sum", tail_means: bool = True, split_tiles: bool = True,

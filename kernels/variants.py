@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from .routing import WIDE_ROUTER, tilelang_head_importance, tilelang_route
+from .routing import WIDE_ROUTER, route_scratch_bytes, tilelang_head_importance, tilelang_route
 from .scorer import TILELANG_SCORER, logits_variant, tilelang_select_tokens
 
 # The plain row order (query · heads + head) for every head count: the layout before the interleaved one, kept so
@@ -92,6 +92,13 @@ TILELANG_SAMPLED16_TOPK_SCORER = dataclasses.replace(
 # run beside the next chunk's routing and logits; twice the chunks' scratch alive. Opt-in, not yet run on a GPU; timed
 # beside the default by the benchmark, both methods alike.
 TILELANG_TWO_STREAMS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-two-streams", chunk_streams=2)
+
+# MISA's prefill chunks sized by what the fused routing program writes (`routing.route_scratch_bytes`) instead of the
+# step-by-step routing's block scores and tail block, which it never materializes: larger chunks (a causal prefill on
+# 132 SMs: 2 / 5 / 19 chunks instead of 3 / 8 / 24 at 32K / 64K / 128K). Opt-in, not yet run on a GPU; timed beside
+# the default by the benchmark.
+TILELANG_FUSED_ROUTE_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-fused-route-chunks",
+                                                         route_scratch_bytes=route_scratch_bytes)
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.

@@ -143,6 +143,31 @@ def test_query_chunks_follow_the_scorers_candidate_scratch(mode, monkeypatch):
     assert per_query[0] - per_query[1] == q.shape[0] * 2 * candidates * (16 + 8) * 4  # the gathered keys + scores
 
 
+@pytest.mark.parametrize("mode", ["misa", "misa_hierarchical"])
+def test_misa_chunks_take_the_fused_routings_scratch_only_where_it_runs(mode, monkeypatch):
+    """A scorer whose routing program keeps the block scores and the tail block on chip (`route_scratch_bytes`) sizes
+    MISA's chunks by what that program writes, but only where it routes every chunk: no mask and router "sum"; with a
+    mask or router "max" the step-by-step routing's scratch stays in the estimate. The selection does not change."""
+    q, keys, weights, mask, scale = _random_problem(pads=(0, 0))
+    per_query = []
+    real_query_chunks = reference.query_chunks
+    monkeypatch.setattr(reference, "query_chunks",
+                        lambda num, bytes_per_query, *rest: per_query.append(bytes_per_query)
+                        or real_query_chunks(num, bytes_per_query, *rest))
+    fused = dataclasses.replace(reference.REFERENCE, route_scratch_bytes=lambda heads, active, dim: 7)
+    extra = dict(candidate_factor=2) if mode == "misa_hierarchical" else {}
+    select = misa_hierarchical_topk if mode == "misa_hierarchical" else misa_topk
+    for scorer, call_mask, router in ((reference.REFERENCE, None, "sum"), (fused, None, "sum"),
+                                      (fused, mask, "sum"), (fused, None, "max")):
+        select(q, keys, weights, 6, softmax_scale=scale, active_heads=2, block_size=8, mask=call_mask, scorer=scorer,
+               router=router, **extra)
+    step_by_step = (2 * 8 * 5 + 2 * 8 * 16) * 4  # every head's scores against 5 pooled blocks, the tail block (fp32)
+    assert [per_query[0] - bytes_ for bytes_ in per_query] == [0, q.shape[0] * (step_by_step - 7), 0, 0]
+    assert torch.equal(select(q, keys, weights, 6, softmax_scale=scale, active_heads=2, block_size=8, scorer=fused,
+                              **extra),
+                       select(q, keys, weights, 6, softmax_scale=scale, active_heads=2, block_size=8, **extra))
+
+
 @pytest.mark.parametrize("num_queries,num_keys,min_width,block_size", [(1000, 1000, 0, 1), (300, 5000, 64, 128),
                                                                        (4, 131072, 2048, 128), (700, 700, 0, 1)])
 @pytest.mark.parametrize("fixed_bytes", [0, 30])

@@ -128,6 +128,9 @@ class Scorer:
     fused_select: optional token_logits + topk in one step (same arguments plus k, and `out`, a [B, c, k] int32
         tensor it may write the indices into and return), free to skip what a top-k never needs (the kernels leave
         each causal query's future unwritten); None: the two steps in turn.
+    route_scratch_bytes: optional (heads, active_heads, dim) -> per-query scratch of `route` where it runs for every
+        chunk (no mask, router "sum"), to size MISA's chunks; None: that of the step-by-step routing (every head's
+        block scores and the tail block), always.
     chunk_streams: CUDA streams the query chunks take in turn (`ChunkStreams`: one chunk's top-k beside the next
         one's routing and logits; up to this many chunks' scratch alive at once); 1: every chunk on the caller's.
     """
@@ -148,6 +151,7 @@ class Scorer:
     wave_queries: Callable[[int, int, torch.device], int] | None = None
     remainder_first: bool = False
     chunk_streams: int = 1
+    route_scratch_bytes: Callable[[int, int, int], int] | None = None
 
     def __post_init__(self) -> None:
         for name, default in (("head_importance", reference_head_importance),
@@ -175,7 +179,8 @@ ChunkSelector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tenso
 
 
 def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int,
-                      mask: torch.Tensor | None, chunk_size: int | None, bytes_per_query: Callable[[int], int],
+                      mask: torch.Tensor | None, chunk_size: int | None,
+                      bytes_per_query: Callable[[int, bool], int],
                       select: ChunkSelector, scorer: Scorer, pooled: torch.Tensor | None = None,
                       block_size: int = 1, min_width: int = 0, sync_free: bool = False,
                       scored_heads: int | None = None) -> torch.Tensor:
@@ -183,7 +188,8 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
     future) are cut off before scoring, keeping at least `min_width` (and k) so every top-k has enough entries.
     scored_heads: heads per query of the chunk's token logits, for `scorer.wave_queries` (None: not used).
 
-    bytes_per_query(width): one query's scratch when its chunk scores `width` keys. Chunks hold at most
+    bytes_per_query(width, maskless): one query's scratch when its chunk scores `width` keys (`maskless`: the chunks
+    have no mask, so every chunk's visible keys are one range and the fused routing program runs). Chunks hold at most
     `scorer.chunk_budget` of it: sized at the full width, or, for a causal prefill without a mask whose keys are cut
     off, at each chunk's own width (`causal_query_chunks`)."""
     batch, num_queries = q.shape[:2]
@@ -207,11 +213,12 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
     if scorer.wave_queries is not None and scored_heads is not None and num_queries > multiple:
         multiple = math.lcm(multiple, scorer.wave_queries(scored_heads, batch, q.device))
     if causal_chunks and mask is None:
-        chunks = causal_query_chunks(num_queries, num_keys, lambda width: batch * bytes_per_query(width),
+        chunks = causal_query_chunks(num_queries, num_keys, lambda width: batch * bytes_per_query(width, True),
                                      scorer.chunk_budget, max(k, min_width), block_size, multiple,
                                      scorer.remainder_first)
     else:
-        chunks = query_chunks(num_queries, batch * bytes_per_query(num_keys), chunk_size, scorer.chunk_budget,
+        chunks = query_chunks(num_queries, batch * bytes_per_query(num_keys, mask is None), chunk_size,
+                              scorer.chunk_budget,
                               multiple)
     with ChunkStreams(scorer.chunk_streams, q.device) as streams:
         for index, rows in enumerate(chunks):
@@ -284,10 +291,14 @@ def _router_scratch_bytes(heads: int, width: int, block_size: int) -> int:
 
 
 def _routed_scratch_bytes(scorer: Scorer, active_heads: int, heads: int, dim: int, width: int,
-                          block_size: int) -> int:
-    """Per query, MISA's routed pass over `width` keys: the router's block scores, its tail block, the routed logits."""
-    return (scorer.scratch_bytes(active_heads, width) + _router_scratch_bytes(heads, width, block_size)
-            + TailBlock.scratch_bytes(block_size, dim))
+                          block_size: int, fused_route: bool = False) -> int:
+    """Per query, MISA's routed pass over `width` keys: the routing (the router's block scores and its tail block, or
+    with `fused_route` the scorer's `route_scratch_bytes` where it has one), then the routed logits."""
+    if fused_route and scorer.route_scratch_bytes is not None:
+        routing = scorer.route_scratch_bytes(heads, active_heads, dim)
+    else:
+        routing = _router_scratch_bytes(heads, width, block_size) + TailBlock.scratch_bytes(block_size, dim)
+    return scorer.scratch_bytes(active_heads, width) + routing
 
 
 def _pooled_or_compute(pooled: torch.Tensor | None, keys: torch.Tensor, mask: torch.Tensor | None,
@@ -310,8 +321,8 @@ def dsa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: i
         return scorer.select_tokens(q_c, w_c, keys_c, chunk, softmax_scale, k, out)
 
     return _select_in_chunks(q, keys, weights, topk, mask, chunk_size,
-                             lambda width: scorer.scratch_bytes(num_heads, width), select, scorer, sync_free=sync_free,
-                             scored_heads=num_heads)
+                             lambda width, _maskless: scorer.scratch_bytes(num_heads, width), select, scorer,
+                             sync_free=sync_free, scored_heads=num_heads)
 
 
 def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: int, *, softmax_scale: float,
@@ -325,8 +336,9 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
     pooling of each head's block scores."""
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
 
-    def per_query(width: int) -> int:
-        return _routed_scratch_bytes(scorer, active_heads, q.shape[2], q.shape[3], width, block_size)
+    def per_query(width: int, maskless: bool) -> int:
+        return _routed_scratch_bytes(scorer, active_heads, q.shape[2], q.shape[3], width, block_size,
+                                     fused_route=maskless and router == "sum")
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k, out):
         q_routed, w_routed = route_queries(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
@@ -348,8 +360,9 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
     num_candidates = min(candidate_factor * topk, keys.shape[1])
     num_heads, dim = q.shape[2], q.shape[3]
 
-    def per_query(width: int) -> int:  # the routed pass, then the re-rank of its candidates
-        return (_routed_scratch_bytes(scorer, active_heads, num_heads, dim, width, block_size)
+    def per_query(width: int, maskless: bool) -> int:  # the routed pass, then the re-rank of its candidates
+        return (_routed_scratch_bytes(scorer, active_heads, num_heads, dim, width, block_size,
+                                      fused_route=maskless and router == "sum")
                 + scorer.candidate_scratch_bytes(num_heads, dim, num_candidates))
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k, _out):
@@ -377,7 +390,7 @@ def hisa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
     num_heads, dim = q.shape[2], q.shape[3]
 
-    def per_query(width: int) -> int:  # block scores, then the kept blocks' tokens
+    def per_query(width: int, _maskless: bool) -> int:  # block scores, then the kept blocks' tokens
         return (_router_scratch_bytes(num_heads, width, block_size)
                 + scorer.candidate_scratch_bytes(num_heads, dim, (keep_blocks + 1) * block_size))
     offsets = torch.arange(block_size, device=q.device)
