@@ -26,7 +26,7 @@ import torch
 from gpu_timing import cuda_time_ms, environment, graph_time_ms, peak_extra_gib, stage_ms  # this folder's timing
 from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER, logits_options
 from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER, TILELANG_BUDGET_CHUNKS_SCORER,
-                                                TILELANG_FUSED_ROUTE_CHUNKS_SCORER,
+                                                TILELANG_FUSED_ROUTE_CHUNKS_SCORER, TILELANG_LEAN_SCRATCH_SCORER,
                                                 TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FORWARD_ORDER_SCORER,
                                                 TILELANG_LAST_REMAINDER_SCORER, TILELANG_LONGEST_FIRST_SCORER,
                                                 TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER,
@@ -110,6 +110,9 @@ def methods(heads: int, deepseek_kernel):
         "misa8_sampled16_topk": _misa(reference.misa_topk, TILELANG_SAMPLED16_TOPK_SCORER),
         # MISA's chunks sized by what its fused routing program writes (larger chunks; opt-in)
         "misa8_fused_route_chunks": _misa(reference.misa_topk, TILELANG_FUSED_ROUTE_CHUNKS_SCORER),
+        # both methods' chunks sized by their logits alone (and MISA's routing as above): fewer, larger chunks (opt-in)
+        f"dsa{heads}_lean_scratch": _dsa(TILELANG_LEAN_SCRATCH_SCORER),
+        "misa8_lean_scratch": _misa(reference.misa_topk, TILELANG_LEAN_SCRATCH_SCORER),
         # the query chunks taking two CUDA streams in turn (one chunk's top-k beside the next one's logits; opt-in)
         f"dsa{heads}_two_streams": _dsa(TILELANG_TWO_STREAMS_SCORER),
         "misa8_two_streams": _misa(reference.misa_topk, TILELANG_TWO_STREAMS_SCORER),

@@ -100,6 +100,13 @@ TILELANG_TWO_STREAMS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelan
 TILELANG_FUSED_ROUTE_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-fused-route-chunks",
                                                          route_scratch_bytes=route_scratch_bytes)
 
+# Both methods' chunks sized by their logits alone (4 bytes per key and query, not the 3x kept from when the top-k
+# was torch.topk) and MISA's routing as above: 1 / 2 / 6 chunks for both at 32K / 64K / 128K on 132 SMs, each up to the
+# whole 8 GiB budget of logits (today's peak at 128K is under 4 GiB). Opt-in for the maskless prefills it was sized
+# for (a mask's bias doubles a chunk's logits); not yet run on a GPU; timed beside the default by the benchmark.
+TILELANG_LEAN_SCRATCH_SCORER = dataclasses.replace(TILELANG_FUSED_ROUTE_CHUNKS_SCORER, name="tilelang-lean-scratch",
+                                                   scratch_bytes=lambda heads, keys: 4 * keys)
+
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
 # kept so that the benchmark times both side by side.
 TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-budget-chunks", wave_queries=None)
