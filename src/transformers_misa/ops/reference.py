@@ -218,8 +218,7 @@ def _select_in_chunks(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor
                                      scorer.remainder_first)
     else:
         chunks = query_chunks(num_queries, batch * bytes_per_query(num_keys, mask is None), chunk_size,
-                              scorer.chunk_budget,
-                              multiple)
+                              scorer.chunk_budget, multiple)
     with ChunkStreams(scorer.chunk_streams, q.device) as streams:
         for index, rows in enumerate(chunks):
             with streams.turn(index):
