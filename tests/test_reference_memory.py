@@ -116,18 +116,22 @@ def test_candidate_logits_in_query_slices_equal_one_pass(monkeypatch):
     torch.testing.assert_close(whole, expected)
 
 
-@pytest.mark.parametrize("mode", ["misa_hierarchical", "hisa"])
-def test_query_chunks_follow_the_scorers_candidate_scratch(mode, monkeypatch):
-    # Kernels gather candidates on chip and declare less scratch per candidate, so their query chunks are larger
-    # (sized for the reference's gathered keys they were launch-bound); the selection does not change.
-    import dataclasses
-
-    q, keys, weights, mask, scale = _random_problem()
-    per_query = []
+@pytest.fixture
+def per_query(monkeypatch) -> list[int]:
+    """The per-query scratch of every `query_chunks` call the reference makes, in call order."""
+    sizes = []
     real_query_chunks = reference.query_chunks
     monkeypatch.setattr(reference, "query_chunks",
-                        lambda num, bytes_per_query, *rest: per_query.append(bytes_per_query)
+                        lambda num, bytes_per_query, *rest: sizes.append(bytes_per_query)
                         or real_query_chunks(num, bytes_per_query, *rest))
+    return sizes
+
+
+@pytest.mark.parametrize("mode", ["misa_hierarchical", "hisa"])
+def test_query_chunks_follow_the_scorers_candidate_scratch(mode, per_query):
+    # Kernels gather candidates on chip and declare less scratch per candidate, so their query chunks are larger
+    # (sized for the reference's gathered keys they were launch-bound); the selection does not change.
+    q, keys, weights, mask, scale = _random_problem()
     on_chip = dataclasses.replace(reference.REFERENCE, candidate_scratch_bytes=lambda heads, dim, candidates: 0)
     got = []
     for scorer in (reference.REFERENCE, on_chip):
@@ -144,16 +148,11 @@ def test_query_chunks_follow_the_scorers_candidate_scratch(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["misa", "misa_hierarchical"])
-def test_misa_chunks_take_the_fused_routings_scratch_only_where_it_runs(mode, monkeypatch):
+def test_misa_chunks_take_the_fused_routings_scratch_only_where_it_runs(mode, per_query):
     """A scorer whose routing program keeps the block scores and the tail block on chip (`route_scratch_bytes`) sizes
     MISA's chunks by what that program writes, but only where it routes every chunk: no mask and router "sum"; with a
     mask or router "max" the step-by-step routing's scratch stays in the estimate. The selection does not change."""
     q, keys, weights, mask, scale = _random_problem(pads=(0, 0))
-    per_query = []
-    real_query_chunks = reference.query_chunks
-    monkeypatch.setattr(reference, "query_chunks",
-                        lambda num, bytes_per_query, *rest: per_query.append(bytes_per_query)
-                        or real_query_chunks(num, bytes_per_query, *rest))
     fused = dataclasses.replace(reference.REFERENCE, route_scratch_bytes=lambda heads, active, dim: 7)
     extra = dict(candidate_factor=2) if mode == "misa_hierarchical" else {}
     select = misa_hierarchical_topk if mode == "misa_hierarchical" else misa_topk
