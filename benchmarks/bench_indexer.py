@@ -26,16 +26,16 @@ import torch
 from gpu_timing import cuda_time_ms, environment, graph_time_ms, peak_extra_gib, stage_ms  # this folder's timing
 from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER, logits_options
 from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER, TILELANG_BUDGET_CHUNKS_SCORER,
-                                                TILELANG_FUSED_ROUTE_CHUNKS_SCORER, TILELANG_LEAN_SCRATCH_SCORER,
                                                 TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FORWARD_ORDER_SCORER,
-                                                TILELANG_LAST_REMAINDER_SCORER, TILELANG_LONGEST_FIRST_SCORER,
+                                                TILELANG_FUSED_ROUTE_CHUNKS_SCORER, TILELANG_LAST_REMAINDER_SCORER,
+                                                TILELANG_LEAN_SCRATCH_SCORER, TILELANG_LONGEST_FIRST_SCORER,
                                                 TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER,
                                                 TILELANG_PLAIN_MANY_HEADS_SCORER, TILELANG_PLAIN_TOPK_SCORER,
                                                 TILELANG_RUNNING_SUM_ROUTER_SCORER, TILELANG_SAMPLED16_TOPK_SCORER,
-                                                TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER,
-                                                TILELANG_SQUARE_FEW_HEADS_SCORER, TILELANG_STEPWISE_ROUTING_SCORER,
-                                                TILELANG_TAIL_KEYS_SCORER, TILELANG_THRESHOLD_SCORER,
-                                                TILELANG_TWO_STREAMS_SCORER, TILELANG_UNSAMPLED_TOPK_SCORER)
+                                                TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER, TILELANG_SQUARE_FEW_HEADS_SCORER,
+                                                TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
+                                                TILELANG_THRESHOLD_SCORER, TILELANG_TWO_STREAMS_SCORER,
+                                                TILELANG_UNSAMPLED_TOPK_SCORER)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
