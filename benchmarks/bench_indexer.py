@@ -27,12 +27,12 @@ from gpu_timing import cuda_time_ms, environment, graph_time_ms, peak_extra_gib,
 from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER, logits_options
 from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER, TILELANG_BUDGET_CHUNKS_SCORER,
                                                 TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FORWARD_ORDER_SCORER,
-                                                TILELANG_FUSED_ROUTE_CHUNKS_SCORER, TILELANG_LAST_REMAINDER_SCORER,
-                                                TILELANG_LEAN_SCRATCH_SCORER, TILELANG_LONGEST_FIRST_SCORER,
-                                                TILELANG_PIPELINED_SCORER, TILELANG_PLAIN_LAYOUT_SCORER,
-                                                TILELANG_PLAIN_MANY_HEADS_SCORER, TILELANG_PLAIN_TOPK_SCORER,
-                                                TILELANG_RUNNING_SUM_ROUTER_SCORER, TILELANG_SAMPLED16_TOPK_SCORER,
-                                                TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER, TILELANG_SQUARE_FEW_HEADS_SCORER,
+                                                TILELANG_LAST_REMAINDER_SCORER, TILELANG_LEAN_SCRATCH_SCORER,
+                                                TILELANG_LONGEST_FIRST_SCORER, TILELANG_PIPELINED_SCORER,
+                                                TILELANG_PLAIN_LAYOUT_SCORER, TILELANG_PLAIN_MANY_HEADS_SCORER,
+                                                TILELANG_PLAIN_TOPK_SCORER, TILELANG_RUNNING_SUM_ROUTER_SCORER,
+                                                TILELANG_SAMPLED16_TOPK_SCORER, TILELANG_SINGLE_RUN_TAIL_MEANS_SCORER,
+                                                TILELANG_SQUARE_FEW_HEADS_SCORER, TILELANG_STEPWISE_ROUTE_CHUNKS_SCORER,
                                                 TILELANG_STEPWISE_ROUTING_SCORER, TILELANG_TAIL_KEYS_SCORER,
                                                 TILELANG_THRESHOLD_SCORER, TILELANG_TWO_STREAMS_SCORER,
                                                 TILELANG_UNSAMPLED_TOPK_SCORER)
@@ -108,9 +108,9 @@ def methods(heads: int, deepseek_kernel):
         # the prefill top-k's bound from a denser sample (1/16 of each row, before 1/32), both methods alike
         f"dsa{heads}_sampled16_topk": _dsa(TILELANG_SAMPLED16_TOPK_SCORER),
         "misa8_sampled16_topk": _misa(reference.misa_topk, TILELANG_SAMPLED16_TOPK_SCORER),
-        # MISA's chunks sized by what its fused routing program writes (larger chunks; opt-in)
-        "misa8_fused_route_chunks": _misa(reference.misa_topk, TILELANG_FUSED_ROUTE_CHUNKS_SCORER),
-        # both methods' chunks sized by their logits alone (and MISA's routing as above): fewer, larger chunks (opt-in)
+        # MISA's chunks sized for the step-by-step routing's block scores (smaller chunks; before route_scratch_bytes)
+        "misa8_stepwise_route_chunks": _misa(reference.misa_topk, TILELANG_STEPWISE_ROUTE_CHUNKS_SCORER),
+        # both methods' chunks sized by their logits alone: fewer, larger chunks, 2.5x the peak memory (opt-in)
         f"dsa{heads}_lean_scratch": _dsa(TILELANG_LEAN_SCRATCH_SCORER),
         "misa8_lean_scratch": _misa(reference.misa_topk, TILELANG_LEAN_SCRATCH_SCORER),
         # the query chunks taking two CUDA streams in turn (one chunk's top-k beside the next one's logits; opt-in)

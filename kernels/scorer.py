@@ -25,7 +25,7 @@ from transformers_misa.ops.threshold import (
 
 from .common import ROWS_PER_CTA, _sm_count, queries_per_cta
 from .gathered import build_gathered_logits
-from .routing import bf16_head_scores, tilelang_head_importance, tilelang_route
+from .routing import bf16_head_scores, route_scratch_bytes, tilelang_head_importance, tilelang_route
 from .scoring import build_weighted_relu_logits, can_interleave, stages_stores
 from . import topk as topk_program
 from .topk import build_radix_topk
@@ -425,6 +425,12 @@ TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda h
                          chunk_budget=8 * 2**30, head_scores=bf16_head_scores,
                          head_importance=tilelang_head_importance, candidate_logits=tilelang_candidate_logits,
                          route=tilelang_route,
+                         # MISA's chunks sized by what the fused routing program writes, not the step-by-step
+                         # routing's block scores it keeps on chip: 2 / 5 / 19 chunks instead of 3 / 8 / 24 at 32K /
+                         # 64K / 128K on 132 SMs; H200, MISA-8 host hidden 4.22 -> 4.11 / 14.72 -> 14.14 / 54.18 ->
+                         # 52.34 ms, peak extra 1.6 -> 2.5 / 2.1 -> 3.1 / 2.9 -> 3.5 GiB
+                         # (bench_indexer-20261204-200012.json, medians of 3 rounds)
+                         route_scratch_bytes=route_scratch_bytes,
                          narrow_keys=True, fused_select=tilelang_select_tokens,
                          # the re-rank gathers keys on chip: per candidate only its score, bias and position
                          candidate_scratch_bytes=lambda heads, dim, candidates: 4 * candidates * 4,

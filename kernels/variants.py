@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from .routing import WIDE_ROUTER, route_scratch_bytes, tilelang_head_importance, tilelang_route
+from .routing import WIDE_ROUTER, tilelang_head_importance, tilelang_route
 from .scorer import TILELANG_SCORER, logits_variant, tilelang_select_tokens
 
 # The plain row order (query · heads + head) for every head count: the layout before the interleaved one, kept so
@@ -89,22 +89,25 @@ TILELANG_SAMPLED16_TOPK_SCORER = dataclasses.replace(
     fused_select=functools.partial(tilelang_select_tokens, topk_options=dict(sample_every=16)))
 
 # A prefill's query chunks taking two CUDA streams in turn (`Scorer.chunk_streams`), so that one chunk's top-k can
-# run beside the next chunk's routing and logits; twice the chunks' scratch alive. Opt-in, not yet run on a GPU; timed
-# beside the default by the benchmark, both methods alike.
+# run beside the next chunk's routing and logits; twice the chunks' scratch alive. Opt-in: on an H200 with the
+# step-by-step routing's chunks (bench_indexer-20261204-200012.json, host hidden, medians of 3 rounds) MISA-8 4.11 /
+# 14.42 / 52.60 ms against 4.22 / 14.72 / 54.18 on one stream, DSA-64 within 1%, at 32K / 64K / 128K; less than the
+# larger chunks gained, which are now the default.
 TILELANG_TWO_STREAMS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-two-streams", chunk_streams=2)
 
-# MISA's prefill chunks sized by what the fused routing program writes (`routing.route_scratch_bytes`) instead of the
-# step-by-step routing's block scores and tail block, which it never materializes: larger chunks (a causal prefill on
-# 132 SMs: 2 / 5 / 19 chunks instead of 3 / 8 / 24 at 32K / 64K / 128K). Opt-in, not yet run on a GPU; timed beside
-# the default by the benchmark.
-TILELANG_FUSED_ROUTE_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-fused-route-chunks",
-                                                         route_scratch_bytes=route_scratch_bytes)
+# MISA's prefill chunks sized as for the step-by-step routing (its [S, H, M] block scores and tail block), before
+# `routing.route_scratch_bytes` sized them by what the fused routing program writes; kept so that the benchmark times
+# both side by side.
+TILELANG_STEPWISE_ROUTE_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-stepwise-route-chunks",
+                                                            route_scratch_bytes=None)
 
 # Both methods' chunks sized by their logits alone (4 bytes per key and query, not the 3x kept from when the top-k
-# was torch.topk) and MISA's routing as above: 1 / 2 / 6 chunks for both at 32K / 64K / 128K on 132 SMs, each up to the
-# whole 8 GiB budget of logits (today's peak at 128K is under 4 GiB). Opt-in for the maskless prefills it was sized
-# for (a mask's bias doubles a chunk's logits); not yet run on a GPU; timed beside the default by the benchmark.
-TILELANG_LEAN_SCRATCH_SCORER = dataclasses.replace(TILELANG_FUSED_ROUTE_CHUNKS_SCORER, name="tilelang-lean-scratch",
+# was torch.topk): 1 / 2 / 6 chunks for both at 32K / 64K / 128K on 132 SMs, each up to the whole 8 GiB budget of
+# logits. Opt-in for the maskless prefills it was sized for (a mask's bias doubles a chunk's logits). H200 (host
+# hidden, medians of 3 rounds, bench_indexer-20261204-200012.json): MISA-8 4.08 / 13.85 / 50.41 ms against 4.11 /
+# 14.14 / 52.34 with the default's chunks, DSA-64 17.98 / 73.31 / 281.75 against 17.80 / 71.98 / 280.55, at a peak
+# extra memory of 4.4 / 8.0 / 9.0 GiB (the default's: 2.5 / 3.1 / 3.5 MISA-8, 2.9 / 3.2 / 3.6 DSA-64).
+TILELANG_LEAN_SCRATCH_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-lean-scratch",
                                                    scratch_bytes=lambda heads, keys: 4 * keys)
 
 # Query chunks sized by the memory budget alone, before they held whole waves of logits CTAs (`logits_wave_queries`),
