@@ -1,5 +1,6 @@
 """How far can 8 routed heads go on a model? Recall of DSA's top-k per layer for the MISA router and for per-head
-oracles that use the exact token scores, plus the best 8-head set found greedily per query (128 queries).
+oracles that use the exact token scores, plus the best 8-head set found greedily per query (128 queries) and how
+concentrated the heads' part in DSA's top-k is (the share of the 8 largest, the effective number of heads).
 
     python benchmarks/router_oracle.py --family deepseek_v32 --haystack ../shared/data/haystack/... [--model DIR]
 
@@ -71,7 +72,21 @@ def layer_report(q, keys, weights, scale) -> str:
     line = (f"router {recall(router):.3f} | oracle mass-in-topk {recall(mass_topk):.3f} all-mass "
             f"{recall(mass_all):.3f} separation {recall(separation):.3f} signed-sep {recall(signed):.3f} "
             f"std {recall(spread):.3f} |w| {recall(wr.abs()):.3f} w {recall(wr):.3f}")
-    return line + f"\n   greedy best-{ACTIVE_HEADS} set: {greedy_best_set(scores, wr, in_topk, causal):.3f}"
+    share, effective = concentration(signed)
+    return (line + f"\n   greedy best-{ACTIVE_HEADS} set: {greedy_best_set(scores, wr, in_topk, causal):.3f} | "
+            f"top-{ACTIVE_HEADS} heads' share of the separation {share:.3f}, effective heads {effective:.1f}")
+
+
+def concentration(signed: torch.Tensor) -> tuple[float, float]:
+    """How few heads make DSA's top-k: per query, the share of the positive signed separations [c, H] (a head's
+    weighted mean score over the top-k minus over the other visible keys) held by its ACTIVE_HEADS largest, and the
+    effective number of heads (exp of their entropy); means over the queries. A share well below 1 leaves any
+    ACTIVE_HEADS-head routing short of DSA's top-k, whatever picks the heads."""
+    positive = signed.clamp_min(0)
+    share = positive.topk(ACTIVE_HEADS, -1).values.sum(-1) / positive.sum(-1).clamp_min(1e-30)
+    p = positive / positive.sum(-1, keepdim=True).clamp_min(1e-30)
+    effective = torch.exp(-(p * p.clamp_min(1e-30).log()).sum(-1))
+    return float(share.mean()), float(effective.mean())
 
 
 def greedy_best_set(scores, wr, in_topk, causal) -> float:

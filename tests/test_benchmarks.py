@@ -121,6 +121,17 @@ def test_indexer_benchmark_keeps_each_row_as_it_is_measured(tmp_path):
     assert saved["complete"] is True and [row["context"] for row in saved["results"]] == [32768, 65536]
 
 
+def test_router_oracle_measures_how_few_heads_make_the_topk():
+    """The heads' concentration: the share of the positive separation in the 8 largest, and the effective number of
+    heads; heads that separate the top-k negatively take no share."""
+    oracle = _load("router_oracle")
+    one_head = torch.zeros(3, 64)
+    one_head[:, 5] = 2.0
+    assert oracle.concentration(one_head) == pytest.approx((1.0, 1.0))
+    sixteen_equal = torch.cat([torch.ones(3, 16), -torch.ones(3, 48)], dim=1)
+    assert oracle.concentration(sixteen_equal) == pytest.approx((0.5, 16.0))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_gpu_only_probe_imports_and_refuses_the_cpu(tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
