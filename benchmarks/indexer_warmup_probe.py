@@ -1,0 +1,107 @@
+"""Does more indexer training make a trained model's heads more routable? Continues DeepSeek's dense warm-up on a
+built-in model: the indexers alone learn the KL to the main attention (the rest frozen), and `router_oracle`'s
+per-layer report (router recall, greedy best-8 bound, the heads' concentration) is printed before and every
+`--report-every` steps.
+
+    python benchmarks/indexer_warmup_probe.py --family deepseek_v32 --haystack ../shared/data/haystack/... \
+        [--steps 100 --length 1024 --tokens-per-step 4096 --lr 3e-4]
+
+CPU is enough (about 5 s a step on 2 cores at the defaults). Uses the training script's data, indexer forward and KL
+attention (examples/train_small_dsa.py), with the settings the model was trained with (its training.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the training script's modules
+import train_small_dsa as training  # noqa: E402
+from router_oracle import capture_indexer_inputs, layer_report, WINDOW  # noqa: E402  (this folder)
+from small_dsa_data import Batches, load_text  # noqa: E402
+
+from transformers_misa import patch_model, unpatch_model  # noqa: E402
+from transformers_misa.trained import TRAINED_FAMILIES, load_trained, trained_model_dir, training_info  # noqa: E402
+
+
+def report(model, eval_ids: torch.Tensor, tag: str) -> None:
+    model.eval()
+    for layer, inputs in sorted(capture_indexer_inputs(model, eval_ids).items()):
+        print(f"{tag} L{layer}: {layer_report(*inputs)}", flush=True)
+    unpatch_model(model)
+
+
+def training_indexers(model) -> list:
+    """The model patched for the KL warm-up (see `train_small_dsa.build_training_model`); its indexers."""
+    patch_model(model, mode="dsa", backend="reference")
+    indexers = [m for m in model.modules() if hasattr(m, "project") and hasattr(m, "select")]
+    for indexer in indexers:
+        indexer.forward = training.training_indexer_forward.__get__(indexer)
+    model.config._attn_implementation = training.ATTN_IMPLEMENTATION
+    return indexers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--family", choices=TRAINED_FAMILIES, default="deepseek_v32")
+    parser.add_argument("--haystack", required=True, help="folder of the essays the model was trained on")
+    parser.add_argument("--stdlib", default=os.path.dirname(os.__file__), help="Python standard library folder")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--report-every", type=int, default=100)
+    parser.add_argument("--length", type=int, default=1024, help="sequence length")
+    parser.add_argument("--tokens-per-step", type=int, default=4096)
+    parser.add_argument("--kl-queries", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--code-bytes", type=int, default=4_000_000)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = load_trained(args.family)
+    info = training_info(trained_model_dir(args.family))
+    held_out = "\n".join((Path(args.haystack) / name).read_text() for name in info["data"]["heldout_essays"])
+    eval_ids = torch.tensor([[tokenizer.bos_token_id]
+                             + tokenizer(held_out, add_special_tokens=False)["input_ids"][:WINDOW - 1]])
+    report(model, eval_ids, "step 0")
+
+    trained_with = argparse.Namespace(**{**info["args"], "haystack": args.haystack})
+    text = load_text(Path(args.stdlib), Path(args.haystack), trained_with.heldout_essays, args.code_bytes, seed=1)
+    batches = Batches.from_args(tokenizer, text, trained_with, seed=1)  # not the training run's seed
+    training._register_attention()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    indexer_parameters = [p for indexer in training_indexers(model) for p in indexer.parameters()]
+    for parameter in indexer_parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(indexer_parameters, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    generator, start = torch.Generator().manual_seed(0), time.perf_counter()
+    low = min(args.length - 1, info["args"]["topk"])
+    for step in range(1, args.steps + 1):
+        model.train()
+        ids, _ = batches.batch(max(1, args.tokens_per_step // args.length), args.length, torch.device("cpu"))
+        rows = low + torch.randperm(args.length - low, generator=generator)[: args.kl_queries]
+        training.STATE.sparse, training.STATE.rows = False, rows.sort().values
+        training.STATE.losses.clear()
+        training.STATE.last = None
+        model(input_ids=ids, use_cache=False)
+        kl_terms = torch.stack(training.STATE.losses)
+        optimizer.zero_grad(set_to_none=True)
+        kl_terms.mean().backward()
+        optimizer.step()
+        if step % 10 == 0:
+            print(f"step {step} ({time.perf_counter() - start:.0f} s): KL per layer "
+                  f"{[round(float(term), 4) for term in kl_terms.detach()]}", flush=True)
+        if step % args.report_every == 0 or step == args.steps:
+            training.STATE.stash.clear()
+            unpatch_model(model)
+            model.config._attn_implementation = "sdpa"
+            report(model, eval_ids, f"step {step}")
+            if step < args.steps:
+                training_indexers(model)
+
+
+if __name__ == "__main__":
+    main()
