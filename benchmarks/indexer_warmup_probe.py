@@ -30,6 +30,7 @@ from transformers_misa.trained import TRAINED_FAMILIES, load_trained, trained_mo
 
 
 def report(model, eval_ids: torch.Tensor, tag: str) -> None:
+    """`router_oracle`'s lines for every indexer layer on `eval_ids`; leaves the model unpatched."""
     model.eval()
     for layer, inputs in sorted(capture_indexer_inputs(model, eval_ids).items()):
         print(f"{tag} L{layer}: {layer_report(*inputs)}", flush=True)

@@ -429,7 +429,8 @@ TILELANG_SCORER = Scorer("tilelang", tilelang_token_logits, radix_topk, lambda h
                          # routing's block scores it keeps on chip: 2 / 5 / 19 chunks instead of 3 / 8 / 24 at 32K /
                          # 64K / 128K on 132 SMs; H200, MISA-8 host hidden 4.22 -> 4.11 / 14.72 -> 14.14 / 54.18 ->
                          # 52.34 ms, peak extra 1.6 -> 2.5 / 2.1 -> 3.1 / 2.9 -> 3.5 GiB
-                         # (bench_indexer-20261204-200012.json, medians of 3 rounds)
+                         # (bench_indexer-20261204-200012.json, medians of 3 rounds; 5 rounds in -201903.json: 4.20
+                         # -> 4.09 / 13.95 -> 13.70 / 52.82 -> 50.66 ms)
                          route_scratch_bytes=route_scratch_bytes,
                          narrow_keys=True, fused_select=tilelang_select_tokens,
                          # the re-rank gathers keys on chip: per candidate only its score, bias and position
