@@ -222,6 +222,8 @@ def build_training_model(args: argparse.Namespace, vocab_size: int, device: torc
         if args.family != "glm_moe_dsa":
             raise ValueError("--indexer-types is for --family glm_moe_dsa (DeepSeek-V3.2 has an indexer per layer)")
         overrides["indexer_types"] = args.indexer_types.split(",")
+    if args.attention_heads is not None:  # the main attention's heads (the indexer's KL target sums over them)
+        overrides.update(num_attention_heads=args.attention_heads, num_key_value_heads=args.attention_heads)
     if args.small:  # CPU smoke runs of the script itself
         overrides.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, q_lora_rank=32)
         if args.family == "glm_moe_dsa":
@@ -246,6 +248,17 @@ def build_training_model(args: argparse.Namespace, vocab_size: int, device: torc
     return model
 
 
+def parameter_groups(model, weight_decay: float, indexer_weight_decay: float | None) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: the indexers' projections with `indexer_weight_decay` (None: `weight_decay`, as the
+    built-in models were trained), everything else with `weight_decay`."""
+    indexers = [m for m in model.modules() if hasattr(m, "project") and hasattr(m, "select")]
+    indexer_ids = {id(p) for indexer in indexers for p in indexer.parameters()}
+    indexer_params = [p for p in model.parameters() if id(p) in indexer_ids]
+    rest = [p for p in model.parameters() if id(p) not in indexer_ids]
+    decay = weight_decay if indexer_weight_decay is None else indexer_weight_decay
+    return [dict(params=rest, weight_decay=weight_decay), dict(params=indexer_params, weight_decay=decay)]
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -266,7 +279,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.fit_minutes:
         args.steps = fit_steps(model, tokenizer, text, args, 60 * args.fit_minutes, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay, args.indexer_weight_decay), lr=args.lr,
+                                  betas=(0.9, 0.95))
     warmup = max(1, args.steps // 30)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
@@ -359,6 +373,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "trains the layers below that indexer, not only the indexer")
     parser.add_argument("--kl-queries", type=int, default=512, help="query rows per sequence in the KL loss")
     parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--indexer-weight-decay", type=float, default=None,
+                        help="AdamW's decay of the indexers' projections (default: --weight-decay)")
+    parser.add_argument("--attention-heads", type=int, default=None,
+                        help="heads of the main attention (default 4, head dim 32 whatever the count)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--code-bytes", type=int, default=6_000_000)
     parser.add_argument("--tokenizer-code-bytes", type=int, default=None,

@@ -129,6 +129,23 @@ def test_training_script_smoke(tmp_path):
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
 
 
+def test_training_script_sets_the_indexers_decay_and_the_attention_heads(tmp_path):
+    """--indexer-weight-decay gives the indexers' projections an AdamW group of their own (default: --weight-decay,
+    as the built-in models were trained); --attention-heads sets the main attention's heads."""
+    script = _training_script()
+    args = script.parse_args(["--family", "deepseek_v32", "--haystack", str(tmp_path), "--out", str(tmp_path / "m"),
+                              "--small", "--attention-heads", "2", "--indexer-weight-decay", "0"])
+    model = script.build_training_model(args, vocab_size=300, device=torch.device("cpu"))
+    assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 2
+    rest, indexer = script.parameter_groups(model, args.weight_decay, args.indexer_weight_decay)
+    assert (rest["weight_decay"], indexer["weight_decay"]) == (0.1, 0.0)
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert indexer["params"] and all(".indexer." in names[id(p)] for p in indexer["params"])
+    assert not any(".indexer." in names[id(p)] for p in rest["params"])
+    assert len(rest["params"]) + len(indexer["params"]) == len(list(model.parameters()))
+    assert script.parameter_groups(model, 0.1, None)[1]["weight_decay"] == 0.1
+
+
 def _training_script():
     """examples/train_small_dsa.py as a module; its folder goes on the path, as running the script puts it there (the
     script imports its data module, small_dsa_data, by name)."""
