@@ -1,7 +1,7 @@
 """How far can 8 routed heads go on a model? Recall of DSA's top-k per layer for the MISA router and for per-head
 oracles that use the exact token scores, plus the best 8-head set found greedily per query (128 queries), 8 heads
-picked at random per query, and how concentrated the heads' part in DSA's top-k is (the share of the 8 largest, the
-effective number of heads).
+picked at random per query, one set of 8 for every query (the router's best on average), and how concentrated the
+heads' part in DSA's top-k is (the share of the 8 largest, the effective number of heads).
 
     python benchmarks/router_oracle.py --family deepseek_v32 --haystack ../shared/data/haystack/... [--model DIR]
 
@@ -75,8 +75,9 @@ def layer_report(q, keys, weights, scale) -> str:
             f"std {recall(spread):.3f} |w| {recall(wr.abs()):.3f} w {recall(wr):.3f}")
     share, effective = concentration(signed)
     chance = recall(torch.rand(wr.shape, generator=torch.Generator().manual_seed(0)))  # heads picked at random
+    fixed = recall(router.mean(0).expand_as(router))  # one set for every query: the router's on average
     return (line + f"\n   greedy best-{ACTIVE_HEADS} set: {greedy_best_set(scores, wr, in_topk, causal):.3f} | "
-            f"random {ACTIVE_HEADS} heads {chance:.3f} | "
+            f"random {ACTIVE_HEADS} heads {chance:.3f} | the same {ACTIVE_HEADS} for every query {fixed:.3f} | "
             f"top-{ACTIVE_HEADS} heads' share of the separation {share:.3f}, effective heads {effective:.1f}")
 
 
