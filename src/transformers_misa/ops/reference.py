@@ -290,10 +290,11 @@ def _router_scratch_bytes(heads: int, width: int, block_size: int) -> int:
 
 
 def _routed_scratch_bytes(scorer: Scorer, active_heads: int, heads: int, dim: int, width: int,
-                          block_size: int, fused_route: bool = False) -> int:
+                          block_size: int, maskless: bool, router: str) -> int:
     """Per query, MISA's routed pass over `width` keys: the routing (the router's block scores and its tail block, or
-    with `fused_route` the scorer's `route_scratch_bytes` where it has one), then the routed logits."""
-    if fused_route and scorer.route_scratch_bytes is not None:
+    the scorer's `route_scratch_bytes` where it has one and its routing program runs: maskless chunks, router
+    "sum"), then the routed logits."""
+    if maskless and router == "sum" and scorer.route_scratch_bytes is not None:
         routing = scorer.route_scratch_bytes(heads, active_heads, dim)
     else:
         routing = _router_scratch_bytes(heads, width, block_size) + TailBlock.scratch_bytes(block_size, dim)
@@ -336,8 +337,8 @@ def misa_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, topk: 
     pooled = _pooled_or_compute(pooled, keys, mask, block_size)
 
     def per_query(width: int, maskless: bool) -> int:
-        return _routed_scratch_bytes(scorer, active_heads, q.shape[2], q.shape[3], width, block_size,
-                                     fused_route=maskless and router == "sum")
+        return _routed_scratch_bytes(scorer, active_heads, q.shape[2], q.shape[3], width, block_size, maskless,
+                                     router)
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k, out):
         q_routed, w_routed = route_queries(q_c, w_c, keys_c, chunk, pooled_c, block_size, active_heads, softmax_scale,
@@ -360,8 +361,7 @@ def misa_hierarchical_topk(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
     num_heads, dim = q.shape[2], q.shape[3]
 
     def per_query(width: int, maskless: bool) -> int:  # the routed pass, then the re-rank of its candidates
-        return (_routed_scratch_bytes(scorer, active_heads, num_heads, dim, width, block_size,
-                                      fused_route=maskless and router == "sum")
+        return (_routed_scratch_bytes(scorer, active_heads, num_heads, dim, width, block_size, maskless, router)
                 + scorer.candidate_scratch_bytes(num_heads, dim, num_candidates))
 
     def select(q_c, w_c, keys_c, pooled_c, chunk, k, _out):
