@@ -25,7 +25,7 @@ import train_small_dsa as training  # noqa: E402
 from router_oracle import capture_indexer_inputs, layer_report, WINDOW  # noqa: E402  (this folder)
 from small_dsa_data import Batches, load_text  # noqa: E402
 
-from transformers_misa import patch_model, unpatch_model  # noqa: E402
+from transformers_misa import unpatch_model  # noqa: E402
 from transformers_misa.trained import TRAINED_FAMILIES, load_trained, trained_model_dir, training_info  # noqa: E402
 
 
@@ -35,16 +35,6 @@ def report(model, eval_ids: torch.Tensor, tag: str) -> None:
     for layer, inputs in sorted(capture_indexer_inputs(model, eval_ids).items()):
         print(f"{tag} L{layer}: {layer_report(*inputs)}", flush=True)
     unpatch_model(model)
-
-
-def training_indexers(model) -> list:
-    """The model patched for the KL warm-up (see `train_small_dsa.build_training_model`); its indexers."""
-    patch_model(model, mode="dsa", backend="reference")
-    indexers = [m for m in model.modules() if hasattr(m, "project") and hasattr(m, "select")]
-    for indexer in indexers:
-        indexer.forward = training.training_indexer_forward.__get__(indexer)
-    model.config._attn_implementation = training.ATTN_IMPLEMENTATION
-    return indexers
 
 
 def main() -> None:
@@ -71,10 +61,9 @@ def main() -> None:
     trained_with = argparse.Namespace(**{**info["args"], "haystack": args.haystack})
     text = load_text(Path(args.stdlib), Path(args.haystack), trained_with.heldout_essays, args.code_bytes, seed=1)
     batches = Batches.from_args(tokenizer, text, trained_with, seed=1)  # not the training run's seed
-    training._register_attention()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    indexer_parameters = [p for indexer in training_indexers(model) for p in indexer.parameters()]
+    indexer_parameters = [p for indexer in training.patch_for_kl_training(model) for p in indexer.parameters()]
     for parameter in indexer_parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(indexer_parameters, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -96,12 +85,10 @@ def main() -> None:
             print(f"step {step} ({time.perf_counter() - start:.0f} s): KL per layer "
                   f"{[round(float(term), 4) for term in kl_terms.detach()]}", flush=True)
         if step % args.report_every == 0 or step == args.steps:
-            training.STATE.stash.clear()
-            unpatch_model(model)
-            model.config._attn_implementation = "sdpa"
+            training.unpatch_kl_training(model)
             report(model, eval_ids, f"step {step}")
             if step < args.steps:
-                training_indexers(model)
+                training.patch_for_kl_training(model)
 
 
 if __name__ == "__main__":

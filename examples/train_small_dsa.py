@@ -231,13 +231,25 @@ def build_training_model(args: argparse.Namespace, vocab_size: int, device: torc
     overrides["first_k_dense_replace"] = overrides["num_hidden_layers"]
     model = tiny_model(args.family, seed=args.seed, dtype=torch.float32, attn_implementation="sdpa", **overrides)
     model.to(device).train()
+    STATE.shared_grad = args.shared_kl_grad
+    # Big query chunks on a GPU for the sparse phase's top-k.
+    patch_for_kl_training(model, query_chunk_size=512 if device.type == "cuda" else None)
+    return model
+
+
+def training_indexers(model) -> list:
+    """The patched indexers of `model`."""
+    return [m for m in model.modules() if hasattr(m, "project") and hasattr(m, "select")]
+
+
+def patch_for_kl_training(model, query_chunk_size: int | None = None) -> list:
+    """Patches `model` with reference DSA indexers (no TileLang needed) whose forward is `training_indexer_forward`,
+    and attention that adds the indexer KL loss (`kl_attention`); returns the indexers."""
     _register_attention()
-    # Reference ops (no TileLang needed); big query chunks on a GPU for the sparse phase's top-k.
-    patch_model(model, mode="dsa", backend="reference", query_chunk_size=512 if device.type == "cuda" else None)
-    indexers = [m for m in model.modules() if hasattr(m, "project") and hasattr(m, "select")]
+    patch_model(model, mode="dsa", backend="reference", query_chunk_size=query_chunk_size)
+    indexers = training_indexers(model)
     for indexer in indexers:
         indexer.forward = training_indexer_forward.__get__(indexer)
-    STATE.shared_grad = args.shared_kl_grad
     last_indexer = None
     for layer in model.model.layers:  # GLM-5: the indexer whose top-k a "shared" layer reuses
         if getattr(layer.self_attn, "skip_topk", False) and last_indexer is not None:
@@ -245,14 +257,21 @@ def build_training_model(args: argparse.Namespace, vocab_size: int, device: torc
         elif getattr(layer.self_attn, "indexer", None) is not None:
             last_indexer = layer.self_attn.indexer
     model.config._attn_implementation = ATTN_IMPLEMENTATION
-    return model
+    return indexers
+
+
+def unpatch_kl_training(model) -> None:
+    """The model's own indexers and SDPA attention back, the KL state emptied."""
+    STATE.stash.clear()
+    STATE.last = STATE.last_with_grad = None
+    unpatch_model(model)
+    model.config._attn_implementation = "sdpa"
 
 
 def parameter_groups(model, weight_decay: float, indexer_weight_decay: float | None) -> list[dict[str, Any]]:
     """AdamW's parameter groups: the indexers' projections with `indexer_weight_decay` (None: `weight_decay`, as the
     built-in models were trained), everything else with `weight_decay`."""
-    indexers = [m for m in model.modules() if hasattr(m, "project") and hasattr(m, "select")]
-    indexer_ids = {id(p) for indexer in indexers for p in indexer.parameters()}
+    indexer_ids = {id(p) for indexer in training_indexers(model) for p in indexer.parameters()}
     indexer_params = [p for p in model.parameters() if id(p) in indexer_ids]
     rest = [p for p in model.parameters() if id(p) not in indexer_ids]
     decay = weight_decay if indexer_weight_decay is None else indexer_weight_decay
@@ -314,10 +333,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             history.append(row)
             print(json.dumps(row), flush=True)
 
-    STATE.stash.clear()
-    STATE.last = STATE.last_with_grad = None
-    unpatch_model(model)
-    model.config._attn_implementation = "sdpa"
+    unpatch_kl_training(model)
     model.eval().to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = dict(family=args.family, args=vars(args), steps_done=done, dense_steps=dense_steps,
