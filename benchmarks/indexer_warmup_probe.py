@@ -1,10 +1,11 @@
 """Does more indexer training make a trained model's heads more routable? Continues DeepSeek's dense warm-up on a
 built-in model: the indexers alone learn the KL to the main attention (the rest frozen), and `router_oracle`'s
 per-layer report (router recall, greedy best-8 bound, the heads' concentration) is printed before and every
-`--report-every` steps.
+`--report-every` steps. `--reinit` starts the indexers afresh instead (DeepSeek's warm-up as it was: a new indexer on a
+trained model), so that recipe choices such as `--weight-decay` can be compared on a fixed main model.
 
     python benchmarks/indexer_warmup_probe.py --family deepseek_v32 --haystack ../shared/data/haystack/... \
-        [--steps 100 --length 1024 --tokens-per-step 4096 --lr 3e-4]
+        [--steps 100 --length 1024 --tokens-per-step 4096 --lr 3e-4 --weight-decay 0 --reinit]
 
 CPU is enough (about 5 s a step on 2 cores at the defaults). Uses the training script's data, indexer forward and KL
 attention (examples/train_small_dsa.py), with the settings the model was trained with (its training.json).
@@ -37,6 +38,17 @@ def report(model, eval_ids: torch.Tensor, tag: str) -> None:
     unpatch_model(model)
 
 
+def reinitialize(indexer: torch.nn.Module, std: float) -> None:
+    """Fresh weights for an indexer's projections (normal, `std`, as the model's own init) and unit key norm."""
+    with torch.no_grad():
+        for module in indexer.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", choices=TRAINED_FAMILIES, default="deepseek_v32")
@@ -49,6 +61,10 @@ def main() -> None:
     parser.add_argument("--kl-queries", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--code-bytes", type=int, default=4_000_000)
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decay of the indexers' weights")
+    parser.add_argument("--reinit", action="store_true",
+                        help="start the indexers from fresh random weights, as DeepSeek's warm-up started its new "
+                             "indexer on a trained dense model (default: continue the trained indexers)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_trained(args.family)
@@ -63,10 +79,14 @@ def main() -> None:
     batches = Batches.from_args(tokenizer, text, trained_with, seed=1)  # not the training run's seed
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    indexer_parameters = [p for indexer in training.patch_for_kl_training(model) for p in indexer.parameters()]
+    indexers = training.patch_for_kl_training(model)
+    if args.reinit:
+        for indexer in indexers:
+            reinitialize(indexer, model.config.initializer_range)
+    indexer_parameters = [p for indexer in indexers for p in indexer.parameters()]
     for parameter in indexer_parameters:
         parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(indexer_parameters, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(indexer_parameters, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     generator, start = torch.Generator().manual_seed(0), time.perf_counter()
     low = min(args.length - 1, info["args"]["topk"])
     for step in range(1, args.steps + 1):

@@ -132,6 +132,21 @@ def test_router_oracle_measures_how_few_heads_make_the_topk():
     assert oracle.concentration(sixteen_equal) == pytest.approx((0.5, 16.0))
 
 
+def test_warmup_probe_reinit_draws_fresh_indexer_weights():
+    """`--reinit`: every projection redrawn at the model's init scale, the key norm back to identity."""
+    probe = _load("indexer_warmup_probe")
+    indexer = torch.nn.ModuleDict(dict(wq_b=torch.nn.Linear(96, 512, bias=False), k_norm=torch.nn.LayerNorm(128)))
+    with torch.no_grad():
+        indexer.wq_b.weight.fill_(1.0)
+        indexer.k_norm.weight.fill_(3.0)
+        indexer.k_norm.bias.fill_(2.0)
+    torch.manual_seed(0)
+    probe.reinitialize(indexer, 0.02)
+    assert indexer.wq_b.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert indexer.wq_b.weight.mean().abs().item() < 0.002
+    assert torch.equal(indexer.k_norm.weight, torch.ones(128)) and torch.equal(indexer.k_norm.bias, torch.zeros(128))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_gpu_only_probe_imports_and_refuses_the_cpu(tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
