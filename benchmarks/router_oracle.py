@@ -1,7 +1,8 @@
 """How far can 8 routed heads go on a model? Recall of DSA's top-k per layer for the MISA router and for per-head
 oracles that use the exact token scores, plus the best 8-head set found greedily per query (128 queries), 8 heads
-picked at random per query, one set of 8 for every query (the router's best on average), and how concentrated the
-heads' part in DSA's top-k is (the share of the 8 largest, the effective number of heads).
+picked at random per query, one set of 8 for every query (the router's best on average), the router's 8 heads
+re-weighted per query by least squares against DSA's score (an oracle bound on any re-weighting), and how
+concentrated the heads' part in DSA's top-k is (the share of the 8 largest, the effective number of heads).
 
     python benchmarks/router_oracle.py --family deepseek_v32 --haystack ../shared/data/haystack/... [--model DIR]
 
@@ -54,10 +55,16 @@ def layer_report(q, keys, weights, scale) -> str:
     full = (wr[..., None] * scores).sum(1).masked_fill(~causal, -1e30)
     in_topk = torch.zeros_like(full, dtype=torch.bool).scatter_(1, full.topk(TOPK, -1).indices, True)
 
-    def recall(importance: torch.Tensor) -> float:
-        heads = importance.topk(ACTIVE_HEADS, -1).indices
-        routed = (wr.gather(1, heads)[..., None] * scores.gather(1, heads[..., None].expand(-1, -1, num_keys))).sum(1)
+    def recall_of(routed: torch.Tensor) -> float:
         return float(in_topk.gather(1, routed.masked_fill(~causal, -1e30).topk(TOPK, -1).indices).float().mean())
+
+    def routed_scores(importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = importance.topk(ACTIVE_HEADS, -1).indices
+        return wr.gather(1, heads), scores.gather(1, heads[..., None].expand(-1, -1, num_keys))  # [c, 8], [c, 8, T]
+
+    def recall(importance: torch.Tensor) -> float:
+        head_weights, head_scores_ = routed_scores(importance)
+        return recall_of((head_weights[..., None] * head_scores_).sum(1))
 
     chunk = ChunkMask(None, slice(FIRST_QUERY, num_keys), 1, num_keys, num_keys, keys.device)
     router = reference.reference_head_importance(
@@ -76,9 +83,20 @@ def layer_report(q, keys, weights, scale) -> str:
     share, effective = concentration(signed)
     chance = recall(torch.rand(wr.shape, generator=torch.Generator().manual_seed(0)))  # heads picked at random
     fixed = recall(router.mean(0).expand_as(router))  # one set for every query: the router's on average
+    refit = recall_of(refit_scores(*routed_scores(router)[1:], full, causal))
     return (line + f"\n   greedy best-{ACTIVE_HEADS} set: {greedy_best_set(scores, wr, in_topk, causal):.3f} | "
             f"random {ACTIVE_HEADS} heads {chance:.3f} | the same {ACTIVE_HEADS} for every query {fixed:.3f} | "
+            f"router's heads re-weighted (least squares per query) {refit:.3f} | "
             f"top-{ACTIVE_HEADS} heads' share of the separation {share:.3f}, effective heads {effective:.1f}")
+
+
+def refit_scores(head_scores_: torch.Tensor, full: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """The routed heads' scores [c, h, T] re-weighted per query (weights and an offset by least squares against DSA's
+    full score over the visible keys, an oracle): how much any re-weighting of the same heads could recover."""
+    basis = torch.cat([head_scores_, torch.ones_like(head_scores_[:, :1])], 1) * causal[:, None]  # [c, h + 1, T]
+    gram = basis @ basis.transpose(1, 2) + 1e-6 * torch.eye(basis.shape[1])
+    fit = torch.linalg.solve(gram, basis @ (full.masked_fill(~causal, 0.0))[..., None])  # [c, h + 1, 1]
+    return (fit * basis).sum(1)
 
 
 def concentration(signed: torch.Tensor) -> tuple[float, float]:
