@@ -83,7 +83,8 @@ def layer_report(q, keys, weights, scale) -> str:
     share, effective = concentration(signed)
     chance = recall(torch.rand(wr.shape, generator=torch.Generator().manual_seed(0)))  # heads picked at random
     fixed = recall(router.mean(0).expand_as(router))  # one set for every query: the router's on average
-    refit = recall_of(refit_scores(*routed_scores(router)[1:], full, causal))
+    _, router_head_scores = routed_scores(router)
+    refit = recall_of(refit_scores(router_head_scores, full, causal))
     return (line + f"\n   greedy best-{ACTIVE_HEADS} set: {greedy_best_set(scores, wr, in_topk, causal):.3f} | "
             f"random {ACTIVE_HEADS} heads {chance:.3f} | the same {ACTIVE_HEADS} for every query {fixed:.3f} | "
             f"router's heads re-weighted (least squares per query) {refit:.3f} | "
