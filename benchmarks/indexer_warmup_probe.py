@@ -93,9 +93,7 @@ def main() -> None:
         model.train()
         ids, _ = batches.batch(max(1, args.tokens_per_step // args.length), args.length, torch.device("cpu"))
         rows = low + torch.randperm(args.length - low, generator=generator)[: args.kl_queries]
-        training.STATE.sparse, training.STATE.rows = False, rows.sort().values
-        training.STATE.losses.clear()
-        training.STATE.last = None
+        training.begin_kl_forward(False, rows.sort().values)
         model(input_ids=ids, use_cache=False)
         kl_terms = torch.stack(training.STATE.losses)
         optimizer.zero_grad(set_to_none=True)

@@ -163,13 +163,19 @@ def curriculum(step: int, steps: int, context: int) -> int:
     return context
 
 
+def begin_kl_forward(sparse: bool, rows: torch.Tensor) -> None:
+    """Readies the KL state for one forward: the phase (dense warm-up or sparse), the query rows of the KL terms, and
+    no losses or stashed indexer inputs left from the previous forward."""
+    STATE.sparse, STATE.rows = sparse, rows
+    STATE.losses.clear()
+    STATE.last = STATE.last_with_grad = None
+
+
 def training_step(model, optimizer, ids: torch.Tensor, weights: torch.Tensor, sparse: bool, rows: torch.Tensor,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step: weighted LM loss (main model) + indexer KL (indexer only). Returns (lm, the KL terms in
     layer order, logits)."""
-    STATE.sparse, STATE.rows = sparse, rows.to(device)
-    STATE.losses.clear()
-    STATE.last = STATE.last_with_grad = None
+    begin_kl_forward(sparse, rows.to(device))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(input_ids=ids, use_cache=False).logits
     nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")

@@ -130,7 +130,12 @@ def test_router_oracle_measures_how_few_heads_make_the_topk():
     assert oracle.concentration(one_head) == pytest.approx((1.0, 1.0))
     sixteen_equal = torch.cat([torch.ones(3, 16), -torch.ones(3, 48)], dim=1)
     assert oracle.concentration(sixteen_equal) == pytest.approx((0.5, 16.0))
-    # Re-weighting: a full score that is a mix of the routed heads plus an offset is recovered on the visible keys.
+
+
+def test_router_oracle_refit_recovers_a_mix_of_the_routed_heads():
+    """The re-weighting oracle: a full score that is a mix of the routed heads plus an offset is recovered on the
+    visible keys."""
+    oracle = _load("router_oracle")
     head_scores = torch.rand(3, 8, 50, generator=torch.Generator().manual_seed(0))
     causal = torch.arange(50)[None, :] <= torch.tensor([20, 35, 49])[:, None]
     full = (torch.linspace(-1, 2, 8)[None, :, None] * head_scores).sum(1) + 0.5
