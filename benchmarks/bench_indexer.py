@@ -24,7 +24,8 @@ import tilelang
 import torch
 
 from gpu_timing import cuda_time_ms, environment, graph_time_ms, peak_extra_gib, stage_ms  # this folder's timing
-from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER, logits_options
+from transformers_misa.kernels.logits_shapes import logits_options
+from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER
 from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCORER, TILELANG_BUDGET_CHUNKS_SCORER,
                                                 TILELANG_EVERY_TILE_TESTED_SCORER, TILELANG_FORWARD_ORDER_SCORER,
                                                 TILELANG_LAST_REMAINDER_SCORER, TILELANG_LEAN_SCRATCH_SCORER,
@@ -117,7 +118,7 @@ def methods(heads: int, deepseek_kernel):
         f"dsa{heads}_two_streams": _dsa(TILELANG_TWO_STREAMS_SCORER),
         "misa8_two_streams": _misa(reference.misa_topk, TILELANG_TWO_STREAMS_SCORER),
         # a prefill's logits query blocks and top-k rows last to first for many heads too (opt-in; the default for
-        # at most 16 heads, scorer.longest_first_for)
+        # at most 16 heads, logits_shapes.longest_first_for)
         f"dsa{heads}_longest_first": _dsa(TILELANG_LONGEST_FIRST_SCORER),
         # a prefill's queries past whole waves of logits CTAs in its last query chunk (before remainder_first)
         f"dsa{heads}_last_remainder": _dsa(TILELANG_LAST_REMAINDER_SCORER),

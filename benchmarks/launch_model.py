@@ -13,7 +13,7 @@ the first chunk instead of the last (`remainder_first`).
 It cannot see what the GPU adds (L2 reuse between CTAs, clocks): on an H200 longest first measured slower for DSA-64
 (bench_indexer-20261204-123755-longest-first-not-kept.json) where this model says 2% faster. It says where the tail
 can matter, not what a change gains. The indexer now takes longest first for at most 16 heads and the remainder
-first for every prefill (`scorer.longest_first_for`, `Scorer.remainder_first`), as measured.
+first for every prefill (`logits_shapes.longest_first_for`, `Scorer.remainder_first`), as measured.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import heapq
 import math
 
 from transformers_misa.kernels.common import queries_per_cta
-from transformers_misa.kernels.scorer import TILELANG_SCORER, WIDE_CTA
+from transformers_misa.kernels.logits_shapes import WIDE_CTA
+from transformers_misa.kernels.scorer import TILELANG_SCORER
 from transformers_misa.ops.blocks import causal_query_chunks
 
 CTA_FIXED_KEYS = 256  # a CTA's fixed cost (queries, weights, its first tiles), in keys' worth of time

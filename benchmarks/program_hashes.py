@@ -5,9 +5,9 @@ by hashing before and after:
     python benchmarks/program_hashes.py --out /tmp/before.json          # at the old commit
     python benchmarks/program_hashes.py --out /tmp/after.json --compare /tmp/before.json
 
-Programs: the logits program for every call shape `scorer.logits_options` picks for 8 / 32 / 64 heads (prefill, keys
-split over CTAs, decode; bf16 and FP8), the candidate-scoring program, the routing program (prefill's wide shape with
-tail means, decode's), the tail-means program, and the top-k in its default shapes (prefill's vector shape with the
+Programs: the logits program for every call shape `logits_shapes.logits_options` picks for 8 / 32 / 64 heads
+(prefill, keys split over CTAs, decode; bf16 and FP8), the candidate-scoring program, the routing program (prefill's
+wide shape with tail means, decode's), the tail-means program, and the top-k in its default shapes (prefill's vector shape with the
 sampled bound, decode's, the scalar ones) and in the variants kept beside them (unsampled, a given bound, the
 caller's output, longest first). `--only SUBSTRING` hashes the programs whose name holds it.
 """
@@ -34,7 +34,7 @@ def programs() -> dict[str, Callable]:
     from transformers_misa.kernels.gathered import build_gathered_logits
     from transformers_misa.kernels.router import build_head_importance
     from transformers_misa.kernels.routing import WIDE_ROUTER, tail_mean_segments
-    from transformers_misa.kernels.scorer import logits_options, query_layout
+    from transformers_misa.kernels.logits_shapes import logits_options, query_layout
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
     from transformers_misa.kernels.tail_means import build_causal_tail_means
 

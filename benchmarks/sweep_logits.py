@@ -22,7 +22,8 @@ from bench_indexer import DIM, inputs  # this folder's indexer benchmark: same i
 from gpu_timing import cuda_time_ms
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.common import ROWS_PER_CTA
-from transformers_misa.kernels.scorer import MAX_TMA_ELEMENTS, interleave_query_rows
+from transformers_misa.kernels.logits_shapes import interleave_query_rows
+from transformers_misa.kernels.scorer import MAX_TMA_ELEMENTS
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, can_interleave, stages_stores
 from transformers_misa.ops.blocks import ChunkMask
 

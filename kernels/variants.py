@@ -115,7 +115,7 @@ TILELANG_LEAN_SCRATCH_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilela
 TILELANG_BUDGET_CHUNKS_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-budget-chunks", wave_queries=None)
 
 # A prefill's logits query blocks and top-k rows last to first for every head count (the default takes it for the few
-# routed heads only, `scorer.longest_first_for`): opt-in, timed beside the default by the benchmark.
+# routed heads only, `logits_shapes.longest_first_for`): opt-in, timed beside the default by the benchmark.
 TILELANG_LONGEST_FIRST_SCORER = logits_variant("tilelang-longest-first", longest_first=True)
 
 # A causal prefill's queries past whole waves of logits CTAs in its last query chunk (before `Scorer.remainder_first`
@@ -123,7 +123,7 @@ TILELANG_LONGEST_FIRST_SCORER = logits_variant("tilelang-longest-first", longest
 TILELANG_LAST_REMAINDER_SCORER = dataclasses.replace(TILELANG_SCORER, name="tilelang-last-remainder",
                                                      remainder_first=False)
 
-# Every head count's prefill in launch order with its remainder last: the schedule before `scorer.longest_first_for`
-# and `Scorer.remainder_first`, kept so that the benchmark times both side by side.
+# Every head count's prefill in launch order with its remainder last: the schedule before
+# `logits_shapes.longest_first_for` and `Scorer.remainder_first`, kept so that the benchmark times both side by side.
 TILELANG_FORWARD_ORDER_SCORER = dataclasses.replace(logits_variant("tilelang-forward-order", longest_first=False),
                                                     remainder_first=False)

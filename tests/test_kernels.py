@@ -92,7 +92,8 @@ def test_failing_kernel_falls_back_once_with_a_warning(monkeypatch):
 ])
 def test_fused_select_matches_reference(batch, num_queries, num_keys, heads, k, pads):
     """tilelang_select_tokens (unwritten future + per-row ends) picks DSA's top-k up to near-ties."""
-    from transformers_misa.kernels.scorer import key_splits_for, tilelang_select_tokens
+    from transformers_misa.kernels.logits_shapes import key_splits_for
+    from transformers_misa.kernels.scorer import tilelang_select_tokens
 
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=7)
     mask = _padded_causal_mask(batch, num_queries, num_keys, pads)

@@ -1,6 +1,6 @@
-"""The logits program (`kernels/scoring.py`) and its host side (`kernels/scorer.py`): it compiles for sm_90a
-everywhere (CI), its options and layouts are settled per call as intended, and on a Hopper GPU (marked gpu) it
-matches the reference and its own other schedules."""
+"""The logits program (`kernels/scoring.py`) and its host side (`kernels/logits_shapes.py`, `kernels/scorer.py`): it
+compiles for sm_90a everywhere (CI), its options and layouts are settled per call as intended, and on a Hopper GPU
+(marked gpu) it matches the reference and its own other schedules."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_overlapped_logits_keep_the_next_wgmma_in_flight_during_an_epilogue(head
     epilogue), which quietly serialises the two; the program states the wait it needs (one group in flight) and
     fences only the thread's own accumulator registers (64, not the fragment's 16384 elements)."""
     _tilelang_or_skip()
-    from transformers_misa.kernels.scorer import logits_options
+    from transformers_misa.kernels.logits_shapes import logits_options
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
 
     options = logits_options(heads, 1, 65536, 65536, 132, False, interleaved=True, wide_few_heads=True)
@@ -46,7 +46,7 @@ def test_two_store_buffers_alternate_and_wait_for_one_store():
     """`store_buffers=2`: the staged logits alternate between two shared-memory buffers; an epilogue waits only for
     the store issued two tiles before (one may still read the other buffer), and the CTA for all before it exits."""
     _tilelang_or_skip()
-    from transformers_misa.kernels.scorer import logits_options
+    from transformers_misa.kernels.logits_shapes import logits_options
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
 
     options = logits_options(8, 1, 65536, 65536, 132, False, interleaved=True, wide_few_heads=True)
@@ -71,7 +71,7 @@ def test_decode_logits_kernel_compiles_for_sm90a(heads, rows):
 def test_wide_prefill_logits_kernel_compiles_for_sm90a():
     """The 64- and 32-head prefill shape: 256 query rows (4 resp. 8 queries) per CTA over 64-key tiles."""
     _tilelang_or_skip()
-    from transformers_misa.kernels.scorer import prefill_shape
+    from transformers_misa.kernels.logits_shapes import prefill_shape
     from transformers_misa.kernels.scoring import build_weighted_relu_logits
 
     wide = dict(rows_per_cta=256, block_n=64)
@@ -108,7 +108,7 @@ def test_logits_options_overlap_prefill_only():
     """Which program a call builds (H100/H200: 132 SMs): the overlapped driver for bf16 prefill chunks that fill the
     GPU without splitting keys, TileLang's pipeline for decode steps, key-split calls and FP8."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")
-    from transformers_misa.kernels.scorer import OVERLAPPED_STAGES, logits_options
+    from transformers_misa.kernels.logits_shapes import OVERLAPPED_STAGES, logits_options
 
     def options(heads, batch, num_queries, num_keys, **flags):
         return logits_options(heads, batch, num_queries, num_keys, 132, fill_future=False, **flags)
@@ -148,13 +148,13 @@ def test_fused_select_orders_the_top_k_rows_as_the_logits(monkeypatch, heads, nu
     """The fused select hands the top-k the logits' order (`longest_first_for`): the rows last to first exactly where
     the logits program took its query blocks last to first (on the CPU: both programs replaced by recorders)."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")
-    from transformers_misa.kernels import scorer
+    from transformers_misa.kernels import logits_shapes, scorer
 
     calls = {}
     monkeypatch.setattr(scorer, "_sm_count", lambda device: 132)
 
     def fake_logits(q, weights, keys, ks, ke, softmax_scale, fill_future, **flags):
-        options = scorer.logits_options(q.shape[2], q.shape[0], q.shape[1], keys.shape[1], 132, fill_future,
+        options = logits_shapes.logits_options(q.shape[2], q.shape[0], q.shape[1], keys.shape[1], 132, fill_future,
                                         longest_first=flags["longest_first"])
         calls["logits"] = options["longest_first"]
         return torch.zeros(q.shape[0], q.shape[1], keys.shape[1])
@@ -176,18 +176,19 @@ def test_logits_waves_hold_one_cta_per_sm(monkeypatch):
     and the square-CTA scorer take them), DSA-64's wide 4-query ones (FP8: 2), and per sequence of a batch whose CTAs
     share the wave."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")
-    from transformers_misa.kernels import scorer, variants
+    from transformers_misa.kernels import logits_shapes, scorer, variants
 
-    monkeypatch.setattr(scorer, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(logits_shapes, "_sm_count", lambda device: 132)
     cpu = torch.device("cpu")
-    assert scorer.logits_wave_queries(8, 1, cpu) == 32 * 132
-    square = scorer.logits_wave_queries(8, 1, cpu, wide_few_heads=False)
-    assert scorer.logits_wave_queries(8, 1, cpu, fp8=True) == square
-    assert scorer.logits_wave_queries(8, 1, cpu, wide_few_heads=False) == 16 * 132
-    assert scorer.logits_wave_queries(64, 1, cpu) == 4 * 132
-    assert scorer.logits_wave_queries(64, 1, cpu, fp8=True) == 2 * 132
-    assert scorer.logits_wave_queries(8, 2, cpu) == 32 * 66 and scorer.logits_wave_queries(8, 5, cpu) == 32 * 132
-    assert scorer.TILELANG_SCORER.wave_queries is scorer.logits_wave_queries
+    waves = logits_shapes.logits_wave_queries
+    assert waves(8, 1, cpu) == 32 * 132
+    square = waves(8, 1, cpu, wide_few_heads=False)
+    assert waves(8, 1, cpu, fp8=True) == square
+    assert waves(8, 1, cpu, wide_few_heads=False) == 16 * 132
+    assert waves(64, 1, cpu) == 4 * 132
+    assert waves(64, 1, cpu, fp8=True) == 2 * 132
+    assert waves(8, 2, cpu) == 32 * 66 and waves(8, 5, cpu) == 32 * 132
+    assert scorer.TILELANG_SCORER.wave_queries is logits_shapes.logits_wave_queries
     assert variants.TILELANG_BUDGET_CHUNKS_SCORER.wave_queries is None
 
 
@@ -196,8 +197,8 @@ def test_query_layout_settles_interleaving_per_call():
     wide block; 32 heads interleaved with a whole wide block (interleaved_many_heads, the default; the kept plain
     variant turns it off); never FP8 or 64 heads."""
     pytest.importorskip("tilelang", reason="TileLang is not installed")
-    from transformers_misa.kernels import scorer, variants
-    from transformers_misa.kernels.scorer import query_layout
+    from transformers_misa.kernels import logits_shapes, variants
+    from transformers_misa.kernels.logits_shapes import query_layout
 
     def layout(heads, queries, fp8=False, wide=True, many=False):
         return query_layout(heads, queries, fp8, True, wide, many)
@@ -209,13 +210,13 @@ def test_query_layout_settles_interleaving_per_call():
     assert layout(32, 5, many=True)[0] is False and layout(64, 100, many=True)[0] is False
     assert layout(32, 100, fp8=True, many=True)[0] is False
     plain = variants.TILELANG_PLAIN_MANY_HEADS_SCORER
-    assert scorer.INTERLEAVED_MANY_HEADS and not plain.token_logits.keywords["interleaved_many_heads"]
+    assert logits_shapes.INTERLEAVED_MANY_HEADS and not plain.token_logits.keywords["interleaved_many_heads"]
     assert not plain.fused_select.keywords["interleaved_many_heads"]
 
 
 def test_decode_rows_per_cta_fits_the_step_queries():
     pytest.importorskip("tilelang", reason="TileLang is not installed")
-    from transformers_misa.kernels.scorer import decode_rows_per_cta
+    from transformers_misa.kernels.logits_shapes import decode_rows_per_cta
 
     assert [decode_rows_per_cta(8, q) for q in (1, 2, 3, 4, 16)] == [8, 16, 32, 32, 128]
     assert [decode_rows_per_cta(64, q) for q in (1, 2)] == [64, 128]
@@ -258,7 +259,7 @@ def test_interleaved_layout_puts_whole_queries_in_one_thread(heads, rows_per_cta
     accumulator columns a thread holds (warpgroup g of G = rows_per_cta / 2 rows, lane quad m: Gg + 8j + 2m + e) are
     whole queries."""
     _tilelang_or_skip()
-    from transformers_misa.kernels.scorer import interleave_query_rows
+    from transformers_misa.kernels.logits_shapes import interleave_query_rows
     from transformers_misa.kernels.scoring import interleaved_query_head
 
     group = rows_per_cta // 2
@@ -394,7 +395,7 @@ def _causal_program_operands(batch, num_queries, num_keys, first_key, heads, opt
     """The logits program's operands for queries at positions first_key.. of the cache (query i sees keys up to
     first_key + i), rows in the interleaved order where `options` take it (whole blocks: pad queries see nothing),
     and the visible positions to compare; `padded_row`: the last sequence left-padded by 7 keys."""
-    from transformers_misa.kernels.scorer import interleave_query_rows
+    from transformers_misa.kernels.logits_shapes import interleave_query_rows
 
     q, keys, weights = _inputs(batch, num_queries, num_keys, heads, seed=seed)
     ke = (torch.arange(num_queries, device="cuda", dtype=torch.int32) + first_key + 1).clamp_max(num_keys)
