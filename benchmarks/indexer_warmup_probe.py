@@ -2,7 +2,9 @@
 built-in model: the indexers alone learn the KL to the main attention (the rest frozen), and `router_oracle`'s
 per-layer report (router recall, greedy best-8 bound, the heads' concentration) is printed before and every
 `--report-every` steps. `--reinit` starts the indexers afresh instead (DeepSeek's warm-up as it was: a new indexer on a
-trained model), so that recipe choices such as `--weight-decay` can be compared on a fixed main model.
+trained model), so that recipe choices such as `--weight-decay` can be compared on a fixed main model. `--sparse`
+continues the training's sparse phase instead: the whole model learns (LM loss, and the indexers' KL over the keys
+they select, as `train_small_dsa.training_step` takes it), to see whether that phase is what concentrates the heads.
 
     python benchmarks/indexer_warmup_probe.py --family deepseek_v32 --haystack ../shared/data/haystack/... \
         [--steps 100 --length 1024 --tokens-per-step 4096 --lr 3e-4 --weight-decay 0 --reinit]
@@ -49,6 +51,36 @@ def reinitialize(indexer: torch.nn.Module, std: float) -> None:
                 module.bias.zero_()
 
 
+def make_optimizer(model, indexers: list, lr: float, weight_decay: float, sparse: bool) -> torch.optim.Optimizer:
+    """AdamW over what the probe trains, with gradients on for exactly that: every weight with `sparse` (the
+    training's groups), else the indexers alone (the rest frozen)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(sparse)
+    if sparse:
+        groups = training.parameter_groups(model, weight_decay, None)
+    else:
+        groups = [p for indexer in indexers for p in indexer.parameters()]
+        for parameter in groups:
+            parameter.requires_grad_(True)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+
+
+def probe_step(model, optimizer: torch.optim.Optimizer, ids: torch.Tensor, weights: torch.Tensor,
+               rows: torch.Tensor, sparse: bool) -> tuple[float | None, torch.Tensor]:
+    """One step: with `sparse` the training's own sparse step (LM loss + KL over the selected keys, every weight),
+    else the dense warm-up's (the KL over all keys, the indexers alone). Returns (LM loss or None, KL per layer)."""
+    if sparse:
+        lm, kl_terms, _ = training.training_step(model, optimizer, ids, weights, True, rows, ids.device)
+        return float(lm), kl_terms
+    training.begin_kl_forward(False, rows)
+    model(input_ids=ids, use_cache=False)
+    kl_terms = torch.stack(training.STATE.losses)
+    optimizer.zero_grad(set_to_none=True)
+    kl_terms.mean().backward()
+    optimizer.step()
+    return None, kl_terms.detach()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", choices=TRAINED_FAMILIES, default="deepseek_v32")
@@ -65,7 +97,12 @@ def main() -> None:
     parser.add_argument("--reinit", action="store_true",
                         help="start the indexers from fresh random weights, as DeepSeek's warm-up started its new "
                              "indexer on a trained dense model (default: continue the trained indexers)")
+    parser.add_argument("--sparse", action="store_true",
+                        help="continue the sparse phase (whole model, LM loss + the KL over the selected keys; "
+                             "--weight-decay then applies to every weight) instead of the indexers' dense warm-up")
     args = parser.parse_args()
+    if args.sparse and args.reinit:
+        parser.error("--sparse continues the trained model as it is: leave out --reinit")
     torch.manual_seed(0)
     model, tokenizer = load_trained(args.family)
     info = training_info(trained_model_dir(args.family))
@@ -77,31 +114,22 @@ def main() -> None:
     trained_with = argparse.Namespace(**{**info["args"], "haystack": args.haystack})
     text = load_text(Path(args.stdlib), Path(args.haystack), trained_with.heldout_essays, args.code_bytes, seed=1)
     batches = Batches.from_args(tokenizer, text, trained_with, seed=1)  # not the training run's seed
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
     indexers = training.patch_for_kl_training(model)
     if args.reinit:
         for indexer in indexers:
             reinitialize(indexer, model.config.initializer_range)
-    indexer_parameters = [p for indexer in indexers for p in indexer.parameters()]
-    for parameter in indexer_parameters:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(indexer_parameters, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, indexers, args.lr, args.weight_decay, args.sparse)
     generator, start = torch.Generator().manual_seed(0), time.perf_counter()
     low = min(args.length - 1, info["args"]["topk"])
     for step in range(1, args.steps + 1):
         model.train()
-        ids, _ = batches.batch(max(1, args.tokens_per_step // args.length), args.length, torch.device("cpu"))
-        rows = low + torch.randperm(args.length - low, generator=generator)[: args.kl_queries]
-        training.begin_kl_forward(False, rows.sort().values)
-        model(input_ids=ids, use_cache=False)
-        kl_terms = torch.stack(training.STATE.losses)
-        optimizer.zero_grad(set_to_none=True)
-        kl_terms.mean().backward()
-        optimizer.step()
+        ids, weights = batches.batch(max(1, args.tokens_per_step // args.length), args.length, torch.device("cpu"))
+        rows = (low + torch.randperm(args.length - low, generator=generator)[: args.kl_queries]).sort().values
+        lm, kl_terms = probe_step(model, optimizer, ids, weights, rows, args.sparse)
         if step % 10 == 0:
-            print(f"step {step} ({time.perf_counter() - start:.0f} s): KL per layer "
-                  f"{[round(float(term), 4) for term in kl_terms.detach()]}", flush=True)
+            lm_part = "" if lm is None else f"LM {lm:.4f}, "
+            print(f"step {step} ({time.perf_counter() - start:.0f} s): {lm_part}KL per layer "
+                  f"{[round(float(term), 4) for term in kl_terms]}", flush=True)
         if step % args.report_every == 0 or step == args.steps:
             training.unpatch_kl_training(model)
             report(model, eval_ids, f"step {step}")
