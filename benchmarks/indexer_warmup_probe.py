@@ -7,9 +7,9 @@ continues the training's sparse phase instead: the whole model learns (LM loss, 
 they select, as `train_small_dsa.training_step` takes it), to see whether that phase is what concentrates the heads.
 
     python benchmarks/indexer_warmup_probe.py --family deepseek_v32 --haystack ../shared/data/haystack/... \
-        [--steps 100 --length 1024 --tokens-per-step 4096 --lr 3e-4 --weight-decay 0 --reinit]
+        [--steps 100 --length 1024 --tokens-per-step 4096 --lr 3e-4 --weight-decay 0 --reinit | --sparse]
 
-CPU is enough (about 5 s a step on 2 cores at the defaults). Uses the training script's data, indexer forward and KL
+CPU is enough (about 5 s a step on 2 cores at the defaults; --sparse about 8). Uses the training script's data, indexer forward and KL
 attention (examples/train_small_dsa.py), with the settings the model was trained with (its training.json).
 """
 
