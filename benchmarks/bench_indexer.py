@@ -39,7 +39,8 @@ from transformers_misa.kernels.variants import (TILELANG_BLOCKS_AS_M_ROUTER_SCOR
                                                 TILELANG_UNSAMPLED_TOPK_SCORER)
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, stages_stores
 from transformers_misa.ops import reference
-from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, fp8_e4m3_roundtrip
+from transformers_misa.ops.blocks import fp8_e4m3_quantize, fp8_e4m3_roundtrip
+from transformers_misa.ops.masks import ChunkMask
 
 DIM, TOPK, BLOCK = 128, 2048, 128
 SCALE = DIM**-0.5

@@ -27,7 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_e2e import (MODES, RESULTS, chosen_modes, patched, real_dims_model, results_file,  # noqa: E402
                        run_device)
 from transformers_misa.indexer import MisaIndexer  # noqa: E402
-from transformers_misa.ops import blocks  # noqa: E402
+from transformers_misa.ops import masks  # noqa: E402
 from transformers_misa.tiny import tiny_model  # noqa: E402
 
 INDEXER_ARGS = ("hidden_states", "q_resid", "position_embeddings", "attention_mask", "position_ids", "past_key_values")
@@ -89,13 +89,13 @@ def measure(name: str, args, device: str) -> dict:
     # Rows that see fewer than k keys are filled up with masked columns in no fixed order: compare the others. With
     # padding the maskless call is another problem: the first layer's picks are compared with a later layer's.
     full_rows = slice(min(indexer.index_topk, args.context) - 1 + args.pad, None)
-    blocks._MASK_FACTS.clear()  # what a forward's first layer reads from the mask, forgotten
+    masks._MASK_FACTS.clear()  # what a forward's first layer reads from the mask, forgotten
     picks = [call(True), call(True) if args.pad else call(False)]
     row = {"mode": name, "context": args.context, "pad": args.pad,
            "mask": None if mask is None else {"dtype": str(mask.dtype), "shape": list(mask.shape)},
            # A forward's first layer reads the mask (plain causal? key ranges); the later layers reuse what it read.
            "first_layer_ms": wall_time_ms(lambda: call(True), args.reps, device,
-                                          before=blocks._MASK_FACTS.clear),
+                                          before=masks._MASK_FACTS.clear),
            "with_mask_ms": wall_time_ms(lambda: call(True), args.reps, device),
            "no_mask_ms": wall_time_ms(lambda: call(False), args.reps, device),
            "same_picks": bool(torch.equal(*[torch.sort(p[:, full_rows], -1).values for p in picks]))}

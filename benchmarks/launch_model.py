@@ -25,7 +25,7 @@ import math
 from transformers_misa.kernels.common import queries_per_cta
 from transformers_misa.kernels.logits_shapes import WIDE_CTA
 from transformers_misa.kernels.scorer import TILELANG_SCORER
-from transformers_misa.ops.blocks import causal_query_chunks
+from transformers_misa.ops.masks import causal_query_chunks
 
 CTA_FIXED_KEYS = 256  # a CTA's fixed cost (queries, weights, its first tiles), in keys' worth of time
 

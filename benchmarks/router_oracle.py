@@ -19,7 +19,8 @@ import torch
 
 from transformers_misa import patch_model
 from transformers_misa.ops import reference
-from transformers_misa.ops.blocks import ChunkMask, TailBlock, head_scores
+from transformers_misa.ops.blocks import TailBlock, head_scores
+from transformers_misa.ops.masks import ChunkMask
 from transformers_misa.trained import (
     TRAINED_FAMILIES,
     load_trained,

@@ -25,7 +25,7 @@ from transformers_misa.kernels.common import ROWS_PER_CTA
 from transformers_misa.kernels.logits_shapes import interleave_query_rows
 from transformers_misa.kernels.scorer import MAX_TMA_ELEMENTS
 from transformers_misa.kernels.scoring import build_weighted_relu_logits, can_interleave, stages_stores
-from transformers_misa.ops.blocks import ChunkMask
+from transformers_misa.ops.masks import ChunkMask
 
 VARIANTS = {  # name -> build options on top of the defaults
     "default": {},

@@ -19,7 +19,8 @@ from gpu_timing import cuda_time_ms, environment
 from sweeps import chosen, compile_variants, sweep_parser, write_results
 from transformers_misa.kernels.router import build_head_importance
 from transformers_misa.kernels.routing import WIDE_ROUTER
-from transformers_misa.ops.blocks import ChunkMask, TailBlock
+from transformers_misa.ops.blocks import TailBlock
+from transformers_misa.ops.masks import ChunkMask
 
 HEADS, ACTIVE = 64, 8
 BLOCKS_AS_M = dict(rows_as_m=False)  # the programs before the query rows became the matmuls' M (rows_as_m)

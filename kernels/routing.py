@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from transformers_misa.ops.blocks import ChunkMask, TailBlock
+from transformers_misa.ops.blocks import TailBlock
+from transformers_misa.ops.masks import ChunkMask
 from transformers_misa.ops.reference import reference_head_importance
 
 from .common import _sm_count, queries_per_cta

@@ -13,7 +13,8 @@ import functools
 
 import torch
 
-from transformers_misa.ops.blocks import ChunkMask, fp8_e4m3_quantize, top_indices
+from transformers_misa.ops.blocks import fp8_e4m3_quantize, top_indices
+from transformers_misa.ops.masks import ChunkMask
 from transformers_misa.ops.reference import Scorer
 from transformers_misa.ops.threshold import (
     CAPACITY_FACTOR,

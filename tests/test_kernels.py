@@ -13,7 +13,8 @@ from conftest import exact_fraction
 from kernel_helpers import _assert_same_selection, _inputs, _padded_causal_mask, _tilelang_or_skip, gpu
 from transformers_misa import backend
 from transformers_misa.ops import reference
-from transformers_misa.ops.blocks import ChunkMask, TailBlock
+from transformers_misa.ops.blocks import TailBlock
+from transformers_misa.ops.masks import ChunkMask
 
 
 @pytest.mark.parametrize("heads", [64, 32])

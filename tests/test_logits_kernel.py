@@ -10,7 +10,7 @@ import torch
 from kernel_helpers import (_assert_logits_match, _assert_same_selection, _changed_lines, _inputs, _padded_causal_mask,
                             _ptxas_report, _tilelang_or_skip, gpu)
 from transformers_misa.ops import reference
-from transformers_misa.ops.blocks import ChunkMask
+from transformers_misa.ops.masks import ChunkMask
 
 
 @pytest.mark.parametrize("heads", [64, 32, 8])

@@ -9,7 +9,7 @@ import torch
 
 from kernel_helpers import (_assert_same_visible_columns, _inputs, _padded_causal_mask,  # this folder's kernel test
                             _tilelang_or_skip, gpu)  # helpers
-from transformers_misa.ops.blocks import ChunkMask
+from transformers_misa.ops.masks import ChunkMask
 
 
 def test_radix_topk_bounded_compiles_and_takes_the_bounds():

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from test_reference_ops import _random_problem  # this folder's brute-force problems
-from transformers_misa.ops import blocks, reference
+from transformers_misa.ops import blocks, masks, reference
 from transformers_misa.ops.reference import dsa_topk, hisa_topk, misa_hierarchical_topk, misa_topk, pooled_keys
 
 
@@ -67,7 +67,7 @@ def test_default_chunk_respects_the_scratch_budget():
     with tracker:
         out = dsa_topk(q, keys, weights, 16, softmax_scale=8**-0.5)
     assert out.shape == (1, num_queries, 16)
-    assert tracker.max_numel * 4 <= blocks.DEFAULT_CHUNK_BYTES
+    assert tracker.max_numel * 4 <= masks.DEFAULT_CHUNK_BYTES
     assert tracker.max_numel * 2 <= num_queries * heads * num_keys
 
 
@@ -75,11 +75,11 @@ def test_default_chunk_respects_the_scratch_budget():
 def test_visible_end_is_known_on_the_host_without_a_mask(num_queries, num_keys, rows):
     """Causal chunks without a mask get their last visible key without reading the GPU back (decode stays sync-free);
     it agrees with the device-side key ranges, and with a mask it is read from them."""
-    chunk = blocks.ChunkMask(None, rows, 2, num_queries, num_keys, torch.device("cpu"))
+    chunk = masks.ChunkMask(None, rows, 2, num_queries, num_keys, torch.device("cpu"))
     assert chunk.visible_end() == int(chunk.key_range[1].max())
     mask = torch.ones(2, num_queries, num_keys, dtype=torch.bool).tril(diagonal=num_keys - num_queries)
     mask[:, :, -1] = False  # the last key hidden from every query
-    masked = blocks.ChunkMask(mask, rows, 2, num_queries, num_keys, torch.device("cpu"))
+    masked = masks.ChunkMask(mask, rows, 2, num_queries, num_keys, torch.device("cpu"))
     assert masked.visible_end() == int(masked.key_range[1].max()) <= num_keys - 1
 
 
@@ -96,7 +96,7 @@ def test_router_never_sees_a_key_after_the_query(router):
     assert torch.equal(got[0], got[1])
     importance = []
     for k in (keys, later):
-        chunk = blocks.ChunkMask(mask, slice(t, t + 1), q.shape[0], q.shape[1], k.shape[1], q.device)
+        chunk = masks.ChunkMask(mask, slice(t, t + 1), q.shape[0], q.shape[1], k.shape[1], q.device)
         importance.append(reference.reference_head_importance(
             q[:, t:t + 1], weights[:, t:t + 1], pooled_keys(k, mask, block_size), chunk, block_size, scale, router,
             tail=blocks.TailBlock(k, chunk, block_size)))
@@ -177,7 +177,7 @@ def test_causal_query_chunks_grow_where_chunks_are_narrow(num_queries, num_keys,
     have a part that does not shrink with the width: candidate lists) within the budget unless it is a single
     query; a chunk never smaller than the one after it (widths only grow); every chunk but the last a whole number
     of `multiple`s where it holds at least one."""
-    from transformers_misa.ops.blocks import causal_query_chunks
+    from transformers_misa.ops.masks import causal_query_chunks
 
     budget = 40_000 * (1 + fixed_bytes)
 
@@ -202,7 +202,7 @@ def test_causal_query_chunks_put_the_remainder_first(num_queries, multiple):
     """`remainder_first`: the first chunk holds the queries past whole multiples (S mod multiple) beside whole
     multiples, every later chunk whole multiples, each within the budget; as many chunks as without it, or one more.
     Fewer queries than one multiple, or none left over: the same chunks as without it."""
-    from transformers_misa.ops.blocks import causal_query_chunks
+    from transformers_misa.ops.masks import causal_query_chunks
 
     def bytes_per_query(width):
         return 12 * width
@@ -228,7 +228,7 @@ def test_causal_query_chunks_cost_one_bisection_per_chunk():
     cost ~10x that, 10 ms of GPU idle per MISA-8 call at 128K on an H200."""
     import math
 
-    from transformers_misa.ops.blocks import causal_query_chunks
+    from transformers_misa.ops.masks import causal_query_chunks
 
     calls = []
 
@@ -247,11 +247,11 @@ def test_causal_chunks_keep_selections(mode, monkeypatch):
     and the chunks are uneven (more queries where they see fewer keys)."""
     import dataclasses
 
-    from transformers_misa.ops import blocks
+    from transformers_misa.ops import masks
 
     q, keys, weights, _, scale = _random_problem(batch=1, num_queries=96, num_keys=96, pads=(0,), shift=1.0)
     sizes = []
-    real = blocks.causal_query_chunks
+    real = masks.causal_query_chunks
     monkeypatch.setattr(reference, "causal_query_chunks",
                         lambda *args: [sizes.append(c.stop - c.start) or c for c in real(*args)])
     narrowing = dataclasses.replace(reference.REFERENCE, narrow_keys=True)
@@ -326,7 +326,7 @@ def test_fused_select_fills_each_chunks_slice_in_place(mode, batch):
 
 
 def _causal(batch, num_queries, num_keys):
-    return blocks.ChunkMask(None, slice(0, num_queries), batch, num_queries, num_keys, torch.device("cpu")).visible
+    return masks.ChunkMask(None, slice(0, num_queries), batch, num_queries, num_keys, torch.device("cpu")).visible
 
 
 @pytest.mark.parametrize("budget", [2**30, 3 * 2 * 50 * 3])  # one comparison chunk, or chunks of 3 queries
@@ -334,7 +334,7 @@ def test_plain_causal_masks_are_recognised_exactly(budget):
     """A model's causal mask (bool, or additive in its dtype, per sequence or broadcast) is what no mask means; any
     other mask (left padding, static-cache slots past the written keys, one key more or less) is not."""
     def check(mask, batch=2, num_queries=20, num_keys=50):
-        return blocks.causal_prefix(mask, batch, num_queries, num_keys, budget) == num_keys
+        return masks.causal_prefix(mask, batch, num_queries, num_keys, budget) == num_keys
 
     causal = _causal(2, 20, 50).clone()
     assert check(causal)
@@ -364,7 +364,7 @@ def test_causal_prefix_finds_a_static_caches_written_keys():
     """A static cache's prompt (or a later chunk of it) is causal over the written keys with the unwritten slots
     hidden: the prefix length is found; a visible slot past it, a hole, or rows that disagree give None."""
     def prefix(mask, batch=2, num_queries=20, num_keys=50):
-        return blocks.causal_prefix(mask, batch, num_queries, num_keys, 3 * 2 * 50 * 3)  # chunks of 3 queries
+        return masks.causal_prefix(mask, batch, num_queries, num_keys, 3 * 2 * 50 * 3)  # chunks of 3 queries
 
     assert prefix(_causal(2, 20, 50).clone()) == 50
     assert prefix(_static(2, 20, 20, 50)) == 20  # the prompt of a 50-slot static cache
@@ -396,39 +396,40 @@ def test_a_static_cache_prompt_is_selected_as_a_dynamic_caches(mode, monkeypatch
     if mode == "misa_hierarchical":
         options.update(candidate_factor=2)
     run = getattr(reference, f"{mode}_topk")
-    masks = []
+    chunk_masks = []
     real_chunk_mask = reference.ChunkMask
-    monkeypatch.setattr(reference, "ChunkMask", lambda mask, *a, **kw: masks.append(mask) or real_chunk_mask(mask, *a, **kw))
+    monkeypatch.setattr(reference, "ChunkMask",
+                        lambda mask, *a, **kw: chunk_masks.append(mask) or real_chunk_mask(mask, *a, **kw))
     dynamic = run(q, written, weights, 8, mask=_causal(1, 40, 40), **options)
     static = run(q, slots, weights, 8, mask=_static(1, 40, 40, 64), **options)
     assert torch.equal(static, dynamic)
-    assert masks and all(mask is None for mask in masks)
+    assert chunk_masks and all(mask is None for mask in chunk_masks)
     short = run(q[:, :4], slots[:, :6], weights[:, :4], 8, mask=_static(1, 4, 4, 6)[:, :, :6], **options)
-    assert short.shape == (1, 4, 6) and any(mask is not None for mask in masks)
+    assert short.shape == (1, 4, 6) and any(mask is not None for mask in chunk_masks)
 
 
 def test_plain_causal_answers_are_kept_per_mask_until_it_changes(monkeypatch):
     """A model gives each layer a new view of one mask: the check runs once for all of them, again after an in-place
     write to the mask (its version counter), and every time for inference-mode tensors (no version counter)."""
     checks = []
-    real_compare = blocks._causal_prefix_length
-    monkeypatch.setattr(blocks, "_causal_prefix_length", lambda *a: checks.append(1) or real_compare(*a))
+    real_compare = masks._causal_prefix_length
+    monkeypatch.setattr(masks, "_causal_prefix_length", lambda *a: checks.append(1) or real_compare(*a))
     model_mask = _causal(2, 20, 50).clone().unsqueeze(1)  # [B, 1, S, T], as the attention gets it
 
     def layer_check():
-        return blocks.causal_prefix(model_mask[:, 0], 2, 20, 50, 2**30) == 50
+        return masks.causal_prefix(model_mask[:, 0], 2, 20, 50, 2**30) == 50
 
     assert layer_check() and layer_check() and layer_check()
     assert len(checks) == 1
-    assert blocks.causal_prefix(model_mask[:1, 0], 2, 20, 50, 2**30) == 50 and len(checks) == 2  # another view
+    assert masks.causal_prefix(model_mask[:1, 0], 2, 20, 50, 2**30) == 50 and len(checks) == 2  # another view
     model_mask[1, 0, 4, 40] = True  # a future key (query 4 is at position 34), written in place
     assert not layer_check() and not layer_check()
     assert len(checks) == 3
     with torch.inference_mode():
         inference_mask = _causal(2, 20, 50).clone()
-        assert blocks.causal_prefix(inference_mask, 2, 20, 50, 2**30) == 50
+        assert masks.causal_prefix(inference_mask, 2, 20, 50, 2**30) == 50
         inference_mask[0, 3, 40] = True
-        assert blocks.causal_prefix(inference_mask, 2, 20, 50, 2**30) != 50
+        assert masks.causal_prefix(inference_mask, 2, 20, 50, 2**30) != 50
     assert len(checks) == 5
 
 
@@ -447,8 +448,8 @@ def test_a_padded_mask_is_read_in_the_first_layer_only(mode, monkeypatch):
                                        scorer=narrowing, mask=mask),
     }[mode]
     reads = []
-    real_remembered = blocks.remembered
-    monkeypatch.setattr(blocks, "remembered",
+    real_remembered = masks.remembered
+    monkeypatch.setattr(masks, "remembered",
                         lambda mask, fact, read: real_remembered(mask, fact, lambda: reads.append(fact[0]) or read()))
     first = select(model_mask[:, 0])
     assert reads.count("key_range") > 1 and "causal_prefix" in reads  # several chunks; not plain causal
@@ -459,7 +460,7 @@ def test_a_padded_mask_is_read_in_the_first_layer_only(mode, monkeypatch):
     select(model_mask[:, 0])
     assert "key_range" in reads
     reads.clear()  # sync-free chunks (decode steps a CUDA graph may capture) compute their own ranges every time
-    blocks.ChunkMask(model_mask[:, 0], slice(0, 10), 2, 96, 96, torch.device("cpu"), sync_free=True).key_range
+    masks.ChunkMask(model_mask[:, 0], slice(0, 10), 2, 96, 96, torch.device("cpu"), sync_free=True).key_range
     assert reads == []
 
 

@@ -24,7 +24,7 @@ from conftest import (
     make_patched_indexer,
     visible_keys,
 )
-from transformers_misa.ops import blocks, reference
+from transformers_misa.ops import blocks, masks, reference
 from transformers_misa.ops.reference import dsa_topk, hisa_topk, misa_hierarchical_topk, misa_topk, pooled_keys
 
 # (sequence length, index_topk, mask kind): odd lengths, T not a multiple of any block size, T < topk; bool masks
@@ -213,7 +213,7 @@ def test_tail_block_pools_each_querys_last_block_over_what_it_sees(num_queries, 
     q, keys, weights, mask, scale = _random_problem(num_queries=num_queries, pads=(0, 13))
     if holes:
         mask[:, :, 22] = False
-    chunk = blocks.ChunkMask(mask, slice(0, num_queries), 2, num_queries, 40, q.device)
+    chunk = masks.ChunkMask(mask, slice(0, num_queries), 2, num_queries, 40, q.device)
     tail = blocks.TailBlock(keys, chunk, 8)
     seen_pooled, seen_any = _visible_pooled(keys, mask, num_queries, 8)
     _, ke, _ = chunk.key_range
@@ -228,7 +228,7 @@ def test_route_heads_picks_the_most_important_heads():
     q, keys, weights, mask, scale = _random_problem()
     _, expected = _routed_dense(q, keys, weights, mask, scale, 3, 8)
     pooled = pooled_keys(keys, mask, 8)
-    chunk = blocks.ChunkMask(mask, slice(0, q.shape[1]), q.shape[0], q.shape[1], keys.shape[1], q.device)
+    chunk = masks.ChunkMask(mask, slice(0, q.shape[1]), q.shape[0], q.shape[1], keys.shape[1], q.device)
     tail = blocks.TailBlock(keys, chunk, 8)
     importance = reference.reference_head_importance(q, weights, pooled, chunk, 8, scale, tail=tail)
     heads = reference.route_heads(importance, 3)
@@ -240,7 +240,7 @@ def test_route_heads_picks_the_most_important_heads():
 def test_max_router_ranks_heads_by_their_best_visible_block():
     q, keys, weights, mask, scale = _random_problem()
     pooled = pooled_keys(keys, mask, 8)
-    chunk = blocks.ChunkMask(mask, slice(0, q.shape[1]), q.shape[0], q.shape[1], keys.shape[1], q.device)
+    chunk = masks.ChunkMask(mask, slice(0, q.shape[1]), q.shape[0], q.shape[1], keys.shape[1], q.device)
     seen_pooled, seen_any = _visible_pooled(keys, mask, q.shape[1], 8)
     per_block = torch.relu(torch.einsum("bshd,bsmd->bshm", q, seen_pooled) * scale)
     per_block = per_block.masked_fill(~seen_any.unsqueeze(2), 0.0)
@@ -375,7 +375,7 @@ def test_tail_block_sums_only_the_keys_its_tails_span(rows, num_queries):
     The last case has 10 cached keys before its 30 queries."""
     generator = torch.Generator().manual_seed(3)
     keys = torch.randn(2, 40, 16, generator=generator)
-    chunk = blocks.ChunkMask(None, rows, 2, num_queries, 40, keys.device)
+    chunk = masks.ChunkMask(None, rows, 2, num_queries, 40, keys.device)
     assert blocks.TailBlock.uses_prefix_sums(chunk, 40, 8)
     low, high = chunk.tail_key_window(8)
     offset = 40 - num_queries

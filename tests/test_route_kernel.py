@@ -9,7 +9,8 @@ import torch
 
 from transformers_misa import backend
 from transformers_misa.ops import reference
-from transformers_misa.ops.blocks import ChunkMask, TailBlock
+from transformers_misa.ops.blocks import TailBlock
+from transformers_misa.ops.masks import ChunkMask
 
 from kernel_helpers import _inputs, _padded_causal_mask, _tilelang_or_skip, gpu
 

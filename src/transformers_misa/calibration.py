@@ -34,7 +34,8 @@ from torch import nn
 from .config import DEFAULT_BLOCK_SIZE, DEFAULT_ROUTER, ROUTERS
 from .indexer import MisaIndexer
 from .ops import reference
-from .ops.blocks import ChunkMask, TailBlock, gather_keys, head_scores, query_chunks
+from .ops.blocks import TailBlock, gather_keys, head_scores
+from .ops.masks import ChunkMask, query_chunks
 
 CALIBRATION_FILE = "misa_calibration.safetensors"
 _FORMAT = "transformers_misa.router_calibration.v1"

@@ -10,7 +10,8 @@ from torch import nn
 from .backend import select_scorer
 from .config import DEFAULT_ROUTER, MisaConfig
 from .ops import reference
-from .ops.blocks import fp8_e4m3_roundtrip, key_validity
+from .ops.blocks import fp8_e4m3_roundtrip
+from .ops.masks import key_validity
 from .ops.pooling import IncrementalBlockPool
 from .registry import ModelFamily
 

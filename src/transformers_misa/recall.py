@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .indexer import MisaIndexer
-from .ops.blocks import ChunkMask, query_chunks
+from .ops.masks import ChunkMask, query_chunks
 
 
 @dataclasses.dataclass

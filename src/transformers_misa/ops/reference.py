@@ -19,21 +19,15 @@ from collections.abc import Callable
 
 import torch
 
-from .blocks import (
+from .blocks import TailBlock, gather_keys, head_scores, mean_pool, pool_blocks, top_indices, weighted_head_sum
+from .masks import (
     DEFAULT_CHUNK_BYTES,
     MASKED,
     ChunkMask,
-    TailBlock,
     causal_prefix,
     causal_query_chunks,
-    gather_keys,
-    head_scores,
     key_validity,
-    mean_pool,
-    pool_blocks,
     query_chunks,
-    top_indices,
-    weighted_head_sum,
 )
 from .chunk_streams import ChunkStreams
 

@@ -26,7 +26,8 @@ from collections.abc import Callable
 
 import torch
 
-from .blocks import MASKED, head_scores, weighted_head_sum
+from .blocks import head_scores, weighted_head_sum
+from .masks import MASKED
 
 # Defaults: the sample keeps every 16th key; θ is its (1.5·k/16)-th best, so ~1.5·k keys pass (a sample of 192 at
 # k = 2048: count is within ~±25% of that at 3 standard deviations); the list holds 3·k (the kernel splits it into
