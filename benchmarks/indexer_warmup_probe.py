@@ -9,8 +9,9 @@ they select, as `train_small_dsa.training_step` takes it), to see whether that p
     python benchmarks/indexer_warmup_probe.py --family deepseek_v32 --haystack ../shared/data/haystack/... \
         [--steps 100 --length 1024 --tokens-per-step 4096 --lr 3e-4 --weight-decay 0 --reinit | --sparse]
 
-CPU is enough (about 5 s a step on 2 cores at the defaults; --sparse about 8). Uses the training script's data, indexer forward and KL
-attention (examples/train_small_dsa.py), with the settings the model was trained with (its training.json).
+CPU is enough (about 5 s a step on 2 cores at the defaults; --sparse about 10). Uses the training script's data,
+indexer forward and KL attention (examples/train_small_dsa.py), with the settings the model was trained with (its
+training.json).
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ by hashing before and after:
 
 Programs: the logits program for every call shape `logits_shapes.logits_options` picks for 8 / 32 / 64 heads
 (prefill, keys split over CTAs, decode; bf16 and FP8), the candidate-scoring program, the routing program (prefill's
-wide shape with tail means, decode's), the tail-means program, and the top-k in its default shapes (prefill's vector shape with the
-sampled bound, decode's, the scalar ones) and in the variants kept beside them (unsampled, a given bound, the
-caller's output, longest first). `--only SUBSTRING` hashes the programs whose name holds it.
+wide shape with tail means, decode's), the tail-means program, and the top-k in its default shapes (prefill's vector
+shape with the sampled bound, decode's, the scalar ones) and in the variants kept beside them (unsampled, a given
+bound, the caller's output, longest first). `--only SUBSTRING` hashes the programs whose name holds it.
 """
 
 from __future__ import annotations
