@@ -66,22 +66,6 @@ def make_optimizer(model, indexers: list, lr: float, weight_decay: float, sparse
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
 
 
-def probe_step(model, optimizer: torch.optim.Optimizer, ids: torch.Tensor, weights: torch.Tensor,
-               rows: torch.Tensor, sparse: bool) -> tuple[float | None, torch.Tensor]:
-    """One step: with `sparse` the training's own sparse step (LM loss + KL over the selected keys, every weight),
-    else the dense warm-up's (the KL over all keys, the indexers alone). Returns (LM loss or None, KL per layer)."""
-    if sparse:
-        lm, kl_terms, _ = training.training_step(model, optimizer, ids, weights, True, rows, ids.device)
-        return float(lm), kl_terms
-    training.begin_kl_forward(False, rows)
-    model(input_ids=ids, use_cache=False)
-    kl_terms = torch.stack(training.STATE.losses)
-    optimizer.zero_grad(set_to_none=True)
-    kl_terms.mean().backward()
-    optimizer.step()
-    return None, kl_terms.detach()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--family", choices=TRAINED_FAMILIES, default="deepseek_v32")
@@ -126,10 +110,11 @@ def main() -> None:
         model.train()
         ids, weights = batches.batch(max(1, args.tokens_per_step // args.length), args.length, torch.device("cpu"))
         rows = (low + torch.randperm(args.length - low, generator=generator)[: args.kl_queries]).sort().values
-        lm, kl_terms = probe_step(model, optimizer, ids, weights, rows, args.sparse)
+        # The training's own step in either phase (clipping and the non-finite skip included): in the dense
+        # warm-up the frozen main model leaves the KL as the only loss with a gradient, so the indexers alone learn.
+        lm, kl_terms, _ = training.training_step(model, optimizer, ids, weights, args.sparse, rows, ids.device)
         if step % 10 == 0:
-            lm_part = "" if lm is None else f"LM {lm:.4f}, "
-            print(f"step {step} ({time.perf_counter() - start:.0f} s): {lm_part}KL per layer "
+            print(f"step {step} ({time.perf_counter() - start:.0f} s): LM {float(lm):.4f}, KL per layer "
                   f"{[round(float(term), 4) for term in kl_terms]}", flush=True)
         if step % args.report_every == 0 or step == args.steps:
             training.unpatch_kl_training(model)

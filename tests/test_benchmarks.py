@@ -160,8 +160,8 @@ def test_warmup_probe_reinit_draws_fresh_indexer_weights():
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_warmup_probe_steps_train_what_their_phase_trains(tmp_path, sparse):
-    """The probe's dense step moves the indexers alone (the rest frozen); `--sparse` takes the training's sparse step,
-    which moves the main model too. A small DeepSeek-shaped model from the training script, one step each."""
+    """The probe's optimizer and the training's step: in the dense phase the indexers alone move (the rest frozen);
+    with `--sparse` the main model moves too. A small DeepSeek-shaped model from the training script, one step each."""
     probe = _load("indexer_warmup_probe")
     args = probe.training.parse_args(["--family", "deepseek_v32", "--haystack", str(tmp_path), "--out",
                                       str(tmp_path / "m"), "--small"])
@@ -172,8 +172,9 @@ def test_warmup_probe_steps_train_what_their_phase_trains(tmp_path, sparse):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = probe.make_optimizer(model, indexers, 1e-2, 0.0, sparse)
     ids = torch.randint(0, 300, (2, 64))
-    lm, kl_terms = probe.probe_step(model, optimizer, ids, torch.ones(2, 64), torch.arange(32, 64), sparse)
-    assert (lm is not None) == sparse and kl_terms.shape == (2,) and bool(torch.isfinite(kl_terms).all())
+    lm, kl_terms, _ = probe.training.training_step(model, optimizer, ids, torch.ones(2, 64), sparse,
+                                                   torch.arange(32, 64), torch.device("cpu"))
+    assert bool(torch.isfinite(lm)) and kl_terms.shape == (2,) and bool(torch.isfinite(kl_terms).all())
     moved = {id(p) for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert moved & indexer_ids, "the indexers learn in both phases"
     assert bool(moved - indexer_ids) == sparse, "the main model learns in the sparse phase only"
