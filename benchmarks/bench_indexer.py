@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import pathlib
 import statistics
 import sys
-import types
 
-import tilelang
 import torch
 
+from bench_report import ResultsFile, plot, print_row  # this folder's table, JSON and plot
+from deepseek_reference import deepseek_fp8_index, load_deepseek_kernel  # DeepSeek's kernel from --deepseek-ref
 from gpu_timing import cuda_time_ms, environment, graph_time_ms, peak_extra_gib, stage_ms  # this folder's timing
 from transformers_misa.kernels.logits_shapes import logits_options
 from transformers_misa.kernels.scorer import TILELANG_FP8_SCORER, TILELANG_SCORER
@@ -142,48 +141,9 @@ def methods(heads: int, deepseek_kernel):
         "misa8_fp8": _misa(reference.misa_topk, TILELANG_FP8_SCORER, fp8=True),
     }
     if deepseek_kernel is not None:
-        table["deepseek_fp8_index"] = functools.partial(deepseek_fp8_index, deepseek_kernel)
+        table["deepseek_fp8_index"] = functools.partial(deepseek_fp8_index, deepseek_kernel, softmax_scale=SCALE,
+                                                        topk=TOPK)
     return table
-
-
-# DeepSeek's fp8_index launches one CTA row per query on the grid's y axis, which CUDA caps at 65535: longer prefills
-# call it per chunk of this many queries (its per-query work is the same either way).
-DEEPSEEK_QUERY_CHUNK = 32768
-
-
-def deepseek_fp8_index(kernel_module, q, keys, weights):
-    """DeepSeek-V3.2-Exp's own fp8_index (full [S, T] logits, no causal skip) + torch.topk, timed as they ship it,
-    per chunk of at most DEEPSEEK_QUERY_CHUNK queries."""
-    q8, k8 = q.to(torch.float8_e4m3fn), keys.to(torch.float8_e4m3fn).contiguous()
-    k_scale = torch.ones(keys.shape[:2], device="cuda")
-    scaled_weights = weights * SCALE
-    num_queries, picks = q.shape[1], []
-    for first in range(0, num_queries, DEEPSEEK_QUERY_CHUNK):
-        rows = slice(first, min(first + DEEPSEEK_QUERY_CHUNK, num_queries))
-        logits = kernel_module.fp8_index(q8[:, rows].contiguous(), scaled_weights[:, rows].contiguous(), k8, k_scale)
-        chunk = ChunkMask(None, rows, q.shape[0], num_queries, keys.shape[1], q.device)
-        picks.append((logits + chunk.bias).topk(min(TOPK, keys.shape[1]), dim=-1).indices)
-        del logits
-    return torch.cat(picks, dim=1)
-
-
-# Pass configs that DeepSeek-V3.2-Exp's kernel.py names and later TileLang releases renamed (0.1.15: fast math became
-# opt-in): (as written there, the same setting as this TileLang spells it).
-RENAMED_PASS_CONFIGS = (("TL_DISABLE_FAST_MATH: True", "TL_ENABLE_FAST_MATH: False"),)
-
-
-def load_deepseek_kernel(checkout: pathlib.Path) -> types.ModuleType:
-    """DeepSeek-V3.2-Exp's inference/kernel.py from the user's checkout, as a module. Where this TileLang lacks a pass
-    config it names, the renamed key with the same meaning is used (the file is read, not copied or changed)."""
-    path = checkout / "inference" / "kernel.py"
-    source = path.read_text()
-    for written, current in RENAMED_PASS_CONFIGS:
-        if not hasattr(tilelang.PassConfigKey, written.split(":")[0]):
-            source = source.replace(written, current)
-    module = types.ModuleType("deepseek_v32_exp_kernel")
-    module.__file__ = str(path)
-    exec(compile(source, str(path), "exec"), module.__dict__)
-    return module
 
 
 def fits(method: str, batch: int, num_queries: int, num_keys: int, heads: int) -> bool:
@@ -331,53 +291,6 @@ def run_decode(caches, batches, new_tokens_options, heads, reps, results):
                 torch.cuda.empty_cache()
 
 
-def round_ratio_ranges(row: dict, heads: int) -> list[tuple[str, str, float, float]]:
-    """(method, DSA kernel, lowest, highest) host-hidden speed-up over the rounds of a prefill row, each round's
-    DSA time over the same round's method time (`time_in_rounds`), for the MISA and HISA methods; a variant timed for
-    both methods (misa8_X beside dsa{heads}_X) also against its own DSA variant."""
-    ranges = []
-    for key, rounds in row.items():
-        name = key.removesuffix("_gpu_rounds")
-        if not (key.endswith("_gpu_rounds") and name.startswith(("misa", "hisa"))):
-            continue
-        variant = f"dsa{heads}_{name.removeprefix('misa8_')}"
-        for base in (f"dsa{heads}_kernel",) + ((variant,) if name.startswith("misa8_") else ()):
-            base_rounds = row.get(f"{base}_gpu_rounds", [])
-            if len(rounds) == len(base_rounds) > 1:
-                paired = [dsa / method for dsa, method in zip(base_rounds, rounds)]
-                ranges.append((name, base, min(paired), max(paired)))
-    return ranges
-
-
-def print_row(row: dict, heads: int) -> None:
-    timings = {k[:-3]: v for k, v in row.items() if k.endswith("_ms")}
-
-    def ratio(name: str) -> str:  # against the DSA kernel timed the same way (eager, host hidden or graph-replayed;
-        # bf16 or fp8), the fastest of its bf16 variants (overlapped or pipelined logits, dense or sampled top-k)
-        stem, timing = name.rsplit("_", 1) if name.endswith(("_graph", "_gpu")) else (name, "")
-        suffix = f"_{timing}" if timing else ""
-        bases = ([f"dsa{heads}_fp8"] if stem.endswith("_fp8") else
-                 [f"dsa{heads}_kernel", f"dsa{heads}_pipelined", f"dsa{heads}_threshold",
-                  f"dsa{heads}_budget_chunks"])
-        base = min((timings[n + suffix] for n in bases if n + suffix in timings), default=None)
-        return f"({base / timings[name]:.1f}x)" if base and name.startswith(("misa", "hisa")) else ""
-
-    cells = " ".join(f"{k}={v:.2f}ms{ratio(k)}" for k, v in timings.items())
-    extra = f" scoring={row['scoring']['tflops']:.0f}TFLOP/s" if "scoring" in row else ""
-    extra += (f" scoring_pipelined={row['scoring_pipelined']['tflops']:.0f}TFLOP/s"
-              if "scoring_pipelined" in row else "")
-    extra += f" scoring_fp8={row['scoring_fp8']['tflops']:.0f}TFLOP/s" if "scoring_fp8" in row else ""
-    for variant, stats in row.get("routed8_logits", {}).items():
-        extra += f" 8-head logits[{variant}]={stats['ms']:.2f}ms"
-    extra += "".join(f" {name}/{base}={low:.2f}-{high:.2f}x"
-                     for name, base, low, high in round_ratio_ranges(row, heads))
-    queries = f" q={row['new_tokens']}" if "new_tokens" in row else ""
-    print(f"{row['phase']:>7} H={heads} B={row['batch']:>2} T={row['context']:>6}{queries}: {cells}{extra}", flush=True)
-    for name, stages in row.get("stages", {}).items():
-        print(f"{'':>9}{name} stages: " + " ".join(f"{k}={v:.2f}ms" for k, v in stages.items() if k != "other_top")
-              + f" other_top={stages.get('other_top')}", flush=True)
-
-
 def profile_misa(context: int) -> None:
     """Where MISA-8's time goes at one context (torch.profiler, CUDA time per op)."""
     q, keys, weights = inputs(1, context, context, 64)
@@ -387,45 +300,6 @@ def profile_misa(context: int) -> None:
         call(q, keys, weights)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
-
-
-def plot(results: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    prefill = [r for r in results if r["phase"] == "prefill" and r["heads"] == 64]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in sorted({k for r in prefill for k in r if k.endswith("_ms") and not k.endswith("_gpu_ms")}):
-        points = [(r["context"], r[key]) for r in prefill if key in r]
-        ax.plot(*zip(*points), marker="o", label=key[:-3])
-    ax.set(xscale="log", yscale="log", xlabel="context (tokens, causal prefill)", ylabel="ms per layer",
-           title=f"Indexer prefill, H=64, topk={TOPK} ({torch.cuda.get_device_name()})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-class ResultsFile(list):
-    """The rows measured so far, rewritten to `path` after each one ("complete": false until `finish`), so that a run
-    cut short (a device call's time limit) still leaves every row it measured."""
-
-    def __init__(self, path: pathlib.Path, header: dict) -> None:
-        super().__init__()
-        self.path, self.header = path, header
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._write(complete=False)
-
-    def append(self, row: dict) -> None:
-        super().append(row)
-        self._write(complete=False)
-
-    def finish(self) -> None:
-        self._write(complete=True)
-
-    def _write(self, complete: bool) -> None:
-        self.path.write_text(json.dumps({**self.header, "complete": complete, "results": list(self)}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -468,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     run_decode(parse(args.decode_caches), parse(args.decode_batches), parse(args.decode_new_tokens), 64, args.reps,
                results)
     results.finish()
-    plot(results, path.with_suffix(".png"))
+    plot(results, path.with_suffix(".png"), TOPK)
     print(f"wrote {path} and .png")
 
 
