@@ -11,8 +11,8 @@ import torch
 
 def round_ratio_ranges(row: dict, heads: int) -> list[tuple[str, str, float, float]]:
     """(method, DSA kernel, lowest, highest) host-hidden speed-up over the rounds of a prefill row, each round's
-    DSA time over the same round's method time (`time_in_rounds`), for the MISA and HISA methods; a variant timed for
-    both methods (misa8_X beside dsa{heads}_X) also against its own DSA variant."""
+    DSA time over the same round's method time (`bench_indexer.time_in_rounds`), for the MISA and HISA methods; a
+    variant timed for both methods (misa8_X beside dsa{heads}_X) also against its own DSA variant."""
     ranges = []
     for key, rounds in row.items():
         name = key.removesuffix("_gpu_rounds")
@@ -28,6 +28,8 @@ def round_ratio_ranges(row: dict, heads: int) -> list[tuple[str, str, float, flo
 
 
 def print_row(row: dict, heads: int) -> None:
+    """One measured row on one line: each method's time with its speed-up over the DSA kernel, the scoring stage's
+    TFLOP/s, the per-round speed-up ranges; then the stage times of the methods that have them."""
     timings = {k[:-3]: v for k, v in row.items() if k.endswith("_ms")}
 
     def ratio(name: str) -> str:  # against the DSA kernel timed the same way (eager, host hidden or graph-replayed;
