@@ -19,12 +19,14 @@ What it trains (seeded, one GPU, a few minutes; `--steps` fixes the work, `--max
   heads, L1-normalised), then sparse training where the main attention sees only the indexer's top-k and the KL
   is taken over the selected keys (a GLM-5 "shared" layer's attention is a second target of the indexer whose
   top-k it reuses). The LM loss trains the rest of the model.
-Writes model.safetensors (bf16), config.json, the tokenizer and training.json (settings, losses, data, machine).
+Writes model.safetensors (bf16), config.json, the tokenizer and training.json (settings, losses, data, machine);
+`--checkpoint-steps N,M` writes the same for the model after step N, M into OUT/step-N.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -238,9 +240,14 @@ def build_training_model(args: argparse.Namespace, vocab_size: int, device: torc
     model = tiny_model(args.family, seed=args.seed, dtype=torch.float32, attn_implementation="sdpa", **overrides)
     model.to(device).train()
     STATE.shared_grad = args.shared_kl_grad
-    # Big query chunks on a GPU for the sparse phase's top-k.
-    patch_for_kl_training(model, query_chunk_size=512 if device.type == "cuda" else None)
+    patch_for_kl_training(model, query_chunk_size=kl_query_chunk_size(device))
     return model
+
+
+def kl_query_chunk_size(device: torch.device) -> int | None:
+    """Query chunk of the training's indexers: big chunks on a GPU for the sparse phase's top-k, the reference's
+    scratch-budget default elsewhere."""
+    return 512 if device.type == "cuda" else None
 
 
 def training_indexers(model) -> list:
@@ -312,6 +319,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     dense_steps = int(args.steps * args.dense_fraction)
     copy_steps = int(args.steps * args.copy_warmup)
     history, done = [], 0
+    checkpoints = {int(step) for step in args.checkpoint_steps.split(",") if step}
     generator = torch.Generator().manual_seed(args.seed)
     for step in range(args.steps):
         if time.perf_counter() - start > 60 * args.max_minutes:
@@ -338,9 +346,27 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                        elapsed_s=round(time.perf_counter() - start, 1))
             history.append(row)
             print(json.dumps(row), flush=True)
+        if done in checkpoints:  # the model as it is now, to follow e.g. the indexer heads' spread over training
+            unpatch_kl_training(model)
+            snapshot = copy.deepcopy(model).eval().to(torch.bfloat16)  # as the final model is saved
+            save_trained(snapshot, tokenizer, out / f"step-{done}", args, done, dense_steps, start, history, text,
+                         batches)
+            del snapshot
+            patch_for_kl_training(model, query_chunk_size=kl_query_chunk_size(device))
 
     unpatch_kl_training(model)
-    model.eval().to(torch.bfloat16).save_pretrained(out)
+    info = save_trained(model.eval().to(torch.bfloat16), tokenizer, out, args, done, dense_steps, start, history, text,
+                        batches)
+    print(f"wrote {out} ({done} steps, {info['wall_s']} s)", flush=True)
+    return info
+
+
+def save_trained(model, tokenizer, out: Path, args: argparse.Namespace, done: int, dense_steps: int, start: float,
+                 history: list[dict], text: dict[str, Any], batches: Batches) -> dict[str, Any]:
+    """Writes the model as it is (the built-in models: bf16 safetensors), the tokenizer and training.json (settings,
+    losses so far, data, machine) into `out`; returns training.json's content."""
+    device = next(model.parameters()).device
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = dict(family=args.family, args=vars(args), steps_done=done, dense_steps=dense_steps,
                 wall_s=round(time.perf_counter() - start, 1), history=history,
@@ -350,7 +376,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 machine=dict(python=platform.python_version(), torch=torch.__version__,
                              gpu=torch.cuda.get_device_name() if device.type == "cuda" else None))
     (out / "training.json").write_text(json.dumps(info, indent=2))
-    print(f"wrote {out} ({done} steps, {info['wall_s']} s)", flush=True)
     return info
 
 
@@ -408,6 +433,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--small", action="store_true", help="a much smaller main model (CPU smoke test)")
+    parser.add_argument("--checkpoint-steps", default="",
+                        help="comma-separated step counts after which the model so far is also written to "
+                             "OUT/step-N (same files as the final model), e.g. 1050,2000")
     return parser.parse_args(argv)
 
 

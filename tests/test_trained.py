@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from transformers_misa import CALIBRATION_FILE, patch_model, unpatch_model
@@ -101,7 +102,8 @@ def test_load_trained_rejects_an_unknown_family():
 
 def test_training_script_smoke(tmp_path):
     """examples/train_small_dsa.py end to end on the CPU with a much smaller main model: it trains, saves a model
-    that loads with from_pretrained and patches."""
+    that loads with from_pretrained and patches, and (--checkpoint-steps) the model after step 2 beside it, training
+    on after it with the KL terms still taken."""
     haystack = tmp_path / "hay"
     haystack.mkdir()
     source = (ESSAYS if ESSAYS.is_dir() else None)
@@ -115,13 +117,20 @@ def test_training_script_smoke(tmp_path):
                               "--steps", "3", "--context", "256", "--tokens-per-step", "512", "--topk", "32",
                               "--kl-queries", "32", "--code-bytes", "100000", "--vocab-size", "400",
                               "--heldout-essays", "1", "--small", "--log-every", "1", "--shared-kl-grad",
-                              "--repeat-fraction", "0.5", "--repeat-tokens", "mixed",
+                              "--repeat-fraction", "0.5", "--repeat-tokens", "mixed", "--checkpoint-steps", "2",
                               "--stdlib", os.path.dirname(json.__file__)])
     info = script.train(args)
     assert info["steps_done"] == 3 and len(info["history"]) == 3
     assert info["history"][-1]["sparse"] and all(row["kl"] >= 0 for row in info["history"])
     assert all(len(row["kl_terms"]) == 2 for row in info["history"])  # layer 0's indexer, the shared layer 1
     assert json.loads((out / "training.json").read_text())["data"]["heldout_essays"] == ["3.txt"]
+    snapshot = json.loads((out / "step-2" / "training.json").read_text())
+    assert snapshot["steps_done"] == 2 and len(snapshot["history"]) == 2
+    saved = {name: safetensors.torch.load_file(folder / "model.safetensors") for name, folder in
+             (("final", out), ("step 2", out / "step-2"))}
+    assert all(tensor.dtype == torch.bfloat16 for weights in saved.values() for tensor in weights.values())
+    assert not all(torch.equal(saved["final"][name], saved["step 2"][name]) for name in saved["final"])
+    assert load_trained(model_dir=out / "step-2")[0].config.index_n_heads == 32
     model, tokenizer = load_trained(model_dir=out)
     assert model.config.index_n_heads == 32 and len(tokenizer) <= 400
     patch_model(model, mode="misa", active_heads=4, block_size=16)
