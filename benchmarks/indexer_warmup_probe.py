@@ -10,8 +10,8 @@ they select, as `train_small_dsa.training_step` takes it), to see whether that p
         [--steps 100 --length 1024 --tokens-per-step 4096 --lr 3e-4 --weight-decay 0 --reinit | --sparse]
 
 CPU is enough (about 5 s a step on 2 cores at the defaults; --sparse about 10). Uses the training script's data,
-indexer forward and KL attention (examples/train_small_dsa.py), with the settings the model was trained with (its
-training.json).
+step, indexer forward and KL attention (examples/train_small_dsa.py, small_dsa_data.py, small_dsa_kl.py), with the
+settings the model was trained with (its training.json).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the training script's modules
 import train_small_dsa as training  # noqa: E402
+from small_dsa_kl import patch_for_kl_training, unpatch_kl_training  # noqa: E402  (the training's indexer KL)
 from router_oracle import capture_indexer_inputs, layer_report, WINDOW  # noqa: E402  (this folder)
 from small_dsa_data import Batches, load_text  # noqa: E402
 
@@ -99,7 +100,7 @@ def main() -> None:
     trained_with = argparse.Namespace(**{**info["args"], "haystack": args.haystack})
     text = load_text(Path(args.stdlib), Path(args.haystack), trained_with.heldout_essays, args.code_bytes, seed=1)
     batches = Batches.from_args(tokenizer, text, trained_with, seed=1)  # not the training run's seed
-    indexers = training.patch_for_kl_training(model)
+    indexers = patch_for_kl_training(model)
     if args.reinit:
         for indexer in indexers:
             reinitialize(indexer, model.config.initializer_range)
@@ -117,10 +118,10 @@ def main() -> None:
             print(f"step {step} ({time.perf_counter() - start:.0f} s): LM {float(lm):.4f}, KL per layer "
                   f"{[round(float(term), 4) for term in kl_terms]}", flush=True)
         if step % args.report_every == 0 or step == args.steps:
-            training.unpatch_kl_training(model)
+            unpatch_kl_training(model)
             report(model, eval_ids, f"step {step}")
             if step < args.steps:
-                training.patch_for_kl_training(model)
+                patch_for_kl_training(model)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def test_warmup_probe_steps_train_what_their_phase_trains(tmp_path, sparse):
     moved = {id(p) for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert moved & indexer_ids, "the indexers learn in both phases"
     assert bool(moved - indexer_ids) == sparse, "the main model learns in the sparse phase only"
-    probe.training.unpatch_kl_training(model)
+    probe.unpatch_kl_training(model)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")

@@ -225,7 +225,7 @@ def test_shared_layer_kl_reaches_the_layers_below_only_when_asked(shared_kl_grad
     model = script.build_training_model(args, vocab_size=300, device=torch.device("cpu"))
     shared = [layer.self_attn for layer in model.model.layers if layer.self_attn.skip_topk]
     assert len(shared) == 1 and model.model.layers[0].self_attn.indexer.feeds_shared_layer
-    state = script.STATE
+    state = sys.modules["small_dsa_kl"].STATE  # the script's indexer-KL module, imported by it
     state.sparse, state.rows = False, torch.arange(8, 32)
     state.losses.clear()
     state.last = state.last_with_grad = None
