@@ -214,25 +214,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             print(json.dumps(row), flush=True)
         if done in checkpoints:  # the model as it is now, to follow e.g. the indexer heads' spread over training
             unpatch_kl_training(model)
-            snapshot = copy.deepcopy(model).eval().to(torch.bfloat16)  # as the final model is saved
-            save_trained(snapshot, tokenizer, out / f"step-{done}", args, done, dense_steps, start, history, text,
-                         batches)
-            del snapshot
+            save_trained(model, tokenizer, out / f"step-{done}", args, done, dense_steps, start, history, text, batches)
             patch_for_kl_training(model, query_chunk_size=kl_query_chunk_size(device))
 
     unpatch_kl_training(model)
-    info = save_trained(model.eval().to(torch.bfloat16), tokenizer, out, args, done, dense_steps, start, history, text,
-                        batches)
+    info = save_trained(model, tokenizer, out, args, done, dense_steps, start, history, text, batches)
     print(f"wrote {out} ({done} steps, {info['wall_s']} s)", flush=True)
     return info
 
 
 def save_trained(model, tokenizer, out: Path, args: argparse.Namespace, done: int, dense_steps: int, start: float,
                  history: list[dict], text: dict[str, Any], batches: Batches) -> dict[str, Any]:
-    """Writes the model as it is (the built-in models: bf16 safetensors), the tokenizer and training.json (settings,
-    losses so far, data, machine) into `out`; returns training.json's content."""
+    """Writes a bf16 copy of the (unpatched) model, as the built-in models ship, the tokenizer and training.json
+    (settings, losses so far, data, machine) into `out`; returns training.json's content. The model itself is left
+    as it is, so that training can go on after a checkpoint."""
     device = next(model.parameters()).device
-    model.save_pretrained(out)
+    copy.deepcopy(model).eval().to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = dict(family=args.family, args=vars(args), steps_done=done, dense_steps=dense_steps,
                 wall_s=round(time.perf_counter() - start, 1), history=history,
