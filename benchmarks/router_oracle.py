@@ -13,11 +13,11 @@ block 64, 8 heads, uncalibrated router. Prints one line per layer.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from transformers_misa import patch_model
+from transformers_misa.evaluation.suite import heldout_texts
 from transformers_misa.ops import reference
 from transformers_misa.ops.blocks import TailBlock, head_scores
 from transformers_misa.ops.masks import ChunkMask
@@ -25,7 +25,6 @@ from transformers_misa.trained import (
     TRAINED_FAMILIES,
     load_trained,
     trained_model_dir,
-    training_info,
 )
 
 TOPK, BLOCK_SIZE, ACTIVE_HEADS, WINDOW, FIRST_QUERY, GREEDY_QUERIES = 256, 64, 8, 2048, 1024, 128
@@ -137,8 +136,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: the shipped one of --family)")
     args = parser.parse_args()
     model, tokenizer = load_trained(args.family, model_dir=args.model)
-    held_out = training_info(Path(args.model) if args.model else trained_model_dir(args.family))["data"]["heldout_essays"]
-    text = "\n".join((Path(args.haystack) / name).read_text() for name in held_out)
+    # the eval's own reader: a folder without the model's held-out essays gets its error, which says what to pass
+    text = "\n".join(heldout_texts(args.haystack, args.model or trained_model_dir(args.family)))
     ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"][:WINDOW - 1]])
     for layer, inputs in sorted(capture_indexer_inputs(model, ids).items()):
         print(f"{args.family} L{layer}: {layer_report(*inputs)}", flush=True)
