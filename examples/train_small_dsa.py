@@ -139,6 +139,8 @@ def build_training_model(args: argparse.Namespace, vocab_size: int, device: torc
         overrides.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, q_lora_rank=32)
         if args.family == "glm_moe_dsa":
             overrides["indexer_types"] = ["full", "shared"]
+    if args.q_lora_rank is not None:  # the latent that every indexer head's query (and the main attention's) comes from
+        overrides["q_lora_rank"] = args.q_lora_rank
     overrides["first_k_dense_replace"] = overrides["num_hidden_layers"]
     model = tiny_model(args.family, seed=args.seed, dtype=torch.float32, attn_implementation="sdpa", **overrides)
     model.to(device).train()
@@ -288,6 +290,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="AdamW's decay of the indexers' projections (default: --weight-decay)")
     parser.add_argument("--attention-heads", type=int, default=None,
                         help="heads of the main attention (default 4, head dim 32 whatever the count)")
+    parser.add_argument("--q-lora-rank", type=int, default=None,
+                        help="rank of the query latent the indexer's 64 x 128 query dims are projected from "
+                             "(default 96; DeepSeek-V3.2 has 1536)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--code-bytes", type=int, default=6_000_000)
     parser.add_argument("--tokenizer-code-bytes", type=int, default=None,

@@ -138,14 +138,16 @@ def test_training_script_smoke(tmp_path):
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
 
 
-def test_training_script_sets_the_indexers_decay_and_the_attention_heads(tmp_path):
+def test_training_script_sets_the_indexers_decay_the_attention_heads_and_the_query_rank(tmp_path):
     """--indexer-weight-decay gives the indexers' projections an AdamW group of their own (default: --weight-decay,
-    as the built-in models were trained); --attention-heads sets the main attention's heads."""
+    as the built-in models were trained); --attention-heads sets the main attention's heads, --q-lora-rank the query
+    latent (over --small's own)."""
     script = _training_script()
     args = script.parse_args(["--family", "deepseek_v32", "--haystack", str(tmp_path), "--out", str(tmp_path / "m"),
-                              "--small", "--attention-heads", "2", "--indexer-weight-decay", "0"])
+                              "--small", "--attention-heads", "2", "--indexer-weight-decay", "0", "--q-lora-rank", "48"])
     model = script.build_training_model(args, vocab_size=300, device=torch.device("cpu"))
     assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 2
+    assert model.config.q_lora_rank == 48 and model.model.layers[0].self_attn.indexer.wq_b.in_features == 48
     rest, indexer = script.parameter_groups(model, args.weight_decay, args.indexer_weight_decay)
     assert (rest["weight_decay"], indexer["weight_decay"]) == (0.1, 0.0)
     names = {id(p): name for name, p in model.named_parameters()}
