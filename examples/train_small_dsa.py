@@ -291,8 +291,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention-heads", type=int, default=None,
                         help="heads of the main attention (default 4, head dim 32 whatever the count)")
     parser.add_argument("--q-lora-rank", type=int, default=None,
-                        help="rank of the query latent the indexer's 64 x 128 query dims are projected from "
-                             "(default 96; DeepSeek-V3.2 has 1536)")
+                        help="rank of the query latent that every indexer head's query (and the main attention's) "
+                             "is projected from (default 96; DeepSeek-V3.2 has 1536)")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--code-bytes", type=int, default=6_000_000)
     parser.add_argument("--tokenizer-code-bytes", type=int, default=None,
