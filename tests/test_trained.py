@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
+from script_helpers import ROOT, load_script
 from transformers_misa import CALIBRATION_FILE, patch_model, unpatch_model
 from transformers_misa.evaluation.niah import load_haystack, run_niah
 from transformers_misa.recall import recall_by_layer
 from transformers_misa.trained import TRAINED_FAMILIES, load_trained, trained_model_dir, training_info
 
-ROOT = Path(__file__).resolve().parents[1]
 ESSAYS = ROOT.parent / "shared" / "data" / "haystack" / "paul_graham_essays"
 HEADS = {"deepseek_v32": 64, "glm_moe_dsa": 32}
 
@@ -158,14 +156,8 @@ def test_training_script_sets_the_indexers_decay_the_attention_heads_and_the_que
 
 
 def _training_script():
-    """examples/train_small_dsa.py as a module; its folder goes on the path, as running the script puts it there (the
-    script imports its data module, small_dsa_data, by name)."""
-    if str(ROOT / "examples") not in sys.path:
-        sys.path.insert(0, str(ROOT / "examples"))
-    spec = importlib.util.spec_from_file_location("train_small_dsa", ROOT / "examples" / "train_small_dsa.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    """examples/train_small_dsa.py as a module (it imports its data and KL modules by name, from its folder)."""
+    return load_script("examples", "train_small_dsa")
 
 
 def test_random_needles_and_repeats_cannot_be_memorised():
