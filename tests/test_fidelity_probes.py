@@ -70,3 +70,27 @@ def test_warmup_probe_steps_train_what_their_phase_trains(tmp_path, sparse):
     assert moved & indexer_ids, "the indexers learn in both phases"
     assert bool(moved - indexer_ids) == sparse, "the main model learns in the sparse phase only"
     probe.unpatch_kl_training(model)
+
+
+def test_recall_by_position_bins_the_queries_by_the_keys_they_see():
+    """Bins of (k, 2k], (2k, 4k], ... visible keys; all 64 heads routed give DSA's own top-k (recall 1 in every bin);
+    with 8 heads the bins' query-weighted mean is the package's recall of the same sequence."""
+    from transformers_misa import patch_model, unpatch_model
+    from transformers_misa.recall import recall_by_layer
+    from transformers_misa.trained import load_trained
+
+    probe = _load("recall_by_position")
+    assert probe.visible_key_bins(256, 1000) == [(256, 512), (512, 1000)]
+    model, _ = load_trained("deepseek_v32")
+    ids = torch.randint(3, 4096, (1, 700), generator=torch.Generator().manual_seed(0))
+    patch_model(model, mode="misa", active_heads=64, block_size=64)
+    for rows in probe.recall_by_visible_keys(model, ids).values():
+        assert [(r["keys_from"], r["keys_to"], r["queries"], r["recall"]) for r in rows] == [
+            (257, 512, 256, 1.0), (513, 700, 188, 1.0)]
+    unpatch_model(model)
+    patch_model(model, mode="misa", active_heads=8, block_size=64)
+    binned = probe.recall_by_visible_keys(model, ids)
+    overall = recall_by_layer(model, [ids[0]])
+    for layer, rows in binned.items():
+        weighted = sum(r["recall"] * r["queries"] for r in rows) / sum(r["queries"] for r in rows)
+        assert weighted == pytest.approx(overall[layer], abs=1e-6) and weighted < 1.0
