@@ -142,7 +142,8 @@ def test_training_script_sets_the_indexers_decay_the_attention_heads_and_the_que
     latent (over --small's own)."""
     script = _training_script()
     args = script.parse_args(["--family", "deepseek_v32", "--haystack", str(tmp_path), "--out", str(tmp_path / "m"),
-                              "--small", "--attention-heads", "2", "--indexer-weight-decay", "0", "--q-lora-rank", "48"])
+                              "--small", "--attention-heads", "2", "--indexer-weight-decay", "0",
+                              "--q-lora-rank", "48"])
     model = script.build_training_model(args, vocab_size=300, device=torch.device("cpu"))
     assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 2
     assert model.config.q_lora_rank == 48 and model.model.layers[0].self_attn.indexer.wq_b.in_features == 48
