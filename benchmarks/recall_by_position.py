@@ -20,7 +20,8 @@ import torch
 
 from transformers_misa import patch_model
 from transformers_misa.evaluation.suite import heldout_texts
-from transformers_misa.indexer import MisaIndexer
+from transformers_misa.ops.masks import query_chunks
+from transformers_misa.recall import probe_selections, query_recall
 from transformers_misa.trained import TRAINED_FAMILIES, load_trained, trained_model_dir
 
 
@@ -37,31 +38,21 @@ def visible_key_bins(topk: int, length: int) -> list[tuple[int, int]]:
 def recall_by_visible_keys(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[int, list[dict[str, float]]]:
     """Per layer, per bin of visible keys: mean recall of DSA's top-k and the number of queries, for one unpadded
     sequence [1, T] through a patched model (one forward, DSA driving)."""
-    indexers = [m for m in model.modules() if isinstance(m, MisaIndexer)]
-    if not indexers:
-        raise ValueError("recall_by_visible_keys needs a patched model: call patch_model(model, mode=...) first")
-    for module in indexers:
-        module.recall_probe = []
-    try:
-        model(input_ids=input_ids, use_cache=False)
-        report = {}
-        for module in indexers:
-            ((dsa, ours, _mask, num_keys),) = module.recall_probe  # one forward, no cache: every query at once
-            topk = dsa.shape[-1]
-            picked = torch.zeros(*dsa.shape[:2], num_keys, dtype=torch.bool).scatter_(-1, dsa.long(), True)
-            ours_picked = torch.zeros_like(picked).scatter_(-1, ours.long(), True)
-            hits = ((picked & ours_picked).sum(-1).float() / topk)[0]  # [T]
-            seen = torch.arange(1, num_keys + 1)  # query t sees t + 1 keys
-            rows = []
-            for low, high in visible_key_bins(topk, num_keys):
-                in_bin = (seen > low) & (seen <= high)
-                rows.append(dict(keys_from=low + 1, keys_to=high, queries=int(in_bin.sum()),
-                                 recall=float(hits[in_bin].mean())))
-            report[module.layer_idx] = rows
-        return report
-    finally:
-        for module in indexers:
-            module.recall_probe = None
+    report = {}
+
+    def bin_queries(layer: int, dsa: torch.Tensor, ours: torch.Tensor, mask: torch.Tensor | None,
+                    num_keys: int) -> None:
+        per_chunk = [query_recall(dsa, ours, mask, num_keys, rows) for rows in query_chunks(dsa.shape[1], 0, 256)]
+        hits, seen = (torch.cat(parts, dim=1)[0] for parts in zip(*per_chunk))  # [T] each
+        rows = []
+        for low, high in visible_key_bins(dsa.shape[-1], num_keys):
+            in_bin = (seen > low) & (seen <= high)
+            rows.append(dict(keys_from=low + 1, keys_to=high, queries=int(in_bin.sum()),
+                             recall=float(hits[in_bin].mean())))
+        report[layer] = rows
+
+    probe_selections(model, [(input_ids, None)], bin_queries, "recall_by_visible_keys")
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -52,31 +54,46 @@ class RecallReport:
         return "\n".join(lines)
 
 
+def query_recall(dsa: torch.Tensor, ours: torch.Tensor, mask: torch.Tensor | None, num_keys: int,
+                 rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the queries `rows` of indices [B, S, k] over `num_keys` keys: each query's recall |ours ∩ DSA| / k (a
+    repeated index counts once) and the number of keys it sees, both [B, c]."""
+    batch, num_queries, k = dsa.shape
+    visible = ChunkMask(mask, rows, batch, num_queries, num_keys, dsa.device).visible
+    picked = torch.zeros(visible.shape, dtype=torch.bool, device=dsa.device)
+    picked.scatter_(-1, dsa[:, rows].long(), True)
+    ours_picked = torch.zeros_like(picked).scatter_(-1, ours[:, rows].long(), True)
+    return (picked & ours_picked).sum(-1).float() / k, visible.sum(-1)
+
+
 def recall_counts(dsa: torch.Tensor, ours: torch.Tensor, mask: torch.Tensor | None, num_keys: int,
                   chunk_size: int = 256) -> tuple[float, int]:
     """Sum of per-query recall and the number of sparse queries, for indices [B, S, k] over `num_keys` keys."""
-    batch, num_queries, k = dsa.shape
     total, count = 0.0, 0
-    for rows in query_chunks(num_queries, 0, chunk_size):
-        visible = ChunkMask(mask, rows, batch, num_queries, num_keys, dsa.device).visible
-        sparse = visible.sum(-1) > k  # [B, c]
-        picked = torch.zeros(visible.shape, dtype=torch.bool, device=dsa.device)
-        picked.scatter_(-1, dsa[:, rows].long(), True)
-        ours_picked = torch.zeros_like(picked).scatter_(-1, ours[:, rows].long(), True)  # a repeat counts once
-        hits = (picked & ours_picked).sum(-1).float() / k
+    for rows in query_chunks(dsa.shape[1], 0, chunk_size):
+        hits, seen = query_recall(dsa, ours, mask, num_keys, rows)
+        sparse = seen > dsa.shape[-1]  # [B, c]
         total += float(hits[sparse].sum())
         count += int(sparse.sum())
     return total, count
 
 
-def _probe_recall(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]], caller: str
-                  ) -> tuple[dict[int, float], dict[int, int]]:
-    """Per-layer recall and sparse-query counts over forwards of (input_ids, attention_mask), DSA driving."""
+SelectionConsumer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None, int], None]
+
+
+def probe_selections(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]],
+                     consume: SelectionConsumer, caller: str) -> list[int]:
+    """Runs each (input_ids, attention_mask) through a patched model with DSA's selection driving it, and after each
+    forward hands every indexer's selections to `consume(layer_idx, dsa, ours, mask, num_keys)` (indices [B, S, k]).
+    Returns the patched layers' indices.
+
+    Raises:
+        ValueError: the model is not patched (`caller` names the function that needs it).
+    """
     indexers = [m for m in model.modules() if isinstance(m, MisaIndexer)]
     if not indexers:
         raise ValueError(f"{caller} needs a patched model: call patch_model(model, mode=...) first")
     device = next(model.parameters()).device
-    totals = {m.layer_idx: [0.0, 0] for m in indexers}
     for module in indexers:
         module.recall_probe = []
     try:
@@ -85,15 +102,27 @@ def _probe_recall(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tens
                   attention_mask=None if attention_mask is None else attention_mask.to(device))
             for module in indexers:
                 for dsa, ours, mask, num_keys in module.recall_probe:
-                    total, count = recall_counts(dsa, ours, mask, num_keys)
-                    totals[module.layer_idx][0] += total
-                    totals[module.layer_idx][1] += count
+                    consume(module.layer_idx, dsa, ours, mask, num_keys)
                 module.recall_probe.clear()
     finally:
         for module in indexers:
             module.recall_probe = None
-    per_layer = {layer: total / count if count else math.nan for layer, (total, count) in totals.items()}
-    return per_layer, {layer: count for layer, (_, count) in totals.items()}
+    return [module.layer_idx for module in indexers]
+
+
+def _probe_recall(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor | None]], caller: str
+                  ) -> tuple[dict[int, float], dict[int, int]]:
+    """Per-layer recall and sparse-query counts over forwards of (input_ids, attention_mask), DSA driving."""
+    totals: defaultdict[int, list] = defaultdict(lambda: [0.0, 0])  # layer -> [sum of recall, sparse queries]
+
+    def add(layer: int, dsa: torch.Tensor, ours: torch.Tensor, mask: torch.Tensor | None, num_keys: int) -> None:
+        total, count = recall_counts(dsa, ours, mask, num_keys)
+        totals[layer][0] += total
+        totals[layer][1] += count
+
+    layers = probe_selections(model, batches, add, caller)
+    per_layer = {layer: totals[layer][0] / totals[layer][1] if totals[layer][1] else math.nan for layer in layers}
+    return per_layer, {layer: totals[layer][1] for layer in layers}
 
 
 @torch.no_grad()
